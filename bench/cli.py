@@ -1,0 +1,248 @@
+"""The `run_bench.py` command line: parse choices, plan tasks, run workers, write results."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import secrets
+import sys
+from pathlib import Path
+from typing import Optional
+
+from bench import devices, registry
+from bench.schema import SchemaError
+from bench.timing import TimingPolicy
+from workloads.specs import IndexDistribution, PoolingDistribution, SpecError
+
+EXIT_USAGE = 2
+QUICK_WORKLOADS = "smoke,kaggle"
+QUICK_MAX_ROWS = 100_000  # the quick sweep caps kaggle's tables (the output says so)
+QUICK_PRECISIONS = "fp32,bf16,int8"
+FULL_PRECISIONS = ",".join(registry.PRECISIONS)
+QUICK_POLICY = TimingPolicy(min_run_time_s=0.2, min_samples=10, max_run_time_s=5.0)
+FULL_POLICY = TimingPolicy(min_run_time_s=1.0, min_samples=20, max_run_time_s=30.0)
+SUBCOMMANDS = ("report", "check", "analyze")
+
+
+class UsageError(Exception):
+    """Bad command-line input; printed as one line, exit 2."""
+
+
+def split(text: str) -> list[str]:
+    """Comma-separated values, empty parts dropped."""
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The sweep's arguments."""
+    parser = argparse.ArgumentParser(
+        prog="run_bench.py",
+        description="Measure DLRM operators. Comma-separated values sweep. "
+                    "Subcommands: report RUN_DIR..., check, analyze (see `run_bench.py check -h`).")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true",
+                      help="the default: smoke + kaggle (capped), fp32/bf16/int8, every op, "
+                           "short timing")
+    mode.add_argument("--full", action="store_true",
+                      help="every precision, longer timing, workloads as given")
+    parser.add_argument("--list", action="store_true",
+                        help="list ops, impls, workloads, precisions, devices and ISA levels")
+    parser.add_argument("--ops", help="ops to run (default: all)")
+    parser.add_argument("--impls", help="only these impl names")
+    parser.add_argument("--workload", help=f"preset names, synthetic, or criteo:PATH "
+                                           f"(default: {QUICK_WORKLOADS})")
+    parser.add_argument("--precision", help="fp32,fp16,bf16,int8,int4")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
+    parser.add_argument("--isa", default="native", help="ISA levels for CPU runs (see --list)")
+    parser.add_argument("--threads", default="1", help="thread counts, e.g. 1,2")
+    parser.add_argument("--batch-size", help="override the workloads' batch size(s)")
+    parser.add_argument("--max-rows", type=int, help="cap every table at this many rows")
+    parser.add_argument("--dist", help="index distribution for every table: uniform or zipf:ALPHA")
+    parser.add_argument("--rows", type=int, default=1_000_000, help="synthetic: rows per table")
+    parser.add_argument("--dim", type=int, default=64, help="synthetic: embedding dim")
+    parser.add_argument("--pooling", default="32",
+                        help="synthetic: lookups per bag, N or uniform|normal|lognormal:MEAN,SPREAD")
+    parser.add_argument("--num-tables", type=int, default=8, help="synthetic: number of tables")
+    parser.add_argument("--sls-modes", help="sum,mean,weighted (default: all)")
+    parser.add_argument("--fc-layers", help="linear,bottom_mlp,top_mlp (default: all)")
+    parser.add_argument("--membw-sizes", help="bandwidth probe buffer sizes in bytes")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--min-run-time", type=float, help="seconds of timing per configuration")
+    parser.add_argument("--task-timeout", type=float, default=900.0,
+                        help="seconds before a hung configuration becomes an error row")
+    parser.add_argument("--out", default="results", help="output directory (default: results/)")
+    parser.add_argument("--run-id", help="name of the run directory (default: timestamp)")
+    parser.add_argument("--resume", metavar="RUN_DIR",
+                        help="finish an interrupted run: re-read its arguments, run what is missing")
+    parser.add_argument("--no-report", action="store_true", help="skip the HTML report")
+    return parser
+
+
+def _choose(values: list[str], valid, what: str) -> list[str]:
+    """Validate each value against the valid choices."""
+    valid = list(valid)
+    for value in values:
+        if value not in valid:
+            raise UsageError(f"unknown {what} {value!r}; choose from {', '.join(valid)}")
+    return values
+
+
+def resolve_workloads(args) -> list:
+    """WorkloadSpecs for --workload, with --max-rows, --dist and --batch-size applied."""
+    from workloads import presets
+
+    names = split(args.workload or QUICK_WORKLOADS)
+    distribution = IndexDistribution.parse(args.dist) if args.dist else None
+    specs = []
+    for name in names:
+        if name == "synthetic":
+            spec = presets.synthetic(args.rows, args.dim, PoolingDistribution.parse(args.pooling),
+                                     args.num_tables, distribution or IndexDistribution())
+        elif name.startswith("criteo:"):
+            from workloads.criteo_workload import criteo_workload
+
+            spec = criteo_workload(name.partition(":")[2], args.max_rows)
+        else:
+            spec = presets.preset(name)
+        max_rows = args.max_rows
+        if max_rows is None and args.quick_defaults and name == "kaggle":
+            max_rows = QUICK_MAX_ROWS
+        spec = spec.capped(max_rows).with_distribution(distribution)
+        for batch_size in ([int(value) for value in split(args.batch_size)]
+                           if args.batch_size else [None]):
+            if batch_size is not None and batch_size < 1:
+                raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+            specs.append(spec.with_batch_size(batch_size))
+    return specs
+
+
+def list_choices() -> str:
+    """Text for --list."""
+    from workloads import presets
+
+    lines = ["ops and impls (* = baseline):"]
+    for name, op in registry.ops().items():
+        impl_names = [f"{entry.name}{'*' if entry.baseline else ''} [{','.join(entry.precisions)}]"
+                      for entry in registry.impls(name).values()]
+        lines.append(f"  {name:12s} {op.description}")
+        lines.append(f"  {'':12s}   impls: {'; '.join(impl_names)}")
+    lines.append("workloads:")
+    for name, factory in presets.PRESETS.items():
+        spec = factory()
+        lines.append(f"  {name:14s} {spec.description}  [{spec.source}]")
+    lines.append("  synthetic      --rows --dim --pooling --num-tables --dist uniform|zipf:ALPHA")
+    lines.append("  criteo:PATH    a Criteo TSV file (label, 13 dense, 26 categorical)")
+    lines.append(f"precisions: {', '.join(registry.PRECISIONS)}")
+    lines.append(f"devices here: {', '.join(devices.available_devices())}")
+    lines.append(f"ISA levels here: {', '.join(devices.available_isa_levels())} "
+                 f"(all known: {', '.join(devices.ISA_LEVELS)})")
+    return "\n".join(lines)
+
+
+def _options(args) -> dict:
+    options = {}
+    if args.sls_modes:
+        options["sls_modes"] = split(args.sls_modes)
+    if args.fc_layers:
+        options["fc_layers"] = split(args.fc_layers)
+    if args.membw_sizes:
+        options["membw_sizes"] = [int(value) for value in split(args.membw_sizes)]
+    return options
+
+
+def _run_directory(args, argv: list[str]) -> tuple[Path, str, bool]:
+    """The run directory, its id, and whether this resumes an existing run."""
+    if args.resume:
+        directory = Path(args.resume)
+        if not (directory / "args.json").is_file():
+            raise UsageError(f"--resume {directory}: no args.json there; give a run directory "
+                             "written by run_bench.py")
+        return directory, directory.name, True
+    run_id = args.run_id or (datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + "-"
+                             + secrets.token_hex(2))
+    return Path(args.out) / run_id, run_id, False
+
+
+def parse_sweep(argv: list[str]):
+    """Parse and validate; returns (args, plan inputs)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.quick_defaults = not args.full
+    return args
+
+
+def sweep(argv: list[str]) -> int:
+    """The default command: run a sweep and write its results."""
+    from bench import sweep as sweeping
+
+    args = parse_sweep(argv)
+    if args.list:
+        print(list_choices())
+        return 0
+    if args.resume:
+        recorded = json.loads((Path(args.resume) / "args.json").read_text())["argv"] \
+            if (Path(args.resume) / "args.json").is_file() else None
+        if recorded is None:
+            raise UsageError(f"--resume {args.resume}: no args.json there; give a run directory "
+                             "written by run_bench.py")
+        resume_dir = args.resume
+        args = parse_sweep(recorded)
+        args.resume = resume_dir
+        argv = recorded
+    ops = _choose(split(args.ops) if args.ops else
+                  [name for name, op in registry.ops().items() if op.default],
+                  registry.ops(), "op")
+    precisions = _choose(split(args.precision or (FULL_PRECISIONS if args.full
+                                                  else QUICK_PRECISIONS)),
+                         registry.PRECISIONS, "precision")
+    device_list = [devices.normalize_device(name) for name in split(args.device)]
+    isa_levels = split(args.isa)
+    for level in isa_levels:
+        devices.check_isa(level)
+    try:
+        thread_counts = [int(value) for value in split(args.threads)]
+    except ValueError:
+        raise UsageError(f"--threads {args.threads!r}: give whole numbers, e.g. 1,2") from None
+    available_cpus = len(os.sched_getaffinity(0))
+    for count in thread_counts:
+        if not 1 <= count <= available_cpus:
+            raise UsageError(f"--threads {count}: this machine has {available_cpus} usable CPUs")
+    impl_filter = set(split(args.impls)) if args.impls else None
+    workloads = resolve_workloads(args)
+    sweeping.check_memory(workloads, ops, devices.available_memory_bytes())
+    planned = sweeping.plan(ops, workloads, precisions, device_list, isa_levels, thread_counts,
+                            args.seed, _options(args), impl_filter)
+    if not planned:
+        raise UsageError("nothing to run: the chosen ops/impls/precisions match no configuration")
+    for spec in workloads:
+        if spec.capped_tables():
+            print(f"note: workload {spec.name}: {spec.capped_tables()} of {len(spec.tables)} "
+                  f"tables capped at {max(t.rows for t in spec.tables):,} rows (--max-rows)",
+                  file=sys.stderr)
+    policy = QUICK_POLICY if not args.full else FULL_POLICY
+    if args.min_run_time:
+        policy = TimingPolicy(min_run_time_s=args.min_run_time, min_samples=policy.min_samples,
+                              max_run_time_s=max(policy.max_run_time_s, args.min_run_time * 5))
+    directory, run_id, resuming = _run_directory(args, argv)
+    from bench.runner import execute
+
+    return execute(args, argv, planned, directory, run_id, resuming, policy)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Entry point; bad input is one line on stderr and exit 2, never a traceback."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] in SUBCOMMANDS:
+            from bench import subcommands
+
+            return subcommands.dispatch(argv[0], argv[1:])
+        return sweep(argv)
+    except (UsageError, SpecError, devices.DeviceError, SchemaError) as error:
+        print(f"run_bench.py: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("run_bench.py: interrupted", file=sys.stderr)
+        return 130

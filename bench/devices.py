@@ -1,0 +1,263 @@
+"""Devices and ISA levels: what exists here, the environment knobs per level, and host facts."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import platform
+import re
+import subprocess
+from pathlib import Path
+from typing import Optional
+
+
+class DeviceError(ValueError):
+    """A device or ISA level that is not available here; the message lists what is."""
+
+
+# Each level names the environment knob of every library that dispatches on SIMD width
+# (see shared/notes/machine-facts.md): ATen elementwise kernels, FBGEMM's embedding_bag JIT,
+# MKL's fp32 GEMM and oneDNN's bf16/fp16 GEMM. They are read once at library load, so a
+# worker process sets them before importing torch. FBGEMM has no SSE kernels: at sse4 it
+# falls back to its scalar reference path (FBGEMM_NO_ASMJIT=1).
+ISA_LEVELS: dict[str, dict[str, str]] = {
+    "native": {},
+    "sse4": {"ATEN_CPU_CAPABILITY": "default", "FBGEMM_NO_ASMJIT": "1",
+             "MKL_ENABLE_INSTRUCTIONS": "SSE4_2", "ONEDNN_MAX_CPU_ISA": "SSE41"},
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2",
+             "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
+    "avx512": {"ATEN_CPU_CAPABILITY": "avx512", "FBGEMM_ENABLE_INSTRUCTIONS": "AVX512",
+               "MKL_ENABLE_INSTRUCTIONS": "AVX512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE"},
+    "avx512_bf16": {"ATEN_CPU_CAPABILITY": "avx512", "FBGEMM_ENABLE_INSTRUCTIONS": "AVX512",
+                    "MKL_ENABLE_INSTRUCTIONS": "AVX512",
+                    "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"},
+    "amx": {"ATEN_CPU_CAPABILITY": "avx512", "FBGEMM_ENABLE_INSTRUCTIONS": "AVX512",
+            "MKL_ENABLE_INSTRUCTIONS": "AVX512", "ONEDNN_MAX_CPU_ISA": "AVX10_1_512_AMX"},
+}
+
+# CPU flags (as /proc/cpuinfo spells them) each level needs.
+ISA_REQUIRED_FLAGS: dict[str, tuple[str, ...]] = {
+    "native": (),
+    "sse4": ("sse4_2",),
+    "avx2": ("avx2", "fma"),
+    "avx512": ("avx512f", "avx512bw", "avx512vl", "avx512dq"),
+    "avx512_bf16": ("avx512f", "avx512bw", "avx512vl", "avx512_bf16"),
+    "amx": ("avx512f", "amx_tile", "amx_bf16"),
+}
+
+# Every knob any level sets: a worker clears them all first so levels do not leak.
+ISA_KNOBS = sorted({knob for knobs in ISA_LEVELS.values() for knob in knobs})
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """CPU feature flags from /proc/cpuinfo (empty where it cannot be read)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    match = re.search(r"^flags\s*:\s*(.*)$", text, re.MULTILINE)
+    return frozenset(match.group(1).split()) if match else frozenset()
+
+
+def available_isa_levels() -> list[str]:
+    """ISA levels this CPU can run."""
+    flags = cpu_flags()
+    return [level for level, needed in ISA_REQUIRED_FLAGS.items()
+            if all(flag in flags for flag in needed)]
+
+
+def check_isa(level: str) -> None:
+    """Raise DeviceError for an unknown level or one this CPU lacks."""
+    if level not in ISA_LEVELS:
+        raise DeviceError(f"unknown ISA level {level!r}; choose from {', '.join(ISA_LEVELS)}")
+    available = available_isa_levels()
+    if level not in available:
+        missing = [flag for flag in ISA_REQUIRED_FLAGS[level] if flag not in cpu_flags()]
+        raise DeviceError(f"ISA level {level!r} needs CPU flags {', '.join(missing)} that this "
+                          f"CPU lacks; available here: {', '.join(available)}")
+
+
+def isa_environment(level: str, base: Optional[dict] = None) -> dict[str, str]:
+    """A process environment with exactly this level's knobs set."""
+    environment = dict(os.environ if base is None else base)
+    for knob in ISA_KNOBS:
+        environment.pop(knob, None)
+    environment.update(ISA_LEVELS[level])
+    return environment
+
+
+def cuda_device_count() -> int:
+    """Visible CUDA devices (0 without a GPU or a CUDA build)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def available_devices() -> list[str]:
+    """Device names usable here: cpu plus cuda:N per visible GPU."""
+    return ["cpu"] + [f"cuda:{index}" for index in range(cuda_device_count())]
+
+
+def normalize_device(name: str) -> str:
+    """Validate a --device value and return its canonical form (cuda -> cuda:0)."""
+    if name == "cpu":
+        return "cpu"
+    match = re.fullmatch(r"cuda(?::(\d+))?", name)
+    if not match:
+        raise DeviceError(f"unknown device {name!r}; choose from cpu, cuda, cuda:N")
+    count = cuda_device_count()
+    index = int(match.group(1) or 0)
+    if count == 0:
+        raise DeviceError(f"--device {name}: no CUDA GPU is visible here (torch sees none); "
+                          "use --device cpu")
+    if index >= count:
+        raise DeviceError(f"--device {name}: only {count} GPU(s) here; "
+                          f"choose from {', '.join(available_devices()[1:])}")
+    return f"cuda:{index}"
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_info() -> dict:
+    """py-cpuinfo's description (slow: it spawns a process, so it is cached)."""
+    try:
+        import cpuinfo
+
+        return cpuinfo.get_cpu_info()
+    except Exception as error:  # py-cpuinfo fails on exotic platforms; facts stay partial
+        return {"error": str(error)}
+
+
+def cache_sizes() -> dict[str, int]:
+    """Data/unified cache sizes in bytes by level, from sysfs (empty where not readable)."""
+    sizes: dict[str, int] = {}
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            kind = (index / "type").read_text().strip()
+            level = (index / "level").read_text().strip()
+            text = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        if kind == "Instruction":
+            continue
+        multiplier = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1], 1)
+        sizes[f"l{level}{'d' if level == '1' else ''}_bytes"] = int(text.rstrip("KMG")) * multiplier
+    return sizes
+
+
+def cpu_model() -> str:
+    """The CPU's model name."""
+    return cpu_info().get("brand_raw") or platform.processor() or "unknown"
+
+
+def git_commit() -> str:
+    """The project's git commit, with '+dirty' when the tree has changes."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=root, capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (commit or "unknown") + ("+dirty" if dirty.strip() else "")
+
+
+def library_versions() -> dict[str, str]:
+    """torch, MKL and oneDNN versions as torch reports them."""
+    import torch
+
+    config = torch.__config__.show()
+    mkl = re.search(r"Math Kernel Library Version ([^\s]+)", config)
+    onednn = re.search(r"MKL-DNN v([^\s]+)", config)
+    return {
+        "torch_version": torch.__version__,
+        "mkl_version": mkl.group(1) if mkl else "",
+        "onednn_version": onednn.group(1) if onednn else "",
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cuda_version": torch.version.cuda or "",
+    }
+
+
+def gpu_facts() -> dict:
+    """NVML facts per GPU (name, memory, clocks, driver); a reason where NVML is absent."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception as error:  # no driver or no library: a CPU-only host
+        return {"available": False, "reason": f"NVML unavailable: {type(error).__name__}"}
+    try:
+        gpus = []
+        for index in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
+            name = pynvml.nvmlDeviceGetName(handle)
+            gpus.append({
+                "index": index,
+                "name": name.decode() if isinstance(name, bytes) else name,
+                "memory_total_bytes": int(memory.total),
+                "max_sm_clock_mhz": pynvml.nvmlDeviceGetMaxClockInfo(handle,
+                                                                     pynvml.NVML_CLOCK_SM),
+                "max_memory_clock_mhz": pynvml.nvmlDeviceGetMaxClockInfo(handle,
+                                                                         pynvml.NVML_CLOCK_MEM),
+            })
+        driver = pynvml.nvmlSystemGetDriverVersion()
+        return {"available": True, "driver": driver if isinstance(driver, str) else driver.decode(),
+                "gpus": gpus}
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def host_facts() -> dict:
+    """Everything env.json records about this machine and its software."""
+    import psutil
+
+    info = cpu_info()
+    memory = psutil.virtual_memory()
+    return {
+        "cpu_model": cpu_model(),
+        "cpu_arch": info.get("arch_string_raw", platform.machine()),
+        "cpu_flags": sorted(cpu_flags()),
+        "logical_cpus": psutil.cpu_count(logical=True),
+        "physical_cpus": psutil.cpu_count(logical=False),
+        "isa_levels_available": available_isa_levels(),
+        **cache_sizes(),
+        "memory_total_bytes": int(memory.total),
+        "memory_available_bytes": int(memory.available),
+        "platform": platform.platform(),
+        "python_version": platform.python_version(),
+        **library_versions(),
+        "git_commit": git_commit(),
+        "gpu": gpu_facts(),
+    }
+
+
+def device_name(device: str) -> str:
+    """Human name of a device: the CPU model or the GPU's name."""
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name(int(device.partition(":")[2] or 0))
+    return cpu_model()
+
+
+def fingerprint(device: str, isa: str, threads: int) -> str:
+    """Short hash of what makes timings comparable: hardware, ISA level, threads, software."""
+    identity = {
+        "device_name": device_name(device),
+        "device": device.split(":")[0],
+        "isa": isa,
+        "threads": threads,
+        "torch": library_versions()["torch_version"],
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def available_memory_bytes() -> int:
+    """Memory that a new allocation can use without swapping."""
+    import psutil
+
+    return int(psutil.virtual_memory().available)

@@ -1,0 +1,262 @@
+"""Whole-model ops: DLRM inference (`dlrm_infer`) and one training step (`dlrm_train`)."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import numpy as np
+import torch
+from torch import nn
+
+from bench import quality
+from bench.model import DLRM, batch_tensors, build_dlrm, flops_per_sample, parameter_bytes
+from bench.ops.common import (BYTES_PER_VALUE, FLOAT_DTYPES, ROW_OVERHEAD_BYTES, PooledTable,
+                              reference_lookup)
+from bench.ops.fc import at_precision, input_dtype
+from bench.registry import BuildContext, Op, Prepared, Unsupported, impl, register_op
+from bench.teacher import evaluation_set, label_batches, teacher_model
+
+# Quantized whole-model inference compounds int8 activation rounding over every layer; these
+# bounds on the logits' relative error still catch a broken kernel (which gives about 1).
+WHOLE_MODEL_TOLERANCE = {"int8": 0.15, "int4": 0.3}
+EVAL_BATCHES = 8  # 8 x 2048 = 16384 teacher-labelled samples per accuracy measurement
+LEARNING_RATE = 0.1  # the DLRM Kaggle config's SGD rate
+TRAIN_BATCH_INDEX = 0
+
+register_op(Op("dlrm_infer", "whole-model inference: logits for one batch",
+               lambda workload, options: [{}]))
+register_op(Op("dlrm_train", "one training step: forward, BCE loss, backward and SGD update",
+               lambda workload, options: [{}]))
+
+
+class QuantizedEmbeddings(nn.Module):
+    """Row-wise int8/int4 tables behind the same interface as the float embedding modules."""
+
+    def __init__(self, weights: list[torch.Tensor], precision: str, layout: str):
+        super().__init__()
+        self.layout = layout
+        if layout == "batched":
+            self.tables = [PooledTable(torch.cat(weights), precision, torch.device("cpu"))]
+            starts = np.concatenate(([0], np.cumsum([weight.shape[0] for weight in weights])[:-1]))
+            self.row_starts = torch.as_tensor(starts, dtype=torch.int64)
+        else:
+            self.tables = [PooledTable(weight, precision, torch.device("cpu")) for weight in weights]
+        self.num_tables = len(weights)
+
+    def forward(self, indices, offsets) -> torch.Tensor:
+        """Per-table inputs -> [B, T, D] (fp32)."""
+        if self.layout == "per_table":
+            return torch.stack([table(table_indices, table_offsets) for table, table_indices,
+                                table_offsets in zip(self.tables, indices, offsets)], dim=1)
+        counts = torch.tensor([table_indices.numel() for table_indices in indices])
+        shifted = torch.cat(indices) + torch.repeat_interleave(self.row_starts, counts)
+        bag_starts = torch.stack(offsets) + (torch.cumsum(counts, 0) - counts).unsqueeze(1)
+        pooled = self.tables[0](shifted, bag_starts.flatten())
+        return pooled.view(self.num_tables, -1, pooled.shape[-1]).transpose(0, 1)
+
+
+def model_at_precision(model: DLRM, precision: str, layout: str, device: torch.device) -> DLRM:
+    """An inference copy of an fp32 DLRM: float casts, or int8 MLPs with int8/int4 tables."""
+    if precision in FLOAT_DTYPES:
+        return copy.deepcopy(model).to(device=device, dtype=FLOAT_DTYPES[precision])
+    if device.type != "cpu":
+        raise Unsupported(f"{precision} DLRM inference uses CPU-only quantized kernels")
+    return DLRM(model.workload,
+                bottom=at_precision(model.bottom, "int8", device),
+                embeddings=QuantizedEmbeddings(_embedding_weights(model), precision, layout),
+                interaction=copy.deepcopy(model.interaction),
+                top=at_precision(model.top, "int8", device))
+
+
+def _embedding_weights(model: DLRM) -> list[torch.Tensor]:
+    """Each table's fp32 weights, whatever the embedding layout."""
+    embeddings = model.embeddings
+    if hasattr(embeddings, "bags"):
+        return [bag.weight.detach() for bag in embeddings.bags]
+    rows = [table.rows for table in model.workload.tables]
+    return list(embeddings.bag.weight.detach().split(rows))
+
+
+def reference_logits(model: DLRM, dense, indices, offsets) -> torch.Tensor:
+    """Float64 logits of an fp32 DLRM, widening only the embedding rows the batch uses."""
+    weights = _embedding_weights(model)
+    pooled = torch.stack([reference_lookup(weight, table_indices, table_offsets, "sum", None)
+                          for weight, table_indices, table_offsets
+                          in zip(weights, indices, offsets)], dim=1)
+    bottom64 = copy.deepcopy(model.bottom).to("cpu", torch.float64)
+    top64 = copy.deepcopy(model.top).to("cpu", torch.float64)
+    interaction64 = copy.deepcopy(model.interaction).to("cpu", torch.float64)
+    with torch.no_grad():
+        bottom = bottom64(dense.cpu().double())
+        features = torch.cat([bottom.unsqueeze(1), pooled], dim=1)
+        return top64(interaction64(bottom, features)).squeeze(1)
+
+
+def _precision_params(precision: str) -> dict:
+    if precision in ("int8", "int4"):
+        return {"mlp": "int8 dynamic", "tables": f"{precision} row-wise"}
+    return {"mlp": precision, "tables": precision}
+
+
+def _predict(model: nn.Module, labelled, precision: str, device: torch.device) -> np.ndarray:
+    """Predicted CTRs over labelled batches."""
+    outputs = []
+    with torch.inference_mode():
+        for item in labelled:
+            dense, indices, offsets = batch_tensors(item.batch, device)
+            logits = model(dense.to(input_dtype(precision)), indices, offsets)
+            outputs.append(torch.sigmoid(logits.double()).cpu().numpy())
+    return np.concatenate(outputs)
+
+
+def build_infer(context: BuildContext, layout: str) -> Prepared:
+    """Inference of the calibrated teacher DLRM at a precision, plus its accuracy effects."""
+    workload, device, precision = context.workload, context.device, context.precision
+    fp32_model = teacher_model(workload, context.seed, embeddings=layout)
+    model = model_at_precision(fp32_model, precision, layout, device).eval()
+    batch = label_batches(fp32_model, workload, context.seed, [TRAIN_BATCH_INDEX],
+                          workload.batch_size)[0].batch
+    dense, indices, offsets = batch_tensors(batch, device)
+    dense = dense.to(input_dtype(precision))
+
+    def run():
+        with torch.inference_mode():
+            return model(dense, indices, offsets)
+
+    def accuracy() -> dict:
+        labelled = evaluation_set(workload, context.seed, EVAL_BATCHES)
+        labels = np.concatenate([item.labels for item in labelled])
+        predicted = _predict(model, labelled, precision, device)
+        fp32_predicted = _predict(fp32_model.to(device), labelled, "fp32", device)
+        return {"auc": quality.auc(labels, predicted),
+                "logloss": quality.logloss(labels, predicted),
+                "ctr_abs_diff": float(np.mean(np.abs(predicted - fp32_predicted))),
+                "metrics": {"fp32_auc": quality.auc(labels, fp32_predicted),
+                            "eval_samples": int(len(labels))}}
+
+    batch_size = workload.batch_size
+    return Prepared(
+        run=run,
+        reference=lambda: reference_logits(fp32_model, *batch_tensors(batch, torch.device("cpu"))),
+        samples=batch_size,
+        flops=batch_size * flops_per_sample(workload),
+        bytes_moved=_inference_bytes(workload, model, precision),
+        params={"layout": layout, **_precision_params(precision)},
+        metrics={"model_bytes": _model_bytes(model)},
+        tolerance=WHOLE_MODEL_TOLERANCE.get(precision),
+        accuracy=accuracy,
+    )
+
+
+def _model_bytes(model: nn.Module) -> int:
+    """Bytes of a model's weights, including packed quantized tables."""
+    total = parameter_bytes(model)
+    for module in model.modules():
+        for table in getattr(module, "tables", ()):
+            total += table.weight.numel() * table.weight.element_size()
+    return total
+
+
+def _inference_bytes(workload, model: nn.Module, precision: str) -> float:
+    """Compulsory traffic per batch: MLP weights once, looked-up rows, and inputs."""
+    lookups = workload.batch_size * sum(table.pooling.mean for table in workload.tables)
+    row_bytes = workload.dim * BYTES_PER_VALUE[precision] + ROW_OVERHEAD_BYTES.get(precision, 0)
+    mlp_parameters = sum(parameter.numel() for name, parameter in model.named_parameters()
+                         if not name.startswith("embeddings"))
+    mlp_bytes = mlp_parameters * (BYTES_PER_VALUE[precision] if precision in FLOAT_DTYPES else 1)
+    inputs = workload.batch_size * workload.num_dense * 4 + lookups * 8
+    return float(mlp_bytes + lookups * row_bytes + inputs)
+
+
+@impl("dlrm_infer", "per_table", ("fp32", "fp16", "bf16", "int8", "int4"), baseline=True,
+      description="the DLRM reference's structure: one EmbeddingBag per table in a loop")
+def build_infer_per_table(context: BuildContext) -> Prepared:
+    """Inference with per-table embedding lookups."""
+    return build_infer(context, "per_table")
+
+
+@impl("dlrm_infer", "batched", ("fp32", "fp16", "bf16", "int8", "int4"),
+      description="all tables in one EmbeddingBag, one lookup call per batch")
+def build_infer_batched(context: BuildContext) -> Prepared:
+    """Inference with one batched embedding lookup."""
+    return build_infer(context, "batched")
+
+
+def _autocast(dtype, device: torch.device):
+    """Mixed precision for training: autocast the matmuls, keep fp32 master weights."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def train_step(model: DLRM, optimizer, dense, indices, offsets, labels, autocast_dtype=None):
+    """Forward, BCE loss, backward and optimizer step; returns the step's logits."""
+    optimizer.zero_grad(set_to_none=True)
+    with _autocast(autocast_dtype, dense.device):
+        logits = model(dense, indices, offsets)
+    loss = nn.functional.binary_cross_entropy_with_logits(logits.to(labels.dtype), labels)
+    loss.backward()
+    optimizer.step()
+    return logits
+
+
+def _updated_parameters(model: DLRM) -> tuple:
+    """Parameters a step must update correctly: first bottom and last top layer weights."""
+    return (model.bottom[0].weight.detach().clone(), model.top[-1].weight.detach().clone())
+
+
+def build_train(context: BuildContext, layout: str) -> Prepared:
+    """One SGD step of a student DLRM on teacher labels."""
+    workload, device, precision = context.workload, context.device, context.precision
+    if precision not in ("fp32", "fp16", "bf16"):
+        raise Unsupported(f"training at {precision} needs quantization-aware training, "
+                          "which this op does not model; use fp32, bf16 or fp16 (autocast)")
+    autocast_dtype = None if precision == "fp32" else FLOAT_DTYPES[precision]
+    teacher = teacher_model(workload, context.seed)
+    labelled = label_batches(teacher, workload, context.seed, [TRAIN_BATCH_INDEX],
+                             workload.batch_size)[0]
+    initial = build_dlrm(workload, context.seed + 1, embeddings=layout, sparse=True)
+    student = copy.deepcopy(initial).to(device)
+    dense, indices, offsets = batch_tensors(labelled.batch, device)
+    labels = torch.from_numpy(labelled.labels).to(device)
+    optimizer = torch.optim.SGD(student.parameters(), lr=LEARNING_RATE)
+
+    def check():
+        model = copy.deepcopy(initial).to(device)
+        logits = train_step(model, torch.optim.SGD(model.parameters(), lr=LEARNING_RATE),
+                            dense, indices, offsets, labels, autocast_dtype)
+        return (logits.detach(),) + _updated_parameters(model)
+
+    def reference():
+        model = copy.deepcopy(initial).double()
+        dense64, indices64, offsets64 = batch_tensors(labelled.batch, torch.device("cpu"))
+        logits = train_step(model, torch.optim.SGD(model.parameters(), lr=LEARNING_RATE),
+                            dense64.double(), indices64, offsets64, labels.cpu().double())
+        return (logits.detach(),) + _updated_parameters(model)
+
+    batch_size = workload.batch_size
+    return Prepared(
+        run=lambda: train_step(student, optimizer, dense, indices, offsets, labels,
+                               autocast_dtype),
+        check=check, reference=reference, samples=batch_size,
+        # Backward costs about twice the forward's FLOPs (two GEMMs per forward GEMM).
+        flops=3.0 * batch_size * flops_per_sample(workload),
+        bytes_moved=3.0 * _inference_bytes(workload, student, "fp32"),
+        params={"layout": layout, "optimizer": "SGD", "lr": LEARNING_RATE,
+                "autocast": precision if autocast_dtype is not None else "none"},
+    )
+
+
+@impl("dlrm_train", "per_table", ("fp32", "fp16", "bf16", "int8", "int4"), baseline=True,
+      description="the DLRM reference's structure: per-table sparse EmbeddingBags + SGD")
+def build_train_per_table(context: BuildContext) -> Prepared:
+    """Training step with per-table embeddings."""
+    return build_train(context, "per_table")
+
+
+@impl("dlrm_train", "batched", ("fp32", "fp16", "bf16", "int8", "int4"),
+      description="one concatenated sparse EmbeddingBag + SGD")
+def build_train_batched(context: BuildContext) -> Prepared:
+    """Training step with one batched embedding."""
+    return build_train(context, "batched")

@@ -1,0 +1,96 @@
+"""FC ops: one Linear layer and the workload's bottom and top MLP stacks."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+from torch import nn
+
+from bench.model import mlp, top_input_width
+from bench.ops.common import BYTES_PER_VALUE, FLOAT_DTYPES
+from bench.registry import BuildContext, Op, Prepared, Unsupported, impl, register_op
+from workloads.generators import stream
+
+FC_LAYERS = ("linear", "bottom_mlp", "top_mlp")
+
+
+def _fc_variants(workload, options) -> list[dict]:
+    return [{"layer": layer} for layer in (options.get("fc_layers") or FC_LAYERS)]
+
+
+register_op(Op("fc", "fully connected layers: one Linear and the bottom/top MLP stacks",
+               _fc_variants))
+
+
+def layer_widths(workload, layer: str) -> tuple[int, tuple[int, ...], bool]:
+    """(input width, output widths, final ReLU) of an FC variant."""
+    top_input = top_input_width(workload)
+    if layer == "bottom_mlp":
+        return workload.num_dense, workload.bottom_mlp, True
+    if layer == "top_mlp":
+        return top_input, workload.top_mlp, False
+    # "linear": the top MLP's first layer, the widest GEMM of most DLRM configs.
+    return top_input, workload.top_mlp[:1], False
+
+
+def quantize_int8(module: nn.Module) -> nn.Module:
+    """Dynamic int8 quantization of every Linear (weights int8, activations quantized per call)."""
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        raise Unsupported("this torch build has no fbgemm quantized engine for int8 Linear")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization deprecation notices
+        return torch.ao.quantization.quantize_dynamic(copy.deepcopy(module), {nn.Linear},
+                                                      dtype=torch.qint8)
+
+
+def at_precision(module: nn.Module, precision: str, device: torch.device) -> nn.Module:
+    """A copy of an fp32 module in the precision's execution form."""
+    if precision in FLOAT_DTYPES:
+        return copy.deepcopy(module).to(device=device, dtype=FLOAT_DTYPES[precision])
+    if precision == "int8":
+        if device.type != "cpu":
+            raise Unsupported("int8 dynamic quantization of Linear runs on CPU only in PyTorch")
+        return quantize_int8(module)
+    raise Unsupported(f"no {precision} Linear kernel in PyTorch (int4 applies to embeddings)")
+
+
+def input_dtype(precision: str) -> torch.dtype:
+    """The activation dtype fed to a module at a precision (int8 dynamic takes fp32)."""
+    return FLOAT_DTYPES.get(precision, torch.float32)
+
+
+@impl("fc", "torch_linear", ("fp32", "fp16", "bf16", "int8", "int4"), baseline=True,
+      description="nn.Linear stacks (MKL fp32, oneDNN bf16/fp16, FBGEMM int8 dynamic)")
+def build_fc(context: BuildContext) -> Prepared:
+    """Forward of one Linear or an MLP stack on a batch of activations."""
+    workload, device = context.workload, context.device
+    width_in, widths, final_relu = layer_widths(workload, context.variant["layer"])
+    reference_module = mlp(width_in, widths, final_relu, seed=context.seed)
+    module = at_precision(reference_module, context.precision, device)
+    batch = workload.batch_size
+    activations = torch.from_numpy(
+        stream(context.seed, 100).standard_normal((batch, width_in), dtype="float32"))
+    inputs = activations.to(device=device, dtype=input_dtype(context.precision))
+    reference64 = copy.deepcopy(reference_module).double()
+    weights = sum(layer.weight.numel() for layer in reference_module if isinstance(layer, nn.Linear))
+    widths_all = (width_in,) + tuple(widths)
+    value_bytes = BYTES_PER_VALUE[context.precision]
+    # int8 dynamic quantization keeps fp32 activations at the module boundary.
+    activation_bytes = value_bytes if context.precision in FLOAT_DTYPES else 4.0
+
+    def run():
+        with torch.no_grad():
+            return module(inputs)
+
+    def reference():
+        with torch.no_grad():
+            return reference64(activations.double())
+
+    return Prepared(
+        run=run, reference=reference, samples=batch,
+        flops=2.0 * batch * sum(a * b for a, b in zip(widths_all, widths_all[1:])),
+        bytes_moved=weights * value_bytes + batch * sum(widths_all) * activation_bytes,
+        params={"layer": context.variant["layer"], "widths": list(widths_all)},
+    )

@@ -1,0 +1,67 @@
+"""Interaction ops: DLRM's pairwise dot interaction and the concat variant."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from bench.model import CatInteraction, DotInteraction
+from bench.ops.common import BYTES_PER_VALUE, float_dtype
+from bench.registry import BuildContext, Op, Prepared, impl, register_op
+from workloads.generators import stream
+
+register_op(Op("interaction", "feature interaction of the bottom-MLP output and pooled embeddings",
+               lambda workload, options: [{}]))
+
+
+def _features(context: BuildContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 features [B, F, D] (dense vector first) for the workload's shapes."""
+    workload = context.workload
+    shape = (workload.batch_size, workload.num_features, workload.dim)
+    features = torch.from_numpy(stream(context.seed, 200).standard_normal(shape, dtype="float32"))
+    return features, features[:, 0, :]
+
+
+def _build(context: BuildContext, module: torch.nn.Module, flops_per_sample: float,
+           output_width: int) -> Prepared:
+    workload, device = context.workload, context.device
+    dtype = float_dtype(context.precision)
+    features, dense = _features(context)
+    features_device = features.to(device=device, dtype=dtype)
+    dense_device = features_device[:, 0, :]
+    module_device = copy.deepcopy(module).to(device)
+    module64 = module.to("cpu")
+    value_bytes = BYTES_PER_VALUE[context.precision]
+    batch = workload.batch_size
+
+    def run():
+        return module_device(dense_device, features_device)
+
+    return Prepared(
+        run=run,
+        reference=lambda: module64(dense.double(), features.double()),
+        samples=batch,
+        flops=batch * flops_per_sample,
+        bytes_moved=batch * (features.shape[1] * features.shape[2] + output_width) * value_bytes,
+        params={"num_features": workload.num_features, "dim": workload.dim,
+                "output_width": output_width},
+    )
+
+
+@impl("interaction", "dot", ("fp32", "fp16", "bf16"), baseline=True,
+      description="bmm of the features with their transpose, then the lower triangle")
+def build_dot(context: BuildContext) -> Prepared:
+    """DLRM dot interaction."""
+    workload = context.workload
+    count = workload.num_features
+    return _build(context, DotInteraction(count), 2.0 * count * count * workload.dim,
+                  workload.dim + count * (count - 1) // 2)
+
+
+@impl("interaction", "cat", ("fp32", "fp16", "bf16"),
+      description="concatenation of the feature vectors (no arithmetic)")
+def build_cat(context: BuildContext) -> Prepared:
+    """Concat interaction."""
+    workload = context.workload
+    return _build(context, CatInteraction(), 0.0, workload.num_features * workload.dim)

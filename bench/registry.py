@@ -1,0 +1,132 @@
+"""Explicit registry of operators and their implementations; each impl builds a timed closure."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+from typing import Any, Callable, Optional
+
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
+
+# Largest relative L2 error against the float64 reference that still counts as a correct
+# result at each precision. Wide enough for the format's rounding (bf16 keeps 8 bits of
+# mantissa, int4 row-wise keeps 16 levels a row), narrow enough to catch a wrong kernel.
+TOLERANCE = {"fp32": 1e-4, "fp16": 5e-3, "bf16": 3e-2, "int8": 3e-2, "int4": 0.25}
+
+
+class Unsupported(Exception):
+    """Raised by a builder for a combination it cannot run; the message becomes the skip reason."""
+
+
+@dataclasses.dataclass
+class Prepared:
+    """What an impl's builder returns: the closure to time and what to check it against."""
+
+    run: Callable[[], Any]  # the timed closure; never reads a clock
+    reference: Callable[[], Any]  # float64 expected output of `check`
+    samples: int  # model samples (batch items) processed per call of run
+    flops: float  # per call, by formula
+    bytes_moved: float  # per call, by formula: compulsory memory traffic
+    check: Optional[Callable[[], Any]] = None  # output to compare; defaults to run
+    params: dict = dataclasses.field(default_factory=dict)  # shapes and choices to record
+    metrics: dict = dataclasses.field(default_factory=dict)  # extra measured quantities
+    tolerance: Optional[float] = None  # overrides TOLERANCE[precision]
+    accuracy: Optional[Callable[[], dict]] = None  # model-level quality (auc, logloss...)
+    flush_between_reps: bool = False  # GPU: evict L2 between repetitions (lookup ops)
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildContext:
+    """Everything a builder needs: the workload, the variant and the numeric/device choices."""
+
+    workload: Any  # workloads.specs.WorkloadSpec
+    variant: dict
+    precision: str
+    device: Any  # torch.device
+    seed: int
+    options: dict = dataclasses.field(default_factory=dict)  # op-specific CLI options
+
+
+@dataclasses.dataclass(frozen=True)
+class Impl:
+    """One way of computing an op."""
+
+    op: str
+    name: str
+    build: Callable[[BuildContext], Prepared]
+    precisions: tuple[str, ...]
+    baseline: bool = False
+    devices: tuple[str, ...] = ("cpu", "cuda")
+    description: str = ""
+
+    @property
+    def code_version(self) -> str:
+        """Hash of the builder's source: results from changed code are not comparable."""
+        source = inspect.getsource(self.build)
+        return hashlib.sha256(source.encode()).hexdigest()[:12]
+
+
+@dataclasses.dataclass(frozen=True)
+class Op:
+    """An operator family: its variants for a workload and its impls."""
+
+    name: str
+    description: str
+    variants: Callable[[Any, dict], list[dict]]  # (workload, options) -> variant params
+    precision_agnostic: bool = False  # measured once, at fp32 (machine-ceiling probes)
+    default: bool = True  # part of a sweep when --ops is not given
+
+
+_OPS: dict[str, Op] = {}
+_IMPLS: dict[str, dict[str, Impl]] = {}
+
+
+def register_op(op: Op) -> Op:
+    """Add an op; a duplicate name is a programming error."""
+    if op.name in _OPS:
+        raise ValueError(f"op {op.name!r} registered twice")
+    _OPS[op.name] = op
+    _IMPLS[op.name] = {}
+    return op
+
+
+def impl(op: str, name: str, precisions: tuple[str, ...], baseline: bool = False,
+         devices: tuple[str, ...] = ("cpu", "cuda"), description: str = ""):
+    """Decorator registering a builder as an impl of op."""
+    def register(build: Callable[[BuildContext], Prepared]) -> Callable[[BuildContext], Prepared]:
+        if op not in _IMPLS:
+            raise ValueError(f"impl {name!r} names unknown op {op!r}")
+        if name in _IMPLS[op]:
+            raise ValueError(f"impl {op}/{name} registered twice")
+        unknown = set(precisions) - set(PRECISIONS)
+        if unknown:
+            raise ValueError(f"impl {op}/{name}: unknown precisions {sorted(unknown)}")
+        if baseline and any(other.baseline for other in _IMPLS[op].values()):
+            raise ValueError(f"op {op!r} already has a baseline impl")
+        _IMPLS[op][name] = Impl(op, name, build, tuple(precisions), baseline, devices,
+                                description or (build.__doc__ or "").strip())
+        return build
+    return register
+
+
+def load_all() -> None:
+    """Import every op module so their registrations run."""
+    from bench.ops import ceilings, dlrm, fc, interaction, sls  # noqa: F401
+
+
+def ops() -> dict[str, Op]:
+    """All registered ops by name."""
+    load_all()
+    return dict(_OPS)
+
+
+def impls(op: str) -> dict[str, Impl]:
+    """The impls of one op by name."""
+    load_all()
+    return dict(_IMPLS[op])
+
+
+def baseline_of(op: str) -> Impl:
+    """The impl flagged as the op's baseline."""
+    return next(entry for entry in impls(op).values() if entry.baseline)

@@ -1,0 +1,47 @@
+"""The summary table printed at the end of a sweep (pandas, from result rows)."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+
+from bench.schema import STATUS_OK
+
+# Params that tell variants of one op apart in the summary (the rest is in results.csv).
+VARIANT_KEYS = ("mode", "layer", "layout", "bytes", "size")
+
+
+def _variant(params: str) -> str:
+    values = json.loads(params or "{}")
+    return ",".join(f"{values[key]}" for key in VARIANT_KEYS if key in values)
+
+
+def render_summary(rows) -> str:
+    """One line per measured configuration: median time, spread and throughput."""
+    measured = [row for row in rows if row.status == STATUS_OK]
+    if not measured:
+        return "no configuration was measured"
+    frame = pd.DataFrame({
+        "op": [row.op for row in measured],
+        "impl": [row.impl + ("*" if row.is_baseline else "") for row in measured],
+        "workload": [row.workload for row in measured],
+        "variant": [_variant(row.params) for row in measured],
+        "prec": [row.precision for row in measured],
+        "isa": [row.isa for row in measured],
+        "thr": [row.threads for row in measured],
+        "median_ms": [row.median_s * 1e3 for row in measured],
+        "iqr_%": [100 * row.iqr_s / row.median_s for row in measured],
+        "samples/s": [row.samples_per_s for row in measured],
+        "GB/s": [row.gbps for row in measured],
+        "GFLOP/s": [row.gflops for row in measured],
+        "rel_err": [row.rel_error for row in measured],
+        "auc": [row.auc for row in measured],
+    })
+    if frame["isa"].nunique() == 1:
+        frame = frame.drop(columns="isa")
+    if frame["thr"].nunique() == 1:
+        frame = frame.drop(columns="thr")
+    if frame["auc"].isna().all():
+        frame = frame.drop(columns="auc")
+    return frame.to_string(index=False, float_format=lambda value: f"{value:.4g}")

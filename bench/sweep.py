@@ -1,0 +1,259 @@
+"""Expand sweep choices into tasks and run them in isolated worker processes, row by row."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+from bench import devices, registry
+from bench.schema import STATUS_ERROR, ResultRow, ResultsWriter, read_rows
+from bench.tasks import Task
+from bench.timing import TimingPolicy
+from workloads.specs import SpecError, WorkloadSpec
+
+# Ops that measure the machine rather than a workload run once per worker group, labelled
+# with this workload name.
+MACHINE_WORKLOAD = "machine"
+MACHINE_OPS = ("membw", "gemm_peak")
+READY_TIMEOUT_S = 180.0  # torch import + ISA probe in a fresh process
+
+
+@dataclasses.dataclass(frozen=True)
+class PlannedTask:
+    """A task and, when it cannot run here, why (it then becomes a skipped row)."""
+
+    task: Task
+    skip_reason: str = ""
+
+
+def plan(ops: Iterable[str], workloads: Iterable[WorkloadSpec], precisions: Iterable[str],
+         device_list: Iterable[str], isa_levels: Iterable[str], thread_counts: Iterable[int],
+         seed: int, options: Optional[dict] = None,
+         impl_filter: Optional[set[str]] = None) -> list[PlannedTask]:
+    """The cross product of the choices, grouped so one worker serves each (device, isa, threads)."""
+    options = options or {}
+    workloads, precisions = list(workloads), list(precisions)
+    all_ops = registry.ops()
+    planned: list[PlannedTask] = []
+    for device in device_list:
+        # ISA caps are CPU knobs: a GPU runs once, at "native".
+        levels = list(isa_levels) if device == "cpu" else ["native"]
+        for isa in levels:
+            for threads in thread_counts:
+                for op_name in ops:
+                    op = all_ops[op_name]
+                    targets = ([_machine_workload(workloads[0])] if op_name in MACHINE_OPS
+                               else workloads)
+                    for workload in targets:
+                        planned.extend(_op_tasks(op, workload, precisions, device, isa, threads,
+                                                 seed, options, impl_filter))
+    return planned
+
+
+def _machine_workload(workload: WorkloadSpec) -> WorkloadSpec:
+    return dataclasses.replace(workload, name=MACHINE_WORKLOAD, batch_size=1)
+
+
+def _op_tasks(op, workload, precisions, device, isa, threads, seed, options,
+              impl_filter) -> list[PlannedTask]:
+    planned = []
+    op_precisions = ["fp32"] if op.precision_agnostic else precisions
+    for variant in op.variants(workload, options):
+        for implementation in registry.impls(op.name).values():
+            if impl_filter and implementation.name not in impl_filter:
+                continue
+            for precision in op_precisions:
+                task = Task(op=op.name, impl=implementation.name, workload=workload,
+                            variant=variant, precision=precision, device=device, isa=isa,
+                            threads=threads, seed=seed, options=options)
+                reason = ""
+                if precision not in implementation.precisions:
+                    reason = (f"{op.name}/{implementation.name} has no {precision} kernel; "
+                              f"it supports {', '.join(implementation.precisions)}")
+                elif device.split(":")[0] not in implementation.devices:
+                    reason = f"{op.name}/{implementation.name} does not run on {device}"
+                planned.append(PlannedTask(task, reason))
+    return planned
+
+
+# Bytes needed per byte of fp32 embedding tables, by op: the fp32 tables, precision copies,
+# the concatenated copy of batched layouts, and (training) a float64 reference copy.
+MEMORY_FACTORS = {"sls": 2.0, "sls_multi": 3.0, "dlrm_infer": 4.0, "dlrm_train": 6.0}
+
+
+def check_memory(workloads: Iterable[WorkloadSpec], ops: Iterable[str],
+                 available_bytes: int) -> None:
+    """Refuse, before allocating, a workload whose tables will not fit in available memory."""
+    ops = list(ops)
+    for workload in workloads:
+        factors = [MEMORY_FACTORS.get(op, 0.0) for op in ops]
+        if "sls" in ops and len(factors) == 1:
+            table_bytes = workload.tables[workload.largest_table()].rows * workload.dim * 4
+        else:
+            table_bytes = workload.embedding_bytes(4)
+        needed = table_bytes * max(factors + [0.0])
+        if needed > 0.9 * available_bytes:
+            fit_rows = int(max(1000, 0.9 * available_bytes / max(needed, 1)
+                               * max(table.rows for table in workload.tables)))
+            raise SpecError(
+                f"workload {workload.name} needs about {needed / 2**30:.1f} GiB "
+                f"({workload.total_rows:,} rows x dim {workload.dim}, with working copies) but "
+                f"{available_bytes / 2**30:.1f} GiB is available; add --max-rows {fit_rows:,} "
+                "(or fewer ops)")
+
+
+def completed_keys(results_path: Path) -> set[str]:
+    """Task keys already in a results file (for --resume)."""
+    if not results_path.exists():
+        return set()
+    return {row.task_key for row in read_rows(results_path)}
+
+
+class WorkerCrash(Exception):
+    """The worker process died or stopped answering."""
+
+
+class WorkerGroup:
+    """One worker process running a list of tasks at one (device, ISA level, thread count)."""
+
+    def __init__(self, tasks: list[Task], run_id: str, policy: TimingPolicy, log_path: Path,
+                 task_timeout_s: float):
+        self.tasks = tasks
+        self.run_id = run_id
+        self.policy = policy
+        self.log_path = log_path
+        self.task_timeout_s = task_timeout_s
+        self.process: Optional[subprocess.Popen] = None
+
+    def _environment(self) -> dict[str, str]:
+        device, isa, threads = self.tasks[0].group()
+        environment = devices.isa_environment(isa)
+        # Thread pools size themselves at load time: set them before torch starts.
+        environment["OMP_NUM_THREADS"] = str(threads)
+        environment["MKL_NUM_THREADS"] = str(threads)
+        project_root = str(Path(__file__).resolve().parent.parent)
+        environment["PYTHONPATH"] = os.pathsep.join(
+            [project_root] + [part for part in environment.get("PYTHONPATH", "").split(os.pathsep)
+                              if part])
+        return environment
+
+    def run(self, on_row: Callable[[int, ResultRow], None],
+            on_start: Callable[[int], None]) -> None:
+        """Run every task; rows go to on_row as they finish. Raises WorkerCrash(index)."""
+        read_end, write_end = os.pipe()
+        with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as task_file:
+            task_file.write("\n".join(task.to_json() for task in self.tasks))
+        command = [sys.executable, "-m", "bench.worker", task_file.name,
+                   "--event-fd", str(write_end), "--run-id", self.run_id,
+                   "--policy", json.dumps(dataclasses.asdict(self.policy))]
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(command, env=self._environment(), stdout=log,
+                                            stderr=log, pass_fds=(write_end,),
+                                            start_new_session=True)
+        os.close(write_end)
+        try:
+            self._read_events(read_end, on_row, on_start)
+        finally:
+            os.close(read_end)
+            os.unlink(task_file.name)
+            self.stop()
+
+    def _read_events(self, read_end: int, on_row, on_start) -> None:
+        selector = selectors.DefaultSelector()
+        selector.register(read_end, selectors.EVENT_READ)
+        buffer = b""
+        current = -1
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise WorkerCrash(current, f"timed out after {self._limit(current):.0f} s")
+            if not selector.select(timeout=min(remaining, 1.0)):
+                continue
+            chunk = os.read(read_end, 1 << 16)
+            if not chunk:
+                raise WorkerCrash(current, self._death_reason())
+            buffer += chunk
+            while b"\n" in buffer:
+                line, buffer = buffer.split(b"\n", 1)
+                event = json.loads(line)
+                if event["event"] == "start":
+                    current = event["index"]
+                    on_start(current)
+                    deadline = time.monotonic() + self.task_timeout_s
+                elif event["event"] == "row":
+                    on_row(event["index"], ResultRow(**event["row"]))
+                elif event["event"] == "done":
+                    return
+
+    def _limit(self, current: int) -> float:
+        return READY_TIMEOUT_S if current < 0 else self.task_timeout_s
+
+    def _death_reason(self) -> str:
+        code = self.process.wait() if self.process else None
+        if code is not None and code < 0:
+            name = signal.Signals(-code).name
+            hint = " (killed: out of memory?)" if -code == signal.SIGKILL else ""
+            return f"worker died with {name}{hint}"
+        return f"worker exited with code {code}; see {self.log_path}"
+
+    def stop(self) -> None:
+        """Kill the worker's process group if it is still running."""
+        if self.process and self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.process.wait()
+
+
+def run_tasks(tasks: list[Task], run_id: str, policy: TimingPolicy, writer: ResultsWriter,
+              log_path: Path, task_timeout_s: float,
+              progress: Optional[Callable[[ResultRow], None]] = None,
+              describe: Optional[Callable[[Task], None]] = None) -> list[ResultRow]:
+    """Run tasks grouped by worker; a crash turns its task into an error row and restarts."""
+    from bench.worker import base_row
+
+    rows: list[ResultRow] = []
+    groups: dict[tuple, list[Task]] = {}
+    for task in tasks:
+        groups.setdefault(task.group(), []).append(task)
+    for group_tasks in groups.values():
+        remaining = group_tasks
+        while remaining:
+            finished: set[int] = set()
+            batch = remaining
+
+            def on_row(index: int, row: ResultRow) -> None:
+                writer.write(row)
+                rows.append(row)
+                finished.add(index)
+                if progress:
+                    progress(row)
+
+            def on_start(index: int) -> None:
+                if describe:
+                    describe(batch[index])
+
+            group = WorkerGroup(batch, run_id, policy, log_path, task_timeout_s)
+            try:
+                group.run(on_row, on_start)
+                remaining = []
+            except WorkerCrash as crash:
+                index, reason = crash.args
+                failed = index if index >= 0 else 0
+                row = base_row(batch[failed], run_id)
+                row.status, row.error = STATUS_ERROR, reason
+                on_row(failed, row)
+                remaining = [task for position, task in enumerate(batch)
+                             if position not in finished]
+    return rows

@@ -1,0 +1,66 @@
+"""A task: one configuration to measure, serializable so a worker process can run it."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+
+from bench.schema import dumps_compact
+from workloads.specs import IndexDistribution, PoolingDistribution, TableSpec, WorkloadSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """One (op, impl, workload, variant, precision, device, isa, threads) configuration."""
+
+    op: str
+    impl: str
+    workload: WorkloadSpec
+    variant: dict
+    precision: str
+    device: str
+    isa: str
+    threads: int
+    seed: int
+    options: dict = dataclasses.field(default_factory=dict)
+
+    def key(self) -> str:
+        """Stable identity across runs: what was measured, not when or how long."""
+        identity = {
+            "op": self.op, "impl": self.impl, "workload": self.workload.name,
+            "shapes": self.workload.key(), "variant": self.variant,
+            "precision": self.precision, "device": self.device, "isa": self.isa,
+            "threads": self.threads, "batch_size": self.workload.batch_size, "seed": self.seed,
+        }
+        return hashlib.sha256(dumps_compact(identity).encode()).hexdigest()[:16]
+
+    def group(self) -> tuple[str, str, int]:
+        """Tasks sharing a worker process: same device, ISA level and thread count."""
+        return (self.device, self.isa, self.threads)
+
+    def to_json(self) -> str:
+        """Serialize for a worker."""
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "Task":
+        """Inverse of to_json."""
+        data = json.loads(text)
+        data["workload"] = workload_from_dict(data["workload"])
+        return cls(**data)
+
+
+def workload_from_dict(data: dict) -> WorkloadSpec:
+    """Rebuild a WorkloadSpec from dataclasses.asdict output."""
+    tables = tuple(
+        TableSpec(rows=table["rows"], dim=table["dim"],
+                  pooling=PoolingDistribution(**table["pooling"]),
+                  distribution=IndexDistribution(**table["distribution"]),
+                  original_rows=table["original_rows"])
+        for table in data["tables"]
+    )
+    fields = {key: value for key, value in data.items() if key != "tables"}
+    for name in ("bottom_mlp", "top_mlp"):
+        fields[name] = tuple(fields[name])
+    return WorkloadSpec(tables=tables, **fields)

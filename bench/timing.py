@@ -1,0 +1,133 @@
+"""The only code that reads a clock: torch.utils.benchmark on CPU, CUDA events on GPU."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import timeit
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+import torch.utils.benchmark as torch_benchmark
+from scipy import stats
+
+# IQR above this share of the median marks a measurement as noisy (torch.utils.benchmark
+# uses the same idea for its own warning).
+NOISY_IQR_RATIO = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class TimingPolicy:
+    """How long and how often to time a closure."""
+
+    min_run_time_s: float = 0.5  # measure at least this long in total
+    min_samples: int = 10  # and keep at least this many per-repetition times
+    max_run_time_s: float = 20.0  # stop adding repetitions past this, even below min_samples
+    warmup_calls: int = 2  # untimed calls first: caches, JIT kernels, allocator pools
+
+
+@dataclasses.dataclass(frozen=True)
+class Summary:
+    """Statistics of raw per-repetition times."""
+
+    samples_s: tuple[float, ...]
+    median_s: float
+    mean_s: float
+    p90_s: float
+    p99_s: float
+    iqr_s: float
+    min_s: float
+
+    @property
+    def noisy(self) -> bool:
+        """Whether the spread is large relative to the median."""
+        return self.iqr_s > NOISY_IQR_RATIO * self.median_s
+
+
+def summarize(samples_s) -> Summary:
+    """Median, percentiles and spread of the raw times."""
+    values = np.asarray(samples_s, dtype=np.float64)
+    if values.size == 0:
+        raise ValueError("no timing samples")
+    return Summary(
+        samples_s=tuple(float(value) for value in values),
+        median_s=float(np.median(values)),
+        mean_s=float(values.mean()),
+        p90_s=float(np.percentile(values, 90)),
+        p99_s=float(np.percentile(values, 99)),
+        iqr_s=float(stats.iqr(values)),
+        min_s=float(values.min()),
+    )
+
+
+def time_cpu(fn: Callable[[], Any], policy: TimingPolicy, threads: int,
+             clock: Callable[[], float] = timeit.default_timer) -> list[float]:
+    """Per-repetition seconds of fn via torch.utils.benchmark (blocks of calls for short fns)."""
+    for _ in range(policy.warmup_calls):
+        fn()
+    timer = torch_benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads,
+                                  timer=clock)
+    measurement = timer.blocked_autorange(min_run_time=policy.min_run_time_s)
+    samples = list(measurement.times)
+    spent = sum(samples) * measurement.number_per_run
+    # A slow closure yields few blocks in min_run_time: add blocks until there are enough
+    # repetitions for percentiles, within the time cap.
+    while len(samples) < policy.min_samples and spent < policy.max_run_time_s:
+        extra = timer.timeit(number=measurement.number_per_run)
+        samples.extend(extra.times)
+        spent += sum(extra.times) * measurement.number_per_run
+    return samples
+
+
+class _L2Flusher:
+    """Writes a buffer larger than the GPU's L2 so each repetition starts with a cold cache."""
+
+    def __init__(self, device: torch.device):
+        l2_bytes = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0)
+        size = max(2 * int(l2_bytes), 64 << 20)
+        self.buffer = torch.empty(size // 4, dtype=torch.float32, device=device)
+
+    def __call__(self) -> None:
+        self.buffer.zero_()
+
+
+def time_cuda(fn: Callable[[], Any], policy: TimingPolicy, device: torch.device,
+              flush_l2: bool) -> list[float]:
+    """Per-repetition seconds of fn from CUDA events, one pair per call, synchronised once."""
+    with torch.cuda.device(device):
+        for _ in range(policy.warmup_calls):
+            fn()
+        torch.cuda.synchronize()
+        flush: Optional[_L2Flusher] = _L2Flusher(device) if flush_l2 else None
+        # Estimate the per-call time to choose a repetition count meeting min_run_time.
+        probe_start, probe_end = torch.cuda.Event(True), torch.cuda.Event(True)
+        probe_start.record()
+        fn()
+        probe_end.record()
+        torch.cuda.synchronize()
+        estimate_s = max(probe_start.elapsed_time(probe_end) / 1e3, 1e-6)
+        repetitions = int(min(max(policy.min_samples, policy.min_run_time_s / estimate_s),
+                              max(policy.min_samples, policy.max_run_time_s / estimate_s)))
+        events = [(torch.cuda.Event(True), torch.cuda.Event(True)) for _ in range(repetitions)]
+        for start, end in events:
+            if flush is not None:
+                flush()  # outside the event pair: its time is not counted
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize()
+        return [start.elapsed_time(end) / 1e3 for start, end in events]
+
+
+def measure(fn: Callable[[], Any], device: torch.device, policy: TimingPolicy, threads: int,
+            flush_l2: bool = False) -> Summary:
+    """Time fn on its device and summarise the raw repetitions."""
+    if device.type == "cuda":
+        samples = time_cuda(fn, policy, device, flush_l2)
+    else:
+        samples = time_cpu(fn, policy, threads)
+    summary = summarize(samples)
+    if not math.isfinite(summary.median_s):
+        raise ValueError("timing produced a non-finite median")
+    return summary

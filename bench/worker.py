@@ -1,0 +1,159 @@
+"""`python -m bench.worker`: runs tasks in a fresh process and streams result rows to its parent."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+import traceback
+import warnings
+
+import torch
+
+from bench import devices, isa_probe, registry, timing
+from bench.ops.common import clear_weight_cache, relative_error
+from bench.registry import BuildContext, Unsupported
+from bench.schema import STATUS_ERROR, STATUS_OK, STATUS_SKIPPED, ResultRow, dumps_compact
+from bench.tasks import Task
+
+
+def base_row(task: Task, run_id: str, isa_effective: str = "") -> ResultRow:
+    """The identifying columns of a task's row, before any measurement."""
+    implementation = registry.impls(task.op)[task.impl]
+    return ResultRow(
+        run_id=run_id, task_key=task.key(), op=task.op, impl=task.impl,
+        is_baseline=implementation.baseline, code_version=implementation.code_version,
+        workload=task.workload.name, params=dumps_compact(task.variant), device=task.device,
+        device_name=devices.device_name(task.device), isa=task.isa, isa_effective=isa_effective,
+        threads=task.threads, precision=task.precision, batch_size=task.workload.batch_size,
+        fingerprint=devices.fingerprint(task.device, task.isa, task.threads),
+        timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
+
+
+def skipped_row(task: Task, run_id: str, reason: str) -> ResultRow:
+    """A row for a combination that cannot run, with the reason."""
+    row = base_row(task, run_id)
+    row.status, row.error = STATUS_SKIPPED, reason
+    return row
+
+
+def _fail(row: ResultRow, message: str) -> ResultRow:
+    row.status, row.error = STATUS_ERROR, message.replace("\n", " ")[:500]
+    return row
+
+
+def run_task(task: Task, run_id: str, policy: timing.TimingPolicy,
+             isa_effective: str = "") -> ResultRow:
+    """Build, check against float64, then time one task; never raises for the task's faults."""
+    row = base_row(task, run_id, isa_effective)
+    implementation = registry.impls(task.op)[task.impl]
+    device = torch.device(task.device)
+    context = BuildContext(workload=task.workload, variant=task.variant, precision=task.precision,
+                           device=device, seed=task.seed, options=task.options)
+    try:
+        prepared = implementation.build(context)
+    except Unsupported as reason:
+        row.status, row.error = STATUS_SKIPPED, str(reason)
+        return row
+    except (MemoryError, torch.OutOfMemoryError) as error:
+        return _fail(row, f"out of memory while building inputs ({error}); use --max-rows "
+                          "or a smaller --batch-size")
+    except Exception as error:  # a builder bug must not stop the sweep: record it
+        return _fail(row, f"build failed: {type(error).__name__}: {error}")
+    row.params = dumps_compact({**task.variant, **prepared.params})
+    row.flops, row.bytes_moved = float(prepared.flops), float(prepared.bytes_moved)
+    metrics = dict(prepared.metrics)
+    try:
+        output = (prepared.check or prepared.run)()
+        row.rel_error = relative_error(output, prepared.reference())
+    except Exception as error:  # NaN, wrong shape, or a kernel that raised
+        return _fail(row, f"check against float64 reference failed: {error}")
+    tolerance = prepared.tolerance or registry.TOLERANCE[task.precision]
+    if not row.rel_error <= tolerance:
+        return _fail(row, f"relative error {row.rel_error:.3g} exceeds the {task.precision} "
+                          f"tolerance {tolerance:g}")
+    if prepared.accuracy is not None:
+        quality = prepared.accuracy()
+        row.auc, row.logloss = quality["auc"], quality["logloss"]
+        row.ctr_abs_diff = quality["ctr_abs_diff"]
+        metrics.update(quality.get("metrics", {}))
+    try:
+        summary = timing.measure(prepared.run, device, policy, task.threads,
+                                 flush_l2=prepared.flush_between_reps)
+    except Exception as error:
+        return _fail(row, f"timing failed: {type(error).__name__}: {error}")
+    row.n_samples = len(summary.samples_s)
+    row.samples_s = json.dumps([float(f"{value:.6g}") for value in summary.samples_s])
+    row.median_s, row.mean_s, row.min_s = summary.median_s, summary.mean_s, summary.min_s
+    row.p90_s, row.p99_s, row.iqr_s = summary.p90_s, summary.p99_s, summary.iqr_s
+    row.samples_per_s = prepared.samples / summary.median_s
+    row.gbps = prepared.bytes_moved / summary.median_s / 1e9
+    row.gflops = prepared.flops / summary.median_s / 1e9 if prepared.flops else math.nan
+    metrics["noise_iqr_over_median"] = round(summary.iqr_s / summary.median_s, 4)
+    metrics["noisy"] = summary.noisy
+    row.metrics = dumps_compact(metrics)
+    row.status = STATUS_OK
+    return row
+
+
+def pin_threads(threads: int) -> list[int]:
+    """Pin this process to `threads` CPUs and set torch's thread count; returns the CPUs."""
+    allowed = sorted(os.sched_getaffinity(0))
+    chosen = allowed[:threads]
+    os.sched_setaffinity(0, chosen)
+    torch.set_num_threads(threads)
+    return chosen
+
+
+class EventStream:
+    """JSON-lines events to the parent on a dedicated pipe (stdout may carry library logs)."""
+
+    def __init__(self, descriptor: int):
+        self._handle = os.fdopen(descriptor, "w", buffering=1)
+
+    def send(self, **event) -> None:
+        """Write one event and flush it."""
+        self._handle.write(json.dumps(event) + "\n")
+        self._handle.flush()
+
+
+def main(argv=None) -> int:
+    """Run the tasks in a file; one `row` event per task, `start` before each."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("tasks", help="file with one Task JSON per line")
+    parser.add_argument("--event-fd", type=int, required=True)
+    parser.add_argument("--run-id", required=True)
+    parser.add_argument("--policy", required=True, help="TimingPolicy as JSON")
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*quantiz.*")
+    events = EventStream(args.event_fd)
+    with open(args.tasks, encoding="utf-8") as handle:
+        tasks = [Task.from_json(line) for line in handle if line.strip()]
+    policy = timing.TimingPolicy(**json.loads(args.policy))
+    if tasks:
+        pin_threads(tasks[0].threads)
+    isa_effective = isa_probe.effective_isa() if tasks and tasks[0].device == "cpu" else ""
+    events.send(event="ready", isa_effective=isa_effective)
+    current_workload = None
+    for index, task in enumerate(tasks):
+        if task.workload != current_workload:
+            clear_weight_cache()  # bound memory: one workload's tables at a time
+            current_workload = task.workload
+        events.send(event="start", index=index)
+        try:
+            row = run_task(task, args.run_id, policy, isa_effective)
+        except Exception:  # a harness bug: report it as this task's error and go on
+            row = _fail(base_row(task, args.run_id, isa_effective),
+                        "worker error: " + traceback.format_exc(limit=3))
+        events.send(event="row", index=index, row=row.__dict__)
+    events.send(event="done")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

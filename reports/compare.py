@@ -1,0 +1,216 @@
+"""Per-configuration verdicts between a baseline and a candidate run: a real change, or noise."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.stats import mannwhitneyu
+
+from bench.schema import (
+    STATUS_ERROR,
+    STATUS_OK,
+    STATUS_SKIPPED,
+    ResultRow,
+    samples_from_row,
+)
+
+VERDICTS = (
+    "IMPROVED",
+    "REGRESSED",
+    "UNCHANGED",
+    "NEW",
+    "MISSING",
+    "NEWLY_FAILING",
+    "FIXED",
+    "NOT_COMPARABLE",
+)
+
+# Verdicts that make a CI check fail.
+FAILING_VERDICTS = ("REGRESSED", "NEWLY_FAILING")
+
+# Below this many repetitions on either side the rank test cannot say anything useful.
+MIN_SAMPLES = 3
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The outcome for one task_key: what changed and why we think so."""
+
+    task_key: str
+    op: str
+    impl: str
+    workload: str
+    precision: str
+    verdict: str
+    ratio: float = math.nan  # candidate median / baseline median
+    p_value: float = math.nan  # two-sided Mann-Whitney U on the raw samples
+    reason: str = ""
+
+
+def _index_by_task_key(rows: Iterable[ResultRow], side: str) -> dict[str, ResultRow]:
+    """Rows keyed by task_key; a key seen twice is an error, never a silent pick."""
+    indexed: dict[str, ResultRow] = {}
+    for row in rows:
+        if row.task_key in indexed:
+            raise ValueError(
+                f"duplicate task_key {row.task_key!r} in the {side} results "
+                f"(op {row.op}, impl {row.impl}); each configuration must appear once"
+            )
+        indexed[row.task_key] = row
+    return indexed
+
+
+def _make(row: ResultRow, verdict: str, ratio=math.nan, p_value=math.nan, reason="") -> Verdict:
+    """Verdict carrying the identifying columns of row."""
+    return Verdict(
+        task_key=row.task_key,
+        op=row.op,
+        impl=row.impl,
+        workload=row.workload,
+        precision=row.precision,
+        verdict=verdict,
+        ratio=float(ratio),
+        p_value=float(p_value),
+        reason=reason,
+    )
+
+
+def _describe_status(row: ResultRow) -> str:
+    """Status with its message, e.g. 'error: out of memory'."""
+    return f"{row.status}: {row.error}" if row.error else row.status
+
+
+def _median(row: ResultRow, samples: list[float]) -> float:
+    """The row's recorded median, or the samples' median when the row lacks one."""
+    if math.isfinite(row.median_s):
+        return row.median_s
+    return float(np.median(samples)) if samples else math.nan
+
+
+def _status_verdict(baseline: ResultRow, candidate: ResultRow) -> Verdict | None:
+    """Verdict decided by status alone; None when both sides were measured."""
+    if baseline.status == STATUS_OK and candidate.status == STATUS_OK:
+        return None
+    if candidate.status == STATUS_ERROR and baseline.status != STATUS_ERROR:
+        # A baseline that ran (or was skipped) now raising is a new failure either way.
+        return _make(candidate, "NEWLY_FAILING", reason=_describe_status(candidate))
+    if baseline.status == STATUS_ERROR and candidate.status == STATUS_OK:
+        return _make(candidate, "FIXED", reason=f"baseline was {_describe_status(baseline)}")
+    if baseline.status == candidate.status:
+        # Nothing was timed on either side, so there is no performance to call unchanged.
+        message = candidate.error or baseline.error
+        reason = f"{candidate.status} in both runs" + (f": {message}" if message else "")
+        return _make(candidate, "NOT_COMPARABLE", reason=reason)
+    if candidate.status == STATUS_SKIPPED:
+        return _make(
+            candidate, "NOT_COMPARABLE", reason=f"candidate {_describe_status(candidate)}"
+        )
+    return _make(candidate, "NOT_COMPARABLE", reason=f"baseline {_describe_status(baseline)}")
+
+
+def _compare_pair(
+    baseline: ResultRow, candidate: ResultRow, factor: float, alpha: float
+) -> Verdict:
+    """Verdict for one task_key present on both sides."""
+    # Another machine or software stack says nothing about this code, failures included.
+    if baseline.fingerprint != candidate.fingerprint:
+        return _make(
+            candidate,
+            "NOT_COMPARABLE",
+            reason=(
+                "different hardware/software fingerprint: "
+                f"{baseline.fingerprint} vs {candidate.fingerprint}"
+            ),
+        )
+    # Status changes are reported even when the impl changed: a new crash matters most then.
+    status_verdict = _status_verdict(baseline, candidate)
+    if status_verdict is not None:
+        return status_verdict
+    if baseline.code_version != candidate.code_version:
+        return _make(candidate, "NOT_COMPARABLE", reason="impl code changed; re-baseline")
+    baseline_samples = samples_from_row(baseline)
+    candidate_samples = samples_from_row(candidate)
+    if len(baseline_samples) < MIN_SAMPLES or len(candidate_samples) < MIN_SAMPLES:
+        return _make(
+            candidate,
+            "NOT_COMPARABLE",
+            reason=(
+                f"too few samples for a significance test (baseline {len(baseline_samples)}, "
+                f"candidate {len(candidate_samples)}; need {MIN_SAMPLES})"
+            ),
+        )
+    baseline_median = _median(baseline, baseline_samples)
+    candidate_median = _median(candidate, candidate_samples)
+    if not (baseline_median > 0 and math.isfinite(candidate_median)):
+        return _make(
+            candidate,
+            "NOT_COMPARABLE",
+            reason=f"no usable medians (baseline {baseline_median}, candidate {candidate_median})",
+        )
+    ratio = candidate_median / baseline_median
+    p_value = float(
+        mannwhitneyu(baseline_samples, candidate_samples, alternative="two-sided").pvalue
+    )
+    if math.isnan(p_value):
+        p_value = 1.0  # identical constant samples: no evidence of any difference
+    significant = p_value < alpha
+    if significant and ratio > 1 + factor:
+        verdict, reason = "REGRESSED", f"slower by more than {factor * 100:g}% and p < {alpha:g}"
+    elif significant and ratio < 1 / (1 + factor):
+        verdict, reason = "IMPROVED", f"faster by more than {factor * 100:g}% and p < {alpha:g}"
+    elif significant:
+        verdict, reason = "UNCHANGED", f"significant but within the {factor * 100:g}% factor"
+    else:
+        verdict, reason = "UNCHANGED", f"not significant (p >= {alpha:g})"
+    return _make(candidate, verdict, ratio, p_value, reason)
+
+
+def _sort_key(verdict: Verdict) -> tuple[str, ...]:
+    """Group by op and workload so the impls of one configuration sit together."""
+    return (verdict.op, verdict.workload, verdict.precision, verdict.impl, verdict.task_key)
+
+
+def compare_rows(
+    baseline: list[ResultRow],
+    candidate: list[ResultRow],
+    factor: float = 0.10,
+    alpha: float = 0.01,
+) -> list[Verdict]:
+    """One verdict per task_key seen on either side, sorted by op, workload, precision, impl."""
+    if factor < 0:
+        raise ValueError(f"factor must be >= 0, got {factor}")
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    baseline_by_key = _index_by_task_key(baseline, "baseline")
+    candidate_by_key = _index_by_task_key(candidate, "candidate")
+    verdicts = []
+    for task_key, candidate_row in candidate_by_key.items():
+        baseline_row = baseline_by_key.get(task_key)
+        if baseline_row is None:
+            reason = "" if candidate_row.status == STATUS_OK else _describe_status(candidate_row)
+            verdicts.append(_make(candidate_row, "NEW", reason=reason))
+        else:
+            verdicts.append(_compare_pair(baseline_row, candidate_row, factor, alpha))
+    for task_key, baseline_row in baseline_by_key.items():
+        if task_key not in candidate_by_key:
+            verdicts.append(_make(baseline_row, "MISSING", reason="not in the candidate run"))
+    return sorted(verdicts, key=_sort_key)
+
+
+def geometric_mean_ratio(verdicts: Iterable[Verdict]) -> float:
+    """Geometric mean of the finite, positive ratios; NaN when there are none."""
+    ratios = [v.ratio for v in verdicts if math.isfinite(v.ratio) and v.ratio > 0]
+    if not ratios:
+        return math.nan
+    return float(math.exp(sum(math.log(ratio) for ratio in ratios) / len(ratios)))
+
+
+def count_verdicts(verdicts: Iterable[Verdict]) -> dict[str, int]:
+    """How many rows got each verdict, in VERDICTS order, zero counts left out."""
+    counts = {name: 0 for name in VERDICTS}
+    for verdict in verdicts:
+        counts[verdict.verdict] += 1
+    return {name: count for name, count in counts.items() if count}

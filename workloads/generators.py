@@ -1,0 +1,143 @@
+"""Seeded input generators: row ids, bag lengths, per-sample weights and dense features."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import numpy as np
+
+from workloads.specs import IndexDistribution, PoolingDistribution, TableSpec, WorkloadSpec
+
+# Above this many rows the exact discrete Zipf CDF (8 bytes a row) is replaced by the
+# continuous bounded power-law inverse CDF, which differs only in the first few ranks' mass.
+EXACT_ZIPF_MAX_ROWS = 1 << 23
+
+
+def stream(seed: int, *purpose: int) -> np.random.Generator:
+    """An independent generator per (seed, purpose...) so each input is reproducible alone."""
+    return np.random.default_rng(np.random.SeedSequence([seed, *purpose]))
+
+
+# Purposes of the independent random streams (the second SeedSequence word).
+_INDICES, _LENGTHS, _WEIGHTS, _DENSE, _SHUFFLE, _LABELS = range(6)
+
+
+@functools.lru_cache(maxsize=8)
+def _zipf_cdf(num_rows: int, alpha: float) -> np.ndarray:
+    """The exact discrete Zipf CDF over ranks, cached because every batch reuses it."""
+    cdf = np.cumsum(np.arange(1, num_rows + 1, dtype=np.float64) ** -alpha)
+    cdf /= cdf[-1]
+    return cdf
+
+
+def zipf_ranks(num_rows: int, alpha: float, count: int, rng: np.random.Generator) -> np.ndarray:
+    """Ranks in [0, num_rows) with P(rank k) proportional to (k + 1) ** -alpha."""
+    if num_rows <= EXACT_ZIPF_MAX_ROWS:
+        ranks = np.searchsorted(_zipf_cdf(num_rows, alpha), rng.random(count), side="right")
+        return np.minimum(ranks, num_rows - 1).astype(np.int64)
+    # Inverse CDF of the continuous density x ** -alpha on [1, num_rows + 1).
+    uniform = rng.random(count)
+    upper = float(num_rows + 1)
+    if abs(alpha - 1.0) < 1e-9:
+        values = np.exp(uniform * np.log(upper))
+    else:
+        exponent = 1.0 - alpha
+        values = (1.0 + uniform * (upper ** exponent - 1.0)) ** (1.0 / exponent)
+    return np.clip(np.floor(values).astype(np.int64) - 1, 0, num_rows - 1)
+
+
+@functools.lru_cache(maxsize=32)
+def _rank_to_row(num_rows: int, seed: int, table_index: int) -> np.ndarray:
+    """A seeded permutation so hot rows are scattered over the table, as in real data."""
+    return stream(seed, _SHUFFLE, table_index).permutation(num_rows).astype(np.int64)
+
+
+def draw_indices(table: TableSpec, count: int, seed: int, table_index: int = 0,
+                 batch_index: int = 0) -> np.ndarray:
+    """count row ids for one table, drawn from its index distribution."""
+    rng = stream(seed, _INDICES, table_index, batch_index)
+    distribution: IndexDistribution = table.distribution
+    if distribution.kind == "uniform":
+        return rng.integers(0, table.rows, size=count, dtype=np.int64)
+    ranks = zipf_ranks(table.rows, distribution.alpha, count, rng)
+    return _rank_to_row(table.rows, seed, table_index)[ranks]
+
+
+def draw_lengths(pooling: PoolingDistribution, batch_size: int, seed: int, table_index: int = 0,
+                 batch_index: int = 0) -> np.ndarray:
+    """Lookups per bag for batch_size bags (each in [1, pooling.cap])."""
+    if pooling.kind == "fixed":
+        return np.full(batch_size, int(pooling.mean), dtype=np.int64)
+    rng = stream(seed, _LENGTHS, table_index, batch_index)
+    if pooling.kind == "uniform":
+        values = rng.uniform(pooling.mean - pooling.spread, pooling.mean + pooling.spread,
+                             batch_size)
+    elif pooling.kind == "normal":
+        values = rng.normal(pooling.mean, pooling.spread, batch_size)
+    else:
+        # Lognormal with the requested mean: mu = log(mean) - sigma^2 / 2.
+        sigma = pooling.spread
+        values = rng.lognormal(np.log(pooling.mean) - sigma * sigma / 2.0, sigma, batch_size)
+    return np.clip(np.rint(values), 1, pooling.cap).astype(np.int64)
+
+
+@dataclasses.dataclass
+class TableBatch:
+    """One table's lookups for a batch, in EmbeddingBag layout (offsets are bag starts)."""
+
+    indices: np.ndarray  # int64 [total lookups]
+    offsets: np.ndarray  # int64 [batch_size]
+    weights: np.ndarray  # float32 [total lookups], per-sample weights in [0, 1)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Lookups per bag."""
+        return np.diff(np.append(self.offsets, len(self.indices)))
+
+
+@dataclasses.dataclass
+class Batch:
+    """A DLRM input batch: dense features and one TableBatch per table."""
+
+    dense: np.ndarray  # float32 [batch_size, num_dense]
+    tables: list[TableBatch]
+
+    @property
+    def batch_size(self) -> int:
+        """Samples in the batch."""
+        return self.dense.shape[0]
+
+
+def table_batch(table: TableSpec, batch_size: int, seed: int, table_index: int = 0,
+                batch_index: int = 0) -> TableBatch:
+    """One table's lookups for batch_size bags."""
+    lengths = draw_lengths(table.pooling, batch_size, seed, table_index, batch_index)
+    offsets = np.concatenate(([0], np.cumsum(lengths)[:-1])).astype(np.int64)
+    total = int(lengths.sum())
+    indices = draw_indices(table, total, seed, table_index, batch_index)
+    weights = stream(seed, _WEIGHTS, table_index, batch_index).random(total, dtype=np.float32)
+    return TableBatch(indices=indices, offsets=offsets, weights=weights)
+
+
+def dense_features(num_dense: int, batch_size: int, seed: int, batch_index: int = 0) -> np.ndarray:
+    """Dense features shaped like preprocessed Criteo ones: log(1 + count), count >= 0."""
+    rng = stream(seed, _DENSE, batch_index)
+    counts = rng.geometric(0.05, size=(batch_size, num_dense)) - 1
+    return np.log1p(counts).astype(np.float32)
+
+
+def make_batch(workload: WorkloadSpec, seed: int, batch_index: int = 0,
+               batch_size: int | None = None) -> Batch:
+    """A whole DLRM batch for the workload; same (seed, batch_index), same batch."""
+    size = batch_size or workload.batch_size
+    return Batch(
+        dense=dense_features(workload.num_dense, size, seed, batch_index),
+        tables=[table_batch(table, size, seed, index, batch_index)
+                for index, table in enumerate(workload.tables)],
+    )
+
+
+def label_stream(seed: int, batch_index: int) -> np.random.Generator:
+    """The generator that draws teacher labels for one batch."""
+    return stream(seed, _LABELS, batch_index)
