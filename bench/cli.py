@@ -14,6 +14,7 @@ from typing import Optional
 from bench import devices, registry
 from bench.schema import SchemaError
 from bench.timing import TimingPolicy
+from workloads.criteo import CriteoFormatError
 from workloads.specs import IndexDistribution, PoolingDistribution, SpecError
 
 EXIT_USAGE = 2
@@ -63,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rows", type=int, default=1_000_000, help="synthetic: rows per table")
     parser.add_argument("--dim", type=int, default=64, help="synthetic: embedding dim")
     parser.add_argument("--pooling", default="32",
-                        help="synthetic: lookups per bag, N or uniform|normal|lognormal:MEAN,SPREAD")
+                        help="synthetic: lookups per bag: N or uniform|normal|lognormal:MEAN,SD")
     parser.add_argument("--num-tables", type=int, default=8, help="synthetic: number of tables")
     parser.add_argument("--sls-modes", help="sum,mean,weighted (default: all)")
     parser.add_argument("--fc-layers", help="linear,bottom_mlp,top_mlp (default: all)")
@@ -75,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default="results", help="output directory (default: results/)")
     parser.add_argument("--run-id", help="name of the run directory (default: timestamp)")
     parser.add_argument("--resume", metavar="RUN_DIR",
-                        help="finish an interrupted run: re-read its arguments, run what is missing")
+                        help="finish an interrupted run: re-read its arguments, run the rest")
     parser.add_argument("--no-report", action="store_true", help="skip the HTML report")
     return parser
 
@@ -103,7 +104,7 @@ def resolve_workloads(args) -> list:
         elif name.startswith("criteo:"):
             from workloads.criteo_workload import criteo_workload
 
-            spec = criteo_workload(name.partition(":")[2], args.max_rows)
+            spec = criteo_workload(name.partition(":")[2])
         else:
             spec = presets.preset(name)
         max_rows = args.max_rows
@@ -240,7 +241,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
             return subcommands.dispatch(argv[0], argv[1:])
         return sweep(argv)
-    except (UsageError, SpecError, devices.DeviceError, SchemaError) as error:
+    except (UsageError, SpecError, devices.DeviceError, SchemaError, CriteoFormatError) as error:
         print(f"run_bench.py: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -138,7 +138,8 @@ def read_rows(path: Path) -> list[ResultRow]:
         reader = csv.DictReader(handle)
         missing = set(COLUMNS) - set(reader.fieldnames or ())
         if reader.fieldnames is None or "schema_version" in missing or "op" in missing:
-            raise SchemaError(f"{path}: not a dlrm-bench results CSV (header lacks op/schema_version)")
+            raise SchemaError(
+                f"{path}: not a dlrm-bench results CSV (header lacks op/schema_version)")
         rows = []
         for record in reader:
             if None in record.values() or record.get("timestamp") is None:

@@ -39,7 +39,7 @@ def plan(ops: Iterable[str], workloads: Iterable[WorkloadSpec], precisions: Iter
          device_list: Iterable[str], isa_levels: Iterable[str], thread_counts: Iterable[int],
          seed: int, options: Optional[dict] = None,
          impl_filter: Optional[set[str]] = None) -> list[PlannedTask]:
-    """The cross product of the choices, grouped so one worker serves each (device, isa, threads)."""
+    """The cross product of the choices, ordered so one worker serves each group."""
     options = options or {}
     workloads, precisions = list(workloads), list(precisions)
     all_ops = registry.ops()
@@ -216,44 +216,52 @@ class WorkerGroup:
             self.process.wait()
 
 
+def _run_once(batch: list[Task], run_id: str, policy: TimingPolicy, log_path: Path,
+              task_timeout_s: float, on_row: Callable[[ResultRow], None],
+              describe: Optional[Callable[[Task], None]]) -> list[Task]:
+    """Run batch in one worker; returns the tasks left unrun if the worker crashed."""
+    from bench.worker import base_row
+
+    finished: set[int] = set()
+
+    def record(index: int, row: ResultRow) -> None:
+        finished.add(index)
+        on_row(row)
+
+    def started(index: int) -> None:
+        if describe:
+            describe(batch[index])
+
+    try:
+        WorkerGroup(batch, run_id, policy, log_path, task_timeout_s).run(record, started)
+        return []
+    except WorkerCrash as crash:
+        index, reason = crash.args
+        failed = max(index, 0)  # a crash before the first task blames the first task
+        row = base_row(batch[failed], run_id)
+        row.status, row.error = STATUS_ERROR, reason
+        record(failed, row)
+        return [task for position, task in enumerate(batch) if position not in finished]
+
+
 def run_tasks(tasks: list[Task], run_id: str, policy: TimingPolicy, writer: ResultsWriter,
               log_path: Path, task_timeout_s: float,
               progress: Optional[Callable[[ResultRow], None]] = None,
               describe: Optional[Callable[[Task], None]] = None) -> list[ResultRow]:
     """Run tasks grouped by worker; a crash turns its task into an error row and restarts."""
-    from bench.worker import base_row
-
     rows: list[ResultRow] = []
+
+    def on_row(row: ResultRow) -> None:
+        writer.write(row)  # flushed at once: a later crash cannot lose it
+        rows.append(row)
+        if progress:
+            progress(row)
+
     groups: dict[tuple, list[Task]] = {}
     for task in tasks:
         groups.setdefault(task.group(), []).append(task)
-    for group_tasks in groups.values():
-        remaining = group_tasks
+    for remaining in groups.values():
         while remaining:
-            finished: set[int] = set()
-            batch = remaining
-
-            def on_row(index: int, row: ResultRow) -> None:
-                writer.write(row)
-                rows.append(row)
-                finished.add(index)
-                if progress:
-                    progress(row)
-
-            def on_start(index: int) -> None:
-                if describe:
-                    describe(batch[index])
-
-            group = WorkerGroup(batch, run_id, policy, log_path, task_timeout_s)
-            try:
-                group.run(on_row, on_start)
-                remaining = []
-            except WorkerCrash as crash:
-                index, reason = crash.args
-                failed = index if index >= 0 else 0
-                row = base_row(batch[failed], run_id)
-                row.status, row.error = STATUS_ERROR, reason
-                on_row(failed, row)
-                remaining = [task for position, task in enumerate(batch)
-                             if position not in finished]
+            remaining = _run_once(remaining, run_id, policy, log_path, task_timeout_s, on_row,
+                                  describe)
     return rows

@@ -120,6 +120,15 @@ def table_batch(table: TableSpec, batch_size: int, seed: int, table_index: int =
     return TableBatch(indices=indices, offsets=offsets, weights=weights)
 
 
+def make_table_batch(workload: WorkloadSpec, table_index: int, seed: int, batch_index: int = 0,
+                     batch_size: int | None = None) -> TableBatch:
+    """One table's lookups of a workload's batch (from its data file when it has one)."""
+    size = batch_size or workload.batch_size
+    if workload.data_path:
+        return make_batch(workload, seed, batch_index, size).tables[table_index]
+    return table_batch(workload.tables[table_index], size, seed, table_index, batch_index)
+
+
 def dense_features(num_dense: int, batch_size: int, seed: int, batch_index: int = 0) -> np.ndarray:
     """Dense features shaped like preprocessed Criteo ones: log(1 + count), count >= 0."""
     rng = stream(seed, _DENSE, batch_index)
@@ -131,6 +140,10 @@ def make_batch(workload: WorkloadSpec, seed: int, batch_index: int = 0,
                batch_size: int | None = None) -> Batch:
     """A whole DLRM batch for the workload; same (seed, batch_index), same batch."""
     size = batch_size or workload.batch_size
+    if workload.data_path:
+        from workloads.criteo_workload import file_batch
+
+        return file_batch(workload, seed, batch_index, size)
     return Batch(
         dense=dense_features(workload.num_dense, size, seed, batch_index),
         tables=[table_batch(table, size, seed, index, batch_index)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-from workloads.specs import IndexDistribution, PoolingDistribution, SpecError, TableSpec, WorkloadSpec
+from workloads.specs import (IndexDistribution, PoolingDistribution, SpecError, TableSpec,
+                             WorkloadSpec)
 
 # Criteo Kaggle (Display Advertising Challenge) table cardinalities, C1..C26.
 KAGGLE_ROWS = (

@@ -30,7 +30,7 @@ class IndexDistribution:
 
     def __post_init__(self):
         _require(self.kind in INDEX_DISTRIBUTIONS,
-                 f"index distribution {self.kind!r}: choose one of {', '.join(INDEX_DISTRIBUTIONS)}")
+                 f"index distribution {self.kind!r}: choose {', '.join(INDEX_DISTRIBUTIONS)}")
         if self.kind == "zipf":
             _require(self.alpha > 0, f"zipf alpha must be > 0, got {self.alpha}")
 
@@ -127,6 +127,7 @@ class WorkloadSpec:
     batch_size: int = 2048
     description: str = ""
     source: str = ""  # where the shapes come from
+    data_path: str = ""  # a Criteo file that supplies the inputs instead of the generators
 
     def __post_init__(self):
         _require(bool(self.name), "workload name must not be empty")
@@ -187,7 +188,8 @@ class WorkloadSpec:
             return self
         _require(max_rows >= 1, f"--max-rows must be >= 1, got {max_rows}")
         tables = tuple(
-            dataclasses.replace(table, rows=max_rows, original_rows=table.original_rows or table.rows)
+            dataclasses.replace(table, rows=max_rows,
+                                original_rows=table.original_rows or table.rows)
             if table.rows > max_rows else table
             for table in self.tables
         )
@@ -197,7 +199,8 @@ class WorkloadSpec:
         """Same workload with every table drawing indices from another distribution."""
         if distribution is None:
             return self
-        tables = tuple(dataclasses.replace(table, distribution=distribution) for table in self.tables)
+        tables = tuple(dataclasses.replace(table, distribution=distribution)
+                       for table in self.tables)
         return dataclasses.replace(self, tables=tables)
 
     def capped_tables(self) -> int:
@@ -217,6 +220,7 @@ class WorkloadSpec:
             "top_mlp": list(self.top_mlp),
             "interaction": self.interaction,
             "capped_tables": self.capped_tables(),
+            "data_path": self.data_path,
         }
 
     def key(self) -> str:

@@ -41,7 +41,8 @@ class QuantizedEmbeddings(nn.Module):
             starts = np.concatenate(([0], np.cumsum([weight.shape[0] for weight in weights])[:-1]))
             self.row_starts = torch.as_tensor(starts, dtype=torch.int64)
         else:
-            self.tables = [PooledTable(weight, precision, torch.device("cpu")) for weight in weights]
+            cpu = torch.device("cpu")
+            self.tables = [PooledTable(weight, precision, cpu) for weight in weights]
         self.num_tables = len(weights)
 
     def forward(self, indices, offsets) -> torch.Tensor:

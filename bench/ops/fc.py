@@ -74,7 +74,8 @@ def build_fc(context: BuildContext) -> Prepared:
         stream(context.seed, 100).standard_normal((batch, width_in), dtype="float32"))
     inputs = activations.to(device=device, dtype=input_dtype(context.precision))
     reference64 = copy.deepcopy(reference_module).double()
-    weights = sum(layer.weight.numel() for layer in reference_module if isinstance(layer, nn.Linear))
+    weights = sum(layer.weight.numel() for layer in reference_module
+                  if isinstance(layer, nn.Linear))
     widths_all = (width_in,) + tuple(widths)
     value_bytes = BYTES_PER_VALUE[context.precision]
     # int8 dynamic quantization keeps fp32 activations at the module boundary.

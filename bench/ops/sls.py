@@ -8,7 +8,7 @@ import torch
 from bench.ops.common import (BYTES_PER_VALUE, FLOAT_DTYPES, PooledTable, as_tensors,
                               lookup_bytes, reference_lookup, table_weight)
 from bench.registry import BuildContext, Op, Prepared, impl, register_op
-from workloads.generators import make_batch, table_batch
+from workloads.generators import make_batch, make_table_batch
 
 ALL_PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
 SLS_MODES = ("sum", "mean", "weighted")
@@ -42,7 +42,7 @@ def build_sls(context: BuildContext) -> Prepared:
     pool_mode = "sum" if weighted else mode
     weight = table_weight(table, context.seed, table_index)
     pooled = PooledTable(weight, context.precision, device)
-    batch = table_batch(table, workload.batch_size, context.seed, table_index)
+    batch = make_table_batch(workload, table_index, context.seed)
     indices, offsets, weights = as_tensors(batch, device)
     weights = weights if weighted else None
     lookups, bags = indices.numel(), offsets.numel()
