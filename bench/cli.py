@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sls-modes", help="sum,mean,weighted (default: all)")
     parser.add_argument("--fc-layers", help="linear,bottom_mlp,top_mlp (default: all)")
     parser.add_argument("--membw-sizes", help="bandwidth probe buffer sizes in bytes")
+    parser.add_argument("--tt-tables", type=int, default=0,
+                        help="TT-Rec: compress the K largest tables in dlrm_infer/dlrm_train")
+    parser.add_argument("--tt-rank", help="TT-Rec ranks to sweep (tt_sls and TT models), e.g. 8,16")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--min-run-time", type=float, help="seconds of timing per configuration")
     parser.add_argument("--task-timeout", type=float, default=900.0,
@@ -148,6 +151,15 @@ def _options(args) -> dict:
         options["sls_modes"] = split(args.sls_modes)
     if args.fc_layers:
         options["fc_layers"] = split(args.fc_layers)
+    if args.tt_tables < 0:
+        raise UsageError(f"--tt-tables must be >= 0, got {args.tt_tables}")
+    if args.tt_tables:
+        options["tt_tables"] = args.tt_tables
+    if args.tt_rank:
+        try:
+            options["tt_ranks"] = [int(value) for value in split(args.tt_rank)]
+        except ValueError:
+            raise UsageError(f"--tt-rank {args.tt_rank!r}: give whole numbers, e.g. 8,16") from None
     if args.membw_sizes:
         options["membw_sizes"] = [int(value) for value in split(args.membw_sizes)]
     return options

@@ -106,6 +106,14 @@ class PerTableEmbeddings(nn.Module):
         return torch.stack([bag(table_indices, table_offsets) for bag, table_indices,
                             table_offsets in zip(self.bags, indices, offsets)], dim=1)
 
+    def table_weights(self) -> list[torch.Tensor]:
+        """Each table's weights."""
+        return [bag.weight.detach() for bag in self.bags]
+
+    def reference_pooled(self, indices, offsets) -> torch.Tensor:
+        """Float64 pooled lookups [B, T, D] of the current weights."""
+        return _reference_pooled(self.table_weights(), indices, offsets)
+
 
 class BatchedEmbeddings(nn.Module):
     """All tables concatenated into one EmbeddingBag, looked up in one call."""
@@ -129,6 +137,100 @@ class BatchedEmbeddings(nn.Module):
         bag_starts = (torch.stack(offsets) + lookup_starts.to(shifted.device).unsqueeze(1))
         pooled = self.bag(shifted, bag_starts.flatten())
         return pooled.view(self.num_tables, -1, pooled.shape[-1]).transpose(0, 1)
+
+    def table_weights(self) -> list[torch.Tensor]:
+        """Each table's weights (views into the concatenated table)."""
+        sizes = torch.diff(self.row_starts, append=self.row_starts.new_tensor(
+            [self.bag.weight.shape[0]])).tolist()
+        return list(self.bag.weight.detach().split(sizes))
+
+    def reference_pooled(self, indices, offsets) -> torch.Tensor:
+        """Float64 pooled lookups [B, T, D] of the current weights."""
+        return _reference_pooled(self.table_weights(), indices, offsets)
+
+
+class TTMixedEmbeddings(nn.Module):
+    """TT-Rec: the largest tables as tensor-train bags with a hot-row cache, the rest dense."""
+
+    def __init__(self, workload: WorkloadSpec, weights: list[torch.Tensor], tt_tables: int,
+                 rank: int, layout: str, sparse: bool, seed: int, cache_fraction: float = 0.1):
+        super().__init__()
+        from bench.ttrec import TTEmbeddingBag
+
+        order = sorted(range(len(weights)), key=lambda index: -weights[index].shape[0])
+        self.tt_positions = sorted(order[:tt_tables])
+        self.dense_positions = [index for index in range(len(weights))
+                                if index not in self.tt_positions]
+        self.tt = nn.ModuleList(
+            TTEmbeddingBag(weights[index].shape[0], weights[index].shape[1], rank=rank,
+                           cache_fraction=cache_fraction, cache_policy="lfu",
+                           seed=seed * 1_000_003 + index, validate_indices=False,
+                           sparse_cache_gradient=sparse)
+            for index in self.tt_positions)
+        self.dense = (EMBEDDINGS[layout]([weights[index] for index in self.dense_positions], sparse)
+                      if self.dense_positions else None)
+
+    def warm_up(self, indices: list[torch.Tensor]) -> None:
+        """Count row frequencies of one batch for the LFU caches."""
+        for module, position in zip(self.tt, self.tt_positions):
+            module.warm_up_cache(indices[position])
+
+    def populate(self) -> None:
+        """Fill every TT table's cache with its most frequent rows."""
+        for module in self.tt:
+            module.populate_cache()
+
+    def _assemble(self, tt_parts, dense_part) -> torch.Tensor:
+        parts = [None] * (len(self.tt_positions) + len(self.dense_positions))
+        for position, part in zip(self.tt_positions, tt_parts):
+            parts[position] = part
+        for slot, position in enumerate(self.dense_positions):
+            parts[position] = dense_part[:, slot]
+        return torch.stack(parts, dim=1)
+
+    def forward(self, indices, offsets) -> torch.Tensor:
+        """Per-table inputs -> [B, T, D] in the workload's table order."""
+        tt_parts = [module(indices[position], offsets[position])
+                    for module, position in zip(self.tt, self.tt_positions)]
+        dense_part = (self.dense([indices[p] for p in self.dense_positions],
+                                 [offsets[p] for p in self.dense_positions])
+                      if self.dense is not None else None)
+        return self._assemble(tt_parts, dense_part)
+
+    def reference_pooled(self, indices, offsets) -> torch.Tensor:
+        """Float64 pooled lookups: TT rows from the cores, dense rows from the tables."""
+        from bench.ops.ttrec import tt_reference
+
+        tt_parts = [tt_reference(module, indices[position], offsets[position], None)
+                    for module, position in zip(self.tt, self.tt_positions)]
+        dense_part = (self.dense.reference_pooled([indices[p] for p in self.dense_positions],
+                                                  [offsets[p] for p in self.dense_positions])
+                      if self.dense is not None else None)
+        return self._assemble(tt_parts, dense_part)
+
+    def memory(self) -> dict:
+        """Bytes of the TT cores, their caches and the dense tables."""
+        tt_bytes = sum(module.tt_bytes for module in self.tt)
+        cache_bytes = sum(module.cache_bytes for module in self.tt)
+        dense_bytes = (sum(weight.numel() * weight.element_size()
+                           for weight in self.dense.table_weights()) if self.dense else 0)
+        replaced = sum(module.dense_bytes for module in self.tt)
+        return {"tt_bytes": tt_bytes, "cache_bytes": cache_bytes, "dense_table_bytes": dense_bytes,
+                "embedding_bytes_uncompressed": replaced + dense_bytes,
+                "embedding_bytes": tt_bytes + cache_bytes + dense_bytes}
+
+    def hit_rate(self) -> float:
+        """Cache hits over lookups across the TT tables."""
+        lookups = sum(module.lookups for module in self.tt)
+        return sum(module.hits for module in self.tt) / lookups if lookups else 0.0
+
+
+def _reference_pooled(weights, indices, offsets) -> torch.Tensor:
+    from bench.ops.common import reference_lookup
+
+    return torch.stack([reference_lookup(weight, table_indices, table_offsets, "sum", None)
+                        for weight, table_indices, table_offsets
+                        in zip(weights, indices, offsets)], dim=1)
 
 
 EMBEDDINGS = {"per_table": PerTableEmbeddings, "batched": BatchedEmbeddings}
@@ -163,13 +265,18 @@ def top_input_width(workload: WorkloadSpec) -> int:
 
 
 def build_dlrm(workload: WorkloadSpec, seed: int, embeddings: str = "batched",
-               sparse: bool = True) -> DLRM:
-    """A seeded fp32 DLRM for the workload with the chosen embedding layout."""
+               sparse: bool = True, tt_tables: int = 0, tt_rank: int = 16) -> DLRM:
+    """A seeded fp32 DLRM; with tt_tables > 0 the largest tables are TT-Rec compressed."""
     weights = [table_weight(table, seed, index) for index, table in enumerate(workload.tables)]
+    if tt_tables > 0:
+        embedding_module = TTMixedEmbeddings(workload, weights, tt_tables, tt_rank, embeddings,
+                                             sparse, seed)
+    else:
+        embedding_module = EMBEDDINGS[embeddings](weights, sparse)
     return DLRM(
         workload,
         bottom=mlp(workload.num_dense, workload.bottom_mlp, final_relu=True, seed=seed),
-        embeddings=EMBEDDINGS[embeddings](weights, sparse),
+        embeddings=embedding_module,
         interaction=interaction_module(workload, seed),
         top=mlp(top_input_width(workload), workload.top_mlp, final_relu=False, seed=seed + 1),
     )

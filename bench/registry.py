@@ -112,7 +112,7 @@ def impl(op: str, name: str, precisions: tuple[str, ...], baseline: bool = False
 
 def load_all() -> None:
     """Import every op module so their registrations run."""
-    from bench.ops import ceilings, dlrm, fc, interaction, sls  # noqa: F401
+    from bench.ops import ceilings, dlrm, fc, interaction, sls, ttrec  # noqa: F401
 
 
 def ops() -> dict[str, Op]:

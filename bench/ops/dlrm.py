@@ -11,11 +11,11 @@ from torch import nn
 
 from bench import quality
 from bench.model import DLRM, batch_tensors, build_dlrm, flops_per_sample, parameter_bytes
-from bench.ops.common import (BYTES_PER_VALUE, FLOAT_DTYPES, ROW_OVERHEAD_BYTES, PooledTable,
-                              reference_lookup)
+from bench.ops.common import (BYTES_PER_VALUE, FLOAT_DTYPES, ROW_OVERHEAD_BYTES, PooledTable)
 from bench.ops.fc import at_precision, input_dtype
 from bench.registry import BuildContext, Op, Prepared, Unsupported, impl, register_op
-from bench.teacher import evaluation_set, label_batches, teacher_model
+from bench.teacher import calibrate, evaluation_set, label_batches, teacher_model
+from workloads.generators import make_batch
 
 # Quantized whole-model inference compounds int8 activation rounding over every layer; these
 # bounds on the logits' relative error still catch a broken kernel (which gives about 1).
@@ -24,10 +24,20 @@ EVAL_BATCHES = 8  # 8 x 2048 = 16384 teacher-labelled samples per accuracy measu
 LEARNING_RATE = 0.1  # the DLRM Kaggle config's SGD rate
 TRAIN_BATCH_INDEX = 0
 
-register_op(Op("dlrm_infer", "whole-model inference: logits for one batch",
-               lambda workload, options: [{}]))
+TT_WARM_UP_BATCHES = 4  # batches whose row counts populate the TT-Rec LFU caches
+
+
+def _model_variants(workload, options) -> list[dict]:
+    """Dense tables, or with --tt-tables K one variant per TT rank."""
+    tt_tables = options.get("tt_tables") or 0
+    if not tt_tables:
+        return [{}]
+    return [{"tt_tables": tt_tables, "tt_rank": rank} for rank in options.get("tt_ranks") or [16]]
+
+
+register_op(Op("dlrm_infer", "whole-model inference: logits for one batch", _model_variants))
 register_op(Op("dlrm_train", "one training step: forward, BCE loss, backward and SGD update",
-               lambda workload, options: [{}]))
+               _model_variants))
 
 
 class QuantizedEmbeddings(nn.Module):
@@ -65,26 +75,15 @@ def model_at_precision(model: DLRM, precision: str, layout: str, device: torch.d
         raise Unsupported(f"{precision} DLRM inference uses CPU-only quantized kernels")
     return DLRM(model.workload,
                 bottom=at_precision(model.bottom, "int8", device),
-                embeddings=QuantizedEmbeddings(_embedding_weights(model), precision, layout),
+                embeddings=QuantizedEmbeddings(model.embeddings.table_weights(), precision,
+                                               layout),
                 interaction=copy.deepcopy(model.interaction),
                 top=at_precision(model.top, "int8", device))
 
 
-def _embedding_weights(model: DLRM) -> list[torch.Tensor]:
-    """Each table's fp32 weights, whatever the embedding layout."""
-    embeddings = model.embeddings
-    if hasattr(embeddings, "bags"):
-        return [bag.weight.detach() for bag in embeddings.bags]
-    rows = [table.rows for table in model.workload.tables]
-    return list(embeddings.bag.weight.detach().split(rows))
-
-
 def reference_logits(model: DLRM, dense, indices, offsets) -> torch.Tensor:
     """Float64 logits of an fp32 DLRM, widening only the embedding rows the batch uses."""
-    weights = _embedding_weights(model)
-    pooled = torch.stack([reference_lookup(weight, table_indices, table_offsets, "sum", None)
-                          for weight, table_indices, table_offsets
-                          in zip(weights, indices, offsets)], dim=1)
+    pooled = model.embeddings.reference_pooled(indices, offsets)
     bottom64 = copy.deepcopy(model.bottom).to("cpu", torch.float64)
     top64 = copy.deepcopy(model.top).to("cpu", torch.float64)
     interaction64 = copy.deepcopy(model.interaction).to("cpu", torch.float64)
@@ -92,6 +91,41 @@ def reference_logits(model: DLRM, dense, indices, offsets) -> torch.Tensor:
         bottom = bottom64(dense.cpu().double())
         features = torch.cat([bottom.unsqueeze(1), pooled], dim=1)
         return top64(interaction64(bottom, features)).squeeze(1)
+
+
+def _tt_settings(context: BuildContext) -> dict:
+    """build_dlrm arguments for the variant's TT tables (none for dense variants)."""
+    if not context.variant.get("tt_tables"):
+        return {}
+    if context.precision not in ("fp32", "fp16", "bf16"):
+        raise Unsupported(f"TT-Rec tables have no {context.precision} form here")
+    return {"tt_tables": context.variant["tt_tables"], "tt_rank": context.variant["tt_rank"]}
+
+
+def warm_up_tt(model: DLRM, workload, seed: int) -> None:
+    """Count row frequencies on a few batches and populate the TT-Rec caches (no-op if dense)."""
+    if not hasattr(model.embeddings, "populate"):
+        return
+    for batch_index in range(1, TT_WARM_UP_BATCHES + 1):
+        batch = make_batch(workload, seed, batch_index)
+        model.embeddings.warm_up([torch.from_numpy(table.indices) for table in batch.tables])
+    model.embeddings.populate()
+
+
+def _tt_metrics(model: DLRM) -> dict:
+    """TT-Rec memory and cache figures of a model (empty for dense tables)."""
+    embeddings = model.embeddings
+    if not hasattr(embeddings, "memory"):
+        return {}
+    memory = embeddings.memory()
+    mlp_bytes = sum(parameter.numel() * parameter.element_size()
+                    for name, parameter in model.named_parameters()
+                    if not name.startswith("embeddings"))
+    return {**memory, "tt_hit_rate": embeddings.hit_rate(),
+            "embedding_compression": memory["embedding_bytes_uncompressed"]
+            / memory["embedding_bytes"],
+            "model_compression": (memory["embedding_bytes_uncompressed"] + mlp_bytes)
+            / (memory["embedding_bytes"] + mlp_bytes)}
 
 
 def _precision_params(precision: str) -> dict:
@@ -114,7 +148,14 @@ def _predict(model: nn.Module, labelled, precision: str, device: torch.device) -
 def build_infer(context: BuildContext, layout: str) -> Prepared:
     """Inference of the calibrated teacher DLRM at a precision, plus its accuracy effects."""
     workload, device, precision = context.workload, context.device, context.precision
-    fp32_model = teacher_model(workload, context.seed, embeddings=layout)
+    tt = _tt_settings(context)
+    if tt:
+        # A TT model is a different function from the dense teacher: calibrate it alone.
+        fp32_model = build_dlrm(workload, context.seed, embeddings=layout, sparse=False, **tt)
+        warm_up_tt(fp32_model, workload, context.seed)
+        fp32_model = calibrate(fp32_model, workload, context.seed)
+    else:
+        fp32_model = teacher_model(workload, context.seed, embeddings=layout)
     model = model_at_precision(fp32_model, precision, layout, device).eval()
     batch = label_batches(fp32_model, workload, context.seed, [TRAIN_BATCH_INDEX],
                           workload.batch_size)[0].batch
@@ -143,10 +184,12 @@ def build_infer(context: BuildContext, layout: str) -> Prepared:
         samples=batch_size,
         flops=batch_size * flops_per_sample(workload),
         bytes_moved=_inference_bytes(workload, model, precision),
-        params={"layout": layout, **_precision_params(precision)},
-        metrics={"model_bytes": _model_bytes(model)},
+        params={"layout": layout, **_precision_params(precision), **tt},
+        metrics={"model_bytes": _model_bytes(model), **_tt_metrics(model)},
         tolerance=WHOLE_MODEL_TOLERANCE.get(precision),
-        accuracy=accuracy,
+        # A TT model is not the teacher, so its accuracy is measured after training
+        # (the TT-Rec study), not here.
+        accuracy=None if tt else accuracy,
     )
 
 
@@ -217,7 +260,9 @@ def build_train(context: BuildContext, layout: str) -> Prepared:
     teacher = teacher_model(workload, context.seed)
     labelled = label_batches(teacher, workload, context.seed, [TRAIN_BATCH_INDEX],
                              workload.batch_size)[0]
-    initial = build_dlrm(workload, context.seed + 1, embeddings=layout, sparse=True)
+    tt = _tt_settings(context)
+    initial = build_dlrm(workload, context.seed + 1, embeddings=layout, sparse=True, **tt)
+    warm_up_tt(initial, workload, context.seed)
     student = copy.deepcopy(initial).to(device)
     dense, indices, offsets = batch_tensors(labelled.batch, device)
     labels = torch.from_numpy(labelled.labels).to(device)
@@ -245,7 +290,8 @@ def build_train(context: BuildContext, layout: str) -> Prepared:
         flops=3.0 * batch_size * flops_per_sample(workload),
         bytes_moved=3.0 * _inference_bytes(workload, student, "fp32"),
         params={"layout": layout, "optimizer": "SGD", "lr": LEARNING_RATE,
-                "autocast": precision if autocast_dtype is not None else "none"},
+                "autocast": precision if autocast_dtype is not None else "none", **tt},
+        metrics=_tt_metrics(initial),
     )
 
 

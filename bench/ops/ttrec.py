@@ -1,0 +1,126 @@
+"""TT-Rec lookups (`tt_sls`): a tensor-train embedding bag, cached or not, beside the dense one."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as functional
+
+from bench.ops.common import (BYTES_PER_VALUE, PooledTable, as_tensors, float_dtype, lookup_bytes,
+                              reference_lookup, table_weight)
+from bench.registry import BuildContext, Op, Prepared, Unsupported, impl, register_op
+from bench.ttrec import TTEmbeddingBag, reconstruct_tt_rows
+from workloads.generators import make_table_batch
+
+DEFAULT_RANKS = (16,)
+DEFAULT_CACHE_FRACTION = 0.1
+WARM_UP_BATCHES = 4  # LFU counts frequencies over these batches, then populates the cache
+
+
+def _tt_variants(workload, options) -> list[dict]:
+    return [{"rank": rank} for rank in (options.get("tt_ranks") or DEFAULT_RANKS)]
+
+
+register_op(Op("tt_sls", "TT-Rec tensor-train embedding bag over the workload's largest table "
+                         "(10% LFU hot-row cache, uncached, and the dense table for comparison)",
+               _tt_variants))
+
+
+def tt_reference(module: TTEmbeddingBag, indices, offsets, weights) -> torch.Tensor:
+    """Float64 pooled lookup of the rows the cores define (what a fresh cache also holds)."""
+    cores64 = [core.detach().to("cpu", torch.float64) for core in module.cores]
+    rows, positions = torch.unique(indices.cpu(), return_inverse=True)
+    table64 = reconstruct_tt_rows(cores64, rows, module.row_factors)
+    weights64 = None if weights is None else weights.to("cpu", torch.float64)
+    return functional.embedding_bag(positions, table64, offsets.cpu(), mode="sum",
+                                    per_sample_weights=weights64)
+
+
+def _build_tt(context: BuildContext, cache_policy: str) -> Prepared:
+    workload, device = context.workload, context.device
+    table_index = workload.largest_table()
+    table = workload.tables[table_index]
+    module = TTEmbeddingBag(table.rows, table.dim, rank=context.variant["rank"],
+                            cache_fraction=DEFAULT_CACHE_FRACTION, cache_policy=cache_policy,
+                            dtype=float_dtype(context.precision), device=device,
+                            seed=context.seed, validate_indices=False)
+    if cache_policy == "lfu":
+        # Warm-up batches are drawn after the timed one, as a serving system learns its hot rows.
+        for batch_index in range(1, WARM_UP_BATCHES + 1):
+            warm = make_table_batch(workload, table_index, context.seed, batch_index)
+            module.warm_up_cache(torch.from_numpy(warm.indices).to(device))
+        module.populate_cache()
+    indices, offsets, _ = as_tensors(make_table_batch(workload, table_index, context.seed), device)
+    module.reset_cache_stats()
+    with torch.no_grad():
+        module(indices, offsets)
+    hit_rate = module.hit_rate if module.cache is not None else 0.0
+    value_bytes = BYTES_PER_VALUE[context.precision]
+    lookups, bags = indices.numel(), offsets.numel()
+    ranks = module.ranks
+    # Per reconstructed row: a chain of small matmuls, [prefix x r_k] @ [r_k x d_k+1 r_k+1].
+    flops_per_row, prefix = 0.0, module.dim_factors[0]
+    for core in range(1, module.num_cores):
+        flops_per_row += 2.0 * prefix * ranks[core] * module.dim_factors[core] * ranks[core + 1]
+        prefix *= module.dim_factors[core]
+
+    def run():
+        with torch.no_grad():
+            return module(indices, offsets)
+
+    return Prepared(
+        run=run,
+        reference=lambda: tt_reference(module, indices, offsets, None),
+        samples=bags,
+        flops=lookups * (table.dim + (1 - hit_rate) * flops_per_row),
+        bytes_moved=lookup_bytes(lookups, bags, table.dim, table.dim * value_bytes, value_bytes,
+                                 False),
+        params={"table": table_index, "rows": table.rows, "dim": table.dim,
+                "distribution": table.distribution.label(), "cache": cache_policy,
+                "row_factors": list(module.row_factors), "dim_factors": list(module.dim_factors),
+                "ranks": list(ranks)},
+        metrics={"hit_rate": hit_rate, "tt_parameters": module.tt_parameter_count,
+                 "tt_bytes": module.tt_bytes, "cache_bytes": module.cache_bytes,
+                 "dense_bytes": module.dense_bytes,
+                 "compression": module.dense_bytes / (module.tt_bytes + module.cache_bytes)},
+        flush_between_reps=True,
+    )
+
+
+@impl("tt_sls", "tt_cached", ("fp32", "fp16", "bf16"),
+      description="TT cores + 10% LFU hot-row cache (warm-up counts, then populate)")
+def build_tt_cached(context: BuildContext) -> Prepared:
+    """TT embedding bag with the hot-row cache."""
+    return _build_tt(context, "lfu")
+
+
+@impl("tt_sls", "tt_uncached", ("fp32", "fp16", "bf16"),
+      description="TT cores only: every distinct row reconstructed per batch")
+def build_tt_uncached(context: BuildContext) -> Prepared:
+    """TT embedding bag without a cache."""
+    return _build_tt(context, "none")
+
+
+@impl("tt_sls", "dense", ("fp32", "fp16", "bf16"), baseline=True,
+      description="the uncompressed table (EmbeddingBag), the speed TT-Rec is judged against")
+def build_dense(context: BuildContext) -> Prepared:
+    """Dense EmbeddingBag on the same table and indices."""
+    workload, device = context.workload, context.device
+    table_index = workload.largest_table()
+    table = workload.tables[table_index]
+    if context.precision not in ("fp32", "fp16", "bf16"):
+        raise Unsupported(f"tt_sls compares float tables; {context.precision} is not one")
+    weight = table_weight(table, context.seed, table_index)
+    pooled = PooledTable(weight, context.precision, device)
+    indices, offsets, _ = as_tensors(make_table_batch(workload, table_index, context.seed), device)
+    lookups, bags = indices.numel(), offsets.numel()
+    return Prepared(
+        run=lambda: pooled(indices, offsets),
+        reference=lambda: reference_lookup(weight, indices, offsets, "sum", None),
+        samples=bags, flops=lookups * table.dim,
+        bytes_moved=lookup_bytes(lookups, bags, table.dim, pooled.bytes_per_row,
+                                 BYTES_PER_VALUE[context.precision], False),
+        params={"table": table_index, "rows": table.rows, "dim": table.dim,
+                "distribution": table.distribution.label(), "cache": "n/a"},
+        metrics={"dense_bytes": int(table.rows * pooled.bytes_per_row)},
+        flush_between_reps=True,
+    )
