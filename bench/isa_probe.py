@@ -78,3 +78,34 @@ def effective_isa() -> str:
         "fbgemm": fbgemm_isa(),
     }
     return ";".join(f"{name}={value}" for name, value in parts.items())
+
+
+# What each library must report for a requested level to count as having taken effect.
+# FBGEMM reports nothing, so its knob cannot be verified and is not checked here.
+_EXPECTED = {
+    "sse4": {"aten": ("default",), "mkl": ("SSE4_2",), "onednn_forbid": ("avx512", "amx")},
+    "avx2": {"aten": ("avx2",), "mkl": ("AVX2",), "onednn_forbid": ("avx512", "amx")},
+    "avx512": {"aten": ("avx512",), "mkl": ("AVX-512",),
+               "onednn_forbid": ("amx", "avx512_core_bf16")},
+    "avx512_bf16": {"aten": ("avx512",), "mkl": ("AVX-512",), "onednn": ("avx512_core_bf16",)},
+    "amx": {"aten": ("avx512",), "mkl": ("AVX-512",), "onednn": ("amx",)},
+}
+
+
+def isa_mismatch(level: str, effective: str) -> str:
+    """Why the libraries' reports contradict the requested level ('' when they agree)."""
+    if level not in _EXPECTED or not effective:
+        return ""
+    reported = dict(part.split("=", 1) for part in effective.split(";") if "=" in part)
+    expected = _EXPECTED[level]
+    problems = []
+    if reported.get("aten") not in expected["aten"]:
+        problems.append(f"aten={reported.get('aten')}")
+    if reported.get("mkl") not in expected["mkl"]:
+        problems.append(f"mkl={reported.get('mkl')}")
+    onednn = reported.get("onednn", "")
+    if "onednn" in expected and not any(part in onednn for part in expected["onednn"]):
+        problems.append(f"onednn={onednn}")
+    if any(part in onednn for part in expected.get("onednn_forbid", ())):
+        problems.append(f"onednn={onednn}")
+    return f"requested {level} but " + ", ".join(problems) if problems else ""

@@ -56,6 +56,11 @@ class ResultRow:
     auc: float = math.nan  # dlrm_infer on teacher-labelled data
     logloss: float = math.nan
     ctr_abs_diff: float = math.nan  # mean |predicted CTR - fp32 predicted CTR|
+    cpu_util: float = math.nan  # worker CPU seconds per wall second while timing
+    peak_rss_bytes: float = math.nan  # worker resident-set high-water mark after this row
+    avg_power_w: float = math.nan  # GPU (NVML) or CPU package (RAPL) power while timing
+    energy_j: float = math.nan  # energy over the timed window
+    joules_per_sample: float = math.nan  # avg_power_w x median_s / samples per call
     metrics: str = "{}"  # JSON: other op-specific measurements
     status: str = STATUS_OK
     error: str = ""

@@ -80,6 +80,17 @@ def time_cpu(fn: Callable[[], Any], policy: TimingPolicy, threads: int,
     return samples
 
 
+def time_each_call(fn: Callable[[], Any], count: int) -> list[float]:
+    """Seconds of each of count calls of fn, read from time_cpu's clock (no warm-up, no blocks)."""
+    clock = timeit.default_timer
+    seconds = []
+    for _ in range(count):
+        start = clock()
+        fn()
+        seconds.append(clock() - start)
+    return seconds
+
+
 class _L2Flusher:
     """Writes a buffer larger than the GPU's L2 so each repetition starts with a cold cache."""
 
@@ -121,13 +132,17 @@ def time_cuda(fn: Callable[[], Any], policy: TimingPolicy, device: torch.device,
 
 
 def measure(fn: Callable[[], Any], device: torch.device, policy: TimingPolicy, threads: int,
-            flush_l2: bool = False) -> Summary:
-    """Time fn on its device and summarise the raw repetitions."""
+            flush_l2: bool = False, monitor=None) -> tuple[Summary, Any]:
+    """Time fn on its device; returns the summary and the monitor's telemetry (or None)."""
+    if monitor is not None:
+        monitor.start()
+    started = timeit.default_timer()
     if device.type == "cuda":
         samples = time_cuda(fn, policy, device, flush_l2)
     else:
         samples = time_cpu(fn, policy, threads)
+    telemetry = monitor.stop(timeit.default_timer() - started) if monitor is not None else None
     summary = summarize(samples)
     if not math.isfinite(summary.median_s):
         raise ValueError("timing produced a non-finite median")
-    return summary
+    return summary, telemetry

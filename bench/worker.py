@@ -13,7 +13,7 @@ import warnings
 
 import torch
 
-from bench import devices, isa_probe, registry, timing
+from bench import devices, isa_probe, registry, telemetry, timing
 from bench.ops.common import clear_weight_cache, relative_error
 from bench.registry import BuildContext, Unsupported
 from bench.schema import STATUS_ERROR, STATUS_OK, STATUS_SKIPPED, ResultRow, dumps_compact
@@ -82,8 +82,9 @@ def run_task(task: Task, run_id: str, policy: timing.TimingPolicy,
         row.ctr_abs_diff = quality["ctr_abs_diff"]
         metrics.update(quality.get("metrics", {}))
     try:
-        summary = timing.measure(prepared.run, device, policy, task.threads,
-                                 flush_l2=prepared.flush_between_reps)
+        summary, observed = timing.measure(prepared.run, device, policy, task.threads,
+                                           flush_l2=prepared.flush_between_reps,
+                                           monitor=telemetry.Monitor(task.device))
     except Exception as error:
         return _fail(row, f"timing failed: {type(error).__name__}: {error}")
     row.n_samples = len(summary.samples_s)
@@ -93,6 +94,16 @@ def run_task(task: Task, run_id: str, policy: timing.TimingPolicy,
     row.samples_per_s = prepared.samples / summary.median_s
     row.gbps = prepared.bytes_moved / summary.median_s / 1e9
     row.gflops = prepared.flops / summary.median_s / 1e9 if prepared.flops else math.nan
+    row.cpu_util, row.peak_rss_bytes = observed.cpu_util, observed.peak_rss_bytes
+    row.avg_power_w, row.energy_j = observed.avg_power_w, observed.energy_j
+    row.joules_per_sample = observed.avg_power_w * summary.median_s / prepared.samples
+    if observed.gpu:
+        metrics["gpu"] = observed.gpu
+    if observed.sources:
+        metrics["energy_source"] = ", ".join(observed.sources)
+    mismatch = isa_probe.isa_mismatch(task.isa, isa_effective)
+    if mismatch:
+        metrics["isa_mismatch"] = mismatch
     metrics["noise_iqr_over_median"] = round(summary.iqr_s / summary.median_s, 4)
     metrics["noisy"] = summary.noisy
     row.metrics = dumps_compact(metrics)

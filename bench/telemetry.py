@@ -1,0 +1,149 @@
+"""Telemetry around a measurement: process CPU use and RSS, RAPL energy, NVML GPU samples."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import resource
+import threading
+from pathlib import Path
+from typing import Optional
+
+import psutil
+
+RAPL_ROOT = Path("/sys/class/powercap")
+NVML_INTERVAL_S = 0.01  # NVML updates power about every 10-20 ms on recent GPUs
+
+
+@dataclasses.dataclass
+class Telemetry:
+    """What was observed while one configuration was timed (NaN where unavailable)."""
+
+    cpu_util: float = math.nan  # process CPU seconds / wall seconds (1.0 = one busy core)
+    peak_rss_bytes: float = math.nan  # the worker's resident-set high-water mark so far
+    avg_power_w: float = math.nan
+    energy_j: float = math.nan
+    gpu: dict = dataclasses.field(default_factory=dict)  # NVML averages (clocks, temperature)
+    sources: list = dataclasses.field(default_factory=list)  # where the energy figure came from
+
+
+def _rapl_energy_files() -> list[Path]:
+    """Package-level RAPL counters readable by this user (none in most VMs)."""
+    files = []
+    for zone in sorted(RAPL_ROOT.glob("intel-rapl:*")):
+        if zone.name.count(":") == 1 and (zone / "energy_uj").is_file():
+            try:
+                (zone / "energy_uj").read_text()
+                files.append(zone / "energy_uj")
+            except OSError:
+                continue
+    return files
+
+
+def _read_rapl(files: list[Path]) -> Optional[float]:
+    try:
+        return sum(int(path.read_text()) for path in files) / 1e6
+    except (OSError, ValueError):
+        return None
+
+
+class NvmlSampler(threading.Thread):
+    """Samples one GPU's clocks, power, temperature and memory in the background."""
+
+    def __init__(self, index: int):
+        super().__init__(daemon=True)
+        import pynvml
+
+        self.nvml = pynvml
+        pynvml.nvmlInit()
+        self.handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        self.samples: list[dict] = []
+        self.stopping = threading.Event()
+        self.energy_start_mj = self._energy_mj()
+
+    def _energy_mj(self) -> Optional[float]:
+        try:
+            return float(self.nvml.nvmlDeviceGetTotalEnergyConsumption(self.handle))
+        except self.nvml.NVMLError:  # pre-Volta GPUs have no energy counter
+            return None
+
+    def _sample(self) -> dict:
+        nvml, handle = self.nvml, self.handle
+        return {
+            "sm_clock_mhz": nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_SM),
+            "memory_clock_mhz": nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_MEM),
+            "power_w": nvml.nvmlDeviceGetPowerUsage(handle) / 1e3,
+            "temperature_c": nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU),
+            "memory_used_bytes": nvml.nvmlDeviceGetMemoryInfo(handle).used,
+        }
+
+    def run(self) -> None:
+        """Sample until stopped."""
+        while not self.stopping.is_set():
+            try:
+                self.samples.append(self._sample())
+            except self.nvml.NVMLError:
+                break
+            self.stopping.wait(NVML_INTERVAL_S)
+
+    def finish(self) -> dict:
+        """Stop sampling; averages of the samples and the energy counter's difference."""
+        self.stopping.set()
+        self.join(timeout=1.0)
+        energy_end = self._energy_mj()
+        summary = {}
+        if self.samples:
+            for key in self.samples[0]:
+                summary[key] = sum(sample[key] for sample in self.samples) / len(self.samples)
+            summary["memory_used_max_bytes"] = max(sample["memory_used_bytes"]
+                                                   for sample in self.samples)
+        if energy_end is not None and self.energy_start_mj is not None:
+            summary["energy_j"] = (energy_end - self.energy_start_mj) / 1e3
+        self.nvml.nvmlShutdown()
+        return summary
+
+
+class Monitor:
+    """Brackets a measurement: start() before timing, stop(wall_s) after."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.process = psutil.Process()
+        self.rapl_files = _rapl_energy_files()
+        self.sampler: Optional[NvmlSampler] = None
+
+    def start(self) -> None:
+        """Record starting counters and start GPU sampling where NVML works."""
+        self.cpu_start = sum(self.process.cpu_times()[:2])
+        self.rapl_start = _read_rapl(self.rapl_files) if self.rapl_files else None
+        if self.device.startswith("cuda"):
+            try:
+                self.sampler = NvmlSampler(int(self.device.partition(":")[2] or 0))
+                self.sampler.start()
+            except Exception:  # no NVML (driver missing): GPU telemetry stays empty
+                self.sampler = None
+
+    def stop(self, wall_s: float) -> Telemetry:
+        """Telemetry over the bracketed wall time (measured by bench.timing)."""
+        telemetry = Telemetry()
+        cpu_seconds = sum(self.process.cpu_times()[:2]) - self.cpu_start
+        if wall_s > 0:
+            telemetry.cpu_util = cpu_seconds / wall_s
+        # ru_maxrss is in KiB on Linux.
+        telemetry.peak_rss_bytes = float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                                         * 1024)
+        if self.sampler is not None:
+            telemetry.gpu = self.sampler.finish()
+            if "energy_j" in telemetry.gpu:
+                telemetry.energy_j = telemetry.gpu.pop("energy_j")
+                telemetry.sources.append("nvml energy counter")
+            if "power_w" in telemetry.gpu:
+                telemetry.avg_power_w = telemetry.gpu["power_w"]
+        elif self.rapl_start is not None:
+            end = _read_rapl(self.rapl_files)
+            if end is not None and end >= self.rapl_start:
+                telemetry.energy_j = end - self.rapl_start
+                telemetry.sources.append("rapl package energy")
+        if wall_s > 0 and math.isfinite(telemetry.energy_j) and math.isnan(telemetry.avg_power_w):
+            telemetry.avg_power_w = telemetry.energy_j / wall_s
+        return telemetry
