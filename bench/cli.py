@@ -24,7 +24,7 @@ QUICK_PRECISIONS = "fp32,bf16,int8"
 FULL_PRECISIONS = ",".join(registry.PRECISIONS)
 QUICK_POLICY = TimingPolicy(min_run_time_s=0.2, min_samples=10, max_run_time_s=5.0)
 FULL_POLICY = TimingPolicy(min_run_time_s=1.0, min_samples=20, max_run_time_s=30.0)
-SUBCOMMANDS = ("report", "check", "analyze")
+SUBCOMMANDS = ("report", "check", "analyze", "tt-study")
 
 
 class UsageError(Exception):

@@ -115,6 +115,24 @@ class PerTableEmbeddings(nn.Module):
         return _reference_pooled(self.table_weights(), indices, offsets)
 
 
+def flatten_tables(indices: list[torch.Tensor], offsets: list[torch.Tensor],
+                   row_starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-table inputs as one lookup into concatenated tables: shifted ids, bag starts.
+
+    Bags are table-major, which keeps each table's rows together in memory order
+    (sample-major order was slower on big tables)."""
+    counts = torch.tensor([table_indices.numel() for table_indices in indices])
+    shifted = torch.cat(indices) + torch.repeat_interleave(row_starts, counts.to(row_starts.device))
+    lookup_starts = (torch.cumsum(counts, 0) - counts).to(shifted.device)
+    bag_starts = torch.stack(offsets) + lookup_starts.unsqueeze(1)
+    return shifted, bag_starts.flatten()
+
+
+def _row_starts(weights: list[torch.Tensor]) -> torch.Tensor:
+    starts = np.concatenate(([0], np.cumsum([weight.shape[0] for weight in weights])[:-1]))
+    return torch.as_tensor(starts, dtype=torch.int64)
+
+
 class BatchedEmbeddings(nn.Module):
     """All tables concatenated into one EmbeddingBag, looked up in one call."""
 
@@ -122,20 +140,12 @@ class BatchedEmbeddings(nn.Module):
         super().__init__()
         self.bag = nn.EmbeddingBag.from_pretrained(torch.cat(weights), freeze=False, mode="sum",
                                                    sparse=sparse)
-        starts = np.concatenate(([0], np.cumsum([weight.shape[0] for weight in weights])[:-1]))
-        self.register_buffer("row_starts", torch.as_tensor(starts, dtype=torch.int64),
-                             persistent=False)
+        self.register_buffer("row_starts", _row_starts(weights), persistent=False)
         self.num_tables = len(weights)
 
     def forward(self, indices: list[torch.Tensor], offsets: list[torch.Tensor]) -> torch.Tensor:
-        """Per-table inputs -> [B, T, D]; bags are table-major, which keeps each table's rows
-        together in memory order (sample-major order was slower on big tables)."""
-        counts = torch.tensor([table_indices.numel() for table_indices in indices])
-        shifted = torch.cat(indices) + torch.repeat_interleave(
-            self.row_starts, counts.to(self.row_starts.device))
-        lookup_starts = torch.cumsum(counts, 0) - counts
-        bag_starts = (torch.stack(offsets) + lookup_starts.to(shifted.device).unsqueeze(1))
-        pooled = self.bag(shifted, bag_starts.flatten())
+        """Per-table inputs -> [B, T, D]."""
+        pooled = self.bag(*flatten_tables(indices, offsets, self.row_starts))
         return pooled.view(self.num_tables, -1, pooled.shape[-1]).transpose(0, 1)
 
     def table_weights(self) -> list[torch.Tensor]:
@@ -143,6 +153,63 @@ class BatchedEmbeddings(nn.Module):
         sizes = torch.diff(self.row_starts, append=self.row_starts.new_tensor(
             [self.bag.weight.shape[0]])).tolist()
         return list(self.bag.weight.detach().split(sizes))
+
+    def reference_pooled(self, indices, offsets) -> torch.Tensor:
+        """Float64 pooled lookups [B, T, D] of the current weights."""
+        return _reference_pooled(self.table_weights(), indices, offsets)
+
+
+class _LookupWithSGD(torch.autograd.Function):
+    """Sum-pooled lookup whose backward applies the SGD update to the table in place."""
+
+    @staticmethod
+    def forward(context, anchor, weight, indices, bag_starts, learning_rate):
+        lengths = torch.diff(bag_starts, append=bag_starts.new_tensor([indices.numel()]))
+        context.save_for_backward(indices, torch.repeat_interleave(
+            torch.arange(bag_starts.numel(), device=indices.device), lengths))
+        context.weight, context.learning_rate = weight, learning_rate
+        return torch.nn.functional.embedding_bag(indices, weight, bag_starts, mode="sum")
+
+    @staticmethod
+    def backward(context, grad_output):
+        indices, lookup_bags = context.saved_tensors
+        # Each lookup's gradient is its bag's output gradient; index_add_ accumulates
+        # repeated rows, so this equals a sparse-gradient SGD step without building
+        # (and coalescing) the sparse gradient tensor.
+        context.weight.index_add_(0, indices, grad_output.index_select(0, lookup_bags),
+                                  alpha=-context.learning_rate)
+        return None, None, None, None, None
+
+
+class FusedSGDEmbeddings(nn.Module):
+    """Concatenated tables trained by SGD fused into the backward pass (as FBGEMM's TBE does)."""
+
+    def __init__(self, weights: list[torch.Tensor], learning_rate: float):
+        super().__init__()
+        # A buffer, not a Parameter: the optimizer never sees it; backward updates it.
+        self.register_buffer("weight", torch.cat(weights))
+        self.register_buffer("row_starts", _row_starts(weights), persistent=False)
+        # Autograd only calls backward for inputs that require grad: an empty anchor does.
+        self.anchor = nn.Parameter(torch.zeros(0))
+        self.learning_rate = learning_rate
+        self.num_tables = len(weights)
+
+    def forward(self, indices: list[torch.Tensor], offsets: list[torch.Tensor]) -> torch.Tensor:
+        """Per-table inputs -> [B, T, D]; backward updates the rows it looked up."""
+        shifted, bag_starts = flatten_tables(indices, offsets, self.row_starts)
+        if torch.is_grad_enabled():
+            pooled = _LookupWithSGD.apply(self.anchor, self.weight, shifted, bag_starts,
+                                          self.learning_rate)
+        else:
+            pooled = torch.nn.functional.embedding_bag(shifted, self.weight, bag_starts,
+                                                       mode="sum")
+        return pooled.view(self.num_tables, -1, pooled.shape[-1]).transpose(0, 1)
+
+    def table_weights(self) -> list[torch.Tensor]:
+        """Each table's weights (views into the concatenated table)."""
+        sizes = torch.diff(self.row_starts, append=self.row_starts.new_tensor(
+            [self.weight.shape[0]])).tolist()
+        return list(self.weight.split(sizes))
 
     def reference_pooled(self, indices, offsets) -> torch.Tensor:
         """Float64 pooled lookups [B, T, D] of the current weights."""
@@ -265,10 +332,16 @@ def top_input_width(workload: WorkloadSpec) -> int:
 
 
 def build_dlrm(workload: WorkloadSpec, seed: int, embeddings: str = "batched",
-               sparse: bool = True, tt_tables: int = 0, tt_rank: int = 16) -> DLRM:
-    """A seeded fp32 DLRM; with tt_tables > 0 the largest tables are TT-Rec compressed."""
+               sparse: bool = True, tt_tables: int = 0, tt_rank: int = 16,
+               learning_rate: float = 0.1) -> DLRM:
+    """A seeded fp32 DLRM; with tt_tables > 0 the largest tables are TT-Rec compressed.
+
+    embeddings: per_table, batched, or fused_sgd (batched, updated by SGD inside backward
+    at learning_rate)."""
     weights = [table_weight(table, seed, index) for index, table in enumerate(workload.tables)]
-    if tt_tables > 0:
+    if embeddings == "fused_sgd":
+        embedding_module = FusedSGDEmbeddings(weights, learning_rate)
+    elif tt_tables > 0:
         embedding_module = TTMixedEmbeddings(workload, weights, tt_tables, tt_rank, embeddings,
                                              sparse, seed)
     else:

@@ -1,4 +1,4 @@
-"""Subcommands of run_bench.py that work on finished runs: report, check, analyze."""
+"""Subcommands of run_bench.py beside the sweep: report, check, analyze, tt-study."""
 
 from __future__ import annotations
 
@@ -40,6 +40,14 @@ def analyze(argv: list[str]) -> int:
     return main(argv)
 
 
+def tt_study(argv: list[str]) -> int:
+    """TT-Rec memory/accuracy/time trade-off study (see bench.ttrec.study)."""
+    from bench.ttrec.study import main
+
+    return main(argv)
+
+
 def dispatch(name: str, argv: list[str]) -> int:
     """Run a subcommand by name."""
-    return {"report": report, "check": check, "analyze": analyze}[name](argv)
+    return {"report": report, "check": check, "analyze": analyze,
+            "tt-study": tt_study}[name](argv)

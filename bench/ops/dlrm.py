@@ -245,9 +245,13 @@ def train_step(model: DLRM, optimizer, dense, indices, offsets, labels, autocast
     return logits
 
 
-def _updated_parameters(model: DLRM) -> tuple:
-    """Parameters a step must update correctly: first bottom and last top layer weights."""
-    return (model.bottom[0].weight.detach().clone(), model.top[-1].weight.detach().clone())
+def _after_step(model: DLRM, indices, offsets) -> tuple:
+    """What a step must update correctly: first bottom and last top layer weights, and the
+    pooled embeddings of the batch's rows."""
+    with torch.no_grad():
+        pooled = model.embeddings(indices, offsets).detach().clone()
+    return (model.bottom[0].weight.detach().clone(), model.top[-1].weight.detach().clone(),
+            pooled)
 
 
 def build_train(context: BuildContext, layout: str) -> Prepared:
@@ -261,7 +265,10 @@ def build_train(context: BuildContext, layout: str) -> Prepared:
     labelled = label_batches(teacher, workload, context.seed, [TRAIN_BATCH_INDEX],
                              workload.batch_size)[0]
     tt = _tt_settings(context)
-    initial = build_dlrm(workload, context.seed + 1, embeddings=layout, sparse=True, **tt)
+    if tt and layout == "fused_sgd":
+        raise Unsupported("fused_sgd has no TT-Rec tables; use per_table or batched with TT")
+    initial = build_dlrm(workload, context.seed + 1, embeddings=layout, sparse=True,
+                         learning_rate=LEARNING_RATE, **tt)
     warm_up_tt(initial, workload, context.seed)
     student = copy.deepcopy(initial).to(device)
     dense, indices, offsets = batch_tensors(labelled.batch, device)
@@ -272,14 +279,14 @@ def build_train(context: BuildContext, layout: str) -> Prepared:
         model = copy.deepcopy(initial).to(device)
         logits = train_step(model, torch.optim.SGD(model.parameters(), lr=LEARNING_RATE),
                             dense, indices, offsets, labels, autocast_dtype)
-        return (logits.detach(),) + _updated_parameters(model)
+        return (logits.detach(),) + _after_step(model, indices, offsets)
 
     def reference():
         model = copy.deepcopy(initial).double()
         dense64, indices64, offsets64 = batch_tensors(labelled.batch, torch.device("cpu"))
         logits = train_step(model, torch.optim.SGD(model.parameters(), lr=LEARNING_RATE),
                             dense64.double(), indices64, offsets64, labels.cpu().double())
-        return (logits.detach(),) + _updated_parameters(model)
+        return (logits.detach(),) + _after_step(model, indices64, offsets64)
 
     batch_size = workload.batch_size
     return Prepared(
@@ -307,3 +314,11 @@ def build_train_per_table(context: BuildContext) -> Prepared:
 def build_train_batched(context: BuildContext) -> Prepared:
     """Training step with one batched embedding."""
     return build_train(context, "batched")
+
+
+@impl("dlrm_train", "fused_sgd", ("fp32", "fp16", "bf16", "int8", "int4"),
+      description="one concatenated table whose SGD update is fused into backward "
+                  "(index_add_ of per-lookup gradients; no sparse gradient tensor)")
+def build_train_fused(context: BuildContext) -> Prepared:
+    """Training step with the embedding update fused into backward."""
+    return build_train(context, "fused_sgd")

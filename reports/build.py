@@ -1,0 +1,287 @@
+"""Build a report directory (index.html, summary.md, figure PNGs) from run directories."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import re
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+from reports import plots, tables
+from reports.html import FigureBlock, NoteBlock, Section, TableBlock, render_page
+
+REPORT_TITLE = "dlrm-bench report"
+FIGURE_PREFIX = "fig-"
+EFFICIENCY_COLUMNS = ["device", "isa", "op", "impl", "workload", "precision", "threads",
+                      "batch_size", "intensity", "achieved_gflops", "achieved_gbps",
+                      "attainable_gflops", "roof_precision", "efficiency", "bound"]
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write a file so that readers see the old or the new content, never a partial one."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+
+
+def slug(text: str) -> str:
+    """File-name-safe lower-case text."""
+    return re.sub(r"[^a-z0-9]+", "-", str(text).lower()).strip("-") or "default"
+
+
+def unique_labels(directories: list[Path]) -> list[str]:
+    """Run labels from directory names, numbered where two runs share a name."""
+    labels = []
+    for index, directory in enumerate(directories):
+        label = directory.resolve().name or f"run{index + 1}"
+        labels.append(label if label not in labels else f"{label} ({index + 1})")
+    return labels
+
+
+def figure_block(name: str, caption: str, draw: Callable[[], Figure]) -> FigureBlock | NoteBlock:
+    """Draw one figure, or a note saying why it is absent."""
+    try:
+        figure = draw()
+    except plots.NoData as reason:
+        return NoteBlock(f"Figure skipped ({caption}): {reason}.")
+    except Exception as failure:  # one broken figure must not cost the whole report
+        return NoteBlock(f"Figure failed ({caption}): {type(failure).__name__}: {failure}")
+    return FigureBlock(f"{FIGURE_PREFIX}{name}.png", plots.figure_to_png(figure), caption)
+
+
+def table_or_note(title: str, table: pd.DataFrame, empty_note: str) -> TableBlock | NoteBlock:
+    """The table, or a note when it has no rows."""
+    return TableBlock(title, table) if not table.empty else NoteBlock(empty_note)
+
+
+def run_section(runs: list[tables.Run]) -> Section:
+    """Host facts, arguments and row counts of every run."""
+    blocks = [TableBlock(f"Run {run.label}", tables.run_facts_table(run)) for run in runs]
+    return Section("Runs", "runs", blocks)
+
+
+def summary_section(frame: pd.DataFrame, roofline: pd.DataFrame) -> Section:
+    """Best configuration per op and workload."""
+    summary = tables.summary_table(frame, roofline)
+    return Section("Summary", "summary", [
+        table_or_note("Best configuration per op, workload and device (noise = IQR / median; "
+                      "efficiency against the roofline)", summary, "No measured op rows."),
+    ])
+
+
+def roofline_group_blocks(ceilings: tables.Ceilings, points: pd.DataFrame) -> list:
+    """The figure of one (device, isa) group and a note on rows it cannot place."""
+    name = f"roofline-{slug(ceilings.device)}-{slug(ceilings.isa)}"
+    caption = f"Roofline, device {ceilings.device}, isa {ceilings.isa}"
+    blocks = [figure_block(name, caption, lambda: plots.roofline_figure(ceilings, points))]
+    unplaced = int((~tables.positive_mask(points["intensity"])).sum())
+    if unplaced:
+        blocks.append(NoteBlock(
+            f"{unplaced} row(s) of {ceilings.device}/{ceilings.isa} have no arithmetic "
+            "intensity (no flops by formula): not drawn, efficiency against the memory roof."))
+    return blocks
+
+
+def roofline_section(ceilings_by_group: dict, roofline: pd.DataFrame) -> Section:
+    """Ceilings, roofline figures, efficiency and memory/compute classification."""
+    section = Section("Roofline", "roofline")
+    if not ceilings_by_group:
+        section.blocks.append(NoteBlock(
+            "No machine-ceiling rows (op membw or gemm_peak) in this run: roofline, "
+            "efficiency and memory/compute classification skipped."))
+        return section
+    section.blocks.append(TableBlock("Machine ceilings", tables.ceilings_table(ceilings_by_group)))
+    for key, ceilings in ceilings_by_group.items():
+        points = roofline[(roofline["device"] == key[0]) & (roofline["isa"] == key[1])]
+        if not points.empty:
+            section.blocks += roofline_group_blocks(ceilings, points)
+    section.blocks.append(NoteBlock(
+        "Efficiency = achieved GFLOP/s / min(compute peak, memory roof x intensity). The "
+        "compute peak is the gemm_peak of the row's precision, else the highest peak measured; "
+        "working sets that fit in cache can exceed 100%."))
+    section.blocks.append(table_or_note(
+        "Efficiency per row", tables.sort_report_rows(roofline[EFFICIENCY_COLUMNS]),
+        "No measured op row shares a (device, isa) group with the ceilings."))
+    section.blocks.append(table_or_note(
+        "Memory- or compute-bound (intensity against the ridge point)",
+        tables.classification_table(roofline), "Nothing to classify."))
+    return section
+
+
+def figure_section(title: str, anchor: str, block: FigureBlock | NoteBlock) -> Section:
+    """A section holding a single figure (or its note)."""
+    return Section(title, anchor, [block])
+
+
+def precision_section(frame: pd.DataFrame) -> Section:
+    """Accuracy cost against speed-up for every lower precision."""
+    tradeoffs = tables.precision_tradeoffs(frame)
+    return Section("Precision: error versus speed-up", "precision", [
+        figure_block("precision", "Precision error versus speed-up over fp32",
+                     lambda: plots.precision_figure(tradeoffs)),
+        table_or_note("Lower precisions against the fastest fp32 row of the same configuration",
+                      tradeoffs, "No lower-precision row has a matching fp32 row."),
+    ])
+
+
+def comparison_blocks(first: tables.Run, second: tables.Run) -> list:
+    """Figure, per-op summary and matched rows of one pair of runs."""
+    matched, only_first, only_second = tables.compare_runs(first.frame, second.frame)
+    blocks = [NoteBlock(
+        f"{second.label} against {first.label}: {len(matched)} matched row(s); "
+        f"{only_first} only in {first.label}, {only_second} only in {second.label}. "
+        f"ratio = median_s({second.label}) / median_s({first.label}).")]
+    if first.env.get("fingerprint") != second.env.get("fingerprint"):
+        blocks.append(NoteBlock("The runs have different host fingerprints (hardware or "
+                                "software differ)."))
+    if matched.empty:
+        return blocks
+    if matched["code_changed"].any():
+        blocks.append(NoteBlock("Some matched rows ran different impl code versions "
+                                "(code_changed): their ratios mix code and machine effects."))
+    blocks.append(figure_block(f"compare-{slug(second.label)}",
+                               f"Median time ratio, {second.label} vs {first.label}",
+                               lambda: plots.comparison_figure(matched, first.label,
+                                                               second.label)))
+    blocks.append(TableBlock(f"Per op: {second.label} vs {first.label}",
+                             tables.comparison_summary(matched)))
+    renamed = matched.rename(columns={"median_s_a": f"median_s {first.label}",
+                                      "median_s_b": f"median_s {second.label}"})
+    blocks.append(TableBlock(f"Matched rows: {second.label} vs {first.label}", renamed))
+    return blocks
+
+
+def comparison_section(runs: list[tables.Run]) -> Section:
+    """Every later run against the first one."""
+    section = Section("Comparison across runs", "comparison")
+    if len(runs) < 2:
+        section.blocks.append(NoteBlock("Only one run given: no comparison."))
+    for other in runs[1:]:
+        section.blocks += comparison_blocks(runs[0], other)
+    return section
+
+
+def problems_section(frame: pd.DataFrame) -> Section:
+    """Skipped and failed configurations with their reasons."""
+    return Section("Skipped and failed configurations", "problems", [
+        table_or_note("Rows not measured, by reason", tables.problem_rows_table(frame),
+                      "No skipped or failed rows."),
+    ])
+
+
+def build_sections(runs: list[tables.Run]) -> list[Section]:
+    """All report sections: analysis of the first run, then comparisons with the others."""
+    primary = runs[0]
+    frame = primary.frame
+    ceilings_by_group = tables.group_ceilings(frame, primary.env)
+    roofline = tables.roofline_table(frame, ceilings_by_group)
+    return [
+        run_section(runs),
+        summary_section(frame, roofline),
+        roofline_section(ceilings_by_group, roofline),
+        figure_section("Throughput by precision", "throughput", figure_block(
+            "throughput", "Throughput by precision per op",
+            lambda: plots.throughput_figure(frame))),
+        figure_section("Speed-up by ISA level", "isa", figure_block(
+            "isa-speedup", "Speed-up by ISA level per op", lambda: plots.isa_figure(frame))),
+        figure_section("Latency distribution", "latency", figure_block(
+            "latency", "Latency distribution per op", lambda: plots.latency_figure(frame))),
+        figure_section("Thread scaling", "threads", figure_block(
+            "thread-scaling", "Thread scaling per op", lambda: plots.thread_figure(frame))),
+        precision_section(frame),
+        comparison_section(runs),
+        problems_section(frame),
+    ]
+
+
+def figure_blocks(sections: list[Section]) -> list[FigureBlock]:
+    """Every figure of the report, file names made unique."""
+    figures, seen = [], set()
+    for section in sections:
+        for block in section.blocks:
+            if isinstance(block, FigureBlock):
+                stem, count = block.file_name[:-len(".png")], 2
+                while block.file_name in seen:
+                    block.file_name, count = f"{stem}-{count}.png", count + 1
+                seen.add(block.file_name)
+                figures.append(block)
+    return figures
+
+
+def render_markdown(title: str, subtitle: str, sections: list[Section]) -> str:
+    """summary.md: every table as markdown, notes as quotes, figures as local links."""
+    lines = [f"# {title}", "", subtitle, ""]
+    for section in sections:
+        lines += [f"## {section.title}", ""]
+        for block in section.blocks:
+            if isinstance(block, TableBlock):
+                lines += [f"### {block.title}", "", tables.markdown_table(block.table), ""]
+            elif isinstance(block, NoteBlock):
+                lines += [f"> {block.text}", ""]
+            elif isinstance(block, FigureBlock):
+                lines += [f"![{block.caption}]({block.file_name})", ""]
+    return "\n".join(lines)
+
+
+def remove_stale_figures(report_dir: Path, keep: set[str]) -> None:
+    """Delete figures of an earlier build that this build no longer draws."""
+    for path in report_dir.glob(f"{FIGURE_PREFIX}*.png"):
+        if path.name not in keep:
+            path.unlink()
+
+
+def write_report(report_dir: Path, title: str, subtitle: str, sections: list[Section]) -> None:
+    """Write the figure PNGs, summary.md and index.html (last, so it never points at nothing)."""
+    report_dir.mkdir(parents=True, exist_ok=True)
+    figures = figure_blocks(sections)
+    for block in figures:
+        write_atomic(report_dir / block.file_name, block.png)
+    remove_stale_figures(report_dir, {block.file_name for block in figures})
+    markdown = render_markdown(title, subtitle, sections)
+    write_atomic(report_dir / "summary.md", markdown.encode("utf-8"))
+    page = render_page(title, subtitle, sections)
+    write_atomic(report_dir / "index.html", page.encode("utf-8"))
+
+
+def build_report(run_dirs: list[Path], out_dir: Path | None = None) -> Path:
+    """Build the report of run_dirs[0] (compared with the others); return the report dir."""
+    directories = [Path(directory) for directory in run_dirs]
+    if not directories:
+        raise ValueError("build_report needs at least one run directory")
+    report_dir = Path(out_dir) if out_dir is not None else directories[0] / "report"
+    runs = [tables.load_run(directory, label)
+            for directory, label in zip(directories, unique_labels(directories))]
+    built = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    subtitle = f"Run {runs[0].label}"
+    if len(runs) > 1:
+        subtitle += " compared with " + ", ".join(run.label for run in runs[1:])
+    subtitle += f"; built {built}."
+    write_report(report_dir, REPORT_TITLE, subtitle, build_sections(runs))
+    return report_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: python -m reports.build RUN_DIR [RUN_DIR ...] [--out DIR]."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("run_dirs", nargs="+", type=Path,
+                        help="run directories; the first is analysed, the rest compared to it")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="report directory (default: FIRST_RUN_DIR/report)")
+    arguments = parser.parse_args(argv)
+    print(build_report(arguments.run_dirs, arguments.out))
+
+
+if __name__ == "__main__":
+    main()

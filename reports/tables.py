@@ -1,0 +1,600 @@
+"""Report tables: runs as frames, machine ceilings, roofline efficiency and summaries."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from bench.schema import COLUMNS, STATUS_OK, ResultRow, dumps_compact, read_rows
+
+CEILING_OPS = ("membw", "gemm_peak")
+OP_ORDER = ("sls", "sls_multi", "tt_sls", "interaction", "fc", "dlrm_infer", "dlrm_train")
+PRECISION_ORDER = ("fp32", "bf16", "fp16", "int8", "int4")
+# Lowest to highest; covers ATen capability names and oneDNN max-ISA names (normalised).
+ISA_ORDER = (
+    "scalar", "default", "sse41", "sse4_1", "sse42", "sse4_2", "avx", "avx2", "avx2_vnni",
+    "avx2_vnni_2", "avx512", "avx512_core", "avx512_vnni", "avx512_core_vnni", "avx512_bf16",
+    "avx512_core_bf16", "avx512_fp16", "avx512_core_fp16", "amx", "avx512_core_amx",
+    "avx512_core_amx_fp16", "neon", "sve", "sve2", "all", "native",
+)
+NATIVE_ISA = "native"
+PROBLEM_KEYS = ["workload", "params", "batch_size"]
+MATCH_KEYS = ["op", "impl", "workload", "params", "device", "isa", "threads", "precision",
+              "batch_size"]
+REFERENCE_KEYS = ["op", "workload", "params", "batch_size", "device", "isa", "threads"]
+ENV_FACTS = ("cpu_model", "l1d_bytes", "l2_bytes", "l3_bytes", "torch_version", "fingerprint")
+CACHE_FACTS = ("l3_bytes", "l2_bytes", "l1d_bytes")
+# First metric that every row of a group has decides the group's throughput unit.
+THROUGHPUT_METRICS = (
+    ("samples_per_s", "samples/s"),
+    ("gbps", "GB/s"),
+    ("gflops", "GFLOP/s"),
+    ("calls_per_s", "calls/s"),
+)
+PERCENT_COLUMNS = ("efficiency", "noise")
+# A cache roof this close to the memory roof is measurement noise, not a separate ceiling.
+CACHE_ROOF_MARGIN = 1.05
+COMPARISON_TOLERANCE = 0.05
+_FIELD_TYPES = {field.name: field.type for field in dataclasses.fields(ResultRow)}
+
+
+@dataclasses.dataclass
+class Run:
+    """One run directory: its results as a frame plus its host facts and arguments."""
+
+    directory: Path
+    label: str
+    frame: pd.DataFrame
+    env: dict[str, Any]
+    args: dict[str, Any]
+
+
+@dataclasses.dataclass
+class Ceilings:
+    """Measured machine limits for one (device, isa) group."""
+
+    device: str
+    isa: str
+    memory_gbps: float = math.nan
+    memory_buffer_bytes: float = math.nan
+    cache_gbps: float = math.nan
+    cache_detail: str = ""
+    compute_gflops: dict[str, float] = dataclasses.field(default_factory=dict)
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def has_any(self) -> bool:
+        """Whether at least one roof was measured."""
+        return is_positive(self.memory_gbps) or bool(self.compute_gflops)
+
+    def peak_gflops(self, precision: str) -> tuple[float, str]:
+        """Compute roof for a precision: its own peak, else the highest one (never overstates)."""
+        if precision in self.compute_gflops:
+            return self.compute_gflops[precision], precision
+        if not self.compute_gflops:
+            return math.nan, ""
+        best = max(self.compute_gflops, key=self.compute_gflops.__getitem__)
+        return self.compute_gflops[best], best
+
+    def attainable_gflops(self, intensity: float, precision: str) -> float:
+        """The roofline at an arithmetic intensity: min(compute peak, bandwidth * intensity)."""
+        peak, _ = self.peak_gflops(precision)
+        limits = [peak, self.memory_gbps * intensity]
+        finite_limits = [limit for limit in limits if is_positive(limit)]
+        return min(finite_limits) if finite_limits else math.nan
+
+    def ridge_point(self, precision: str) -> float:
+        """Intensity (FLOP/byte) where the memory roof meets the compute roof."""
+        peak, _ = self.peak_gflops(precision)
+        if not (is_positive(peak) and is_positive(self.memory_gbps)):
+            return math.nan
+        return peak / self.memory_gbps
+
+
+def is_positive(value: Any) -> bool:
+    """A finite number above zero."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return False
+    return math.isfinite(number) and number > 0
+
+
+def positive_mask(values: pd.Series) -> pd.Series:
+    """Boolean mask of the finite values above zero (safe on empty and object columns)."""
+    numbers = pd.to_numeric(values, errors="coerce").astype(float)
+    return numbers.gt(0) & np.isfinite(numbers)
+
+
+def finite_mask(values: pd.Series) -> pd.Series:
+    """Boolean mask of the finite values."""
+    return np.isfinite(pd.to_numeric(values, errors="coerce").astype(float))
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON object file as a dict; missing or malformed files give an empty dict."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def parse_json_object(text: str) -> dict[str, Any]:
+    """A JSON object cell as a dict; anything else gives an empty dict."""
+    try:
+        value = json.loads(text or "{}")
+    except (TypeError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def canonical_json(text: str) -> str:
+    """Stable text of a JSON cell so that key order never breaks matching."""
+    try:
+        return dumps_compact(json.loads(text or "{}"))
+    except (TypeError, ValueError):
+        return str(text)
+
+
+def rows_to_frame(rows: list[ResultRow]) -> pd.DataFrame:
+    """Result rows as a typed frame with a row_id, canonical params and calls per second."""
+    frame = pd.DataFrame([dataclasses.asdict(row) for row in rows], columns=list(COLUMNS))
+    for name, kind in _FIELD_TYPES.items():
+        if kind == "float":
+            frame[name] = pd.to_numeric(frame[name], errors="coerce").astype(float)
+        elif kind == "int":
+            frame[name] = pd.to_numeric(frame[name], errors="coerce").fillna(0).astype(int)
+        elif kind == "bool":
+            frame[name] = frame[name].astype(bool)
+        else:
+            frame[name] = frame[name].fillna("").astype(str)
+    frame["params"] = frame["params"].map(canonical_json)
+    median = frame["median_s"].to_numpy(dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        frame["calls_per_s"] = np.where(median > 0, 1.0 / median, np.nan)
+    frame.insert(0, "row_id", np.arange(len(frame)))
+    return frame
+
+
+def load_run(directory: Path, label: str | None = None) -> Run:
+    """Read results.csv, env.json and args.json of a run directory."""
+    directory = Path(directory)
+    frame = rows_to_frame(read_rows(directory / "results.csv"))
+    return Run(
+        directory=directory,
+        label=label or directory.name,
+        frame=frame,
+        env=read_json_object(directory / "env.json"),
+        args=read_json_object(directory / "args.json"),
+    )
+
+
+def measured_op_rows(frame: pd.DataFrame) -> pd.DataFrame:
+    """The ok rows of real operators (not the machine-ceiling probes)."""
+    mask = (frame["status"] == STATUS_OK) & ~frame["op"].isin(CEILING_OPS)
+    return frame[mask]
+
+
+def op_sort_key(op: str) -> tuple[int, str]:
+    """Known ops in pipeline order, unknown ones after them by name."""
+    return (OP_ORDER.index(op) if op in OP_ORDER else len(OP_ORDER), op)
+
+
+def precision_sort_key(precision: str) -> tuple[int, str]:
+    """Precisions from widest to narrowest."""
+    known = precision in PRECISION_ORDER
+    return (PRECISION_ORDER.index(precision) if known else len(PRECISION_ORDER), precision)
+
+
+def normalise_isa(isa: str) -> str:
+    """ISA name in one spelling: lower case, underscores."""
+    return str(isa).strip().lower().replace("-", "_").replace(".", "_")
+
+
+def isa_sort_key(isa: str) -> tuple[int, str]:
+    """ISA levels lowest first; unknown names just below native, native always last."""
+    name = normalise_isa(isa)
+    if name == NATIVE_ISA:
+        return (len(ISA_ORDER) + 1, name)
+    if name in ISA_ORDER:
+        return (ISA_ORDER.index(name), name)
+    return (len(ISA_ORDER), name)
+
+
+def sorted_ops(ops: Any) -> list[str]:
+    """Distinct ops in report order."""
+    return sorted(set(ops), key=op_sort_key)
+
+
+def buffer_bytes(params: str) -> float:
+    """The buffer size a membw probe used, from its params JSON."""
+    value = parse_json_object(params).get("bytes")
+    return float(value) if is_positive(value) else math.nan
+
+
+def last_level_cache_bytes(env: dict[str, Any], device: str) -> float:
+    """Largest host cache size from env.json; only meaningful for CPU devices."""
+    if not str(device).lower().startswith("cpu"):
+        return math.nan
+    sizes = [float(env[key]) for key in CACHE_FACTS if is_positive(env.get(key))]
+    return max(sizes) if sizes else math.nan
+
+
+def probe_rows(ok_rows: pd.DataFrame, op: str, metric: str, device: str, isa: str,
+               notes: list[str]) -> pd.DataFrame:
+    """Ceiling probe rows of a group, else those of the same device at other ISA levels."""
+    candidates = ok_rows[(ok_rows["op"] == op) & (ok_rows["device"] == device)]
+    candidates = candidates[positive_mask(candidates[metric])]
+    own = candidates[candidates["isa"] == isa]
+    if not own.empty or candidates.empty:
+        return own
+    notes.append(f"{op} taken from other ISA levels of {device} (none at isa {isa})")
+    return candidates
+
+
+def memory_roofs(membw_rows: pd.DataFrame, cache_bytes: float, ceilings: Ceilings) -> None:
+    """Set the memory roof (largest buffer) and the in-cache roof from membw rows."""
+    if membw_rows.empty:
+        return
+    sizes = membw_rows["params"].map(buffer_bytes)
+    if not positive_mask(sizes).any():
+        ceilings.memory_gbps = float(membw_rows["gbps"].max())
+        ceilings.notes.append("membw buffer sizes unknown: memory roof is the best bandwidth")
+        return
+    largest = float(sizes.max())
+    ceilings.memory_gbps = float(membw_rows.loc[sizes == largest, "gbps"].max())
+    ceilings.memory_buffer_bytes = largest
+    if is_positive(cache_bytes):
+        in_cache = membw_rows[sizes <= cache_bytes]
+        detail = f"best buffer within the {format_bytes(cache_bytes)} last-level cache"
+        if largest <= cache_bytes:
+            ceilings.notes.append(
+                f"largest membw buffer ({format_bytes(largest)}) fits in the last-level "
+                f"cache ({format_bytes(cache_bytes)}): the memory roof may be optimistic"
+            )
+    else:
+        in_cache = membw_rows[sizes < largest]
+        detail = "best smaller buffer (cache sizes unknown)"
+    best_in_cache = float(in_cache["gbps"].max()) if not in_cache.empty else math.nan
+    if is_positive(best_in_cache) and best_in_cache > ceilings.memory_gbps * CACHE_ROOF_MARGIN:
+        ceilings.cache_gbps = best_in_cache
+        ceilings.cache_detail = detail
+
+
+def compute_roofs(gemm_rows: pd.DataFrame, ceilings: Ceilings) -> None:
+    """Set the compute roof of each precision from gemm_peak rows."""
+    for precision, rows in gemm_rows.groupby("precision", sort=False):
+        ceilings.compute_gflops[str(precision)] = float(rows["gflops"].max())
+
+
+def group_ceilings(frame: pd.DataFrame, env: dict[str, Any]) -> dict[tuple[str, str], Ceilings]:
+    """Ceilings of every (device, isa) group that has at least one measured roof."""
+    ok_rows = frame[frame["status"] == STATUS_OK]
+    result = {}
+    for device, isa in sorted(set(zip(ok_rows["device"], ok_rows["isa"]))):
+        ceilings = Ceilings(device=device, isa=isa)
+        membw = probe_rows(ok_rows, "membw", "gbps", device, isa, ceilings.notes)
+        memory_roofs(membw, last_level_cache_bytes(env, device), ceilings)
+        gemm = probe_rows(ok_rows, "gemm_peak", "gflops", device, isa, ceilings.notes)
+        compute_roofs(gemm, ceilings)
+        if ceilings.has_any:
+            result[(device, isa)] = ceilings
+    return result
+
+
+def ceilings_table(ceilings_by_group: dict[tuple[str, str], Ceilings]) -> pd.DataFrame:
+    """One line per group and roof: the numbers the roofline figures draw."""
+    records = []
+    for ceilings in ceilings_by_group.values():
+        base = {"device": ceilings.device, "isa": ceilings.isa}
+        if is_positive(ceilings.memory_gbps):
+            detail = ("largest buffer" if not is_positive(ceilings.memory_buffer_bytes)
+                      else f"buffer {format_bytes(ceilings.memory_buffer_bytes)}")
+            records.append({**base, "roof": "memory", "value": ceilings.memory_gbps,
+                            "unit": "GB/s", "detail": detail})
+        if is_positive(ceilings.cache_gbps):
+            records.append({**base, "roof": "in-cache memory", "value": ceilings.cache_gbps,
+                            "unit": "GB/s", "detail": ceilings.cache_detail})
+        for precision in sorted(ceilings.compute_gflops, key=precision_sort_key):
+            records.append({**base, "roof": f"compute {precision}",
+                            "value": ceilings.compute_gflops[precision], "unit": "GFLOP/s",
+                            "detail": f"ridge {ceilings.ridge_point(precision):.3g} FLOP/B"})
+        for note in ceilings.notes:
+            records.append({**base, "roof": "note", "value": math.nan, "unit": "",
+                            "detail": note})
+    return pd.DataFrame(records, columns=["device", "isa", "roof", "value", "unit", "detail"])
+
+
+def format_bytes(count: float) -> str:
+    """Byte count in binary units."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(count) < 1024 or unit == "GiB":
+            return f"{count:.4g} {unit}"
+        count /= 1024
+    return f"{count:.4g} GiB"
+
+
+def arithmetic_intensity(flops: float, bytes_moved: float) -> float:
+    """FLOP per byte, or NaN when either count is missing or zero."""
+    if is_positive(flops) and is_positive(bytes_moved):
+        return flops / bytes_moved
+    return math.nan
+
+
+def achieved_rates(row: pd.Series) -> tuple[float, float]:
+    """GFLOP/s and GB/s of a row, from its columns or else from the formulas and median."""
+    gflops, gbps = row["gflops"], row["gbps"]
+    if not is_positive(gflops) and is_positive(row["flops"]) and is_positive(row["median_s"]):
+        gflops = row["flops"] / row["median_s"] / 1e9
+    if not is_positive(gbps) and is_positive(row["bytes_moved"]) and is_positive(row["median_s"]):
+        gbps = row["bytes_moved"] / row["median_s"] / 1e9
+    return float(gflops), float(gbps)
+
+
+def classify(intensity: float, ridge: float, bytes_moved: float) -> str:
+    """Memory- or compute-bound by intensity against the ridge point."""
+    if math.isfinite(intensity) and math.isfinite(ridge):
+        return "memory" if intensity < ridge else "compute"
+    if not math.isfinite(intensity) and is_positive(bytes_moved):
+        return "memory"  # moves data but does no arithmetic by formula
+    return "unknown"
+
+
+def roofline_record(row: pd.Series, ceilings: Ceilings) -> dict[str, Any]:
+    """One op row placed on its group's roofline."""
+    intensity = arithmetic_intensity(row["flops"], row["bytes_moved"])
+    gflops, gbps = achieved_rates(row)
+    _, roof_precision = ceilings.peak_gflops(row["precision"])
+    attainable = (ceilings.attainable_gflops(intensity, row["precision"])
+                  if math.isfinite(intensity) else math.nan)
+    if is_positive(attainable):
+        efficiency = gflops / attainable
+    elif not math.isfinite(intensity) and is_positive(ceilings.memory_gbps):
+        efficiency = gbps / ceilings.memory_gbps
+    else:
+        efficiency = math.nan
+    ridge = ceilings.ridge_point(row["precision"])
+    return {
+        "row_id": row["row_id"], "device": row["device"], "isa": row["isa"], "op": row["op"],
+        "impl": row["impl"], "workload": row["workload"], "precision": row["precision"],
+        "threads": row["threads"], "batch_size": row["batch_size"], "intensity": intensity,
+        "achieved_gflops": gflops, "achieved_gbps": gbps, "attainable_gflops": attainable,
+        "roof_precision": roof_precision, "efficiency": efficiency, "ridge": ridge,
+        "bound": classify(intensity, ridge, row["bytes_moved"]),
+    }
+
+
+ROOFLINE_COLUMNS = ["row_id", "device", "isa", "op", "impl", "workload", "precision", "threads",
+                    "batch_size", "intensity", "achieved_gflops", "achieved_gbps",
+                    "attainable_gflops", "roof_precision", "efficiency", "ridge", "bound"]
+
+
+def roofline_table(frame: pd.DataFrame,
+                   ceilings_by_group: dict[tuple[str, str], Ceilings]) -> pd.DataFrame:
+    """Every measured op row whose group has ceilings, with efficiency and bound."""
+    records = []
+    for _, row in measured_op_rows(frame).iterrows():
+        ceilings = ceilings_by_group.get((row["device"], row["isa"]))
+        if ceilings is not None:
+            records.append(roofline_record(row, ceilings))
+    return pd.DataFrame(records, columns=ROOFLINE_COLUMNS)
+
+
+def joined_unique(values: Any) -> str:
+    """Distinct values as one comma-separated string."""
+    return ", ".join(sorted({str(value) for value in values}))
+
+
+def classification_table(roofline: pd.DataFrame) -> pd.DataFrame:
+    """Memory- or compute-bound per (device, isa, op, precision)."""
+    columns = ["device", "isa", "op", "precision", "intensity_min", "intensity_max", "ridge",
+               "bound", "rows"]
+    records = []
+    keys = ["device", "isa", "op", "precision"]
+    for key, rows in roofline.groupby(keys, sort=False):
+        bounds = set(rows["bound"])
+        records.append({
+            **dict(zip(keys, key)),
+            "intensity_min": rows["intensity"].min(), "intensity_max": rows["intensity"].max(),
+            "ridge": rows["ridge"].iloc[0],
+            "bound": bounds.pop() if len(bounds) == 1 else "mixed",
+            "rows": len(rows),
+        })
+    table = pd.DataFrame(records, columns=columns)
+    return sort_report_rows(table)
+
+
+def sort_report_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """Rows ordered by op, then precision, keeping the rest stable."""
+    if table.empty:
+        return table.reset_index(drop=True)
+    order = sorted(
+        range(len(table)),
+        key=lambda index: (
+            op_sort_key(table["op"].iloc[index]),
+            precision_sort_key(str(table["precision"].iloc[index]))
+            if "precision" in table else (0, ""),
+        ),
+    )
+    return table.iloc[order].reset_index(drop=True)
+
+
+def throughput_metric(rows: pd.DataFrame) -> tuple[str, str]:
+    """The first throughput column every row has, and its unit."""
+    for column, unit in THROUGHPUT_METRICS:
+        if not rows.empty and positive_mask(rows[column]).all():
+            return column, unit
+    return "calls_per_s", "calls/s"
+
+
+SUMMARY_COLUMNS = ["op", "workload", "device", "impl", "precision", "isa", "threads",
+                   "batch_size", "throughput", "unit", "median_s", "efficiency", "noise",
+                   "configs"]
+
+
+def summary_table(frame: pd.DataFrame, roofline: pd.DataFrame) -> pd.DataFrame:
+    """Best configuration per (op, workload, device): throughput, efficiency and noise."""
+    rows = measured_op_rows(frame)
+    efficiency = roofline.set_index("row_id")["efficiency"] if not roofline.empty else {}
+    records = []
+    for (op, workload, device), group in rows.groupby(["op", "workload", "device"]):
+        column, unit = throughput_metric(group)
+        ranked = group.assign(_rate=group[column].fillna(-math.inf))
+        best = ranked.sort_values(["_rate", "median_s"], ascending=[False, True]).iloc[0]
+        noise = best["iqr_s"] / best["median_s"] if is_positive(best["median_s"]) else math.nan
+        records.append({
+            "op": op, "workload": workload, "device": device, "impl": best["impl"],
+            "precision": best["precision"], "isa": best["isa"], "threads": best["threads"],
+            "batch_size": best["batch_size"], "throughput": best[column], "unit": unit,
+            "median_s": best["median_s"],
+            "efficiency": float(efficiency.get(best["row_id"], math.nan)),
+            "noise": noise, "configs": len(group),
+        })
+    return sort_report_rows(pd.DataFrame(records, columns=SUMMARY_COLUMNS))
+
+
+def problem_rows_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """Skipped and failed configurations grouped by reason."""
+    columns = ["status", "op", "impl", "precision", "reason", "rows", "isa", "threads",
+               "workloads"]
+    failed = frame[frame["status"] != STATUS_OK]
+    records = []
+    keys = ["status", "op", "impl", "precision", "error"]
+    for key, rows in failed.groupby(keys, sort=True):
+        record = dict(zip(keys, key))
+        record["reason"] = record.pop("error") or "(no reason given)"
+        record.update(rows=len(rows), isa=joined_unique(rows["isa"]),
+                      threads=joined_unique(rows["threads"]),
+                      workloads=joined_unique(rows["workload"]))
+        records.append(record)
+    return pd.DataFrame(records, columns=columns)
+
+
+TRADEOFF_COLUMNS = ["op", "impl", "workload", "device", "isa", "threads", "precision",
+                    "speedup_vs_fp32", "rel_error", "auc_delta", "ctr_abs_diff"]
+
+
+def precision_tradeoffs(frame: pd.DataFrame) -> pd.DataFrame:
+    """Each non-fp32 row against the fastest fp32 row of the same problem and machine slot."""
+    rows = measured_op_rows(frame)
+    fp32 = rows[(rows["precision"] == "fp32") & positive_mask(rows["median_s"])]
+    if fp32.empty:
+        return pd.DataFrame(columns=TRADEOFF_COLUMNS)
+    reference = (fp32.sort_values("median_s").drop_duplicates(REFERENCE_KEYS)
+                 [REFERENCE_KEYS + ["median_s", "auc"]]
+                 .rename(columns={"median_s": "fp32_median_s", "auc": "fp32_auc"}))
+    lower = rows[rows["precision"] != "fp32"].merge(reference, on=REFERENCE_KEYS, how="inner")
+    lower["speedup_vs_fp32"] = lower["fp32_median_s"] / lower["median_s"]
+    lower["auc_delta"] = lower["auc"] - lower["fp32_auc"]
+    return sort_report_rows(lower[TRADEOFF_COLUMNS])
+
+
+def latest_ok_rows(frame: pd.DataFrame) -> pd.DataFrame:
+    """Ok rows with a median, the last one kept when a resumed run measured a key twice."""
+    rows = frame[(frame["status"] == STATUS_OK) & positive_mask(frame["median_s"])]
+    return rows.drop_duplicates(MATCH_KEYS, keep="last")
+
+
+COMPARISON_COLUMNS = MATCH_KEYS + ["median_s_a", "median_s_b", "ratio", "code_changed"]
+
+
+def compare_runs(first: pd.DataFrame, second: pd.DataFrame) -> tuple[pd.DataFrame, int, int]:
+    """Matched rows with ratio = second median / first median, plus unmatched counts."""
+    left, right = latest_ok_rows(first), latest_ok_rows(second)
+    keep = MATCH_KEYS + ["median_s", "code_version"]
+    matched = left[keep].merge(right[keep], on=MATCH_KEYS, suffixes=("_a", "_b"))
+    matched["ratio"] = matched["median_s_b"] / matched["median_s_a"]
+    matched["code_changed"] = matched["code_version_a"] != matched["code_version_b"]
+    unmatched_first = len(left) - len(matched)
+    unmatched_second = len(right) - len(matched)
+    return sort_report_rows(matched[COMPARISON_COLUMNS]), unmatched_first, unmatched_second
+
+
+def geometric_mean(values: pd.Series) -> float:
+    """Geometric mean of positive values."""
+    positive = values[positive_mask(values)]
+    return float(np.exp(np.log(positive.astype(float)).mean())) if len(positive) else math.nan
+
+
+def comparison_summary(matched: pd.DataFrame) -> pd.DataFrame:
+    """Per op: matched rows, geometric-mean ratio, extremes and how many moved."""
+    columns = ["op", "matched", "geomean_ratio", "min_ratio", "max_ratio", "faster", "slower",
+               "code_changed"]
+    records = []
+    for op, rows in matched.groupby("op", sort=False):
+        records.append({
+            "op": op, "matched": len(rows), "geomean_ratio": geometric_mean(rows["ratio"]),
+            "min_ratio": rows["ratio"].min(), "max_ratio": rows["ratio"].max(),
+            "faster": int((rows["ratio"] < 1 - COMPARISON_TOLERANCE).sum()),
+            "slower": int((rows["ratio"] > 1 + COMPARISON_TOLERANCE).sum()),
+            "code_changed": int(rows["code_changed"].sum()),
+        })
+    return sort_report_rows(pd.DataFrame(records, columns=columns))
+
+
+def run_facts_table(run: Run) -> pd.DataFrame:
+    """Host facts, arguments and row counts of a run as fact/value lines."""
+    facts = [("directory", str(run.directory)), ("label", run.label)]
+    run_ids = joined_unique(value for value in run.frame["run_id"] if value)
+    if run_ids:
+        facts.append(("run_id", run_ids))
+    facts += [(key, run.env[key]) for key in ENV_FACTS if key in run.env]
+    counts = run.frame["status"].value_counts()
+    facts += [(f"rows {status}", int(count)) for status, count in counts.items()]
+    facts += [(f"args.{key}", value) for key, value in sorted(run.args.items())]
+    return pd.DataFrame(
+        [(name, value if isinstance(value, (str, int, float)) else json.dumps(value))
+         for name, value in facts],
+        columns=["fact", "value"],
+    )
+
+
+def format_cell(value: Any, column: str) -> str:
+    """Text of one table cell: percentages, grouped large numbers, 4 significant digits."""
+    if isinstance(value, (bool, np.bool_)):
+        return "yes" if value else "no"
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        number = float(value)
+        if not math.isfinite(number):
+            return ""
+        if column in PERCENT_COLUMNS:
+            return f"{number * 100:.1f}%"
+        if abs(number) >= 1e4:
+            return f"{number:,.0f}"
+        return f"{number:.4g}"
+    return str(value)
+
+
+def display_frame(table: pd.DataFrame) -> pd.DataFrame:
+    """The table with every cell formatted as text."""
+    formatted = {
+        column: [format_cell(value, column) for value in table[column]]
+        for column in table.columns
+    }
+    return pd.DataFrame(formatted, columns=list(table.columns))
+
+
+def markdown_cell(text: str) -> str:
+    """Cell text safe inside a markdown table."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(table: pd.DataFrame) -> str:
+    """A GitHub-flavoured markdown table of the formatted cells."""
+    shown = display_frame(table)
+    header = "| " + " | ".join(markdown_cell(column) for column in shown.columns) + " |"
+    divider = "| " + " | ".join("---" for _ in shown.columns) + " |"
+    body = [
+        "| " + " | ".join(markdown_cell(cell) for cell in record) + " |"
+        for record in shown.itertuples(index=False)
+    ]
+    return "\n".join([header, divider, *body])

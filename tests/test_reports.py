@@ -1,0 +1,417 @@
+"""Tests of the report builder: tables, figures, self-contained HTML and markdown."""
+
+from __future__ import annotations
+
+import base64
+import math
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.schema import STATUS_ERROR, STATUS_SKIPPED, ResultRow, ResultsWriter, SchemaError
+from reports import plots, tables
+from reports.build import build_report
+
+FIXTURES = Path(__file__).parent / "fixtures" / "reports"
+REPOSITORY = Path(__file__).resolve().parent.parent
+CHROMIUM = Path("/usr/bin/chromium")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+IMAGE_SOURCE = re.compile(r"<img\b[^>]*?\bsrc=\"([^\"]*)\"", re.IGNORECASE)
+
+# The generated "realistic" run: a CPU swept over ISA levels and threads, plus a GPU.
+ISA_SPEED = {"avx2": 1.0, "avx512": 1.5, "native": 1.7}
+PRECISION_SPEED = {"fp32": 1.0, "fp16": 1.6, "bf16": 1.8, "int8": 2.5, "int4": 3.2}
+PRECISION_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1, "int4": 0.5}
+PRECISION_ERROR = {"fp32": 1e-7, "fp16": 5e-4, "bf16": 2e-3, "int8": 6e-3, "int4": 2e-2}
+PRECISION_AUC = {"fp32": 0.800, "bf16": 0.7995, "int8": 0.798}
+OP_PRECISIONS = {
+    "sls": ("fp32", "fp16", "int8", "int4"),
+    "fc": ("fp32", "bf16", "int8"),
+    "dlrm_infer": ("fp32", "bf16", "int8"),
+    "dlrm_train": ("fp32", "bf16"),
+}
+# fp32 seconds at avx2, one thread; flops and fp32 bytes per call by formula.
+OP_COST = {
+    "sls": (4e-3, 2.0e6, 8.0e6),
+    "fc": (8e-2, 4.0e9, 8.0e7),
+    "dlrm_infer": (2e-1, 6.0e9, 4.0e8),
+    "dlrm_train": (8e-1, 1.8e10, 1.2e9),
+}
+BATCH_SIZE = 512
+
+
+def timed_row(op: str, precision: str, isa: str, threads: int, device: str = "cpu",
+              **fields) -> ResultRow:
+    """A measured row whose time follows the precision, ISA and thread speed-ups."""
+    base_seconds, flops, fp32_bytes = OP_COST[op]
+    median = base_seconds / (PRECISION_SPEED[precision] * ISA_SPEED[isa] * threads ** 0.9)
+    if device != "cpu":
+        median /= 20
+    bytes_moved = fp32_bytes * PRECISION_BYTES[precision] / 4
+    samples = [median * (1 + 0.01 * step) for step in (-2, -1, 0, 0, 1, 3, 6)]
+    row = ResultRow(
+        run_id="realistic", op=op, impl="torch", is_baseline=precision == "fp32",
+        code_version="v1", workload=f"{op}-medium", params='{"tables": 8, "dim": 64}',
+        device=device, isa=isa, isa_effective=isa, threads=threads, precision=precision,
+        batch_size=BATCH_SIZE, n_samples=len(samples), median_s=median,
+        p90_s=median * 1.04, p99_s=median * 1.06, iqr_s=median * 0.02, min_s=median * 0.98,
+        samples_per_s=BATCH_SIZE / median, flops=flops, bytes_moved=bytes_moved,
+        gbps=bytes_moved / median / 1e9, gflops=flops / median / 1e9,
+        rel_error=PRECISION_ERROR[precision], samples_s=str(samples),
+        timestamp="2025-02-01T00:00:00",
+    )
+    if op == "dlrm_infer":
+        row.auc = PRECISION_AUC[precision]
+    for name, value in fields.items():
+        setattr(row, name, value)
+    return row
+
+
+def ceiling_rows(device: str, isa: str, scale: float, with_membw: bool) -> list[ResultRow]:
+    """membw and gemm_peak probe rows of one (device, isa) group."""
+    rows = []
+    if with_membw:
+        for size, read_gbps in ((32 << 10, 300.0), (1 << 20, 200.0), (1 << 30, 40.0)):
+            for impl, factor in (("read", 1.0), ("copy", 0.75)):
+                rows.append(ResultRow(
+                    op="membw", impl=impl, workload="probe", params=f'{{"bytes": {size}}}',
+                    device=device, isa=isa, threads=4, precision="fp32", median_s=1e-3,
+                    gbps=read_gbps * factor * scale, timestamp="2025-02-01T00:00:00"))
+    for precision, peak in (("fp32", 400.0), ("bf16", 1600.0), ("int8", 3200.0)):
+        rows.append(ResultRow(
+            op="gemm_peak", impl="matmul", workload="probe", params='{"n": 4096}',
+            device=device, isa=isa, threads=4, precision=precision, median_s=1e-2,
+            gflops=peak * ISA_SPEED.get(isa, 1.0) * scale, timestamp="2025-02-01T00:00:00"))
+    return rows
+
+
+def realistic_rows() -> list[ResultRow]:
+    """A sweep over ops, precisions, ISA levels and threads with ceilings and failures."""
+    rows = []
+    for isa in ISA_SPEED:
+        rows += ceiling_rows("cpu", isa, 1.0, with_membw=isa == "native")
+    rows += ceiling_rows("cuda:0", "native", 10.0, with_membw=True)
+    for op, precisions in OP_PRECISIONS.items():
+        for precision in precisions:
+            if op == "sls" and precision == "int4":
+                rows.append(ResultRow(op=op, impl="torch", workload=f"{op}-medium",
+                                      device="cpu", isa="avx2", threads=4, precision=precision,
+                                      status=STATUS_SKIPPED, error="int4 needs avx512",
+                                      timestamp="2025-02-01T00:00:00"))
+            for isa in ISA_SPEED:
+                if not (op == "sls" and precision == "int4" and isa == "avx2"):
+                    rows.append(timed_row(op, precision, isa, 4))
+            rows += [timed_row(op, precision, "native", threads) for threads in (1, 2)]
+    rows += [timed_row("sls", precision, "native", 1, device="cuda:0")
+             for precision in ("fp32", "fp16")]
+    rows.append(ResultRow(op="dlrm_train", impl="ipex", workload="dlrm_train-medium",
+                          device="cpu", isa="native", threads=4, precision="bf16",
+                          status=STATUS_ERROR, error="RuntimeError: ipex is not installed",
+                          timestamp="2025-02-01T00:00:00"))
+    return rows
+
+
+def write_run(directory: Path, rows: list[ResultRow], env: str = "{}") -> Path:
+    """A run directory with results.csv, env.json and args.json."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with ResultsWriter(directory / "results.csv") as writer:
+        for row in rows:
+            writer.write(row)
+    (directory / "env.json").write_text(env, encoding="utf-8")
+    (directory / "args.json").write_text('{"ops": "all"}', encoding="utf-8")
+    return directory
+
+
+def copy_fixture(name: str, destination: Path) -> Path:
+    """A writable copy of a hand-written fixture run."""
+    return Path(shutil.copytree(FIXTURES / name, destination / name))
+
+
+@pytest.fixture(scope="module")
+def handmade_report(tmp_path_factory) -> Path:
+    """Report of the hand-written run with ceilings, skipped and error rows."""
+    base = tmp_path_factory.mktemp("handmade")
+    return build_report([copy_fixture("handmade", base)])
+
+
+@pytest.fixture(scope="module")
+def realistic_run(tmp_path_factory) -> Path:
+    """The generated realistic run directory."""
+    env = '{"cpu_model": "Test CPU", "l3_bytes": 33554432, "fingerprint": "realistic"}'
+    return write_run(tmp_path_factory.mktemp("realistic") / "run", realistic_rows(), env)
+
+
+@pytest.fixture(scope="module")
+def realistic_report(realistic_run, tmp_path_factory) -> Path:
+    """Report of the realistic run."""
+    return build_report([realistic_run], tmp_path_factory.mktemp("realistic_report"))
+
+
+@pytest.fixture(scope="module")
+def comparison_report(tmp_path_factory) -> Path:
+    """Report comparing the two hand-written comparison runs."""
+    base = tmp_path_factory.mktemp("comparison")
+    return build_report([copy_fixture("compare_a", base), copy_fixture("compare_b", base)])
+
+
+def assert_self_contained(page: str) -> int:
+    """No external reference of any kind; every image an inline PNG. Returns the image count."""
+    lowered = page.lower()
+    for forbidden in ("http://", "https://", "<script src", "<link", "@import", "url("):
+        assert forbidden not in lowered, forbidden
+    sources = IMAGE_SOURCE.findall(page)
+    assert len(sources) == lowered.count("<img")
+    for source in sources:
+        assert source.startswith("data:image/png;base64,")
+        assert base64.b64decode(source.split(",", 1)[1]).startswith(PNG_SIGNATURE)
+    return len(sources)
+
+
+def markdown_row(markdown: str, *cells: str) -> str:
+    """The one markdown table line that starts with these cells."""
+    prefix = "| " + " | ".join(cells) + " |"
+    matches = [line for line in markdown.splitlines() if line.startswith(prefix)]
+    assert len(matches) == 1, (prefix, matches)
+    return matches[0]
+
+
+def test_handmade_report_writes_every_output(handmade_report):
+    names = {path.name for path in handmade_report.iterdir()}
+    assert handmade_report.name == "report"
+    assert {"index.html", "summary.md", "fig-roofline-cpu-native.png", "fig-throughput.png",
+            "fig-latency.png", "fig-precision.png"} <= names
+    assert not [name for name in names if name.endswith(".tmp")]
+    for name in names:
+        if name.endswith(".png"):
+            assert (handmade_report / name).read_bytes().startswith(PNG_SIGNATURE)
+    page = (handmade_report / "index.html").read_text(encoding="utf-8")
+    assert assert_self_contained(page) == 4
+    assert "more than one ISA level" in page and "more than one thread count" in page
+
+
+def test_handmade_ceilings_pick_largest_buffer_and_cache_roof():
+    run = tables.load_run(FIXTURES / "handmade")
+    ceilings = tables.group_ceilings(run.frame, run.env)[("cpu", "native")]
+    assert ceilings.memory_gbps == 20.0  # best of copy/read at the 256 MiB buffer
+    assert ceilings.memory_buffer_bytes == 268435456
+    assert ceilings.cache_gbps == 100.0  # 1 MiB fits the 8 MiB L3
+    assert ceilings.compute_gflops == {"fp32": 200.0, "int8": 800.0}
+    assert ceilings.ridge_point("fp32") == pytest.approx(10.0)
+    assert ceilings.peak_gflops("bf16") == (800.0, "int8")  # no bf16 peak: highest one
+
+
+def test_handmade_efficiency_and_bound():
+    run = tables.load_run(FIXTURES / "handmade")
+    roofline = tables.roofline_table(run.frame, tables.group_ceilings(run.frame, run.env))
+    by_config = roofline.set_index(["op", "precision"])
+    # sls fp32: 1 GFLOP/s at 0.25 FLOP/B under a 20 GB/s roof (5 GFLOP/s attainable).
+    expected = {("sls", "fp32"): (0.25, 5.0, 0.2, "memory"),
+                ("sls", "int8"): (1.0, 20.0, 0.1, "memory"),
+                ("fc", "fp32"): (20.0, 200.0, 0.5, "compute"),
+                ("fc", "bf16"): (50.0, 800.0, 0.25, "compute"),
+                ("fc", "int8"): (80.0, 800.0, 0.5, "compute")}
+    for key, (intensity, attainable, efficiency, bound) in expected.items():
+        row = by_config.loc[key]
+        assert row["intensity"] == pytest.approx(intensity)
+        assert row["attainable_gflops"] == pytest.approx(attainable)
+        assert row["efficiency"] == pytest.approx(efficiency)
+        assert row["bound"] == bound
+    interaction = by_config.loc[("interaction", "fp32")]
+    assert math.isnan(interaction["intensity"])  # no flops by formula: bandwidth only
+    assert interaction["efficiency"] == pytest.approx(8.0 / 20.0)
+    assert interaction["bound"] == "memory"
+    classes = tables.classification_table(roofline).set_index(["op", "precision"])["bound"]
+    assert classes.to_dict() == {("sls", "fp32"): "memory", ("sls", "int8"): "memory",
+                                 ("interaction", "fp32"): "memory", ("fc", "fp32"): "compute",
+                                 ("fc", "bf16"): "compute", ("fc", "int8"): "compute"}
+
+
+def test_handmade_summary_has_best_rows(handmade_report):
+    run = tables.load_run(FIXTURES / "handmade")
+    roofline = tables.roofline_table(run.frame, tables.group_ceilings(run.frame, run.env))
+    summary = tables.summary_table(run.frame, roofline).set_index("op")
+    assert summary.loc["sls", ["impl", "precision"]].tolist() == ["fbgemm", "int8"]
+    assert summary.loc["sls", "throughput"] == pytest.approx(2e6)
+    assert summary.loc["sls", "efficiency"] == pytest.approx(0.1)
+    assert summary.loc["sls", "noise"] == pytest.approx(0.1)
+    assert summary.loc["fc", ["impl", "precision", "unit"]].tolist() == [
+        "fbgemm", "int8", "samples/s"]
+    assert summary.loc["fc", "noise"] == pytest.approx(0.04)
+    markdown = (handmade_report / "summary.md").read_text(encoding="utf-8")
+    line = markdown_row(markdown, "sls", "small", "cpu", "fbgemm", "int8")
+    assert "2,000,000 | samples/s" in line and "10.0%" in line
+    assert "50.0%" in markdown_row(markdown, "fc", "mlp", "cpu", "fbgemm", "int8")
+    assert "compute" in markdown_row(markdown, "cpu", "native", "fc", "fp32", "20")
+
+
+def test_skipped_and_error_rows_are_listed_with_reasons(handmade_report):
+    run = tables.load_run(FIXTURES / "handmade")
+    problems = tables.problem_rows_table(run.frame)
+    reasons = dict(zip(problems["status"], problems["reason"]))
+    assert reasons["error"].startswith("RuntimeError: out of memory")
+    assert reasons["skipped"].startswith("int4 kernels need fbgemm_gpu")
+    page = (handmade_report / "index.html").read_text(encoding="utf-8")
+    assert "RuntimeError: out of memory" in page
+    assert "example.org/int4" in page  # the quoted URL is shown but defanged
+    markdown = (handmade_report / "summary.md").read_text(encoding="utf-8")
+    assert markdown_row(markdown, "skipped", "fc", "fbgemm", "int4")
+
+
+def test_single_row_run_skips_what_it_cannot_draw(tmp_path):
+    report = build_report([copy_fixture("single", tmp_path)])
+    assert report == tmp_path / "single" / "report"
+    names = {path.name for path in report.iterdir()}
+    assert {"fig-throughput.png", "fig-latency.png", "index.html", "summary.md"} <= names
+    assert not {"fig-isa-speedup.png", "fig-thread-scaling.png", "fig-precision.png"} & names
+    page = (report / "index.html").read_text(encoding="utf-8")
+    assert assert_self_contained(page) == 2
+    assert "No machine-ceiling rows" in page
+    assert "Only one run given" in page
+    assert "No skipped or failed rows" in page
+    assert markdown_row((report / "summary.md").read_text(encoding="utf-8"), "fc", "mlp")
+
+
+def test_comparison_matches_rows_across_runs(comparison_report, tmp_path):
+    first = tables.load_run(FIXTURES / "compare_a")
+    second = tables.load_run(FIXTURES / "compare_b")
+    matched, only_first, only_second = tables.compare_runs(first.frame, second.frame)
+    ratios = matched.set_index("op")["ratio"]
+    assert ratios.to_dict() == pytest.approx({"sls": 2.0, "fc": 0.5})  # params key order differs
+    assert (only_first, only_second) == (1, 1)
+    assert matched.set_index("op")["code_changed"].to_dict() == {"sls": False, "fc": True}
+    names = {path.name for path in comparison_report.iterdir()}
+    assert "fig-compare-compare-b.png" in names
+    page = (comparison_report / "index.html").read_text(encoding="utf-8")
+    assert_self_contained(page)
+    assert "different host fingerprints" in page and "code_changed" in page
+    markdown = (comparison_report / "summary.md").read_text(encoding="utf-8")
+    assert "| 2 |" in markdown_row(markdown, "sls", "torch", "small")
+
+
+def test_realistic_report_draws_every_figure(realistic_report):
+    names = {path.name for path in realistic_report.iterdir()}
+    expected = {"fig-roofline-cpu-avx2.png", "fig-roofline-cpu-avx512.png",
+                "fig-roofline-cpu-native.png", "fig-roofline-cuda-0-native.png",
+                "fig-throughput.png", "fig-isa-speedup.png", "fig-latency.png",
+                "fig-thread-scaling.png", "fig-precision.png"}
+    assert expected <= names
+    page = (realistic_report / "index.html").read_text(encoding="utf-8")
+    assert assert_self_contained(page) == len(expected)
+    assert "Figure skipped" not in page and "Figure failed" not in page
+    assert "membw taken from other ISA levels of cpu" in page
+
+
+def test_realistic_tables(realistic_run):
+    run = tables.load_run(realistic_run)
+    ceilings = tables.group_ceilings(run.frame, run.env)
+    assert ceilings[("cpu", "avx2")].memory_gbps == 40.0  # borrowed from isa native
+    assert ceilings[("cpu", "native")].cache_gbps == 300.0
+    roofline = tables.roofline_table(run.frame, ceilings)
+    bounds = tables.classification_table(roofline).set_index(["device", "isa", "op",
+                                                              "precision"])["bound"]
+    assert bounds[("cpu", "native", "sls", "fp32")] == "memory"
+    assert bounds[("cpu", "native", "fc", "fp32")] == "compute"
+    summary = tables.summary_table(run.frame, roofline).set_index(["op", "device"])
+    best = summary.loc[("sls", "cpu")]
+    assert (best["precision"], best["isa"], best["threads"]) == ("int4", "native", 4)
+    tradeoffs = tables.precision_tradeoffs(run.frame)
+    infer = tradeoffs[(tradeoffs["op"] == "dlrm_infer") & (tradeoffs["isa"] == "native")
+                      & (tradeoffs["threads"] == 4)].set_index("precision")
+    assert infer.loc["int8", "speedup_vs_fp32"] == pytest.approx(2.5)
+    assert infer.loc["int8", "auc_delta"] == pytest.approx(-0.002)
+
+
+def test_isa_speedup_is_relative_to_lowest_level(realistic_run):
+    rows = tables.load_run(realistic_run).frame
+    fc = rows[(rows["op"] == "fc") & (rows["threads"] == 4) & (rows["device"] == "cpu")]
+    speedups = plots.isa_speedups(plots.add_series_columns(fc))
+    fp32 = speedups[speedups["precision"] == "fp32"].set_index("isa")["speedup"]
+    assert fp32.to_dict() == pytest.approx({"avx2": 1.0, "avx512": 1.5, "native": 1.7})
+
+
+def test_a_broken_figure_becomes_a_note(tmp_path, monkeypatch):
+    def broken(frame):
+        raise RuntimeError("drawing exploded")
+
+    monkeypatch.setattr(plots, "latency_figure", broken)
+    report = build_report([copy_fixture("single", tmp_path)])
+    page = (report / "index.html").read_text(encoding="utf-8")
+    assert "Figure failed (Latency distribution per op): RuntimeError: drawing exploded" in page
+    assert not (report / "fig-latency.png").exists()
+
+
+def test_rebuild_removes_stale_figures(realistic_report, tmp_path):
+    out = Path(shutil.copytree(realistic_report, tmp_path / "out"))
+    assert (out / "fig-isa-speedup.png").exists()
+    build_report([copy_fixture("single", tmp_path)], out)
+    assert not (out / "fig-isa-speedup.png").exists()
+    assert (out / "fig-throughput.png").exists()
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_run_without_rows_gives_notes_not_a_crash(tmp_path):
+    report = build_report([write_run(tmp_path / "empty", [])])
+    assert sorted(path.name for path in report.iterdir()) == ["index.html", "summary.md"]
+    page = (report / "index.html").read_text(encoding="utf-8")
+    assert page.count("Figure skipped") == 5
+    assert assert_self_contained(page) == 0
+
+
+def test_bad_inputs_raise_clear_errors(tmp_path):
+    with pytest.raises(ValueError):
+        build_report([])
+    with pytest.raises(SchemaError):
+        build_report([tmp_path])
+
+
+def test_reports_never_import_torch():
+    for path in (REPOSITORY / "reports").glob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        assert not re.search(r"^\s*(import|from)\s+torch\b", text, re.MULTILINE), path
+    check = "import sys, reports.build; sys.exit(int('torch' in sys.modules))"
+    subprocess.run([sys.executable, "-c", check], cwd=REPOSITORY, check=True, timeout=120)
+
+
+CHECKER = """<script>
+window.reportErrors = [];
+window.addEventListener('error', function (event) {
+  window.reportErrors.push(String(event.message || (event.target && event.target.tagName)));
+}, true);
+window.addEventListener('load', function () {
+  var images = Array.prototype.slice.call(document.images);
+  var broken = images.filter(function (image) {
+    return !image.complete || image.naturalWidth === 0;
+  });
+  var root = document.documentElement;
+  root.setAttribute('data-images', images.length);
+  root.setAttribute('data-broken', broken.length);
+  root.setAttribute('data-errors', window.reportErrors.length);
+});
+</script>"""
+
+
+def test_report_renders_in_headless_chromium(realistic_report, tmp_path):
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} not installed (apt-get install -y chromium)")
+    page = (realistic_report / "index.html").read_text(encoding="utf-8")
+    # The report itself has no script: the test adds one that marks broken images and errors.
+    checked = tmp_path / "checked.html"
+    checked.write_text(page.replace("<head>", "<head>" + CHECKER, 1), encoding="utf-8")
+    command = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+               "--no-first-run", "--disable-background-networking", "--disable-component-update",
+               "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
+               "--enable-logging=stderr", "--v=0", "--run-all-compositor-stages-before-draw",
+               "--virtual-time-budget=5000", "--dump-dom", checked.as_uri()]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    dom = result.stdout
+    images = page.lower().count("<img")
+    assert f'data-images="{images}"' in dom, dom[:500]
+    assert 'data-broken="0"' in dom and 'data-errors="0"' in dom
+    assert "<h2>Summary</h2>" in dom and "<h2>Thread scaling</h2>" in dom
+    console = [line for line in result.stderr.splitlines() if "CONSOLE" in line]
+    assert not console, console
