@@ -61,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", help="override the workloads' batch size(s)")
     parser.add_argument("--max-rows", type=int, help="cap every table at this many rows")
     parser.add_argument("--dist", help="index distribution for every table: uniform or zipf:ALPHA")
-    parser.add_argument("--rows", type=int, default=1_000_000, help="synthetic: rows per table")
+    parser.add_argument("--rows", default="1000000",
+                        help="synthetic: rows per table; a list sweeps the table footprint "
+                             "(a working-set sweep), e.g. 1000,100000,10000000")
     parser.add_argument("--dim", type=int, default=64, help="synthetic: embedding dim")
     parser.add_argument("--pooling", default="32",
                         help="synthetic: lookups per bag: N or uniform|normal|lognormal:MEAN,SD")
@@ -100,26 +102,37 @@ def resolve_workloads(args) -> list:
     names = split(args.workload or QUICK_WORKLOADS)
     distribution = IndexDistribution.parse(args.dist) if args.dist else None
     specs = []
+    batch_sizes = _whole_numbers(args.batch_size, "--batch-size") if args.batch_size else [None]
     for name in names:
         if name == "synthetic":
-            spec = presets.synthetic(args.rows, args.dim, PoolingDistribution.parse(args.pooling),
-                                     args.num_tables, distribution or IndexDistribution())
+            pooling = PoolingDistribution.parse(args.pooling)
+            bases = [presets.synthetic(rows, args.dim, pooling, args.num_tables,
+                                       distribution or IndexDistribution())
+                     for rows in _whole_numbers(str(args.rows), "--rows")]
         elif name.startswith("criteo:"):
             from workloads.criteo_workload import criteo_workload
 
-            spec = criteo_workload(name.partition(":")[2])
+            bases = [criteo_workload(name.partition(":")[2])]
         else:
-            spec = presets.preset(name)
+            bases = [presets.preset(name)]
         max_rows = args.max_rows
         if max_rows is None and args.quick_defaults and name == "kaggle":
             max_rows = QUICK_MAX_ROWS
-        spec = spec.capped(max_rows).with_distribution(distribution)
-        for batch_size in ([int(value) for value in split(args.batch_size)]
-                           if args.batch_size else [None]):
-            if batch_size is not None and batch_size < 1:
-                raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
-            specs.append(spec.with_batch_size(batch_size))
+        for base in bases:
+            spec = base.capped(max_rows).with_distribution(distribution)
+            specs.extend(spec.with_batch_size(batch_size) for batch_size in batch_sizes)
     return specs
+
+
+def _whole_numbers(text: str, flag: str) -> list[int]:
+    """Comma-separated positive integers, or a UsageError naming the flag."""
+    try:
+        values = [int(value) for value in split(text)]
+    except ValueError:
+        raise UsageError(f"{flag} {text!r}: give positive whole numbers, e.g. 1,2") from None
+    if not values or min(values) < 1:
+        raise UsageError(f"{flag} {text!r}: values must be >= 1")
+    return values
 
 
 def list_choices() -> str:
@@ -214,10 +227,7 @@ def sweep(argv: list[str]) -> int:
     isa_levels = split(args.isa)
     for level in isa_levels:
         devices.check_isa(level)
-    try:
-        thread_counts = [int(value) for value in split(args.threads)]
-    except ValueError:
-        raise UsageError(f"--threads {args.threads!r}: give whole numbers, e.g. 1,2") from None
+    thread_counts = _whole_numbers(args.threads, "--threads")
     available_cpus = len(os.sched_getaffinity(0))
     for count in thread_counts:
         if not 1 <= count <= available_cpus:

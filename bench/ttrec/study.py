@@ -71,7 +71,7 @@ def validate(workload: WorkloadSpec, tt_tables_list: Sequence[int], ranks: Seque
 
 
 def training_data(workload: WorkloadSpec, seed: int, steps: int, batch_size: int) -> list[tuple]:
-    """Teacher-labelled training batches as tensors (dense, indices, offsets, labels), one a step."""
+    """Teacher-labelled (dense, indices, offsets, labels) tensors, one batch per step."""
     teacher = teacher_model(workload, seed)
     labelled = label_batches(teacher, workload, seed,
                              range(TRAIN_FIRST_BATCH, TRAIN_FIRST_BATCH + steps), batch_size)
