@@ -62,8 +62,9 @@ class Impl:
 
     @property
     def code_version(self) -> str:
-        """Hash of the builder's source: results from changed code are not comparable."""
-        source = inspect.getsource(self.build)
+        """Hash of the builder's whole module source: results from changed code are not
+        comparable. The module, not the function, because builders share helpers there."""
+        source = inspect.getsource(inspect.getmodule(self.build)) + self.name
         return hashlib.sha256(source.encode()).hexdigest()[:12]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import math
 import os
@@ -98,11 +99,21 @@ def record_to_row(record: dict[str, str]) -> ResultRow:
     return ResultRow(**{name: _parse(name, record[name]) for name in COLUMNS if name in record})
 
 
+def _drop_partial_last_line(path: Path) -> None:
+    """Cut a file back to its last newline: a writer killed mid-row leaves a partial line."""
+    with open(path, "rb+") as handle:
+        data = handle.read()
+        if data and not data.endswith(b"\n"):
+            handle.truncate(data.rfind(b"\n") + 1)
+
+
 class ResultsWriter:
     """Appends rows to a results CSV, flushing each row so a later crash never loses it."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        if self.path.exists():
+            _drop_partial_last_line(self.path)
         new_file = not self.path.exists() or self.path.stat().st_size == 0
         self._handle = open(self.path, "a", newline="", encoding="utf-8")
         self._writer = csv.DictWriter(self._handle, fieldnames=COLUMNS)
@@ -139,22 +150,26 @@ def read_rows(path: Path) -> list[ResultRow]:
     path = Path(path)
     if not path.is_file():
         raise SchemaError(f"{path}: no such results file")
-    with open(path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        missing = set(COLUMNS) - set(reader.fieldnames or ())
-        if reader.fieldnames is None or "schema_version" in missing or "op" in missing:
+    text = path.read_text(encoding="utf-8")
+    if text and not text.endswith("\n"):
+        text = text[:text.rfind("\n") + 1]  # the last line was cut short by a crash mid-write
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    missing = set(COLUMNS) - set(reader.fieldnames or ())
+    if reader.fieldnames is None or "schema_version" in missing or "op" in missing:
+        raise SchemaError(
+            f"{path}: not a dlrm-bench results CSV (header lacks op/schema_version)")
+    rows = []
+    for record in reader:
+        if None in record.values():
+            raise SchemaError(f"{path}:{reader.line_num}: row has fewer cells than the header")
+        if str(record["schema_version"]) != str(SCHEMA_VERSION):
             raise SchemaError(
-                f"{path}: not a dlrm-bench results CSV (header lacks op/schema_version)")
-        rows = []
-        for record in reader:
-            if None in record.values() or record.get("timestamp") is None:
-                continue  # the last line was cut short by a crash mid-write
-            if str(record["schema_version"]) != str(SCHEMA_VERSION):
-                raise SchemaError(
-                    f"{path}: schema_version {record['schema_version']}, this tool reads "
-                    f"{SCHEMA_VERSION}; re-run the sweep with this version"
-                )
+                f"{path}: schema_version {record['schema_version']}, this tool reads "
+                f"{SCHEMA_VERSION}; re-run the sweep with this version")
+        try:
             rows.append(record_to_row(record))
+        except ValueError as error:
+            raise SchemaError(f"{path}:{reader.line_num}: malformed cell ({error})") from None
     return rows
 
 

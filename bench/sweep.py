@@ -87,28 +87,48 @@ def _op_tasks(op, workload, precisions, device, isa, threads, seed, options,
 
 # Bytes needed per byte of fp32 embedding tables, by op: the fp32 tables, precision copies,
 # the concatenated copy of batched layouts, and (training) a float64 reference copy.
-MEMORY_FACTORS = {"sls": 2.0, "sls_multi": 3.0, "dlrm_infer": 4.0, "dlrm_train": 6.0}
+# sls and tt_sls hold only the largest table; ops without tables need no table memory.
+MEMORY_FACTORS = {"sls": 2.0, "tt_sls": 2.0, "sls_multi": 3.0, "dlrm_infer": 4.0,
+                  "dlrm_train": 6.0}
+SINGLE_TABLE_OPS = ("sls", "tt_sls")
+
+
+def _table_bytes(workload: WorkloadSpec, op: str, cap: Optional[int] = None) -> float:
+    """fp32 bytes of the tables an op holds, with every table capped at cap rows."""
+    rows = [min(table.rows, cap) if cap else table.rows for table in workload.tables]
+    if op in SINGLE_TABLE_OPS:
+        rows = [max(rows)]
+    return float(sum(rows)) * workload.dim * 4
+
+
+def estimate_bytes(workload: WorkloadSpec, ops: Iterable[str], cap: Optional[int] = None) -> float:
+    """Peak memory the worst op needs for this workload's tables."""
+    return max([MEMORY_FACTORS.get(op, 0.0) * _table_bytes(workload, op, cap) for op in ops]
+               + [0.0])
 
 
 def check_memory(workloads: Iterable[WorkloadSpec], ops: Iterable[str],
                  available_bytes: int) -> None:
     """Refuse, before allocating, a workload whose tables will not fit in available memory."""
     ops = list(ops)
+    budget = 0.9 * available_bytes
     for workload in workloads:
-        factors = [MEMORY_FACTORS.get(op, 0.0) for op in ops]
-        if "sls" in ops and len(factors) == 1:
-            table_bytes = workload.tables[workload.largest_table()].rows * workload.dim * 4
-        else:
-            table_bytes = workload.embedding_bytes(4)
-        needed = table_bytes * max(factors + [0.0])
-        if needed > 0.9 * available_bytes:
-            fit_rows = int(max(1000, 0.9 * available_bytes / max(needed, 1)
-                               * max(table.rows for table in workload.tables)))
-            raise SpecError(
-                f"workload {workload.name} needs about {needed / 2**30:.1f} GiB "
-                f"({workload.total_rows:,} rows x dim {workload.dim}, with working copies) but "
-                f"{available_bytes / 2**30:.1f} GiB is available; add --max-rows {fit_rows:,} "
-                "(or fewer ops)")
+        needed = estimate_bytes(workload, ops)
+        if needed <= budget:
+            continue
+        # The largest per-table cap that fits (binary search: memory grows with the cap).
+        low, high = 1, max(table.rows for table in workload.tables)
+        while low < high:
+            middle = (low + high + 1) // 2
+            if estimate_bytes(workload, ops, middle) <= budget:
+                low = middle
+            else:
+                high = middle - 1
+        raise SpecError(
+            f"workload {workload.name} needs about {needed / 2**30:.1f} GiB "
+            f"({workload.total_rows:,} rows x dim {workload.dim}, with working copies) but "
+            f"{available_bytes / 2**30:.1f} GiB is available; add --max-rows {low:,} "
+            "(or fewer ops)")
 
 
 def completed_keys(results_path: Path) -> set[str]:
@@ -237,7 +257,10 @@ def _run_once(batch: list[Task], run_id: str, policy: TimingPolicy, log_path: Pa
         return []
     except WorkerCrash as crash:
         index, reason = crash.args
-        failed = max(index, 0)  # a crash before the first task blames the first task
+        # A crash before the first task, or between a finished task and the next start,
+        # blames the first task not yet finished.
+        failed = index if index >= 0 and index not in finished else next(
+            position for position in range(len(batch)) if position not in finished)
         row = base_row(batch[failed], run_id)
         row.status, row.error = STATUS_ERROR, reason
         record(failed, row)

@@ -5,9 +5,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import numbers
+from pathlib import Path
 from typing import Optional
 
-INDEX_DISTRIBUTIONS = ("uniform", "zipf")
+INDEX_DISTRIBUTIONS = ("uniform", "zipf", "trace", "hitrate", "reuse")
+# Kinds whose indices come from one locality-controlled stream per table (see generators).
+LOCALITY_DISTRIBUTIONS = ("trace", "hitrate", "reuse")
+TRACE_SUFFIXES = (".npy", ".csv", ".txt")
+DIST_FORMS = "uniform, zipf:ALPHA, trace:PATH, hitrate:RATE@CAPACITY_ROWS or reuse:COLD_PROB,MEAN"
 POOLING_DISTRIBUTIONS = ("fixed", "uniform", "normal", "lognormal")
 INTERACTIONS = ("dot", "cat", "dcn")
 
@@ -21,35 +28,96 @@ def _require(condition: bool, message: str) -> None:
         raise SpecError(message)
 
 
+def _number_text(value: float) -> str:
+    """Shortest text that parses back to the same float ('0.9', '100000')."""
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
 @dataclasses.dataclass(frozen=True)
 class IndexDistribution:
     """How row ids are drawn within a table."""
 
-    kind: str = "uniform"  # "uniform" or "zipf"
+    kind: str = "uniform"  # one of INDEX_DISTRIBUTIONS
     alpha: float = 0.0  # Zipf exponent; hot rows are spread over the table by a seeded shuffle
+    path: str = ""  # trace: the file whose row ids are replayed (modulo the table's rows)
+    target_hit_rate: float = 0.0  # hitrate: exact LRU hit rate at capacity_rows
+    capacity_rows: int = 0  # hitrate: the LRU capacity (rows) that target_hit_rate refers to
+    cold_probability: float = 0.0  # reuse: chance an access touches a row not reused lately
+    mean_distance: float = 0.0  # reuse: mean LRU stack distance of the other (geometric) accesses
 
     def __post_init__(self):
         _require(self.kind in INDEX_DISTRIBUTIONS,
                  f"index distribution {self.kind!r}: choose {', '.join(INDEX_DISTRIBUTIONS)}")
         if self.kind == "zipf":
             _require(self.alpha > 0, f"zipf alpha must be > 0, got {self.alpha}")
+        elif self.kind == "trace":
+            _require(bool(self.path), "trace distribution needs a file: write trace:PATH")
+            _require(Path(self.path).suffix.lower() in TRACE_SUFFIXES,
+                     f"trace file {self.path!r}: use a {', '.join(TRACE_SUFFIXES)} file")
+            _require(Path(self.path).is_file(), f"trace file {self.path!r} does not exist")
+        elif self.kind == "hitrate":
+            _require(0.0 <= self.target_hit_rate <= 1.0,
+                     f"hitrate target must be in [0, 1], got {self.target_hit_rate}")
+            _require(isinstance(self.capacity_rows, numbers.Integral)
+                     and self.capacity_rows >= 1,
+                     f"hitrate capacity must be a whole number of rows >= 1, "
+                     f"got {self.capacity_rows}")
+        elif self.kind == "reuse":
+            _require(0.0 <= self.cold_probability <= 1.0,
+                     f"reuse cold probability must be in [0, 1], got {self.cold_probability}")
+            _require(math.isfinite(self.mean_distance) and self.mean_distance >= 0,
+                     f"reuse mean distance must be finite and >= 0, got {self.mean_distance}")
+
+    @property
+    def is_locality(self) -> bool:
+        """Whether indices come from a per-table locality stream (trace, hitrate, reuse)."""
+        return self.kind in LOCALITY_DISTRIBUTIONS
 
     @classmethod
     def parse(cls, text: str) -> "IndexDistribution":
-        """Parse 'uniform' or 'zipf:ALPHA'."""
+        """Parse uniform, zipf:ALPHA, trace:PATH, hitrate:RATE@CAPACITY_ROWS, reuse:COLD,MEAN."""
         kind, _, value = text.partition(":")
         if kind == "zipf":
             try:
                 return cls("zipf", float(value))
             except ValueError:
                 raise SpecError(f"--dist {text!r}: write zipf:ALPHA, e.g. zipf:1.05") from None
-        _require(kind == "uniform" and not value,
-                 f"--dist {text!r}: choose uniform or zipf:ALPHA (e.g. zipf:1.05)")
+        if kind == "trace":
+            _require(bool(value), f"--dist {text!r}: write trace:PATH (.npy, .csv or .txt)")
+            return cls("trace", path=value)
+        if kind == "hitrate":
+            rate, separator, capacity = value.partition("@")
+            try:
+                numbers = float(rate), int(capacity)
+            except ValueError:
+                numbers = None
+            _require(numbers is not None and bool(separator),
+                     f"--dist {text!r}: write hitrate:RATE@CAPACITY_ROWS, e.g. hitrate:0.9@100000")
+            return cls("hitrate", target_hit_rate=numbers[0], capacity_rows=numbers[1])
+        if kind == "reuse":
+            cold, separator, mean = value.partition(",")
+            try:
+                numbers = float(cold), float(mean)
+            except ValueError:
+                numbers = None
+            _require(numbers is not None and bool(separator),
+                     f"--dist {text!r}: write reuse:COLD_PROB,MEAN_DISTANCE, e.g. reuse:0.1,1000")
+            return cls("reuse", cold_probability=numbers[0], mean_distance=numbers[1])
+        _require(kind == "uniform" and not value, f"--dist {text!r}: choose {DIST_FORMS}")
         return cls("uniform")
 
     def label(self) -> str:
         """Short text form, the inverse of parse."""
-        return "uniform" if self.kind == "uniform" else f"zipf:{self.alpha:g}"
+        if self.kind == "zipf":
+            return f"zipf:{self.alpha:g}"
+        if self.kind == "trace":
+            return f"trace:{self.path}"
+        if self.kind == "hitrate":
+            return f"hitrate:{_number_text(self.target_hit_rate)}@{self.capacity_rows}"
+        if self.kind == "reuse":
+            return (f"reuse:{_number_text(self.cold_probability)},"
+                    f"{_number_text(self.mean_distance)}")
+        return "uniform"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,8 +134,11 @@ class PoolingDistribution:
                  f"pooling {self.kind!r}: choose one of {', '.join(POOLING_DISTRIBUTIONS)}")
         _require(self.mean >= 1, f"pooling mean must be >= 1, got {self.mean}")
         _require(self.spread >= 0, f"pooling spread must be >= 0, got {self.spread}")
+        _require(self.maximum >= 0, f"pooling maximum must be >= 0, got {self.maximum}")
         if self.kind == "fixed":
             _require(float(self.mean).is_integer(), f"fixed pooling must be whole, got {self.mean}")
+            _require(self.maximum in (0, ) or self.maximum >= self.mean,
+                     f"fixed pooling {self.mean:g} exceeds its maximum {self.maximum}")
 
     @classmethod
     def parse(cls, text: str) -> "PoolingDistribution":

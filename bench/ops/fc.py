@@ -31,8 +31,10 @@ def layer_widths(workload, layer: str) -> tuple[int, tuple[int, ...], bool]:
         return workload.num_dense, workload.bottom_mlp, True
     if layer == "top_mlp":
         return top_input, workload.top_mlp, False
-    # "linear": the top MLP's first layer, the widest GEMM of most DLRM configs.
-    return top_input, workload.top_mlp[:1], False
+    if layer == "linear":
+        # The top MLP's first layer, the widest GEMM of most DLRM configs.
+        return top_input, workload.top_mlp[:1], False
+    raise ValueError(f"unknown FC layer {layer!r}; choose from {', '.join(FC_LAYERS)}")
 
 
 def quantize_int8(module: nn.Module) -> nn.Module:

@@ -1,0 +1,44 @@
+"""Shared helpers for the measuring-core tests: tiny workloads, a fast timing policy, the CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # the bare `pytest` script does not put the root on the path
+    sys.path.insert(0, str(REPO_ROOT))
+
+from bench.timing import TimingPolicy  # noqa: E402
+from workloads.specs import (IndexDistribution, PoolingDistribution, TableSpec,  # noqa: E402
+                             WorkloadSpec)
+
+# Short enough that run_task finishes in a fraction of a second; tests never check speed.
+FAST_POLICY = TimingPolicy(min_run_time_s=0.01, min_samples=3, max_run_time_s=1.0,
+                           warmup_calls=1)
+
+
+def tiny_workload(name: str = "tiny", rows=(300, 120, 500), dim: int = 8,
+                  pooling: PoolingDistribution = PoolingDistribution("fixed", 3.0),
+                  distribution: IndexDistribution = IndexDistribution(),
+                  interaction: str = "dot", batch_size: int = 16) -> WorkloadSpec:
+    """A DLRM-shaped workload small enough to build every op in milliseconds."""
+    tables = tuple(TableSpec(rows=count, dim=dim, pooling=pooling, distribution=distribution)
+                   for count in rows)
+    return WorkloadSpec(name=name, tables=tables, num_dense=5, bottom_mlp=(12, dim),
+                        top_mlp=(10, 1), interaction=interaction, batch_size=batch_size)
+
+
+def run_cli(*args: str, timeout: float = 300.0) -> subprocess.CompletedProcess:
+    """Run `python run_bench.py ARGS` from the repository root."""
+    return subprocess.run([sys.executable, "run_bench.py", *args], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def fast_policy() -> TimingPolicy:
+    """The timing policy tests give run_task."""
+    return FAST_POLICY
