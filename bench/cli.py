@@ -76,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tt-rank", help="TT-Rec ranks to sweep (tt_sls and TT models), e.g. 8,16")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--min-run-time", type=float, help="seconds of timing per configuration")
+    parser.add_argument("--calls-per-rep", type=int, default=1, metavar="N",
+                        help="call each timed closure N times back to back per repetition "
+                             "(default 1). For validating the regression checker: a run at N=5 "
+                             "does exactly 25%% more work per row than one at N=4, with the same "
+                             "task keys and code versions. Times are per repetition; "
+                             "samples/s, GB/s and GFLOP/s count all N calls")
     parser.add_argument("--task-timeout", type=float, default=900.0,
                         help="seconds before a hung configuration becomes an error row")
     parser.add_argument("--out", default="results", help="output directory (default: results/)")
@@ -160,10 +166,15 @@ def list_choices() -> str:
 
 def _options(args) -> dict:
     options = {}
+    from bench.ops.fc import FC_LAYERS
+    from bench.ops.sls import SLS_MODES
+
+    if args.seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {args.seed}")
     if args.sls_modes:
-        options["sls_modes"] = split(args.sls_modes)
+        options["sls_modes"] = _choose(split(args.sls_modes), SLS_MODES, "--sls-modes value")
     if args.fc_layers:
-        options["fc_layers"] = split(args.fc_layers)
+        options["fc_layers"] = _choose(split(args.fc_layers), FC_LAYERS, "--fc-layers value")
     if args.tt_tables < 0:
         raise UsageError(f"--tt-tables must be >= 0, got {args.tt_tables}")
     if args.tt_tables:
@@ -174,7 +185,11 @@ def _options(args) -> dict:
         except ValueError:
             raise UsageError(f"--tt-rank {args.tt_rank!r}: give whole numbers, e.g. 8,16") from None
     if args.membw_sizes:
-        options["membw_sizes"] = [int(value) for value in split(args.membw_sizes)]
+        options["membw_sizes"] = _whole_numbers(args.membw_sizes, "--membw-sizes")
+    if args.calls_per_rep < 1:
+        raise UsageError(f"--calls-per-rep must be >= 1, got {args.calls_per_rep}")
+    if args.calls_per_rep != 1:
+        options["calls_per_rep"] = args.calls_per_rep
     return options
 
 

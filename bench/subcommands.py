@@ -26,11 +26,73 @@ def report(argv: list[str]) -> int:
     return 0
 
 
-def check(argv: list[str]) -> int:
-    """Compare a candidate run against a baseline (see reports.check)."""
-    from reports.check import main
+CHECK_PROGRAM = "python run_bench.py check"
 
-    return main(argv, program="python run_bench.py check")
+
+def _check_parser() -> argparse.ArgumentParser:
+    """reports.check's options, plus the CI sweep, --ci and --ab."""
+    from bench import ab, ci_sweep
+    from reports.check import build_parser
+
+    parser = build_parser(CHECK_PROGRAM, candidate_required=False)
+    parser.description = (
+        "Tell real performance regressions from noise. Without --candidate, run the CI sweep "
+        "now (bench/ci_sweep.py, into results/ci/) and check it; without --baseline, check "
+        "against the committed baseline for its fingerprint (results/baselines/). Exit 0: no "
+        "regression, 1: regression, 2: cannot compare.")
+    # None = not given, so that --ci can choose its own values.
+    parser.set_defaults(factor=None, alpha=None)
+    parser.add_argument("--ci", action="store_true",
+                        help=f"CI mode: factor {ci_sweep.CI_FACTOR:g} and alpha "
+                             f"{ci_sweep.CI_ALPHA:g} unless given (sized for shared runners), "
+                             "and exit 0 with a note when there is no baseline for this "
+                             "fingerprint yet")
+    parser.add_argument("--ci-out", default=str(ci_sweep.DEFAULT_CI_ROOT),
+                        help="where the CI sweep's run goes when there is no --candidate")
+    parser.add_argument("--ab", metavar="REV",
+                        help="A/B in one job: run the CI sweep alternately on git revision REV "
+                             "(a temporary worktree) and on this working tree, merge each "
+                             "side's rounds and compare them; --out-dir is the A/B directory "
+                             f"(default {ab.DEFAULT_AB_ROOT}/<id>)")
+    parser.add_argument("--rounds", type=int,
+                        help=f"--ab: rounds of A then B (default {ab.DEFAULT_ROUNDS})")
+    return parser
+
+
+def check(argv: list[str]) -> int:
+    """Compare a candidate run (default: the CI sweep, run now) against a baseline."""
+    from bench import ci_sweep
+    from reports.check import EXIT_CANNOT_COMPARE, execute
+
+    args = _check_parser().parse_args(argv)
+    args.factor = args.factor if args.factor is not None else (
+        ci_sweep.CI_FACTOR if args.ci else 0.10)
+    args.alpha = args.alpha if args.alpha is not None else (
+        ci_sweep.CI_ALPHA if args.ci else 0.01)
+    if args.ab is not None:
+        clashing = [option for option, value in (("--candidate", args.candidate),
+                                                 ("--baseline", args.baseline),
+                                                 ("--update-baseline", args.update_baseline))
+                    if value]
+        if clashing:
+            print(f"check: error: --ab compares two revisions it runs itself; drop "
+                  f"{', '.join(clashing)}", file=sys.stderr)
+            return EXIT_CANNOT_COMPARE
+        from bench import ab
+
+        rounds = ab.DEFAULT_ROUNDS if args.rounds is None else args.rounds
+        return ab.run_ab(args.ab, rounds, factor=args.factor, alpha=args.alpha,
+                         out_dir=args.out_dir)
+    if args.rounds is not None:
+        print("check: error: --rounds applies to --ab only", file=sys.stderr)
+        return EXIT_CANNOT_COMPARE
+    if args.candidate is None:
+        try:
+            args.candidate = str(ci_sweep.run_ci_sweep(args.ci_out, ci_sweep.new_run_id()))
+        except ci_sweep.CiSweepError as error:
+            print(f"check: cannot compare: {error}", file=sys.stderr)
+            return EXIT_CANNOT_COMPARE
+    return execute(args, CHECK_PROGRAM, missing_baseline_ok=args.ci)
 
 
 def analyze(argv: list[str]) -> int:

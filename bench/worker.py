@@ -10,6 +10,7 @@ import os
 import sys
 import traceback
 import warnings
+from typing import Any, Callable
 
 import torch
 
@@ -46,6 +47,19 @@ def _fail(row: ResultRow, message: str) -> ResultRow:
     return row
 
 
+def repeated(run: Callable[[], Any], calls: int) -> Callable[[], Any]:
+    """A closure calling run `calls` times back to back (run itself when calls is 1)."""
+    if calls == 1:
+        return run
+
+    def run_repeatedly() -> Any:
+        for _ in range(calls - 1):
+            run()
+        return run()
+
+    return run_repeatedly
+
+
 def run_task(task: Task, run_id: str, policy: timing.TimingPolicy,
              isa_effective: str = "") -> ResultRow:
     """Build, check against float64, then time one task; never raises for the task's faults."""
@@ -72,31 +86,39 @@ def run_task(task: Task, run_id: str, policy: timing.TimingPolicy,
         row.rel_error = relative_error(output, prepared.reference())
     except Exception as error:  # NaN, wrong shape, or a kernel that raised
         return _fail(row, f"check against float64 reference failed: {error}")
-    tolerance = prepared.tolerance or registry.TOLERANCE[task.precision]
+    tolerance = (prepared.tolerance if prepared.tolerance is not None
+                 else registry.TOLERANCE[task.precision])
     if not row.rel_error <= tolerance:
         return _fail(row, f"relative error {row.rel_error:.3g} exceeds the {task.precision} "
                           f"tolerance {tolerance:g}")
     if prepared.accuracy is not None:
-        quality = prepared.accuracy()
+        try:
+            quality = prepared.accuracy()
+        except Exception as error:
+            return _fail(row, f"accuracy evaluation failed: {type(error).__name__}: {error}")
         row.auc, row.logloss = quality["auc"], quality["logloss"]
         row.ctr_abs_diff = quality["ctr_abs_diff"]
         metrics.update(quality.get("metrics", {}))
+    # --calls-per-rep: a known amount of extra work per repetition, to validate the checker.
+    calls = int(task.options.get("calls_per_rep", 1))
+    metrics["calls_per_rep"] = calls
     try:
-        summary, observed = timing.measure(prepared.run, device, policy, task.threads,
-                                           flush_l2=prepared.flush_between_reps,
-                                           monitor=telemetry.Monitor(task.device))
+        summary, observed = timing.measure(
+            repeated(prepared.run, calls), device, policy, task.threads,
+            flush_l2=prepared.flush_between_reps, monitor=telemetry.Monitor(task.device))
     except Exception as error:
         return _fail(row, f"timing failed: {type(error).__name__}: {error}")
     row.n_samples = len(summary.samples_s)
     row.samples_s = json.dumps([float(f"{value:.6g}") for value in summary.samples_s])
     row.median_s, row.mean_s, row.min_s = summary.median_s, summary.mean_s, summary.min_s
     row.p90_s, row.p99_s, row.iqr_s = summary.p90_s, summary.p99_s, summary.iqr_s
-    row.samples_per_s = prepared.samples / summary.median_s
-    row.gbps = prepared.bytes_moved / summary.median_s / 1e9
-    row.gflops = prepared.flops / summary.median_s / 1e9 if prepared.flops else math.nan
+    # Times are per repetition (calls_per_rep calls); rates count the work of every call.
+    row.samples_per_s = calls * prepared.samples / summary.median_s
+    row.gbps = calls * prepared.bytes_moved / summary.median_s / 1e9
+    row.gflops = calls * prepared.flops / summary.median_s / 1e9 if prepared.flops else math.nan
     row.cpu_util, row.peak_rss_bytes = observed.cpu_util, observed.peak_rss_bytes
     row.avg_power_w, row.energy_j = observed.avg_power_w, observed.energy_j
-    row.joules_per_sample = observed.avg_power_w * summary.median_s / prepared.samples
+    row.joules_per_sample = observed.avg_power_w * summary.median_s / (calls * prepared.samples)
     if observed.gpu:
         metrics["gpu"] = observed.gpu
     if observed.sources:

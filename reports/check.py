@@ -240,40 +240,21 @@ def _cannot_compare(message: str) -> int:
     return EXIT_CANNOT_COMPARE
 
 
-def run_check(
-    baseline: str | os.PathLike | None,
-    candidate: str | os.PathLike,
-    factor: float = 0.10,
-    alpha: float = 0.01,
-    out_dir: str | os.PathLike | None = None,
-    rebaseline_hint: str = "",
-    baselines_root: str | os.PathLike = DEFAULT_BASELINES_ROOT,
+def report_verdicts(
+    verdicts: Sequence[Verdict],
+    baseline_label: str,
+    candidate_label: str,
+    factor: float,
+    alpha: float,
+    verdicts_path: str | os.PathLike,
+    failure_advice: str = "",
+    stale_advice: str = "",
 ) -> int:
-    """Compare candidate to baseline (None: the stored one for its fingerprint); 0, 1 or 2."""
-    hint = rebaseline_hint or default_rebaseline_hint(candidate, root=str(baselines_root))
-    try:
-        candidate_rows = load_results(candidate)
-        if baseline is None:
-            fingerprint = _single_fingerprint(candidate_rows, candidate)
-            baseline = baseline_path(fingerprint, baselines_root)
-            if not baseline.is_file():
-                return _cannot_compare(
-                    f"no baseline for fingerprint {fingerprint} at {baseline}; "
-                    f"record one with: {hint}"
-                )
-        baseline_rows = load_results(baseline)
-        verdicts = compare_rows(baseline_rows, candidate_rows, factor=factor, alpha=alpha)
-    except (CheckInputError, ValueError) as error:
-        return _cannot_compare(str(error))
-
-    print(f"baseline:  {results_csv_path(baseline)}")
-    print(f"candidate: {results_csv_path(candidate)}")
+    """Print the verdict table, write verdicts.csv, print the outcome; returns exit code 0 or 1."""
+    print(f"baseline:  {baseline_label}")
+    print(f"candidate: {candidate_label}")
     print(f"a change counts when p < {alpha:g} and the median moves by more than {factor * 100:g}%")
     print(render_table(verdicts))
-
-    if out_dir is None:
-        out_dir = candidate if Path(candidate).is_dir() else Path.cwd()
-    verdicts_path = Path(out_dir) / VERDICTS_FILENAME
     write_verdicts_csv(verdicts, verdicts_path)
     print(f"verdicts written to {verdicts_path}")
 
@@ -282,32 +263,85 @@ def run_check(
     if failing:
         summary = ", ".join(f"{count} {name}" for name, count in failing.items())
         print(f"FAIL: {summary}")
-        print(f"if this change is intended, re-baseline with: {hint}")
+        if failure_advice:
+            print(failure_advice)
         return EXIT_REGRESSED
     if "NOT_COMPARABLE" in counts:
         # Not a failure, but stale baselines hide regressions, so say how to refresh them.
-        print(f"{counts['NOT_COMPARABLE']} rows NOT_COMPARABLE; to re-baseline: {hint}")
+        print(f"{counts['NOT_COMPARABLE']} rows NOT_COMPARABLE" + (
+            f"; {stale_advice}" if stale_advice else ""))
     print("OK: no regression")
     return EXIT_OK
 
 
-def build_parser(program: str = DEFAULT_PROGRAM) -> argparse.ArgumentParser:
+def run_check(
+    baseline: str | os.PathLike | None,
+    candidate: str | os.PathLike,
+    factor: float = 0.10,
+    alpha: float = 0.01,
+    out_dir: str | os.PathLike | None = None,
+    rebaseline_hint: str = "",
+    baselines_root: str | os.PathLike = DEFAULT_BASELINES_ROOT,
+    missing_baseline_ok: bool = False,
+) -> int:
+    """Compare candidate to baseline (None: the stored one for its fingerprint); 0, 1 or 2."""
+    # missing_baseline_ok: a missing stored baseline is a skip (exit 0), not an error, so a CI
+    # job on a machine that has no baseline yet says how to record one and passes.
+    hint = rebaseline_hint or default_rebaseline_hint(candidate, root=str(baselines_root))
+    try:
+        candidate_rows = load_results(candidate)
+        if baseline is None:
+            fingerprint = _single_fingerprint(candidate_rows, candidate)
+            baseline = baseline_path(fingerprint, baselines_root)
+            if not baseline.is_file():
+                message = (f"no baseline for fingerprint {fingerprint} at {baseline}; "
+                           f"record one with: {hint}")
+                if missing_baseline_ok:
+                    print(f"check: skipped: {message}")
+                    return EXIT_OK
+                return _cannot_compare(message)
+        baseline_rows = load_results(baseline)
+        verdicts = compare_rows(baseline_rows, candidate_rows, factor=factor, alpha=alpha)
+    except (CheckInputError, ValueError) as error:
+        return _cannot_compare(str(error))
+
+    if out_dir is None:
+        out_dir = candidate if Path(candidate).is_dir() else Path.cwd()
+    return report_verdicts(
+        verdicts,
+        str(results_csv_path(baseline)),
+        str(results_csv_path(candidate)),
+        factor,
+        alpha,
+        Path(out_dir) / VERDICTS_FILENAME,
+        failure_advice=f"if this change is intended, re-baseline with: {hint}",
+        stale_advice=f"to re-baseline: {hint}",
+    )
+
+
+def build_parser(
+    program: str = DEFAULT_PROGRAM, candidate_required: bool = True
+) -> argparse.ArgumentParser:
     """Command-line options of the check."""
     parser = argparse.ArgumentParser(
         prog=program,
         description="Tell real performance regressions from noise between two benchmark runs.",
     )
     parser.add_argument(
-        "--candidate", required=True, help="run directory (with results.csv) or results CSV"
+        "--candidate",
+        required=candidate_required,
+        help="run directory (with results.csv) or results CSV"
+        + ("" if candidate_required else " (default: run the CI sweep now into results/ci/)"),
     )
     parser.add_argument(
         "--baseline",
         help="run directory or results CSV (default: <baselines-root>/<fingerprint>.csv)",
     )
     parser.add_argument(
-        "--factor", type=float, default=0.10, help="smallest relative change that counts"
+        "--factor", type=float, default=0.10,
+        help="smallest relative change that counts (default 0.10)",
     )
-    parser.add_argument("--alpha", type=float, default=0.01, help="significance level")
+    parser.add_argument("--alpha", type=float, default=0.01, help="significance level (0.01)")
     parser.add_argument("--out-dir", help="where verdicts.csv goes (default: the candidate run)")
     parser.add_argument("--baselines-root", default=DEFAULT_BASELINES_ROOT)
     parser.add_argument(
@@ -318,9 +352,9 @@ def build_parser(program: str = DEFAULT_PROGRAM) -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None, program: str = DEFAULT_PROGRAM) -> int:
-    """Command-line entry point; returns the exit code."""
-    arguments = build_parser(program).parse_args(argv)
+def execute(arguments: argparse.Namespace, program: str = DEFAULT_PROGRAM,
+            missing_baseline_ok: bool = False) -> int:
+    """Update the baseline or run the check for parsed arguments with a candidate set."""
     if arguments.update_baseline:
         try:
             path = update_baseline(arguments.candidate, arguments.baselines_root)
@@ -338,7 +372,13 @@ def main(argv: Sequence[str] | None = None, program: str = DEFAULT_PROGRAM) -> i
         out_dir=arguments.out_dir,
         rebaseline_hint=hint,
         baselines_root=arguments.baselines_root,
+        missing_baseline_ok=missing_baseline_ok,
     )
+
+
+def main(argv: Sequence[str] | None = None, program: str = DEFAULT_PROGRAM) -> int:
+    """Command-line entry point; returns the exit code."""
+    return execute(build_parser(program).parse_args(argv), program)
 
 
 if __name__ == "__main__":

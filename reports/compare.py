@@ -112,7 +112,11 @@ def _status_verdict(baseline: ResultRow, candidate: ResultRow) -> Verdict | None
 
 
 def _compare_pair(
-    baseline: ResultRow, candidate: ResultRow, factor: float, alpha: float
+    baseline: ResultRow,
+    candidate: ResultRow,
+    factor: float,
+    alpha: float,
+    check_code_version: bool = True,
 ) -> Verdict:
     """Verdict for one task_key present on both sides."""
     # Another machine or software stack says nothing about this code, failures included.
@@ -129,8 +133,11 @@ def _compare_pair(
     status_verdict = _status_verdict(baseline, candidate)
     if status_verdict is not None:
         return status_verdict
-    if baseline.code_version != candidate.code_version:
+    code_changed = baseline.code_version != candidate.code_version
+    if code_changed and check_code_version:
         return _make(candidate, "NOT_COMPARABLE", reason="impl code changed; re-baseline")
+    # An A/B run times both versions now, so a changed impl is what is being measured.
+    suffix = " (impl code changed)" if code_changed else ""
     baseline_samples = samples_from_row(baseline)
     candidate_samples = samples_from_row(candidate)
     if len(baseline_samples) < MIN_SAMPLES or len(candidate_samples) < MIN_SAMPLES:
@@ -165,7 +172,7 @@ def _compare_pair(
         verdict, reason = "UNCHANGED", f"significant but within the {factor * 100:g}% factor"
     else:
         verdict, reason = "UNCHANGED", f"not significant (p >= {alpha:g})"
-    return _make(candidate, verdict, ratio, p_value, reason)
+    return _make(candidate, verdict, ratio, p_value, reason + suffix)
 
 
 def _sort_key(verdict: Verdict) -> tuple[str, ...]:
@@ -178,8 +185,11 @@ def compare_rows(
     candidate: list[ResultRow],
     factor: float = 0.10,
     alpha: float = 0.01,
+    check_code_version: bool = True,
 ) -> list[Verdict]:
-    """One verdict per task_key seen on either side, sorted by op, workload, precision, impl."""
+    """One verdict per task_key on either side, sorted; check_code_version=False for A/B runs."""
+    # By default rows whose impl source changed are NOT_COMPARABLE (a stored baseline is stale);
+    # an A/B run times both versions now, so there the changed code is what is measured.
     if factor < 0:
         raise ValueError(f"factor must be >= 0, got {factor}")
     if not 0 < alpha < 1:
@@ -193,7 +203,9 @@ def compare_rows(
             reason = "" if candidate_row.status == STATUS_OK else _describe_status(candidate_row)
             verdicts.append(_make(candidate_row, "NEW", reason=reason))
         else:
-            verdicts.append(_compare_pair(baseline_row, candidate_row, factor, alpha))
+            verdicts.append(
+                _compare_pair(baseline_row, candidate_row, factor, alpha, check_code_version)
+            )
     for task_key, baseline_row in baseline_by_key.items():
         if task_key not in candidate_by_key:
             verdicts.append(_make(baseline_row, "MISSING", reason="not in the candidate run"))

@@ -242,7 +242,7 @@ def test_missing_stored_baseline_for_fingerprint_exits_two(tmp_path, capsys):
     ("name", "message"),
     [
         ("malformed_header.csv", "not a dlrm-bench results CSV"),
-        ("malformed_number.csv", "malformed results CSV"),
+        ("malformed_number.csv", "malformed cell"),
         ("malformed_samples.csv", "samples_s is not a JSON list"),
         ("duplicate_keys.csv", "duplicate task_key"),
     ],

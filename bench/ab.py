@@ -1,0 +1,146 @@
+"""`check --ab REV`: time a base revision (A) and the working tree (B) alternately in one job."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from bench import ci_sweep
+from reports.check import (
+    EXIT_CANNOT_COMPARE,
+    VERDICTS_FILENAME,
+    CheckInputError,
+    load_results,
+    report_verdicts,
+)
+from reports.compare import compare_rows
+from reports.merge import MergeError, merge_runs, write_results
+
+DEFAULT_ROUNDS = 3
+DEFAULT_AB_ROOT = Path("results/ab")
+
+
+class AbError(Exception):
+    """An A/B run that cannot start or finish; the message is one line."""
+
+
+def _git(root: Path, *arguments: str) -> subprocess.CompletedProcess:
+    """Run git in root, capturing its output."""
+    return subprocess.run(["git", "-C", str(root), *arguments], capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL)
+
+
+def resolve_revision(revision: str, root: Path = ci_sweep.PROJECT_ROOT) -> str:
+    """The full commit hash of revision in the repository at root; AbError if there is none."""
+    if not revision or revision.startswith("-"):
+        raise AbError(f"{revision!r} is not a revision; give one such as HEAD~1 or origin/main")
+    if _git(root, "rev-parse", "--git-dir").returncode != 0:
+        raise AbError(f"--ab needs a git checkout, and {root} is not one")
+    result = _git(root, "rev-parse", "--verify", "--quiet", f"{revision}^{{commit}}")
+    if result.returncode != 0 or not result.stdout.strip():
+        raise AbError(f"unknown revision {revision!r} (git rev-parse found no commit)")
+    return result.stdout.strip()
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """Treat SIGTERM like Ctrl-C, so a cancelled CI job still removes the worktree."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def base_worktree(commit: str, root: Path = ci_sweep.PROJECT_ROOT) -> Iterator[Path]:
+    """A detached `git worktree` of commit in a temporary directory, removed afterwards."""
+    parent = Path(tempfile.mkdtemp(prefix="dlrm-bench-ab-"))
+    worktree = parent / "base"
+    try:
+        added = _git(root, "worktree", "add", "--detach", "--quiet", str(worktree), commit)
+        if added.returncode != 0:
+            message = " ".join(added.stderr.split()) or f"exit {added.returncode}"
+            raise AbError(f"git worktree add {commit[:12]} failed: {message}")
+        yield worktree
+    finally:
+        # Clean up even on error or Ctrl-C: a stale worktree blocks the next `worktree add`.
+        _git(root, "worktree", "remove", "--force", str(worktree))
+        shutil.rmtree(parent, ignore_errors=True)
+        _git(root, "worktree", "prune")
+
+
+def _merged(run_dirs: Sequence[Path], run_id: str, destination: Path) -> list:
+    """Merge the rounds of one side into destination/results.csv; returns the rows."""
+    try:
+        rows = merge_runs([load_results(directory) for directory in run_dirs], run_id=run_id)
+    except (CheckInputError, MergeError) as error:
+        raise AbError(f"cannot merge the {run_id} runs: {error}") from error
+    write_results(rows, destination)
+    return rows
+
+
+def run_ab(
+    revision: str,
+    rounds: int = DEFAULT_ROUNDS,
+    factor: float = 0.10,
+    alpha: float = 0.01,
+    out_dir: str | Path | None = None,
+    sweep_args: Sequence[str] | None = None,
+    root: Path = ci_sweep.PROJECT_ROOT,
+    python: str = sys.executable,
+) -> int:
+    """Run the CI sweep A B A B ... (A: revision, B: the working tree); 0, 1 or 2 like check."""
+    # Each round writes OUT/A-k and OUT/B-k; OUT/A and OUT/B hold each side's rounds merged
+    # (samples pooled per task_key), OUT/verdicts.csv the comparison. Interleaving spreads slow
+    # drift of a shared machine over both sides instead of onto one. sweep_args replaces the
+    # CI sweep's arguments (tests use a tiny sweep).
+    try:
+        if rounds < 1:
+            raise AbError(f"--rounds must be >= 1, got {rounds}")
+        commit = resolve_revision(revision, root)
+        out = Path(out_dir) if out_dir is not None else (
+            DEFAULT_AB_ROOT / ci_sweep.new_run_id(f"{commit[:8]}-"))
+        a_dirs: list[Path] = []
+        b_dirs: list[Path] = []
+        with _terminate_as_interrupt(), base_worktree(commit, root) as worktree:
+            for round_number in range(1, rounds + 1):
+                # The base runs its own run_bench.py and bench package from the worktree.
+                a_dirs.append(ci_sweep.run_ci_sweep(
+                    out, f"A-{round_number}", cwd=worktree, python=python, sweep_args=sweep_args,
+                    label=f"A ({revision}) round {round_number}/{rounds}"))
+                b_dirs.append(ci_sweep.run_ci_sweep(
+                    out, f"B-{round_number}", cwd=root, python=python, sweep_args=sweep_args,
+                    label=f"B (working tree) round {round_number}/{rounds}"))
+        a_rows = _merged(a_dirs, "A", out / "A")
+        b_rows = _merged(b_dirs, "B", out / "B")
+        # Changed impl code is what an A/B run is for, so code versions are not compared.
+        verdicts = compare_rows(a_rows, b_rows, factor=factor, alpha=alpha,
+                                check_code_version=False)
+    except (AbError, ci_sweep.CiSweepError, ValueError) as error:
+        print(f"check: --ab: {' '.join(str(error).split())}", file=sys.stderr)
+        return EXIT_CANNOT_COMPARE
+    return report_verdicts(
+        verdicts,
+        f"{out / 'A' / 'results.csv'} ({revision} = {commit[:12]}, {rounds} rounds merged)",
+        f"{out / 'B' / 'results.csv'} (working tree, {rounds} rounds merged)",
+        factor,
+        alpha,
+        out / VERDICTS_FILENAME,
+        failure_advice=(f"the working tree is slower than {revision} where REGRESSED; "
+                        f"rounds and merged runs are in {out}"),
+    )
