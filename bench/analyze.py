@@ -31,9 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "address space in table-major order per batch)")
     parser.add_argument("--batches", type=int, default=DEFAULT_BATCHES,
                         help=f"batches of the workload to trace (default {DEFAULT_BATCHES})")
-    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--batch-size", help="bags per batch (default: the workload's)")
     parser.add_argument("--max-rows", type=int)
-    parser.add_argument("--dist", help="uniform or zipf:ALPHA for every table")
+    parser.add_argument("--dist", help="index distribution for every table: uniform, zipf:ALPHA, "
+                             "trace:PATH, hitrate:RATE@CAPACITY_ROWS or reuse:COLD_PROB,MEAN")
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--pooling", default="32")

@@ -24,7 +24,7 @@ QUICK_PRECISIONS = "fp32,bf16,int8"
 FULL_PRECISIONS = ",".join(registry.PRECISIONS)
 QUICK_POLICY = TimingPolicy(min_run_time_s=0.2, min_samples=10, max_run_time_s=5.0)
 FULL_POLICY = TimingPolicy(min_run_time_s=1.0, min_samples=20, max_run_time_s=30.0)
-SUBCOMMANDS = ("report", "check", "analyze", "tt-study")
+SUBCOMMANDS = ("report", "check", "analyze", "tt-study", "locality")
 
 
 class UsageError(Exception):
@@ -40,8 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The sweep's arguments."""
     parser = argparse.ArgumentParser(
         prog="run_bench.py",
-        description="Measure DLRM operators. Comma-separated values sweep. "
-                    "Subcommands: report RUN_DIR..., check, analyze (see `run_bench.py check -h`).")
+        description="Measure DLRM operators. Comma-separated values sweep. Subcommands "
+                    "(each with -h): report RUN_DIR..., check, analyze, tt-study, locality.")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true",
                       help="the default: smoke + kaggle (capped), fp32/bf16/int8, every op, "
@@ -60,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", default="1", help="thread counts, e.g. 1,2")
     parser.add_argument("--batch-size", help="override the workloads' batch size(s)")
     parser.add_argument("--max-rows", type=int, help="cap every table at this many rows")
-    parser.add_argument("--dist", help="index distribution for every table: uniform or zipf:ALPHA")
+    parser.add_argument("--dist", help="index distribution for every table: uniform, zipf:ALPHA, "
+                                       "trace:PATH, hitrate:RATE@CAPACITY_ROWS or "
+                                       "reuse:COLD_PROB,MEAN_DISTANCE")
     parser.add_argument("--rows", default="1000000",
                         help="synthetic: rows per table; a list sweeps the table footprint "
                              "(a working-set sweep), e.g. 1000,100000,10000000")
@@ -155,7 +157,9 @@ def list_choices() -> str:
     for name, factory in presets.PRESETS.items():
         spec = factory()
         lines.append(f"  {name:14s} {spec.description}  [{spec.source}]")
-    lines.append("  synthetic      --rows --dim --pooling --num-tables --dist uniform|zipf:ALPHA")
+    lines.append("  synthetic      --rows --dim --pooling --num-tables")
+    lines.append("index distributions (--dist): uniform, zipf:ALPHA, trace:PATH, "
+                 "hitrate:RATE@CAPACITY_ROWS, reuse:COLD_PROB,MEAN_DISTANCE")
     lines.append("  criteo:PATH    a Criteo TSV file (label, 13 dense, 26 categorical)")
     lines.append(f"precisions: {', '.join(registry.PRECISIONS)}")
     lines.append(f"devices here: {', '.join(devices.available_devices())}")

@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Optional
@@ -145,6 +146,31 @@ def cache_sizes() -> dict[str, int]:
         multiplier = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1], 1)
         sizes[f"l{level}{'d' if level == '1' else ''}_bytes"] = int(text.rstrip("KMG")) * multiplier
     return sizes
+
+
+def perf_counter_support() -> dict:
+    """Whether `perf stat` can count cache-misses here: {"supported": bool, "reason": str}."""
+    perf = shutil.which("perf")
+    if perf is None:
+        return {"supported": False, "reason": "perf not installed"}
+    try:
+        # -x, gives CSV lines: value,unit,event,...; an uncountable event has a <...> value.
+        result = subprocess.run([perf, "stat", "-x,", "-e", "cache-misses", "true"],
+                                capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as error:
+        return {"supported": False, "reason": f"perf stat failed: {type(error).__name__}"}
+    output = result.stderr + result.stdout
+    for marker in ("<not supported>", "<not counted>"):
+        if marker in output:
+            return {"supported": False, "reason": f"perf stat reports cache-misses {marker}"}
+    counted = any(line.split(",")[0].strip().isdigit() and "cache-misses" in line
+                  for line in output.splitlines())
+    if result.returncode != 0 or not counted:
+        # e.g. a kernel without perf events, perf_event_paranoid, or a distro wrapper script.
+        first = next((line.strip() for line in output.splitlines() if line.strip()), "")
+        return {"supported": False,
+                "reason": f"perf stat exit {result.returncode}: {first[:200] or 'no output'}"}
+    return {"supported": True, "reason": "perf stat counts cache-misses"}
 
 
 def cpu_model() -> str:

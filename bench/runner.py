@@ -57,7 +57,7 @@ def execute(args, argv, planned, directory: Path, run_id: str, resuming: bool, p
         _write_json(directory / "args.json", {"argv": argv, "run_id": run_id,
                                               "timing_policy": policy.__dict__})
         _write_json(directory / "env.json", {"run_id": run_id, **devices.host_facts(),
-                                             "perf_counters": "not recorded"})
+                                             "perf_counters": devices.perf_counter_support()})
     pending = [item for item in planned if item.task.key() not in done]
     if resuming:
         print(f"resuming {directory}: {len(planned) - len(pending)} of {len(planned)} "

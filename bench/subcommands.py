@@ -109,7 +109,14 @@ def tt_study(argv: list[str]) -> int:
     return main(argv)
 
 
+def locality(argv: list[str]) -> int:
+    """Predicted LRU hit rate at the LLC beside measured SLS bandwidth, per locality level."""
+    from bench.locality import main
+
+    return main(argv)
+
+
 def dispatch(name: str, argv: list[str]) -> int:
     """Run a subcommand by name."""
     return {"report": report, "check": check, "analyze": analyze,
-            "tt-study": tt_study}[name](argv)
+            "tt-study": tt_study, "locality": locality}[name](argv)

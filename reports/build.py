@@ -12,7 +12,7 @@ from typing import Callable
 import pandas as pd
 from matplotlib.figure import Figure
 
-from reports import plots, tables
+from reports import plots, tables, workingset
 from reports.html import FigureBlock, NoteBlock, Section, TableBlock, render_page
 
 REPORT_TITLE = "dlrm-bench report"
@@ -136,6 +136,37 @@ def precision_section(frame: pd.DataFrame) -> Section:
     ])
 
 
+def working_set_section(frame: pd.DataFrame, env: dict) -> Section:
+    """sls bandwidth against table footprint, with cliffs set against the sysfs cache sizes."""
+    section = Section("Working set: bandwidth versus table footprint", "working-set")
+    sweep = workingset.sweep_rows(frame)
+    if sweep.empty:
+        section.blocks.append(NoteBlock(
+            f"No sls footprint sweep in this run (sls at {workingset.MIN_SWEEP_POINTS} or more "
+            "table sizes, e.g. --workload synthetic --rows 10000,1000000,100000000)."))
+        return section
+    cliffs = workingset.series_cliffs(sweep)
+    section.blocks.append(figure_block(
+        "working-set", "sls GB/s and samples/s versus table footprint",
+        lambda: plots.working_set_figure(sweep, env, cliffs)))
+    if not workingset.cache_levels(env):
+        section.blocks.append(NoteBlock("env.json records no cache sizes (l1d_bytes, l2_bytes, "
+                                        "l3_bytes): cliffs are not matched to cache levels."))
+    section.blocks.append(table_or_note(
+        f"Detected cliffs (bandwidth falls by more than "
+        f"{workingset.CLIFF_THRESHOLD:.0%} between neighbouring footprints) against the sysfs "
+        "cache sizes; cliff_over_cache = middle of the fall / cache size",
+        workingset.cliffs_table(sweep, env), "No cliffs and no cache sizes to compare."))
+    caps = sorted(set(sweep["call_bytes"][tables.finite_mask(sweep["call_bytes"])]))
+    if caps:
+        section.blocks.append(NoteBlock(
+            "The timed loop replays one batch, which touches at most "
+            f"{', '.join(tables.format_bytes(cap) for cap in caps)} of the table (batch x "
+            "pooling rows): beyond that footprint the cached working set stops growing, so "
+            "later cliffs come from the spread of the rows, not from their number."))
+    return section
+
+
 def comparison_blocks(first: tables.Run, second: tables.Run) -> list:
     """Figure, per-op summary and matched rows of one pair of runs."""
     matched, only_first, only_second = tables.compare_runs(first.frame, second.frame)
@@ -200,6 +231,7 @@ def build_sections(runs: list[tables.Run]) -> list[Section]:
             "latency", "Latency distribution per op", lambda: plots.latency_figure(frame))),
         figure_section("Thread scaling", "threads", figure_block(
             "thread-scaling", "Thread scaling per op", lambda: plots.thread_figure(frame))),
+        working_set_section(frame, primary.env),
         precision_section(frame),
         comparison_section(runs),
         problems_section(frame),

@@ -18,6 +18,7 @@ from reports.tables import (
     PROBLEM_KEYS,
     Ceilings,
     finite_mask,
+    format_bytes,
     is_positive,
     isa_sort_key,
     measured_op_rows,
@@ -26,6 +27,7 @@ from reports.tables import (
     sorted_ops,
     throughput_metric,
 )
+from reports.workingset import cache_levels
 
 DPI = 100
 # Fixed margins in inches: matplotlib's automatic layouts cost more than all the drawing.
@@ -464,4 +466,89 @@ def comparison_figure(matched: pd.DataFrame, first_label: str, second_label: str
     axis.set_ylabel(f"median_s {second_label} / {first_label} (log)")
     axis.set_title(f"Comparison: {second_label} vs {first_label} (below 1: {second_label} "
                    "faster)")
+    return figure
+
+
+def byte_axis(axis, low: float, high: float) -> None:
+    """Log-2 x axis from low to high bytes with at most about eight binary-unit labels."""
+    first, last = math.floor(math.log2(low)), math.ceil(math.log2(high))
+    step = max(1, math.ceil((last - first) / 8))
+    ticks = [2.0 ** exponent for exponent in range(first, last + 1, step)]
+    axis.set_xscale("log", base=2)
+    axis.set_xticks(ticks, [format_bytes(tick) for tick in ticks], rotation=20)
+    axis.set_xlim(low / 1.3, high * 1.3)
+
+
+def mark_cache_levels(axis, levels: list[tuple[str, float]], low: float, high: float) -> None:
+    """Dashed vertical lines at the sysfs cache sizes that fall inside [low, high]."""
+    for name, size in levels:
+        if low <= size <= high:
+            axis.axvline(size, color="grey", linestyle="--", linewidth=0.9)
+            axis.text(size, 0.98, f"{name} {format_bytes(size)} ", rotation=90, va="top",
+                      ha="right", fontsize="x-small", color="dimgrey",
+                      transform=axis.get_xaxis_transform())
+
+
+def working_set_figure(sweep: pd.DataFrame, env: dict, cliffs: dict[str, list]) -> Figure:
+    """GB/s and samples/s against table footprint, cache sizes and detected cliffs marked."""
+    if sweep.empty:
+        raise NoData("no sls footprint sweep (3 or more table sizes)")
+    figure, axes = panel_grid(2, "Working set: sls throughput versus table footprint "
+                                 "(circles: detected cliffs; dashed: sysfs cache sizes)")
+    names = list(dict.fromkeys(sweep["series"]))
+    palette = matplotlib.colormaps["tab10"]
+    caps = sorted(set(sweep["call_bytes"][finite_mask(sweep["call_bytes"])]))
+    # Cache lines a little outside the measured sizes still place the sweep against them.
+    low, high = float(sweep["table_bytes"].min()), float(sweep["table_bytes"].max())
+    levels = [level for level in cache_levels(env) if low / 2 <= level[1] <= high * 2]
+    span = [low, high] + [size for _, size in levels]
+    panels = (("gbps", "Bandwidth by formula (GB/s)"), ("samples_per_s", "Samples per second"))
+    for axis, (column, label) in zip(axes, panels):
+        for index, name in enumerate(names):
+            line = sweep[sweep["series"] == name].sort_values("table_bytes")
+            color = palette(index % 10)
+            axis.plot(line["table_bytes"], line[column], color=color, label=name,
+                      marker=marker_for(str(line["precision"].iloc[0])))
+            fallen = {cliff.footprint_bytes for cliff in cliffs.get(name, [])}
+            marked = line[line["table_bytes"].isin(fallen)]
+            axis.scatter(marked["table_bytes"], marked[column], s=110, facecolors="none",
+                         edgecolors=color, linewidths=1.6, zorder=4)
+        mark_cache_levels(axis, levels, min(span), max(span))
+        for cap in caps[:3]:  # more caps than that would only clutter the panel
+            axis.axvline(cap, color="tab:red", linestyle=":", linewidth=0.9)
+        if caps:
+            axis.plot([], [], color="tab:red", linestyle=":",
+                      label="most bytes one batch touches")
+        byte_axis(axis, min(span), max(span))
+        axis.set_ylim(bottom=0)
+        axis.set_xlabel("Table footprint (bytes at the row's precision)")
+        axis.set_ylabel(label)
+        axis.grid(True, which="major", linewidth=0.3)
+        axis.legend(fontsize="small")
+    return figure
+
+
+def locality_figure(table: pd.DataFrame) -> Figure:
+    """Measured sls GB/s against the predicted LRU hit rate at the LLC, one point per level."""
+    rows = table[positive_mask(table["gbps"])] if "gbps" in table else table.iloc[0:0]
+    if rows.empty:
+        raise NoData("no locality level was measured")
+    figure, axes = panel_grid(1, "Locality: measured sls bandwidth versus predicted LLC hits")
+    axis = axes[0]
+    rows = rows.sort_values("predicted_hit_rate_llc")
+    axis.plot(rows["predicted_hit_rate_llc"], rows["gbps"], marker="o",
+              label="one pass of the batch (cold cache)")
+    if "steady_hit_rate_llc" in rows:
+        steady = rows.sort_values("steady_hit_rate_llc")
+        axis.plot(steady["steady_hit_rate_llc"], steady["gbps"], marker="s", linestyle="--",
+                  label="batch replayed (the timing loop)")
+    for _, row in rows.iterrows():
+        axis.annotate(str(row["level"]), (row["predicted_hit_rate_llc"], row["gbps"]),
+                      fontsize="x-small", xytext=(4, 4), textcoords="offset points")
+    axis.set_xlim(-0.03, 1.03)
+    axis.set_ylim(bottom=0)
+    axis.set_xlabel("Predicted LRU hit rate at the LLC capacity")
+    axis.set_ylabel("Measured bandwidth by formula (GB/s)")
+    axis.grid(True, linewidth=0.3)
+    axis.legend(fontsize="small")
     return figure

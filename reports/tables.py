@@ -37,7 +37,7 @@ THROUGHPUT_METRICS = (
     ("gflops", "GFLOP/s"),
     ("calls_per_s", "calls/s"),
 )
-PERCENT_COLUMNS = ("efficiency", "noise")
+PERCENT_COLUMNS = ("efficiency", "noise", "drop")
 # A cache roof this close to the memory roof is measurement noise, not a separate ceiling.
 CACHE_ROOF_MARGIN = 1.05
 COMPARISON_TOLERANCE = 0.05

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 
 import numpy as np
 
 from workloads.specs import IndexDistribution, PoolingDistribution, TableSpec, WorkloadSpec
+from workloads.traces import load_trace, trace_for_hit_rate, trace_from_reuse_distances
 
 # Above this many rows the exact discrete Zipf CDF (8 bytes a row) is replaced by the
 # continuous bounded power-law inverse CDF, which differs only in the first few ranks' mass.
@@ -20,7 +22,15 @@ def stream(seed: int, *purpose: int) -> np.random.Generator:
 
 
 # Purposes of the independent random streams (the second SeedSequence word).
-_INDICES, _LENGTHS, _WEIGHTS, _DENSE, _SHUFFLE, _LABELS = range(6)
+_INDICES, _LENGTHS, _WEIGHTS, _DENSE, _SHUFFLE, _LABELS, _LOCALITY = range(7)
+
+# The hitrate and reuse kinds give each table one stream of accesses, cut into independent
+# blocks of this many: any batch is drawn in O(block) time (the teacher asks for batch 20,000)
+# while consecutive batches inside a block continue one LRU locality process.
+LOCALITY_BLOCK_ACCESSES = 1 << 18
+# The geometric reuse-distance distribution is cut where its tail mass falls below this; the
+# cut-off mass goes to the deepest distance kept, as the generator clips deeper ones anyway.
+REUSE_TAIL_MASS = 1e-9
 
 
 @functools.lru_cache(maxsize=8)
@@ -53,11 +63,73 @@ def _rank_to_row(num_rows: int, seed: int, table_index: int) -> np.ndarray:
     return stream(seed, _SHUFFLE, table_index).permutation(num_rows).astype(np.int64)
 
 
+def reuse_distance_probabilities(mean_distance: float, max_depth: int) -> np.ndarray:
+    """Geometric P(d) over LRU stack depths 0..max_depth-1 with the given mean (tail clipped)."""
+    if mean_distance <= 0 or max_depth <= 1:
+        return np.ones(1)
+    # P(d) = (1 - q) q**d has mean q / (1 - q).
+    ratio = mean_distance / (1.0 + mean_distance)
+    depths = min(max_depth, int(np.ceil(np.log(REUSE_TAIL_MASS) / np.log(ratio))) + 1)
+    probabilities = (1.0 - ratio) * ratio ** np.arange(depths, dtype=np.float64)
+    probabilities[-1] += ratio ** depths  # the clipped tail lands on the deepest kept depth
+    return probabilities
+
+
+@functools.lru_cache(maxsize=16)
+def _locality_block(num_rows: int, distribution: IndexDistribution, seed: int, table_index: int,
+                    block_index: int) -> np.ndarray:
+    """One block of a table's hitrate/reuse access stream (cached: batches share blocks)."""
+    rng = stream(seed, _LOCALITY, table_index, block_index)
+    length = LOCALITY_BLOCK_ACCESSES
+    if num_rows == 1:
+        return np.zeros(length, dtype=np.int64)
+    if distribution.kind == "hitrate":
+        # A table that fits the cache cannot miss after warm-up: the largest capacity that can
+        # still miss is num_rows - 1.
+        capacity = min(distribution.capacity_rows, num_rows - 1)
+        return trace_for_hit_rate(distribution.target_hit_rate, capacity, length, num_rows, rng)
+    # A block touches at most `length` distinct rows, so deeper distances are clipped anyway.
+    probabilities = reuse_distance_probabilities(distribution.mean_distance,
+                                                 min(num_rows, length))
+    return trace_from_reuse_distances(probabilities, distribution.cold_probability, length,
+                                      num_rows, rng)
+
+
+@functools.lru_cache(maxsize=4)
+def _trace_file(path: str, modified_ns: int, size: int) -> np.ndarray:
+    """A trace file's ids, cached per (path, mtime, size) so an edited file is re-read."""
+    return load_trace(path)
+
+
+def locality_indices(table: TableSpec, start: int, count: int, seed: int,
+                     table_index: int = 0) -> np.ndarray:
+    """Accesses start..start+count-1 of the table's trace, hitrate or reuse stream."""
+    distribution = table.distribution
+    positions = np.arange(start, start + count, dtype=np.int64)
+    if distribution.kind == "trace":
+        status = os.stat(distribution.path)
+        trace = _trace_file(distribution.path, status.st_mtime_ns, status.st_size)
+        # Replayed in order, wrapping at the end; ids folded into the table's rows.
+        return trace[positions % trace.size] % table.rows
+    if count == 0:
+        return np.zeros(0, dtype=np.int64)
+    first, last = start // LOCALITY_BLOCK_ACCESSES, (start + count - 1) // LOCALITY_BLOCK_ACCESSES
+    blocks = [_locality_block(table.rows, distribution, seed, table_index, block)
+              for block in range(first, last + 1)]
+    stream_part = np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
+    offset = start - first * LOCALITY_BLOCK_ACCESSES
+    return stream_part[offset:offset + count].copy()
+
+
 def draw_indices(table: TableSpec, count: int, seed: int, table_index: int = 0,
                  batch_index: int = 0) -> np.ndarray:
     """count row ids for one table, drawn from its index distribution."""
-    rng = stream(seed, _INDICES, table_index, batch_index)
     distribution: IndexDistribution = table.distribution
+    if distribution.is_locality:
+        # Batch b continues the table's stream at b * count: consecutive batches are consecutive
+        # accesses (exactly so under fixed pooling; drawn bag lengths make the cut approximate).
+        return locality_indices(table, batch_index * count, count, seed, table_index)
+    rng = stream(seed, _INDICES, table_index, batch_index)
     if distribution.kind == "uniform":
         return rng.integers(0, table.rows, size=count, dtype=np.int64)
     ranks = zipf_ranks(table.rows, distribution.alpha, count, rng)

@@ -237,3 +237,29 @@ def summarize_trace(trace, row_bytes: int) -> dict:
             for capacity, hit_rate in zip(capacities, hit_rates, strict=True)
         ],
     }
+
+
+def steady_state_hit_rate(trace, capacity_rows: int) -> float:
+    """LRU hit rate of a trace replayed over and over, as a timing loop replays one batch."""
+    # After one pass an LRU cache holds the pass's last capacity_rows distinct rows, and a
+    # second pass leaves it in that same state: the second pass's hit rate repeats forever.
+    trace = _as_trace(trace)
+    if trace.size == 0:
+        raise ValueError("cannot compute a hit rate of an empty trace")
+    capacity = int(_as_capacities([capacity_rows])[0])
+    second_pass = stack_distances(np.concatenate([trace, trace]))[trace.size:]
+    return float(np.count_nonzero((second_pass != COLD) & (second_pass < capacity)) / trace.size)
+
+
+def predict_lfu_hit_rate(warmup_trace, eval_trace, capacity_rows: int) -> float:
+    """Hit rate on eval_trace of a static LFU cache of the warm-up's most frequent rows."""
+    # The cache holds the capacity_rows rows looked up most often during the warm-up (rows it
+    # never saw are not cached), ties going to the lower row id, as the TT-Rec cache populates.
+    warmup, evaluation = _as_trace(warmup_trace), _as_trace(eval_trace)
+    if evaluation.size == 0:
+        raise ValueError("cannot compute a hit rate of an empty evaluation trace")
+    capacity = int(_as_capacities([capacity_rows])[0])
+    rows, counts = np.unique(warmup, return_counts=True)
+    # np.unique sorts ids ascending, so a stable sort by falling count breaks ties by lower id.
+    cached = rows[np.argsort(-counts, kind="stable")[:capacity]]
+    return float(np.isin(evaluation, cached).mean())
