@@ -128,7 +128,7 @@ def flatten_tables(indices: list[torch.Tensor], offsets: list[torch.Tensor],
     return shifted, bag_starts.flatten()
 
 
-def _row_starts(weights: list[torch.Tensor]) -> torch.Tensor:
+def row_starts_of(weights: list[torch.Tensor]) -> torch.Tensor:
     starts = np.concatenate(([0], np.cumsum([weight.shape[0] for weight in weights])[:-1]))
     return torch.as_tensor(starts, dtype=torch.int64)
 
@@ -140,7 +140,7 @@ class BatchedEmbeddings(nn.Module):
         super().__init__()
         self.bag = nn.EmbeddingBag.from_pretrained(torch.cat(weights), freeze=False, mode="sum",
                                                    sparse=sparse)
-        self.register_buffer("row_starts", _row_starts(weights), persistent=False)
+        self.register_buffer("row_starts", row_starts_of(weights), persistent=False)
         self.num_tables = len(weights)
 
     def forward(self, indices: list[torch.Tensor], offsets: list[torch.Tensor]) -> torch.Tensor:
@@ -188,7 +188,7 @@ class FusedSGDEmbeddings(nn.Module):
         super().__init__()
         # A buffer, not a Parameter: the optimizer never sees it; backward updates it.
         self.register_buffer("weight", torch.cat(weights))
-        self.register_buffer("row_starts", _row_starts(weights), persistent=False)
+        self.register_buffer("row_starts", row_starts_of(weights), persistent=False)
         # Autograd only calls backward for inputs that require grad: an empty anchor does.
         self.anchor = nn.Parameter(torch.zeros(0))
         self.learning_rate = learning_rate

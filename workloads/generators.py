@@ -201,6 +201,26 @@ def make_table_batch(workload: WorkloadSpec, table_index: int, seed: int, batch_
     return table_batch(workload.tables[table_index], size, seed, table_index, batch_index)
 
 
+def split_batch(batch: TableBatch, parts: int) -> list[TableBatch]:
+    """Cut a batch of parts x B bags into parts consecutive batches of B bags each."""
+    bags = len(batch.offsets) // parts
+    ends = np.append(batch.offsets, len(batch.indices))
+    pieces = []
+    for part in range(parts):
+        first, last = ends[part * bags], ends[(part + 1) * bags]
+        pieces.append(TableBatch(indices=batch.indices[first:last],
+                                 offsets=batch.offsets[part * bags:(part + 1) * bags] - first,
+                                 weights=batch.weights[first:last]))
+    return pieces
+
+
+def rotating_table_batches(workload: WorkloadSpec, table_index: int, seed: int,
+                           parts: int) -> list[TableBatch]:
+    """parts distinct batches of one table (batch 0 first), drawn as one long stream."""
+    size = workload.batch_size
+    return split_batch(make_table_batch(workload, table_index, seed, 0, size * parts), parts)
+
+
 def dense_features(num_dense: int, batch_size: int, seed: int, batch_index: int = 0) -> np.ndarray:
     """Dense features shaped like preprocessed Criteo ones: log(1 + count), count >= 0."""
     rng = stream(seed, _DENSE, batch_index)

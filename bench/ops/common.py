@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as functional
@@ -136,3 +137,26 @@ def relative_error(actual, expected) -> float:
     scale = torch.linalg.vector_norm(expected).item()
     difference = torch.linalg.vector_norm(actual - expected).item()
     return difference / scale if scale > 0 else difference
+
+
+# Timing calls a closure over and over. Replaying one batch would keep its rows cached and
+# report cache bandwidth for a table far larger than the cache, so lookup ops cycle through
+# distinct batches whose rows together exceed any last-level cache seen (about 100 MiB).
+ROTATION_TARGET_BYTES = 512 << 20
+MAX_ROTATION_BATCHES = 1024
+MAX_ROTATION_INDEX_BYTES = 256 << 20  # bound the memory the rotating indices take
+
+
+def rotation_count(bytes_per_call: float, lookups_per_call: int) -> int:
+    """How many distinct batches to cycle through."""
+    wanted = math.ceil(ROTATION_TARGET_BYTES / max(bytes_per_call, 1.0))
+    by_memory = MAX_ROTATION_INDEX_BYTES // max(lookups_per_call * (INDEX_BYTES + 4), 1)
+    return int(max(1, min(wanted, MAX_ROTATION_BATCHES, by_memory)))
+
+
+def cycling(calls: list[Callable[[], object]]) -> Callable[[], object]:
+    """A closure that runs the next call of the list each time, round robin."""
+    if len(calls) == 1:
+        return calls[0]
+    upcoming = itertools.cycle(calls)
+    return lambda: next(upcoming)()

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from bench import quality
-from bench.model import DLRM, batch_tensors, build_dlrm, flops_per_sample, parameter_bytes
+from bench.model import (DLRM, batch_tensors, build_dlrm, flatten_tables, flops_per_sample,
+                         parameter_bytes, row_starts_of)
 from bench.ops.common import (BYTES_PER_VALUE, FLOAT_DTYPES, ROW_OVERHEAD_BYTES, PooledTable)
 from bench.ops.fc import at_precision, input_dtype
 from bench.registry import BuildContext, Op, Prepared, Unsupported, impl, register_op
@@ -46,13 +47,12 @@ class QuantizedEmbeddings(nn.Module):
     def __init__(self, weights: list[torch.Tensor], precision: str, layout: str):
         super().__init__()
         self.layout = layout
-        if layout == "batched":
-            self.tables = [PooledTable(torch.cat(weights), precision, torch.device("cpu"))]
-            starts = np.concatenate(([0], np.cumsum([weight.shape[0] for weight in weights])[:-1]))
-            self.row_starts = torch.as_tensor(starts, dtype=torch.int64)
-        else:
-            cpu = torch.device("cpu")
+        cpu = torch.device("cpu")
+        if layout == "per_table":
             self.tables = [PooledTable(weight, precision, cpu) for weight in weights]
+        else:
+            self.tables = [PooledTable(torch.cat(weights), precision, cpu)]
+            self.row_starts = row_starts_of(weights)
         self.num_tables = len(weights)
 
     def forward(self, indices, offsets) -> torch.Tensor:
@@ -60,10 +60,7 @@ class QuantizedEmbeddings(nn.Module):
         if self.layout == "per_table":
             return torch.stack([table(table_indices, table_offsets) for table, table_indices,
                                 table_offsets in zip(self.tables, indices, offsets)], dim=1)
-        counts = torch.tensor([table_indices.numel() for table_indices in indices])
-        shifted = torch.cat(indices) + torch.repeat_interleave(self.row_starts, counts)
-        bag_starts = torch.stack(offsets) + (torch.cumsum(counts, 0) - counts).unsqueeze(1)
-        pooled = self.tables[0](shifted, bag_starts.flatten())
+        pooled = self.tables[0](*flatten_tables(indices, offsets, self.row_starts))
         return pooled.view(self.num_tables, -1, pooled.shape[-1]).transpose(0, 1)
 
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import numpy as np
+import functools
+
 import torch
 
-from bench.ops.common import (BYTES_PER_VALUE, FLOAT_DTYPES, PooledTable, as_tensors,
-                              lookup_bytes, reference_lookup, table_weight)
+from bench.model import row_starts_of, flatten_tables
+from bench.ops.common import (BYTES_PER_VALUE, FLOAT_DTYPES, PooledTable, as_tensors, cycling,
+                              lookup_bytes, reference_lookup, rotation_count, table_weight)
 from bench.registry import BuildContext, Op, Prepared, impl, register_op
-from workloads.generators import make_batch, make_table_batch
+from workloads.generators import rotating_table_batches
 
 ALL_PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
 SLS_MODES = ("sum", "mean", "weighted")
@@ -30,6 +32,14 @@ def _output_bytes(precision: str) -> float:
     return BYTES_PER_VALUE[precision] if precision in FLOAT_DTYPES else 4.0
 
 
+def _rotation(workload, table_indices, precision: str, seed: int) -> int:
+    """Batches to cycle through so the looked-up rows exceed the last-level cache."""
+    row_bytes = workload.dim * BYTES_PER_VALUE[precision]
+    lookups = sum(workload.tables[index].pooling.mean for index in table_indices)
+    return rotation_count(lookups * workload.batch_size * row_bytes,
+                          int(lookups * workload.batch_size))
+
+
 @impl("sls", "embedding_bag", ALL_PRECISIONS, baseline=True,
       description="torch embedding_bag (FBGEMM kernels) or the quantized row-wise op")
 def build_sls(context: BuildContext) -> Prepared:
@@ -42,12 +52,18 @@ def build_sls(context: BuildContext) -> Prepared:
     pool_mode = "sum" if weighted else mode
     weight = table_weight(table, context.seed, table_index)
     pooled = PooledTable(weight, context.precision, device)
-    batch = make_table_batch(workload, table_index, context.seed)
-    indices, offsets, weights = as_tensors(batch, device)
+    parts = _rotation(workload, [table_index], context.precision, context.seed)
+    inputs = [as_tensors(batch, device) for batch in
+              rotating_table_batches(workload, table_index, context.seed, parts)]
+    calls = [functools.partial(pooled, indices, offsets, pool_mode,
+                               weights if weighted else None)
+             for indices, offsets, weights in inputs]
+    indices, offsets, weights = inputs[0]
     weights = weights if weighted else None
     lookups, bags = indices.numel(), offsets.numel()
     return Prepared(
-        run=lambda: pooled(indices, offsets, pool_mode, weights),
+        run=cycling(calls),
+        check=calls[0],
         reference=lambda: reference_lookup(weight, indices, offsets, pool_mode, weights),
         samples=bags,
         flops=lookups * table.dim * (2 if weighted else 1),
@@ -55,19 +71,24 @@ def build_sls(context: BuildContext) -> Prepared:
                                  _output_bytes(context.precision), weighted),
         params={"table": table_index, "rows": table.rows, "dim": table.dim,
                 "pooling": table.pooling.label(), "distribution": table.distribution.label(),
-                "mode": mode, "table_bytes": int(table.rows * pooled.bytes_per_row)},
+                "mode": mode, "table_bytes": int(table.rows * pooled.bytes_per_row),
+                "rotation_batches": parts},
         flush_between_reps=True,
     )
 
 
 def _all_tables(context: BuildContext):
-    """Every table's weights and this batch's tensors."""
+    """Every table's weights and, per rotation batch, every table's tensors."""
     workload = context.workload
-    batch = make_batch(workload, context.seed)
+    table_indices = range(len(workload.tables))
+    parts = _rotation(workload, table_indices, context.precision, context.seed)
     weights = [table_weight(table, context.seed, index)
                for index, table in enumerate(workload.tables)]
-    tensors = [as_tensors(table_batch, context.device) for table_batch in batch.tables]
-    return weights, tensors
+    per_table = [rotating_table_batches(workload, index, context.seed, parts)
+                 for index in table_indices]
+    rotations = [[as_tensors(batches[part], context.device) for batches in per_table]
+                 for part in range(parts)]
+    return weights, rotations
 
 
 def _multi_reference(weights, tensors):
@@ -75,19 +96,22 @@ def _multi_reference(weights, tensors):
                         for weight, (indices, offsets, _) in zip(weights, tensors)])
 
 
-def _multi_prepared(context, run, weights, tensors, bytes_per_row, extra_params) -> Prepared:
+def _multi_prepared(context, calls, weights, rotations, bytes_per_row, extra_params) -> Prepared:
     workload = context.workload
+    tensors = rotations[0]
     lookups = sum(indices.numel() for indices, _, _ in tensors)
     bags = sum(offsets.numel() for _, offsets, _ in tensors)
     return Prepared(
-        run=run,
+        run=cycling(calls),
+        check=calls[0],
         reference=lambda: _multi_reference(weights, tensors),
         samples=workload.batch_size,
         flops=lookups * workload.dim,
         bytes_moved=lookup_bytes(lookups, bags, workload.dim, bytes_per_row,
                                  _output_bytes(context.precision), False),
         params={"num_tables": len(workload.tables), "total_rows": workload.total_rows,
-                "dim": workload.dim, "lookups": lookups, **extra_params},
+                "dim": workload.dim, "lookups": lookups, "rotation_batches": len(rotations),
+                **extra_params},
         flush_between_reps=True,
     )
 
@@ -96,14 +120,15 @@ def _multi_prepared(context, run, weights, tensors, bytes_per_row, extra_params)
       description="a Python loop of one EmbeddingBag per table, as the DLRM reference does")
 def build_per_table(context: BuildContext) -> Prepared:
     """One pooled lookup per table, stacked into [tables, batch, dim]."""
-    weights, tensors = _all_tables(context)
+    weights, rotations = _all_tables(context)
     tables = [PooledTable(weight, context.precision, context.device) for weight in weights]
 
-    def run():
+    def lookup_all(tensors):
         return torch.stack([table(indices, offsets) for table, (indices, offsets, _)
                             in zip(tables, tensors)])
 
-    return _multi_prepared(context, run, weights, tensors, tables[0].bytes_per_row, {})
+    calls = [functools.partial(lookup_all, tensors) for tensors in rotations]
+    return _multi_prepared(context, calls, weights, rotations, tables[0].bytes_per_row, {})
 
 
 @impl("sls_multi", "batched", ALL_PRECISIONS,
@@ -111,24 +136,18 @@ def build_per_table(context: BuildContext) -> Prepared:
 def build_batched(context: BuildContext) -> Prepared:
     """All tables concatenated into one; one embedding_bag call over table-major bags."""
     workload, device = context.workload, context.device
-    weights, tensors = _all_tables(context)
+    weights, rotations = _all_tables(context)
     table = PooledTable(torch.cat(weights), context.precision, device)
-    row_starts = np.concatenate(([0], np.cumsum([spec.rows for spec in workload.tables])[:-1]))
-    lookups_per_table = [indices.numel() for indices, _, _ in tensors]
-    # Inputs arrive per table, as a data loader gives them; shifting ids into the
-    # concatenated table and re-basing offsets is per-batch work, so it is timed.
-    per_table_indices = [indices for indices, _, _ in tensors]
-    shifts = torch.repeat_interleave(torch.as_tensor(row_starts, device=device),
-                                     torch.as_tensor(lookups_per_table, device=device))
-    lookup_starts = np.concatenate(([0], np.cumsum(lookups_per_table)[:-1]))
-    per_table_offsets = [offsets for _, offsets, _ in tensors]
-    offset_shifts = torch.as_tensor(lookup_starts, device=device)
+    row_starts = row_starts_of(weights).to(device)
     batch_size = workload.batch_size
 
-    def run():
-        indices = torch.cat(per_table_indices) + shifts
-        offsets = (torch.stack(per_table_offsets) + offset_shifts.unsqueeze(1)).flatten()
-        return table(indices, offsets).view(len(per_table_offsets), batch_size, -1)
+    def lookup_all(tensors):
+        # Inputs arrive per table, as a data loader gives them; shifting ids into the
+        # concatenated table and re-basing offsets is per-batch work, so it is timed.
+        indices, offsets = flatten_tables([entry[0] for entry in tensors],
+                                          [entry[1] for entry in tensors], row_starts)
+        return table(indices, offsets).view(len(tensors), batch_size, -1)
 
-    return _multi_prepared(context, run, weights, tensors, table.bytes_per_row,
+    calls = [functools.partial(lookup_all, tensors) for tensors in rotations]
+    return _multi_prepared(context, calls, weights, rotations, table.bytes_per_row,
                            {"table_bytes": int(workload.total_rows * table.bytes_per_row)})

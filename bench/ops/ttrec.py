@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as functional
 
-from bench.ops.common import (BYTES_PER_VALUE, PooledTable, as_tensors, float_dtype, lookup_bytes,
-                              reference_lookup, table_weight)
+from bench.ops.common import (BYTES_PER_VALUE, PooledTable, as_tensors, cycling, float_dtype,
+                              lookup_bytes, reference_lookup, rotation_count, table_weight)
 from bench.registry import BuildContext, Op, Prepared, Unsupported, impl, register_op
 from bench.ttrec import TTEmbeddingBag, reconstruct_tt_rows
-from workloads.generators import make_table_batch
+from workloads.generators import make_table_batch, rotating_table_batches
 
 DEFAULT_RANKS = (16,)
 DEFAULT_CACHE_FRACTION = 0.1
@@ -35,6 +37,16 @@ def tt_reference(module: TTEmbeddingBag, indices, offsets, weights) -> torch.Ten
                                     per_sample_weights=weights64)
 
 
+def _rotating_inputs(context: BuildContext, table_index: int) -> list[tuple]:
+    """(indices, offsets) of the distinct batches every impl cycles through."""
+    workload = context.workload
+    table = workload.tables[table_index]
+    lookups = int(table.pooling.mean * workload.batch_size)
+    parts = rotation_count(lookups * table.dim * BYTES_PER_VALUE[context.precision], lookups)
+    batches = rotating_table_batches(workload, table_index, context.seed, parts)
+    return [as_tensors(batch, context.device)[:2] for batch in batches]
+
+
 def _build_tt(context: BuildContext, cache_policy: str) -> Prepared:
     workload, device = context.workload, context.device
     table_index = workload.largest_table()
@@ -49,11 +61,13 @@ def _build_tt(context: BuildContext, cache_policy: str) -> Prepared:
             warm = make_table_batch(workload, table_index, context.seed, batch_index)
             module.warm_up_cache(torch.from_numpy(warm.indices).to(device))
         module.populate_cache()
-    indices, offsets, _ = as_tensors(make_table_batch(workload, table_index, context.seed), device)
+    inputs = _rotating_inputs(context, table_index)
     module.reset_cache_stats()
     with torch.no_grad():
-        module(indices, offsets)
+        for indices, offsets in inputs:
+            module(indices, offsets)
     hit_rate = module.hit_rate if module.cache is not None else 0.0
+    indices, offsets = inputs[0]
     value_bytes = BYTES_PER_VALUE[context.precision]
     lookups, bags = indices.numel(), offsets.numel()
     ranks = module.ranks
@@ -63,12 +77,14 @@ def _build_tt(context: BuildContext, cache_policy: str) -> Prepared:
         flops_per_row += 2.0 * prefix * ranks[core] * module.dim_factors[core] * ranks[core + 1]
         prefix *= module.dim_factors[core]
 
-    def run():
+    def lookup(indices, offsets):
         with torch.no_grad():
             return module(indices, offsets)
 
+    calls = [functools.partial(lookup, *pair) for pair in inputs]
     return Prepared(
-        run=run,
+        run=cycling(calls),
+        check=calls[0],
         reference=lambda: tt_reference(module, indices, offsets, None),
         samples=bags,
         flops=lookups * (table.dim + (1 - hit_rate) * flops_per_row),
@@ -77,7 +93,7 @@ def _build_tt(context: BuildContext, cache_policy: str) -> Prepared:
         params={"table": table_index, "rows": table.rows, "dim": table.dim,
                 "distribution": table.distribution.label(), "cache": cache_policy,
                 "row_factors": list(module.row_factors), "dim_factors": list(module.dim_factors),
-                "ranks": list(ranks)},
+                "ranks": list(ranks), "rotation_batches": len(inputs)},
         metrics={"hit_rate": hit_rate, "tt_parameters": module.tt_parameter_count,
                  "tt_bytes": module.tt_bytes, "cache_bytes": module.cache_bytes,
                  "dense_bytes": module.dense_bytes,
@@ -111,16 +127,20 @@ def build_dense(context: BuildContext) -> Prepared:
         raise Unsupported(f"tt_sls compares float tables; {context.precision} is not one")
     weight = table_weight(table, context.seed, table_index)
     pooled = PooledTable(weight, context.precision, device)
-    indices, offsets, _ = as_tensors(make_table_batch(workload, table_index, context.seed), device)
+    inputs = _rotating_inputs(context, table_index)
+    calls = [functools.partial(pooled, *pair) for pair in inputs]
+    indices, offsets = inputs[0]
     lookups, bags = indices.numel(), offsets.numel()
     return Prepared(
-        run=lambda: pooled(indices, offsets),
+        run=cycling(calls),
+        check=calls[0],
         reference=lambda: reference_lookup(weight, indices, offsets, "sum", None),
         samples=bags, flops=lookups * table.dim,
         bytes_moved=lookup_bytes(lookups, bags, table.dim, pooled.bytes_per_row,
                                  BYTES_PER_VALUE[context.precision], False),
         params={"table": table_index, "rows": table.rows, "dim": table.dim,
-                "distribution": table.distribution.label(), "cache": "n/a"},
+                "distribution": table.distribution.label(), "cache": "n/a",
+                "rotation_batches": len(inputs)},
         metrics={"dense_bytes": int(table.rows * pooled.bytes_per_row)},
         flush_between_reps=True,
     )
