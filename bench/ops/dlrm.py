@@ -86,8 +86,7 @@ def reference_logits(model: DLRM, dense, indices, offsets) -> torch.Tensor:
     interaction64 = copy.deepcopy(model.interaction).to("cpu", torch.float64)
     with torch.no_grad():
         bottom = bottom64(dense.cpu().double())
-        features = torch.cat([bottom.unsqueeze(1), pooled], dim=1)
-        return top64(interaction64(bottom, features)).squeeze(1)
+        return top64(interaction64(bottom, pooled)).squeeze(1)
 
 
 def _tt_settings(context: BuildContext) -> dict:

@@ -15,35 +15,35 @@ register_op(Op("interaction", "feature interaction of the bottom-MLP output and 
                lambda workload, options: [{}]))
 
 
-def _features(context: BuildContext) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 features [B, F, D] (dense vector first) for the workload's shapes."""
+def _inputs(context: BuildContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 bottom-MLP output [B, D] and pooled embeddings [B, T, D] for the workload."""
     workload = context.workload
     shape = (workload.batch_size, workload.num_features, workload.dim)
     features = torch.from_numpy(stream(context.seed, 200).standard_normal(shape, dtype="float32"))
-    return features, features[:, 0, :]
+    return features[:, 0, :].contiguous(), features[:, 1:, :].contiguous()
 
 
 def _build(context: BuildContext, module: torch.nn.Module, flops_per_sample: float,
            output_width: int) -> Prepared:
     workload, device = context.workload, context.device
     dtype = float_dtype(context.precision)
-    features, dense = _features(context)
-    features_device = features.to(device=device, dtype=dtype)
-    dense_device = features_device[:, 0, :]
+    dense, pooled = _inputs(context)
+    dense_device = dense.to(device=device, dtype=dtype)
+    pooled_device = pooled.to(device=device, dtype=dtype)
     module_device = copy.deepcopy(module).to(device)
     module64 = module.to("cpu")
     value_bytes = BYTES_PER_VALUE[context.precision]
     batch = workload.batch_size
 
     def run():
-        return module_device(dense_device, features_device)
+        return module_device(dense_device, pooled_device)
 
     return Prepared(
         run=run,
-        reference=lambda: module64(dense.double(), features.double()),
+        reference=lambda: module64(dense.double(), pooled.double()),
         samples=batch,
         flops=batch * flops_per_sample,
-        bytes_moved=batch * (features.shape[1] * features.shape[2] + output_width) * value_bytes,
+        bytes_moved=batch * (workload.num_features * workload.dim + output_width) * value_bytes,
         params={"num_features": workload.num_features, "dim": workload.dim,
                 "output_width": output_width},
     )
