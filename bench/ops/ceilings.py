@@ -10,7 +10,9 @@ from bench.registry import BuildContext, Op, Prepared, Unsupported, impl, regist
 # Buffer sizes spanning L1, L2, the last-level cache and DRAM on the machines we know
 # (48 KiB L1d, 2 MiB L2, an effective LLC of 64-80 MB): each level gets a size inside it.
 MEMBW_SIZES = (16 << 10, 1 << 20, 16 << 20, 512 << 20)
-GEMM_SIZE = 2048
+# 1024^3 multiply-adds: near peak for MKL and oneDNN, and still affordable (about 7 s a call)
+# at ISA levels where bf16 falls back to a scalar path (0.3 GFLOP/s at avx2 here).
+GEMM_SIZE = 1024
 
 
 def _membw_variants(workload, options) -> list[dict]:
