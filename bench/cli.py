@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                                            f"(default: {QUICK_WORKLOADS})")
     parser.add_argument("--precision", help="fp32,fp16,bf16,int8,int4")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
-    parser.add_argument("--isa", default="native", help="ISA levels for CPU runs (see --list)")
+    parser.add_argument("--isa", help="ISA levels for CPU runs (see --list; default native; the "
+                                      "default sweep also runs FC and SLS at avx2, avx512, amx)")
     parser.add_argument("--threads", default="1", help="thread counts, e.g. 1,2")
     parser.add_argument("--batch-size", help="override the workloads' batch size(s)")
     parser.add_argument("--max-rows", type=int, help="cap every table at this many rows")
@@ -218,6 +219,29 @@ def parse_sweep(argv: list[str]):
     return args
 
 
+# The default sweep also shows what each SIMD level buys, on the two ops where it matters most
+# (FC: MKL/oneDNN width and AMX; SLS: FBGEMM width), without multiplying the whole sweep.
+ISA_COMPARISON_LEVELS = ("avx2", "avx512", "amx")
+ISA_COMPARISON_OPTIONS = {"fc_layers": ["linear"], "sls_modes": ["sum"]}
+
+
+def _is_default_sweep(args) -> bool:
+    """True when the user chose nothing that the ISA comparison would contradict."""
+    return (args.quick_defaults and not args.isa and not args.ops and not args.impls
+            and not args.workload and args.device == "cpu" and args.threads == "1")
+
+
+def _isa_comparison(workloads, seed: int) -> list:
+    """FC and SLS on the largest default workload at each available capped ISA level."""
+    from bench import sweep as sweeping
+
+    levels = [level for level in ISA_COMPARISON_LEVELS
+              if level in devices.available_isa_levels()]
+    workload = max(workloads, key=lambda spec: spec.total_rows)
+    return sweeping.plan(["fc", "sls"], [workload], ["fp32", "bf16"], ["cpu"], levels, [1], seed,
+                         dict(ISA_COMPARISON_OPTIONS))
+
+
 def sweep(argv: list[str]) -> int:
     """The default command: run a sweep and write its results."""
     from bench import sweep as sweeping
@@ -243,7 +267,7 @@ def sweep(argv: list[str]) -> int:
                                                   else QUICK_PRECISIONS)),
                          registry.PRECISIONS, "precision")
     device_list = [devices.normalize_device(name) for name in split(args.device)]
-    isa_levels = split(args.isa)
+    isa_levels = split(args.isa or "native")
     for level in isa_levels:
         devices.check_isa(level)
     thread_counts = _whole_numbers(args.threads, "--threads")
@@ -258,6 +282,8 @@ def sweep(argv: list[str]) -> int:
                             args.seed, _options(args), impl_filter)
     if not planned:
         raise UsageError("nothing to run: the chosen ops/impls/precisions match no configuration")
+    if _is_default_sweep(args):
+        planned += _isa_comparison(workloads, args.seed)
     for spec in workloads:
         if spec.capped_tables():
             print(f"note: workload {spec.name}: {spec.capped_tables()} of {len(spec.tables)} "

@@ -33,6 +33,17 @@ def _number_text(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
+def _number_pair(text: str, value: str, separator: str, first_type, second_type, form: str):
+    """Two numbers written FIRST<separator>SECOND, or a SpecError showing the form."""
+    first, found, second = value.partition(separator)
+    try:
+        numbers = first_type(first), second_type(second)
+    except ValueError:
+        numbers = None
+    _require(numbers is not None and bool(found), f"--dist {text!r}: write {form}")
+    return numbers
+
+
 @dataclasses.dataclass(frozen=True)
 class IndexDistribution:
     """How row ids are drawn within a table."""
@@ -86,23 +97,13 @@ class IndexDistribution:
             _require(bool(value), f"--dist {text!r}: write trace:PATH (.npy, .csv or .txt)")
             return cls("trace", path=value)
         if kind == "hitrate":
-            rate, separator, capacity = value.partition("@")
-            try:
-                numbers = float(rate), int(capacity)
-            except ValueError:
-                numbers = None
-            _require(numbers is not None and bool(separator),
-                     f"--dist {text!r}: write hitrate:RATE@CAPACITY_ROWS, e.g. hitrate:0.9@100000")
-            return cls("hitrate", target_hit_rate=numbers[0], capacity_rows=numbers[1])
+            rate, capacity = _number_pair(text, value, "@", float, int,
+                                          "hitrate:RATE@CAPACITY_ROWS, e.g. hitrate:0.9@100000")
+            return cls("hitrate", target_hit_rate=rate, capacity_rows=capacity)
         if kind == "reuse":
-            cold, separator, mean = value.partition(",")
-            try:
-                numbers = float(cold), float(mean)
-            except ValueError:
-                numbers = None
-            _require(numbers is not None and bool(separator),
-                     f"--dist {text!r}: write reuse:COLD_PROB,MEAN_DISTANCE, e.g. reuse:0.1,1000")
-            return cls("reuse", cold_probability=numbers[0], mean_distance=numbers[1])
+            cold, mean = _number_pair(text, value, ",", float, float,
+                                      "reuse:COLD_PROB,MEAN_DISTANCE, e.g. reuse:0.1,1000")
+            return cls("reuse", cold_probability=cold, mean_distance=mean)
         _require(kind == "uniform" and not value, f"--dist {text!r}: choose {DIST_FORMS}")
         return cls("uniform")
 
