@@ -198,13 +198,19 @@ def _options(args) -> dict:
     return options
 
 
+def _recorded_argv(directory: Path) -> list[str]:
+    """The sweep arguments a run directory recorded (for --resume)."""
+    try:
+        return list(json.loads((directory / "args.json").read_text())["argv"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UsageError(f"--resume {directory}: no readable args.json there; give a run "
+                         "directory written by run_bench.py") from None
+
+
 def _run_directory(args, argv: list[str]) -> tuple[Path, str, bool]:
     """The run directory, its id, and whether this resumes an existing run."""
     if args.resume:
         directory = Path(args.resume)
-        if not (directory / "args.json").is_file():
-            raise UsageError(f"--resume {directory}: no args.json there; give a run directory "
-                             "written by run_bench.py")
         return directory, directory.name, True
     run_id = args.run_id or (datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + "-"
                              + secrets.token_hex(2))
@@ -212,7 +218,7 @@ def _run_directory(args, argv: list[str]) -> tuple[Path, str, bool]:
 
 
 def parse_sweep(argv: list[str]):
-    """Parse and validate; returns (args, plan inputs)."""
+    """The sweep arguments; quick_defaults marks a run without --full."""
     parser = build_parser()
     args = parser.parse_args(argv)
     args.quick_defaults = not args.full
@@ -251,15 +257,10 @@ def sweep(argv: list[str]) -> int:
         print(list_choices())
         return 0
     if args.resume:
-        recorded = json.loads((Path(args.resume) / "args.json").read_text())["argv"] \
-            if (Path(args.resume) / "args.json").is_file() else None
-        if recorded is None:
-            raise UsageError(f"--resume {args.resume}: no args.json there; give a run directory "
-                             "written by run_bench.py")
         resume_dir = args.resume
-        args = parse_sweep(recorded)
+        argv = _recorded_argv(Path(resume_dir))
+        args = parse_sweep(argv)
         args.resume = resume_dir
-        argv = recorded
     ops = _choose(split(args.ops) if args.ops else
                   [name for name, op in registry.ops().items() if op.default],
                   registry.ops(), "op")

@@ -16,7 +16,7 @@ import torch
 
 from bench import devices, isa_probe, registry, telemetry, timing
 from bench.ops.common import clear_weight_cache, relative_error
-from bench.registry import BuildContext, Unsupported
+from bench.registry import BuildContext, Prepared, Unsupported
 from bench.schema import STATUS_ERROR, STATUS_OK, STATUS_SKIPPED, ResultRow, dumps_compact
 from bench.tasks import Task
 
@@ -60,6 +60,58 @@ def repeated(run: Callable[[], Any], calls: int) -> Callable[[], Any]:
     return run_repeatedly
 
 
+def _check(prepared: Prepared, row: ResultRow, precision: str) -> str:
+    """Compare the impl with its float64 reference; the failure message, or '' when correct."""
+    try:
+        output = (prepared.check or prepared.run)()
+        row.rel_error = relative_error(output, prepared.reference())
+    except Exception as error:  # NaN, wrong shape, or a kernel that raised
+        return f"check against float64 reference failed: {error}"
+    tolerance = (prepared.tolerance if prepared.tolerance is not None
+                 else registry.TOLERANCE[precision])
+    if not row.rel_error <= tolerance:
+        return f"relative error {row.rel_error:.3g} exceeds the {precision} tolerance {tolerance:g}"
+    return ""
+
+
+def _record_quality(prepared: Prepared, row: ResultRow, metrics: dict) -> str:
+    """Model-level accuracy (dlrm_infer) into the row; the failure message, or ''."""
+    if prepared.accuracy is None:
+        return ""
+    try:
+        quality = prepared.accuracy()
+    except Exception as error:
+        return f"accuracy evaluation failed: {type(error).__name__}: {error}"
+    row.auc, row.logloss = quality["auc"], quality["logloss"]
+    row.ctr_abs_diff = quality["ctr_abs_diff"]
+    metrics.update(quality.get("metrics", {}))
+    return ""
+
+
+def _record_timing(row: ResultRow, prepared: Prepared, summary, observed, calls: int,
+                   metrics: dict) -> None:
+    """Times, rates and telemetry of a measurement into the row."""
+    row.n_samples = len(summary.samples_s)
+    row.samples_s = json.dumps([float(f"{value:.6g}") for value in summary.samples_s])
+    row.median_s, row.mean_s, row.min_s = summary.median_s, summary.mean_s, summary.min_s
+    row.p90_s, row.p99_s, row.iqr_s = summary.p90_s, summary.p99_s, summary.iqr_s
+    # Times are per repetition (calls_per_rep calls); rates count the work of every call.
+    row.samples_per_s = calls * prepared.samples / summary.median_s
+    row.gbps = calls * prepared.bytes_moved / summary.median_s / 1e9
+    row.gflops = calls * prepared.flops / summary.median_s / 1e9 if prepared.flops else math.nan
+    row.cpu_util, row.peak_rss_bytes = observed.cpu_util, observed.peak_rss_bytes
+    row.avg_power_w, row.energy_j = observed.avg_power_w, observed.energy_j
+    row.joules_per_sample = observed.avg_power_w * summary.median_s / (calls * prepared.samples)
+    if observed.gpu:
+        metrics["gpu"] = observed.gpu
+    if row.device.startswith("cuda"):
+        metrics["l2_flush"] = prepared.flush_between_reps
+    if observed.sources:
+        metrics["energy_source"] = ", ".join(observed.sources)
+    metrics["noise_iqr_over_median"] = round(summary.iqr_s / summary.median_s, 4)
+    metrics["noisy"] = summary.noisy
+
+
 def run_task(task: Task, run_id: str, policy: timing.TimingPolicy,
              isa_effective: str = "") -> ResultRow:
     """Build, check against float64, then time one task; never raises for the task's faults."""
@@ -81,24 +133,9 @@ def run_task(task: Task, run_id: str, policy: timing.TimingPolicy,
     row.params = dumps_compact({**task.variant, **prepared.params})
     row.flops, row.bytes_moved = float(prepared.flops), float(prepared.bytes_moved)
     metrics = dict(prepared.metrics)
-    try:
-        output = (prepared.check or prepared.run)()
-        row.rel_error = relative_error(output, prepared.reference())
-    except Exception as error:  # NaN, wrong shape, or a kernel that raised
-        return _fail(row, f"check against float64 reference failed: {error}")
-    tolerance = (prepared.tolerance if prepared.tolerance is not None
-                 else registry.TOLERANCE[task.precision])
-    if not row.rel_error <= tolerance:
-        return _fail(row, f"relative error {row.rel_error:.3g} exceeds the {task.precision} "
-                          f"tolerance {tolerance:g}")
-    if prepared.accuracy is not None:
-        try:
-            quality = prepared.accuracy()
-        except Exception as error:
-            return _fail(row, f"accuracy evaluation failed: {type(error).__name__}: {error}")
-        row.auc, row.logloss = quality["auc"], quality["logloss"]
-        row.ctr_abs_diff = quality["ctr_abs_diff"]
-        metrics.update(quality.get("metrics", {}))
+    problem = _check(prepared, row, task.precision) or _record_quality(prepared, row, metrics)
+    if problem:
+        return _fail(row, problem)
     # --calls-per-rep: a known amount of extra work per repetition, to validate the checker.
     calls = int(task.options.get("calls_per_rep", 1))
     metrics["calls_per_rep"] = calls
@@ -108,26 +145,10 @@ def run_task(task: Task, run_id: str, policy: timing.TimingPolicy,
             flush_l2=prepared.flush_between_reps, monitor=telemetry.Monitor(task.device))
     except Exception as error:
         return _fail(row, f"timing failed: {type(error).__name__}: {error}")
-    row.n_samples = len(summary.samples_s)
-    row.samples_s = json.dumps([float(f"{value:.6g}") for value in summary.samples_s])
-    row.median_s, row.mean_s, row.min_s = summary.median_s, summary.mean_s, summary.min_s
-    row.p90_s, row.p99_s, row.iqr_s = summary.p90_s, summary.p99_s, summary.iqr_s
-    # Times are per repetition (calls_per_rep calls); rates count the work of every call.
-    row.samples_per_s = calls * prepared.samples / summary.median_s
-    row.gbps = calls * prepared.bytes_moved / summary.median_s / 1e9
-    row.gflops = calls * prepared.flops / summary.median_s / 1e9 if prepared.flops else math.nan
-    row.cpu_util, row.peak_rss_bytes = observed.cpu_util, observed.peak_rss_bytes
-    row.avg_power_w, row.energy_j = observed.avg_power_w, observed.energy_j
-    row.joules_per_sample = observed.avg_power_w * summary.median_s / (calls * prepared.samples)
-    if observed.gpu:
-        metrics["gpu"] = observed.gpu
-    if observed.sources:
-        metrics["energy_source"] = ", ".join(observed.sources)
+    _record_timing(row, prepared, summary, observed, calls, metrics)
     mismatch = isa_probe.isa_mismatch(task.isa, isa_effective)
     if mismatch:
         metrics["isa_mismatch"] = mismatch
-    metrics["noise_iqr_over_median"] = round(summary.iqr_s / summary.median_s, 4)
-    metrics["noisy"] = summary.noisy
     row.metrics = dumps_compact(metrics)
     row.status = STATUS_OK
     return row
