@@ -21,7 +21,7 @@ from reports.check import (
     load_results,
     report_verdicts,
 )
-from reports.compare import compare_rows
+from reports.compare import compare_rows, require_consistent_rounds
 from reports.merge import MergeError, merge_runs, write_results
 
 DEFAULT_ROUNDS = 3
@@ -140,6 +140,9 @@ def run_ab(
         # Changed impl code is what an A/B run is for, so code versions are not compared.
         verdicts = compare_rows(a_rows, b_rows, factor=factor, alpha=alpha,
                                 check_code_version=False)
+        verdicts = require_consistent_rounds(
+            verdicts, [load_results(directory) for directory in a_dirs],
+            [load_results(directory) for directory in b_dirs], factor)
     except (AbError, ci_sweep.CiSweepError, ValueError) as error:
         print(f"check: --ab: {' '.join(str(error).split())}", file=sys.stderr)
         return EXIT_CANNOT_COMPARE

@@ -302,3 +302,21 @@ def test_ab_end_to_end_on_a_tiny_sweep(tmp_path, capsys, monkeypatch):
     (worktree,) = created
     assert not worktree.exists() and not worktree.parent.exists()
     assert f"worktree {worktree}" not in _worktrees()
+
+
+def test_ab_changes_must_agree_in_every_round():
+    """A pooled REGRESSED verdict stands only when each round's own ratio is beyond the factor."""
+    from bench.schema import ResultRow
+    from reports.compare import Verdict, require_consistent_rounds
+
+    def rows(median):
+        return [ResultRow(task_key="k", op="sls", median_s=median)]
+
+    verdict = Verdict("k", "sls", "embedding_bag", "smoke", "fp32", "REGRESSED", 1.3, 1e-9)
+    agreeing = require_consistent_rounds([verdict], [rows(1.0), rows(1.0)],
+                                         [rows(1.3), rows(1.25)], factor=0.1)
+    assert agreeing[0].verdict == "REGRESSED"
+    disagreeing = require_consistent_rounds([verdict], [rows(1.0), rows(1.0)],
+                                            [rows(1.6), rows(1.02)], factor=0.1)
+    assert disagreeing[0].verdict == "UNCHANGED"
+    assert "1.60, 1.02" in disagreeing[0].reason

@@ -164,7 +164,7 @@ def test_memory_refusal_happens_before_planning_or_allocating(capsys, monkeypatc
     (["--dist", "zipf:x"], ["zipf:ALPHA"]),
     (["--workload", "synthetic", "--pooling", "lognormal:abc"], ["--pooling"]),
     (["--workload", "synthetic", "--num-tables", "0"], ["--num-tables"]),
-    (["--resume", "/nonexistent/run"], ["no args.json"]),
+    (["--resume", "/nonexistent/run"], ["args.json"]),
     (["--ops", "sls", "--impls", "no_such_impl"], ["nothing to run"]),
 ])
 def test_more_bad_input_in_process(capsys, no_sweep, tmp_path, arguments, words):
