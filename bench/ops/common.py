@@ -154,6 +154,14 @@ def rotation_count(bytes_per_call: float, lookups_per_call: int) -> int:
     return int(max(1, min(wanted, MAX_ROTATION_BATCHES, by_memory)))
 
 
+def workload_rotation(workload, table_indices, precision: str) -> int:
+    """Batches a lookup op over these tables cycles through (see rotation_count)."""
+    lookups = sum(workload.tables[index].pooling.mean for index in table_indices)
+    lookups_per_call = int(lookups * workload.batch_size)
+    return rotation_count(lookups_per_call * workload.dim * BYTES_PER_VALUE[precision],
+                          lookups_per_call)
+
+
 def cycling(calls: list[Callable[[], object]]) -> Callable[[], object]:
     """A closure that runs the next call of the list each time, round robin."""
     if len(calls) == 1:

@@ -8,7 +8,8 @@ import torch
 
 from bench.model import row_starts_of, flatten_tables
 from bench.ops.common import (BYTES_PER_VALUE, FLOAT_DTYPES, PooledTable, as_tensors, cycling,
-                              lookup_bytes, reference_lookup, rotation_count, table_weight)
+                              lookup_bytes, reference_lookup, table_weight,
+                              workload_rotation)
 from bench.registry import BuildContext, Op, Prepared, impl, register_op
 from workloads.generators import rotating_table_batches
 
@@ -32,14 +33,6 @@ def _output_bytes(precision: str) -> float:
     return BYTES_PER_VALUE[precision] if precision in FLOAT_DTYPES else 4.0
 
 
-def _rotation(workload, table_indices, precision: str, seed: int) -> int:
-    """Batches to cycle through so the looked-up rows exceed the last-level cache."""
-    row_bytes = workload.dim * BYTES_PER_VALUE[precision]
-    lookups = sum(workload.tables[index].pooling.mean for index in table_indices)
-    return rotation_count(lookups * workload.batch_size * row_bytes,
-                          int(lookups * workload.batch_size))
-
-
 @impl("sls", "embedding_bag", ALL_PRECISIONS, baseline=True,
       description="torch embedding_bag (FBGEMM kernels) or the quantized row-wise op")
 def build_sls(context: BuildContext) -> Prepared:
@@ -52,7 +45,7 @@ def build_sls(context: BuildContext) -> Prepared:
     pool_mode = "sum" if weighted else mode
     weight = table_weight(table, context.seed, table_index)
     pooled = PooledTable(weight, context.precision, device)
-    parts = _rotation(workload, [table_index], context.precision, context.seed)
+    parts = workload_rotation(workload, [table_index], context.precision)
     inputs = [as_tensors(batch, device) for batch in
               rotating_table_batches(workload, table_index, context.seed, parts)]
     calls = [functools.partial(pooled, indices, offsets, pool_mode,
@@ -81,7 +74,7 @@ def _all_tables(context: BuildContext):
     """Every table's weights and, per rotation batch, every table's tensors."""
     workload = context.workload
     table_indices = range(len(workload.tables))
-    parts = _rotation(workload, table_indices, context.precision, context.seed)
+    parts = workload_rotation(workload, table_indices, context.precision)
     weights = [table_weight(table, context.seed, index)
                for index, table in enumerate(workload.tables)]
     per_table = [rotating_table_batches(workload, index, context.seed, parts)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as functional
 
 from bench.ops.common import (BYTES_PER_VALUE, PooledTable, as_tensors, cycling, float_dtype,
-                              lookup_bytes, reference_lookup, rotation_count, table_weight)
+                              lookup_bytes, reference_lookup, table_weight, workload_rotation)
 from bench.registry import BuildContext, Op, Prepared, Unsupported, impl, register_op
 from bench.ttrec import TTEmbeddingBag, reconstruct_tt_rows
 from workloads.generators import make_table_batch, rotating_table_batches
@@ -39,11 +39,8 @@ def tt_reference(module: TTEmbeddingBag, indices, offsets, weights) -> torch.Ten
 
 def _rotating_inputs(context: BuildContext, table_index: int) -> list[tuple]:
     """(indices, offsets) of the distinct batches every impl cycles through."""
-    workload = context.workload
-    table = workload.tables[table_index]
-    lookups = int(table.pooling.mean * workload.batch_size)
-    parts = rotation_count(lookups * table.dim * BYTES_PER_VALUE[context.precision], lookups)
-    batches = rotating_table_batches(workload, table_index, context.seed, parts)
+    parts = workload_rotation(context.workload, [table_index], context.precision)
+    batches = rotating_table_batches(context.workload, table_index, context.seed, parts)
     return [as_tensors(batch, context.device)[:2] for batch in batches]
 
 
