@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import inspect
+import pkgutil
 from typing import Any, Callable, Optional
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
@@ -77,6 +79,17 @@ class Op:
     variants: Callable[[Any, dict], list[dict]]  # (workload, options) -> variant params
     precision_agnostic: bool = False  # measured once, at fp32 (machine-ceiling probes)
     default: bool = True  # part of a sweep when --ops is not given
+    # Bytes the op's build holds per byte of the workload's fp32 tables (its precision copies,
+    # a concatenated copy, float64 reference copies): the planner's memory check uses it.
+    memory_factor: float = 0.0
+    single_table: bool = False  # looks up only the workload's largest table (else every table)
+    probe: bool = False  # measures the machine, not a workload: run once per worker group
+    ci: bool = False  # part of the CI regression sweep (bench/run/ci_sweep.py)
+    report_order: int = 100  # position in reports (pipeline order: lookups before models)
+
+    def __post_init__(self):
+        if self.memory_factor < 0:
+            raise ValueError(f"op {self.name!r}: memory_factor must be >= 0")
 
 
 _OPS: dict[str, Op] = {}
@@ -112,14 +125,26 @@ def impl(op: str, name: str, precisions: tuple[str, ...], baseline: bool = False
 
 
 def load_all() -> None:
-    """Import every op module so their registrations run."""
-    from bench.ops import ceilings, dlrm, fc, interaction, sls, ttrec  # noqa: F401
+    """Import every module of the bench.ops package (found by a scan) so its registrations run."""
+    import bench.ops
+
+    for module in pkgutil.iter_modules(bench.ops.__path__):
+        if not module.name.startswith("_"):
+            importlib.import_module(f"bench.ops.{module.name}")
+
+
+def facts() -> dict[str, dict]:
+    """What reports need to know of each op, recorded in a run's args.json (reports load no
+    torch, so they cannot ask the registry)."""
+    return {name: {"report_order": op.report_order, "probe": op.probe,
+                   "single_table": op.single_table}
+            for name, op in ops().items()}
 
 
 def ops() -> dict[str, Op]:
-    """All registered ops by name."""
+    """All registered ops by name, in report order."""
     load_all()
-    return dict(_OPS)
+    return dict(sorted(_OPS.items(), key=lambda item: (item[1].report_order, item[0])))
 
 
 def impls(op: str) -> dict[str, Impl]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import re
 from pathlib import Path
 from typing import Callable
@@ -12,6 +11,7 @@ from typing import Callable
 import pandas as pd
 from matplotlib.figure import Figure
 
+from bench.records import write_atomic
 from reports import plots, tables, workingset
 from reports.html import FigureBlock, NoteBlock, Section, TableBlock, render_page
 
@@ -20,20 +20,6 @@ FIGURE_PREFIX = "fig-"
 EFFICIENCY_COLUMNS = ["device", "isa", "op", "impl", "workload", "precision", "threads",
                       "batch_size", "intensity", "achieved_gflops", "achieved_gbps",
                       "attainable_gflops", "roof_precision", "efficiency", "bound"]
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write a file so that readers see the old or the new content, never a partial one."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
 
 
 def slug(text: str) -> str:

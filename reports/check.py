@@ -5,15 +5,15 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import io
 import math
 import os
 import shlex
 import sys
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from bench.schema import (
+from bench.records import (
     COLUMNS,
     STATUS_OK,
     STATUSES,
@@ -22,6 +22,7 @@ from bench.schema import (
     read_rows,
     row_to_record,
     samples_from_row,
+    write_atomic,
 )
 from reports.compare import (
     FAILING_VERDICTS,
@@ -158,21 +159,11 @@ def render_table(verdicts: Iterable[Verdict]) -> str:
 
 def _atomic_write_csv(path: Path, fieldnames: Sequence[str], records: Iterable[dict]) -> None:
     """Write a CSV next to its destination and rename it in, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
-    )
-    try:
-        with os.fdopen(descriptor, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=fieldnames)
-            writer.writeheader()
-            writer.writerows(records)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=fieldnames)
+    writer.writeheader()
+    writer.writerows(records)
+    write_atomic(path, text.getvalue())
 
 
 def _verdict_record(verdict: Verdict) -> dict:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from scipy.stats import mannwhitneyu
 
-from bench.schema import (
+from bench.records import (
     STATUS_ERROR,
     STATUS_OK,
     STATUS_SKIPPED,

@@ -11,18 +11,15 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.schema import (
+from bench.records import (
     STATUS_ERROR,
     STATUS_OK,
     ResultRow,
     ResultsWriter,
     dumps_compact,
     samples_from_row,
+    summarize,
 )
-
-# bench.timing.NOISY_IQR_RATIO, repeated because reports never import torch (bench.timing does).
-NOISY_IQR_RATIO = 0.1
-
 
 class MergeError(ValueError):
     """Runs that cannot be pooled (another machine, other code, a key seen twice in one run)."""
@@ -61,17 +58,13 @@ def _pooled_row(rows: Sequence[ResultRow], run_id: str, total_runs: int) -> Resu
     """One ok row whose samples are all rows' samples and whose statistics are recomputed."""
     first = rows[0]
     samples = [sample for row in rows for sample in samples_from_row(row)]
-    values = np.asarray(samples, dtype=np.float64)
-    median = float(np.median(values))
+    summary = summarize(samples)
+    median = summary.median_s
     merged = dataclasses.replace(first, run_id=run_id, timestamp=rows[-1].timestamp)
     merged.samples_s = json.dumps(samples)
     merged.n_samples = len(samples)
-    merged.median_s = median
-    merged.mean_s = float(values.mean())
-    merged.min_s = float(values.min())
-    merged.p90_s = float(np.percentile(values, 90))
-    merged.p99_s = float(np.percentile(values, 99))
-    merged.iqr_s = float(np.percentile(values, 75) - np.percentile(values, 25))
+    merged.median_s, merged.mean_s, merged.min_s = median, summary.mean_s, summary.min_s
+    merged.p90_s, merged.p99_s, merged.iqr_s = summary.p90_s, summary.p99_s, summary.iqr_s
     # Rates depend on the median: rescale them from the first row's own median.
     scale = first.median_s / median if first.median_s > 0 and median > 0 else math.nan
     merged.samples_per_s = first.samples_per_s * scale
@@ -93,7 +86,7 @@ def _pooled_row(rows: Sequence[ResultRow], run_id: str, total_runs: int) -> Resu
     metrics["merged_of"] = total_runs
     if median > 0:
         metrics["noise_iqr_over_median"] = round(merged.iqr_s / median, 4)
-        metrics["noisy"] = merged.iqr_s > NOISY_IQR_RATIO * median
+        metrics["noisy"] = summary.noisy
     merged.metrics = dumps_compact(metrics)
     return merged
 

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from bench.schema import COLUMNS, STATUS_OK, ResultRow, dumps_compact, read_rows
+from bench.records import COLUMNS, STATUS_OK, ResultRow, dumps_compact, read_rows
 
 CEILING_OPS = ("membw", "gemm_peak")
 OP_ORDER = ("sls", "sls_multi", "tt_sls", "interaction", "fc", "dlrm_infer", "dlrm_train")

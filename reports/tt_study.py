@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import matplotlib
 import pandas as pd
 from matplotlib.figure import Figure
 
+from bench.records import write_atomic
 from reports.plots import figure_to_png, log_scale
 
 MARKDOWN_NAME = "tt_study.md"
@@ -19,17 +19,6 @@ DENSE_COLOR = "black"
 # The paper's published Kaggle figures, quoted in the notes (the CSV holds them per row).
 PAPER_NOTE = ("117x for 7 tables at rank 32, 221x for 7 tables at rank 8, about 4x for 3 tables "
               "(Yin et al., TT-Rec, MLSys 2021)")
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write a file so readers see the old or the new content, never a partial one."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        temporary.write_bytes(data)
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
 
 
 def _number(value, digits: int) -> str:
@@ -100,7 +89,7 @@ def render_markdown(frame: pd.DataFrame) -> str:
         "",
         "- Bytes and the two measured compressions are of the studied (row-capped) tables; "
         "TT bytes include the cores plus the hot-row cache and its index maps.",
-        "- The paper-formula column is computed by `bench.ttrec.factorize."
+        "- The paper-formula column is computed by `bench.models.ttrec.factorize."
         "embedding_compression_ratio` for the full-size Kaggle tables (dim 16, fp32, TT cores "
         "only, no cache): a formula, not a measurement.",
         f"- Paper reported: {PAPER_NOTE}.",

@@ -12,7 +12,7 @@ import pandas as pd
 from reports.tables import (format_bytes, is_positive, isa_sort_key, measured_op_rows,
                             parse_json_object, positive_mask, precision_sort_key)
 
-# sysfs cache levels as env.json records them (bench.devices.cache_sizes), smallest first.
+# sysfs cache levels as env.json records them (bench.run.devices.cache_sizes), smallest first.
 CACHE_LEVELS = (("L1d", "l1d_bytes"), ("L2", "l2_bytes"), ("L3", "l3_bytes"))
 # A fall of more than this fraction of the bandwidth between neighbouring footprints is a cliff.
 CLIFF_THRESHOLD = 0.2

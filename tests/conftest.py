@@ -12,7 +12,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # the bare `pytest` script does not put the root on the path
     sys.path.insert(0, str(REPO_ROOT))
 
-from bench.timing import TimingPolicy  # noqa: E402
+from bench.run.timing import TimingPolicy  # noqa: E402
 from workloads.specs import (IndexDistribution, PoolingDistribution, TableSpec,  # noqa: E402
                              WorkloadSpec)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bench.schema import ResultRow, read_rows
+from bench.records import ResultRow, read_rows
 from reports.check import (
     CheckInputError,
     baseline_path,

@@ -13,11 +13,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bench import ab, ci_sweep, cli, registry, worker
+from bench import commands
+from bench.commands import ab, sweep as cli
+from bench.run import ci_sweep, worker
+from bench import registry
 from bench.registry import Impl, Prepared
-from bench.schema import ResultRow, read_rows
-from bench.tasks import Task
-from bench.timing import TimingPolicy
+from bench.records import ResultRow, read_rows
+from bench.run.tasks import Task
+from bench.run.timing import TimingPolicy
 from reports.compare import compare_rows
 from reports.merge import MergeError, merge_runs, write_results
 from workloads import presets
@@ -131,7 +134,7 @@ def test_calls_per_rep_becomes_an_option_but_not_part_of_the_task_key():
 
 
 def test_calls_per_rep_below_one_is_a_usage_error(capsys):
-    assert cli.main(["--workload", "smoke", "--ops", "sls", "--calls-per-rep", "0"]) == 2
+    assert commands.main(["--workload", "smoke", "--ops", "sls", "--calls-per-rep", "0"]) == 2
     error = capsys.readouterr().err
     assert "--calls-per-rep must be >= 1" in error and error.count("\n") == 1
 
@@ -187,7 +190,7 @@ def test_run_task_times_calls_per_rep_calls_and_records_it(monkeypatch, calls_pe
 
 def _check(capsys, *arguments: str) -> tuple[int, str, str]:
     """Run `run_bench.py check ARGS` in-process; returns (exit code, stdout, stderr)."""
-    code = cli.main(["check", *arguments])
+    code = commands.main(["check", *arguments])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -306,7 +309,7 @@ def test_ab_end_to_end_on_a_tiny_sweep(tmp_path, capsys, monkeypatch):
 
 def test_ab_changes_must_agree_in_every_round():
     """A pooled REGRESSED verdict stands only when each round's own ratio is beyond the factor."""
-    from bench.schema import ResultRow
+    from bench.records import ResultRow
     from reports.compare import Verdict, require_consistent_rounds
 
     def rows(median):

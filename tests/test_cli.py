@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO_ROOT
 
-from bench import cli, devices
+from bench import commands
+from bench.run import devices
 from workloads import presets
 
 # name -> (arguments, words the single error line must contain)
@@ -33,7 +34,7 @@ ERROR_CASES = {
 
 # Run through the real entry point as separate processes. Each imports torch (seconds of CPU on
 # a shared 2-core machine), so only these go through subprocesses; every case of ERROR_CASES
-# also runs in-process below through bench.cli.main, which is all run_bench.py calls.
+# also runs in-process below through bench.commands.sweep.main, which is all run_bench.py calls.
 SUBPROCESS_CASES = ("too-big",)
 
 
@@ -114,7 +115,7 @@ def test_too_big_workload_gives_size_and_a_hint(cli_results):
 # ---------------------------------------------------------------- in-process checks
 
 def _main(capsys, *arguments: str) -> tuple[int, str]:
-    code = cli.main(list(arguments))
+    code = commands.main(list(arguments))
     return code, capsys.readouterr().err
 
 
@@ -122,14 +123,14 @@ def _main(capsys, *arguments: str) -> tuple[int, str]:
 def no_sweep(monkeypatch):
     """Make reaching the sweep itself (or any table allocation) fail the test."""
     import bench.ops.common
-    import bench.runner
-    import bench.sweep
+    import bench.run.execute
+    import bench.run.sweep
 
     def forbidden(*args, **kwargs):
         raise AssertionError("refused input reached the sweep or allocated tables")
 
-    monkeypatch.setattr(bench.runner, "execute", forbidden)
-    monkeypatch.setattr(bench.sweep, "run_tasks", forbidden)
+    monkeypatch.setattr(bench.run.execute, "execute", forbidden)
+    monkeypatch.setattr(bench.run.sweep, "run_tasks", forbidden)
     monkeypatch.setattr(bench.ops.common, "_cached_weight", forbidden)
 
 
@@ -137,7 +138,7 @@ def no_sweep(monkeypatch):
 def test_bad_input_is_one_line_exit_two(capsys, no_sweep, tmp_path, name):
     _skip_unless_refusable(name)
     out = tmp_path / "out"
-    code = cli.main([*ERROR_CASES[name][0], "--out", str(out), "--no-report"])
+    code = commands.main([*ERROR_CASES[name][0], "--out", str(out), "--no-report"])
     captured = capsys.readouterr()
     _check_one_line_error(code, captured.err, out, ERROR_CASES[name][1])
 
@@ -145,9 +146,9 @@ def test_bad_input_is_one_line_exit_two(capsys, no_sweep, tmp_path, name):
 def test_memory_refusal_happens_before_planning_or_allocating(capsys, monkeypatch, no_sweep,
                                                               tmp_path):
     _skip_unless_refusable("too-big")
-    import bench.sweep
+    import bench.run.sweep
 
-    monkeypatch.setattr(bench.sweep, "plan", lambda *args, **kwargs: pytest.fail("planned"))
+    monkeypatch.setattr(bench.run.sweep, "plan", lambda *args, **kwargs: pytest.fail("planned"))
     code, err = _main(capsys, "--workload", "terabyte", "--ops", "dlrm_train", "--out",
                       str(tmp_path / "out"))
     assert code == 2 and "--max-rows" in err and err.count("\n") == 1
@@ -197,10 +198,10 @@ def test_unknown_variant_choices_are_usage_errors(capsys, no_sweep, tmp_path, ar
 def test_resume_with_corrupt_results_is_a_usage_error(capsys, monkeypatch, tmp_path):
     import json
 
-    import bench.sweep
-    from bench.schema import COLUMNS, SCHEMA_VERSION
+    import bench.run.sweep
+    from bench.records import COLUMNS, SCHEMA_VERSION
 
-    monkeypatch.setattr(bench.sweep, "run_tasks",
+    monkeypatch.setattr(bench.run.sweep, "run_tasks",
                         lambda *args, **kwargs: pytest.fail("ran tasks despite a corrupt file"))
     run = tmp_path / "run"
     run.mkdir()

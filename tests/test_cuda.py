@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from bench import timing
-from bench.schema import STATUS_OK, STATUS_SKIPPED
-from bench.tasks import Task
-from bench.worker import run_task
+from bench.run import timing
+from bench.records import STATUS_OK, STATUS_SKIPPED
+from bench.run.tasks import Task
+from bench.run.worker import run_task
 from workloads.presets import smoke
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here")

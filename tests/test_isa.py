@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import devices, isa_probe
+from bench.run import devices, isa_probe
 
 ROOT = Path(__file__).resolve().parent.parent
 LIBRARY_KNOBS = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
@@ -78,7 +78,7 @@ def test_worker_at_avx2_reports_what_ran(tmp_path):
                "--no-report"]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    from bench.schema import read_rows
+    from bench.records import read_rows
 
     (row,) = read_rows(tmp_path / "isa" / "results.csv")
     assert row.isa == "avx2"

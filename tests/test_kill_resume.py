@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.schema import STATUS_OK, read_rows
+from bench.records import STATUS_OK, read_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 SWEEP = ["--workload", "smoke", "--ops", "sls,fc", "--sls-modes", "sum,mean,weighted",

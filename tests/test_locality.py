@@ -12,9 +12,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bench.devices import perf_counter_support
-from bench.schema import ResultRow, ResultsWriter
-from bench.tasks import workload_from_dict
+from bench.run.devices import perf_counter_support
+from bench.records import ResultRow, ResultsWriter
+from bench.run.tasks import workload_from_dict
 from workloads import generators, reuse
 from workloads.generators import (LOCALITY_BLOCK_ACCESSES, draw_indices, locality_indices,
                                   reuse_distance_probabilities, stream)
@@ -238,7 +238,7 @@ def test_perf_counter_support_without_perf(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- the locality subcommand
 
 def test_locality_study_end_to_end(tmp_path, capsys):
-    from bench.locality import main
+    from bench.commands.locality import main
 
     out = tmp_path / "study"
     # Each level is one run_bench.py sweep in a subprocess: most of this test's time.
@@ -256,7 +256,7 @@ def test_locality_study_end_to_end(tmp_path, capsys):
 
 
 def test_locality_rejects_a_cache_that_holds_the_table(tmp_path, capsys):
-    from bench.locality import main
+    from bench.commands.locality import main
 
     code = main(["--rows", "100", "--dim", "8", "--llc-bytes", "1000000",
                  "--out", str(tmp_path)])
@@ -268,7 +268,7 @@ def test_locality_rejects_a_cache_that_holds_the_table(tmp_path, capsys):
 
 
 def test_tt_cache_comparison_regenerates_the_warm_up_trace(tmp_path):
-    from bench.locality import tt_cache_comparison
+    from bench.commands.locality import tt_cache_comparison
 
     run = tmp_path / "run"
     run.mkdir()

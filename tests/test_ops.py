@@ -11,14 +11,15 @@ import pytest
 import torch
 from conftest import tiny_workload
 
-from bench import registry, worker
-from bench.model import flops_per_sample
+from bench import registry
+from bench.run import worker
+from bench.models.dlrm import flops_per_sample
 from bench.ops.common import PooledTable, relative_error, table_weight
 from bench.ops.dlrm import model_at_precision
 from bench.ops.fc import at_precision
 from bench.registry import BuildContext, Impl, Prepared, Unsupported
-from bench.schema import STATUS_ERROR, STATUS_OK, STATUS_SKIPPED
-from bench.tasks import Task
+from bench.records import STATUS_ERROR, STATUS_OK, STATUS_SKIPPED
+from bench.run.tasks import Task
 from workloads import presets
 from workloads.specs import IndexDistribution, PoolingDistribution
 
@@ -171,7 +172,7 @@ def test_quantized_kernels_refuse_cuda_before_touching_it():
         at_precision(torch.nn.Linear(4, 4), "int8", cuda)
     with pytest.raises(Unsupported):
         at_precision(torch.nn.Linear(4, 4), "int4", CPU)
-    from bench.model import build_dlrm
+    from bench.models.dlrm import build_dlrm
     with pytest.raises(Unsupported, match="CPU"):
         model_at_precision(build_dlrm(SMOKE, 0), "int8", "batched", cuda)
 

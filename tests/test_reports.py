@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.schema import STATUS_ERROR, STATUS_SKIPPED, ResultRow, ResultsWriter, SchemaError
+from bench.records import STATUS_ERROR, STATUS_SKIPPED, ResultRow, ResultsWriter, SchemaError
 from reports import plots, tables
 from reports.build import build_report
 

@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from bench.schema import (COLUMNS, SCHEMA_VERSION, STATUS_ERROR, STATUS_OK, STATUS_SKIPPED,
+from bench.records import (COLUMNS, SCHEMA_VERSION, STATUS_ERROR, STATUS_OK, STATUS_SKIPPED,
                           ResultRow, ResultsWriter, SchemaError, iter_ok, read_rows,
                           samples_from_row)
 

@@ -13,12 +13,12 @@ import textwrap
 import pytest
 from conftest import REPO_ROOT, run_cli
 
-import bench.sweep
+import bench.run.sweep
 from bench import registry
-from bench.schema import COLUMNS, STATUS_ERROR, STATUS_OK, STATUS_SKIPPED, ResultsWriter, read_rows
-from bench.sweep import MACHINE_WORKLOAD, check_memory, plan, run_tasks
-from bench.tasks import Task
-from bench.timing import TimingPolicy
+from bench.records import COLUMNS, STATUS_ERROR, STATUS_OK, STATUS_SKIPPED, ResultsWriter, read_rows
+from bench.run.sweep import MACHINE_WORKLOAD, check_memory, plan, run_tasks
+from bench.run.tasks import Task
+from bench.run.timing import TimingPolicy
 from workloads import presets
 from workloads.specs import SpecError
 
@@ -142,12 +142,12 @@ def test_table_free_ops_do_not_change_the_memory_estimate():
 
 # ---------------------------------------------------------------- crash isolation (fake worker)
 
-# A stand-in for `python -m bench.worker`: speaks the same event protocol without importing
+# A stand-in for `python -m bench.run.worker`: speaks the same event protocol without importing
 # torch, and misbehaves on the tasks the test names (once each, so a restarted worker runs them).
 FAKE_WORKER = textwrap.dedent('''
     import json, os, signal, sys, time
     from pathlib import Path
-    from bench.tasks import Task
+    from bench.run.tasks import Task
 
     arguments = sys.argv[1:]
     events = os.fdopen(int(arguments[arguments.index("--event-fd") + 1]), "w", buffering=1)
@@ -201,11 +201,11 @@ def fake_worker(monkeypatch, tmp_path):
     real_popen = subprocess.Popen
 
     def popen(command, *args, **kwargs):
-        if list(command[1:3]) == ["-m", "bench.worker"]:
+        if list(command[1:3]) == ["-m", "bench.run.worker"]:
             command = [command[0], str(script), *command[3:]]
         return real_popen(command, *args, **kwargs)
 
-    monkeypatch.setattr(bench.sweep.subprocess, "Popen", popen)
+    monkeypatch.setattr(bench.run.sweep.subprocess, "Popen", popen)
     monkeypatch.setenv("FAKE_WORKER_STATE", str(state))
 
     def run(count: int, actions: dict, task_timeout_s: float = 60.0):

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from bench import telemetry
+from bench.run import telemetry
 
 
 def _burn() -> int:

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from bench import timing
-from bench.timing import Summary, TimingPolicy, summarize, time_cpu
+from bench.run import timing
+from bench.run.timing import Summary, TimingPolicy, summarize, time_cpu
 
 
 # ---------------------------------------------------------------- summarize

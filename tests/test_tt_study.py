@@ -9,9 +9,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bench import timing
-from bench.cli import main as cli_main
-from bench.ttrec.study import paper_embedding_compression, paper_reported, run_study
+from bench.run import timing
+from bench.commands import main as cli_main
+from bench.commands.tt_study import paper_embedding_compression, paper_reported, run_study
 from reports.tt_study import render_tt_study
 from workloads import presets
 

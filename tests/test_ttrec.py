@@ -9,7 +9,7 @@ import torch
 from torch.func import functional_call
 from torch.nn import functional
 
-from bench.ttrec import (
+from bench.models.ttrec import (
     TTEmbeddingBag,
     embedding_compression_ratio,
     factorize_dim,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bench.schema import ResultRow, ResultsWriter
+from bench.records import ResultRow, ResultsWriter
 from reports import plots, tables, workingset
 from reports.build import build_report
 from reports.workingset import Cliff, detect_cliffs

@@ -16,7 +16,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 if str(PROJECT_ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(PROJECT_ROOT))
 
-from bench import ci_sweep  # noqa: E402
+from bench.run import ci_sweep  # noqa: E402
 from reports.check import CheckInputError, load_results  # noqa: E402
 from reports.compare import compare_rows, count_verdicts, geometric_mean_ratio  # noqa: E402
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+
 import numpy as np
 
 from workloads.criteo import NUM_DENSE, CriteoData, read_criteo
-from workloads.generators import Batch, TableBatch, stream
+from workloads.batches import Batch, TableBatch, stream
 from workloads.presets import kaggle
 from workloads.specs import PoolingDistribution, TableSpec, WorkloadSpec
 

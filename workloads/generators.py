@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 
 import numpy as np
 
+from workloads.batches import Batch, TableBatch, stream  # noqa: F401 (re-exported)
 from workloads.specs import IndexDistribution, PoolingDistribution, TableSpec, WorkloadSpec
 from workloads.traces import load_trace, trace_for_hit_rate, trace_from_reuse_distances
 
 # Above this many rows the exact discrete Zipf CDF (8 bytes a row) is replaced by the
 # continuous bounded power-law inverse CDF, which differs only in the first few ranks' mass.
 EXACT_ZIPF_MAX_ROWS = 1 << 23
-
-
-def stream(seed: int, *purpose: int) -> np.random.Generator:
-    """An independent generator per (seed, purpose...) so each input is reproducible alone."""
-    return np.random.default_rng(np.random.SeedSequence([seed, *purpose]))
 
 
 # Purposes of the independent random streams (the second SeedSequence word).
@@ -152,33 +147,6 @@ def draw_lengths(pooling: PoolingDistribution, batch_size: int, seed: int, table
         sigma = pooling.spread
         values = rng.lognormal(np.log(pooling.mean) - sigma * sigma / 2.0, sigma, batch_size)
     return np.clip(np.rint(values), 1, pooling.cap).astype(np.int64)
-
-
-@dataclasses.dataclass
-class TableBatch:
-    """One table's lookups for a batch, in EmbeddingBag layout (offsets are bag starts)."""
-
-    indices: np.ndarray  # int64 [total lookups]
-    offsets: np.ndarray  # int64 [batch_size]
-    weights: np.ndarray  # float32 [total lookups], per-sample weights in [0, 1)
-
-    @property
-    def lengths(self) -> np.ndarray:
-        """Lookups per bag."""
-        return np.diff(np.append(self.offsets, len(self.indices)))
-
-
-@dataclasses.dataclass
-class Batch:
-    """A DLRM input batch: dense features and one TableBatch per table."""
-
-    dense: np.ndarray  # float32 [batch_size, num_dense]
-    tables: list[TableBatch]
-
-    @property
-    def batch_size(self) -> int:
-        """Samples in the batch."""
-        return self.dense.shape[0]
 
 
 def table_batch(table: TableSpec, batch_size: int, seed: int, table_index: int = 0,

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import os
+import io
 import re
-import tempfile
 from collections import deque
 from pathlib import Path
 
 import numpy as np
+
+from bench.records import write_atomic
 
 # Accepted single-column headers on the first line of a CSV/TXT trace.
 HEADER_NAMES = ("row", "index")
@@ -248,18 +249,6 @@ def save_trace(path, trace) -> None:
             "use a .npy path",
         )
     trace = _validate_ids(path, np.asarray(trace))
-    # Same folder as the target so os.replace is a rename on one filesystem: readers see the
-    # old file or the complete new one, never a partial write.
-    handle, temporary_name = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
-    )
-    try:
-        with os.fdopen(handle, "wb") as file:
-            np.save(file, trace)
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(temporary_name, 0o644)  # mkstemp creates 0600; a trace is ordinary data
-        os.replace(temporary_name, path)
-    except BaseException:
-        Path(temporary_name).unlink(missing_ok=True)
-        raise
+    buffer = io.BytesIO()
+    np.save(buffer, trace)
+    write_atomic(path, buffer.getvalue())

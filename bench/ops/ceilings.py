@@ -20,9 +20,10 @@ def _membw_variants(workload, options) -> list[dict]:
 
 
 register_op(Op("membw", "memory bandwidth probe (STREAM-style copy and read) by buffer size",
-               _membw_variants, precision_agnostic=True))
+               _membw_variants, precision_agnostic=True, probe=True, report_order=0))
 register_op(Op("gemm_peak", "square matmul throughput probe per precision",
-               lambda workload, options: [{"size": options.get("gemm_size") or GEMM_SIZE}]))
+               lambda workload, options: [{"size": options.get("gemm_size") or GEMM_SIZE}],
+               probe=True, report_order=1))
 
 
 def _buffer(context: BuildContext) -> torch.Tensor:

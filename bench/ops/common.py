@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 from typing import Callable, Optional
@@ -10,9 +9,9 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as functional
 
+from bench.embeddings import clear_weight_cache, reference_lookup, table_weight  # noqa: F401
 from bench.registry import Unsupported
 from workloads.generators import TableBatch
-from workloads.specs import TableSpec
 
 FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 BYTES_PER_VALUE = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "int8": 1.0, "int4": 0.5}
@@ -26,24 +25,6 @@ def float_dtype(precision: str) -> torch.dtype:
     if precision not in FLOAT_DTYPES:
         raise Unsupported(f"{precision} has no floating dtype for this op")
     return FLOAT_DTYPES[precision]
-
-
-def table_weight(table: TableSpec, seed: int, table_index: int) -> torch.Tensor:
-    """A table's fp32 weights, initialised as the DLRM reference does: U(-sqrt(1/n), sqrt(1/n))."""
-    return _cached_weight(table.rows, table.dim, seed, table_index).clone()
-
-
-@functools.lru_cache(maxsize=64)
-def _cached_weight(rows: int, dim: int, seed: int, table_index: int) -> torch.Tensor:
-    # Kept once per worker: every op and precision on a workload reuses the same tables.
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + table_index)
-    bound = math.sqrt(1.0 / rows)
-    return torch.empty(rows, dim).uniform_(-bound, bound, generator=generator)
-
-
-def clear_weight_cache() -> None:
-    """Drop cached tables (between workloads, to bound memory)."""
-    _cached_weight.cache_clear()
 
 
 def as_tensors(batch: TableBatch, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -101,18 +82,6 @@ class PooledTable:
         """Bytes read per looked-up row, including row-wise quantization parameters."""
         return self.dim * BYTES_PER_VALUE[self.precision] + ROW_OVERHEAD_BYTES.get(
             self.precision, 0)
-
-
-def reference_lookup(weight: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor,
-                     mode: str, weights: Optional[torch.Tensor]) -> torch.Tensor:
-    """The float64 pooled lookup every SLS impl is checked against."""
-    indices, offsets = indices.cpu(), offsets.cpu()
-    # Only the rows the batch touches are widened to float64: a whole big table would not fit.
-    rows, positions = torch.unique(indices, return_inverse=True)
-    weight64 = weight.detach()[rows.to(weight.device)].to("cpu", torch.float64)
-    weights64 = None if weights is None else weights.to("cpu", torch.float64)
-    return functional.embedding_bag(positions, weight64, offsets, mode=mode,
-                                    per_sample_weights=weights64)
 
 
 def lookup_bytes(lookups: int, bags: int, dim: int, bytes_per_row: float, out_bytes: float,

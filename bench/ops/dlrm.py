@@ -9,13 +9,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from bench import quality
-from bench.model import (DLRM, batch_tensors, build_dlrm, flatten_tables, flops_per_sample,
+from bench.models import quality
+from bench.models.dlrm import (DLRM, batch_tensors, build_dlrm, flatten_tables, flops_per_sample,
                          parameter_bytes, row_starts_of)
 from bench.ops.common import (BYTES_PER_VALUE, FLOAT_DTYPES, ROW_OVERHEAD_BYTES, PooledTable)
 from bench.ops.fc import at_precision, input_dtype
 from bench.registry import BuildContext, Op, Prepared, Unsupported, impl, register_op
-from bench.teacher import calibrate, evaluation_set, label_batches, teacher_model
+from bench.models.teacher import calibrate, evaluation_set, label_batches, teacher_model
 from workloads.generators import make_batch
 
 # Quantized whole-model inference compounds int8 activation rounding over every layer; these
@@ -36,9 +36,11 @@ def _model_variants(workload, options) -> list[dict]:
     return [{"tt_tables": tt_tables, "tt_rank": rank} for rank in options.get("tt_ranks") or [16]]
 
 
-register_op(Op("dlrm_infer", "whole-model inference: logits for one batch", _model_variants))
+# Memory: fp32 tables, a precision or fused copy, and the float64 reference copies.
+register_op(Op("dlrm_infer", "whole-model inference: logits for one batch", _model_variants,
+               memory_factor=4.0, ci=True, report_order=60))
 register_op(Op("dlrm_train", "one training step: forward, BCE loss, backward and SGD update",
-               _model_variants))
+               _model_variants, memory_factor=6.0, report_order=70))
 
 
 class QuantizedEmbeddings(nn.Module):

@@ -8,7 +8,7 @@ import warnings
 import torch
 from torch import nn
 
-from bench.model import mlp, top_input_width
+from bench.models.dlrm import mlp, top_input_width
 from bench.ops.common import BYTES_PER_VALUE, FLOAT_DTYPES
 from bench.registry import BuildContext, Op, Prepared, Unsupported, impl, register_op
 from workloads.generators import stream
@@ -21,7 +21,7 @@ def _fc_variants(workload, options) -> list[dict]:
 
 
 register_op(Op("fc", "fully connected layers: one Linear and the bottom/top MLP stacks",
-               _fc_variants))
+               _fc_variants, ci=True, report_order=50))
 
 
 def layer_widths(workload, layer: str) -> tuple[int, tuple[int, ...], bool]:

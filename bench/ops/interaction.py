@@ -6,13 +6,13 @@ import copy
 
 import torch
 
-from bench.model import CatInteraction, DotInteraction
+from bench.models.dlrm import CatInteraction, DotInteraction
 from bench.ops.common import BYTES_PER_VALUE, float_dtype
 from bench.registry import BuildContext, Op, Prepared, impl, register_op
 from workloads.generators import stream
 
 register_op(Op("interaction", "feature interaction of the bottom-MLP output and pooled embeddings",
-               lambda workload, options: [{}]))
+               lambda workload, options: [{}], ci=True, report_order=40))
 
 
 def _inputs(context: BuildContext) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,7 +6,7 @@ import functools
 
 import torch
 
-from bench.model import row_starts_of, flatten_tables
+from bench.models.dlrm import row_starts_of, flatten_tables
 from bench.ops.common import (BYTES_PER_VALUE, FLOAT_DTYPES, PooledTable, as_tensors, cycling,
                               lookup_bytes, reference_lookup, table_weight,
                               workload_rotation)
@@ -23,9 +23,11 @@ def _sls_variants(workload, options) -> list[dict]:
 
 
 register_op(Op("sls", "pooled embedding lookups (EmbeddingBag) over the workload's largest table",
-               _sls_variants))
+               _sls_variants, memory_factor=2.0, single_table=True, ci=True,
+               report_order=10))
 register_op(Op("sls_multi", "pooled lookups over every table of the workload",
-               lambda workload, options: [{"mode": "sum"}]))
+               lambda workload, options: [{"mode": "sum"}], memory_factor=3.0, ci=True,
+               report_order=20))
 
 
 def _output_bytes(precision: str) -> float:

@@ -10,7 +10,7 @@ import torch.nn.functional as functional
 from bench.ops.common import (BYTES_PER_VALUE, PooledTable, as_tensors, cycling, float_dtype,
                               lookup_bytes, reference_lookup, table_weight, workload_rotation)
 from bench.registry import BuildContext, Op, Prepared, Unsupported, impl, register_op
-from bench.ttrec import TTEmbeddingBag, reconstruct_tt_rows
+from bench.models.ttrec import TTEmbeddingBag, reconstruct_tt_rows
 from workloads.generators import make_table_batch, rotating_table_batches
 
 DEFAULT_RANKS = (16,)
@@ -24,7 +24,7 @@ def _tt_variants(workload, options) -> list[dict]:
 
 register_op(Op("tt_sls", "TT-Rec tensor-train embedding bag over the workload's largest table "
                          "(10% LFU hot-row cache, uncached, and the dense table for comparison)",
-               _tt_variants))
+               _tt_variants, memory_factor=2.0, single_table=True, report_order=30))
 
 
 def tt_reference(module: TTEmbeddingBag, indices, offsets, weights) -> torch.Tensor:

@@ -1,14 +1,14 @@
 """TT-Rec: tensor-train compressed embedding bags with a hot-row cache, in pure PyTorch."""
 
-from bench.ttrec.cache import CACHE_POLICIES, RowCache
-from bench.ttrec.factorize import (
+from bench.models.ttrec.cache import CACHE_POLICIES, RowCache
+from bench.models.ttrec.factorize import (
     embedding_compression_ratio,
     factorize_dim,
     factorize_rows,
     tt_parameter_count,
     tt_table_bytes,
 )
-from bench.ttrec.tt_embedding import (
+from bench.models.ttrec.tt_embedding import (
     TTEmbeddingBag,
     reconstruct_tt_rows,
     tt_embedding_bag,

@@ -1,4 +1,5 @@
-"""The result row: one measured (or skipped, or failed) configuration, and its CSV form."""
+"""The ground floor, free of torch: the result row and its CSV form, summary statistics, and the
+one atomic writer and the readers of a run directory (results.csv, env.json, args.json)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ import io
 import json
 import math
 import os
+import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Union
+
+import numpy as np
 
 # Bump when a column is added, removed or changes meaning; readers refuse other versions.
 SCHEMA_VERSION = 1
@@ -18,6 +22,100 @@ STATUS_OK = "ok"
 STATUS_SKIPPED = "skipped"
 STATUS_ERROR = "error"
 STATUSES = (STATUS_OK, STATUS_SKIPPED, STATUS_ERROR)
+
+class SchemaError(ValueError):
+    """A results file that is not a dlrm-bench results CSV of this schema version."""
+
+
+RESULTS_FILENAME = "results.csv"
+ENV_FILENAME = "env.json"
+ARGS_FILENAME = "args.json"
+
+# IQR above this share of the median marks a measurement as noisy (torch.utils.benchmark
+# uses the same idea for its own warning).
+NOISY_IQR_RATIO = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class Summary:
+    """Statistics of raw per-repetition times."""
+
+    samples_s: tuple[float, ...]
+    median_s: float
+    mean_s: float
+    p90_s: float
+    p99_s: float
+    iqr_s: float
+    min_s: float
+
+    @property
+    def noisy(self) -> bool:
+        """Whether the spread is large relative to the median."""
+        return self.iqr_s > NOISY_IQR_RATIO * self.median_s
+
+
+def summarize(samples_s) -> Summary:
+    """Median, percentiles and spread (interquartile range, linear interpolation) of raw times."""
+    values = np.asarray(samples_s, dtype=np.float64)
+    if values.size == 0:
+        raise ValueError("no timing samples")
+    return Summary(
+        samples_s=tuple(float(value) for value in values),
+        median_s=float(np.median(values)),
+        mean_s=float(values.mean()),
+        p90_s=float(np.percentile(values, 90)),
+        p99_s=float(np.percentile(values, 99)),
+        iqr_s=float(np.percentile(values, 75) - np.percentile(values, 25)),
+        min_s=float(values.min()),
+    )
+
+
+def write_atomic(path: Union[str, os.PathLike], data: Union[bytes, str]) -> Path:
+    """Write a whole file or nothing: a temporary file in the same folder, then os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    # Same folder as the target, so os.replace is a rename on one filesystem and a reader
+    # sees either the old file or the new one, never a half-written one.
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
+                                             suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(temporary, 0o644)  # mkstemp makes 0600; results are ordinary files
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: Union[str, os.PathLike], value: Any) -> Path:
+    """Write a JSON document atomically (indented, unknown types as strings)."""
+    return write_atomic(path, json.dumps(value, indent=2, default=str) + "\n")
+
+
+def read_recorded_argv(directory: Union[str, os.PathLike]) -> list[str]:
+    """The sweep arguments a run directory recorded in args.json; SchemaError when unreadable."""
+    path = Path(directory) / ARGS_FILENAME
+    recorded = read_json(path)
+    argv = recorded.get("argv") if isinstance(recorded, dict) else None
+    if not isinstance(argv, list) or not all(isinstance(part, str) for part in argv):
+        raise SchemaError(f"{path}: has no list of sweep arguments under 'argv'")
+    return list(argv)
+
+
+def read_json(path: Union[str, os.PathLike]) -> Any:
+    """A JSON document of a run directory; a missing or malformed file is a SchemaError."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise SchemaError(f"{path}: cannot read ({error.strerror or error})") from None
+    except ValueError as error:
+        raise SchemaError(f"{path}: not valid JSON ({error})") from None
 
 
 @dataclasses.dataclass
@@ -40,7 +138,7 @@ class ResultRow:
     threads: int = 1
     precision: str = ""
     batch_size: int = 0
-    fingerprint: str = ""  # hash of hardware + software identity (see bench.devices)
+    fingerprint: str = ""  # hash of hardware + software identity (see bench.run.devices)
     n_samples: int = 0  # number of timed repetitions in samples_s
     median_s: float = math.nan
     mean_s: float = math.nan
@@ -139,10 +237,6 @@ class ResultsWriter:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
-
-
-class SchemaError(ValueError):
-    """A results file that is not a dlrm-bench results CSV of this schema version."""
 
 
 def read_rows(path: Path) -> list[ResultRow]:

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from bench.records import write_atomic
 from workloads import reuse, traces
+from workloads.resolve import WorkloadChoices, resolve_workloads
 from workloads.generators import make_batch
 
 DEFAULT_BATCHES = 16
@@ -80,15 +81,11 @@ def table_statistics(workload, tables: list[np.ndarray], row_bytes: int) -> pd.D
 
 
 def _atomic_csv(frame: pd.DataFrame, path: Path) -> None:
-    temporary = path.with_suffix(".csv.tmp")
-    frame.to_csv(temporary, index=False)
-    os.replace(temporary, path)
+    write_atomic(path, frame.to_csv(index=False))
 
 
 def main(argv: list[str]) -> int:
     """Analyse the trace and write mrc.csv, tables.csv and summary.json."""
-    from bench.cli import resolve_workloads
-
     args = build_parser().parse_args(argv)
     out = Path(args.out)
     if args.trace:
@@ -99,8 +96,10 @@ def main(argv: list[str]) -> int:
         if args.batches < 1:
             print("run_bench.py analyze: error: --batches must be >= 1", file=sys.stderr)
             return 2
-        args.quick_defaults, args.full = False, True
-        workload = resolve_workloads(args)[0]
+        workload = resolve_workloads(WorkloadChoices(
+            workloads=args.workload, max_rows=args.max_rows, dist=args.dist,
+            batch_sizes=args.batch_size, rows=str(args.rows), dim=args.dim,
+            pooling=args.pooling, num_tables=args.num_tables))[0]
         if args.table is not None and not 0 <= args.table < len(workload.tables):
             print(f"run_bench.py analyze: error: --table {args.table}: workload "
                   f"{workload.name} has tables 0..{len(workload.tables) - 1}", file=sys.stderr)

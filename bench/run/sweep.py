@@ -14,16 +14,16 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
-from bench import devices, registry
-from bench.schema import STATUS_ERROR, ResultRow, ResultsWriter, read_rows
-from bench.tasks import Task
-from bench.timing import TimingPolicy
+from bench.run import devices
+from bench import registry
+from bench.records import STATUS_ERROR, ResultRow, ResultsWriter, read_rows
+from bench.run.tasks import Task
+from bench.run.timing import TimingPolicy
 from workloads.specs import SpecError, WorkloadSpec
 
 # Ops that measure the machine rather than a workload run once per worker group, labelled
 # with this workload name.
 MACHINE_WORKLOAD = "machine"
-MACHINE_OPS = ("membw", "gemm_peak")
 READY_TIMEOUT_S = 180.0  # torch import + ISA probe in a fresh process
 
 
@@ -51,7 +51,7 @@ def plan(ops: Iterable[str], workloads: Iterable[WorkloadSpec], precisions: Iter
             for threads in thread_counts:
                 for op_name in ops:
                     op = all_ops[op_name]
-                    targets = ([_machine_workload(workloads[0])] if op_name in MACHINE_OPS
+                    targets = ([_machine_workload(workloads[0])] if op.probe
                                else workloads)
                     for workload in targets:
                         planned.extend(_op_tasks(op, workload, precisions, device, isa, threads,
@@ -85,26 +85,19 @@ def _op_tasks(op, workload, precisions, device, isa, threads, seed, options,
     return planned
 
 
-# Bytes needed per byte of fp32 embedding tables, by op: the fp32 tables, precision copies,
-# the concatenated copy of batched layouts, and (training) a float64 reference copy.
-# sls and tt_sls hold only the largest table; ops without tables need no table memory.
-MEMORY_FACTORS = {"sls": 2.0, "tt_sls": 2.0, "sls_multi": 3.0, "dlrm_infer": 4.0,
-                  "dlrm_train": 6.0}
-SINGLE_TABLE_OPS = ("sls", "tt_sls")
-
-
-def _table_bytes(workload: WorkloadSpec, op: str, cap: Optional[int] = None) -> float:
+def _table_bytes(workload: WorkloadSpec, op: registry.Op, cap: Optional[int] = None) -> float:
     """fp32 bytes of the tables an op holds, with every table capped at cap rows."""
     rows = [min(table.rows, cap) if cap else table.rows for table in workload.tables]
-    if op in SINGLE_TABLE_OPS:
+    if op.single_table:
         rows = [max(rows)]
     return float(sum(rows)) * workload.dim * 4
 
 
 def estimate_bytes(workload: WorkloadSpec, ops: Iterable[str], cap: Optional[int] = None) -> float:
-    """Peak memory the worst op needs for this workload's tables."""
-    return max([MEMORY_FACTORS.get(op, 0.0) * _table_bytes(workload, op, cap) for op in ops]
-               + [0.0])
+    """Peak memory the worst op needs for this workload's tables (each op's memory_factor)."""
+    all_ops = registry.ops()
+    return max([all_ops[name].memory_factor * _table_bytes(workload, all_ops[name], cap)
+                for name in ops] + [0.0])
 
 
 def check_memory(workloads: Iterable[WorkloadSpec], ops: Iterable[str],
@@ -172,7 +165,7 @@ class WorkerGroup:
         read_end, write_end = os.pipe()
         with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as task_file:
             task_file.write("\n".join(task.to_json() for task in self.tasks))
-        command = [sys.executable, "-m", "bench.worker", task_file.name,
+        command = [sys.executable, "-m", "bench.run.worker", task_file.name,
                    "--event-fd", str(write_end), "--run-id", self.run_id,
                    "--policy", json.dumps(dataclasses.asdict(self.policy))]
         with open(self.log_path, "ab") as log:
@@ -240,7 +233,7 @@ def _run_once(batch: list[Task], run_id: str, policy: TimingPolicy, log_path: Pa
               task_timeout_s: float, on_row: Callable[[ResultRow], None],
               describe: Optional[Callable[[Task], None]]) -> list[Task]:
     """Run batch in one worker; returns the tasks left unrun if the worker crashed."""
-    from bench.worker import base_row
+    from bench.run.worker import base_row
 
     finished: set[int] = set()
 

@@ -1,4 +1,4 @@
-"""`python -m bench.worker`: runs tasks in a fresh process and streams result rows to its parent."""
+"""`python -m bench.run.worker`: runs tasks in a fresh process; streams result rows upward."""
 
 from __future__ import annotations
 
@@ -14,11 +14,12 @@ from typing import Any, Callable
 
 import torch
 
-from bench import devices, isa_probe, registry, telemetry, timing
+from bench.run import devices, isa_probe, telemetry, timing
+from bench import registry
 from bench.ops.common import clear_weight_cache, relative_error
 from bench.registry import BuildContext, Prepared, Unsupported
-from bench.schema import STATUS_ERROR, STATUS_OK, STATUS_SKIPPED, ResultRow, dumps_compact
-from bench.tasks import Task
+from bench.records import STATUS_ERROR, STATUS_OK, STATUS_SKIPPED, ResultRow, dumps_compact
+from bench.run.tasks import Task
 
 
 def base_row(task: Task, run_id: str, isa_effective: str = "") -> ResultRow:

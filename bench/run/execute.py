@@ -1,22 +1,14 @@
-"""Execute a planned sweep: run directory, env.json, rows streamed to results.csv, summary."""
+"""Execute a planned sweep: run directory, env.json, rows streamed to results.csv."""
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
-from bench import devices, sweep
-from bench.schema import STATUS_ERROR, STATUS_OK, STATUS_SKIPPED, ResultsWriter, read_rows
-from bench.summary import render_summary
-from bench.worker import skipped_row
-
-
-def _write_json(path: Path, value) -> None:
-    """Write JSON atomically (temp file + rename): never a half-written file."""
-    temporary = path.with_suffix(path.suffix + ".tmp")
-    temporary.write_text(json.dumps(value, indent=2, default=str))
-    temporary.replace(path)
+from bench import registry
+from bench.run import devices, sweep
+from bench.records import (ResultsWriter, write_json)
+from bench.run.worker import skipped_row
 
 
 class Progress:
@@ -49,14 +41,15 @@ class Progress:
 
 
 def execute(args, argv, planned, directory: Path, run_id: str, resuming: bool, policy) -> int:
-    """Run the planned tasks into directory; returns the exit code."""
+    """Run the planned tasks into directory; 0 when every task has a row, 130 if interrupted."""
     directory.mkdir(parents=True, exist_ok=True)
     results_path = directory / "results.csv"
     done = sweep.completed_keys(results_path) if resuming else set()
     if not resuming:
-        _write_json(directory / "args.json", {"argv": argv, "run_id": run_id,
-                                              "timing_policy": policy.__dict__})
-        _write_json(directory / "env.json", {"run_id": run_id, **devices.host_facts(),
+        write_json(directory / "args.json", {"argv": argv, "run_id": run_id,
+                                              "timing_policy": policy.__dict__,
+                                             "op_facts": registry.facts()})
+        write_json(directory / "env.json", {"run_id": run_id, **devices.host_facts(),
                                              "perf_counters": devices.perf_counter_support()})
     pending = [item for item in planned if item.task.key() not in done]
     if resuming:
@@ -80,24 +73,4 @@ def execute(args, argv, planned, directory: Path, run_id: str, resuming: bool, p
                   f"finish with: python run_bench.py --resume {directory}", file=sys.stderr)
             return 130
     progress.close()
-    rows = read_rows(results_path)
-    print(render_summary(rows))
-    counts = {status: sum(row.status == status for row in rows)
-              for status in (STATUS_OK, STATUS_SKIPPED, STATUS_ERROR)}
-    print(f"\n{counts[STATUS_OK]} measured, {counts[STATUS_SKIPPED]} skipped, "
-          f"{counts[STATUS_ERROR]} errors -> {results_path}")
-    if not args.no_report:
-        _build_report(directory)
     return 0
-
-
-def _build_report(directory: Path) -> None:
-    """Build the HTML report; a report failure never touches the finished results."""
-    try:
-        from reports.build import build_report
-
-        report = build_report([directory])
-        print(f"report: {report / 'index.html'}")
-    except Exception as error:  # the results are safe on disk; say what failed
-        print(f"warning: report not built ({type(error).__name__}: {error}); "
-              f"retry with: python run_bench.py report {directory}", file=sys.stderr)

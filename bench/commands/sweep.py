@@ -4,36 +4,25 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import secrets
 import sys
 from pathlib import Path
-from typing import Optional
 
-from bench import devices, registry
-from bench.schema import SchemaError
-from bench.timing import TimingPolicy
-from workloads.criteo import CriteoFormatError
-from workloads.specs import IndexDistribution, PoolingDistribution, SpecError
+from bench.run import devices
+from bench import registry
+from bench.commands import UsageError
+from bench.records import (RESULTS_FILENAME, STATUS_ERROR, STATUS_OK, STATUS_SKIPPED, SchemaError,
+                           read_recorded_argv, read_rows)
+from bench.run.timing import TimingPolicy
+from reports.summary import render_summary
+from workloads.resolve import (DEFAULT_WORKLOADS, WorkloadChoices, resolve_workloads, split,
+                               whole_numbers)
 
-EXIT_USAGE = 2
-QUICK_WORKLOADS = "smoke,kaggle"
-QUICK_MAX_ROWS = 100_000  # the quick sweep caps kaggle's tables (the output says so)
 QUICK_PRECISIONS = "fp32,bf16,int8"
 FULL_PRECISIONS = ",".join(registry.PRECISIONS)
 QUICK_POLICY = TimingPolicy(min_run_time_s=0.2, min_samples=10, max_run_time_s=5.0)
 FULL_POLICY = TimingPolicy(min_run_time_s=1.0, min_samples=20, max_run_time_s=30.0)
-SUBCOMMANDS = ("report", "check", "analyze", "tt-study", "locality")
-
-
-class UsageError(Exception):
-    """Bad command-line input; printed as one line, exit 2."""
-
-
-def split(text: str) -> list[str]:
-    """Comma-separated values, empty parts dropped."""
-    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ops", help="ops to run (default: all)")
     parser.add_argument("--impls", help="only these impl names")
     parser.add_argument("--workload", help=f"preset names, synthetic, or criteo:PATH "
-                                           f"(default: {QUICK_WORKLOADS})")
+                                           f"(default: {DEFAULT_WORKLOADS})")
     parser.add_argument("--precision", help="fp32,fp16,bf16,int8,int4")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     parser.add_argument("--isa", help="ISA levels for CPU runs (see --list; default native; the "
@@ -104,44 +93,12 @@ def _choose(values: list[str], valid, what: str) -> list[str]:
     return values
 
 
-def resolve_workloads(args) -> list:
-    """WorkloadSpecs for --workload, with --max-rows, --dist and --batch-size applied."""
-    from workloads import presets
-
-    names = split(args.workload or QUICK_WORKLOADS)
-    distribution = IndexDistribution.parse(args.dist) if args.dist else None
-    specs = []
-    batch_sizes = _whole_numbers(args.batch_size, "--batch-size") if args.batch_size else [None]
-    for name in names:
-        if name == "synthetic":
-            pooling = PoolingDistribution.parse(args.pooling)
-            bases = [presets.synthetic(rows, args.dim, pooling, args.num_tables,
-                                       distribution or IndexDistribution())
-                     for rows in _whole_numbers(str(args.rows), "--rows")]
-        elif name.startswith("criteo:"):
-            from workloads.criteo_workload import criteo_workload
-
-            bases = [criteo_workload(name.partition(":")[2])]
-        else:
-            bases = [presets.preset(name)]
-        max_rows = args.max_rows
-        if max_rows is None and args.quick_defaults and name == "kaggle":
-            max_rows = QUICK_MAX_ROWS
-        for base in bases:
-            spec = base.capped(max_rows).with_distribution(distribution)
-            specs.extend(spec.with_batch_size(batch_size) for batch_size in batch_sizes)
-    return specs
-
-
-def _whole_numbers(text: str, flag: str) -> list[int]:
-    """Comma-separated positive integers, or a UsageError naming the flag."""
-    try:
-        values = [int(value) for value in split(text)]
-    except ValueError:
-        raise UsageError(f"{flag} {text!r}: give positive whole numbers, e.g. 1,2") from None
-    if not values or min(values) < 1:
-        raise UsageError(f"{flag} {text!r}: values must be >= 1")
-    return values
+def workload_choices(args) -> WorkloadChoices:
+    """The sweep's workload flags as WorkloadChoices."""
+    return WorkloadChoices(workloads=args.workload or DEFAULT_WORKLOADS, max_rows=args.max_rows,
+                           dist=args.dist, batch_sizes=args.batch_size, rows=str(args.rows),
+                           dim=args.dim, pooling=args.pooling, num_tables=args.num_tables,
+                           quick_defaults=args.quick_defaults)
 
 
 def list_choices() -> str:
@@ -190,7 +147,7 @@ def _options(args) -> dict:
         except ValueError:
             raise UsageError(f"--tt-rank {args.tt_rank!r}: give whole numbers, e.g. 8,16") from None
     if args.membw_sizes:
-        options["membw_sizes"] = _whole_numbers(args.membw_sizes, "--membw-sizes")
+        options["membw_sizes"] = whole_numbers(args.membw_sizes, "--membw-sizes")
     if args.calls_per_rep < 1:
         raise UsageError(f"--calls-per-rep must be >= 1, got {args.calls_per_rep}")
     if args.calls_per_rep != 1:
@@ -201,8 +158,8 @@ def _options(args) -> dict:
 def _recorded_argv(directory: Path) -> list[str]:
     """The sweep arguments a run directory recorded (for --resume)."""
     try:
-        return list(json.loads((directory / "args.json").read_text())["argv"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return read_recorded_argv(directory)
+    except SchemaError:
         raise UsageError(f"--resume {directory}: no readable args.json there; give a run "
                          "directory written by run_bench.py") from None
 
@@ -239,7 +196,7 @@ def _is_default_sweep(args) -> bool:
 
 def _isa_comparison(workloads, seed: int) -> list:
     """FC and SLS on the largest default workload at each available capped ISA level."""
-    from bench import sweep as sweeping
+    from bench.run import sweep as sweeping
 
     levels = [level for level in ISA_COMPARISON_LEVELS
               if level in devices.available_isa_levels()]
@@ -250,7 +207,7 @@ def _isa_comparison(workloads, seed: int) -> list:
 
 def sweep(argv: list[str]) -> int:
     """The default command: run a sweep and write its results."""
-    from bench import sweep as sweeping
+    from bench.run import sweep as sweeping
 
     args = parse_sweep(argv)
     if args.list:
@@ -271,13 +228,13 @@ def sweep(argv: list[str]) -> int:
     isa_levels = split(args.isa or "native")
     for level in isa_levels:
         devices.check_isa(level)
-    thread_counts = _whole_numbers(args.threads, "--threads")
+    thread_counts = whole_numbers(args.threads, "--threads")
     available_cpus = len(os.sched_getaffinity(0))
     for count in thread_counts:
         if not 1 <= count <= available_cpus:
             raise UsageError(f"--threads {count}: this machine has {available_cpus} usable CPUs")
     impl_filter = set(split(args.impls)) if args.impls else None
-    workloads = resolve_workloads(args)
+    workloads = resolve_workloads(workload_choices(args))
     sweeping.check_memory(workloads, ops, devices.available_memory_bytes())
     planned = sweeping.plan(ops, workloads, precisions, device_list, isa_levels, thread_counts,
                             args.seed, _options(args), impl_filter)
@@ -295,23 +252,34 @@ def sweep(argv: list[str]) -> int:
         policy = TimingPolicy(min_run_time_s=args.min_run_time, min_samples=policy.min_samples,
                               max_run_time_s=max(policy.max_run_time_s, args.min_run_time * 5))
     directory, run_id, resuming = _run_directory(args, argv)
-    from bench.runner import execute
+    from bench.run.execute import execute
 
-    return execute(args, argv, planned, directory, run_id, resuming, policy)
+    code = execute(args, argv, planned, directory, run_id, resuming, policy)
+    if code != 0:
+        return code
+    rows = read_rows(directory / RESULTS_FILENAME)
+    print(render_summary(rows))
+    counts = {status: sum(row.status == status for row in rows)
+              for status in (STATUS_OK, STATUS_SKIPPED, STATUS_ERROR)}
+    print(f"\n{counts[STATUS_OK]} measured, {counts[STATUS_SKIPPED]} skipped, "
+          f"{counts[STATUS_ERROR]} errors -> {directory / RESULTS_FILENAME}")
+    if not args.no_report:
+        _build_report(directory)
+    return 0
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    """Entry point; bad input is one line on stderr and exit 2, never a traceback."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+def _build_report(directory: Path) -> None:
+    """Build the HTML report; a report failure never touches the finished results."""
     try:
-        if argv and argv[0] in SUBCOMMANDS:
-            from bench import subcommands
+        from reports.build import build_report
 
-            return subcommands.dispatch(argv[0], argv[1:])
-        return sweep(argv)
-    except (UsageError, SpecError, devices.DeviceError, SchemaError, CriteoFormatError) as error:
-        print(f"run_bench.py: error: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("run_bench.py: interrupted", file=sys.stderr)
-        return 130
+        report = build_report([directory])
+        print(f"report: {report / 'index.html'}")
+    except Exception as error:  # the results are safe on disk; say what failed
+        print(f"warning: report not built ({type(error).__name__}: {error}); "
+              f"retry with: python run_bench.py report {directory}", file=sys.stderr)
+
+
+def main(argv: list[str]) -> int:
+    """The default command: run a sweep and write its results."""
+    return sweep(argv)

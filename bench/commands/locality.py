@@ -14,13 +14,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench.schema import STATUS_OK, SchemaError, read_rows
+from bench import PROJECT_ROOT
+from bench.records import STATUS_OK, SchemaError, read_recorded_argv, read_rows, write_atomic
 from workloads import reuse
 from workloads.generators import make_table_batch
 from workloads.presets import synthetic
+from workloads.resolve import resolve_workloads
 from workloads.specs import IndexDistribution, PoolingDistribution, SpecError
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_LEVELS = "0,0.25,0.5,0.75,0.9,0.99"
 DEFAULT_LLC_BYTES = 64 << 20
 DEFAULT_ROWS = 20_000_000
@@ -172,15 +173,12 @@ def measure(command: list, run_dir: Path, labels: list[str]) -> dict[str, dict]:
 
 def write_csv(frame: pd.DataFrame, path: Path) -> None:
     """Write a CSV atomically: readers never see half a file."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    frame.to_csv(temporary, index=False)
-    os.replace(temporary, path)
+    write_atomic(path, frame.to_csv(index=False))
 
 
 def write_figure(table: pd.DataFrame, path: Path) -> bool:
     """Draw locality.png; False (and a message) when nothing was measured."""
     from reports import plots
-    from reports.build import write_atomic
 
     try:
         figure = plots.locality_figure(table)
@@ -234,17 +232,17 @@ def _lru_hit_rate_after(warmup: np.ndarray, evaluation: np.ndarray, capacity_row
 
 def tt_cache_comparison(run_dir: Path) -> pd.DataFrame:
     """Observed tt_sls cache hit rates of a run beside static-LFU and LRU predictions."""
-    from bench.cli import parse_sweep, resolve_workloads
+    from bench.commands.sweep import parse_sweep, workload_choices
     from bench.ops.ttrec import DEFAULT_CACHE_FRACTION, WARM_UP_BATCHES
 
     run_dir = Path(run_dir)
     try:
-        argv = json.loads((run_dir / "args.json").read_text())["argv"]
-    except (OSError, ValueError, KeyError):
+        argv = read_recorded_argv(run_dir)
+    except SchemaError:
         raise LocalityError(f"--tt-run {run_dir}: no readable args.json (a run_bench.py run "
                             "directory is needed to regenerate its traces)") from None
     args = parse_sweep(argv)
-    workloads = resolve_workloads(args)
+    workloads = resolve_workloads(workload_choices(args))
     records = []
     for row in read_rows(run_dir / "results.csv"):
         metrics = json.loads(row.metrics or "{}")

@@ -6,7 +6,7 @@ import json
 
 import pandas as pd
 
-from bench.schema import STATUS_OK
+from bench.records import STATUS_OK
 
 # Params that tell variants of one op apart in the summary (the rest is in results.csv).
 VARIANT_KEYS = ("mode", "layer", "layout", "bytes", "size")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -13,11 +12,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from bench import quality, timing
-from bench.model import DLRM, batch_tensors, build_dlrm
+from bench.records import write_atomic
+from bench.models import quality
+from bench.run import timing
+from bench.models.dlrm import DLRM, batch_tensors, build_dlrm
 from bench.ops.dlrm import EVAL_BATCHES, LEARNING_RATE, train_step, warm_up_tt
-from bench.teacher import EVAL_FIRST_BATCH, evaluation_set, label_batches, teacher_model
-from bench.ttrec.factorize import embedding_compression_ratio
+from bench.models.teacher import EVAL_FIRST_BATCH, evaluation_set, label_batches, teacher_model
+from bench.models.ttrec.factorize import embedding_compression_ratio
 from workloads import presets
 from workloads.specs import IndexDistribution, SpecError, WorkloadSpec
 
@@ -151,13 +152,7 @@ COLUMNS = ["config", "tt_tables", "rank", "steps", "batch_size", "embedding_byte
 
 def write_csv_atomic(frame: pd.DataFrame, path: Path) -> None:
     """Write the CSV so readers see the old or the new file, never a partial one."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        frame.to_csv(temporary, index=False)
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
+    write_atomic(path, frame.to_csv(index=False))
 
 
 def run_study(workload: WorkloadSpec, tt_tables_list: Sequence[int], ranks: Sequence[int],

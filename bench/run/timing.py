@@ -7,15 +7,10 @@ import math
 import timeit
 from typing import Any, Callable, Optional
 
-import numpy as np
 import torch
 import torch.utils.benchmark as torch_benchmark
-from scipy import stats
 
-# IQR above this share of the median marks a measurement as noisy (torch.utils.benchmark
-# uses the same idea for its own warning).
-NOISY_IQR_RATIO = 0.1
-
+from bench.records import NOISY_IQR_RATIO, Summary, summarize  # noqa: F401 (re-exported)
 
 @dataclasses.dataclass(frozen=True)
 class TimingPolicy:
@@ -25,40 +20,6 @@ class TimingPolicy:
     min_samples: int = 10  # and keep at least this many per-repetition times
     max_run_time_s: float = 20.0  # stop adding repetitions past this, even below min_samples
     warmup_calls: int = 2  # untimed calls first: caches, JIT kernels, allocator pools
-
-
-@dataclasses.dataclass(frozen=True)
-class Summary:
-    """Statistics of raw per-repetition times."""
-
-    samples_s: tuple[float, ...]
-    median_s: float
-    mean_s: float
-    p90_s: float
-    p99_s: float
-    iqr_s: float
-    min_s: float
-
-    @property
-    def noisy(self) -> bool:
-        """Whether the spread is large relative to the median."""
-        return self.iqr_s > NOISY_IQR_RATIO * self.median_s
-
-
-def summarize(samples_s) -> Summary:
-    """Median, percentiles and spread of the raw times."""
-    values = np.asarray(samples_s, dtype=np.float64)
-    if values.size == 0:
-        raise ValueError("no timing samples")
-    return Summary(
-        samples_s=tuple(float(value) for value in values),
-        median_s=float(np.median(values)),
-        mean_s=float(values.mean()),
-        p90_s=float(np.percentile(values, 90)),
-        p99_s=float(np.percentile(values, 99)),
-        iqr_s=float(stats.iqr(values)),
-        min_s=float(values.min()),
-    )
 
 
 def time_cpu(fn: Callable[[], Any], policy: TimingPolicy, threads: int,

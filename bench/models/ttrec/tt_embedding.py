@@ -9,8 +9,8 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from bench.ttrec.cache import CACHE_POLICIES, RowCache
-from bench.ttrec.factorize import (
+from bench.models.ttrec.cache import CACHE_POLICIES, RowCache
+from bench.models.ttrec.factorize import (
     factorize_dim,
     factorize_rows,
     full_ranks,

@@ -1,29 +1,9 @@
-"""Subcommands of run_bench.py beside the sweep: report, check, analyze, tt-study."""
+"""`run_bench.py check`: regression verdicts of a candidate run against a baseline (or an A/B)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
-
-
-def report(argv: list[str]) -> int:
-    """Build the HTML/markdown report of one or more run directories."""
-    parser = argparse.ArgumentParser(prog="run_bench.py report",
-                                     description="Build RUN_DIR/report/ from results.csv")
-    parser.add_argument("run_dirs", nargs="+", type=Path)
-    parser.add_argument("--out", type=Path, help="report directory (default: RUN_DIR/report)")
-    args = parser.parse_args(argv)
-    for directory in args.run_dirs:
-        if not (directory / "results.csv").is_file():
-            print(f"run_bench.py report: error: {directory}: no results.csv; give a run "
-                  "directory written by run_bench.py", file=sys.stderr)
-            return 2
-    from reports.build import build_report
-
-    path = build_report(list(args.run_dirs), args.out)
-    print(f"report: {path / 'index.html'}")
-    return 0
 
 
 CHECK_PROGRAM = "python run_bench.py check"
@@ -31,7 +11,8 @@ CHECK_PROGRAM = "python run_bench.py check"
 
 def _check_parser() -> argparse.ArgumentParser:
     """reports.check's options, plus the CI sweep, --ci and --ab."""
-    from bench import ab, ci_sweep
+    from bench.commands import ab
+    from bench.run import ci_sweep
     from reports.check import build_parser
 
     parser = build_parser(CHECK_PROGRAM, candidate_required=False)
@@ -59,9 +40,9 @@ def _check_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check(argv: list[str]) -> int:
+def main(argv: list[str]) -> int:
     """Compare a candidate run (default: the CI sweep, run now) against a baseline."""
-    from bench import ci_sweep
+    from bench.run import ci_sweep
     from reports.check import EXIT_CANNOT_COMPARE, execute
 
     args = _check_parser().parse_args(argv)
@@ -78,7 +59,7 @@ def check(argv: list[str]) -> int:
             print(f"check: error: --ab compares two revisions it runs itself; drop "
                   f"{', '.join(clashing)}", file=sys.stderr)
             return EXIT_CANNOT_COMPARE
-        from bench import ab
+        from bench.commands import ab
 
         rounds = ab.DEFAULT_ROUNDS if args.rounds is None else args.rounds
         return ab.run_ab(args.ab, rounds, factor=args.factor, alpha=args.alpha,
@@ -93,30 +74,3 @@ def check(argv: list[str]) -> int:
             print(f"check: cannot compare: {error}", file=sys.stderr)
             return EXIT_CANNOT_COMPARE
     return execute(args, CHECK_PROGRAM, missing_baseline_ok=args.ci)
-
-
-def analyze(argv: list[str]) -> int:
-    """Reuse-distance analysis of a workload's index trace."""
-    from bench.analyze import main
-
-    return main(argv)
-
-
-def tt_study(argv: list[str]) -> int:
-    """TT-Rec memory/accuracy/time trade-off study (see bench.ttrec.study)."""
-    from bench.ttrec.study import main
-
-    return main(argv)
-
-
-def locality(argv: list[str]) -> int:
-    """Predicted LRU hit rate at the LLC beside measured SLS bandwidth, per locality level."""
-    from bench.locality import main
-
-    return main(argv)
-
-
-def dispatch(name: str, argv: list[str]) -> int:
-    """Run a subcommand by name."""
-    return {"report": report, "check": check, "analyze": analyze,
-            "tt-study": tt_study, "locality": locality}[name](argv)

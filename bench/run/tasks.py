@@ -6,7 +6,7 @@ import dataclasses
 import hashlib
 import json
 
-from bench.schema import dumps_compact
+from bench.records import dumps_compact
 from workloads.specs import IndexDistribution, PoolingDistribution, TableSpec, WorkloadSpec
 
 

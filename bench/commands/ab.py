@@ -13,7 +13,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from bench import ci_sweep
+from bench.run import ci_sweep
 from reports.check import (
     EXIT_CANNOT_COMPARE,
     VERDICTS_FILENAME,

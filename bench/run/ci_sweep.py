@@ -12,17 +12,18 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+from bench import PROJECT_ROOT
+
 
 # About 36 configurations, 30-60 s on one thread: both a tiny and a Kaggle-shaped workload (capped
 # so tables build in a second), the ops every DLRM step runs, the two precisions most impls have.
 # 0.3 s per configuration keeps the quick policy's >= 10 samples for the rank test, and one
 # pinned thread removes thread-scheduling noise. Only options that every revision's CLI knows
 # go here, since `check --ab REV` runs these arguments on an older checkout too.
-CI_SWEEP_ARGS: tuple[str, ...] = (
+# The ops are those registered with ci=True (see ci_sweep_args).
+CI_SWEEP_OPTIONS: tuple[str, ...] = (
     "--workload", "smoke,kaggle",
     "--max-rows", "100000",
-    "--ops", "sls,sls_multi,fc,interaction,dlrm_infer",
     "--precision", "fp32,bf16",
     "--sls-modes", "sum",
     "--fc-layers", "linear,top_mlp",
@@ -58,12 +59,20 @@ def new_run_id(prefix: str = "") -> str:
     return f"{prefix}{stamp}-{secrets.token_hex(2)}"
 
 
+def ci_sweep_args() -> tuple[str, ...]:
+    """The CI sweep's arguments: the ops registered with ci=True, then CI_SWEEP_OPTIONS."""
+    from bench import registry  # loads torch: only when a CI sweep is about to run
+
+    ops = [name for name, op in registry.ops().items() if op.ci]
+    return ("--ops", ",".join(ops), *CI_SWEEP_OPTIONS)
+
+
 def sweep_command(out_dir: Path, run_id: str, extra_args: Sequence[str] = (),
                   python: str = sys.executable,
-                  sweep_args: Sequence[str] = CI_SWEEP_ARGS) -> list[str]:
+                  sweep_args: Sequence[str] | None = None) -> list[str]:
     """The command line of one CI sweep; extra_args come last, so they override sweep_args."""
-    return [python, "run_bench.py", *sweep_args, *extra_args, "--out", str(out_dir),
-            "--run-id", run_id]
+    return [python, "run_bench.py", *(ci_sweep_args() if sweep_args is None else sweep_args),
+            *extra_args, "--out", str(out_dir), "--run-id", run_id]
 
 
 def _last_line(path: Path) -> str:
@@ -94,13 +103,12 @@ def run_ci_sweep(out_dir: str | os.PathLike, run_id: str, extra_args: Sequence[s
     """Run `python run_bench.py <CI args> <extra_args> --out OUT --run-id ID`; the run dir."""
     # A subprocess of the checkout at cwd (its own run_bench.py and bench package), so another
     # revision's worktree is timed the same way; its output goes to RUN_DIR/sweep.log, and a
-    # failure (or no results.csv) raises CiSweepError. sweep_args replaces CI_SWEEP_ARGS.
+    # failure (or no results.csv) raises CiSweepError. sweep_args replaces ci_sweep_args().
     run_dir = Path(out_dir) / run_id
     # The child runs elsewhere (cwd), so it gets an absolute output directory.
     run_dir.mkdir(parents=True, exist_ok=True)
     log_path = run_dir / LOG_FILENAME
-    command = sweep_command(Path(out_dir).resolve(), run_id, extra_args, python,
-                            CI_SWEEP_ARGS if sweep_args is None else sweep_args)
+    command = sweep_command(Path(out_dir).resolve(), run_id, extra_args, python, sweep_args)
     environment = dict(os.environ)
     # The checkout at cwd must win over an editable install of another checkout.
     environment["PYTHONPATH"] = os.pathsep.join(

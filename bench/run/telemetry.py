@@ -124,7 +124,7 @@ class Monitor:
                 self.sampler = None
 
     def stop(self, wall_s: float) -> Telemetry:
-        """Telemetry over the bracketed wall time (measured by bench.timing)."""
+        """Telemetry over the bracketed wall time (measured by bench.run.timing)."""
         telemetry = Telemetry()
         cpu_seconds = sum(self.process.cpu_times()[:2]) - self.cpu_start
         if wall_s > 0:

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bench.ops.common import table_weight
+from bench.embeddings import table_weight
 from workloads.generators import Batch
 from workloads.specs import WorkloadSpec
 
@@ -230,7 +230,7 @@ class TTMixedEmbeddings(nn.Module):
     def __init__(self, workload: WorkloadSpec, weights: list[torch.Tensor], tt_tables: int,
                  rank: int, layout: str, sparse: bool, seed: int, cache_fraction: float = 0.1):
         super().__init__()
-        from bench.ttrec import TTEmbeddingBag
+        from bench.models.ttrec import TTEmbeddingBag
 
         order = sorted(range(len(weights)), key=lambda index: -weights[index].shape[0])
         self.tt_positions = sorted(order[:tt_tables])
@@ -301,7 +301,7 @@ class TTMixedEmbeddings(nn.Module):
 
 
 def _reference_pooled(weights, indices, offsets) -> torch.Tensor:
-    from bench.ops.common import reference_lookup
+    from bench.embeddings import reference_lookup
 
     return torch.stack([reference_lookup(weight, table_indices, table_offsets, "sum", None)
                         for weight, table_indices, table_offsets

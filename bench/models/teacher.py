@@ -8,7 +8,7 @@ import functools
 import numpy as np
 import torch
 
-from bench.model import DLRM, batch_tensors, build_dlrm
+from bench.models.dlrm import DLRM, batch_tensors, build_dlrm
 from workloads.generators import Batch, label_stream, make_batch
 from workloads.specs import WorkloadSpec
 
