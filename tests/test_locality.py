@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import stat
@@ -14,12 +13,12 @@ import pytest
 
 from bench.run.devices import perf_counter_support
 from bench.records import ResultRow, ResultsWriter
-from bench.run.tasks import workload_from_dict
 from workloads import generators, reuse
 from workloads.generators import (LOCALITY_BLOCK_ACCESSES, draw_indices, locality_indices,
                                   reuse_distance_probabilities, stream)
 from workloads.presets import synthetic
-from workloads.specs import IndexDistribution, PoolingDistribution, SpecError, TableSpec
+from workloads.specs import (IndexDistribution, PoolingDistribution, SpecError, TableSpec,
+                            WorkloadSpec)
 from workloads.traces import save_trace
 
 
@@ -85,7 +84,7 @@ def test_new_fields_survive_the_task_round_trip(trace_file):
                          IndexDistribution.parse("reuse:0.2,40"),
                          IndexDistribution.parse(f"trace:{trace_file}")):
         spec = synthetic(1000, 8, PoolingDistribution("fixed", 4.0), 2, distribution)
-        rebuilt = workload_from_dict(json.loads(json.dumps(dataclasses.asdict(spec))))
+        rebuilt = WorkloadSpec.from_dict(json.loads(json.dumps(spec.to_dict())))
         assert rebuilt == spec and rebuilt.key() == spec.key()
 
 

@@ -253,3 +253,27 @@ def test_synthetic():
     assert all(table.distribution.kind == "zipf" for table in spec.tables)
     with pytest.raises(SpecError, match="--num-tables"):
         presets.synthetic(1000, 16, pooling, 0, IndexDistribution())
+
+
+def test_specs_round_trip_through_json_with_every_field():
+    import json
+
+    from workloads.presets import PRESETS
+    from workloads.specs import IndexDistribution, PoolingDistribution, TableSpec, WorkloadSpec
+
+    for name, factory in PRESETS.items():
+        spec = factory()
+        assert WorkloadSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec, name
+    table = TableSpec(rows=10, dim=4, pooling=PoolingDistribution("normal", 3.0, 1.0),
+                      distribution=IndexDistribution("hitrate", target_hit_rate=0.5,
+                                                     capacity_rows=4), original_rows=99)
+    assert TableSpec.from_dict(json.loads(json.dumps(table.to_dict()))) == table
+
+
+def test_spec_from_dict_refuses_unknown_and_missing_fields():
+    from workloads.specs import SpecError, TableSpec
+
+    with pytest.raises(SpecError, match="unknown field.*colour"):
+        TableSpec.from_dict({"rows": 10, "dim": 4, "colour": "red"})
+    with pytest.raises(SpecError, match="missing field.*dim"):
+        TableSpec.from_dict({"rows": 10})

@@ -8,7 +8,8 @@ import json
 import math
 import numbers
 from pathlib import Path
-from typing import Optional
+import typing
+from typing import Any, Optional
 
 INDEX_DISTRIBUTIONS = ("uniform", "zipf", "trace", "hitrate", "reuse")
 # Kinds whose indices come from one locality-controlled stream per table (see generators).
@@ -28,6 +29,41 @@ def _require(condition: bool, message: str) -> None:
         raise SpecError(message)
 
 
+class SpecDict:
+    """to_dict/from_dict for a frozen spec dataclass, driven by its own fields: a field added to a
+    spec travels to the worker with no other edit, and an unknown or missing one is an error."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The spec as plain JSON-able values (nested specs as dicts, tuples as lists)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        """Inverse of to_dict; a SpecError names an unknown or missing field."""
+        if not isinstance(data, dict):
+            raise SpecError(f"{cls.__name__}: expected a dict, got {type(data).__name__}")
+        hints = typing.get_type_hints(cls)
+        fields = {field.name: field for field in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(fields))
+        _require(not unknown, f"{cls.__name__}: unknown field(s) {', '.join(unknown)}")
+        missing = [name for name, field in fields.items() if name not in data
+                   and field.default is dataclasses.MISSING
+                   and field.default_factory is dataclasses.MISSING]
+        _require(not missing, f"{cls.__name__}: missing field(s) {', '.join(missing)}")
+        return cls(**{name: _from_plain(hints[name], value) for name, value in data.items()})
+
+
+def _from_plain(kind, value):
+    """A plain JSON value converted back to the annotated field type (specs, tuples)."""
+    if isinstance(kind, type) and issubclass(kind, SpecDict):
+        return kind.from_dict(value)
+    if typing.get_origin(kind) is tuple:
+        arguments = typing.get_args(kind)
+        element = arguments[0] if arguments else Any
+        return tuple(_from_plain(element, item) for item in value)
+    return value
+
+
 def _number_text(value: float) -> str:
     """Shortest text that parses back to the same float ('0.9', '100000')."""
     return str(int(value)) if float(value).is_integer() else repr(float(value))
@@ -45,7 +81,7 @@ def _number_pair(text: str, value: str, separator: str, first_type, second_type,
 
 
 @dataclasses.dataclass(frozen=True)
-class IndexDistribution:
+class IndexDistribution(SpecDict):
     """How row ids are drawn within a table."""
 
     kind: str = "uniform"  # one of INDEX_DISTRIBUTIONS
@@ -122,7 +158,7 @@ class IndexDistribution:
 
 
 @dataclasses.dataclass(frozen=True)
-class PoolingDistribution:
+class PoolingDistribution(SpecDict):
     """Lookups per bag: a fixed count, or drawn per bag from a distribution (at least 1)."""
 
     kind: str = "fixed"
@@ -167,7 +203,7 @@ class PoolingDistribution:
 
 
 @dataclasses.dataclass(frozen=True)
-class TableSpec:
+class TableSpec(SpecDict):
     """One embedding table and how it is looked up."""
 
     rows: int
@@ -187,7 +223,7 @@ class TableSpec:
 
 
 @dataclasses.dataclass(frozen=True)
-class WorkloadSpec:
+class WorkloadSpec(SpecDict):
     """A DLRM-shaped workload: embedding tables, dense features and the two MLP stacks."""
 
     name: str

@@ -7,7 +7,7 @@ import hashlib
 import json
 
 from bench.records import dumps_compact
-from workloads.specs import IndexDistribution, PoolingDistribution, TableSpec, WorkloadSpec
+from workloads.specs import WorkloadSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,26 +41,11 @@ class Task:
 
     def to_json(self) -> str:
         """Serialize for a worker."""
-        return json.dumps(dataclasses.asdict(self))
+        return json.dumps({**dataclasses.asdict(self), "workload": self.workload.to_dict()})
 
     @classmethod
     def from_json(cls, text: str) -> "Task":
         """Inverse of to_json."""
         data = json.loads(text)
-        data["workload"] = workload_from_dict(data["workload"])
+        data["workload"] = WorkloadSpec.from_dict(data["workload"])
         return cls(**data)
-
-
-def workload_from_dict(data: dict) -> WorkloadSpec:
-    """Rebuild a WorkloadSpec from dataclasses.asdict output."""
-    tables = tuple(
-        TableSpec(rows=table["rows"], dim=table["dim"],
-                  pooling=PoolingDistribution(**table["pooling"]),
-                  distribution=IndexDistribution(**table["distribution"]),
-                  original_rows=table["original_rows"])
-        for table in data["tables"]
-    )
-    fields = {key: value for key, value in data.items() if key != "tables"}
-    for name in ("bottom_mlp", "top_mlp"):
-        fields[name] = tuple(fields[name])
-    return WorkloadSpec(tables=tables, **fields)
