@@ -23,7 +23,7 @@ from reports.compare import compare_rows, count_verdicts, geometric_mean_ratio  
 DEFAULT_PAIRS = 10
 DEFAULT_FACTOR = 0.10  # run_bench.py check's own default
 DEFAULT_ALPHA = 0.01
-# 5 calls against 4 is exactly 25% more work on every row (bench/cli.py --calls-per-rep).
+# 5 calls against 4 is exactly 25% more work on every row (bench/commands/sweep.py --calls-per-rep).
 POWER_BASELINE_CALLS = 4
 POWER_CANDIDATE_CALLS = 5
 # Verdicts that come from a rank test; the others (NEW, MISSING, errors) say nothing on noise.

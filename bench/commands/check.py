@@ -18,7 +18,7 @@ def _check_parser() -> argparse.ArgumentParser:
     parser = build_parser(CHECK_PROGRAM, candidate_required=False)
     parser.description = (
         "Tell real performance regressions from noise. Without --candidate, run the CI sweep "
-        "now (bench/ci_sweep.py, into results/ci/) and check it; without --baseline, check "
+        "now (bench/run/ci_sweep.py, into results/ci/) and check it; without --baseline, check "
         "against the committed baseline for its fingerprint (results/baselines/). Exit 0: no "
         "regression, 1: regression, 2: cannot compare.")
     # None = not given, so that --ci can choose its own values.
