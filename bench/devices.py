@@ -281,22 +281,29 @@ def device_name(device: str) -> str:
     return cpu_model()
 
 
+_CPUINFO_IDENTITY_FIELDS = {"vendor_id": "cpu_vendor", "cpu family": "cpu_family",
+                            "model": "cpu_model_number", "stepping": "cpu_stepping"}
+
+
+def parse_cpu_identity(cpuinfo_text: str) -> dict[str, str]:
+    """Vendor, family, model number and stepping of the first processor in /proc/cpuinfo text."""
+    identity: dict[str, str] = {}
+    for line in cpuinfo_text.split("\n\n")[0].splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in _CPUINFO_IDENTITY_FIELDS:
+            identity[_CPUINFO_IDENTITY_FIELDS[key.strip()]] = value.strip()
+    return identity
+
+
 @functools.lru_cache(maxsize=1)
 def cpu_identity() -> dict[str, str]:
     """Vendor, family, model number and stepping of CPU 0 (/proc/cpuinfo, else py-cpuinfo)."""
     # The brand string alone ("Intel(R) Xeon(R) Processor" in some VMs) names several parts.
-    fields = {"vendor_id": "cpu_vendor", "cpu family": "cpu_family", "model": "cpu_model_number",
-              "stepping": "cpu_stepping"}
-    identity: dict[str, str] = {}
     try:
-        first_processor = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+        identity = parse_cpu_identity(Path("/proc/cpuinfo").read_text())
     except OSError:
-        first_processor = ""
-    for line in first_processor.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in fields:
-            identity[fields[key.strip()]] = value.strip()
-    if len(identity) < len(fields):  # not Linux/x86: py-cpuinfo's spelling of the same facts
+        identity = {}
+    if len(identity) < len(_CPUINFO_IDENTITY_FIELDS):  # not Linux/x86: py-cpuinfo's spelling
         info = cpu_info()
         for source, name in (("vendor_id_raw", "cpu_vendor"), ("family", "cpu_family"),
                              ("model", "cpu_model_number"), ("stepping", "cpu_stepping")):

@@ -107,7 +107,8 @@ def describe_fingerprints(baseline_fingerprint: str, candidate_fingerprint: str,
     new = (candidate_facts or {}).get(candidate_fingerprint)
     missing = [side for side, facts in (("baseline", old), ("candidate", new)) if facts is None]
     if missing:
-        return (f"{head}; the {' and '.join(missing)} records no fingerprint facts, so what "
+        verb = "records" if len(missing) == 1 else "record"
+        return (f"{head}; the {' and '.join(missing)} {verb} no fingerprint facts, so what "
                 "differs cannot be listed")
     differences = differing_facts(old, new)
     if not differences:  # e.g. facts of an older fingerprint formula
