@@ -137,3 +137,21 @@ def test_effective_clock_gives_a_reason_where_it_cannot_run(monkeypatch):
     monkeypatch.setattr(clock.platform, "machine", lambda: "aarch64")
     result = clock.effective_clock(measure=lambda function, runs: [1.0])
     assert result["effective_clock_hz"] is None and "x86-64" in result["reason"]
+
+
+def test_report_shows_the_clock_and_which_libraries_are_unverified(tmp_path):
+    from bench.schema import ResultRow
+    from reports.tables import Run, rows_to_frame, run_facts_table
+
+    rows = [ResultRow(task_key="a", op="sls", impl="x", status="ok", isa="avx2",
+                      isa_effective="aten=avx2;mkl=avx2(unverified);onednn=not-used;"
+                                    "fbgemm=avx2")]
+    env = {"effective_clock": {"effective_clock_hz": 2.61e9, "method": "spin loop"}}
+    table = run_facts_table(Run(tmp_path, "run", rows_to_frame(rows), env, {}))
+    facts = dict(zip(table["fact"], table["value"]))
+    assert facts["effective clock (spin loop, one core)"] == "2.61 GHz"
+    assert "(mkl: unverified" in facts["isa_effective"]
+    assert "fbgemm" not in facts["isa_effective"].split("(")[-1]
+    unmeasured = {"effective_clock": {"effective_clock_hz": None, "reason": "no PROT_EXEC"}}
+    table = run_facts_table(Run(tmp_path, "run", rows_to_frame(rows), unmeasured, {}))
+    assert "not measured: no PROT_EXEC" in set(table["value"])
