@@ -16,8 +16,11 @@ from typing import Callable, Optional
 # of several runs is the best estimate; the figure is the scalar clock of one core, and wide
 # vector code may run at a lower one.
 ADDS_PER_ITERATION = 32
-DEFAULT_ITERATIONS = 2_000_000  # 64M cycles: ~25 ms at 2.6 GHz, long against timer resolution
-DEFAULT_RUNS = 7
+# 8M cycles (~3 ms at 2.6 GHz): long against the timer's resolution, yet short enough that
+# some of the runs fit between two preemptions on a shared machine (longer runs were all
+# interrupted there and read low); the fastest of many such runs is kept.
+DEFAULT_ITERATIONS = 250_000
+DEFAULT_RUNS = 31
 ASSUMPTION = (f"{ADDS_PER_ITERATION} dependent 64-bit register adds per iteration at 1 cycle "
               "each (x86-64 integer add latency); fastest of several runs; one core's scalar "
               "clock")
