@@ -6,6 +6,7 @@ import argparse
 import csv
 import dataclasses
 import io
+import json
 import math
 import os
 import shlex
@@ -29,12 +30,19 @@ from reports.compare import (
     Verdict,
     compare_rows,
     count_verdicts,
+    describe_fingerprints,
+    differing_facts,
+    fingerprint_mismatches,
     geometric_mean_ratio,
 )
 
 DEFAULT_BASELINES_ROOT = "results/baselines"
 VERDICTS_FILENAME = "verdicts.csv"
 DEFAULT_PROGRAM = "python run_bench.py check"
+# The facts behind each fingerprint: env.json beside a run's results.csv, and
+# <fingerprint>.facts.json beside a stored baseline <fingerprint>.csv.
+ENV_FILENAME = "env.json"
+FACTS_SUFFIX = ".facts.json"
 
 EXIT_OK = 0
 EXIT_REGRESSED = 1
@@ -91,6 +99,29 @@ def load_results(path: str | os.PathLike) -> list[ResultRow]:
     for line_number, row in enumerate(rows, start=1):
         _validate_row(csv_path, line_number, row)
     return rows
+
+
+def facts_path(path: str | os.PathLike) -> Path:
+    """Where the fingerprint facts of a run directory or results CSV are recorded."""
+    csv_path = results_csv_path(path)
+    if csv_path.name == "results.csv":
+        return csv_path.parent / ENV_FILENAME
+    return csv_path.with_name(csv_path.stem + FACTS_SUFFIX)
+
+
+def load_fingerprint_facts(path: str | os.PathLike) -> dict[str, dict]:
+    """{fingerprint: facts} recorded beside a run or baseline; {} when none were recorded."""
+    source = facts_path(path)
+    if not source.is_file():
+        return {}
+    try:
+        facts = json.loads(source.read_text(encoding="utf-8")).get("fingerprint_facts", {})
+    except (OSError, ValueError, AttributeError) as error:
+        raise CheckInputError(
+            _one_line(f"{source}: unreadable fingerprint facts ({error})")) from error
+    if not isinstance(facts, dict) or not all(isinstance(v, dict) for v in facts.values()):
+        raise CheckInputError(f"{source}: fingerprint_facts is not an object of objects")
+    return facts
 
 
 def _format_ratio(ratio: float) -> str:
@@ -176,7 +207,7 @@ def _verdict_record(verdict: Verdict) -> dict:
 
 
 def write_verdicts_csv(verdicts: Iterable[Verdict], path: str | os.PathLike) -> None:
-    """Write the verdicts to path atomically (temporary file + os.replace)."""
+    """Write the verdicts to path atomically (bench.records.write_atomic)."""
     _atomic_write_csv(Path(path), _VERDICT_COLUMNS, (_verdict_record(v) for v in verdicts))
 
 
@@ -211,8 +242,44 @@ def update_baseline(
     # Catch duplicates now rather than at the next check, when the baseline would be unusable.
     compare_rows([], ok_rows)
     destination = baseline_path(fingerprint, root)
+    facts = load_fingerprint_facts(candidate).get(fingerprint)
     _atomic_write_csv(destination, COLUMNS, (row_to_record(row) for row in ok_rows))
+    sidecar = facts_path(destination)
+    if facts is None:
+        sidecar.unlink(missing_ok=True)  # never leave another recording's facts beside it
+    else:
+        write_atomic(sidecar, json.dumps({"fingerprint_facts": {fingerprint: facts}},
+                                               indent=2, sort_keys=True) + "\n")
     return destination
+
+
+def _other_baselines(root: str | os.PathLike, candidate_facts: dict | None) -> str:
+    """The stored baselines of other fingerprints and how their facts differ from the candidate."""
+    notes = []
+    for path in sorted(Path(root).glob("*.csv")):
+        try:
+            facts = load_fingerprint_facts(path).get(path.stem)
+        except CheckInputError:
+            facts = None
+        if facts is None or candidate_facts is None:
+            notes.append(f"{path.stem} (facts not recorded)")
+        else:
+            notes.append(f"{path.stem} ({'; '.join(differing_facts(facts, candidate_facts)[:4])})")
+    return ("; stored baselines are for other hosts or timing policies: " + ", ".join(notes)
+            if notes else "")
+
+
+def _fingerprints_differ(baseline: str | os.PathLike, candidate: str | os.PathLike,
+                         pairs: list[tuple[str, str]], hint: str) -> int:
+    """Refuse to compare rows of different fingerprints: name the facts that differ; exit 2."""
+    baseline_facts = load_fingerprint_facts(baseline)
+    candidate_facts = load_fingerprint_facts(candidate)
+    described = " | ".join(describe_fingerprints(old, new, baseline_facts, candidate_facts)
+                           for old, new in pairs)
+    return _cannot_compare(
+        f"NOT_COMPARABLE: baseline and candidate were timed on different hosts or under "
+        f"different timing policies ({described}); a baseline holds only for its own "
+        f"fingerprint: record one for the candidate's with: {hint}")
 
 
 def default_rebaseline_hint(
@@ -285,13 +352,20 @@ def run_check(
             fingerprint = _single_fingerprint(candidate_rows, candidate)
             baseline = baseline_path(fingerprint, baselines_root)
             if not baseline.is_file():
+                facts = load_fingerprint_facts(candidate).get(fingerprint)
                 message = (f"no baseline for fingerprint {fingerprint} at {baseline}; "
-                           f"record one with: {hint}")
+                           f"record one with: {hint}"
+                           + _other_baselines(baselines_root, facts))
                 if missing_baseline_ok:
                     print(f"check: skipped: {message}")
                     return EXIT_OK
                 return _cannot_compare(message)
         baseline_rows = load_results(baseline)
+        # Timings of another host or timing policy say nothing about this code: refuse the whole
+        # comparison rather than print verdicts for it.
+        mismatched = fingerprint_mismatches(baseline_rows, candidate_rows)
+        if mismatched:
+            return _fingerprints_differ(baseline, candidate, mismatched, hint)
         verdicts = compare_rows(baseline_rows, candidate_rows, factor=factor, alpha=alpha)
     except (CheckInputError, ValueError) as error:
         return _cannot_compare(str(error))

@@ -63,6 +63,69 @@ def _index_by_task_key(rows: Iterable[ResultRow], side: str) -> dict[str, Result
     return indexed
 
 
+def _format_fact(name: str, value: object) -> str:
+    """A fact's value as people read it: byte sizes in KiB/MiB/GiB, 'not recorded' for None."""
+    if value is None:
+        return "not recorded"
+    if name.endswith("_bytes") and isinstance(value, (int, float)):
+        for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+            if value >= size:
+                return f"{value / size:g} {unit}"
+        return f"{value:g} B"
+    return str(value)
+
+
+def _flatten_facts(facts: dict, prefix: str = "") -> dict[str, object]:
+    """Nested facts (the timing policy) as dotted names."""
+    flat: dict[str, object] = {}
+    for name, value in facts.items():
+        if isinstance(value, dict):
+            flat.update(_flatten_facts(value, f"{prefix}{name}."))
+        else:
+            flat[f"{prefix}{name}"] = value
+    return flat
+
+
+def differing_facts(baseline_facts: dict, candidate_facts: dict) -> list[str]:
+    """'l3: 105 MiB vs 480 MiB' for every fingerprint fact on which the two sides differ."""
+    baseline_flat, candidate_flat = _flatten_facts(baseline_facts), _flatten_facts(candidate_facts)
+    differences = []
+    for name in sorted(baseline_flat.keys() | candidate_flat.keys()):
+        old, new = baseline_flat.get(name), candidate_flat.get(name)
+        if old != new:
+            label = name[: -len("_bytes")] if name.endswith("_bytes") else name
+            differences.append(f"{label}: {_format_fact(name, old)} vs {_format_fact(name, new)}")
+    return differences
+
+
+def describe_fingerprints(baseline_fingerprint: str, candidate_fingerprint: str,
+                          baseline_facts: dict[str, dict] | None = None,
+                          candidate_facts: dict[str, dict] | None = None) -> str:
+    """Why two fingerprints cannot be compared: their differing facts, or which side lacks them."""
+    head = f"fingerprint {baseline_fingerprint} vs {candidate_fingerprint}"
+    old = (baseline_facts or {}).get(baseline_fingerprint)
+    new = (candidate_facts or {}).get(candidate_fingerprint)
+    missing = [side for side, facts in (("baseline", old), ("candidate", new)) if facts is None]
+    if missing:
+        verb = "records" if len(missing) == 1 else "record"
+        return (f"{head}; the {' and '.join(missing)} {verb} no fingerprint facts, so what "
+                "differs cannot be listed")
+    differences = differing_facts(old, new)
+    if not differences:  # e.g. facts of an older fingerprint formula
+        return f"{head}; their recorded facts agree, so the fingerprint formula differs"
+    return f"{head}: " + "; ".join(differences)
+
+
+def fingerprint_mismatches(baseline: Iterable[ResultRow],
+                           candidate: Iterable[ResultRow]) -> list[tuple[str, str]]:
+    """Distinct (baseline, candidate) fingerprint pairs of task_keys both sides hold that differ."""
+    baseline_fingerprints = {row.task_key: row.fingerprint for row in baseline}
+    pairs = {(baseline_fingerprints[row.task_key], row.fingerprint) for row in candidate
+             if row.task_key in baseline_fingerprints
+             and baseline_fingerprints[row.task_key] != row.fingerprint}
+    return sorted(pairs)
+
+
 def _make(row: ResultRow, verdict: str, ratio=math.nan, p_value=math.nan, reason="") -> Verdict:
     """Verdict carrying the identifying columns of row."""
     return Verdict(
@@ -117,6 +180,8 @@ def _compare_pair(
     factor: float,
     alpha: float,
     check_code_version: bool = True,
+    baseline_facts: dict[str, dict] | None = None,
+    candidate_facts: dict[str, dict] | None = None,
 ) -> Verdict:
     """Verdict for one task_key present on both sides."""
     # Another machine or software stack says nothing about this code, failures included.
@@ -124,10 +189,8 @@ def _compare_pair(
         return _make(
             candidate,
             "NOT_COMPARABLE",
-            reason=(
-                "different hardware/software fingerprint: "
-                f"{baseline.fingerprint} vs {candidate.fingerprint}"
-            ),
+            reason="different host or timing policy: " + describe_fingerprints(
+                baseline.fingerprint, candidate.fingerprint, baseline_facts, candidate_facts),
         )
     # Status changes are reported even when the impl changed: a new crash matters most then.
     status_verdict = _status_verdict(baseline, candidate)
@@ -186,8 +249,12 @@ def compare_rows(
     factor: float = 0.10,
     alpha: float = 0.01,
     check_code_version: bool = True,
+    baseline_facts: dict[str, dict] | None = None,
+    candidate_facts: dict[str, dict] | None = None,
 ) -> list[Verdict]:
     """One verdict per task_key on either side, sorted; check_code_version=False for A/B runs."""
+    # baseline_facts / candidate_facts: {fingerprint: facts} (env.json's fingerprint_facts), so
+    # that a fingerprint mismatch names the facts that differ.
     # By default rows whose impl source changed are NOT_COMPARABLE (a stored baseline is stale);
     # an A/B run times both versions now, so there the changed code is what is measured.
     if factor < 0:
@@ -204,7 +271,8 @@ def compare_rows(
             verdicts.append(_make(candidate_row, "NEW", reason=reason))
         else:
             verdicts.append(
-                _compare_pair(baseline_row, candidate_row, factor, alpha, check_code_version)
+                _compare_pair(baseline_row, candidate_row, factor, alpha, check_code_version,
+                              baseline_facts, candidate_facts)
             )
     for task_key, baseline_row in baseline_by_key.items():
         if task_key not in candidate_by_key:

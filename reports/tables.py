@@ -539,6 +539,24 @@ def comparison_summary(matched: pd.DataFrame) -> pd.DataFrame:
     return sort_report_rows(pd.DataFrame(records, columns=columns))
 
 
+def clock_and_isa_facts(run: Run) -> list[tuple[str, str]]:
+    """The spin-loop clock the run saw, what the libraries reported and which are unverified."""
+    facts = []
+    clock = run.env.get("effective_clock")
+    if isinstance(clock, dict) and clock.get("effective_clock_hz"):
+        facts.append(("effective clock (spin loop, one core)",
+                      f"{clock['effective_clock_hz'] / 1e9:.2f} GHz"))
+    elif isinstance(clock, dict):
+        facts.append(("effective clock", f"not measured: {clock.get('reason', 'no reason')}"))
+    for effective in sorted({value for value in run.frame["isa_effective"] if value}):
+        unverified = [part.split("=", 1)[0] for part in effective.split(";")
+                      if part.endswith("(unverified)")]
+        note = (f" ({', '.join(unverified)}: unverified, the knob's value, not the library's "
+                "report)" if unverified else "")
+        facts.append(("isa_effective", effective + note))
+    return facts
+
+
 def run_facts_table(run: Run) -> pd.DataFrame:
     """Host facts, arguments and row counts of a run as fact/value lines."""
     facts = [("directory", str(run.directory)), ("label", run.label)]
@@ -546,6 +564,7 @@ def run_facts_table(run: Run) -> pd.DataFrame:
     if run_ids:
         facts.append(("run_id", run_ids))
     facts += [(key, run.env[key]) for key in ENV_FACTS if key in run.env]
+    facts += clock_and_isa_facts(run)
     counts = run.frame["status"].value_counts()
     facts += [(f"rows {status}", int(count)) for status, count in counts.items()]
     facts += [(f"args.{key}", value) for key, value in sorted(run.args.items())]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import ast
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -88,7 +87,8 @@ def test_improved_and_regressed_carry_ratio_and_significant_p(verdicts_by_key):
 
 def test_not_comparable_reasons_name_the_cause(verdicts_by_key):
     assert verdicts_by_key["other_fingerprint"].reason == (
-        "different hardware/software fingerprint: fp-a1b2c3 vs fp-ffff00"
+        "different host or timing policy: fingerprint fp-a1b2c3 vs fp-ffff00; the baseline and "
+        "candidate record no fingerprint facts, so what differs cannot be listed"
     )
     assert verdicts_by_key["code_changed"].reason == "impl code changed; re-baseline"
     few = verdicts_by_key["few_samples"]
@@ -220,8 +220,19 @@ def test_newly_failing_alone_exits_one(tmp_path):
     assert verdicts.loc["clean_emb", "verdict"] == "NEWLY_FAILING"
 
 
+def _same_host_candidate(tmp_path: Path) -> Path:
+    """The candidate fixture run without its row from another fingerprint."""
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = (CANDIDATE_RUN / "results.csv").read_text().splitlines()
+    (run / "results.csv").write_text(
+        "\n".join(line for line in lines if "fp-ffff00" not in line) + "\n")
+    return run
+
+
 def test_custom_rebaseline_hint_is_printed_verbatim(tmp_path, capsys):
-    run_check(BASELINE_RUN, CANDIDATE_RUN, out_dir=tmp_path, rebaseline_hint="make rebaseline")
+    run_check(BASELINE_RUN, _same_host_candidate(tmp_path), out_dir=tmp_path,
+              rebaseline_hint="make rebaseline")
     assert "re-baseline with: make rebaseline" in capsys.readouterr().out
 
 
@@ -266,14 +277,13 @@ def test_load_results_accepts_a_directory_or_a_file_and_rejects_garbage():
 
 
 def test_verdicts_csv_is_written_into_the_candidate_run_by_default(tmp_path):
-    candidate = tmp_path / "run"
-    shutil.copytree(CANDIDATE_RUN, candidate)
+    candidate = _same_host_candidate(tmp_path)
     assert run_check(BASELINE_RUN, candidate) == 1
     verdicts = pd.read_csv(candidate / "verdicts.csv", keep_default_na=False)
     assert list(verdicts.columns) == [
         "task_key", "op", "impl", "workload", "precision", "verdict", "ratio", "p_value", "reason"
     ]
-    assert len(verdicts) == 13
+    assert len(verdicts) == 13  # other_fingerprint, left out of the candidate, is MISSING
     by_key = verdicts.set_index("task_key")
     assert by_key.loc["missing", "ratio"] == ""  # NaN is written as an empty cell
     assert float(by_key.loc["regressed", "ratio"]) == pytest.approx(1.5)
@@ -360,3 +370,109 @@ def test_reports_never_import_torch():
             else:
                 continue
             assert not any(name.split(".")[0] == "torch" for name in names), source
+
+
+# Fingerprint facts as env.json records them (bench.run.devices.fingerprint_facts), for two hosts
+# of one brand string that differ in L3 size, and a timing policy that differs too.
+HOST_FACTS = {
+    "cpu_model": "Intel(R) Xeon(R) Processor", "cpu_vendor": "GenuineIntel", "cpu_family": "6",
+    "cpu_model_number": "143", "cpu_stepping": "8", "l1d_bytes": 49152, "l2_bytes": 2097152,
+    "l3_bytes": 105 * 2**20, "logical_cpus": 2, "physical_cores": 1, "memory_total_gib": 24,
+    "torch_version": "2.13.0+cpu", "device": "cpu", "device_name": "Intel(R) Xeon(R) Processor",
+    "isa": "native", "threads": 1,
+    "timing_policy": {"max_run_time_s": 5.0, "min_run_time_s": 0.3, "min_samples": 10,
+                      "warmup_calls": 2},
+}
+
+
+def _run_with_facts(directory: Path, fingerprint: str, facts: dict) -> Path:
+    """CLEAN_RUN's rows under another fingerprint, with env.json recording its facts."""
+    directory.mkdir()
+    text = (CLEAN_RUN / "results.csv").read_text().replace("fp-a1b2c3", fingerprint)
+    (directory / "results.csv").write_text(text)
+    (directory / "env.json").write_text(json.dumps({"fingerprint_facts": {fingerprint: facts}}))
+    return directory
+
+
+def _other_host_facts() -> dict:
+    return {**HOST_FACTS, "l3_bytes": 480 * 2**20,
+            "timing_policy": {**HOST_FACTS["timing_policy"], "min_run_time_s": 0.5}}
+
+
+def test_different_fingerprints_are_not_compared_and_the_differing_facts_are_named(
+        tmp_path, capsys):
+    baseline = _run_with_facts(tmp_path / "base", "fp-host-a", HOST_FACTS)
+    candidate = _run_with_facts(tmp_path / "cand", "fp-host-b", _other_host_facts())
+    # The candidate's samples equal the baseline's: a comparison would say UNCHANGED, exit 0.
+    assert run_check(baseline, candidate, out_dir=tmp_path) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1
+    assert captured.err.startswith("check: cannot compare: NOT_COMPARABLE")
+    assert "fp-host-a vs fp-host-b" in captured.err
+    assert "l3: 105 MiB vs 480 MiB" in captured.err
+    assert "timing_policy.min_run_time_s: 0.3 vs 0.5" in captured.err
+    assert "cpu_vendor" not in captured.err and "l2:" not in captured.err  # only what differs
+    assert not (tmp_path / "verdicts.csv").exists()
+
+
+def test_mixed_fingerprint_candidate_is_not_compared(capsys, tmp_path):
+    # The fixture candidate holds one row from fingerprint fp-ffff00 among fp-a1b2c3 rows.
+    assert run_check(BASELINE_RUN, CANDIDATE_RUN, out_dir=tmp_path) == 2
+    err = capsys.readouterr().err
+    assert "fp-a1b2c3 vs fp-ffff00" in err and "record no fingerprint facts" in err
+
+
+def test_same_fingerprint_is_still_compared(tmp_path):
+    baseline = _run_with_facts(tmp_path / "base", "fp-host-a", HOST_FACTS)
+    candidate = _run_with_facts(tmp_path / "cand", "fp-host-a", HOST_FACTS)
+    assert run_check(baseline, candidate, out_dir=tmp_path) == 0
+
+
+def test_per_row_reason_lists_the_facts():
+    rows = load_results(CLEAN_RUN)
+    other = [ResultRow(**{**row.__dict__, "fingerprint": "fp-b"}) for row in rows]
+    verdicts = compare_rows(rows, other, baseline_facts={"fp-a1b2c3": HOST_FACTS},
+                            candidate_facts={"fp-b": _other_host_facts()})
+    assert {v.verdict for v in verdicts} == {"NOT_COMPARABLE"}
+    assert "l3: 105 MiB vs 480 MiB" in verdicts[0].reason
+
+
+def test_update_baseline_stores_the_facts_beside_it_and_check_reads_them(tmp_path, capsys):
+    recorded = _run_with_facts(tmp_path / "base", "fp-host-a", HOST_FACTS)
+    stored = update_baseline(recorded, root=tmp_path / "baselines")
+    sidecar = tmp_path / "baselines" / "fp-host-a.facts.json"
+    assert json.loads(sidecar.read_text()) == {"fingerprint_facts": {"fp-host-a": HOST_FACTS}}
+    candidate = _run_with_facts(tmp_path / "cand", "fp-host-b", _other_host_facts())
+    assert run_check(stored, candidate, out_dir=tmp_path) == 2
+    assert "l3: 105 MiB vs 480 MiB" in capsys.readouterr().err
+
+
+def test_update_baseline_without_facts_removes_a_stale_sidecar(tmp_path):
+    root = tmp_path / "baselines"
+    root.mkdir()
+    (root / "fp-a1b2c3.facts.json").write_text('{"fingerprint_facts": {"fp-a1b2c3": {}}}')
+    update_baseline(CLEAN_RUN, root=root)
+    assert not (root / "fp-a1b2c3.facts.json").exists()
+
+
+def test_ci_without_a_baseline_for_this_host_passes_with_a_note_naming_stored_ones(
+        tmp_path, capsys):
+    root = tmp_path / "baselines"
+    update_baseline(_run_with_facts(tmp_path / "base", "fp-host-a", HOST_FACTS), root=root)
+    candidate = _run_with_facts(tmp_path / "cand", "fp-host-b", _other_host_facts())
+    assert run_check(None, candidate, out_dir=tmp_path, baselines_root=root,
+                     missing_baseline_ok=True) == 0
+    output = capsys.readouterr().out
+    assert output.startswith("check: skipped: no baseline for fingerprint fp-host-b")
+    assert "fp-host-a (l3: 105 MiB vs 480 MiB" in output
+    # Without the CI flag the same situation cannot compare.
+    assert run_check(None, candidate, out_dir=tmp_path, baselines_root=root) == 2
+
+
+def test_unreadable_facts_file_is_a_one_line_error(tmp_path, capsys):
+    baseline = _run_with_facts(tmp_path / "base", "fp-host-a", HOST_FACTS)
+    candidate = _run_with_facts(tmp_path / "cand", "fp-host-b", HOST_FACTS)
+    (candidate / "env.json").write_text("{not json")
+    assert run_check(baseline, candidate, out_dir=tmp_path) == 2
+    err = capsys.readouterr().err
+    assert "unreadable fingerprint facts" in err and err.count("\n") == 1

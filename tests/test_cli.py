@@ -122,7 +122,7 @@ def _main(capsys, *arguments: str) -> tuple[int, str]:
 @pytest.fixture
 def no_sweep(monkeypatch):
     """Make reaching the sweep itself (or any table allocation) fail the test."""
-    import bench.ops.common
+    import bench.embeddings
     import bench.run.execute
     import bench.run.sweep
 
@@ -131,7 +131,7 @@ def no_sweep(monkeypatch):
 
     monkeypatch.setattr(bench.run.execute, "execute", forbidden)
     monkeypatch.setattr(bench.run.sweep, "run_tasks", forbidden)
-    monkeypatch.setattr(bench.ops.common, "_cached_weight", forbidden)
+    monkeypatch.setattr(bench.embeddings, "_cached_weight", forbidden)
 
 
 @pytest.mark.parametrize("name", list(ERROR_CASES))

@@ -154,7 +154,7 @@ def test_records_and_the_check_command_load_no_torch(tmp_path):
         code = main(["check", "--baseline", {str(FIXTURES / 'baseline_run')!r},
                      "--candidate", {str(FIXTURES / 'candidate_run')!r},
                      "--out-dir", {str(tmp_path / 'verdicts')!r}])
-        assert code in (0, 1), code
+        assert code in (0, 1, 2), code  # any verdict: the point is what got imported
     """)
     assert not _loads_torch(code)
     assert _loads_torch("import bench.run.timing")  # the probe itself can tell

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -237,6 +238,13 @@ def gpu_facts() -> dict:
         pynvml.nvmlShutdown()
 
 
+def effective_clock() -> dict:
+    """The spin-loop clock estimate (bench.run.clock); a reason instead where it cannot run."""
+    from bench.run.clock import effective_clock as measure_clock
+
+    return measure_clock()
+
+
 def host_facts() -> dict:
     """Everything env.json records about this machine and its software."""
     import psutil
@@ -245,6 +253,7 @@ def host_facts() -> dict:
     memory = psutil.virtual_memory()
     return {
         "cpu_model": cpu_model(),
+        **cpu_identity(),
         "cpu_arch": info.get("arch_string_raw", platform.machine()),
         "cpu_flags": sorted(cpu_flags()),
         "logical_cpus": psutil.cpu_count(logical=True),
@@ -258,6 +267,8 @@ def host_facts() -> dict:
         **library_versions(),
         "git_commit": git_commit(),
         "gpu": gpu_facts(),
+        # The clock the run saw, to judge measured peaks against (bench/clock.py).
+        "effective_clock": effective_clock(),
     }
 
 
@@ -270,16 +281,91 @@ def device_name(device: str) -> str:
     return cpu_model()
 
 
-def fingerprint(device: str, isa: str, threads: int) -> str:
-    """Short hash of what makes timings comparable: hardware, ISA level, threads, software."""
-    identity = {
-        "device_name": device_name(device),
+_CPUINFO_IDENTITY_FIELDS = {"vendor_id": "cpu_vendor", "cpu family": "cpu_family",
+                            "model": "cpu_model_number", "stepping": "cpu_stepping"}
+
+
+def parse_cpu_identity(cpuinfo_text: str) -> dict[str, str]:
+    """Vendor, family, model number and stepping of the first processor in /proc/cpuinfo text."""
+    identity: dict[str, str] = {}
+    for line in cpuinfo_text.split("\n\n")[0].splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in _CPUINFO_IDENTITY_FIELDS:
+            identity[_CPUINFO_IDENTITY_FIELDS[key.strip()]] = value.strip()
+    return identity
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_identity() -> dict[str, str]:
+    """Vendor, family, model number and stepping of CPU 0 (/proc/cpuinfo, else py-cpuinfo)."""
+    # The brand string alone ("Intel(R) Xeon(R) Processor" in some VMs) names several parts.
+    try:
+        identity = parse_cpu_identity(Path("/proc/cpuinfo").read_text())
+    except OSError:
+        identity = {}
+    if len(identity) < len(_CPUINFO_IDENTITY_FIELDS):  # not Linux/x86: py-cpuinfo's spelling
+        info = cpu_info()
+        for source, name in (("vendor_id_raw", "cpu_vendor"), ("family", "cpu_family"),
+                             ("model", "cpu_model_number"), ("stepping", "cpu_stepping")):
+            identity.setdefault(name, str(info.get(source, "unknown")))
+    return identity
+
+
+@functools.lru_cache(maxsize=1)
+def _host_speed_facts() -> dict:
+    """The host facts that decide speed and do not change while a machine runs."""
+    import psutil
+
+    return {
+        "cpu_model": cpu_model(),
+        **cpu_identity(),
+        # A missing level stays None, so two hosts that both lack it still agree.
+        **{name: cache_sizes().get(name) for name in ("l1d_bytes", "l2_bytes", "l3_bytes")},
+        "logical_cpus": psutil.cpu_count(logical=True),
+        "physical_cores": psutil.cpu_count(logical=False),
+        # Whole GiB: the kernel's reserved memory moves MemTotal by a few MiB between boots.
+        "memory_total_gib": round(psutil.virtual_memory().total / (1 << 30)),
+        "torch_version": library_versions()["torch_version"],
+    }
+
+
+def _policy_fields(policy) -> Optional[dict]:
+    """A TimingPolicy (or its dict) as a plain dict; None when no policy is given."""
+    if policy is None:
+        return None
+    fields = dataclasses.asdict(policy) if dataclasses.is_dataclass(policy) else dict(policy)
+    return {name: fields[name] for name in sorted(fields)}
+
+
+def fingerprint_facts(device: str, isa: str, threads: int, policy=None) -> dict:
+    """What makes timings comparable: the host's speed facts, device, ISA, threads, policy."""
+    return {
+        **_host_speed_facts(),
         "device": device.split(":")[0],
+        "device_name": device_name(device),
         "isa": isa,
         "threads": threads,
-        "torch": library_versions()["torch_version"],
+        "timing_policy": _policy_fields(policy),
     }
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def fingerprint_of_facts(facts: dict) -> str:
+    """Short hash of a fingerprint_facts dict."""
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def fingerprint(device: str, isa: str, threads: int, policy=None) -> str:
+    """Short hash of fingerprint_facts; rows with equal fingerprints can be compared."""
+    return fingerprint_of_facts(fingerprint_facts(device, isa, threads, policy))
+
+
+def fingerprint_records(configurations, policy=None) -> dict[str, dict]:
+    """{fingerprint: facts} for (device, isa, threads) triples, as env.json records them."""
+    records = {}
+    for device, isa, threads in sorted(set(configurations)):
+        facts = fingerprint_facts(device, isa, threads, policy)
+        records[fingerprint_of_facts(facts)] = facts
+    return records
 
 
 def available_memory_bytes() -> int:

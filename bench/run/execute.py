@@ -47,10 +47,16 @@ def execute(args, argv, planned, directory: Path, run_id: str, resuming: bool, p
     done = sweep.completed_keys(results_path) if resuming else set()
     if not resuming:
         write_json(directory / "args.json", {"argv": argv, "run_id": run_id,
-                                              "timing_policy": policy.__dict__,
+                                             "timing_policy": policy.__dict__,
                                              "op_facts": registry.facts()})
+        # The facts behind every fingerprint of the run, so that the checker can say which
+        # facts differ when two runs' fingerprints do.
+        configurations = {(item.task.device, item.task.isa, item.task.threads)
+                          for item in planned}
         write_json(directory / "env.json", {"run_id": run_id, **devices.host_facts(),
-                                             "perf_counters": devices.perf_counter_support()})
+                                            "perf_counters": devices.perf_counter_support(),
+                                            "fingerprint_facts": devices.fingerprint_records(
+                                                configurations, policy)})
     pending = [item for item in planned if item.task.key() not in done]
     if resuming:
         print(f"resuming {directory}: {len(planned) - len(pending)} of {len(planned)} "
@@ -60,7 +66,7 @@ def execute(args, argv, planned, directory: Path, run_id: str, resuming: bool, p
         try:
             for item in pending:
                 if item.skip_reason:
-                    row = skipped_row(item.task, run_id, item.skip_reason)
+                    row = skipped_row(item.task, run_id, item.skip_reason, policy)
                     writer.write(row)
                     progress.advance(row)
             runnable = [item.task for item in pending if not item.skip_reason]

@@ -254,7 +254,7 @@ def _run_once(batch: list[Task], run_id: str, policy: TimingPolicy, log_path: Pa
         # blames the first task not yet finished.
         failed = index if index >= 0 and index not in finished else next(
             position for position in range(len(batch)) if position not in finished)
-        row = base_row(batch[failed], run_id)
+        row = base_row(batch[failed], run_id, policy=policy)
         row.status, row.error = STATUS_ERROR, reason
         record(failed, row)
         return [task for position, task in enumerate(batch) if position not in finished]

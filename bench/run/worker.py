@@ -22,7 +22,8 @@ from bench.records import STATUS_ERROR, STATUS_OK, STATUS_SKIPPED, ResultRow, du
 from bench.run.tasks import Task
 
 
-def base_row(task: Task, run_id: str, isa_effective: str = "") -> ResultRow:
+def base_row(task: Task, run_id: str, isa_effective: str = "",
+             policy: timing.TimingPolicy | None = None) -> ResultRow:
     """The identifying columns of a task's row, before any measurement."""
     implementation = registry.impls(task.op)[task.impl]
     return ResultRow(
@@ -31,14 +32,15 @@ def base_row(task: Task, run_id: str, isa_effective: str = "") -> ResultRow:
         workload=task.workload.name, params=dumps_compact(task.variant), device=task.device,
         device_name=devices.device_name(task.device), isa=task.isa, isa_effective=isa_effective,
         threads=task.threads, precision=task.precision, batch_size=task.workload.batch_size,
-        fingerprint=devices.fingerprint(task.device, task.isa, task.threads),
+        fingerprint=devices.fingerprint(task.device, task.isa, task.threads, policy),
         timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
 
 
-def skipped_row(task: Task, run_id: str, reason: str) -> ResultRow:
+def skipped_row(task: Task, run_id: str, reason: str,
+                policy: timing.TimingPolicy | None = None) -> ResultRow:
     """A row for a combination that cannot run, with the reason."""
-    row = base_row(task, run_id)
+    row = base_row(task, run_id, policy=policy)
     row.status, row.error = STATUS_SKIPPED, reason
     return row
 
@@ -116,7 +118,7 @@ def _record_timing(row: ResultRow, prepared: Prepared, summary, observed, calls:
 def run_task(task: Task, run_id: str, policy: timing.TimingPolicy,
              isa_effective: str = "") -> ResultRow:
     """Build, check against float64, then time one task; never raises for the task's faults."""
-    row = base_row(task, run_id, isa_effective)
+    row = base_row(task, run_id, isa_effective, policy)
     implementation = registry.impls(task.op)[task.impl]
     device = torch.device(task.device)
     context = BuildContext(workload=task.workload, variant=task.variant, precision=task.precision,
@@ -150,6 +152,9 @@ def run_task(task: Task, run_id: str, policy: timing.TimingPolicy,
     mismatch = isa_probe.isa_mismatch(task.isa, isa_effective)
     if mismatch:
         metrics["isa_mismatch"] = mismatch
+    unverified = isa_probe.unverified_libraries(isa_effective)
+    if unverified:
+        metrics["isa_unverified"] = ", ".join(unverified)
     row.metrics = dumps_compact(metrics)
     row.status = STATUS_OK
     return row
@@ -203,7 +208,7 @@ def main(argv=None) -> int:
         try:
             row = run_task(task, args.run_id, policy, isa_effective)
         except Exception:  # a harness bug: report it as this task's error and go on
-            row = _fail(base_row(task, args.run_id, isa_effective),
+            row = _fail(base_row(task, args.run_id, isa_effective, policy),
                         "worker error: " + traceback.format_exc(limit=3))
         events.send(event="row", index=index, row=row.__dict__)
     events.send(event="done")
