@@ -18,8 +18,8 @@ from bench.ops.common import (BYTES_PER_VALUE, FLOAT_DTYPES, INDEX_BYTES,
                               cycling, rotation_metrics, rotation_plan)
 from bench.ops.fc import at_precision, input_dtype, stored_weight_bytes
 from bench.registry import BuildContext, Op, Prepared, Unsupported, impl, register_op
-from bench.teacher import LabelledBatch, calibrate, evaluation_set, label_batches, teacher_model
-from workloads.generators import make_batch
+from bench.teacher import LabelledBatch, calibrate, evaluation_set, teacher_model
+from workloads.generators import Batch, TableBatch, label_stream, make_batch
 
 # Quantized whole-model inference compounds int8 activation rounding over every layer; these
 # bounds on the logits' relative error still catch a broken kernel (which gives about 1).
@@ -30,6 +30,7 @@ TRAIN_BATCH_INDEX = 0
 # The other rotating batches are drawn from batch_index 1000 on: clear of the TT warm-up
 # batches (1-4), the calibration batch (10,000) and the evaluation set (20,000 on).
 ROTATION_FIRST_BATCH = 1000
+LABEL_CHUNK_SAMPLES = 16384  # samples per teacher forward when labelling rotating batches
 
 TT_WARM_UP_BATCHES = 4  # batches whose row counts populate the TT-Rec LFU caches
 
@@ -164,10 +165,11 @@ def model_rotation_plan(workload, precision: str) -> dict:
     """How many distinct whole-model batches to cycle through (see common.rotation_plan)."""
     lookups = workload.batch_size * sum(table.pooling.mean for table in workload.tables)
     row_bytes = workload.dim * BYTES_PER_VALUE[precision] + ROW_OVERHEAD_BYTES.get(precision, 0)
-    # A rotating batch holds int64 indices and offsets, fp32 dense features and fp32 labels.
+    # A rotating batch holds int64 indices and offsets, fp32 per-sample weights and dense
+    # features, and fp32 labels with float64 probabilities.
     batch = workload.batch_size
-    memory = (lookups + batch * len(workload.tables)) * INDEX_BYTES + batch * (
-        workload.num_dense + 1) * 4
+    memory = (lookups * (INDEX_BYTES + 4) + batch * len(workload.tables) * INDEX_BYTES
+              + batch * (workload.num_dense * 4 + 12))
     maximum = MAX_ROTATION_MODEL_BATCHES
     if workload.data_path:
         # A data file wraps around: batches beyond its length repeat earlier samples.
@@ -188,12 +190,42 @@ def rotating_batches(workload, seed: int, parts: int) -> tuple:
     return tuple(make_batch(workload, seed, index) for index in rotation_batch_indices(parts))
 
 
+def concatenate_batches(batches) -> Batch:
+    """Batches side by side as one (offsets shifted), so one forward serves them all."""
+    tables = []
+    for position in range(len(batches[0].tables)):
+        parts = [batch.tables[position] for batch in batches]
+        starts = np.cumsum([0] + [len(part.indices) for part in parts[:-1]])
+        tables.append(TableBatch(
+            indices=np.concatenate([part.indices for part in parts]),
+            offsets=np.concatenate([part.offsets + start for part, start in zip(parts, starts)]),
+            weights=np.concatenate([part.weights for part in parts])))
+    return Batch(dense=np.concatenate([batch.dense for batch in batches]), tables=tables)
+
+
 @functools.lru_cache(maxsize=2)
 def rotating_labelled_batches(workload, seed: int, parts: int) -> tuple[LabelledBatch, ...]:
-    """The distinct teacher-labelled batches training cycles through (cached per worker)."""
+    """The distinct teacher-labelled batches training cycles through (cached per worker).
+
+    Labels are drawn as teacher.label_batches draws them, but the teacher's forward runs over
+    several batches at once: one forward per batch made building a rotation slow."""
     teacher = teacher_model(workload, seed)
-    return tuple(label_batches(teacher, workload, seed, rotation_batch_indices(parts),
-                               workload.batch_size))
+    batches = rotating_batches(workload, seed, parts)
+    per_forward = max(1, LABEL_CHUNK_SAMPLES // workload.batch_size)
+    probabilities = []
+    for start in range(0, len(batches), per_forward):
+        chunk = batches[start:start + per_forward]
+        with torch.no_grad():
+            logits = teacher(*batch_tensors(concatenate_batches(chunk),
+                                            torch.device("cpu"))).double()
+        probabilities.extend(np.split(torch.sigmoid(logits).numpy(), len(chunk)))
+    labelled = []
+    for batch_index, batch, batch_probabilities in zip(rotation_batch_indices(parts), batches,
+                                                       probabilities):
+        draws = label_stream(seed, batch_index).random(len(batch_probabilities))
+        labelled.append(LabelledBatch(batch, batch_probabilities,
+                                      (draws < batch_probabilities).astype(np.float32)))
+    return tuple(labelled)
 
 
 def _mean_lookups_per_table(batches_tensors) -> list[float]:
