@@ -197,13 +197,24 @@ def available_memory_bytes() -> int:
     return int(psutil.virtual_memory().available)
 
 
+def _power_of_two_at_least(value: float) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(value, 1.0))))
+
+
+def _power_of_two_at_most(value: float) -> int:
+    return 1 << max(0, math.floor(math.log2(max(value, 1.0))))
+
+
 def beyond_cache_bytes(buffers: int = 1) -> int:
-    """Bytes of traffic (or of a probe buffer) that no cache level of this host holds: at least
-    ROTATION_LLC_MULTIPLE x the LLC, cut to what `buffers` such buffers leave of memory."""
+    """A probe buffer size no cache level of this host holds: the power of two at or above
+    ROTATION_LLC_MULTIPLE x the LLC, unless `buffers` of them would take more than
+    MAX_MEMORY_FRACTION of the available memory (then the largest power of two that fits).
+    Powers of two keep the size, a row parameter, the same from run to run."""
     llc_bytes, _ = last_level_cache()
-    wanted = max(ROTATION_LLC_MULTIPLE * llc_bytes, MIN_ROTATION_TARGET_BYTES)
-    affordable = int(available_memory_bytes() * MAX_MEMORY_FRACTION / max(buffers, 1))
-    return int(max(1, min(wanted, affordable)))
+    wanted = _power_of_two_at_least(max(ROTATION_LLC_MULTIPLE * llc_bytes,
+                                        MIN_ROTATION_TARGET_BYTES))
+    affordable = available_memory_bytes() * MAX_MEMORY_FRACTION / max(buffers, 1)
+    return wanted if wanted <= affordable else _power_of_two_at_most(affordable)
 
 
 def rotation_target() -> dict:
@@ -215,9 +226,10 @@ def rotation_target() -> dict:
 
 
 def rotation_plan(bytes_per_call: float, memory_per_call: float,
-                  max_batches: int = MAX_ROTATION_BATCHES) -> dict:
+                  max_batches: Optional[int] = None) -> dict:
     """How many distinct batches to cycle through, and whether the caps left it short of the
     target: {"rotation_batches", "rotation_bytes", "rotation_short_of_target", ...}."""
+    max_batches = MAX_ROTATION_BATCHES if max_batches is None else max_batches
     target = rotation_target()
     wanted = math.ceil(target["rotation_target_bytes"] / max(bytes_per_call, 1.0))
     memory_budget = min(MAX_ROTATION_INDEX_BYTES,

@@ -13,9 +13,9 @@ from torch import nn
 from bench import quality
 from bench.model import (DLRM, batch_tensors, build_dlrm, flatten_tables, flops_per_sample,
                          parameter_bytes, row_starts_of)
-from bench.ops.common import (BYTES_PER_VALUE, FLOAT_DTYPES, INDEX_BYTES,
-                              MAX_ROTATION_MODEL_BATCHES, ROW_OVERHEAD_BYTES, PooledTable,
-                              cycling, rotation_metrics, rotation_plan)
+from bench.ops import common
+from bench.ops.common import (BYTES_PER_VALUE, FLOAT_DTYPES, INDEX_BYTES, ROW_OVERHEAD_BYTES,
+                              PooledTable, cycling, rotation_metrics, rotation_plan)
 from bench.ops.fc import at_precision, input_dtype, stored_weight_bytes
 from bench.registry import BuildContext, Op, Prepared, Unsupported, impl, register_op
 from bench.teacher import LabelledBatch, calibrate, evaluation_set, teacher_model
@@ -170,7 +170,7 @@ def model_rotation_plan(workload, precision: str) -> dict:
     batch = workload.batch_size
     memory = (lookups * (INDEX_BYTES + 4) + batch * len(workload.tables) * INDEX_BYTES
               + batch * (workload.num_dense * 4 + 12))
-    maximum = MAX_ROTATION_MODEL_BATCHES
+    maximum = common.MAX_ROTATION_MODEL_BATCHES
     if workload.data_path:
         # A data file wraps around: batches beyond its length repeat earlier samples.
         from workloads.criteo_workload import load
