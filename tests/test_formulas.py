@@ -392,3 +392,28 @@ def test_sls_rotation_covers_four_llcs(monkeypatch):
     assert prepared.metrics["rotation_short_of_target"] is False
     assert prepared.metrics["rotation_bytes"] >= 4 * (64 << 10)
     assert prepared.params["rotation_batches"] == len(_rotating_calls(prepared))
+
+
+def test_dlrm_infer_with_tt_tables_counts_tt_gathers(few_rotations):
+    workload = tiny_workload(rows=(300, 120, 4096), pooling=PoolingDistribution("fixed", 8.0),
+                             distribution=ZIPF, batch_size=64)
+    prepared = _build("dlrm_infer", "batched", workload, {"tt_tables": 1, "tt_rank": 4}, "fp32")
+    calls = _rotating_calls(prepared)
+    model = next(value for value in _closure_values(calls[0].func)
+                 if isinstance(value, torch.nn.Module))
+    (module,), (tt_position,) = model.embeddings.tt, model.embeddings.tt_positions
+    weights = sum(_state_dict_weight_bytes(part) for part in
+                  (model.bottom, model.interaction, model.top))
+    counted_bytes = counted_flops = 0.0
+    for call in calls:
+        dense, indices, offsets = call.args
+        with FlopCounterMode(display=False) as counter, _Touches(module) as touches:
+            logits = call()
+        dense_rows = sum(part.numel() for position, part in enumerate(indices)
+                         if position != tt_position) * workload.dim * 4
+        counted_bytes += (weights + dense.nbytes + _nbytes(indices) + _nbytes(offsets)
+                          + dense_rows + touches.gathered + logits.nbytes)
+        counted_flops += counter.get_total_flops() + sum(part.numel() for part in indices) * (
+            workload.dim)
+    assert _matches(prepared.bytes_moved, counted_bytes / len(calls))
+    assert _matches(prepared.flops, counted_flops / len(calls))
