@@ -203,7 +203,7 @@ def concatenate_batches(batches) -> Batch:
     return Batch(dense=np.concatenate([batch.dense for batch in batches]), tables=tables)
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=1)
 def rotating_labelled_batches(workload, seed: int, parts: int) -> tuple[LabelledBatch, ...]:
     """The distinct teacher-labelled batches training cycles through (cached per worker).
 
