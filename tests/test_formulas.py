@@ -377,12 +377,16 @@ def test_rotation_and_probe_exceed_four_llcs(monkeypatch):
     plan = common.rotation_plan(bytes_per_call=4 << 20, memory_per_call=1 << 10)
     assert plan["rotation_bytes"] >= 4 * (480 << 20)
     assert plan["rotation_short_of_target"] is False
+    # Big batches meet the cap on the memory rotating inputs may take; the row says so.
+    capped = common.rotation_plan(bytes_per_call=4 << 20, memory_per_call=4 << 20)
+    assert capped["rotation_short_of_target"] is True
+    assert capped["rotation_limited_by"] == "input memory cap"
     # With little memory the probe shrinks and the rotation says it is short, and why.
-    monkeypatch.setattr(common, "available_memory_bytes", lambda: 1 << 30)
-    assert common.beyond_cache_bytes(buffers=2) == 128 << 20
+    monkeypatch.setattr(common, "available_memory_bytes", lambda: 512 << 20)
+    assert common.beyond_cache_bytes(buffers=2) == 64 << 20
     short = common.rotation_plan(bytes_per_call=4 << 20, memory_per_call=1 << 20)
     assert short["rotation_short_of_target"] is True
-    assert short["rotation_limited_by"] == "memory"
+    assert short["rotation_limited_by"] == "available memory"
 
 
 def test_sls_rotation_covers_four_llcs(monkeypatch):

@@ -232,16 +232,19 @@ def rotation_plan(bytes_per_call: float, memory_per_call: float,
     max_batches = MAX_ROTATION_BATCHES if max_batches is None else max_batches
     target = rotation_target()
     wanted = math.ceil(target["rotation_target_bytes"] / max(bytes_per_call, 1.0))
-    memory_budget = min(MAX_ROTATION_INDEX_BYTES,
-                        available_memory_bytes() * MAX_MEMORY_FRACTION)
-    by_memory = int(memory_budget // max(memory_per_call, 1.0))
+    affordable = available_memory_bytes() * MAX_MEMORY_FRACTION
+    by_memory = int(min(MAX_ROTATION_INDEX_BYTES, affordable) // max(memory_per_call, 1.0))
     count = int(max(1, min(wanted, max_batches, by_memory)))
     plan = {**target, "rotation_batches": count,
             "rotation_bytes": int(count * bytes_per_call),
             "rotation_short_of_target": count < wanted}
     if count < wanted:
-        plan["rotation_limited_by"] = ("memory" if by_memory < min(wanted, max_batches)
-                                       else "batch cap")
+        if by_memory >= min(wanted, max_batches):
+            plan["rotation_limited_by"] = "batch cap"
+        elif affordable < MAX_ROTATION_INDEX_BYTES:
+            plan["rotation_limited_by"] = "available memory"
+        else:
+            plan["rotation_limited_by"] = "input memory cap"
     return plan
 
 
