@@ -179,15 +179,19 @@ def model_rotation_plan(workload, precision: str) -> dict:
     return rotation_plan(lookups * row_bytes, memory, maximum)
 
 
-def rotation_batch_indices(parts: int) -> list[int]:
-    """batch_index of each rotating batch: the checked batch first."""
+def rotation_batch_indices(parts: int, workload=None) -> list[int]:
+    """batch_index of each rotating batch: the checked batch first. A data file's batch k is
+    its samples from k x batch_size on, wrapping: consecutive ones are the distinct ones."""
+    if workload is not None and workload.data_path:
+        return list(range(TRAIN_BATCH_INDEX, TRAIN_BATCH_INDEX + parts))
     return [TRAIN_BATCH_INDEX] + list(range(ROTATION_FIRST_BATCH, ROTATION_FIRST_BATCH + parts - 1))
 
 
 @functools.lru_cache(maxsize=2)
 def rotating_batches(workload, seed: int, parts: int) -> tuple:
     """The distinct batches whole-model inference cycles through (cached per worker)."""
-    return tuple(make_batch(workload, seed, index) for index in rotation_batch_indices(parts))
+    return tuple(make_batch(workload, seed, index)
+                 for index in rotation_batch_indices(parts, workload))
 
 
 def concatenate_batches(batches) -> Batch:
@@ -220,8 +224,8 @@ def rotating_labelled_batches(workload, seed: int, parts: int) -> tuple[Labelled
                                             torch.device("cpu"))).double()
         probabilities.extend(np.split(torch.sigmoid(logits).numpy(), len(chunk)))
     labelled = []
-    for batch_index, batch, batch_probabilities in zip(rotation_batch_indices(parts), batches,
-                                                       probabilities):
+    indices = rotation_batch_indices(parts, workload)
+    for batch_index, batch, batch_probabilities in zip(indices, batches, probabilities):
         draws = label_stream(seed, batch_index).random(len(batch_probabilities))
         labelled.append(LabelledBatch(batch, batch_probabilities,
                                       (draws < batch_probabilities).astype(np.float32)))
