@@ -230,7 +230,7 @@ def test_fc_formulas(layer, widths):
     pairs = list(zip(widths, widths[1:]))
     assert prepared.params["widths"] == list(widths)
     assert prepared.flops == 2 * 64 * sum(a * b for a, b in pairs)
-    weights = sum(a * b for a, b in pairs)
+    weights = sum(a * b + b for a, b in pairs)  # weights and biases
     assert prepared.bytes_moved == weights * 4 + 64 * sum(widths) * 4
     assert tuple(prepared.run().shape) == (64, widths[-1])
 

@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import torch
 
-from bench.ops.common import BYTES_PER_VALUE, FLOAT_DTYPES
+from bench.ops.common import BYTES_PER_VALUE, FLOAT_DTYPES, beyond_cache_bytes
 from bench.registry import BuildContext, Op, Prepared, Unsupported, impl, register_op
 
 # Buffer sizes spanning L1, L2, the last-level cache and DRAM on the machines we know
 # (48 KiB L1d, 2 MiB L2, an effective LLC of 64-80 MB): each level gets a size inside it.
-MEMBW_SIZES = (16 << 10, 1 << 20, 16 << 20, 512 << 20)
+# The DRAM size comes from this host's LLC (common.beyond_cache_bytes): a fixed 512 MiB was
+# only 1.07x a 480 MiB L3.
+MEMBW_SIZES = (16 << 10, 1 << 20, 16 << 20)
 # 1024^3 multiply-adds: near peak for MKL and oneDNN, and still affordable (about 7 s a call)
 # at ISA levels where bf16 falls back to a scalar path (0.3 GFLOP/s at avx2 here).
 GEMM_SIZE = 1024
 
 
 def _membw_variants(workload, options) -> list[dict]:
-    return [{"bytes": size} for size in (options.get("membw_sizes") or MEMBW_SIZES)]
+    # Copy holds a source and a destination buffer of the size.
+    sizes = options.get("membw_sizes") or MEMBW_SIZES + (beyond_cache_bytes(buffers=2),)
+    return [{"bytes": size} for size in sizes]
 
 
 register_op(Op("membw", "memory bandwidth probe (STREAM-style copy and read) by buffer size",

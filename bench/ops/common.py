@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -91,6 +93,12 @@ def lookup_bytes(lookups: int, bags: int, dim: int, bytes_per_row: float, out_by
             + bags * (INDEX_BYTES + dim * out_bytes))
 
 
+def mean_lookups(batches_indices) -> float:
+    """Mean lookups per call over the batches a closure cycles through."""
+    counts = [indices.numel() for indices in batches_indices]
+    return sum(counts) / len(counts)
+
+
 def relative_error(actual, expected) -> float:
     """Relative L2 error against a float64 expected value; the worst part for tuples."""
     if isinstance(expected, (tuple, list)):
@@ -109,26 +117,132 @@ def relative_error(actual, expected) -> float:
 
 
 # Timing calls a closure over and over. Replaying one batch would keep its rows cached and
-# report cache bandwidth for a table far larger than the cache, so lookup ops cycle through
-# distinct batches whose rows together exceed any last-level cache seen (about 100 MiB).
-ROTATION_TARGET_BYTES = 512 << 20
+# report cache bandwidth for a table far larger than the cache, so ops cycle through distinct
+# batches whose looked-up rows together exceed this host's last-level cache several times over.
+ROTATION_LLC_MULTIPLE = 4
+# Never below the fixed target this suite used before sizing from the host: sysfs in a VM can
+# under-report, and non-inclusive L2s add to what the LLC alone holds.
+MIN_ROTATION_TARGET_BYTES = 512 << 20
+# Where sysfs says nothing: the largest LLC reported on the project's machines (480 MiB).
+FALLBACK_LLC_BYTES = 480 << 20
+CACHE_SYSFS = Path("/sys/devices/system/cpu/cpu0/cache")
+# Rotating inputs and probe buffers may take at most this share of the memory available.
+MAX_MEMORY_FRACTION = 0.25
 MAX_ROTATION_BATCHES = 1024
 MAX_ROTATION_INDEX_BYTES = 256 << 20  # bound the memory the rotating indices take
+# Whole-model batches are generated (and, for training, teacher-labelled) one at a time.
+MAX_ROTATION_MODEL_BATCHES = 256
+
+
+def _size_bytes(text: str) -> int:
+    """A sysfs cache size such as "32768K" in bytes."""
+    text = text.strip()
+    multiplier = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:].upper(), 1)
+    return int(text.rstrip("KMGkmg")) * multiplier
+
+
+@functools.lru_cache(maxsize=4)
+def last_level_cache(sysfs: Path = CACHE_SYSFS) -> tuple[int, str]:
+    """(bytes, source) of the highest-level data or unified cache of cpu0, from sysfs."""
+    best_level, best_bytes = 0, 0
+    for index in sorted(sysfs.glob("index*")):
+        try:
+            if (index / "type").read_text().strip() == "Instruction":
+                continue
+            level = int((index / "level").read_text().strip())
+            size = _size_bytes((index / "size").read_text())
+        except (OSError, ValueError):
+            continue
+        if level > best_level or (level == best_level and size > best_bytes):
+            best_level, best_bytes = level, size
+    if best_bytes <= 0:
+        return FALLBACK_LLC_BYTES, "fallback"
+    return best_bytes, f"sysfs L{best_level}"
+
+
+def available_memory_bytes() -> int:
+    """Memory the OS can give now without swapping."""
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def _power_of_two_at_least(value: float) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(value, 1.0))))
+
+
+def _power_of_two_at_most(value: float) -> int:
+    return 1 << max(0, math.floor(math.log2(max(value, 1.0))))
+
+
+def beyond_cache_bytes(buffers: int = 1) -> int:
+    """A probe buffer size no cache level of this host holds: the power of two at or above
+    ROTATION_LLC_MULTIPLE x the LLC, unless `buffers` of them would take more than
+    MAX_MEMORY_FRACTION of the available memory (then the largest power of two that fits).
+    Powers of two keep the size, a row parameter, the same from run to run."""
+    llc_bytes, _ = last_level_cache()
+    wanted = _power_of_two_at_least(max(ROTATION_LLC_MULTIPLE * llc_bytes,
+                                        MIN_ROTATION_TARGET_BYTES))
+    affordable = available_memory_bytes() * MAX_MEMORY_FRACTION / max(buffers, 1)
+    return wanted if wanted <= affordable else _power_of_two_at_most(affordable)
+
+
+def rotation_target() -> dict:
+    """The rotation goal on this host and what it rests on (recorded in every rotating row)."""
+    llc_bytes, source = last_level_cache()
+    return {"llc_bytes": llc_bytes, "llc_source": source,
+            "rotation_target_bytes": max(ROTATION_LLC_MULTIPLE * llc_bytes,
+                                         MIN_ROTATION_TARGET_BYTES)}
+
+
+def rotation_plan(bytes_per_call: float, memory_per_call: float,
+                  max_batches: Optional[int] = None) -> dict:
+    """How many distinct batches to cycle through, and whether the caps left it short of the
+    target: {"rotation_batches", "rotation_bytes", "rotation_short_of_target", ...}."""
+    max_batches = MAX_ROTATION_BATCHES if max_batches is None else max_batches
+    target = rotation_target()
+    wanted = math.ceil(target["rotation_target_bytes"] / max(bytes_per_call, 1.0))
+    affordable = available_memory_bytes() * MAX_MEMORY_FRACTION
+    by_memory = int(min(MAX_ROTATION_INDEX_BYTES, affordable) // max(memory_per_call, 1.0))
+    count = int(max(1, min(wanted, max_batches, by_memory)))
+    plan = {**target, "rotation_batches": count,
+            "rotation_bytes": int(count * bytes_per_call),
+            "rotation_short_of_target": count < wanted}
+    if count < wanted:
+        if by_memory >= min(wanted, max_batches):
+            plan["rotation_limited_by"] = "batch cap"
+        elif affordable < MAX_ROTATION_INDEX_BYTES:
+            plan["rotation_limited_by"] = "available memory"
+        else:
+            plan["rotation_limited_by"] = "input memory cap"
+    return plan
 
 
 def rotation_count(bytes_per_call: float, lookups_per_call: int) -> int:
-    """How many distinct batches to cycle through."""
-    wanted = math.ceil(ROTATION_TARGET_BYTES / max(bytes_per_call, 1.0))
-    by_memory = MAX_ROTATION_INDEX_BYTES // max(lookups_per_call * (INDEX_BYTES + 4), 1)
-    return int(max(1, min(wanted, MAX_ROTATION_BATCHES, by_memory)))
+    """How many distinct batches a lookup op cycles through (see rotation_plan)."""
+    return rotation_plan(bytes_per_call, lookups_per_call * (INDEX_BYTES + 4))["rotation_batches"]
+
+
+def rotation_metrics(plan: dict) -> dict:
+    """The host-dependent rotation facts for a row's metrics (the count goes in params)."""
+    return {key: value for key, value in plan.items() if key != "rotation_batches"}
+
+
+def workload_rotation_plan(workload, table_indices, precision: str) -> dict:
+    """The rotation of a lookup op over these tables (see rotation_plan)."""
+    table_indices = list(table_indices)
+    lookups = sum(workload.tables[index].pooling.mean for index in table_indices)
+    lookups_per_call = int(lookups * workload.batch_size)
+    bags_per_call = len(table_indices) * workload.batch_size
+    row_bytes = workload.dim * BYTES_PER_VALUE[precision] + ROW_OVERHEAD_BYTES.get(precision, 0)
+    # Each rotating batch holds int64 indices, fp32 per-sample weights and int64 offsets.
+    return rotation_plan(lookups_per_call * row_bytes,
+                         lookups_per_call * (INDEX_BYTES + 4) + bags_per_call * INDEX_BYTES)
 
 
 def workload_rotation(workload, table_indices, precision: str) -> int:
-    """Batches a lookup op over these tables cycles through (see rotation_count)."""
-    lookups = sum(workload.tables[index].pooling.mean for index in table_indices)
-    lookups_per_call = int(lookups * workload.batch_size)
-    return rotation_count(lookups_per_call * workload.dim * BYTES_PER_VALUE[precision],
-                          lookups_per_call)
+    """Batches a lookup op over these tables cycles through (see workload_rotation_plan)."""
+    return workload_rotation_plan(workload, table_indices, precision)["rotation_batches"]
 
 
 def cycling(calls: list[Callable[[], object]]) -> Callable[[], object]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 
 import numpy as np
 import torch
@@ -12,11 +13,13 @@ from torch import nn
 from bench.models import quality
 from bench.models.dlrm import (DLRM, batch_tensors, build_dlrm, flatten_tables, flops_per_sample,
                          parameter_bytes, row_starts_of)
-from bench.ops.common import (BYTES_PER_VALUE, FLOAT_DTYPES, ROW_OVERHEAD_BYTES, PooledTable)
-from bench.ops.fc import at_precision, input_dtype
+from bench.ops import common
+from bench.ops.common import (BYTES_PER_VALUE, FLOAT_DTYPES, INDEX_BYTES, ROW_OVERHEAD_BYTES,
+                              PooledTable, cycling, rotation_metrics, rotation_plan)
+from bench.ops.fc import at_precision, input_dtype, stored_weight_bytes
 from bench.registry import BuildContext, Op, Prepared, Unsupported, impl, register_op
-from bench.models.teacher import calibrate, evaluation_set, label_batches, teacher_model
-from workloads.generators import make_batch
+from bench.models.teacher import LabelledBatch, calibrate, evaluation_set, teacher_model
+from workloads.generators import Batch, TableBatch, label_stream, make_batch
 
 # Quantized whole-model inference compounds int8 activation rounding over every layer; these
 # bounds on the logits' relative error still catch a broken kernel (which gives about 1).
@@ -24,6 +27,10 @@ WHOLE_MODEL_TOLERANCE = {"int8": 0.15, "int4": 0.3}
 EVAL_BATCHES = 8  # 8 x 2048 = 16384 teacher-labelled samples per accuracy measurement
 LEARNING_RATE = 0.1  # the DLRM Kaggle config's SGD rate
 TRAIN_BATCH_INDEX = 0
+# The other rotating batches are drawn from batch_index 1000 on: clear of the TT warm-up
+# batches (1-4), the calibration batch (10,000) and the evaluation set (20,000 on).
+ROTATION_FIRST_BATCH = 1000
+LABEL_CHUNK_SAMPLES = 16384  # samples per teacher forward when labelling rotating batches
 
 TT_WARM_UP_BATCHES = 4  # batches whose row counts populate the TT-Rec LFU caches
 
@@ -156,6 +163,153 @@ def _predict(model: nn.Module, labelled, precision: str, device: torch.device) -
     return np.concatenate(outputs)
 
 
+def model_rotation_plan(workload, precision: str) -> dict:
+    """How many distinct whole-model batches to cycle through (see common.rotation_plan)."""
+    lookups = workload.batch_size * sum(table.pooling.mean for table in workload.tables)
+    row_bytes = workload.dim * BYTES_PER_VALUE[precision] + ROW_OVERHEAD_BYTES.get(precision, 0)
+    # A rotating batch holds int64 indices and offsets, fp32 per-sample weights and dense
+    # features, and fp32 labels with float64 probabilities.
+    batch = workload.batch_size
+    memory = (lookups * (INDEX_BYTES + 4) + batch * len(workload.tables) * INDEX_BYTES
+              + batch * (workload.num_dense * 4 + 12))
+    maximum = common.MAX_ROTATION_MODEL_BATCHES
+    if workload.data_path:
+        # A data file wraps around: batches beyond its length repeat earlier samples.
+        from workloads.criteo_workload import load
+
+        maximum = min(maximum, max(1, len(load(workload.data_path).labels) // batch))
+    return rotation_plan(lookups * row_bytes, memory, maximum)
+
+
+def rotation_batch_indices(parts: int, workload=None) -> list[int]:
+    """batch_index of each rotating batch: the checked batch first. A data file's batch k is
+    its samples from k x batch_size on, wrapping: consecutive ones are the distinct ones."""
+    if workload is not None and workload.data_path:
+        return list(range(TRAIN_BATCH_INDEX, TRAIN_BATCH_INDEX + parts))
+    return [TRAIN_BATCH_INDEX] + list(range(ROTATION_FIRST_BATCH, ROTATION_FIRST_BATCH + parts - 1))
+
+
+@functools.lru_cache(maxsize=2)
+def rotating_batches(workload, seed: int, parts: int) -> tuple:
+    """The distinct batches whole-model inference cycles through (cached per worker)."""
+    return tuple(make_batch(workload, seed, index)
+                 for index in rotation_batch_indices(parts, workload))
+
+
+def concatenate_batches(batches) -> Batch:
+    """Batches side by side as one (offsets shifted), so one forward serves them all."""
+    tables = []
+    for position in range(len(batches[0].tables)):
+        parts = [batch.tables[position] for batch in batches]
+        starts = np.cumsum([0] + [len(part.indices) for part in parts[:-1]])
+        tables.append(TableBatch(
+            indices=np.concatenate([part.indices for part in parts]),
+            offsets=np.concatenate([part.offsets + start for part, start in zip(parts, starts)]),
+            weights=np.concatenate([part.weights for part in parts])))
+    return Batch(dense=np.concatenate([batch.dense for batch in batches]), tables=tables)
+
+
+@functools.lru_cache(maxsize=1)
+def rotating_labelled_batches(workload, seed: int, parts: int) -> tuple[LabelledBatch, ...]:
+    """The distinct teacher-labelled batches training cycles through (cached per worker).
+
+    Labels are drawn as teacher.label_batches draws them, but the teacher's forward runs over
+    several batches at once: one forward per batch made building a rotation slow."""
+    teacher = teacher_model(workload, seed)
+    batches = rotating_batches(workload, seed, parts)
+    per_forward = max(1, LABEL_CHUNK_SAMPLES // workload.batch_size)
+    probabilities = []
+    for start in range(0, len(batches), per_forward):
+        chunk = batches[start:start + per_forward]
+        with torch.no_grad():
+            logits = teacher(*batch_tensors(concatenate_batches(chunk),
+                                            torch.device("cpu"))).double()
+        probabilities.extend(np.split(torch.sigmoid(logits).numpy(), len(chunk)))
+    labelled = []
+    indices = rotation_batch_indices(parts, workload)
+    for batch_index, batch, batch_probabilities in zip(indices, batches, probabilities):
+        draws = label_stream(seed, batch_index).random(len(batch_probabilities))
+        labelled.append(LabelledBatch(batch, batch_probabilities,
+                                      (draws < batch_probabilities).astype(np.float32)))
+    return tuple(labelled)
+
+
+def _mean_lookups_per_table(batches_tensors) -> list[float]:
+    """Mean lookups of each table over the batches (dense, indices, offsets)."""
+    totals = None
+    for _, indices, _ in batches_tensors:
+        counts = [table_indices.numel() for table_indices in indices]
+        totals = counts if totals is None else [a + b for a, b in zip(totals, counts)]
+    return [total / len(batches_tensors) for total in totals]
+
+
+def embedding_traffic(model: DLRM, precision: str, batches_tensors) -> dict:
+    """Mean per batch: looked-up rows' bytes (TT tables: what tt_lookup_cost counts), TT
+    reconstruction FLOPs, lookups and distinct rows, over the batches the op cycles through."""
+    from bench.ops.ttrec import tt_lookup_cost, tt_unique_counts
+
+    workload = model.workload
+    lookups = _mean_lookups_per_table(batches_tensors)
+    row_bytes = workload.dim * BYTES_PER_VALUE[precision] + ROW_OVERHEAD_BYTES.get(precision, 0)
+    tt_positions = list(getattr(model.embeddings, "tt_positions", ()))
+    traffic = {"row_bytes": 0.0, "tt_flops": 0.0, "lookups": float(sum(lookups)),
+               "unique_rows": 0.0, "unique_cached_rows": 0.0}
+    for position, module in zip(tt_positions, getattr(model.embeddings, "tt", ())):
+        counts = tt_unique_counts(module, [indices[position] for _, indices, _ in
+                                           batches_tensors])
+        cost = tt_lookup_cost(module, counts)
+        traffic["row_bytes"] += cost["bytes"]
+        traffic["tt_flops"] += cost["flops"]
+        traffic["unique_cached_rows"] += counts["unique_ids"] - counts["unique_uncached_ids"]
+    for position in range(len(workload.tables)):
+        if position in tt_positions:
+            continue
+        traffic["row_bytes"] += lookups[position] * row_bytes
+        traffic["unique_rows"] += sum(torch.unique(indices[position]).numel()
+                                      for _, indices, _ in batches_tensors) / len(batches_tensors)
+    return traffic
+
+
+def inference_bytes(model: DLRM, precision: str, traffic: dict) -> dict:
+    """Compulsory traffic of one inference batch, by part: the weights the forward reads as
+    stored (packed int8 Linears included), the looked-up rows, the inputs and the logits."""
+    workload = model.workload
+    batch = workload.batch_size
+    activation = input_dtype(precision).itemsize
+    return {"weights": float(sum(stored_weight_bytes(part) for part in
+                                 (model.bottom, model.interaction, model.top))),
+            "rows": traffic["row_bytes"],
+            "inputs": float(batch * workload.num_dense * activation
+                            + traffic["lookups"] * INDEX_BYTES
+                            + batch * len(workload.tables) * INDEX_BYTES),
+            "output": float(batch * activation)}
+
+
+def training_bytes(model: DLRM, traffic: dict) -> dict:
+    """Compulsory traffic of one SGD step of an fp32 model, by part: the forward, then
+    backward (weights read again, their gradients written, one gradient row per lookup) and
+    the update (weights and gradients read, weights written; each distinct row read and
+    written). TT cores take dense gradients, as the MLP weights do."""
+    workload = model.workload
+    forward = inference_bytes(model, "fp32", traffic)
+    row_bytes = workload.dim * 4
+    tt_cores = sum(module.tt_bytes for module in getattr(model.embeddings, "tt", ()))
+    updated_rows = traffic["unique_rows"] + traffic["unique_cached_rows"]
+    return {**{f"forward_{name}": value for name, value in forward.items()},
+            "labels": float(workload.batch_size * 4),
+            "weights_backward_update": 5.0 * forward["weights"] + 4.0 * tt_cores,
+            "row_gradients": 2.0 * traffic["lookups"] * row_bytes,
+            "row_updates": 2.0 * updated_rows * row_bytes}
+
+
+def _model_flops(workload, traffic: dict) -> float:
+    """Forward FLOPs of one batch: flops_per_sample with the lookups the batches really have,
+    plus TT reconstructions of distinct uncached ids."""
+    expected_lookups = workload.batch_size * sum(table.pooling.mean for table in workload.tables)
+    return (workload.batch_size * flops_per_sample(workload)
+            + (traffic["lookups"] - expected_lookups) * workload.dim + traffic["tt_flops"])
+
+
 def build_infer(context: BuildContext, layout: str) -> Prepared:
     """Inference of the calibrated teacher DLRM at a precision, plus its accuracy effects."""
     workload, device, precision = context.workload, context.device, context.precision
@@ -168,14 +322,22 @@ def build_infer(context: BuildContext, layout: str) -> Prepared:
     else:
         fp32_model = teacher_model(workload, context.seed, embeddings=layout)
     model = model_at_precision(fp32_model, precision, layout, device).eval()
-    batch = label_batches(fp32_model, workload, context.seed, [TRAIN_BATCH_INDEX],
-                          workload.batch_size)[0].batch
-    dense, indices, offsets = batch_tensors(batch, device)
-    dense = dense.to(input_dtype(precision))
+    rotation = model_rotation_plan(workload, precision)
+    batches = rotating_batches(workload, context.seed, rotation["rotation_batches"])
+    batch = batches[0]
+    inputs = []
+    for item in batches:
+        dense, indices, offsets = batch_tensors(item, device)
+        inputs.append((dense.to(input_dtype(precision)), indices, offsets))
+    dense, indices, offsets = inputs[0]
+    traffic = embedding_traffic(model, precision, inputs)
+    bytes_parts = inference_bytes(model, precision, traffic)
 
-    def run():
+    def infer(dense, indices, offsets):
         with torch.inference_mode():
             return model(dense, indices, offsets)
+
+    calls = [functools.partial(infer, *item) for item in inputs]
 
     def accuracy() -> dict:
         labelled = evaluation_set(workload, context.seed, EVAL_BATCHES)
@@ -190,13 +352,16 @@ def build_infer(context: BuildContext, layout: str) -> Prepared:
 
     batch_size = workload.batch_size
     return Prepared(
-        run=run,
+        run=cycling(calls),
+        check=calls[0],
         reference=lambda: reference_logits(fp32_model, *batch_tensors(batch, torch.device("cpu"))),
         samples=batch_size,
-        flops=batch_size * flops_per_sample(workload),
-        bytes_moved=_inference_bytes(workload, model, precision),
-        params={"layout": layout, **_precision_params(precision), **tt},
-        metrics={"model_bytes": _model_bytes(model),
+        flops=_model_flops(workload, traffic),
+        bytes_moved=sum(bytes_parts.values()),
+        params={"layout": layout, **_precision_params(precision), **tt,
+                "rotation_batches": len(inputs)},
+        metrics={"model_bytes": _model_bytes(model), "bytes_parts": bytes_parts,
+                 **rotation_metrics(rotation),
                  **_tt_metrics_after_lookup(model, indices, offsets)},
         tolerance=WHOLE_MODEL_TOLERANCE.get(precision),
         # A TT model is not the teacher, so its accuracy is measured after training
@@ -212,17 +377,6 @@ def _model_bytes(model: nn.Module) -> int:
         for table in getattr(module, "tables", ()):
             total += table.weight.numel() * table.weight.element_size()
     return total
-
-
-def _inference_bytes(workload, model: nn.Module, precision: str) -> float:
-    """Compulsory traffic per batch: MLP weights once, looked-up rows, and inputs."""
-    lookups = workload.batch_size * sum(table.pooling.mean for table in workload.tables)
-    row_bytes = workload.dim * BYTES_PER_VALUE[precision] + ROW_OVERHEAD_BYTES.get(precision, 0)
-    mlp_parameters = sum(parameter.numel() for name, parameter in model.named_parameters()
-                         if not name.startswith("embeddings"))
-    mlp_bytes = mlp_parameters * (BYTES_PER_VALUE[precision] if precision in FLOAT_DTYPES else 1)
-    inputs = workload.batch_size * workload.num_dense * 4 + lookups * 8
-    return float(mlp_bytes + lookups * row_bytes + inputs)
 
 
 @impl("dlrm_infer", "per_table", ("fp32", "fp16", "bf16", "int8", "int4"), baseline=True,
@@ -273,9 +427,9 @@ def build_train(context: BuildContext, layout: str) -> Prepared:
         raise Unsupported(f"training at {precision} needs quantization-aware training, "
                           "which this op does not model; use fp32, bf16 or fp16 (autocast)")
     autocast_dtype = None if precision == "fp32" else FLOAT_DTYPES[precision]
-    teacher = teacher_model(workload, context.seed)
-    labelled = label_batches(teacher, workload, context.seed, [TRAIN_BATCH_INDEX],
-                             workload.batch_size)[0]
+    rotation = model_rotation_plan(workload, "fp32")
+    rotating = rotating_labelled_batches(workload, context.seed, rotation["rotation_batches"])
+    labelled = rotating[0]
     tt = _tt_settings(context)
     if tt and layout == "fused_sgd":
         raise Unsupported("fused_sgd has no TT-Rec tables; use per_table or batched with TT")
@@ -283,9 +437,14 @@ def build_train(context: BuildContext, layout: str) -> Prepared:
                          learning_rate=LEARNING_RATE, **tt)
     warm_up_tt(initial, workload, context.seed)
     student = copy.deepcopy(initial).to(device)
-    dense, indices, offsets = batch_tensors(labelled.batch, device)
-    labels = torch.from_numpy(labelled.labels).to(device)
+    # Each timed step trains on the next distinct batch: refitting one batch would keep its
+    # rows cached and measure a step no training run takes.
+    inputs = [(*batch_tensors(item.batch, device), torch.from_numpy(item.labels).to(device))
+              for item in rotating]
+    dense, indices, offsets, labels = inputs[0]
     optimizer = torch.optim.SGD(student.parameters(), lr=LEARNING_RATE)
+    traffic = embedding_traffic(initial, "fp32", [item[:3] for item in inputs])
+    bytes_parts = training_bytes(initial, traffic)
 
     def check():
         model = copy.deepcopy(initial).to(device)
@@ -301,16 +460,19 @@ def build_train(context: BuildContext, layout: str) -> Prepared:
         return (logits.detach(),) + _after_step(model, indices64, offsets64)
 
     batch_size = workload.batch_size
+    calls = [functools.partial(train_step, student, optimizer, *item,
+                               autocast_dtype=autocast_dtype) for item in inputs]
     return Prepared(
-        run=lambda: train_step(student, optimizer, dense, indices, offsets, labels,
-                               autocast_dtype),
+        run=cycling(calls),
         check=check, reference=reference, samples=batch_size,
         # Backward costs about twice the forward's FLOPs (two GEMMs per forward GEMM).
-        flops=3.0 * batch_size * flops_per_sample(workload),
-        bytes_moved=3.0 * _inference_bytes(workload, student, "fp32"),
+        flops=3.0 * _model_flops(workload, traffic),
+        bytes_moved=sum(bytes_parts.values()),
         params={"layout": layout, "optimizer": "SGD", "lr": LEARNING_RATE,
-                "autocast": precision if autocast_dtype is not None else "none", **tt},
-        metrics=_tt_metrics_after_lookup(initial, indices, offsets),
+                "autocast": precision if autocast_dtype is not None else "none", **tt,
+                "rotation_batches": len(inputs)},
+        metrics={"bytes_parts": bytes_parts, **rotation_metrics(rotation),
+                 **_tt_metrics_after_lookup(initial, indices, offsets)},
     )
 
 

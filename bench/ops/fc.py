@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from bench.models.dlrm import mlp, top_input_width
-from bench.ops.common import BYTES_PER_VALUE, FLOAT_DTYPES
+from bench.ops.common import FLOAT_DTYPES
 from bench.registry import BuildContext, Op, Prepared, Unsupported, impl, register_op
 from workloads.generators import stream
 
@@ -58,6 +58,29 @@ def at_precision(module: nn.Module, precision: str, device: torch.device) -> nn.
     raise Unsupported(f"no {precision} Linear kernel in PyTorch (int4 applies to embeddings)")
 
 
+def _is_dynamic_quantized_linear(module: nn.Module) -> bool:
+    return isinstance(module, torch.ao.nn.quantized.dynamic.Linear)
+
+
+def stored_weight_bytes(module: nn.Module) -> int:
+    """Bytes of the weights a forward reads, as stored: float parameters and buffers, and the
+    packed weights of dynamic int8 Linears (which have no parameters, so would count as 0)."""
+    total = 0
+    for part in module.modules():
+        if _is_dynamic_quantized_linear(part):
+            weight, bias = part.weight(), part.bias()
+            # One fp32 scale and int32 zero point per tensor, or per output channel.
+            per_channel = weight.qscheme() in (torch.per_channel_affine,
+                                               torch.per_channel_symmetric)
+            quantization_pairs = weight.size(0) if per_channel else 1
+            total += weight.numel() * weight.element_size() + quantization_pairs * 8
+            total += 0 if bias is None else bias.numel() * bias.element_size()
+            continue
+        tensors = list(part.parameters(recurse=False)) + list(part.buffers(recurse=False))
+        total += sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+    return total
+
+
 def input_dtype(precision: str) -> torch.dtype:
     """The activation dtype fed to a module at a precision (int8 dynamic takes fp32)."""
     return FLOAT_DTYPES.get(precision, torch.float32)
@@ -76,12 +99,9 @@ def build_fc(context: BuildContext) -> Prepared:
         stream(context.seed, 100).standard_normal((batch, width_in), dtype="float32"))
     inputs = activations.to(device=device, dtype=input_dtype(context.precision))
     reference64 = copy.deepcopy(reference_module).double()
-    weights = sum(layer.weight.numel() for layer in reference_module
-                  if isinstance(layer, nn.Linear))
     widths_all = (width_in,) + tuple(widths)
-    value_bytes = BYTES_PER_VALUE[context.precision]
-    # int8 dynamic quantization keeps fp32 activations at the module boundary.
-    activation_bytes = value_bytes if context.precision in FLOAT_DTYPES else 4.0
+    # int8 dynamic quantization keeps fp32 activations between layers.
+    activation_bytes = input_dtype(context.precision).itemsize
 
     def run():
         with torch.no_grad():
@@ -94,6 +114,8 @@ def build_fc(context: BuildContext) -> Prepared:
     return Prepared(
         run=run, reference=reference, samples=batch,
         flops=2.0 * batch * sum(a * b for a, b in zip(widths_all, widths_all[1:])),
-        bytes_moved=weights * value_bytes + batch * sum(widths_all) * activation_bytes,
+        # Weights and biases once as stored (packed int8 for int8), the input, and each
+        # layer's output once (written, then read by the next layer).
+        bytes_moved=float(stored_weight_bytes(module) + batch * sum(widths_all) * activation_bytes),
         params={"layer": context.variant["layer"], "widths": list(widths_all)},
     )

@@ -8,8 +8,8 @@ import torch
 
 from bench.models.dlrm import row_starts_of, flatten_tables
 from bench.ops.common import (BYTES_PER_VALUE, FLOAT_DTYPES, PooledTable, as_tensors, cycling,
-                              lookup_bytes, reference_lookup, table_weight,
-                              workload_rotation)
+                              lookup_bytes, mean_lookups, reference_lookup, rotation_metrics,
+                              table_weight, workload_rotation_plan)
 from bench.registry import BuildContext, Op, Prepared, impl, register_op
 from workloads.generators import rotating_table_batches
 
@@ -47,7 +47,8 @@ def build_sls(context: BuildContext) -> Prepared:
     pool_mode = "sum" if weighted else mode
     weight = table_weight(table, context.seed, table_index)
     pooled = PooledTable(weight, context.precision, device)
-    parts = workload_rotation(workload, [table_index], context.precision)
+    rotation = workload_rotation_plan(workload, [table_index], context.precision)
+    parts = rotation["rotation_batches"]
     inputs = [as_tensors(batch, device) for batch in
               rotating_table_batches(workload, table_index, context.seed, parts)]
     calls = [functools.partial(pooled, indices, offsets, pool_mode,
@@ -55,7 +56,8 @@ def build_sls(context: BuildContext) -> Prepared:
              for indices, offsets, weights in inputs]
     indices, offsets, weights = inputs[0]
     weights = weights if weighted else None
-    lookups, bags = indices.numel(), offsets.numel()
+    # Timing cycles through every rotating batch: charge their mean lookup count.
+    lookups, bags = mean_lookups(indices for indices, _, _ in inputs), offsets.numel()
     return Prepared(
         run=cycling(calls),
         check=calls[0],
@@ -68,22 +70,24 @@ def build_sls(context: BuildContext) -> Prepared:
                 "pooling": table.pooling.label(), "distribution": table.distribution.label(),
                 "mode": mode, "table_bytes": int(table.rows * pooled.bytes_per_row),
                 "rotation_batches": parts},
+        metrics=rotation_metrics(rotation),
         flush_between_reps=True,
     )
 
 
 def _all_tables(context: BuildContext):
-    """Every table's weights and, per rotation batch, every table's tensors."""
+    """Every table's weights, per rotation batch every table's tensors, and the rotation plan."""
     workload = context.workload
     table_indices = range(len(workload.tables))
-    parts = workload_rotation(workload, table_indices, context.precision)
+    rotation = workload_rotation_plan(workload, table_indices, context.precision)
+    parts = rotation["rotation_batches"]
     weights = [table_weight(table, context.seed, index)
                for index, table in enumerate(workload.tables)]
     per_table = [rotating_table_batches(workload, index, context.seed, parts)
                  for index in table_indices]
     rotations = [[as_tensors(batches[part], context.device) for batches in per_table]
                  for part in range(parts)]
-    return weights, rotations
+    return weights, rotations, rotation
 
 
 def _multi_reference(weights, tensors):
@@ -91,10 +95,12 @@ def _multi_reference(weights, tensors):
                         for weight, (indices, offsets, _) in zip(weights, tensors)])
 
 
-def _multi_prepared(context, calls, weights, rotations, bytes_per_row, extra_params) -> Prepared:
+def _multi_prepared(context, calls, weights, rotations, rotation, bytes_per_row,
+                    extra_params) -> Prepared:
     workload = context.workload
     tensors = rotations[0]
-    lookups = sum(indices.numel() for indices, _, _ in tensors)
+    # Timing cycles through every rotating batch: charge their mean lookup count.
+    lookups = sum(indices.numel() for part in rotations for indices, _, _ in part) / len(rotations)
     bags = sum(offsets.numel() for _, offsets, _ in tensors)
     return Prepared(
         run=cycling(calls),
@@ -107,6 +113,7 @@ def _multi_prepared(context, calls, weights, rotations, bytes_per_row, extra_par
         params={"num_tables": len(workload.tables), "total_rows": workload.total_rows,
                 "dim": workload.dim, "lookups": lookups, "rotation_batches": len(rotations),
                 **extra_params},
+        metrics=rotation_metrics(rotation),
         flush_between_reps=True,
     )
 
@@ -115,7 +122,7 @@ def _multi_prepared(context, calls, weights, rotations, bytes_per_row, extra_par
       description="a Python loop of one EmbeddingBag per table, as the DLRM reference does")
 def build_per_table(context: BuildContext) -> Prepared:
     """One pooled lookup per table, stacked into [tables, batch, dim]."""
-    weights, rotations = _all_tables(context)
+    weights, rotations, rotation = _all_tables(context)
     tables = [PooledTable(weight, context.precision, context.device) for weight in weights]
 
     def lookup_all(tensors):
@@ -123,7 +130,8 @@ def build_per_table(context: BuildContext) -> Prepared:
                             in zip(tables, tensors)])
 
     calls = [functools.partial(lookup_all, tensors) for tensors in rotations]
-    return _multi_prepared(context, calls, weights, rotations, tables[0].bytes_per_row, {})
+    return _multi_prepared(context, calls, weights, rotations, rotation,
+                           tables[0].bytes_per_row, {})
 
 
 @impl("sls_multi", "batched", ALL_PRECISIONS,
@@ -131,7 +139,7 @@ def build_per_table(context: BuildContext) -> Prepared:
 def build_batched(context: BuildContext) -> Prepared:
     """All tables concatenated into one; one embedding_bag call over table-major bags."""
     workload, device = context.workload, context.device
-    weights, rotations = _all_tables(context)
+    weights, rotations, rotation = _all_tables(context)
     table = PooledTable(torch.cat(weights), context.precision, device)
     row_starts = row_starts_of(weights).to(device)
     batch_size = workload.batch_size
@@ -144,5 +152,5 @@ def build_batched(context: BuildContext) -> Prepared:
         return table(indices, offsets).view(len(tensors), batch_size, -1)
 
     calls = [functools.partial(lookup_all, tensors) for tensors in rotations]
-    return _multi_prepared(context, calls, weights, rotations, table.bytes_per_row,
+    return _multi_prepared(context, calls, weights, rotations, rotation, table.bytes_per_row,
                            {"table_bytes": int(workload.total_rows * table.bytes_per_row)})

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as functional
 
 from bench.ops.common import (BYTES_PER_VALUE, PooledTable, as_tensors, cycling, float_dtype,
-                              lookup_bytes, reference_lookup, table_weight, workload_rotation)
+                              lookup_bytes, mean_lookups, reference_lookup, rotation_metrics,
+                              table_weight, workload_rotation_plan)
 from bench.registry import BuildContext, Op, Prepared, Unsupported, impl, register_op
 from bench.models.ttrec import TTEmbeddingBag, reconstruct_tt_rows
 from workloads.generators import make_table_batch, rotating_table_batches
@@ -37,11 +38,59 @@ def tt_reference(module: TTEmbeddingBag, indices, offsets, weights) -> torch.Ten
                                     per_sample_weights=weights64)
 
 
-def _rotating_inputs(context: BuildContext, table_index: int) -> list[tuple]:
-    """(indices, offsets) of the distinct batches every impl cycles through."""
-    parts = workload_rotation(context.workload, [table_index], context.precision)
-    batches = rotating_table_batches(context.workload, table_index, context.seed, parts)
-    return [as_tensors(batch, context.device)[:2] for batch in batches]
+def _rotating_inputs(context: BuildContext, table_index: int) -> tuple[list[tuple], dict]:
+    """(indices, offsets) of the distinct batches every impl cycles through, and the plan."""
+    rotation = workload_rotation_plan(context.workload, [table_index], context.precision)
+    batches = rotating_table_batches(context.workload, table_index, context.seed,
+                                     rotation["rotation_batches"])
+    return [as_tensors(batch, context.device)[:2] for batch in batches], rotation
+
+
+def tt_row_flops(module: TTEmbeddingBag) -> float:
+    """FLOPs to reconstruct one row: a chain of [prefix x r_k] @ [r_k x d_k+1 r_k+1] matmuls."""
+    flops, prefix, ranks = 0.0, module.dim_factors[0], module.ranks
+    for core in range(1, module.num_cores):
+        flops += 2.0 * prefix * ranks[core] * module.dim_factors[core] * ranks[core + 1]
+        prefix *= module.dim_factors[core]
+    return flops
+
+
+def tt_slice_bytes(module: TTEmbeddingBag) -> float:
+    """Bytes of the core slices gathered to reconstruct one row (one slice of every core)."""
+    return float(sum(module.ranks[core] * module.dim_factors[core] * module.ranks[core + 1]
+                     for core in range(module.num_cores)) * module.element_bytes)
+
+
+def tt_unique_counts(module: TTEmbeddingBag, batches_indices) -> dict:
+    """Mean per batch of lookups, distinct ids, and distinct ids the cache does not hold: the
+    forward reconstructs each distinct uncached id once per batch (torch.unique)."""
+    totals = {"lookups": 0.0, "unique_ids": 0.0, "unique_uncached_ids": 0.0, "cache_hits": 0.0}
+    count = 0
+    with torch.no_grad():
+        for indices in batches_indices:
+            unique_ids, repeats = torch.unique(
+                indices.reshape(-1).long().to(module.cores[0].device), return_counts=True)
+            uncached, hits = unique_ids.numel(), 0
+            if module.cache is not None:
+                cached = module.cache.slots_for(unique_ids) >= 0
+                uncached -= int(cached.sum())
+                hits = int(repeats[cached].sum())
+            totals["lookups"] += indices.numel()
+            totals["unique_ids"] += unique_ids.numel()
+            totals["unique_uncached_ids"] += uncached
+            totals["cache_hits"] += hits
+            count += 1
+    return {name: value / max(count, 1) for name, value in totals.items()}
+
+
+def tt_lookup_cost(module: TTEmbeddingBag, counts: dict) -> dict:
+    """FLOPs and bytes of the TT rows of one batch: reconstructions of the distinct uncached
+    ids (core slices gathered), distinct cached rows read (and their row->slot entries)."""
+    cached = counts["unique_ids"] - counts["unique_uncached_ids"]
+    cache_map_bytes = counts["unique_ids"] * 4 if module.cache is not None else 0.0  # int32
+    return {"flops": counts["unique_uncached_ids"] * tt_row_flops(module),
+            "bytes": (counts["unique_uncached_ids"] * tt_slice_bytes(module)
+                      + cached * module.dim * module.element_bytes + cache_map_bytes)}
 
 
 def _build_tt(context: BuildContext, cache_policy: str) -> Prepared:
@@ -58,21 +107,16 @@ def _build_tt(context: BuildContext, cache_policy: str) -> Prepared:
             warm = make_table_batch(workload, table_index, context.seed, batch_index)
             module.warm_up_cache(torch.from_numpy(warm.indices).to(device))
         module.populate_cache()
-    inputs = _rotating_inputs(context, table_index)
-    module.reset_cache_stats()
-    with torch.no_grad():
-        for indices, offsets in inputs:
-            module(indices, offsets)
-    hit_rate = module.hit_rate if module.cache is not None else 0.0
+    inputs, rotation = _rotating_inputs(context, table_index)
     indices, offsets = inputs[0]
     value_bytes = BYTES_PER_VALUE[context.precision]
-    lookups, bags = indices.numel(), offsets.numel()
+    # Timing cycles through every rotating batch: charge their mean counts. The LFU cache is
+    # fixed after populate, so its hit rate over the rotation is counted without a forward.
+    counts = tt_unique_counts(module, [pair[0] for pair in inputs])
+    lookups, bags = counts["lookups"], offsets.numel()
+    hit_rate = counts["cache_hits"] / lookups if lookups else 0.0
+    rows = tt_lookup_cost(module, counts)
     ranks = module.ranks
-    # Per reconstructed row: a chain of small matmuls, [prefix x r_k] @ [r_k x d_k+1 r_k+1].
-    flops_per_row, prefix = 0.0, module.dim_factors[0]
-    for core in range(1, module.num_cores):
-        flops_per_row += 2.0 * prefix * ranks[core] * module.dim_factors[core] * ranks[core + 1]
-        prefix *= module.dim_factors[core]
 
     def lookup(indices, offsets):
         with torch.no_grad():
@@ -84,9 +128,11 @@ def _build_tt(context: BuildContext, cache_policy: str) -> Prepared:
         check=calls[0],
         reference=lambda: tt_reference(module, indices, offsets, None),
         samples=bags,
-        flops=lookups * (table.dim + (1 - hit_rate) * flops_per_row),
-        bytes_moved=lookup_bytes(lookups, bags, table.dim, table.dim * value_bytes, value_bytes,
-                                 False),
+        # Pooling adds per lookup plus one reconstruction per distinct uncached id.
+        flops=lookups * table.dim + rows["flops"],
+        # What the kernel touches: indices, offsets, TT rows (see tt_lookup_cost), the output.
+        bytes_moved=lookup_bytes(lookups, bags, table.dim, 0.0, value_bytes, False)
+        + rows["bytes"],
         params={"table": table_index, "rows": table.rows, "dim": table.dim,
                 "distribution": table.distribution.label(), "cache": cache_policy,
                 "row_factors": list(module.row_factors), "dim_factors": list(module.dim_factors),
@@ -94,7 +140,14 @@ def _build_tt(context: BuildContext, cache_policy: str) -> Prepared:
         metrics={"hit_rate": hit_rate, "tt_parameters": module.tt_parameter_count,
                  "tt_bytes": module.tt_bytes, "cache_bytes": module.cache_bytes,
                  "dense_bytes": module.dense_bytes,
-                 "compression": module.dense_bytes / (module.tt_bytes + module.cache_bytes)},
+                 "compression": module.dense_bytes / (module.tt_bytes + module.cache_bytes),
+                 **{f"mean_{name}": value for name, value in counts.items()},
+                 # The dense table's row traffic for the same lookups: not what TT reads,
+                 # kept (labelled) to compare with the dense impl's bytes.
+                 "dense_equivalent_bytes": lookup_bytes(lookups, bags, table.dim,
+                                                        table.dim * value_bytes, value_bytes,
+                                                        False),
+                 **rotation_metrics(rotation)},
         flush_between_reps=True,
     )
 
@@ -124,10 +177,10 @@ def build_dense(context: BuildContext) -> Prepared:
         raise Unsupported(f"tt_sls compares float tables; {context.precision} is not one")
     weight = table_weight(table, context.seed, table_index)
     pooled = PooledTable(weight, context.precision, device)
-    inputs = _rotating_inputs(context, table_index)
+    inputs, rotation = _rotating_inputs(context, table_index)
     calls = [functools.partial(pooled, *pair) for pair in inputs]
     indices, offsets = inputs[0]
-    lookups, bags = indices.numel(), offsets.numel()
+    lookups, bags = mean_lookups(pair[0] for pair in inputs), offsets.numel()
     return Prepared(
         run=cycling(calls),
         check=calls[0],
@@ -138,6 +191,7 @@ def build_dense(context: BuildContext) -> Prepared:
         params={"table": table_index, "rows": table.rows, "dim": table.dim,
                 "distribution": table.distribution.label(), "cache": "n/a",
                 "rotation_batches": len(inputs)},
-        metrics={"dense_bytes": int(table.rows * pooled.bytes_per_row)},
+        metrics={"dense_bytes": int(table.rows * pooled.bytes_per_row),
+                 **rotation_metrics(rotation)},
         flush_between_reps=True,
     )
