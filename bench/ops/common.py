@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
-from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as functional
 
 from bench.embeddings import clear_weight_cache, reference_lookup, table_weight  # noqa: F401
+from bench.host import FALLBACK_LLC_BYTES, available_memory_bytes, last_level_cache  # noqa: F401
 from bench.registry import Unsupported
 from workloads.generators import TableBatch
 
@@ -123,48 +122,12 @@ ROTATION_LLC_MULTIPLE = 4
 # Never below the fixed target this suite used before sizing from the host: sysfs in a VM can
 # under-report, and non-inclusive L2s add to what the LLC alone holds.
 MIN_ROTATION_TARGET_BYTES = 512 << 20
-# Where sysfs says nothing: the largest LLC reported on the project's machines (480 MiB).
-FALLBACK_LLC_BYTES = 480 << 20
-CACHE_SYSFS = Path("/sys/devices/system/cpu/cpu0/cache")
 # Rotating inputs and probe buffers may take at most this share of the memory available.
 MAX_MEMORY_FRACTION = 0.25
 MAX_ROTATION_BATCHES = 1024
 MAX_ROTATION_INDEX_BYTES = 256 << 20  # bound the memory the rotating indices take
 # Whole-model batches are generated (and, for training, teacher-labelled) one at a time.
 MAX_ROTATION_MODEL_BATCHES = 256
-
-
-def _size_bytes(text: str) -> int:
-    """A sysfs cache size such as "32768K" in bytes."""
-    text = text.strip()
-    multiplier = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:].upper(), 1)
-    return int(text.rstrip("KMGkmg")) * multiplier
-
-
-@functools.lru_cache(maxsize=4)
-def last_level_cache(sysfs: Path = CACHE_SYSFS) -> tuple[int, str]:
-    """(bytes, source) of the highest-level data or unified cache of cpu0, from sysfs."""
-    best_level, best_bytes = 0, 0
-    for index in sorted(sysfs.glob("index*")):
-        try:
-            if (index / "type").read_text().strip() == "Instruction":
-                continue
-            level = int((index / "level").read_text().strip())
-            size = _size_bytes((index / "size").read_text())
-        except (OSError, ValueError):
-            continue
-        if level > best_level or (level == best_level and size > best_bytes):
-            best_level, best_bytes = level, size
-    if best_bytes <= 0:
-        return FALLBACK_LLC_BYTES, "fallback"
-    return best_bytes, f"sysfs L{best_level}"
-
-
-def available_memory_bytes() -> int:
-    """Memory the OS can give now without swapping."""
-    import psutil
-
-    return int(psutil.virtual_memory().available)
 
 
 def _power_of_two_at_least(value: float) -> int:

@@ -14,6 +14,9 @@ import subprocess
 from pathlib import Path
 from typing import Optional
 
+from bench import PROJECT_ROOT
+from bench.host import available_memory_bytes, cache_sizes  # noqa: F401 (re-exported)
+
 
 class DeviceError(ValueError):
     """A device or ISA level that is not available here; the message lists what is."""
@@ -132,23 +135,6 @@ def cpu_info() -> dict:
         return {"error": str(error)}
 
 
-def cache_sizes() -> dict[str, int]:
-    """Data/unified cache sizes in bytes by level, from sysfs (empty where not readable)."""
-    sizes: dict[str, int] = {}
-    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
-        try:
-            kind = (index / "type").read_text().strip()
-            level = (index / "level").read_text().strip()
-            text = (index / "size").read_text().strip()
-        except OSError:
-            continue
-        if kind == "Instruction":
-            continue
-        multiplier = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1], 1)
-        sizes[f"l{level}{'d' if level == '1' else ''}_bytes"] = int(text.rstrip("KMG")) * multiplier
-    return sizes
-
-
 def perf_counter_support() -> dict:
     """Whether `perf stat` can count cache-misses here: {"supported": bool, "reason": str}."""
     perf = shutil.which("perf")
@@ -181,7 +167,7 @@ def cpu_model() -> str:
 
 def git_commit() -> str:
     """The project's git commit, with '+dirty' when the tree has changes."""
-    root = Path(__file__).resolve().parent.parent
+    root = PROJECT_ROOT
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
                                 text=True, timeout=10).stdout.strip()
@@ -366,10 +352,3 @@ def fingerprint_records(configurations, policy=None) -> dict[str, dict]:
         facts = fingerprint_facts(device, isa, threads, policy)
         records[fingerprint_of_facts(facts)] = facts
     return records
-
-
-def available_memory_bytes() -> int:
-    """Memory that a new allocation can use without swapping."""
-    import psutil
-
-    return int(psutil.virtual_memory().available)

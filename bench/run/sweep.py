@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 from bench.run import devices
-from bench import registry
+from bench import PROJECT_ROOT, registry
 from bench.records import STATUS_ERROR, ResultRow, ResultsWriter, read_rows
 from bench.run.tasks import Task
 from bench.run.timing import TimingPolicy
@@ -153,7 +153,7 @@ class WorkerGroup:
         # Thread pools size themselves at load time: set them before torch starts.
         environment["OMP_NUM_THREADS"] = str(threads)
         environment["MKL_NUM_THREADS"] = str(threads)
-        project_root = str(Path(__file__).resolve().parent.parent)
+        project_root = str(PROJECT_ROOT)
         environment["PYTHONPATH"] = os.pathsep.join(
             [project_root] + [part for part in environment.get("PYTHONPATH", "").split(os.pathsep)
                               if part])
