@@ -42,6 +42,9 @@ class ResultRow:
     batch_size: int = 0
     fingerprint: str = ""  # hash of hardware + software identity (see bench.devices)
     n_samples: int = 0  # number of timed repetitions in samples_s
+    # Calls of the timed closure averaged into each sample (CPU times blocks of calls, so
+    # p90_s/p99_s are percentiles of block means when > 1); 0 = not recorded.
+    calls_per_sample: int = 0
     median_s: float = math.nan
     mean_s: float = math.nan
     p90_s: float = math.nan

@@ -38,6 +38,7 @@ class Summary:
     p99_s: float
     iqr_s: float
     min_s: float
+    calls_per_sample: int = 1  # calls averaged into each sample (CPU blocks; 1 on CUDA)
 
     @property
     def noisy(self) -> bool:
@@ -45,8 +46,8 @@ class Summary:
         return self.iqr_s > NOISY_IQR_RATIO * self.median_s
 
 
-def summarize(samples_s) -> Summary:
-    """Median, percentiles and spread of the raw times."""
+def summarize(samples_s, calls_per_sample: int = 1) -> Summary:
+    """Median, percentiles and spread of the raw times (each the mean of calls_per_sample calls)."""
     values = np.asarray(samples_s, dtype=np.float64)
     if values.size == 0:
         raise ValueError("no timing samples")
@@ -58,7 +59,14 @@ def summarize(samples_s) -> Summary:
         p99_s=float(np.percentile(values, 99)),
         iqr_s=float(stats.iqr(values)),
         min_s=float(values.min()),
+        calls_per_sample=int(calls_per_sample),
     )
+
+
+class BlockTimes(list):
+    """Per-sample seconds, each the mean of calls_per_sample back-to-back calls."""
+
+    calls_per_sample: int = 1
 
 
 def time_cpu(fn: Callable[[], Any], policy: TimingPolicy, threads: int,
@@ -77,7 +85,9 @@ def time_cpu(fn: Callable[[], Any], policy: TimingPolicy, threads: int,
         extra = timer.timeit(number=measurement.number_per_run)
         samples.extend(extra.times)
         spent += sum(extra.times) * measurement.number_per_run
-    return samples
+    blocks = BlockTimes(samples)
+    blocks.calls_per_sample = int(measurement.number_per_run)
+    return blocks
 
 
 def time_each_call(fn: Callable[[], Any], count: int) -> list[float]:
@@ -142,7 +152,7 @@ def measure(fn: Callable[[], Any], device: torch.device, policy: TimingPolicy, t
     else:
         samples = time_cpu(fn, policy, threads)
     telemetry = monitor.stop(timeit.default_timer() - started) if monitor is not None else None
-    summary = summarize(samples)
+    summary = summarize(samples, getattr(samples, "calls_per_sample", 1))
     if not math.isfinite(summary.median_s):
         raise ValueError("timing produced a non-finite median")
     return summary, telemetry

@@ -66,6 +66,8 @@ def _pooled_row(rows: Sequence[ResultRow], run_id: str, total_runs: int) -> Resu
     merged = dataclasses.replace(first, run_id=run_id, timestamp=rows[-1].timestamp)
     merged.samples_s = json.dumps(samples)
     merged.n_samples = len(samples)
+    if len({row.calls_per_sample for row in rows}) > 1:
+        merged.calls_per_sample = 0  # samples averaging different numbers of calls: unknown
     merged.median_s = median
     merged.mean_s = float(values.mean())
     merged.min_s = float(values.min())
