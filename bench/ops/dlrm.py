@@ -12,7 +12,8 @@ from torch import nn
 from bench import quality
 from bench.model import (DLRM, batch_tensors, build_dlrm, flatten_tables, flops_per_sample,
                          parameter_bytes, row_starts_of)
-from bench.ops.common import (BYTES_PER_VALUE, FLOAT_DTYPES, ROW_OVERHEAD_BYTES, PooledTable)
+from bench.ops.common import (BYTES_PER_VALUE, FLOAT_DTYPES, ROW_OVERHEAD_BYTES, PooledTable,
+                              float_dtype)
 from bench.ops.fc import at_precision, input_dtype
 from bench.registry import BuildContext, Op, Prepared, Unsupported, impl, register_op
 from bench.teacher import calibrate, evaluation_set, label_batches, teacher_model
@@ -24,6 +25,9 @@ WHOLE_MODEL_TOLERANCE = {"int8": 0.15, "int4": 0.3}
 EVAL_BATCHES = 8  # 8 x 2048 = 16384 teacher-labelled samples per accuracy measurement
 LEARNING_RATE = 0.1  # the DLRM Kaggle config's SGD rate
 TRAIN_BATCH_INDEX = 0
+# Training runs in float formats only (fp16/bf16 by autocast): int8/int4 training would need
+# quantization-aware training, which this op does not model.
+TRAIN_PRECISIONS = ("fp32", "fp16", "bf16")
 
 TT_WARM_UP_BATCHES = 4  # batches whose row counts populate the TT-Rec LFU caches
 
@@ -267,10 +271,8 @@ def _after_step(model: DLRM, indices, offsets) -> tuple:
 def build_train(context: BuildContext, layout: str) -> Prepared:
     """One SGD step of a student DLRM on teacher labels."""
     workload, device, precision = context.workload, context.device, context.precision
-    if precision not in ("fp32", "fp16", "bf16"):
-        raise Unsupported(f"training at {precision} needs quantization-aware training, "
-                          "which this op does not model; use fp32, bf16 or fp16 (autocast)")
-    autocast_dtype = None if precision == "fp32" else FLOAT_DTYPES[precision]
+    # float_dtype refuses a precision outside TRAIN_PRECISIONS (the planner never asks for one).
+    autocast_dtype = None if precision == "fp32" else float_dtype(precision)
     teacher = teacher_model(workload, context.seed)
     labelled = label_batches(teacher, workload, context.seed, [TRAIN_BATCH_INDEX],
                              workload.batch_size)[0]
@@ -308,25 +310,26 @@ def build_train(context: BuildContext, layout: str) -> Prepared:
         bytes_moved=3.0 * _inference_bytes(workload, student, "fp32"),
         params={"layout": layout, "optimizer": "SGD", "lr": LEARNING_RATE,
                 "autocast": precision if autocast_dtype is not None else "none", **tt},
-        metrics=_tt_metrics_after_lookup(initial, indices, offsets),
+        metrics={"model_bytes": _model_bytes(student),
+                 **_tt_metrics_after_lookup(initial, indices, offsets)},
     )
 
 
-@impl("dlrm_train", "per_table", ("fp32", "fp16", "bf16", "int8", "int4"), baseline=True,
+@impl("dlrm_train", "per_table", TRAIN_PRECISIONS, baseline=True,
       description="the DLRM reference's structure: per-table sparse EmbeddingBags + SGD")
 def build_train_per_table(context: BuildContext) -> Prepared:
     """Training step with per-table embeddings."""
     return build_train(context, "per_table")
 
 
-@impl("dlrm_train", "batched", ("fp32", "fp16", "bf16", "int8", "int4"),
+@impl("dlrm_train", "batched", TRAIN_PRECISIONS,
       description="one concatenated sparse EmbeddingBag + SGD")
 def build_train_batched(context: BuildContext) -> Prepared:
     """Training step with one batched embedding."""
     return build_train(context, "batched")
 
 
-@impl("dlrm_train", "fused_sgd", ("fp32", "fp16", "bf16", "int8", "int4"),
+@impl("dlrm_train", "fused_sgd", TRAIN_PRECISIONS,
       description="one concatenated table whose SGD update is fused into backward "
                   "(index_add_ of per-lookup gradients; no sparse gradient tensor)")
 def build_train_fused(context: BuildContext) -> Prepared:
