@@ -21,7 +21,7 @@ EFFICIENCY_COLUMNS = ["device", "isa", "op", "impl", "workload", "precision", "t
                       "batch_size", "intensity", "achieved_gflops", "achieved_gbps",
                       "working_set", "roof", "roof_gbps", "attainable_gflops", "roof_precision",
                       "efficiency", "bound", "note"]
-LATENCY_COLUMNS = ["op", "impl", "workload", "device", "isa", "threads", "precision",
+LATENCY_COLUMNS = ["op", "impl", "precision", "device", "isa", "threads", "workload",
                    "median_s", "p90_s", "p99_s", "n_samples", "calls_per_sample", "percentiles_of"]
 
 
