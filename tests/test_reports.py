@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import math
 import re
 import shutil
@@ -10,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from bench.schema import STATUS_ERROR, STATUS_SKIPPED, ResultRow, ResultsWriter, SchemaError
@@ -438,3 +440,154 @@ def test_report_renders_in_headless_chromium(realistic_report, tmp_path):
     assert "<h2>Summary</h2>" in dom and "<h2>Thread scaling</h2>" in dom
     console = [line for line in result.stderr.splitlines() if "CONSOLE" in line]
     assert not console, console
+
+
+# ---------------------------------------------------------------- roof choice by working set
+
+LLC = 32 << 20
+ROOF_ENV = {"l1d_bytes": 48 << 10, "l2_bytes": 2 << 20, "l3_bytes": LLC}
+
+
+def probe_row(gbps: float, size: int, row_bytes: int = 0, impl: str = "read",
+              isa: str = "native") -> ResultRow:
+    """A membw row: a stream of one buffer size, or a random-row gather when row_bytes > 0."""
+    params = {"bytes": size, **({"row_bytes": row_bytes} if row_bytes else {})}
+    return ResultRow(op="membw", impl=impl, workload="machine", params=json.dumps(params),
+                     device="cpu", isa=isa, threads=1, precision="fp32", median_s=1e-3,
+                     gbps=gbps, timestamp="2025-03-01T00:00:00")
+
+
+def lookup_row(gbps: float, table_bytes: float, rows: int, precision: str = "fp32",
+               rotation_batches: int = 64, isa: str = "native") -> ResultRow:
+    """An sls row whose bytes by formula move at gbps (no flops, so efficiency is GB/s)."""
+    params = {"rows": rows, "dim": 64, "table_bytes": table_bytes, "pooling": "32",
+              "rotation_batches": rotation_batches}
+    bytes_moved = 2048 * 32 * (table_bytes / rows + 8)
+    return ResultRow(op="sls", impl="embedding_bag", workload="synthetic",
+                     params=json.dumps(params), device="cpu", isa=isa, threads=1,
+                     precision=precision, batch_size=2048, median_s=bytes_moved / gbps / 1e9,
+                     bytes_moved=bytes_moved, gbps=gbps, timestamp="2025-03-01T00:00:01")
+
+
+def dense_row(gbps: float, bytes_moved: float, op: str = "interaction") -> ResultRow:
+    """An op without table lookups whose every call touches bytes_moved."""
+    return ResultRow(op=op, impl="dot", workload="kaggle", params='{"dim": 16}', device="cpu",
+                     isa="native", threads=1, precision="fp32", batch_size=2048,
+                     median_s=bytes_moved / gbps / 1e9, bytes_moved=bytes_moved, gbps=gbps,
+                     timestamp="2025-03-01T00:00:02")
+
+
+def roof_probes() -> list[ResultRow]:
+    """In-cache 120 GB/s, DRAM stream 16 GB/s, random gathers 2/3/4.5/6 GB/s beyond the LLC."""
+    rows = [probe_row(120.0, 1 << 20), probe_row(60.0, 16 << 20), probe_row(16.0, 4 * LLC),
+            probe_row(25.0, 4 * LLC, impl="copy")]
+    rows += [probe_row(gbps, 4 * LLC, row_bytes)
+             for row_bytes, gbps in ((64, 2.0), (128, 3.0), (256, 4.5), (512, 6.0))]
+    return rows
+
+
+def roofline_of(rows: list[ResultRow], env: dict = ROOF_ENV) -> tuple[dict, pd.DataFrame]:
+    frame = tables.rows_to_frame(rows)
+    ceilings = tables.group_ceilings(frame, env)
+    return ceilings, tables.roofline_table(frame, ceilings)
+
+
+def test_gather_rows_make_their_own_roofs_not_the_stream_roof():
+    ceilings, _ = roofline_of(roof_probes())
+    native = ceilings[("cpu", "native")]
+    assert native.memory_gbps == 25.0  # best stream at the largest buffer (copy)
+    assert native.cache_gbps == 120.0
+    assert native.gather_gbps == {64: 2.0, 128: 3.0, 256: 4.5, 512: 6.0}
+    assert native.cache_bytes == LLC
+
+
+@pytest.mark.parametrize("row, roof, roof_gbps", [
+    # A small table sits in the LLC: the in-cache roof, not the DRAM one.
+    (lookup_row(20.0, 4 << 20, 16384), tables.IN_CACHE_ROOF, 120.0),
+    # A 5 GiB table of 256 B rows: random rows, so the 256 B gather roof.
+    (lookup_row(4.0, 5 << 30, 20_000_000), f"{tables.GATHER_ROOF} 256 B rows", 4.5),
+    # 72 B int8 rows take the nearest probe row size (64 B).
+    (lookup_row(1.5, 1.44e9, 20_000_000, "int8"), f"{tables.GATHER_ROOF} 64 B rows", 2.0),
+    # The kaggle interaction case: 1.5 MB per call, touched again by the next call.
+    (dense_row(27.0, 1.5e6), tables.IN_CACHE_ROOF, 120.0),
+    # An op whose one call streams 200 MB: beyond the LLC, no random rows: DRAM stream.
+    (dense_row(12.0, 2e8, op="fc"), tables.DRAM_ROOF, 25.0),
+])
+def test_each_row_gets_the_roof_its_working_set_meets(row, roof, roof_gbps):
+    _, roofline = roofline_of(roof_probes() + [row])
+    placed = roofline.iloc[0]
+    assert (placed["roof"], placed["roof_gbps"]) == (roof, roof_gbps)
+    assert placed["efficiency"] == pytest.approx(row.gbps / roof_gbps)
+    assert placed["efficiency"] <= 1.0 and placed["note"] == ""
+
+
+def test_the_old_single_dram_roof_would_have_shown_above_100_percent():
+    # The planted fault: the issue's kaggle figures under one DRAM roof exceed 100%.
+    interaction = dense_row(27.1, 1.5e6)
+    _, roofline = roofline_of([probe_row(15.8, 512 << 20), interaction])
+    assert roofline.iloc[0]["roof"] == "DRAM stream (no in-cache probe)"
+    assert roofline.iloc[0]["efficiency"] > 1.0
+    assert roofline.iloc[0]["note"] == tables.ABOVE_ROOF_NOTE
+    _, fixed = roofline_of([probe_row(15.8, 512 << 20), probe_row(60.0, 1 << 20), interaction])
+    assert fixed.iloc[0]["roof"] == tables.IN_CACHE_ROOF and fixed.iloc[0]["efficiency"] < 1.0
+
+
+def test_a_lookup_table_touched_only_in_part_is_sized_by_its_batches():
+    # 64 rotating batches of 2048 x 32 rows touch ~1 GiB at most of a 5 GiB table; 1 rotation
+    # batch touches 17 MB, which the 32 MiB LLC holds: the in-cache roof.
+    _, roofline = roofline_of(roof_probes() + [lookup_row(4.0, 5 << 30, 20_000_000,
+                                                          rotation_batches=1)])
+    assert roofline.iloc[0]["roof"] == tables.IN_CACHE_ROOF
+
+
+def test_a_kernel_beating_its_probe_is_labelled_in_the_report(tmp_path):
+    rows = roof_probes() + [lookup_row(4.47, 5 << 30, 20_000_000, rotation_batches=64)]
+    rows[-3] = probe_row(3.5, 4 * LLC, 256)  # a weaker 256 B gather probe than the kernel
+    _, roofline = roofline_of(rows)
+    assert roofline.iloc[0]["efficiency"] == pytest.approx(4.47 / 3.5)
+    assert roofline.iloc[0]["note"] == tables.ABOVE_ROOF_NOTE
+    report = build_report([write_run(tmp_path / "run", rows, json.dumps(ROOF_ENV))])
+    markdown = (report / "summary.md").read_text(encoding="utf-8")
+    assert "1 row(s) exceed 100% of their roof (sls)" in markdown
+    assert tables.ABOVE_ROOF_NOTE in markdown
+    assert f"{tables.GATHER_ROOF} 256 B rows" in markdown
+
+
+def test_gather_probes_within_the_llc_are_no_roof():
+    rows = [probe_row(16.0, 4 * LLC), probe_row(60.0, 1 << 20), probe_row(9.0, 16 << 20, 256),
+            lookup_row(4.0, 5 << 30, 20_000_000)]
+    ceilings, roofline = roofline_of(rows)
+    native = ceilings[("cpu", "native")]
+    assert native.gather_gbps == {}
+    assert any("fits in the 32 MiB last-level cache: not a roof" in note for note in native.notes)
+    assert roofline.iloc[0]["roof"] == "DRAM stream (no random-gather probe)"
+
+
+# ---------------------------------------------------------------- ceilings table, latency label
+
+def test_ceilings_table_shows_each_measured_set_once(realistic_run):
+    run = tables.load_run(realistic_run)
+    table = tables.ceilings_table(tables.group_ceilings(run.frame, run.env))
+    cpu = table[table["device"] == "cpu"]
+    # membw ran only at native: its numbers appear once, never under avx2 or avx512.
+    memory = cpu[cpu["unit"] == "GB/s"]
+    assert set(memory["isa"]) == {"native"} and len(memory) == len(set(memory["roof"]))
+    # gemm_peak ran at every ISA level: one compute set per level, each its own numbers.
+    compute = cpu[cpu["roof"] == "compute fp32"].set_index("isa")["value"]
+    assert compute.to_dict() == pytest.approx({"avx2": 400.0, "avx512": 600.0, "native": 680.0})
+    notes = cpu[cpu["roof"] == "note"]["detail"].tolist()
+    assert notes == ["no probes at these ISA levels: their rows use the membw of isa native "
+                     "(not repeated here)"]
+    assert cpu[cpu["roof"] == "note"]["isa"].tolist() == ["avx2, avx512"]
+    assert set(table[table["device"] == "cuda:0"]["isa"]) == {"native"}
+
+
+def test_latency_table_says_what_a_sample_is(tmp_path):
+    rows = [dense_row(10.0, 1e6), dense_row(10.0, 2e8, op="fc")]
+    rows[0].calls_per_sample, rows[1].calls_per_sample = 64, 1
+    rows[0].p99_s = rows[1].p99_s = 1e-3
+    report = build_report([write_run(tmp_path / "run", rows)])
+    markdown = (report / "summary.md").read_text(encoding="utf-8")
+    assert "64-call block means" in markdown_row(markdown, "interaction", "dot", "fp32")
+    assert "single calls" in markdown_row(markdown, "fc", "dot", "fp32")
+    assert "mean of calls_per_sample calls" in markdown
