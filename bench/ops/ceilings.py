@@ -1,4 +1,4 @@
-"""Machine-ceiling probes: memory bandwidth (streams by buffer size, random-row gathers) and GEMM peak."""
+"""Machine-ceiling probes: memory bandwidth (streams by size, random-row gathers), GEMM peak."""
 
 from __future__ import annotations
 
