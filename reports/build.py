@@ -20,7 +20,7 @@ FIGURE_PREFIX = "fig-"
 EFFICIENCY_COLUMNS = ["device", "isa", "op", "impl", "workload", "precision", "threads",
                       "batch_size", "intensity", "achieved_gflops", "achieved_gbps",
                       "working_set", "roof", "roof_gbps", "attainable_gflops", "roof_precision",
-                      "efficiency", "bound", "note"]
+                      "efficiency", "limit", "bound", "note"]
 LATENCY_COLUMNS = ["op", "impl", "precision", "device", "isa", "threads", "workload",
                    "median_s", "p90_s", "p99_s", "n_samples", "calls_per_sample", "percentiles_of"]
 
@@ -93,7 +93,7 @@ def roofline_group_blocks(ceilings: tables.Ceilings, points: pd.DataFrame) -> li
     if unplaced:
         blocks.append(NoteBlock(
             f"{unplaced} row(s) of {ceilings.device}/{ceilings.isa} have no arithmetic "
-            "intensity (no flops by formula): not drawn, efficiency against the memory roof."))
+            "intensity (no flops by formula): not drawn, efficiency = GB/s against their roof."))
     return blocks
 
 
@@ -116,7 +116,9 @@ def roofline_section(ceilings_by_group: dict, roofline: pd.DataFrame) -> Section
         f"meets: '{tables.IN_CACHE_ROOF}' (the best membw stream buffer within the "
         "last-level cache) when the working set fits in the LLC of env.json, else "
         f"'{tables.GATHER_ROOF}' (random rows of the nearest row size from a buffer beyond "
-        f"the LLC) for lookups, else '{tables.DRAM_ROOF}' (the largest membw buffer). "
+        f"the LLC) for lookups, else '{tables.DRAM_ROOF}' (the largest membw buffer); a "
+        "working set between the LLC and that probe's buffer is partly cached and bounded by "
+        "the in-cache roof. limit says whether the compute peak or the memory roof binds. "
         "Working set: the table for lookups (at most what their rotating batches read), the "
         "model for whole-model ops, else the bytes one call moves. The compute peak is the "
         "gemm_peak of the row's precision, else the highest peak measured."))
@@ -124,8 +126,10 @@ def roofline_section(ceilings_by_group: dict, roofline: pd.DataFrame) -> Section
     if not above.empty:
         section.blocks.append(NoteBlock(
             f"{len(above)} row(s) exceed 100% of their roof ({tables.joined_unique(above['op'])}):"
-            " the kernel beats the run's own probe of that roof, so the probe, not the kernel, "
-            "is the limit of this table; they are labelled, not hidden."))
+            " the kernel beats the run's own probe of that roof (gemm_peak for a compute "
+            "limit, membw for a memory one; skewed indices also reuse cached rows that a "
+            "uniform gather probe does not), so the probe understates the machine there; they "
+            "are labelled, not hidden."))
     section.blocks.append(table_or_note(
         "Efficiency per row", tables.sort_report_rows(roofline[EFFICIENCY_COLUMNS]),
         "No measured op row shares a (device, isa) group with the ceilings."))

@@ -44,6 +44,7 @@ COMPARISON_TOLERANCE = 0.05
 IN_CACHE_ROOF = "in-cache"
 DRAM_ROOF = "DRAM stream"
 GATHER_ROOF = "random gather"
+PARTLY_CACHED_ROOF = "in-cache (partly cached: working set between the LLC and the probe buffer)"
 # Bytes of one stored value by precision; int8/int4 rows also carry a scale and a bias
 # (bench.ops.common, repeated here because reports never import torch).
 VALUE_BYTES = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "int8": 1.0, "int4": 0.5}
@@ -116,21 +117,31 @@ class Ceilings:
     def roof_for(self, working_set_bytes: float, row_bytes: float,
                  random_rows: bool) -> tuple[str, float]:
         """(name, GB/s) of the memory roof a working set meets: in-cache when it fits in the
-        last-level cache, else a random-row gather (lookups) or the DRAM stream."""
+        last-level cache; a random-row gather (lookups) or the DRAM stream when it is at least
+        as large as that probe's own buffer; in between, partly cached, the in-cache roof bounds
+        it (a mix of hits and misses is never faster than all hits)."""
         if not (is_positive(self.cache_bytes) and is_positive(working_set_bytes)):
             return "DRAM stream (working set or cache size unknown)", self.memory_gbps
+        in_cache = (max(self.cache_gbps, self.memory_gbps if is_positive(self.memory_gbps)
+                        else 0.0) if is_positive(self.cache_gbps) else math.nan)
         if working_set_bytes <= self.cache_bytes:
-            if is_positive(self.cache_gbps):
+            if is_positive(in_cache):
                 # Never below the DRAM roof: a noisy in-cache probe must not lower the roof.
-                return IN_CACHE_ROOF, max(self.cache_gbps, self.memory_gbps
-                                          if is_positive(self.memory_gbps) else 0.0)
+                return IN_CACHE_ROOF, in_cache
             return "DRAM stream (no in-cache probe)", self.memory_gbps
         if random_rows and self.gather_gbps:
-            size = nearest_row_size(row_bytes, list(self.gather_gbps))
-            return f"{GATHER_ROOF} {size} B rows", self.gather_gbps[size]
-        if random_rows:
-            return "DRAM stream (no random-gather probe)", self.memory_gbps
-        return DRAM_ROOF, self.memory_gbps
+            probe_buffer, size = self.gather_buffer_bytes, nearest_row_size(
+                row_bytes, list(self.gather_gbps))
+            roof = (f"{GATHER_ROOF} {size} B rows", self.gather_gbps[size])
+        elif random_rows:
+            probe_buffer, roof = self.memory_buffer_bytes, (
+                "DRAM stream (no random-gather probe)", self.memory_gbps)
+        else:
+            probe_buffer, roof = self.memory_buffer_bytes, (DRAM_ROOF, self.memory_gbps)
+        if is_positive(probe_buffer) and working_set_bytes < probe_buffer and is_positive(
+                in_cache):
+            return PARTLY_CACHED_ROOF, in_cache
+        return roof
 
 
 def is_positive(value: Any) -> bool:
@@ -545,6 +556,8 @@ def roofline_record(row: pd.Series, ceilings: Ceilings) -> dict[str, Any]:
         "roof_precision": roof_precision, "working_set_bytes": footprint,
         "working_set": format_bytes(footprint) if is_positive(footprint) else "",
         "roof": roof, "roof_gbps": roof_gbps, "efficiency": efficiency, "ridge": ridge,
+        "limit": ("" if not is_positive(attainable) else "compute"
+                  if attainable < roof_gbps * intensity else "memory"),
         "bound": classify(intensity, ridge, row["bytes_moved"]),
         "note": ABOVE_ROOF_NOTE if is_positive(efficiency) and efficiency > 1.0 else "",
     }
@@ -553,7 +566,7 @@ def roofline_record(row: pd.Series, ceilings: Ceilings) -> dict[str, Any]:
 ROOFLINE_COLUMNS = ["row_id", "device", "isa", "op", "impl", "workload", "precision", "threads",
                     "batch_size", "intensity", "achieved_gflops", "achieved_gbps",
                     "attainable_gflops", "roof_precision", "working_set_bytes", "working_set",
-                    "roof", "roof_gbps", "efficiency", "ridge", "bound", "note"]
+                    "roof", "roof_gbps", "efficiency", "ridge", "limit", "bound", "note"]
 
 
 def roofline_table(frame: pd.DataFrame,

@@ -210,9 +210,10 @@ def test_handmade_efficiency_and_bound():
     run = tables.load_run(FIXTURES / "handmade")
     roofline = tables.roofline_table(run.frame, tables.group_ceilings(run.frame, run.env))
     by_config = roofline.set_index(["op", "precision"])
-    # sls fp32: 1 GFLOP/s at 0.25 FLOP/B under the 20 GB/s DRAM roof (its 25.6 MB table is
-    # beyond the 8 MiB L3); sls int8's 7.2 MB table fits the L3: the 100 GB/s in-cache roof.
-    expected = {("sls", "fp32"): (0.25, 5.0, 0.2, "memory"),
+    # sls fp32: its 25.6 MB table is beyond the 8 MiB L3 but below the 256 MiB probe buffer:
+    # partly cached, bounded by the 100 GB/s in-cache roof (25 GFLOP/s at 0.25 FLOP/B);
+    # sls int8's 7.2 MB table fits the L3: the same in-cache roof.
+    expected = {("sls", "fp32"): (0.25, 25.0, 0.04, "memory"),
                 ("sls", "int8"): (1.0, 100.0, 0.02, "memory"),
                 ("fc", "fp32"): (20.0, 200.0, 0.5, "compute"),
                 ("fc", "bf16"): (50.0, 800.0, 0.25, "compute"),
@@ -223,7 +224,7 @@ def test_handmade_efficiency_and_bound():
         assert row["attainable_gflops"] == pytest.approx(attainable)
         assert row["efficiency"] == pytest.approx(efficiency)
         assert row["bound"] == bound
-    assert by_config.loc[("sls", "fp32"), "roof"] == tables.DRAM_ROOF
+    assert by_config.loc[("sls", "fp32"), "roof"] == tables.PARTLY_CACHED_ROOF
     assert by_config.loc[("sls", "int8"), "roof"] == tables.IN_CACHE_ROOF
     interaction = by_config.loc[("interaction", "fp32")]
     assert math.isnan(interaction["intensity"])  # no flops by formula: bandwidth only
@@ -253,7 +254,8 @@ def test_handmade_summary_has_best_rows(handmade_report):
     line = markdown_row(markdown, "sls", "small", "cpu", "fbgemm", "int8")
     assert "2,000,000 | samples/s" in line and "2.0% | in-cache" in line
     assert "50.0%" in markdown_row(markdown, "fc", "mlp", "cpu", "fbgemm", "int8")
-    assert "compute" in markdown_row(markdown, "cpu", "native", "fc", "fp32", "DRAM stream", "20")
+    assert "compute" in markdown_row(markdown, "cpu", "native", "fc", "fp32",
+                                     tables.PARTLY_CACHED_ROOF, "20")
 
 
 def test_skipped_and_error_rows_are_listed_with_reasons(handmade_report):
@@ -591,3 +593,13 @@ def test_latency_table_says_what_a_sample_is(tmp_path):
     assert "64-call block means" in markdown_row(markdown, "interaction", "dot", "fp32")
     assert "single calls" in markdown_row(markdown, "fc", "dot", "fp32")
     assert "mean of calls_per_sample calls" in markdown
+
+
+def test_a_working_set_between_the_llc_and_the_probe_buffer_is_bounded_by_the_cache_roof():
+    # 51 MiB of tables (the kaggle sls_multi case) against a 32 MiB LLC and 128 MiB probes:
+    # part of it stays cached, so only the in-cache roof bounds it.
+    _, roofline = roofline_of(roof_probes() + [lookup_row(8.5, 51 << 20, 800_000)])
+    assert roofline.iloc[0]["roof"] == tables.PARTLY_CACHED_ROOF
+    assert roofline.iloc[0]["roof_gbps"] == 120.0 and roofline.iloc[0]["efficiency"] < 1.0
+    _, streaming = roofline_of(roof_probes() + [dense_row(12.0, 64 << 20, op="fc")])
+    assert streaming.iloc[0]["roof"] == tables.PARTLY_CACHED_ROOF
