@@ -378,11 +378,16 @@ def draw_roofs(axis, ceilings: Ceilings, low: float, high: float) -> None:
         bandwidths.append((ceilings.cache_gbps, IN_CACHE_ROOF, "--"))
     bandwidths += [(bandwidth, f"{GATHER_ROOF} {size} B", ":")
                    for size, bandwidth in sorted(ceilings.gather_gbps.items())]
-    for bandwidth, name, style in bandwidths:
+    blues = matplotlib.colormaps["Blues"]
+    gathers = max(len(ceilings.gather_gbps), 1)
+    for index, (bandwidth, name, style) in enumerate(bandwidths):
         if not is_positive(bandwidth):
             continue
         end = top_peak / bandwidth if is_positive(top_peak) else high
-        axis.plot([low, end], [bandwidth * low, bandwidth * end], color="black",
+        # Gather roofs in shades of blue, lighter for smaller rows; streams in black.
+        color = (blues(0.4 + 0.6 * (index - len(bandwidths) + gathers + 1) / gathers)
+                 if style == ":" else "black")
+        axis.plot([low, end], [bandwidth * low, bandwidth * end], color=color,
                   linestyle=style, linewidth=1.2, label=f"{name} roof {bandwidth:.4g} GB/s")
     palette = matplotlib.colormaps["Greys"]
     peaks = sorted(ceilings.compute_gflops.items(), key=lambda item: precision_sort_key(item[0]))

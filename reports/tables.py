@@ -556,8 +556,8 @@ def roofline_record(row: pd.Series, ceilings: Ceilings) -> dict[str, Any]:
         "roof_precision": roof_precision, "working_set_bytes": footprint,
         "working_set": format_bytes(footprint) if is_positive(footprint) else "",
         "roof": roof, "roof_gbps": roof_gbps, "efficiency": efficiency, "ridge": ridge,
-        "limit": ("" if not is_positive(attainable) else "compute"
-                  if attainable < roof_gbps * intensity else "memory"),
+        "limit": ("compute" if is_positive(attainable) and attainable < roof_gbps * intensity
+                  else "memory" if is_positive(efficiency) else ""),
         "bound": classify(intensity, ridge, row["bytes_moved"]),
         "note": ABOVE_ROOF_NOTE if is_positive(efficiency) and efficiency > 1.0 else "",
     }
