@@ -47,6 +47,7 @@ class Summary:
     p99_s: float
     iqr_s: float
     min_s: float
+    calls_per_sample: int = 1  # calls averaged into each sample (CPU blocks; 1 on CUDA)
 
     @property
     def noisy(self) -> bool:
@@ -54,8 +55,9 @@ class Summary:
         return self.iqr_s > NOISY_IQR_RATIO * self.median_s
 
 
-def summarize(samples_s) -> Summary:
-    """Median, percentiles and spread (interquartile range, linear interpolation) of raw times."""
+def summarize(samples_s, calls_per_sample: int = 1) -> Summary:
+    """Median, percentiles and spread (interquartile range, linear interpolation) of raw times,
+    each the mean of calls_per_sample calls."""
     values = np.asarray(samples_s, dtype=np.float64)
     if values.size == 0:
         raise ValueError("no timing samples")
@@ -67,6 +69,7 @@ def summarize(samples_s) -> Summary:
         p99_s=float(np.percentile(values, 99)),
         iqr_s=float(np.percentile(values, 75) - np.percentile(values, 25)),
         min_s=float(values.min()),
+        calls_per_sample=int(calls_per_sample),
     )
 
 
@@ -140,6 +143,9 @@ class ResultRow:
     batch_size: int = 0
     fingerprint: str = ""  # hash of hardware + software identity (see bench.run.devices)
     n_samples: int = 0  # number of timed repetitions in samples_s
+    # Calls of the timed closure averaged into each sample (CPU times blocks of calls, so
+    # p90_s/p99_s are percentiles of block means when > 1); 0 = not recorded.
+    calls_per_sample: int = 0
     median_s: float = math.nan
     mean_s: float = math.nan
     p90_s: float = math.nan

@@ -19,7 +19,10 @@ REPORT_TITLE = "dlrm-bench report"
 FIGURE_PREFIX = "fig-"
 EFFICIENCY_COLUMNS = ["device", "isa", "op", "impl", "workload", "precision", "threads",
                       "batch_size", "intensity", "achieved_gflops", "achieved_gbps",
-                      "attainable_gflops", "roof_precision", "efficiency", "bound"]
+                      "working_set", "roof", "roof_gbps", "attainable_gflops", "roof_precision",
+                      "efficiency", "limit", "bound", "note"]
+LATENCY_COLUMNS = ["op", "impl", "precision", "device", "isa", "threads", "workload",
+                   "median_s", "p90_s", "p99_s", "n_samples", "calls_per_sample", "percentiles_of"]
 
 
 def slug(text: str) -> str:
@@ -76,7 +79,7 @@ def roofline_group_blocks(ceilings: tables.Ceilings, points: pd.DataFrame) -> li
     if unplaced:
         blocks.append(NoteBlock(
             f"{unplaced} row(s) of {ceilings.device}/{ceilings.isa} have no arithmetic "
-            "intensity (no flops by formula): not drawn, efficiency against the memory roof."))
+            "intensity (no flops by formula): not drawn, efficiency = GB/s against their roof."))
     return blocks
 
 
@@ -94,9 +97,25 @@ def roofline_section(ceilings_by_group: dict, roofline: pd.DataFrame) -> Section
         if not points.empty:
             section.blocks += roofline_group_blocks(ceilings, points)
     section.blocks.append(NoteBlock(
-        "Efficiency = achieved GFLOP/s / min(compute peak, memory roof x intensity). The "
-        "compute peak is the gemm_peak of the row's precision, else the highest peak measured; "
-        "working sets that fit in cache can exceed 100%."))
+        "Efficiency = achieved GFLOP/s / min(compute peak, memory roof x intensity), or GB/s / "
+        "memory roof without flops. Each row is placed under the memory roof its working set "
+        f"meets: '{tables.IN_CACHE_ROOF}' (the best membw stream buffer within the "
+        "last-level cache) when the working set fits in the LLC of env.json, else "
+        f"'{tables.GATHER_ROOF}' (random rows of the nearest row size from a buffer beyond "
+        f"the LLC) for lookups, else '{tables.DRAM_ROOF}' (the largest membw buffer); a "
+        "working set between the LLC and that probe's buffer is partly cached and bounded by "
+        "the in-cache roof. limit says whether the compute peak or the memory roof binds. "
+        "Working set: the table for lookups (at most what their rotating batches read), the "
+        "model for whole-model ops, else the bytes one call moves. The compute peak is the "
+        "gemm_peak of the row's precision, else the highest peak measured."))
+    above = roofline[roofline["note"] == tables.ABOVE_ROOF_NOTE]
+    if not above.empty:
+        section.blocks.append(NoteBlock(
+            f"{len(above)} row(s) exceed 100% of their roof ({tables.joined_unique(above['op'])}):"
+            " the kernel beats the run's own probe of that roof (gemm_peak for a compute "
+            "limit, membw for a memory one; skewed indices also reuse cached rows that a "
+            "uniform gather probe does not), so the probe understates the machine there; they "
+            "are labelled, not hidden."))
     section.blocks.append(table_or_note(
         "Efficiency per row", tables.sort_report_rows(roofline[EFFICIENCY_COLUMNS]),
         "No measured op row shares a (device, isa) group with the ceilings."))
@@ -109,6 +128,23 @@ def roofline_section(ceilings_by_group: dict, roofline: pd.DataFrame) -> Section
 def figure_section(title: str, anchor: str, block: FigureBlock | NoteBlock) -> Section:
     """A section holding a single figure (or its note)."""
     return Section(title, anchor, [block])
+
+
+def latency_section(frame: pd.DataFrame) -> Section:
+    """Per-sample time distributions, labelled with how many calls each sample averages."""
+    rows = tables.measured_op_rows(frame)
+    rows = rows[tables.positive_mask(rows["median_s"])]
+    table = rows.assign(percentiles_of=rows["calls_per_sample"].map(tables.sample_label))
+    return Section("Latency distribution", "latency", [
+        figure_block("latency", "Per-sample time distribution per op (CPU samples are block "
+                     "means of N calls, see the table)", lambda: plots.latency_figure(frame)),
+        NoteBlock("On CPU, torch.utils.benchmark times blocks of calls: each sample, and so "
+                  "p90_s and p99_s, is the mean of calls_per_sample calls, which hides the "
+                  "spread of single calls. A sample is one call only where calls_per_sample "
+                  "is 1 (CUDA rows, slow closures)."),
+        table_or_note("Percentiles per row", tables.sort_report_rows(table[LATENCY_COLUMNS]),
+                      "No measured op rows with a median time."),
+    ])
 
 
 def precision_section(frame: pd.DataFrame) -> Section:
@@ -143,13 +179,14 @@ def working_set_section(frame: pd.DataFrame, env: dict) -> Section:
         f"{workingset.CLIFF_THRESHOLD:.0%} between neighbouring footprints) against the sysfs "
         "cache sizes; cliff_over_cache = middle of the fall / cache size",
         workingset.cliffs_table(sweep, env), "No cliffs and no cache sizes to compare."))
-    caps = sorted(set(sweep["call_bytes"][tables.finite_mask(sweep["call_bytes"])]))
+    caps = sorted(set(sweep["loop_bytes"][tables.finite_mask(sweep["loop_bytes"])]))
     if caps:
         section.blocks.append(NoteBlock(
-            "The timed loop replays one batch, which touches at most "
-            f"{', '.join(tables.format_bytes(cap) for cap in caps)} of the table (batch x "
-            "pooling rows): beyond that footprint the cached working set stops growing, so "
-            "later cliffs come from the spread of the rows, not from their number."))
+            "The timed loop cycles through distinct batches (rotation_batches in params), which "
+            f"together touch at most {', '.join(tables.format_bytes(cap) for cap in caps)} of "
+            "the table (batch x pooling rows x batches): a table larger than that is never "
+            "touched whole, so cliffs beyond it come from the spread of the rows, not from "
+            "the table's size."))
     return section
 
 
@@ -213,8 +250,7 @@ def build_sections(runs: list[tables.Run]) -> list[Section]:
             lambda: plots.throughput_figure(frame))),
         figure_section("Speed-up by ISA level", "isa", figure_block(
             "isa-speedup", "Speed-up by ISA level per op", lambda: plots.isa_figure(frame))),
-        figure_section("Latency distribution", "latency", figure_block(
-            "latency", "Latency distribution per op", lambda: plots.latency_figure(frame))),
+        latency_section(frame),
         figure_section("Thread scaling", "threads", figure_block(
             "thread-scaling", "Thread scaling per op", lambda: plots.thread_figure(frame))),
         working_set_section(frame, primary.env),

@@ -63,6 +63,8 @@ def _pooled_row(rows: Sequence[ResultRow], run_id: str, total_runs: int) -> Resu
     merged = dataclasses.replace(first, run_id=run_id, timestamp=rows[-1].timestamp)
     merged.samples_s = json.dumps(samples)
     merged.n_samples = len(samples)
+    if len({row.calls_per_sample for row in rows}) > 1:
+        merged.calls_per_sample = 0  # samples averaging different numbers of calls: unknown
     merged.median_s, merged.mean_s, merged.min_s = median, summary.mean_s, summary.min_s
     merged.p90_s, merged.p99_s, merged.iqr_s = summary.p90_s, summary.p99_s, summary.iqr_s
     # Rates depend on the median: rescale them from the first row's own median.

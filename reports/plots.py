@@ -15,6 +15,10 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import LogFormatter
 
 from reports.tables import (
+    CACHE_ROOF_MARGIN,
+    DRAM_ROOF,
+    GATHER_ROOF,
+    IN_CACHE_ROOF,
     PROBLEM_KEYS,
     Ceilings,
     finite_mask,
@@ -24,6 +28,7 @@ from reports.tables import (
     measured_op_rows,
     positive_mask,
     precision_sort_key,
+    sample_label,
     sorted_ops,
     throughput_metric,
 )
@@ -328,14 +333,16 @@ def latency_figure(frame: pd.DataFrame) -> Figure:
     ops = sorted_ops(rows["op"])
     if not ops:
         raise NoData("no measured op rows with a median time")
-    figure, axes = panel_grid(len(ops), "Latency distribution per call (highest ISA level, most "
-                                        "threads; whiskers: min-max of raw samples or p99)")
+    figure, axes = panel_grid(len(ops), "Per-sample time (highest ISA level, most threads; a "
+                                        "CPU sample is the mean of an N-call block; whiskers: "
+                                        "min-max of the samples, else p99 of the block means)")
     for axis, op in zip(axes, ops):
         slice_rows = add_series_columns(at_top_configuration(reference_problem(
             rows[rows["op"] == op])))
         slice_rows = sort_by_precision_and_series(slice_rows)
         scale, unit = time_scale(float(slice_rows["median_s"].median()))
-        stats = [box_statistics(row, f"{row['series']}\n{row['precision']}",
+        stats = [box_statistics(row, f"{row['series']}\n{row['precision']}\n"
+                                f"({sample_label(row.get('calls_per_sample', 0))})",
                                 parse_samples(row["samples_s"]), scale)
                  for _, row in slice_rows.iterrows()]
         axis.bxp(stats, showfliers=False)
@@ -345,7 +352,7 @@ def latency_figure(frame: pd.DataFrame) -> Figure:
             log_scale(axis, "y")
         axis.tick_params(axis="x", labelsize="small", rotation=20)
         axis.set_xlabel("Implementation and precision")
-        axis.set_ylabel(f"Latency per call ({unit})")
+        axis.set_ylabel(f"Seconds per call, per sample ({unit})")
         axis.set_title(problem_title(op, slice_rows), fontsize="medium")
     return figure
 
@@ -354,8 +361,9 @@ def roof_range(ceilings: Ceilings, intensities: pd.Series) -> tuple[float, float
     """Intensity axis limits covering the points and every ridge point."""
     candidates = [value for value in intensities if is_positive(value)]
     candidates += [ceilings.ridge_point(precision) for precision in ceilings.compute_gflops]
-    if is_positive(ceilings.cache_gbps):
-        candidates += [peak / ceilings.cache_gbps for peak in ceilings.compute_gflops.values()]
+    for bandwidth in [ceilings.cache_gbps, *ceilings.gather_gbps.values()]:
+        if is_positive(bandwidth):
+            candidates += [peak / bandwidth for peak in ceilings.compute_gflops.values()]
     candidates = [value for value in candidates if is_positive(value)] or [0.1, 10.0]
     return min(candidates) / 4, max(candidates) * 4
 
@@ -363,12 +371,23 @@ def roof_range(ceilings: Ceilings, intensities: pd.Series) -> tuple[float, float
 def draw_roofs(axis, ceilings: Ceilings, low: float, high: float) -> None:
     """Memory diagonals and compute horizontals of one group."""
     top_peak = max(ceilings.compute_gflops.values(), default=math.nan)
-    bandwidths = [(ceilings.memory_gbps, "memory", "-"), (ceilings.cache_gbps, "in-cache", "--")]
-    for bandwidth, name, style in bandwidths:
+    bandwidths = [(ceilings.memory_gbps, DRAM_ROOF, "-")]
+    if is_positive(ceilings.cache_gbps) and not (
+            is_positive(ceilings.memory_gbps)
+            and ceilings.cache_gbps <= ceilings.memory_gbps * CACHE_ROOF_MARGIN):
+        bandwidths.append((ceilings.cache_gbps, IN_CACHE_ROOF, "--"))
+    bandwidths += [(bandwidth, f"{GATHER_ROOF} {size} B", ":")
+                   for size, bandwidth in sorted(ceilings.gather_gbps.items())]
+    blues = matplotlib.colormaps["Blues"]
+    gathers = max(len(ceilings.gather_gbps), 1)
+    for index, (bandwidth, name, style) in enumerate(bandwidths):
         if not is_positive(bandwidth):
             continue
         end = top_peak / bandwidth if is_positive(top_peak) else high
-        axis.plot([low, end], [bandwidth * low, bandwidth * end], color="black",
+        # Gather roofs in shades of blue, lighter for smaller rows; streams in black.
+        color = (blues(0.4 + 0.6 * (index - len(bandwidths) + gathers + 1) / gathers)
+                 if style == ":" else "black")
+        axis.plot([low, end], [bandwidth * low, bandwidth * end], color=color,
                   linestyle=style, linewidth=1.2, label=f"{name} roof {bandwidth:.4g} GB/s")
     palette = matplotlib.colormaps["Greys"]
     peaks = sorted(ceilings.compute_gflops.items(), key=lambda item: precision_sort_key(item[0]))
@@ -497,7 +516,7 @@ def working_set_figure(sweep: pd.DataFrame, env: dict, cliffs: dict[str, list]) 
                                  "(circles: detected cliffs; dashed: sysfs cache sizes)")
     names = list(dict.fromkeys(sweep["series"]))
     palette = matplotlib.colormaps["tab10"]
-    caps = sorted(set(sweep["call_bytes"][finite_mask(sweep["call_bytes"])]))
+    caps = sorted(set(sweep["loop_bytes"][finite_mask(sweep["loop_bytes"])]))
     # Cache lines a little outside the measured sizes still place the sweep against them.
     low, high = float(sweep["table_bytes"].min()), float(sweep["table_bytes"].max())
     levels = [level for level in cache_levels(env) if low / 2 <= level[1] <= high * 2]
@@ -518,7 +537,7 @@ def working_set_figure(sweep: pd.DataFrame, env: dict, cliffs: dict[str, list]) 
             axis.axvline(cap, color="tab:red", linestyle=":", linewidth=0.9)
         if caps:
             axis.plot([], [], color="tab:red", linestyle=":",
-                      label="most bytes one batch touches")
+                      label="most bytes the rotating batches touch")
         byte_axis(axis, min(span), max(span))
         axis.set_ylim(bottom=0)
         axis.set_xlabel("Table footprint (bytes at the row's precision)")
@@ -537,11 +556,11 @@ def locality_figure(table: pd.DataFrame) -> Figure:
     axis = axes[0]
     rows = rows.sort_values("predicted_hit_rate_llc")
     axis.plot(rows["predicted_hit_rate_llc"], rows["gbps"], marker="o",
-              label="one pass of the batch (cold cache)")
+              label="one pass of one batch (cold cache)")
     if "steady_hit_rate_llc" in rows:
         steady = rows.sort_values("steady_hit_rate_llc")
         axis.plot(steady["steady_hit_rate_llc"], steady["gbps"], marker="s", linestyle="--",
-                  label="batch replayed (the timing loop)")
+                  label="one batch replayed (the loop rotates batches instead)")
     for _, row in rows.iterrows():
         axis.annotate(str(row["level"]), (row["predicted_hit_rate_llc"], row["gbps"]),
                       fontsize="x-small", xytext=(4, 4), textcoords="offset points")

@@ -41,6 +41,14 @@ PERCENT_COLUMNS = ("efficiency", "noise", "drop")
 # A cache roof this close to the memory roof is measurement noise, not a separate ceiling.
 CACHE_ROOF_MARGIN = 1.05
 COMPARISON_TOLERANCE = 0.05
+IN_CACHE_ROOF = "in-cache"
+DRAM_ROOF = "DRAM stream"
+GATHER_ROOF = "random gather"
+PARTLY_CACHED_ROOF = "in-cache (partly cached: working set between the LLC and the probe buffer)"
+# Bytes of one stored value by precision; int8/int4 rows also carry a scale and a bias
+# (bench.ops.common, repeated here because reports never import torch).
+VALUE_BYTES = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "int8": 1.0, "int4": 0.5}
+ROW_OVERHEAD_BYTES = {"int8": 8, "int4": 4}
 _FIELD_TYPES = {field.name: field.type for field in dataclasses.fields(ResultRow)}
 
 
@@ -61,12 +69,18 @@ class Ceilings:
 
     device: str
     isa: str
-    memory_gbps: float = math.nan
+    memory_gbps: float = math.nan  # DRAM streaming: the largest membw stream buffer
     memory_buffer_bytes: float = math.nan
-    cache_gbps: float = math.nan
+    cache_gbps: float = math.nan  # best stream buffer within the last-level cache
     cache_detail: str = ""
+    # Random-row gathers from a buffer beyond the last-level cache, GB/s by row size in bytes.
+    gather_gbps: dict[int, float] = dataclasses.field(default_factory=dict)
+    gather_buffer_bytes: float = math.nan
+    cache_bytes: float = math.nan  # the last-level cache (env.json) that decides the roof
     compute_gflops: dict[str, float] = dataclasses.field(default_factory=dict)
     notes: list[str] = dataclasses.field(default_factory=list)
+    memory_isa: str = ""  # the ISA level(s) whose membw rows gave the memory roofs
+    compute_isa: str = ""  # the ISA level(s) whose gemm_peak rows gave the compute roofs
 
     @property
     def has_any(self) -> bool:
@@ -82,19 +96,52 @@ class Ceilings:
         best = max(self.compute_gflops, key=self.compute_gflops.__getitem__)
         return self.compute_gflops[best], best
 
-    def attainable_gflops(self, intensity: float, precision: str) -> float:
-        """The roofline at an arithmetic intensity: min(compute peak, bandwidth * intensity)."""
+    def attainable_gflops(self, intensity: float, precision: str,
+                          bandwidth_gbps: float | None = None) -> float:
+        """The roofline at an intensity: min(compute peak, bandwidth * intensity); the
+        bandwidth is the DRAM stream roof unless the row's own roof is given."""
         peak, _ = self.peak_gflops(precision)
-        limits = [peak, self.memory_gbps * intensity]
+        bandwidth = self.memory_gbps if bandwidth_gbps is None else bandwidth_gbps
+        limits = [peak, bandwidth * intensity]
         finite_limits = [limit for limit in limits if is_positive(limit)]
         return min(finite_limits) if finite_limits else math.nan
 
-    def ridge_point(self, precision: str) -> float:
-        """Intensity (FLOP/byte) where the memory roof meets the compute roof."""
+    def ridge_point(self, precision: str, bandwidth_gbps: float | None = None) -> float:
+        """Intensity (FLOP/byte) where a memory roof (DRAM unless given) meets the compute roof."""
         peak, _ = self.peak_gflops(precision)
-        if not (is_positive(peak) and is_positive(self.memory_gbps)):
+        bandwidth = self.memory_gbps if bandwidth_gbps is None else bandwidth_gbps
+        if not (is_positive(peak) and is_positive(bandwidth)):
             return math.nan
-        return peak / self.memory_gbps
+        return peak / bandwidth
+
+    def roof_for(self, working_set_bytes: float, row_bytes: float,
+                 random_rows: bool) -> tuple[str, float]:
+        """(name, GB/s) of the memory roof a working set meets: in-cache when it fits in the
+        last-level cache; a random-row gather (lookups) or the DRAM stream when it is at least
+        as large as that probe's own buffer; in between, partly cached, the in-cache roof bounds
+        it (a mix of hits and misses is never faster than all hits)."""
+        if not (is_positive(self.cache_bytes) and is_positive(working_set_bytes)):
+            return "DRAM stream (working set or cache size unknown)", self.memory_gbps
+        in_cache = (max(self.cache_gbps, self.memory_gbps if is_positive(self.memory_gbps)
+                        else 0.0) if is_positive(self.cache_gbps) else math.nan)
+        if working_set_bytes <= self.cache_bytes:
+            if is_positive(in_cache):
+                # Never below the DRAM roof: a noisy in-cache probe must not lower the roof.
+                return IN_CACHE_ROOF, in_cache
+            return "DRAM stream (no in-cache probe)", self.memory_gbps
+        if random_rows and self.gather_gbps:
+            probe_buffer, size = self.gather_buffer_bytes, nearest_row_size(
+                row_bytes, list(self.gather_gbps))
+            roof = (f"{GATHER_ROOF} {size} B rows", self.gather_gbps[size])
+        elif random_rows:
+            probe_buffer, roof = self.memory_buffer_bytes, (
+                "DRAM stream (no random-gather probe)", self.memory_gbps)
+        else:
+            probe_buffer, roof = self.memory_buffer_bytes, (DRAM_ROOF, self.memory_gbps)
+        if is_positive(probe_buffer) and working_set_bytes < probe_buffer and is_positive(
+                in_cache):
+            return PARTLY_CACHED_ROOF, in_cache
+        return roof
 
 
 def is_positive(value: Any) -> bool:
@@ -227,20 +274,59 @@ def last_level_cache_bytes(env: dict[str, Any], device: str) -> float:
     return max(sizes) if sizes else math.nan
 
 
-def probe_rows(ok_rows: pd.DataFrame, op: str, metric: str, device: str, isa: str,
-               notes: list[str]) -> pd.DataFrame:
-    """Ceiling probe rows of a group, else those of the same device at other ISA levels."""
+def probe_rows(ok_rows: pd.DataFrame, op: str, metric: str, device: str,
+               isa: str) -> tuple[pd.DataFrame, str]:
+    """Ceiling probe rows of a group, else those of the same device at other ISA levels; and
+    the ISA level(s) they were measured at."""
     candidates = ok_rows[(ok_rows["op"] == op) & (ok_rows["device"] == device)]
     candidates = candidates[positive_mask(candidates[metric])]
     own = candidates[candidates["isa"] == isa]
     if not own.empty or candidates.empty:
-        return own
-    notes.append(f"{op} taken from other ISA levels of {device} (none at isa {isa})")
-    return candidates
+        return own, isa if not own.empty else ""
+    return candidates, joined_unique(candidates["isa"])
+
+
+def row_bytes_of(params: str) -> float:
+    """The row size of a random-gather membw probe, from its params JSON (NaN for streams)."""
+    value = parse_json_object(params).get("row_bytes")
+    return float(value) if is_positive(value) else math.nan
+
+
+def nearest_row_size(row_bytes: float, sizes: list[int]) -> int:
+    """The probe row size closest to a row (log scale); unknown rows take the smallest."""
+    if not is_positive(row_bytes):
+        return min(sizes)
+    return min(sizes, key=lambda size: (abs(math.log(size / row_bytes)), size))
+
+
+def gather_roofs(gather_rows: pd.DataFrame, cache_bytes: float, ceilings: Ceilings) -> None:
+    """Set the random-row gather roofs from membw gather rows whose buffer exceeds the LLC."""
+    if gather_rows.empty:
+        return
+    sizes = gather_rows["params"].map(buffer_bytes)
+    if not is_positive(cache_bytes):
+        ceilings.notes.append("random-gather probes not used: the last-level cache size is "
+                              "unknown, so their buffer may sit in it")
+        return
+    beyond = gather_rows[sizes > cache_bytes]
+    if beyond.empty:
+        ceilings.notes.append(f"random-gather buffer ({format_bytes(float(sizes.max()))}) fits "
+                              f"in the {format_bytes(cache_bytes)} last-level cache: not a roof")
+        return
+    row_sizes = beyond["params"].map(row_bytes_of)
+    for size, rows in beyond.groupby(row_sizes, sort=True):
+        ceilings.gather_gbps[int(size)] = float(rows["gbps"].max())
+    ceilings.gather_buffer_bytes = float(beyond["params"].map(buffer_bytes).max())
 
 
 def memory_roofs(membw_rows: pd.DataFrame, cache_bytes: float, ceilings: Ceilings) -> None:
-    """Set the memory roof (largest buffer) and the in-cache roof from membw rows."""
+    """Set the DRAM stream roof (largest buffer), the in-cache roof and the gather roofs."""
+    if membw_rows.empty:
+        return
+    ceilings.cache_bytes = cache_bytes
+    gathers = positive_mask(membw_rows["params"].map(row_bytes_of))
+    gather_roofs(membw_rows[gathers], cache_bytes, ceilings)
+    membw_rows = membw_rows[~gathers]
     if membw_rows.empty:
         return
     sizes = membw_rows["params"].map(buffer_bytes)
@@ -263,7 +349,7 @@ def memory_roofs(membw_rows: pd.DataFrame, cache_bytes: float, ceilings: Ceiling
         in_cache = membw_rows[sizes < largest]
         detail = "best smaller buffer (cache sizes unknown)"
     best_in_cache = float(in_cache["gbps"].max()) if not in_cache.empty else math.nan
-    if is_positive(best_in_cache) and best_in_cache > ceilings.memory_gbps * CACHE_ROOF_MARGIN:
+    if is_positive(best_in_cache):
         ceilings.cache_gbps = best_in_cache
         ceilings.cache_detail = detail
 
@@ -275,41 +361,89 @@ def compute_roofs(gemm_rows: pd.DataFrame, ceilings: Ceilings) -> None:
 
 
 def group_ceilings(frame: pd.DataFrame, env: dict[str, Any]) -> dict[tuple[str, str], Ceilings]:
-    """Ceilings of every (device, isa) group that has at least one measured roof."""
+    """Ceilings of every (device, isa) group that has at least one measured roof; a group
+    without probes of its own borrows those of its device's other ISA levels."""
     ok_rows = frame[frame["status"] == STATUS_OK]
     result = {}
     for device, isa in sorted(set(zip(ok_rows["device"], ok_rows["isa"]))):
         ceilings = Ceilings(device=device, isa=isa)
-        membw = probe_rows(ok_rows, "membw", "gbps", device, isa, ceilings.notes)
+        membw, ceilings.memory_isa = probe_rows(ok_rows, "membw", "gbps", device, isa)
         memory_roofs(membw, last_level_cache_bytes(env, device), ceilings)
-        gemm = probe_rows(ok_rows, "gemm_peak", "gflops", device, isa, ceilings.notes)
+        gemm, ceilings.compute_isa = probe_rows(ok_rows, "gemm_peak", "gflops", device, isa)
         compute_roofs(gemm, ceilings)
         if ceilings.has_any:
             result[(device, isa)] = ceilings
     return result
 
 
-def ceilings_table(ceilings_by_group: dict[tuple[str, str], Ceilings]) -> pd.DataFrame:
-    """One line per group and roof: the numbers the roofline figures draw."""
+CEILING_COLUMNS = ["device", "isa", "roof", "value", "unit", "detail"]
+
+
+def _memory_records(ceilings: Ceilings, base: dict) -> list[dict]:
     records = []
+    if is_positive(ceilings.memory_gbps):
+        detail = ("largest buffer" if not is_positive(ceilings.memory_buffer_bytes)
+                  else f"stream, buffer {format_bytes(ceilings.memory_buffer_bytes)}")
+        records.append({**base, "roof": DRAM_ROOF, "value": ceilings.memory_gbps,
+                        "unit": "GB/s", "detail": detail})
+    if is_positive(ceilings.cache_gbps):
+        records.append({**base, "roof": IN_CACHE_ROOF, "value": ceilings.cache_gbps,
+                        "unit": "GB/s", "detail": ceilings.cache_detail})
+    for size in sorted(ceilings.gather_gbps):
+        records.append({**base, "roof": f"{GATHER_ROOF} {size} B rows",
+                        "value": ceilings.gather_gbps[size], "unit": "GB/s",
+                        "detail": f"random {size} B rows from a "
+                                  f"{format_bytes(ceilings.gather_buffer_bytes)} buffer "
+                                  "(rows + indices read)"})
+    return records
+
+
+def _compute_records(ceilings: Ceilings, base: dict) -> list[dict]:
+    return [{**base, "roof": f"compute {precision}",
+             "value": ceilings.compute_gflops[precision], "unit": "GFLOP/s",
+             "detail": f"ridge {ceilings.ridge_point(precision):.3g} FLOP/B (DRAM stream)"}
+            for precision in sorted(ceilings.compute_gflops, key=precision_sort_key)]
+
+
+def ceilings_table(ceilings_by_group: dict[tuple[str, str], Ceilings]) -> pd.DataFrame:
+    """The measured roofs: one set per device and ISA level that ran the probes, and a note
+    naming the ISA levels that use another level's roofs (never the numbers repeated)."""
+    records = []
+    borrowed: dict[tuple[str, str], list[str]] = {}
     for ceilings in ceilings_by_group.values():
         base = {"device": ceilings.device, "isa": ceilings.isa}
-        if is_positive(ceilings.memory_gbps):
-            detail = ("largest buffer" if not is_positive(ceilings.memory_buffer_bytes)
-                      else f"buffer {format_bytes(ceilings.memory_buffer_bytes)}")
-            records.append({**base, "roof": "memory", "value": ceilings.memory_gbps,
-                            "unit": "GB/s", "detail": detail})
-        if is_positive(ceilings.cache_gbps):
-            records.append({**base, "roof": "in-cache memory", "value": ceilings.cache_gbps,
-                            "unit": "GB/s", "detail": ceilings.cache_detail})
-        for precision in sorted(ceilings.compute_gflops, key=precision_sort_key):
-            records.append({**base, "roof": f"compute {precision}",
-                            "value": ceilings.compute_gflops[precision], "unit": "GFLOP/s",
-                            "detail": f"ridge {ceilings.ridge_point(precision):.3g} FLOP/B"})
-        for note in ceilings.notes:
-            records.append({**base, "roof": "note", "value": math.nan, "unit": "",
-                            "detail": note})
-    return pd.DataFrame(records, columns=["device", "isa", "roof", "value", "unit", "detail"])
+        if ceilings.memory_isa == ceilings.isa:
+            records += _memory_records(ceilings, base)
+        elif ceilings.memory_isa:
+            borrowed.setdefault((ceilings.device, f"membw of isa {ceilings.memory_isa}"),
+                                []).append(ceilings.isa)
+        if ceilings.compute_isa == ceilings.isa:
+            records += _compute_records(ceilings, base)
+        elif ceilings.compute_isa:
+            borrowed.setdefault((ceilings.device, f"gemm_peak of isa {ceilings.compute_isa}"),
+                                []).append(ceilings.isa)
+        if ceilings.memory_isa == ceilings.isa or ceilings.compute_isa == ceilings.isa:
+            records += [{**base, "roof": "note", "value": math.nan, "unit": "", "detail": note}
+                        for note in ceilings.notes]
+    for (device, source), levels in borrowed.items():
+        records.append({"device": device, "isa": ", ".join(levels), "roof": "note",
+                        "value": math.nan, "unit": "",
+                        "detail": f"no probes at these ISA levels: their rows use the {source} "
+                                  "(not repeated here)"})
+    return pd.DataFrame(records, columns=CEILING_COLUMNS)
+
+
+def sample_label(calls_per_sample: Any) -> str:
+    """What one timing sample is: a single call, or the mean of a block of N calls."""
+    try:
+        calls = int(calls_per_sample)
+    except (TypeError, ValueError):
+        calls = 0
+    if calls == 1:
+        return "single calls"
+    if calls > 1:
+        return f"{calls}-call block means"
+    return "samples of unrecorded block size"
 
 
 def format_bytes(count: float) -> str:
@@ -347,33 +481,92 @@ def classify(intensity: float, ridge: float, bytes_moved: float) -> str:
     return "unknown"
 
 
+def _positive(mapping: dict[str, Any], key: str) -> float:
+    value = mapping.get(key)
+    return float(value) if is_positive(value) else math.nan
+
+
+def stored_row_bytes(params: dict[str, Any], precision: str) -> float:
+    """Bytes of one stored table row at the row's precision, quantization parameters included."""
+    dim = _positive(params, "dim")
+    if not (is_positive(dim) and precision in VALUE_BYTES):
+        return math.nan
+    return dim * VALUE_BYTES[precision] + ROW_OVERHEAD_BYTES.get(precision, 0)
+
+
+def working_set(row: pd.Series) -> tuple[float, float, bool]:
+    """(bytes the timed loop keeps touching, bytes of one looked-up row, random rows?) of a row.
+
+    Lookup ops (params carry rotation_batches) cycle through distinct batches of random rows, so
+    their working set is the table; other ops touch the same bytes on every call, so theirs is
+    what one call moves, unless the builder recorded working_set_bytes (params or metrics)."""
+    params, metrics = parse_json_object(row["params"]), parse_json_object(row.get("metrics", ""))
+    random_rows = "rotation_batches" in params
+    row_size = stored_row_bytes(params, str(row["precision"]))
+    rows = _positive(params, "rows") if "rows" in params else _positive(params, "total_rows")
+    table = _positive(params, "table_bytes")
+    if is_positive(table) and is_positive(rows):
+        row_size = table / rows
+    recorded = _positive(params, "working_set_bytes")
+    if not is_positive(recorded):
+        recorded = _positive(metrics, "working_set_bytes")
+    if is_positive(recorded):
+        return recorded, row_size, random_rows
+    if is_positive(_positive(metrics, "tt_bytes")):  # TT cores plus the hot-row cache
+        cache = _positive(metrics, "cache_bytes")
+        return (_positive(metrics, "tt_bytes") + (cache if is_positive(cache) else 0.0),
+                row_size, random_rows)
+    bytes_moved = float(row["bytes_moved"]) if is_positive(row["bytes_moved"]) else math.nan
+    for candidate in (_positive(metrics, "dense_bytes"), table,
+                      rows * row_size if is_positive(rows) else math.nan,
+                      _positive(metrics, "model_bytes")):
+        if is_positive(candidate):
+            batches = _positive(params, "rotation_batches")
+            if random_rows and is_positive(batches) and is_positive(bytes_moved):
+                # The loop touches no more of the table than its batches read (an upper bound).
+                candidate = min(candidate, bytes_moved * batches)
+            return candidate, row_size, random_rows
+    return bytes_moved, row_size, random_rows
+
+
+ABOVE_ROOF_NOTE = "above its roof: this kernel beats the run's probe"
+
+
 def roofline_record(row: pd.Series, ceilings: Ceilings) -> dict[str, Any]:
-    """One op row placed on its group's roofline."""
+    """One op row placed under the memory roof its working set meets."""
     intensity = arithmetic_intensity(row["flops"], row["bytes_moved"])
     gflops, gbps = achieved_rates(row)
     _, roof_precision = ceilings.peak_gflops(row["precision"])
-    attainable = (ceilings.attainable_gflops(intensity, row["precision"])
+    footprint, row_size, random_rows = working_set(row)
+    roof, roof_gbps = ceilings.roof_for(footprint, row_size, random_rows)
+    attainable = (ceilings.attainable_gflops(intensity, row["precision"], roof_gbps)
                   if math.isfinite(intensity) else math.nan)
     if is_positive(attainable):
         efficiency = gflops / attainable
-    elif not math.isfinite(intensity) and is_positive(ceilings.memory_gbps):
-        efficiency = gbps / ceilings.memory_gbps
+    elif not math.isfinite(intensity) and is_positive(roof_gbps):
+        efficiency = gbps / roof_gbps
     else:
         efficiency = math.nan
-    ridge = ceilings.ridge_point(row["precision"])
+    ridge = ceilings.ridge_point(row["precision"], roof_gbps)
     return {
         "row_id": row["row_id"], "device": row["device"], "isa": row["isa"], "op": row["op"],
         "impl": row["impl"], "workload": row["workload"], "precision": row["precision"],
         "threads": row["threads"], "batch_size": row["batch_size"], "intensity": intensity,
         "achieved_gflops": gflops, "achieved_gbps": gbps, "attainable_gflops": attainable,
-        "roof_precision": roof_precision, "efficiency": efficiency, "ridge": ridge,
+        "roof_precision": roof_precision, "working_set_bytes": footprint,
+        "working_set": format_bytes(footprint) if is_positive(footprint) else "",
+        "roof": roof, "roof_gbps": roof_gbps, "efficiency": efficiency, "ridge": ridge,
+        "limit": ("compute" if is_positive(attainable) and attainable < roof_gbps * intensity
+                  else "memory" if is_positive(efficiency) else ""),
         "bound": classify(intensity, ridge, row["bytes_moved"]),
+        "note": ABOVE_ROOF_NOTE if is_positive(efficiency) and efficiency > 1.0 else "",
     }
 
 
 ROOFLINE_COLUMNS = ["row_id", "device", "isa", "op", "impl", "workload", "precision", "threads",
                     "batch_size", "intensity", "achieved_gflops", "achieved_gbps",
-                    "attainable_gflops", "roof_precision", "efficiency", "ridge", "bound"]
+                    "attainable_gflops", "roof_precision", "working_set_bytes", "working_set",
+                    "roof", "roof_gbps", "efficiency", "ridge", "limit", "bound", "note"]
 
 
 def roofline_table(frame: pd.DataFrame,
@@ -394,10 +587,10 @@ def joined_unique(values: Any) -> str:
 
 def classification_table(roofline: pd.DataFrame) -> pd.DataFrame:
     """Memory- or compute-bound per (device, isa, op, precision)."""
-    columns = ["device", "isa", "op", "precision", "intensity_min", "intensity_max", "ridge",
-               "bound", "rows"]
+    columns = ["device", "isa", "op", "precision", "roof", "intensity_min", "intensity_max",
+               "ridge", "bound", "rows"]
     records = []
-    keys = ["device", "isa", "op", "precision"]
+    keys = ["device", "isa", "op", "precision", "roof"]
     for key, rows in roofline.groupby(keys, sort=False):
         bounds = set(rows["bound"])
         records.append({
@@ -435,14 +628,15 @@ def throughput_metric(rows: pd.DataFrame) -> tuple[str, str]:
 
 
 SUMMARY_COLUMNS = ["op", "workload", "device", "impl", "precision", "isa", "threads",
-                   "batch_size", "throughput", "unit", "median_s", "efficiency", "noise",
-                   "configs"]
+                   "batch_size", "throughput", "unit", "median_s", "efficiency", "roof",
+                   "noise", "configs"]
 
 
 def summary_table(frame: pd.DataFrame, roofline: pd.DataFrame) -> pd.DataFrame:
     """Best configuration per (op, workload, device): throughput, efficiency and noise."""
     rows = measured_op_rows(frame)
     efficiency = roofline.set_index("row_id")["efficiency"] if not roofline.empty else {}
+    roofs = roofline.set_index("row_id")["roof"] if not roofline.empty else {}
     records = []
     for (op, workload, device), group in rows.groupby(["op", "workload", "device"]):
         column, unit = throughput_metric(group)
@@ -455,6 +649,7 @@ def summary_table(frame: pd.DataFrame, roofline: pd.DataFrame) -> pd.DataFrame:
             "batch_size": best["batch_size"], "throughput": best[column], "unit": unit,
             "median_s": best["median_s"],
             "efficiency": float(efficiency.get(best["row_id"], math.nan)),
+            "roof": roofs.get(best["row_id"], ""),
             "noise": noise, "configs": len(group),
         })
     return sort_report_rows(pd.DataFrame(records, columns=SUMMARY_COLUMNS))

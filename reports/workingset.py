@@ -24,7 +24,7 @@ MATCH_FACTOR = 4.0
 LINE_KEYS = ["device", "isa", "threads", "impl", "precision", "mode", "dim", "pooling",
              "distribution", "batch_size"]
 SWEEP_COLUMNS = LINE_KEYS + ["series", "rows", "table_bytes", "gbps", "samples_per_s",
-                             "median_s", "call_bytes"]
+                             "median_s", "loop_bytes"]
 CLIFF_COLUMNS = ["series", "cache_level", "sysfs_size", "cliff_between", "drop", "gbps_before",
                  "gbps_after", "cliff_over_cache"]
 
@@ -84,18 +84,23 @@ def _params_frame(rows: pd.DataFrame) -> pd.DataFrame:
         "rows": pd.to_numeric(params.map(lambda value: value.get("rows")), errors="coerce"),
         "table_bytes": pd.to_numeric(params.map(lambda value: value.get("table_bytes")),
                                      errors="coerce"),
+        # Runs from before lookups rotated batches replayed one: one batch per loop.
+        "rotation_batches": pd.to_numeric(
+            params.map(lambda value: value.get("rotation_batches", 1)), errors="coerce"),
     }, index=rows.index)
 
 
-def _call_bytes(row: pd.Series) -> float:
-    """Most table bytes one batch touches, whatever the table: batch x pooling x row bytes."""
+def _loop_bytes(row: pd.Series) -> float:
+    """Most table bytes the timed loop touches, whatever the table: batch x pooling x row
+    bytes x the distinct batches it cycles through (rotation_batches)."""
     try:
         lookups = row["batch_size"] * int(row["pooling"])
     except ValueError:
         return math.nan  # drawn pooling: no fixed number of lookups per call
+    batches = row["rotation_batches"] if is_positive(row["rotation_batches"]) else 1
     if not (is_positive(row["rows"]) and lookups > 0):
         return math.nan
-    return float(lookups * row["table_bytes"] / row["rows"])
+    return float(lookups * batches * row["table_bytes"] / row["rows"])
 
 
 def _series_labels(lines: pd.DataFrame) -> pd.Series:
@@ -134,7 +139,7 @@ def sweep_rows(frame: pd.DataFrame) -> pd.DataFrame:
     rows = rows.assign(series=_series_labels(rows))
     # Row bytes are exact only as table_bytes / rows of a large table: take each line's largest.
     largest = rows.sort_values("rows").drop_duplicates("series", keep="last").set_index("series")
-    rows["call_bytes"] = rows["series"].map(largest.apply(_call_bytes, axis=1))
+    rows["loop_bytes"] = rows["series"].map(largest.apply(_loop_bytes, axis=1))
     order = sorted(range(len(rows)), key=lambda index: (
         precision_sort_key(rows["precision"].iloc[index]), rows["series"].iloc[index],
         rows["table_bytes"].iloc[index]))

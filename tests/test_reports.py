@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import math
 import re
 import shutil
@@ -10,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from bench.records import STATUS_ERROR, STATUS_SKIPPED, ResultRow, ResultsWriter, SchemaError
@@ -208,9 +210,11 @@ def test_handmade_efficiency_and_bound():
     run = tables.load_run(FIXTURES / "handmade")
     roofline = tables.roofline_table(run.frame, tables.group_ceilings(run.frame, run.env))
     by_config = roofline.set_index(["op", "precision"])
-    # sls fp32: 1 GFLOP/s at 0.25 FLOP/B under a 20 GB/s roof (5 GFLOP/s attainable).
-    expected = {("sls", "fp32"): (0.25, 5.0, 0.2, "memory"),
-                ("sls", "int8"): (1.0, 20.0, 0.1, "memory"),
+    # sls fp32: its 25.6 MB table is beyond the 8 MiB L3 but below the 256 MiB probe buffer:
+    # partly cached, bounded by the 100 GB/s in-cache roof (25 GFLOP/s at 0.25 FLOP/B);
+    # sls int8's 7.2 MB table fits the L3: the same in-cache roof.
+    expected = {("sls", "fp32"): (0.25, 25.0, 0.04, "memory"),
+                ("sls", "int8"): (1.0, 100.0, 0.02, "memory"),
                 ("fc", "fp32"): (20.0, 200.0, 0.5, "compute"),
                 ("fc", "bf16"): (50.0, 800.0, 0.25, "compute"),
                 ("fc", "int8"): (80.0, 800.0, 0.5, "compute")}
@@ -220,9 +224,13 @@ def test_handmade_efficiency_and_bound():
         assert row["attainable_gflops"] == pytest.approx(attainable)
         assert row["efficiency"] == pytest.approx(efficiency)
         assert row["bound"] == bound
+    assert by_config.loc[("sls", "fp32"), "roof"] == tables.PARTLY_CACHED_ROOF
+    assert by_config.loc[("sls", "int8"), "roof"] == tables.IN_CACHE_ROOF
     interaction = by_config.loc[("interaction", "fp32")]
     assert math.isnan(interaction["intensity"])  # no flops by formula: bandwidth only
-    assert interaction["efficiency"] == pytest.approx(8.0 / 20.0)
+    # The 8 MB it moves per call is touched again by the next call and fits the 8 MiB L3.
+    assert interaction["roof"] == tables.IN_CACHE_ROOF
+    assert interaction["efficiency"] == pytest.approx(8.0 / 100.0)
     assert interaction["bound"] == "memory"
     classes = tables.classification_table(roofline).set_index(["op", "precision"])["bound"]
     assert classes.to_dict() == {("sls", "fp32"): "memory", ("sls", "int8"): "memory",
@@ -236,16 +244,18 @@ def test_handmade_summary_has_best_rows(handmade_report):
     summary = tables.summary_table(run.frame, roofline).set_index("op")
     assert summary.loc["sls", ["impl", "precision"]].tolist() == ["fbgemm", "int8"]
     assert summary.loc["sls", "throughput"] == pytest.approx(2e6)
-    assert summary.loc["sls", "efficiency"] == pytest.approx(0.1)
+    assert summary.loc["sls", "efficiency"] == pytest.approx(0.02)
+    assert summary.loc["sls", "roof"] == tables.IN_CACHE_ROOF
     assert summary.loc["sls", "noise"] == pytest.approx(0.1)
     assert summary.loc["fc", ["impl", "precision", "unit"]].tolist() == [
         "fbgemm", "int8", "samples/s"]
     assert summary.loc["fc", "noise"] == pytest.approx(0.04)
     markdown = (handmade_report / "summary.md").read_text(encoding="utf-8")
     line = markdown_row(markdown, "sls", "small", "cpu", "fbgemm", "int8")
-    assert "2,000,000 | samples/s" in line and "10.0%" in line
+    assert "2,000,000 | samples/s" in line and "2.0% | in-cache" in line
     assert "50.0%" in markdown_row(markdown, "fc", "mlp", "cpu", "fbgemm", "int8")
-    assert "compute" in markdown_row(markdown, "cpu", "native", "fc", "fp32", "20")
+    assert "compute" in markdown_row(markdown, "cpu", "native", "fc", "fp32",
+                                     tables.PARTLY_CACHED_ROOF, "20")
 
 
 def test_skipped_and_error_rows_are_listed_with_reasons(handmade_report):
@@ -302,7 +312,7 @@ def test_realistic_report_draws_every_figure(realistic_report):
     page = (realistic_report / "index.html").read_text(encoding="utf-8")
     assert assert_self_contained(page) == len(expected)
     assert "Figure skipped" not in page and "Figure failed" not in page
-    assert "membw taken from other ISA levels of cpu" in page
+    assert "no probes at these ISA levels: their rows use the membw of isa native" in page
 
 
 def test_realistic_tables(realistic_run):
@@ -340,7 +350,8 @@ def test_a_broken_figure_becomes_a_note(tmp_path, monkeypatch):
     monkeypatch.setattr(plots, "latency_figure", broken)
     report = build_report([copy_fixture("single", tmp_path)])
     page = (report / "index.html").read_text(encoding="utf-8")
-    assert "Figure failed (Latency distribution per op): RuntimeError: drawing exploded" in page
+    assert "Figure failed (Per-sample time distribution per op" in page
+    assert "RuntimeError: drawing exploded" in page
     assert not (report / "fig-latency.png").exists()
 
 
@@ -368,12 +379,28 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
         build_report([tmp_path])
 
 
-def test_reports_never_import_torch():
-    for path in (REPOSITORY / "reports").glob("*.py"):
-        text = path.read_text(encoding="utf-8")
-        assert not re.search(r"^\s*(import|from)\s+torch\b", text, re.MULTILINE), path
-    check = "import sys, reports.build; sys.exit(int('torch' in sys.modules))"
-    subprocess.run([sys.executable, "-c", check], cwd=REPOSITORY, check=True, timeout=120)
+def test_no_reports_module_imports_torch():
+    # Each module in a fresh interpreter: one that imports torch (directly or through a bench
+    # module) leaves it in sys.modules. reports.check is run as `run_bench.py check`.
+    modules = sorted(f"reports.{path.stem}" for path in (REPOSITORY / "reports").glob("*.py")
+                     if path.stem != "__init__")
+    assert {"reports.build", "reports.check", "reports.merge", "reports.tables"} <= set(modules)
+    probe = ("import importlib, sys; importlib.import_module(sys.argv[1]); "
+             "sys.exit(3 if 'torch' in sys.modules else 0)")
+    for module in modules:
+        result = subprocess.run([sys.executable, "-c", probe, module], cwd=REPOSITORY,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, (module, result.returncode, result.stderr[-500:])
+
+
+def test_torch_import_check_can_fail(tmp_path):
+    # The planted fault: a module that imports bench.run.timing (which imports torch) is caught.
+    (tmp_path / "planted.py").write_text("import bench.run.timing\n", encoding="utf-8")
+    probe = ("import sys; sys.path[:0] = [sys.argv[2], sys.argv[3]]; import planted; "
+             "sys.exit(3 if 'torch' in sys.modules else 0)")
+    result = subprocess.run([sys.executable, "-c", probe, "planted", str(tmp_path),
+                             str(REPOSITORY)], cwd=REPOSITORY, capture_output=True, timeout=120)
+    assert result.returncode == 3
 
 
 CHECKER = """<script>
@@ -415,3 +442,164 @@ def test_report_renders_in_headless_chromium(realistic_report, tmp_path):
     assert "<h2>Summary</h2>" in dom and "<h2>Thread scaling</h2>" in dom
     console = [line for line in result.stderr.splitlines() if "CONSOLE" in line]
     assert not console, console
+
+
+# ---------------------------------------------------------------- roof choice by working set
+
+LLC = 32 << 20
+ROOF_ENV = {"l1d_bytes": 48 << 10, "l2_bytes": 2 << 20, "l3_bytes": LLC}
+
+
+def probe_row(gbps: float, size: int, row_bytes: int = 0, impl: str = "read",
+              isa: str = "native") -> ResultRow:
+    """A membw row: a stream of one buffer size, or a random-row gather when row_bytes > 0."""
+    params = {"bytes": size, **({"row_bytes": row_bytes} if row_bytes else {})}
+    return ResultRow(op="membw", impl=impl, workload="machine", params=json.dumps(params),
+                     device="cpu", isa=isa, threads=1, precision="fp32", median_s=1e-3,
+                     gbps=gbps, timestamp="2025-03-01T00:00:00")
+
+
+def lookup_row(gbps: float, table_bytes: float, rows: int, precision: str = "fp32",
+               rotation_batches: int = 64, isa: str = "native") -> ResultRow:
+    """An sls row whose bytes by formula move at gbps (no flops, so efficiency is GB/s)."""
+    params = {"rows": rows, "dim": 64, "table_bytes": table_bytes, "pooling": "32",
+              "rotation_batches": rotation_batches}
+    bytes_moved = 2048 * 32 * (table_bytes / rows + 8)
+    return ResultRow(op="sls", impl="embedding_bag", workload="synthetic",
+                     params=json.dumps(params), device="cpu", isa=isa, threads=1,
+                     precision=precision, batch_size=2048, median_s=bytes_moved / gbps / 1e9,
+                     bytes_moved=bytes_moved, gbps=gbps, timestamp="2025-03-01T00:00:01")
+
+
+def dense_row(gbps: float, bytes_moved: float, op: str = "interaction") -> ResultRow:
+    """An op without table lookups whose every call touches bytes_moved."""
+    return ResultRow(op=op, impl="dot", workload="kaggle", params='{"dim": 16}', device="cpu",
+                     isa="native", threads=1, precision="fp32", batch_size=2048,
+                     median_s=bytes_moved / gbps / 1e9, bytes_moved=bytes_moved, gbps=gbps,
+                     timestamp="2025-03-01T00:00:02")
+
+
+def roof_probes() -> list[ResultRow]:
+    """In-cache 120 GB/s, DRAM stream 16 GB/s, random gathers 2/3/4.5/6 GB/s beyond the LLC."""
+    rows = [probe_row(120.0, 1 << 20), probe_row(60.0, 16 << 20), probe_row(16.0, 4 * LLC),
+            probe_row(25.0, 4 * LLC, impl="copy")]
+    rows += [probe_row(gbps, 4 * LLC, row_bytes)
+             for row_bytes, gbps in ((64, 2.0), (128, 3.0), (256, 4.5), (512, 6.0))]
+    return rows
+
+
+def roofline_of(rows: list[ResultRow], env: dict = ROOF_ENV) -> tuple[dict, pd.DataFrame]:
+    frame = tables.rows_to_frame(rows)
+    ceilings = tables.group_ceilings(frame, env)
+    return ceilings, tables.roofline_table(frame, ceilings)
+
+
+def test_gather_rows_make_their_own_roofs_not_the_stream_roof():
+    ceilings, _ = roofline_of(roof_probes())
+    native = ceilings[("cpu", "native")]
+    assert native.memory_gbps == 25.0  # best stream at the largest buffer (copy)
+    assert native.cache_gbps == 120.0
+    assert native.gather_gbps == {64: 2.0, 128: 3.0, 256: 4.5, 512: 6.0}
+    assert native.cache_bytes == LLC
+
+
+@pytest.mark.parametrize("row, roof, roof_gbps", [
+    # A small table sits in the LLC: the in-cache roof, not the DRAM one.
+    (lookup_row(20.0, 4 << 20, 16384), tables.IN_CACHE_ROOF, 120.0),
+    # A 5 GiB table of 256 B rows: random rows, so the 256 B gather roof.
+    (lookup_row(4.0, 5 << 30, 20_000_000), f"{tables.GATHER_ROOF} 256 B rows", 4.5),
+    # 72 B int8 rows take the nearest probe row size (64 B).
+    (lookup_row(1.5, 1.44e9, 20_000_000, "int8"), f"{tables.GATHER_ROOF} 64 B rows", 2.0),
+    # The kaggle interaction case: 1.5 MB per call, touched again by the next call.
+    (dense_row(27.0, 1.5e6), tables.IN_CACHE_ROOF, 120.0),
+    # An op whose one call streams 200 MB: beyond the LLC, no random rows: DRAM stream.
+    (dense_row(12.0, 2e8, op="fc"), tables.DRAM_ROOF, 25.0),
+])
+def test_each_row_gets_the_roof_its_working_set_meets(row, roof, roof_gbps):
+    _, roofline = roofline_of(roof_probes() + [row])
+    placed = roofline.iloc[0]
+    assert (placed["roof"], placed["roof_gbps"]) == (roof, roof_gbps)
+    assert placed["efficiency"] == pytest.approx(row.gbps / roof_gbps)
+    assert placed["efficiency"] <= 1.0 and placed["note"] == ""
+
+
+def test_the_old_single_dram_roof_would_have_shown_above_100_percent():
+    # The planted fault: the issue's kaggle figures under one DRAM roof exceed 100%.
+    interaction = dense_row(27.1, 1.5e6)
+    _, roofline = roofline_of([probe_row(15.8, 512 << 20), interaction])
+    assert roofline.iloc[0]["roof"] == "DRAM stream (no in-cache probe)"
+    assert roofline.iloc[0]["efficiency"] > 1.0
+    assert roofline.iloc[0]["note"] == tables.ABOVE_ROOF_NOTE
+    _, fixed = roofline_of([probe_row(15.8, 512 << 20), probe_row(60.0, 1 << 20), interaction])
+    assert fixed.iloc[0]["roof"] == tables.IN_CACHE_ROOF and fixed.iloc[0]["efficiency"] < 1.0
+
+
+def test_a_lookup_table_touched_only_in_part_is_sized_by_its_batches():
+    # 64 rotating batches of 2048 x 32 rows touch ~1 GiB at most of a 5 GiB table; 1 rotation
+    # batch touches 17 MB, which the 32 MiB LLC holds: the in-cache roof.
+    _, roofline = roofline_of(roof_probes() + [lookup_row(4.0, 5 << 30, 20_000_000,
+                                                          rotation_batches=1)])
+    assert roofline.iloc[0]["roof"] == tables.IN_CACHE_ROOF
+
+
+def test_a_kernel_beating_its_probe_is_labelled_in_the_report(tmp_path):
+    rows = roof_probes() + [lookup_row(4.47, 5 << 30, 20_000_000, rotation_batches=64)]
+    rows[-3] = probe_row(3.5, 4 * LLC, 256)  # a weaker 256 B gather probe than the kernel
+    _, roofline = roofline_of(rows)
+    assert roofline.iloc[0]["efficiency"] == pytest.approx(4.47 / 3.5)
+    assert roofline.iloc[0]["note"] == tables.ABOVE_ROOF_NOTE
+    report = build_report([write_run(tmp_path / "run", rows, json.dumps(ROOF_ENV))])
+    markdown = (report / "summary.md").read_text(encoding="utf-8")
+    assert "1 row(s) exceed 100% of their roof (sls)" in markdown
+    assert tables.ABOVE_ROOF_NOTE in markdown
+    assert f"{tables.GATHER_ROOF} 256 B rows" in markdown
+
+
+def test_gather_probes_within_the_llc_are_no_roof():
+    rows = [probe_row(16.0, 4 * LLC), probe_row(60.0, 1 << 20), probe_row(9.0, 16 << 20, 256),
+            lookup_row(4.0, 5 << 30, 20_000_000)]
+    ceilings, roofline = roofline_of(rows)
+    native = ceilings[("cpu", "native")]
+    assert native.gather_gbps == {}
+    assert any("fits in the 32 MiB last-level cache: not a roof" in note for note in native.notes)
+    assert roofline.iloc[0]["roof"] == "DRAM stream (no random-gather probe)"
+
+
+# ---------------------------------------------------------------- ceilings table, latency label
+
+def test_ceilings_table_shows_each_measured_set_once(realistic_run):
+    run = tables.load_run(realistic_run)
+    table = tables.ceilings_table(tables.group_ceilings(run.frame, run.env))
+    cpu = table[table["device"] == "cpu"]
+    # membw ran only at native: its numbers appear once, never under avx2 or avx512.
+    memory = cpu[cpu["unit"] == "GB/s"]
+    assert set(memory["isa"]) == {"native"} and len(memory) == len(set(memory["roof"]))
+    # gemm_peak ran at every ISA level: one compute set per level, each its own numbers.
+    compute = cpu[cpu["roof"] == "compute fp32"].set_index("isa")["value"]
+    assert compute.to_dict() == pytest.approx({"avx2": 400.0, "avx512": 600.0, "native": 680.0})
+    notes = cpu[cpu["roof"] == "note"]["detail"].tolist()
+    assert notes == ["no probes at these ISA levels: their rows use the membw of isa native "
+                     "(not repeated here)"]
+    assert cpu[cpu["roof"] == "note"]["isa"].tolist() == ["avx2, avx512"]
+    assert set(table[table["device"] == "cuda:0"]["isa"]) == {"native"}
+
+
+def test_latency_table_says_what_a_sample_is(tmp_path):
+    rows = [dense_row(10.0, 1e6), dense_row(10.0, 2e8, op="fc")]
+    rows[0].calls_per_sample, rows[1].calls_per_sample = 64, 1
+    rows[0].p99_s = rows[1].p99_s = 1e-3
+    report = build_report([write_run(tmp_path / "run", rows)])
+    markdown = (report / "summary.md").read_text(encoding="utf-8")
+    assert "64-call block means" in markdown_row(markdown, "interaction", "dot", "fp32")
+    assert "single calls" in markdown_row(markdown, "fc", "dot", "fp32")
+    assert "mean of calls_per_sample calls" in markdown
+
+
+def test_a_working_set_between_the_llc_and_the_probe_buffer_is_bounded_by_the_cache_roof():
+    # 51 MiB of tables (the kaggle sls_multi case) against a 32 MiB LLC and 128 MiB probes:
+    # part of it stays cached, so only the in-cache roof bounds it.
+    _, roofline = roofline_of(roof_probes() + [lookup_row(8.5, 51 << 20, 800_000)])
+    assert roofline.iloc[0]["roof"] == tables.PARTLY_CACHED_ROOF
+    assert roofline.iloc[0]["roof_gbps"] == 120.0 and roofline.iloc[0]["efficiency"] < 1.0
+    _, streaming = roofline_of(roof_probes() + [dense_row(12.0, 64 << 20, op="fc")])
+    assert streaming.iloc[0]["roof"] == tables.PARTLY_CACHED_ROOF

@@ -15,6 +15,7 @@ from conftest import REPO_ROOT, run_cli
 
 import bench.run.sweep
 from bench import registry
+from bench.ops.ceilings import GATHER_ROW_BYTES
 from bench.records import COLUMNS, STATUS_ERROR, STATUS_OK, STATUS_SKIPPED, ResultsWriter, read_rows
 from bench.run.sweep import MACHINE_WORKLOAD, check_memory, plan, run_tasks
 from bench.run.tasks import Task
@@ -36,7 +37,10 @@ def test_plan_is_the_cross_product():
     assert sorted(labels) == sorted([
         ("sls", "sum", "fp32"), ("sls", "sum", "int4"), ("sls", "mean", "fp32"),
         ("sls", "mean", "int4"), ("fc", "linear", "fp32"), ("fc", "linear", "int4")])
-    assert all(item.skip_reason == "" for item in planned)  # both impls list int4
+    # fc lists no int4 (no such Linear kernel): the planner skips it with a reason, not a build.
+    reasons = {(item.task.op, item.task.precision): item.skip_reason for item in planned}
+    assert "no int4 kernel" in reasons[("fc", "int4")]
+    assert all(reason == "" for config, reason in reasons.items() if config != ("fc", "int4"))
     keys = [item.task.key() for item in planned]
     assert len(set(keys)) == len(keys)
 
@@ -61,7 +65,10 @@ def test_plan_machine_ops_once_and_precision_agnostic_membw():
     gemm = [item.task for item in planned if item.task.op == "gemm_peak"]
     assert {task.workload.name for task in membw + gemm} == {MACHINE_WORKLOAD}
     assert {task.precision for task in membw} == {"fp32"}  # measured once, at fp32
-    assert len(membw) == 2 * len(registry.impls("membw"))
+    # Two stream sizes plus one random-row gather per row size from the largest buffer.
+    gathers = [task for task in membw if "row_bytes" in task.variant]
+    assert {task.variant["bytes"] for task in gathers} == {8192}
+    assert len(membw) == (2 + len(GATHER_ROW_BYTES)) * len(registry.impls("membw"))
     assert sorted(task.precision for task in gemm) == ["bf16", "fp32"]
     assert all(task.workload.batch_size == 1 for task in membw + gemm)
 

@@ -78,13 +78,15 @@ def test_detect_cliffs_rejects_bad_arguments():
 
 def sls_row(size: int, precision: str = "fp32", isa: str = "native", threads: int = 1,
             distribution: str = "uniform", scale: float = 1.0) -> ResultRow:
-    """A measured sls row of a footprint sweep (64-dim rows, 2048 bags of 32 lookups)."""
+    """A measured sls row of a footprint sweep (64-dim rows, 2048 bags of 32 lookups, cycling
+    through 8 batches)."""
     row_bytes = {"fp32": 256, "int8": 72}[precision]
     gbps = stepped_bandwidth(size, scale)
     bytes_moved = 2048 * 32 * row_bytes
     median = bytes_moved / gbps / 1e9
     params = {"table": 0, "rows": size // row_bytes, "dim": 64, "pooling": "32",
-              "distribution": distribution, "mode": "sum", "table_bytes": size}
+              "distribution": distribution, "mode": "sum", "table_bytes": size,
+              "rotation_batches": 8}
     return ResultRow(run_id="ws", op="sls", impl="embedding_bag", workload="synthetic",
                      params=json.dumps(params), device="cpu", isa=isa, threads=threads,
                      precision=precision, batch_size=2048, n_samples=5, median_s=median,
@@ -113,7 +115,8 @@ def test_sweep_rows_keep_only_sweeps_at_the_top_configuration():
     sweep = workingset.sweep_rows(sweep_frame())
     assert sorted(sweep["series"].unique()) == ["fp32 sum", "int8 sum"]
     assert set(sweep["isa"]) == {"native"} and len(sweep) == 2 * len(SIZES)
-    assert sweep["call_bytes"].iloc[0] == pytest.approx(2048 * 32 * 256)
+    # The loop cycles through 8 batches: it touches up to 8 batches' rows, not one batch's.
+    assert sweep["loop_bytes"].iloc[0] == pytest.approx(2048 * 32 * 256 * 8)
     assert workingset.sweep_rows(tables.rows_to_frame([sls_row(8 * KIB)])).empty
 
 
@@ -158,7 +161,8 @@ def test_report_renders_the_working_set_section(tmp_path):
     assert "Figure failed" not in page
     markdown = (report / "summary.md").read_text(encoding="utf-8")
     assert "| fp32 sum | L2 | 1 MiB | 512 KiB - 2 MiB | 50.0% |" in markdown
-    assert "touches at most 4.5 MiB, 16 MiB of the table" in markdown
+    assert "together touch at most 36 MiB, 128 MiB of the table" in markdown
+    assert "replays one batch" not in markdown
 
 
 def test_report_without_a_sweep_says_so(tmp_path):

@@ -26,14 +26,12 @@ DEFAULT_LEVELS = "0,0.25,0.5,0.75,0.9,0.99"
 DEFAULT_LLC_BYTES = 64 << 20
 DEFAULT_ROWS = 20_000_000
 DEFAULT_DIM = 64
-# 2048 bags x 256 lookups x 256-byte rows = 128 MiB per call, twice the default LLC: a level
-# with few hits cannot keep its batch in the cache while the timing loop replays it.
+# 2048 bags x 256 lookups x 256-byte rows = 128 MiB per call, twice the default LLC: one call
+# alone overflows the cache, and the timing loop cycles through distinct batches besides.
 DEFAULT_POOLING = "256"
 FP32_BYTES = 4
 # run_bench.py's --dist takes one distribution, so each level is its own sweep (each pays the
-# start-up: imports, host facts, a worker). Once --dist accepts a list separated by
-# DIST_LIST_SEPARATOR (commas belong to reuse:COLD,MEAN), set this to measure all in one sweep.
-ONE_SWEEP_FOR_ALL_LEVELS = False
+# start-up: imports, host facts, a worker).
 DIST_LIST_SEPARATOR = ";"
 LOCALITY_COLUMNS = ["level", "distribution", "capacity_rows", "predicted_hit_rate_llc",
                     "steady_hit_rate_llc", "lookups", "distinct_rows", "gbps", "median_s",
@@ -111,8 +109,11 @@ def capacity_in_rows(args) -> int:
 
 
 def predict(workload, seed: int, capacity_rows: int) -> dict:
-    """The sls op's index trace for this workload and its predicted LRU hit rates."""
-    # The sls op looks up batch 0 of its largest table: exactly this trace.
+    """Predicted LRU hit rates of one batch of the sls op's index distribution."""
+    # The sls op cycles through distinct batches of its largest table (rotation_count in
+    # bench/ops/common.py), drawn as one stream; this is one batch-sized trace of the same
+    # distribution, which stands for each of them. steady_hit_rate_llc is what replaying this
+    # one batch would give, not the state of the rotating loop.
     table_index = workload.largest_table()
     indices = make_table_batch(workload, table_index, seed).indices
     return {
@@ -201,16 +202,15 @@ def run_study(args) -> pd.DataFrame:
         record = {"level": level, "distribution": distribution.label(),
                   "capacity_rows": capacity, **predict(workload, args.seed, capacity)}
         print(f"locality: {distribution.label()}: predicted LLC hit rate "
-              f"{record['predicted_hit_rate_llc']:.3f} (batch replayed: "
+              f"{record['predicted_hit_rate_llc']:.3f} (one batch replayed: "
               f"{record['steady_hit_rate_llc']:.3f})", file=sys.stderr, flush=True)
         records.append(record)
     # A fresh folder per study: run_bench.py appends to an existing run directory.
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     runs_dir = (args.out / "runs" / stamp).resolve()
     distributions = [distribution for _, distribution in levels]
-    batches = ([(distributions, "levels")] if ONE_SWEEP_FOR_ALL_LEVELS else
-               [([distribution], f"level-{index:02d}")
-                for index, distribution in enumerate(distributions)])
+    batches = [([distribution], f"level-{index:02d}")
+               for index, distribution in enumerate(distributions)]
     measured = {}
     for batch, run_id in batches:
         print(f"locality: measuring {run_id} into {runs_dir / run_id}", file=sys.stderr,
@@ -262,7 +262,9 @@ def tt_cache_comparison(run_dir: Path) -> pd.DataFrame:
         table_index = spec.largest_table()
         rows = spec.tables[table_index].rows
         capacity = min(round(DEFAULT_CACHE_FRACTION * rows), rows)
-        # As the op does: warm-up batches 1..WARM_UP_BATCHES, then batch 0 is looked up.
+        # The op warms its cache on batches 1..WARM_UP_BATCHES, then looks up its rotating
+        # batches (one stream from batch 0); batch 0 at the workload's batch size is one
+        # batch of that distribution, standing for them.
         warmup = np.concatenate([make_table_batch(spec, table_index, args.seed, batch).indices
                                  for batch in range(1, WARM_UP_BATCHES + 1)])
         evaluation = make_table_batch(spec, table_index, args.seed).indices

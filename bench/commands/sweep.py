@@ -105,7 +105,8 @@ def list_choices() -> str:
     """Text for --list."""
     from workloads import presets
 
-    lines = ["ops and impls (* = baseline):"]
+    lines = ["ops and impls (* = baseline; [the precisions each impl runs, skipped only where "
+             "this machine or device lacks the kernel]):"]
     for name, op in registry.ops().items():
         impl_names = [f"{entry.name}{'*' if entry.baseline else ''} [{','.join(entry.precisions)}]"
                       for entry in registry.impls(name).values()]
@@ -119,7 +120,8 @@ def list_choices() -> str:
     lines.append("index distributions (--dist): uniform, zipf:ALPHA, trace:PATH, "
                  "hitrate:RATE@CAPACITY_ROWS, reuse:COLD_PROB,MEAN_DISTANCE")
     lines.append("  criteo:PATH    a Criteo TSV file (label, 13 dense, 26 categorical)")
-    lines.append(f"precisions: {', '.join(registry.PRECISIONS)}")
+    lines.append(f"precisions: {', '.join(registry.PRECISIONS)} (a precision an impl does not "
+                 "list is planned as a skipped row)")
     lines.append(f"devices here: {', '.join(devices.available_devices())}")
     lines.append(f"ISA levels here: {', '.join(devices.available_isa_levels())} "
                  f"(all known: {', '.join(devices.ISA_LEVELS)})")

@@ -1,29 +1,45 @@
-"""Machine-ceiling probes: memory bandwidth by buffer size and GEMM peak by precision."""
+"""Machine-ceiling probes: memory bandwidth (streams by size, random-row gathers), GEMM peak."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from bench.ops.common import BYTES_PER_VALUE, FLOAT_DTYPES, beyond_cache_bytes
+from bench.ops.common import BYTES_PER_VALUE, FLOAT_DTYPES, INDEX_BYTES, beyond_cache_bytes, cycling
 from bench.registry import BuildContext, Op, Prepared, Unsupported, impl, register_op
 
-# Buffer sizes spanning L1, L2, the last-level cache and DRAM on the machines we know
-# (48 KiB L1d, 2 MiB L2, an effective LLC of 64-80 MB): each level gets a size inside it.
-# The DRAM size comes from this host's LLC (common.beyond_cache_bytes): a fixed 512 MiB was
-# only 1.07x a 480 MiB L3.
-MEMBW_SIZES = (16 << 10, 1 << 20, 16 << 20)
+# In-cache buffer sizes: one inside L1 (48 KiB here), L2 (2 MiB) and any last-level cache seen;
+# the DRAM size comes from this host's LLC (common.beyond_cache_bytes: at least 4x it), since a
+# fixed 512 MiB was only 1.07x a 480 MiB L3.
+MEMBW_CACHE_SIZES = (16 << 10, 1 << 20, 16 << 20)
+# Random-row gathers: row sizes spanning the lookups' rows (dim 16..128 fp32 is 64..512 B).
+GATHER_ROW_BYTES = (64, 128, 256, 512)
+# Rows gathered per call: 1 MiB of them, so `read`'s destination block stays in L2 and only
+# the random rows come from DRAM; index_select over thousands of rows keeps many loads in flight.
+GATHER_CALL_BYTES = 1 << 20
+MAX_GATHER_INDEX_BYTES = 128 << 20  # bounds the rotating random indices
+CHECK_VALUES = 1 << 20  # values a big buffer's check compares (a strided sample)
 # 1024^3 multiply-adds: near peak for MKL and oneDNN, and still affordable (about 7 s a call)
 # at ISA levels where bf16 falls back to a scalar path (0.3 GFLOP/s at avx2 here).
 GEMM_SIZE = 1024
 
 
 def _membw_variants(workload, options) -> list[dict]:
-    # Copy holds a source and a destination buffer of the size.
-    sizes = options.get("membw_sizes") or MEMBW_SIZES + (beyond_cache_bytes(buffers=2),)
-    return [{"bytes": size} for size in sizes]
+    """Streams at every size, then random-row gathers from the largest buffer."""
+    sizes = list(options.get("membw_sizes") or ())
+    if not sizes:
+        # Copy holds a source and a destination buffer of the largest size.
+        sizes = list(MEMBW_CACHE_SIZES) + [beyond_cache_bytes(buffers=2)]
+    largest = max(sizes)
+    row_sizes = options.get("membw_gather_row_bytes") or GATHER_ROW_BYTES
+    return ([{"bytes": size} for size in sizes]
+            + [{"bytes": largest, "row_bytes": row_bytes} for row_bytes in row_sizes
+               if row_bytes <= largest])
 
 
-register_op(Op("membw", "memory bandwidth probe (STREAM-style copy and read) by buffer size",
+register_op(Op("membw", "memory bandwidth probe by buffer size: STREAM-style copy and read, and "
+                        "random-row gathers (rows of 64-512 B) from a buffer beyond the LLC",
                _membw_variants, precision_agnostic=True, probe=True, report_order=0))
 register_op(Op("gemm_peak", "square matmul throughput probe per precision",
                lambda workload, options: [{"size": options.get("gemm_size") or GEMM_SIZE}],
@@ -36,33 +52,120 @@ def _buffer(context: BuildContext) -> torch.Tensor:
     return torch.rand(count, generator=generator).to(context.device)
 
 
-@impl("membw", "copy", ("fp32",), baseline=True,
-      description="dst.copy_(src): bytes read plus bytes written")
-def build_copy(context: BuildContext) -> Prepared:
-    """Copy one fp32 buffer into another."""
-    source = _buffer(context)
-    destination = torch.empty_like(source)
-    size = source.numel() * 4
+def _sample_stride(count: int) -> int:
+    # A strided sample keeps the float64 check of a multi-GiB buffer within memory.
+    return max(1, count // CHECK_VALUES)
+
+
+class _Gather:
+    """Random rows of one buffer, drawn with replacement, split into per-call blocks."""
+
+    def __init__(self, context: BuildContext):
+        self.row_bytes = int(context.variant["row_bytes"])
+        if self.row_bytes % 4 or self.row_bytes <= 0:
+            raise Unsupported(f"gather rows of {self.row_bytes} B are not whole fp32 values")
+        values = self.row_bytes // 4
+        source = _buffer(context)
+        rows = source.numel() // values
+        if rows < 1:
+            raise Unsupported(f"a {context.variant['bytes']} B buffer holds no "
+                              f"{self.row_bytes} B row")
+        self.table = source[:rows * values].view(rows, values)
+        self.block_rows = max(1, min(rows, GATHER_CALL_BYTES // self.row_bytes))
+        # One rotation of blocks draws about as many rows as the buffer holds (bounded), so the
+        # rows of a block are gone from the cache when the rotation comes back to it.
+        draws = min(rows, MAX_GATHER_INDEX_BYTES // INDEX_BYTES)
+        blocks = max(1, draws // self.block_rows)
+        generator = torch.Generator().manual_seed(context.seed + 1)
+        indices = torch.randint(rows, (blocks * self.block_rows,), generator=generator)
+        self.blocks = list(indices.to(context.device).split(self.block_rows))
+
+    def reference(self) -> torch.Tensor:
+        """The first block's rows in float64."""
+        return self.table[self.blocks[0]].to("cpu", torch.float64)
+
+    def params(self, probe: str) -> dict:
+        """What the row records about the gather."""
+        return {"bytes": int(self.table.numel() * 4), "row_bytes": self.row_bytes,
+                "rows_per_call": self.block_rows, "rotation_blocks": len(self.blocks),
+                "pattern": "random rows", "probe": probe}
+
+
+def _gather_copy(context: BuildContext) -> Prepared:
+    gather = _Gather(context)
+    destination = torch.empty(len(gather.blocks) * gather.block_rows, gather.table.shape[1],
+                              device=context.device)
+    outputs = destination.split(gather.block_rows)
+    calls = [functools.partial(torch.index_select, gather.table, 0, block, out=output)
+             for block, output in zip(gather.blocks, outputs)]
     return Prepared(
-        run=lambda: destination.copy_(source),
-        reference=lambda: source.double(),
-        samples=1, flops=0.0, bytes_moved=2.0 * size,
-        params={"bytes": size, "probe": "torch copy_, read+write bytes"},
+        run=cycling(calls), check=calls[0], reference=gather.reference,
+        samples=1, flops=0.0,
+        bytes_moved=float(gather.block_rows * (2 * gather.row_bytes + INDEX_BYTES)),
+        params=gather.params("torch index_select of random rows into a buffer as large as "
+                             "the rows: rows read + rows written + int64 indices"),
     )
 
 
-@impl("membw", "read", ("fp32",), description="src.sum(): bytes read")
+def _gather_read(context: BuildContext) -> Prepared:
+    gather = _Gather(context)
+    block = torch.empty(gather.block_rows, gather.table.shape[1], device=context.device)
+    calls = [functools.partial(torch.index_select, gather.table, 0, indices, out=block)
+             for indices in gather.blocks]
+    return Prepared(
+        run=cycling(calls), check=calls[0], reference=gather.reference,
+        samples=1, flops=0.0,
+        bytes_moved=float(gather.block_rows * (gather.row_bytes + INDEX_BYTES)),
+        params=gather.params("torch index_select of random rows into one in-cache block: "
+                             "rows read + int64 indices"),
+    )
+
+
+@impl("membw", "copy", ("fp32",), baseline=True,
+      description="dst.copy_(src): bytes read plus bytes written; for gathers, random rows "
+                  "copied out")
+def build_copy(context: BuildContext) -> Prepared:
+    """Copy one fp32 buffer into another (or gather random rows into a second buffer)."""
+    if "row_bytes" in context.variant:
+        return _gather_copy(context)
+    source = _buffer(context)
+    destination = torch.empty_like(source)
+    size = source.numel() * 4
+    stride = _sample_stride(source.numel())
+
+    def check():
+        destination.copy_(source)
+        return destination[::stride]
+
+    return Prepared(
+        run=lambda: destination.copy_(source),
+        check=check,
+        reference=lambda: source[::stride].to("cpu", torch.float64),
+        samples=1, flops=0.0, bytes_moved=2.0 * size,
+        params={"bytes": size, "pattern": "stream", "probe": "torch copy_, read+write bytes"},
+    )
+
+
+@impl("membw", "read", ("fp32",),
+      description="src.sum(): bytes read; for gathers, random rows read into an in-cache block")
 def build_read(context: BuildContext) -> Prepared:
-    """Sum one fp32 buffer (read-only traffic)."""
+    """Sum one fp32 buffer (read-only traffic), or gather random rows into a cached block."""
+    if "row_bytes" in context.variant:
+        return _gather_read(context)
     source = _buffer(context)
     size = source.numel() * 4
+
+    def reference():
+        # Chunks keep the float64 copy small for a multi-GiB buffer.
+        return sum(chunk.to("cpu", torch.float64).sum() for chunk in source.split(1 << 24))
+
     return Prepared(
         run=lambda: source.sum(),
-        reference=lambda: source.double().sum(),
+        reference=reference,
         samples=1, flops=float(source.numel()), bytes_moved=float(size),
         # fp32 accumulation over millions of values drifts from the float64 sum.
         tolerance=1e-3,
-        params={"bytes": size, "probe": "torch sum, read bytes"},
+        params={"bytes": size, "pattern": "stream", "probe": "torch sum, read bytes"},
     )
 
 

@@ -15,7 +15,7 @@ from bench.models.dlrm import (DLRM, batch_tensors, build_dlrm, flatten_tables, 
                          parameter_bytes, row_starts_of)
 from bench.ops import common
 from bench.ops.common import (BYTES_PER_VALUE, FLOAT_DTYPES, INDEX_BYTES, ROW_OVERHEAD_BYTES,
-                              PooledTable, cycling, rotation_metrics, rotation_plan)
+                              PooledTable, cycling, float_dtype, rotation_metrics, rotation_plan)
 from bench.ops.fc import at_precision, input_dtype, stored_weight_bytes
 from bench.registry import BuildContext, Op, Prepared, Unsupported, impl, register_op
 from bench.models.teacher import LabelledBatch, calibrate, evaluation_set, teacher_model
@@ -31,6 +31,9 @@ TRAIN_BATCH_INDEX = 0
 # batches (1-4), the calibration batch (10,000) and the evaluation set (20,000 on).
 ROTATION_FIRST_BATCH = 1000
 LABEL_CHUNK_SAMPLES = 16384  # samples per teacher forward when labelling rotating batches
+# Training runs in float formats only (fp16/bf16 by autocast): int8/int4 training would need
+# quantization-aware training, which this op does not model.
+TRAIN_PRECISIONS = ("fp32", "fp16", "bf16")
 
 TT_WARM_UP_BATCHES = 4  # batches whose row counts populate the TT-Rec LFU caches
 
@@ -423,10 +426,8 @@ def _after_step(model: DLRM, indices, offsets) -> tuple:
 def build_train(context: BuildContext, layout: str) -> Prepared:
     """One SGD step of a student DLRM on teacher labels."""
     workload, device, precision = context.workload, context.device, context.precision
-    if precision not in ("fp32", "fp16", "bf16"):
-        raise Unsupported(f"training at {precision} needs quantization-aware training, "
-                          "which this op does not model; use fp32, bf16 or fp16 (autocast)")
-    autocast_dtype = None if precision == "fp32" else FLOAT_DTYPES[precision]
+    # float_dtype refuses a precision outside TRAIN_PRECISIONS (the planner never asks for one).
+    autocast_dtype = None if precision == "fp32" else float_dtype(precision)
     rotation = model_rotation_plan(workload, "fp32")
     rotating = rotating_labelled_batches(workload, context.seed, rotation["rotation_batches"])
     labelled = rotating[0]
@@ -472,25 +473,26 @@ def build_train(context: BuildContext, layout: str) -> Prepared:
                 "autocast": precision if autocast_dtype is not None else "none", **tt,
                 "rotation_batches": len(inputs)},
         metrics={"bytes_parts": bytes_parts, **rotation_metrics(rotation),
+                 "model_bytes": _model_bytes(student),
                  **_tt_metrics_after_lookup(initial, indices, offsets)},
     )
 
 
-@impl("dlrm_train", "per_table", ("fp32", "fp16", "bf16", "int8", "int4"), baseline=True,
+@impl("dlrm_train", "per_table", TRAIN_PRECISIONS, baseline=True,
       description="the DLRM reference's structure: per-table sparse EmbeddingBags + SGD")
 def build_train_per_table(context: BuildContext) -> Prepared:
     """Training step with per-table embeddings."""
     return build_train(context, "per_table")
 
 
-@impl("dlrm_train", "batched", ("fp32", "fp16", "bf16", "int8", "int4"),
+@impl("dlrm_train", "batched", TRAIN_PRECISIONS,
       description="one concatenated sparse EmbeddingBag + SGD")
 def build_train_batched(context: BuildContext) -> Prepared:
     """Training step with one batched embedding."""
     return build_train(context, "batched")
 
 
-@impl("dlrm_train", "fused_sgd", ("fp32", "fp16", "bf16", "int8", "int4"),
+@impl("dlrm_train", "fused_sgd", TRAIN_PRECISIONS,
       description="one concatenated table whose SGD update is fused into backward "
                   "(index_add_ of per-lookup gradients; no sparse gradient tensor)")
 def build_train_fused(context: BuildContext) -> Prepared:

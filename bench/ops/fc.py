@@ -86,7 +86,8 @@ def input_dtype(precision: str) -> torch.dtype:
     return FLOAT_DTYPES.get(precision, torch.float32)
 
 
-@impl("fc", "torch_linear", ("fp32", "fp16", "bf16", "int8", "int4"), baseline=True,
+# No int4: PyTorch has no int4 Linear kernel (int4 applies to the embedding tables).
+@impl("fc", "torch_linear", ("fp32", "fp16", "bf16", "int8"), baseline=True,
       description="nn.Linear stacks (MKL fp32, oneDNN bf16/fp16, FBGEMM int8 dynamic)")
 def build_fc(context: BuildContext) -> Prepared:
     """Forward of one Linear or an MLP stack on a batch of activations."""

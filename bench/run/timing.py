@@ -22,6 +22,12 @@ class TimingPolicy:
     warmup_calls: int = 2  # untimed calls first: caches, JIT kernels, allocator pools
 
 
+class BlockTimes(list):
+    """Per-sample seconds, each the mean of calls_per_sample back-to-back calls."""
+
+    calls_per_sample: int = 1
+
+
 def time_cpu(fn: Callable[[], Any], policy: TimingPolicy, threads: int,
              clock: Callable[[], float] = timeit.default_timer) -> list[float]:
     """Per-repetition seconds of fn via torch.utils.benchmark (blocks of calls for short fns)."""
@@ -38,7 +44,9 @@ def time_cpu(fn: Callable[[], Any], policy: TimingPolicy, threads: int,
         extra = timer.timeit(number=measurement.number_per_run)
         samples.extend(extra.times)
         spent += sum(extra.times) * measurement.number_per_run
-    return samples
+    blocks = BlockTimes(samples)
+    blocks.calls_per_sample = int(measurement.number_per_run)
+    return blocks
 
 
 def time_each_call(fn: Callable[[], Any], count: int) -> list[float]:
@@ -103,7 +111,7 @@ def measure(fn: Callable[[], Any], device: torch.device, policy: TimingPolicy, t
     else:
         samples = time_cpu(fn, policy, threads)
     telemetry = monitor.stop(timeit.default_timer() - started) if monitor is not None else None
-    summary = summarize(samples)
+    summary = summarize(samples, getattr(samples, "calls_per_sample", 1))
     if not math.isfinite(summary.median_s):
         raise ValueError("timing produced a non-finite median")
     return summary, telemetry

@@ -95,6 +95,7 @@ def _record_timing(row: ResultRow, prepared: Prepared, summary, observed, calls:
                    metrics: dict) -> None:
     """Times, rates and telemetry of a measurement into the row."""
     row.n_samples = len(summary.samples_s)
+    row.calls_per_sample = summary.calls_per_sample
     row.samples_s = json.dumps([float(f"{value:.6g}") for value in summary.samples_s])
     row.median_s, row.mean_s, row.min_s = summary.median_s, summary.mean_s, summary.min_s
     row.p90_s, row.p99_s, row.iqr_s = summary.p90_s, summary.p99_s, summary.iqr_s
