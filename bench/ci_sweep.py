@@ -116,7 +116,8 @@ def run_ci_sweep(out_dir: str | os.PathLike, run_id: str, extra_args: Sequence[s
         except BaseException:
             _stop(process)
             raise
-    if code != 0 or not (run_dir / "results.csv").is_file():
+    # Exit 3 (bench.cli.EXIT_SOME_ERRORED): some rows errored; check reports them as failing.
+    if code not in (0, 3) or not (run_dir / "results.csv").is_file():
         raise CiSweepError(f"{label} failed (exit {code}) in {cwd}: "
                            f"{_last_line(log_path) or 'no output'}; log: {log_path}")
     print(f"{label}: done in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)

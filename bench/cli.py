@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import secrets
 import sys
@@ -18,6 +19,16 @@ from workloads.criteo import CriteoFormatError
 from workloads.specs import IndexDistribution, PoolingDistribution, SpecError
 
 EXIT_USAGE = 2
+# Sweep exit codes (the --help epilog says the same): 0 every row measured or skipped;
+# 1 nothing measured because every configuration that ran errored; 3 some rows errored
+# (results and report are still written, and `check` reports them as NEWLY_FAILING).
+EXIT_ALL_ERRORED = 1
+EXIT_SOME_ERRORED = 3
+EXIT_CODES_HELP = ("exit status: 0 every configuration measured or skipped; 1 every "
+                   "configuration that ran errored (nothing measured); 2 bad input, refused "
+                   "before any work; 3 some configurations errored (an error row is a kernel "
+                   "that crashed or failed its float64 check; the other rows, the summary and "
+                   "the report are still written); 130 interrupted (finish with --resume)")
 QUICK_WORKLOADS = "smoke,kaggle"
 QUICK_MAX_ROWS = 100_000  # the quick sweep caps kaggle's tables (the output says so)
 QUICK_PRECISIONS = "fp32,bf16,int8"
@@ -31,6 +42,13 @@ class UsageError(Exception):
     """Bad command-line input; printed as one line, exit 2."""
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose refusals are one line on stderr (not the usage block), exit 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def split(text: str) -> list[str]:
     """Comma-separated values, empty parts dropped."""
     return [part.strip() for part in text.split(",") if part.strip()]
@@ -38,10 +56,11 @@ def split(text: str) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The sweep's arguments."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="run_bench.py",
         description="Measure DLRM operators. Comma-separated values sweep. Subcommands "
-                    "(each with -h): report RUN_DIR..., check, analyze, tt-study, locality.")
+                    "(each with -h): report RUN_DIR..., check, analyze, tt-study, locality.",
+        epilog=EXIT_CODES_HELP)
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true",
                       help="the default: smoke + kaggle (capped), fp32/bf16/int8, every op, "
@@ -185,10 +204,7 @@ def _options(args) -> dict:
     if args.tt_tables:
         options["tt_tables"] = args.tt_tables
     if args.tt_rank:
-        try:
-            options["tt_ranks"] = [int(value) for value in split(args.tt_rank)]
-        except ValueError:
-            raise UsageError(f"--tt-rank {args.tt_rank!r}: give whole numbers, e.g. 8,16") from None
+        options["tt_ranks"] = _whole_numbers(args.tt_rank, "--tt-rank")
     if args.membw_sizes:
         options["membw_sizes"] = _whole_numbers(args.membw_sizes, "--membw-sizes")
     if args.calls_per_rep < 1:
@@ -211,10 +227,45 @@ def _run_directory(args, argv: list[str]) -> tuple[Path, str, bool]:
     """The run directory, its id, and whether this resumes an existing run."""
     if args.resume:
         directory = Path(args.resume)
+        check_writable_directory(directory, f"--resume {directory}")
         return directory, directory.name, True
-    run_id = args.run_id or (datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + "-"
-                             + secrets.token_hex(2))
-    return Path(args.out) / run_id, run_id, False
+    if args.run_id is not None:
+        run_id = args.run_id
+        # A path here would put the run outside --out (--run-id ../../x).
+        if run_id in ("", ".", "..") or "/" in run_id or os.sep in run_id:
+            raise UsageError(f"--run-id {run_id!r}: give a plain name (no '/'), e.g. nightly-1")
+    else:
+        run_id = (datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + "-"
+                  + secrets.token_hex(2))
+    directory = Path(args.out) / run_id
+    if (directory / "results.csv").exists():
+        raise UsageError(f"--run-id {run_id}: {directory} already holds a run; finish it with "
+                         f"--resume {directory} or choose another --run-id")
+    check_writable_directory(directory, f"--out {args.out}")
+    return directory, run_id, False
+
+
+def check_writable_directory(directory: Path, given: str) -> None:
+    """Refuse a directory that cannot be created or written, before any work starts."""
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent  # the nearest ancestor that exists decides
+    if not existing.is_dir():
+        raise UsageError(f"{given}: {existing} is not a directory; give a directory path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{given}: {existing} is not writable by this user; give another "
+                         "directory")
+
+
+def _check_run_limits(args) -> None:
+    """Timing and timeout values that would hang or fail every configuration."""
+    if not (math.isfinite(args.task_timeout) and args.task_timeout > 0):
+        raise UsageError(f"--task-timeout must be a positive number of seconds, got "
+                         f"{args.task_timeout}")
+    if args.min_run_time is not None and not (math.isfinite(args.min_run_time)
+                                              and args.min_run_time > 0):
+        raise UsageError(f"--min-run-time must be a positive number of seconds, got "
+                         f"{args.min_run_time}")
 
 
 def parse_sweep(argv: list[str]):
@@ -277,6 +328,7 @@ def sweep(argv: list[str]) -> int:
         if not 1 <= count <= available_cpus:
             raise UsageError(f"--threads {count}: this machine has {available_cpus} usable CPUs")
     impl_filter = set(split(args.impls)) if args.impls else None
+    _check_run_limits(args)
     workloads = resolve_workloads(args)
     sweeping.check_memory(workloads, ops, devices.available_memory_bytes())
     planned = sweeping.plan(ops, workloads, precisions, device_list, isa_levels, thread_counts,

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
 from bench import devices, sweep
+from bench.cli import EXIT_ALL_ERRORED, EXIT_SOME_ERRORED, UsageError
 from bench.schema import STATUS_ERROR, STATUS_OK, STATUS_SKIPPED, ResultsWriter, read_rows
 from bench.summary import render_summary
 from bench.worker import skipped_row
@@ -49,15 +51,11 @@ class Progress:
 
 
 def execute(args, argv, planned, directory: Path, run_id: str, resuming: bool, policy) -> int:
-    """Run the planned tasks into directory; returns the exit code."""
-    directory.mkdir(parents=True, exist_ok=True)
+    """Run the planned tasks into directory; returns the exit code (see exit_code)."""
     results_path = directory / "results.csv"
     done = sweep.completed_keys(results_path) if resuming else set()
     if not resuming:
-        _write_json(directory / "args.json", {"argv": argv, "run_id": run_id,
-                                              "timing_policy": policy.__dict__})
-        _write_json(directory / "env.json", {"run_id": run_id, **devices.host_facts(),
-                                             "perf_counters": devices.perf_counter_support()})
+        _start_run_directory(directory, argv, run_id, policy)
     pending = [item for item in planned if item.task.key() not in done]
     if resuming:
         print(f"resuming {directory}: {len(planned) - len(pending)} of {len(planned)} "
@@ -88,7 +86,42 @@ def execute(args, argv, planned, directory: Path, run_id: str, resuming: bool, p
           f"{counts[STATUS_ERROR]} errors -> {results_path}")
     if not args.no_report:
         _build_report(directory)
-    return 0
+    code = exit_code(counts[STATUS_OK], counts[STATUS_ERROR])
+    if code == EXIT_ALL_ERRORED:
+        print(f"error: every configuration that ran failed; nothing was measured (see the "
+              f"error column of {results_path})", file=sys.stderr)
+    elif code == EXIT_SOME_ERRORED:
+        print(f"warning: {counts[STATUS_ERROR]} configurations failed (exit "
+              f"{EXIT_SOME_ERRORED}); see the error column of {results_path}", file=sys.stderr)
+    return code
+
+
+def exit_code(measured: int, errors: int) -> int:
+    """0 without error rows; 1 when rows errored and none measured; 3 when some errored."""
+    # A CI job must not pass on a sweep whose kernels crashed or failed their float64 check,
+    # so any error row is non-zero; 3 tells "partly measured" from "nothing measured".
+    if not errors:
+        return 0
+    return EXIT_SOME_ERRORED if measured else EXIT_ALL_ERRORED
+
+
+def _start_run_directory(directory: Path, argv, run_id: str, policy) -> None:
+    """Create the run directory with args.json and env.json; one-line error if it cannot."""
+    first_created = None  # the outermost folder this call creates, removed on failure
+    probe = directory
+    while not probe.exists() and probe != probe.parent:
+        first_created, probe = probe, probe.parent
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        _write_json(directory / "args.json", {"argv": argv, "run_id": run_id,
+                                              "timing_policy": policy.__dict__})
+        _write_json(directory / "env.json", {"run_id": run_id, **devices.host_facts(),
+                                             "perf_counters": devices.perf_counter_support()})
+    except OSError as error:
+        if first_created is not None:  # leave nothing behind for a run that never started
+            shutil.rmtree(first_created, ignore_errors=True)
+        raise UsageError(f"cannot write the run directory {directory}: "
+                         f"{error.strerror or error}") from None
 
 
 def _build_report(directory: Path) -> None:
