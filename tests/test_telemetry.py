@@ -61,13 +61,19 @@ def test_gpu_sampler_records_clocks_and_power_on_a_real_gpu():
         pynvml.nvmlShutdown()
     except pynvml.NVMLError as error:
         pytest.skip(f"NVML unavailable: {error}")
+    import time
+
     monitor = telemetry.Monitor("cuda:0")
     monitor.start()
     matrix = torch.randn(4096, 4096, device="cuda")
-    for _ in range(50):
+    torch.cuda.synchronize()
+    monitor.begin_timed()
+    started = time.perf_counter()
+    for _ in range(200):
         matrix = matrix @ matrix
         matrix /= matrix.norm()
     torch.cuda.synchronize()
+    monitor.end_timed(time.perf_counter() - started)
     observed = monitor.stop(wall_s=1.0)
     assert observed.gpu["sm_clock_mhz"] > 0
     assert observed.avg_power_w > 0

@@ -74,9 +74,15 @@ class PooledTable:
         else:
             raise Unsupported(f"no embedding table format for {precision}")
 
+    def with_sample_weights(self, indices, offsets, weights):
+        """The inputs with per-sample weights in the dtype this table's lookup takes."""
+        dtype = self.weight.dtype if self.precision in FLOAT_DTYPES else torch.float32
+        return indices, offsets, weights.to(dtype)
+
     def _float_lookup(self, indices, offsets, mode, weights):
-        if weights is not None:
-            weights = weights.to(self.weight.dtype)
+        if weights is not None and weights.dtype != self.weight.dtype:
+            raise TypeError(f"per-sample weights are {weights.dtype}, the table "
+                            f"{self.weight.dtype}: cast them at build (with_sample_weights)")
         return functional.embedding_bag(indices, self.weight, offsets, mode=mode,
                                         per_sample_weights=weights)
 

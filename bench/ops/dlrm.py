@@ -11,7 +11,7 @@ from torch import nn
 
 from bench import quality
 from bench.model import (DLRM, batch_tensors, build_dlrm, flatten_tables, flops_per_sample,
-                         parameter_bytes, row_starts_of)
+                         parameter_bytes, row_start_values)
 from bench.ops.common import (BYTES_PER_VALUE, FLOAT_DTYPES, ROW_OVERHEAD_BYTES, PooledTable)
 from bench.ops.fc import at_precision, input_dtype
 from bench.registry import BuildContext, Op, Prepared, Unsupported, impl, register_op
@@ -52,7 +52,7 @@ class QuantizedEmbeddings(nn.Module):
             self.tables = [PooledTable(weight, precision, cpu) for weight in weights]
         else:
             self.tables = [PooledTable(torch.cat(weights), precision, cpu)]
-            self.row_starts = row_starts_of(weights)
+            self.row_starts = row_start_values(weights)
         self.num_tables = len(weights)
 
     def forward(self, indices, offsets) -> torch.Tensor:
@@ -270,6 +270,10 @@ def build_train(context: BuildContext, layout: str) -> Prepared:
     if precision not in ("fp32", "fp16", "bf16"):
         raise Unsupported(f"training at {precision} needs quantization-aware training, "
                           "which this op does not model; use fp32, bf16 or fp16 (autocast)")
+    if precision == "fp16" and device.type == "cuda":
+        raise Unsupported("fp16 training on CUDA needs loss scaling (torch.amp.GradScaler): "
+                          "without it small gradients underflow, and its step() reads the "
+                          "found-inf flag on the host, a sync inside the timed step; use bf16")
     autocast_dtype = None if precision == "fp32" else FLOAT_DTYPES[precision]
     teacher = teacher_model(workload, context.seed)
     labelled = label_batches(teacher, workload, context.seed, [TRAIN_BATCH_INDEX],

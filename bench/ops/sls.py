@@ -6,7 +6,7 @@ import functools
 
 import torch
 
-from bench.model import row_starts_of, flatten_tables
+from bench.model import flatten_tables, row_start_values
 from bench.ops.common import (BYTES_PER_VALUE, FLOAT_DTYPES, PooledTable, as_tensors, cycling,
                               lookup_bytes, reference_lookup, table_weight,
                               workload_rotation)
@@ -46,7 +46,9 @@ def build_sls(context: BuildContext) -> Prepared:
     weight = table_weight(table, context.seed, table_index)
     pooled = PooledTable(weight, context.precision, device)
     parts = workload_rotation(workload, [table_index], context.precision)
-    inputs = [as_tensors(batch, device) for batch in
+    # Per-sample weights take the table's dtype here, at build: a cast inside the timed
+    # closure would add a kernel (and, for a GPU, traffic) that a real input pipeline avoids.
+    inputs = [pooled.with_sample_weights(*as_tensors(batch, device)) for batch in
               rotating_table_batches(workload, table_index, context.seed, parts)]
     calls = [functools.partial(pooled, indices, offsets, pool_mode,
                                weights if weighted else None)
@@ -131,7 +133,7 @@ def build_batched(context: BuildContext) -> Prepared:
     workload, device = context.workload, context.device
     weights, rotations = _all_tables(context)
     table = PooledTable(torch.cat(weights), context.precision, device)
-    row_starts = row_starts_of(weights).to(device)
+    row_starts = row_start_values(weights)
     batch_size = workload.batch_size
 
     def lookup_all(tensors):
