@@ -133,7 +133,8 @@ class NvmlSampler(threading.Thread):
     def finish(self) -> dict:
         """Stop sampling; averages of the timed region's samples and its energy difference."""
         self.stopping.set()
-        self.join(timeout=1.0)
+        if self.ident is not None:  # started (Monitor.start starts it at once)
+            self.join(timeout=1.0)
         summary = {}
         if self.samples:
             for key in self.samples[0]:
