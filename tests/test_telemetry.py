@@ -1,14 +1,19 @@
 """Telemetry: CPU use and RSS always, RAPL energy where readable, GPU telemetry absent cleanly."""
 
 import math
+import time
 
 import pytest
 
 from bench.run import telemetry
 
 
-def _burn() -> int:
-    return sum(index * index for index in range(200_000))
+def _burn(cpu_seconds: float = 0.1) -> None:
+    """Use at least cpu_seconds of CPU: well past the kernel's accounting tick (10 ms), which a
+    fixed small loop on a busy machine can fall inside of, reading as zero."""
+    start = time.process_time()
+    while time.process_time() - start < cpu_seconds:
+        sum(index * index for index in range(10_000))
 
 
 def test_cpu_telemetry_without_energy_sources(monkeypatch, tmp_path):
@@ -61,13 +66,19 @@ def test_gpu_sampler_records_clocks_and_power_on_a_real_gpu():
         pynvml.nvmlShutdown()
     except pynvml.NVMLError as error:
         pytest.skip(f"NVML unavailable: {error}")
+    import time
+
     monitor = telemetry.Monitor("cuda:0")
     monitor.start()
     matrix = torch.randn(4096, 4096, device="cuda")
-    for _ in range(50):
+    torch.cuda.synchronize()
+    monitor.begin_timed()
+    started = time.perf_counter()
+    for _ in range(200):
         matrix = matrix @ matrix
         matrix /= matrix.norm()
     torch.cuda.synchronize()
+    monitor.end_timed(time.perf_counter() - started)
     observed = monitor.stop(wall_s=1.0)
     assert observed.gpu["sm_clock_mhz"] > 0
     assert observed.avg_power_w > 0

@@ -80,6 +80,18 @@ def _number_pair(text: str, value: str, separator: str, first_type, second_type,
     return numbers
 
 
+def _check_trace_contents(text: str, path: str) -> None:
+    """Load a trace file once, so a corrupt one is refused before the sweep, not per row."""
+    from workloads.traces import TraceFormatError, load_trace
+
+    try:
+        load_trace(path)
+    except TraceFormatError as error:
+        raise SpecError(f"--dist {text!r}: {error}") from None
+    except OSError as error:  # unreadable (permissions, a directory named .npy)
+        raise SpecError(f"--dist {text!r}: cannot read {path}: {error.strerror}") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class IndexDistribution(SpecDict):
     """How row ids are drawn within a table."""
@@ -131,7 +143,9 @@ class IndexDistribution(SpecDict):
                 raise SpecError(f"--dist {text!r}: write zipf:ALPHA, e.g. zipf:1.05") from None
         if kind == "trace":
             _require(bool(value), f"--dist {text!r}: write trace:PATH (.npy, .csv or .txt)")
-            return cls("trace", path=value)
+            distribution = cls("trace", path=value)
+            _check_trace_contents(text, value)
+            return distribution
         if kind == "hitrate":
             rate, capacity = _number_pair(text, value, "@", float, int,
                                           "hitrate:RATE@CAPACITY_ROWS, e.g. hitrate:0.9@100000")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import os
 import secrets
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 
 from bench.run import devices
 from bench import registry
-from bench.commands import UsageError
+from bench.commands import EXIT_USAGE, UsageError
 from bench.records import (RESULTS_FILENAME, STATUS_ERROR, STATUS_OK, STATUS_SKIPPED, SchemaError,
                            read_recorded_argv, read_rows)
 from bench.run.timing import TimingPolicy
@@ -19,18 +20,36 @@ from reports.summary import render_summary
 from workloads.resolve import (DEFAULT_WORKLOADS, WorkloadChoices, resolve_workloads, split,
                                whole_numbers)
 
+# Sweep exit codes (the --help epilog says the same): 0 every row measured or skipped;
+# 1 nothing measured because every configuration that ran errored; 3 some rows errored
+# (results and report are still written, and `check` reports them as NEWLY_FAILING).
+EXIT_ALL_ERRORED = 1
+EXIT_SOME_ERRORED = 3
+EXIT_CODES_HELP = ("exit status: 0 every configuration measured or skipped; 1 every "
+                   "configuration that ran errored (nothing measured); 2 bad input, refused "
+                   "before any work; 3 some configurations errored (an error row is a kernel "
+                   "that crashed or failed its float64 check; the other rows, the summary and "
+                   "the report are still written); 130 interrupted (finish with --resume)")
 QUICK_PRECISIONS = "fp32,bf16,int8"
 FULL_PRECISIONS = ",".join(registry.PRECISIONS)
 QUICK_POLICY = TimingPolicy(min_run_time_s=0.2, min_samples=10, max_run_time_s=5.0)
 FULL_POLICY = TimingPolicy(min_run_time_s=1.0, min_samples=20, max_run_time_s=30.0)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose refusals are one line on stderr (not the usage block), exit 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The sweep's arguments."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="run_bench.py",
         description="Measure DLRM operators. Comma-separated values sweep. Subcommands "
-                    "(each with -h): report RUN_DIR..., check, analyze, tt-study, locality.")
+                    "(each with -h): report RUN_DIR..., check, analyze, tt-study, locality.",
+        epilog=EXIT_CODES_HELP)
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true",
                       help="the default: smoke + kaggle (capped), fp32/bf16/int8, every op, "
@@ -144,10 +163,7 @@ def _options(args) -> dict:
     if args.tt_tables:
         options["tt_tables"] = args.tt_tables
     if args.tt_rank:
-        try:
-            options["tt_ranks"] = [int(value) for value in split(args.tt_rank)]
-        except ValueError:
-            raise UsageError(f"--tt-rank {args.tt_rank!r}: give whole numbers, e.g. 8,16") from None
+        options["tt_ranks"] = whole_numbers(args.tt_rank, "--tt-rank")
     if args.membw_sizes:
         options["membw_sizes"] = whole_numbers(args.membw_sizes, "--membw-sizes")
     if args.calls_per_rep < 1:
@@ -170,10 +186,45 @@ def _run_directory(args, argv: list[str]) -> tuple[Path, str, bool]:
     """The run directory, its id, and whether this resumes an existing run."""
     if args.resume:
         directory = Path(args.resume)
+        check_writable_directory(directory, f"--resume {directory}")
         return directory, directory.name, True
-    run_id = args.run_id or (datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + "-"
-                             + secrets.token_hex(2))
-    return Path(args.out) / run_id, run_id, False
+    if args.run_id is not None:
+        run_id = args.run_id
+        # A path here would put the run outside --out (--run-id ../../x).
+        if run_id in ("", ".", "..") or "/" in run_id or os.sep in run_id:
+            raise UsageError(f"--run-id {run_id!r}: give a plain name (no '/'), e.g. nightly-1")
+    else:
+        run_id = (datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + "-"
+                  + secrets.token_hex(2))
+    directory = Path(args.out) / run_id
+    if (directory / "results.csv").exists():
+        raise UsageError(f"--run-id {run_id}: {directory} already holds a run; finish it with "
+                         f"--resume {directory} or choose another --run-id")
+    check_writable_directory(directory, f"--out {args.out}")
+    return directory, run_id, False
+
+
+def check_writable_directory(directory: Path, given: str) -> None:
+    """Refuse a directory that cannot be created or written, before any work starts."""
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent  # the nearest ancestor that exists decides
+    if not existing.is_dir():
+        raise UsageError(f"{given}: {existing} is not a directory; give a directory path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{given}: {existing} is not writable by this user; give another "
+                         "directory")
+
+
+def _check_run_limits(args) -> None:
+    """Timing and timeout values that would hang or fail every configuration."""
+    if not (math.isfinite(args.task_timeout) and args.task_timeout > 0):
+        raise UsageError(f"--task-timeout must be a positive number of seconds, got "
+                         f"{args.task_timeout}")
+    if args.min_run_time is not None and not (math.isfinite(args.min_run_time)
+                                              and args.min_run_time > 0):
+        raise UsageError(f"--min-run-time must be a positive number of seconds, got "
+                         f"{args.min_run_time}")
 
 
 def parse_sweep(argv: list[str]):
@@ -236,6 +287,7 @@ def sweep(argv: list[str]) -> int:
         if not 1 <= count <= available_cpus:
             raise UsageError(f"--threads {count}: this machine has {available_cpus} usable CPUs")
     impl_filter = set(split(args.impls)) if args.impls else None
+    _check_run_limits(args)
     workloads = resolve_workloads(workload_choices(args))
     sweeping.check_memory(workloads, ops, devices.available_memory_bytes())
     planned = sweeping.plan(ops, workloads, precisions, device_list, isa_levels, thread_counts,
@@ -254,20 +306,40 @@ def sweep(argv: list[str]) -> int:
         policy = TimingPolicy(min_run_time_s=args.min_run_time, min_samples=policy.min_samples,
                               max_run_time_s=max(policy.max_run_time_s, args.min_run_time * 5))
     directory, run_id, resuming = _run_directory(args, argv)
-    from bench.run.execute import execute
+    from bench.run.execute import RunDirectoryError, execute
 
-    code = execute(args, argv, planned, directory, run_id, resuming, policy)
+    try:
+        code = execute(argv, planned, directory, run_id, resuming, policy, args.task_timeout)
+    except RunDirectoryError as error:
+        raise UsageError(str(error)) from None
     if code != 0:
         return code
-    rows = read_rows(directory / RESULTS_FILENAME)
+    results_path = directory / RESULTS_FILENAME
+    rows = read_rows(results_path)
     print(render_summary(rows))
     counts = {status: sum(row.status == status for row in rows)
               for status in (STATUS_OK, STATUS_SKIPPED, STATUS_ERROR)}
     print(f"\n{counts[STATUS_OK]} measured, {counts[STATUS_SKIPPED]} skipped, "
-          f"{counts[STATUS_ERROR]} errors -> {directory / RESULTS_FILENAME}")
+          f"{counts[STATUS_ERROR]} errors -> {results_path}")
     if not args.no_report:
         _build_report(directory)
-    return 0
+    code = exit_code(counts[STATUS_OK], counts[STATUS_ERROR])
+    if code == EXIT_ALL_ERRORED:
+        print(f"error: every configuration that ran failed; nothing was measured (see the "
+              f"error column of {results_path})", file=sys.stderr)
+    elif code == EXIT_SOME_ERRORED:
+        print(f"warning: {counts[STATUS_ERROR]} configurations failed (exit "
+              f"{EXIT_SOME_ERRORED}); see the error column of {results_path}", file=sys.stderr)
+    return code
+
+
+def exit_code(measured: int, errors: int) -> int:
+    """0 without error rows; 1 when rows errored and none measured; 3 when some errored."""
+    # A CI job must not pass on a sweep whose kernels crashed or failed their float64 check,
+    # so any error row is non-zero; 3 tells "partly measured" from "nothing measured".
+    if not errors:
+        return 0
+    return EXIT_SOME_ERRORED if measured else EXIT_ALL_ERRORED
 
 
 def _build_report(directory: Path) -> None:

@@ -124,21 +124,31 @@ class PerTableEmbeddings(nn.Module):
 
 
 def flatten_tables(indices: list[torch.Tensor], offsets: list[torch.Tensor],
-                   row_starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                   row_starts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-table inputs as one lookup into concatenated tables: shifted ids, bag starts.
 
     Bags are table-major, which keeps each table's rows together in memory order
     (sample-major order was slower on big tables)."""
-    counts = torch.tensor([table_indices.numel() for table_indices in indices])
-    shifted = torch.cat(indices) + torch.repeat_interleave(row_starts, counts.to(row_starts.device))
-    lookup_starts = (torch.cumsum(counts, 0) - counts).to(shifted.device)
-    bag_starts = torch.stack(offsets) + lookup_starts.unsqueeze(1)
-    return shifted, bag_starts.flatten()
+    # Shifts are Python ints (kernel arguments) and sizes come from tensor shapes, so on a GPU
+    # this makes no host-to-device copy and no sync (repeat_interleave of a device tensor of
+    # counts would have to read its output size back to the host).
+    shifted, bag_starts, lookup_start = [], [], 0
+    for table_indices, table_offsets, row_start in zip(indices, offsets, row_starts,
+                                                       strict=True):
+        shifted.append(table_indices + row_start)
+        bag_starts.append(table_offsets + lookup_start)
+        lookup_start += table_indices.numel()
+    return torch.cat(shifted), torch.cat(bag_starts)
 
 
 def row_starts_of(weights: list[torch.Tensor]) -> torch.Tensor:
     starts = np.concatenate(([0], np.cumsum([weight.shape[0] for weight in weights])[:-1]))
     return torch.as_tensor(starts, dtype=torch.int64)
+
+
+def row_start_values(weights: list[torch.Tensor]) -> list[int]:
+    """Each table's first row in the concatenated table, as host ints for flatten_tables."""
+    return row_starts_of(weights).tolist()
 
 
 class BatchedEmbeddings(nn.Module):
@@ -149,11 +159,12 @@ class BatchedEmbeddings(nn.Module):
         self.bag = nn.EmbeddingBag.from_pretrained(torch.cat(weights), freeze=False, mode="sum",
                                                    sparse=sparse)
         self.register_buffer("row_starts", row_starts_of(weights), persistent=False)
+        self.row_start_values = row_start_values(weights)
         self.num_tables = len(weights)
 
     def forward(self, indices: list[torch.Tensor], offsets: list[torch.Tensor]) -> torch.Tensor:
         """Per-table inputs -> [B, T, D]."""
-        pooled = self.bag(*flatten_tables(indices, offsets, self.row_starts))
+        pooled = self.bag(*flatten_tables(indices, offsets, self.row_start_values))
         return pooled.view(self.num_tables, -1, pooled.shape[-1]).transpose(0, 1)
 
     def table_weights(self) -> list[torch.Tensor]:
@@ -172,9 +183,13 @@ class _LookupWithSGD(torch.autograd.Function):
 
     @staticmethod
     def forward(context, anchor, weight, indices, bag_starts, learning_rate):
-        lengths = torch.diff(bag_starts, append=bag_starts.new_tensor([indices.numel()]))
+        # torch.full and output_size keep this on the device: new_tensor([n]) would copy from
+        # the host, and repeat_interleave without output_size reads the sum back (a sync).
+        end = torch.full((1,), indices.numel(), dtype=bag_starts.dtype, device=bag_starts.device)
+        lengths = torch.diff(bag_starts, append=end)
         context.save_for_backward(indices, torch.repeat_interleave(
-            torch.arange(bag_starts.numel(), device=indices.device), lengths))
+            torch.arange(bag_starts.numel(), device=indices.device), lengths,
+            output_size=indices.numel()))
         context.weight, context.learning_rate = weight, learning_rate
         return torch.nn.functional.embedding_bag(indices, weight, bag_starts, mode="sum")
 
@@ -197,6 +212,7 @@ class FusedSGDEmbeddings(nn.Module):
         # A buffer, not a Parameter: the optimizer never sees it; backward updates it.
         self.register_buffer("weight", torch.cat(weights))
         self.register_buffer("row_starts", row_starts_of(weights), persistent=False)
+        self.row_start_values = row_start_values(weights)
         # Autograd only calls backward for inputs that require grad: an empty anchor does.
         self.anchor = nn.Parameter(torch.zeros(0))
         self.learning_rate = learning_rate
@@ -204,7 +220,7 @@ class FusedSGDEmbeddings(nn.Module):
 
     def forward(self, indices: list[torch.Tensor], offsets: list[torch.Tensor]) -> torch.Tensor:
         """Per-table inputs -> [B, T, D]; backward updates the rows it looked up."""
-        shifted, bag_starts = flatten_tables(indices, offsets, self.row_starts)
+        shifted, bag_starts = flatten_tables(indices, offsets, self.row_start_values)
         if torch.is_grad_enabled():
             pooled = _LookupWithSGD.apply(self.anchor, self.weight, shifted, bag_starts,
                                           self.learning_rate)

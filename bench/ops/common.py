@@ -56,9 +56,19 @@ class PooledTable:
         else:
             raise Unsupported(f"no embedding table format for {precision}")
 
+    @property
+    def sample_weight_dtype(self) -> torch.dtype:
+        """The dtype of per-sample weights this table's lookup takes (quantized: fp32)."""
+        return self.weight.dtype if self.precision in FLOAT_DTYPES else torch.float32
+
+    def with_sample_weights(self, indices, offsets, weights):
+        """The inputs with per-sample weights in the dtype this table's lookup takes."""
+        return indices, offsets, weights.to(self.sample_weight_dtype)
+
     def _float_lookup(self, indices, offsets, mode, weights):
-        if weights is not None:
-            weights = weights.to(self.weight.dtype)
+        if weights is not None and weights.dtype != self.weight.dtype:
+            raise TypeError(f"per-sample weights are {weights.dtype}, the table "
+                            f"{self.weight.dtype}: cast them at build (with_sample_weights)")
         return functional.embedding_bag(indices, self.weight, offsets, mode=mode,
                                         per_sample_weights=weights)
 
@@ -86,9 +96,10 @@ class PooledTable:
 
 
 def lookup_bytes(lookups: int, bags: int, dim: int, bytes_per_row: float, out_bytes: float,
-                 weighted: bool) -> float:
-    """Compulsory traffic of a pooled lookup: rows read, indices, offsets, weights, output."""
-    return (lookups * (bytes_per_row + INDEX_BYTES + (4 if weighted else 0))
+                 weight_bytes: float = 0.0) -> float:
+    """Compulsory traffic of a pooled lookup: rows read, indices, offsets, per-sample weights
+    (weight_bytes each; 0 when unweighted), output."""
+    return (lookups * (bytes_per_row + INDEX_BYTES + weight_bytes)
             + bags * (INDEX_BYTES + dim * out_bytes))
 
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from bench.models import quality
 from bench.models.dlrm import (DLRM, batch_tensors, build_dlrm, flatten_tables, flops_per_sample,
-                         parameter_bytes, row_starts_of)
+                               parameter_bytes, row_start_values)
 from bench.ops import common
 from bench.ops.common import (BYTES_PER_VALUE, FLOAT_DTYPES, INDEX_BYTES, ROW_OVERHEAD_BYTES,
                               PooledTable, cycling, float_dtype, rotation_metrics, rotation_plan)
@@ -64,7 +64,7 @@ class QuantizedEmbeddings(nn.Module):
             self.tables = [PooledTable(weight, precision, cpu) for weight in weights]
         else:
             self.tables = [PooledTable(torch.cat(weights), precision, cpu)]
-            self.row_starts = row_starts_of(weights)
+            self.row_starts = row_start_values(weights)
         self.num_tables = len(weights)
 
     def forward(self, indices, offsets) -> torch.Tensor:
@@ -426,6 +426,10 @@ def _after_step(model: DLRM, indices, offsets) -> tuple:
 def build_train(context: BuildContext, layout: str) -> Prepared:
     """One SGD step of a student DLRM on teacher labels."""
     workload, device, precision = context.workload, context.device, context.precision
+    if precision == "fp16" and device.type == "cuda":
+        raise Unsupported("fp16 training on CUDA needs loss scaling (torch.amp.GradScaler): "
+                          "without it small gradients underflow, and its step() reads the "
+                          "found-inf flag on the host, a sync inside the timed step; use bf16")
     # float_dtype refuses a precision outside TRAIN_PRECISIONS (the planner never asks for one).
     autocast_dtype = None if precision == "fp32" else float_dtype(precision)
     rotation = model_rotation_plan(workload, "fp32")

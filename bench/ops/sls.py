@@ -6,7 +6,7 @@ import functools
 
 import torch
 
-from bench.models.dlrm import row_starts_of, flatten_tables
+from bench.models.dlrm import flatten_tables, row_start_values
 from bench.ops.common import (BYTES_PER_VALUE, FLOAT_DTYPES, PooledTable, as_tensors, cycling,
                               lookup_bytes, mean_lookups, reference_lookup, rotation_metrics,
                               table_weight, workload_rotation_plan)
@@ -49,7 +49,9 @@ def build_sls(context: BuildContext) -> Prepared:
     pooled = PooledTable(weight, context.precision, device)
     rotation = workload_rotation_plan(workload, [table_index], context.precision)
     parts = rotation["rotation_batches"]
-    inputs = [as_tensors(batch, device) for batch in
+    # Per-sample weights take the table's dtype here, at build: a cast inside the timed
+    # closure would add a kernel (and, for a GPU, traffic) that a real input pipeline avoids.
+    inputs = [pooled.with_sample_weights(*as_tensors(batch, device)) for batch in
               rotating_table_batches(workload, table_index, context.seed, parts)]
     calls = [functools.partial(pooled, indices, offsets, pool_mode,
                                weights if weighted else None)
@@ -65,7 +67,8 @@ def build_sls(context: BuildContext) -> Prepared:
         samples=bags,
         flops=lookups * table.dim * (2 if weighted else 1),
         bytes_moved=lookup_bytes(lookups, bags, table.dim, pooled.bytes_per_row,
-                                 _output_bytes(context.precision), weighted),
+                                 _output_bytes(context.precision),
+                                 pooled.sample_weight_dtype.itemsize if weighted else 0),
         params={"table": table_index, "rows": table.rows, "dim": table.dim,
                 "pooling": table.pooling.label(), "distribution": table.distribution.label(),
                 "mode": mode, "table_bytes": int(table.rows * pooled.bytes_per_row),
@@ -109,7 +112,7 @@ def _multi_prepared(context, calls, weights, rotations, rotation, bytes_per_row,
         samples=workload.batch_size,
         flops=lookups * workload.dim,
         bytes_moved=lookup_bytes(lookups, bags, workload.dim, bytes_per_row,
-                                 _output_bytes(context.precision), False),
+                                 _output_bytes(context.precision)),
         params={"num_tables": len(workload.tables), "total_rows": workload.total_rows,
                 "dim": workload.dim, "lookups": lookups, "rotation_batches": len(rotations),
                 **extra_params},
@@ -141,7 +144,7 @@ def build_batched(context: BuildContext) -> Prepared:
     workload, device = context.workload, context.device
     weights, rotations, rotation = _all_tables(context)
     table = PooledTable(torch.cat(weights), context.precision, device)
-    row_starts = row_starts_of(weights).to(device)
+    row_starts = row_start_values(weights)
     batch_size = workload.batch_size
 
     def lookup_all(tensors):

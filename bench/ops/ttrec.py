@@ -131,7 +131,7 @@ def _build_tt(context: BuildContext, cache_policy: str) -> Prepared:
         # Pooling adds per lookup plus one reconstruction per distinct uncached id.
         flops=lookups * table.dim + rows["flops"],
         # What the kernel touches: indices, offsets, TT rows (see tt_lookup_cost), the output.
-        bytes_moved=lookup_bytes(lookups, bags, table.dim, 0.0, value_bytes, False)
+        bytes_moved=lookup_bytes(lookups, bags, table.dim, 0.0, value_bytes)
         + rows["bytes"],
         params={"table": table_index, "rows": table.rows, "dim": table.dim,
                 "distribution": table.distribution.label(), "cache": cache_policy,
@@ -145,8 +145,7 @@ def _build_tt(context: BuildContext, cache_policy: str) -> Prepared:
                  # The dense table's row traffic for the same lookups: not what TT reads,
                  # kept (labelled) to compare with the dense impl's bytes.
                  "dense_equivalent_bytes": lookup_bytes(lookups, bags, table.dim,
-                                                        table.dim * value_bytes, value_bytes,
-                                                        False),
+                                                        table.dim * value_bytes, value_bytes),
                  **rotation_metrics(rotation)},
         flush_between_reps=True,
     )
@@ -187,7 +186,7 @@ def build_dense(context: BuildContext) -> Prepared:
         reference=lambda: reference_lookup(weight, indices, offsets, "sum", None),
         samples=bags, flops=lookups * table.dim,
         bytes_moved=lookup_bytes(lookups, bags, table.dim, pooled.bytes_per_row,
-                                 BYTES_PER_VALUE[context.precision], False),
+                                 BYTES_PER_VALUE[context.precision]),
         params={"table": table_index, "rows": table.rows, "dim": table.dim,
                 "distribution": table.distribution.label(), "cache": "n/a",
                 "rotation_batches": len(inputs)},

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
 from bench import registry
+from bench.records import ResultsWriter, write_json
 from bench.run import devices, sweep
-from bench.records import (ResultsWriter, write_json)
 from bench.run.worker import skipped_row
+
+
+class RunDirectoryError(Exception):
+    """The run directory cannot be created or written; the message is one line."""
 
 
 class Progress:
@@ -40,23 +45,13 @@ class Progress:
         self.bar.close()
 
 
-def execute(args, argv, planned, directory: Path, run_id: str, resuming: bool, policy) -> int:
+def execute(argv, planned, directory: Path, run_id: str, resuming: bool, policy,
+            task_timeout_s: float) -> int:
     """Run the planned tasks into directory; 0 when every task has a row, 130 if interrupted."""
-    directory.mkdir(parents=True, exist_ok=True)
     results_path = directory / "results.csv"
     done = sweep.completed_keys(results_path) if resuming else set()
     if not resuming:
-        write_json(directory / "args.json", {"argv": argv, "run_id": run_id,
-                                             "timing_policy": policy.__dict__,
-                                             "op_facts": registry.facts()})
-        # The facts behind every fingerprint of the run, so that the checker can say which
-        # facts differ when two runs' fingerprints do.
-        configurations = {(item.task.device, item.task.isa, item.task.threads)
-                          for item in planned}
-        write_json(directory / "env.json", {"run_id": run_id, **devices.host_facts(),
-                                            "perf_counters": devices.perf_counter_support(),
-                                            "fingerprint_facts": devices.fingerprint_records(
-                                                configurations, policy)})
+        _start_run_directory(directory, argv, run_id, policy, planned)
     pending = [item for item in planned if item.task.key() not in done]
     if resuming:
         print(f"resuming {directory}: {len(planned) - len(pending)} of {len(planned)} "
@@ -71,7 +66,7 @@ def execute(args, argv, planned, directory: Path, run_id: str, resuming: bool, p
                     progress.advance(row)
             runnable = [item.task for item in pending if not item.skip_reason]
             sweep.run_tasks(runnable, run_id, policy, writer, directory / "worker.log",
-                            args.task_timeout, progress=progress.advance,
+                            task_timeout_s, progress=progress.advance,
                             describe=progress.describe)
         except KeyboardInterrupt:
             progress.close()
@@ -80,3 +75,28 @@ def execute(args, argv, planned, directory: Path, run_id: str, resuming: bool, p
             return 130
     progress.close()
     return 0
+
+
+def _start_run_directory(directory: Path, argv, run_id: str, policy, planned) -> None:
+    """Create the run directory with args.json and env.json; RunDirectoryError if it cannot."""
+    first_created = None  # the outermost folder this call creates, removed on failure
+    probe = directory
+    while not probe.exists() and probe != probe.parent:
+        first_created, probe = probe, probe.parent
+    # The facts behind every fingerprint of the run, so that the checker can say which
+    # facts differ when two runs' fingerprints do.
+    configurations = {(item.task.device, item.task.isa, item.task.threads) for item in planned}
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        write_json(directory / "args.json", {"argv": argv, "run_id": run_id,
+                                             "timing_policy": policy.__dict__,
+                                             "op_facts": registry.facts()})
+        write_json(directory / "env.json", {"run_id": run_id, **devices.host_facts(),
+                                            "perf_counters": devices.perf_counter_support(),
+                                            "fingerprint_facts": devices.fingerprint_records(
+                                                configurations, policy)})
+    except OSError as error:
+        if first_created is not None:  # leave nothing behind for a run that never started
+            shutil.rmtree(first_created, ignore_errors=True)
+        raise RunDirectoryError(f"cannot write the run directory {directory}: "
+                                f"{error.strerror or error}") from None

@@ -1,4 +1,4 @@
-"""Telemetry around a measurement: process CPU use and RSS, RAPL energy, NVML GPU samples."""
+"""Telemetry around a measurement: process CPU use and RSS, RAPL energy, NVML GPU energy."""
 
 from __future__ import annotations
 
@@ -47,8 +47,31 @@ def _read_rapl(files: list[Path]) -> Optional[float]:
         return None
 
 
+def nvml_uuid_candidates(torch_uuid: str) -> list[str]:
+    """NVML's names for the GPU torch reports: torch prints bare hex, NVML prefixes GPU-/MIG-."""
+    text = str(torch_uuid).strip()
+    if text.startswith(("GPU-", "MIG-")):
+        return [text]
+    return [f"GPU-{text}", f"MIG-{text}"]
+
+
+def nvml_handle(nvml, device_index: int):
+    """The NVML handle of torch's cuda:<device_index>, found by UUID."""
+    # NVML numbers GPUs in PCI order and ignores CUDA_VISIBLE_DEVICES; torch's index counts
+    # visible devices only (in CUDA_DEVICE_ORDER). Only the UUID names the same GPU in both.
+    import torch
+
+    torch_uuid = torch.cuda.get_device_properties(device_index).uuid
+    for candidate in nvml_uuid_candidates(str(torch_uuid)):
+        try:
+            return nvml.nvmlDeviceGetHandleByUUID(candidate)
+        except nvml.NVMLError:
+            continue
+    raise LookupError(f"NVML knows no GPU with torch's UUID {torch_uuid} (cuda:{device_index})")
+
+
 class NvmlSampler(threading.Thread):
-    """Samples one GPU's clocks, power, temperature and memory in the background."""
+    """Samples one GPU's clocks, temperature and memory while the timed region runs."""
 
     def __init__(self, index: int):
         super().__init__(daemon=True)
@@ -56,10 +79,19 @@ class NvmlSampler(threading.Thread):
 
         self.nvml = pynvml
         pynvml.nvmlInit()
-        self.handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        try:
+            self.handle = nvml_handle(pynvml, index)
+        except BaseException:
+            pynvml.nvmlShutdown()
+            raise
         self.samples: list[dict] = []
         self.stopping = threading.Event()
-        self.energy_start_mj = self._energy_mj()
+        # Samples and the energy counter cover the timed repetitions only, not warm-up,
+        # the repetition-count probe or building inputs: begin() and end() bracket them.
+        self.recording = threading.Event()
+        self.energy_begin_mj: Optional[float] = None
+        self.energy_end_mj: Optional[float] = None
+        self.timed_wall_s = math.nan
 
     def _energy_mj(self) -> Optional[float]:
         try:
@@ -77,28 +109,42 @@ class NvmlSampler(threading.Thread):
             "memory_used_bytes": nvml.nvmlDeviceGetMemoryInfo(handle).used,
         }
 
+    def begin(self) -> None:
+        """The timed region starts (the GPU is synchronised): read the energy counter."""
+        self.energy_begin_mj = self._energy_mj()
+        self.recording.set()
+
+    def end(self, wall_s: float) -> None:
+        """The timed region ended (synchronised) after wall_s seconds: read the counter again."""
+        self.energy_end_mj = self._energy_mj()
+        self.recording.clear()
+        self.timed_wall_s = wall_s
+
     def run(self) -> None:
-        """Sample until stopped."""
+        """Sample while recording, until stopped."""
         while not self.stopping.is_set():
-            try:
-                self.samples.append(self._sample())
-            except self.nvml.NVMLError:
-                break
+            if self.recording.is_set():
+                try:
+                    self.samples.append(self._sample())
+                except self.nvml.NVMLError:
+                    break
             self.stopping.wait(NVML_INTERVAL_S)
 
     def finish(self) -> dict:
-        """Stop sampling; averages of the samples and the energy counter's difference."""
+        """Stop sampling; averages of the timed region's samples and its energy difference."""
         self.stopping.set()
-        self.join(timeout=1.0)
-        energy_end = self._energy_mj()
+        if self.ident is not None:  # started (Monitor.start starts it at once)
+            self.join(timeout=1.0)
         summary = {}
         if self.samples:
             for key in self.samples[0]:
                 summary[key] = sum(sample[key] for sample in self.samples) / len(self.samples)
             summary["memory_used_max_bytes"] = max(sample["memory_used_bytes"]
                                                    for sample in self.samples)
-        if energy_end is not None and self.energy_start_mj is not None:
-            summary["energy_j"] = (energy_end - self.energy_start_mj) / 1e3
+        if self.energy_begin_mj is not None and self.energy_end_mj is not None:
+            summary["energy_j"] = (self.energy_end_mj - self.energy_begin_mj) / 1e3
+        if math.isfinite(self.timed_wall_s):
+            summary["energy_window_s"] = self.timed_wall_s
         self.nvml.nvmlShutdown()
         return summary
 
@@ -123,6 +169,16 @@ class Monitor:
             except Exception:  # no NVML (driver missing): GPU telemetry stays empty
                 self.sampler = None
 
+    def begin_timed(self) -> None:
+        """bench.run.timing: the timed repetitions start now (GPU: after a synchronize)."""
+        if self.sampler is not None:
+            self.sampler.begin()
+
+    def end_timed(self, wall_s: float) -> None:
+        """bench.run.timing: the timed repetitions ended (synchronised) after wall_s seconds."""
+        if self.sampler is not None:
+            self.sampler.end(wall_s)
+
     def stop(self, wall_s: float) -> Telemetry:
         """Telemetry over the bracketed wall time (measured by bench.run.timing)."""
         telemetry = Telemetry()
@@ -134,12 +190,22 @@ class Monitor:
                                          * 1024)
         if self.sampler is not None:
             telemetry.gpu = self.sampler.finish()
+            window_s = telemetry.gpu.get("energy_window_s", math.nan)
+            sampled_power_w = telemetry.gpu.pop("power_w", math.nan)
             if "energy_j" in telemetry.gpu:
+                # Power is the energy counter's difference over the timed region's wall time,
+                # not the mean of GetPowerUsage samples (a lagging, averaged reading).
                 telemetry.energy_j = telemetry.gpu.pop("energy_j")
-                telemetry.sources.append("nvml energy counter")
-            if "power_w" in telemetry.gpu:
-                telemetry.avg_power_w = telemetry.gpu["power_w"]
-        elif self.rapl_start is not None:
+                telemetry.sources.append("nvml energy counter over the timed repetitions")
+                if window_s > 0:
+                    telemetry.avg_power_w = telemetry.energy_j / window_s
+            elif math.isfinite(sampled_power_w):
+                telemetry.avg_power_w = sampled_power_w
+                telemetry.sources.append("nvml sampled power (no energy counter)")
+            if math.isfinite(sampled_power_w):
+                telemetry.gpu["sampled_power_w"] = sampled_power_w
+            return telemetry
+        if self.rapl_start is not None:
             end = _read_rapl(self.rapl_files)
             if end is not None and end >= self.rapl_start:
                 telemetry.energy_j = end - self.rapl_start

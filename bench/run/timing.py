@@ -72,24 +72,45 @@ class _L2Flusher:
         self.buffer.zero_()
 
 
+def cuda_repetitions(call_s: float, flush_s: float, policy: TimingPolicy) -> int:
+    """Repetitions: min_run_time of timed calls, within max_run_time of wall incl. flushes."""
+    # The flush runs between repetitions and is not in the samples, but it costs wall time:
+    # a 10 us kernel after a 40 us flush would otherwise run 5x past max_run_time.
+    call_s = max(call_s, 1e-6)
+    repetition_wall_s = call_s + max(flush_s, 0.0)
+    wanted = max(policy.min_samples, math.ceil(policy.min_run_time_s / call_s))
+    allowed = max(policy.min_samples, int(policy.max_run_time_s / repetition_wall_s))
+    return int(min(wanted, allowed))
+
+
 def time_cuda(fn: Callable[[], Any], policy: TimingPolicy, device: torch.device,
-              flush_l2: bool) -> list[float]:
-    """Per-repetition seconds of fn from CUDA events, one pair per call, synchronised once."""
+              flush_l2: bool, region=None) -> list[float]:
+    """Per-repetition seconds of fn from CUDA events, one pair per call, synchronised once.
+
+    region (a telemetry.Monitor) is told when the timed repetitions begin and end, so that
+    energy is read over them only, not over warm-up or the probe."""
     with torch.cuda.device(device):
         for _ in range(policy.warmup_calls):
             fn()
         torch.cuda.synchronize()
         flush: Optional[_L2Flusher] = _L2Flusher(device) if flush_l2 else None
-        # Estimate the per-call time to choose a repetition count meeting min_run_time.
-        probe_start, probe_end = torch.cuda.Event(True), torch.cuda.Event(True)
+        # Estimate the per-call time (and the flush's) to choose a repetition count.
+        probe_start, probe_middle, probe_end = (torch.cuda.Event(True) for _ in range(3))
         probe_start.record()
+        if flush is not None:
+            flush()
+        probe_middle.record()
         fn()
         probe_end.record()
         torch.cuda.synchronize()
-        estimate_s = max(probe_start.elapsed_time(probe_end) / 1e3, 1e-6)
-        repetitions = int(min(max(policy.min_samples, policy.min_run_time_s / estimate_s),
-                              max(policy.min_samples, policy.max_run_time_s / estimate_s)))
+        flush_s = probe_start.elapsed_time(probe_middle) / 1e3
+        estimate_s = probe_middle.elapsed_time(probe_end) / 1e3
+        repetitions = cuda_repetitions(estimate_s, flush_s, policy)
         events = [(torch.cuda.Event(True), torch.cuda.Event(True)) for _ in range(repetitions)]
+        torch.cuda.synchronize()
+        if region is not None:
+            region.begin_timed()
+        started = timeit.default_timer()
         for start, end in events:
             if flush is not None:
                 flush()  # outside the event pair: its time is not counted
@@ -97,6 +118,8 @@ def time_cuda(fn: Callable[[], Any], policy: TimingPolicy, device: torch.device,
             fn()
             end.record()
         torch.cuda.synchronize()
+        if region is not None:
+            region.end_timed(timeit.default_timer() - started)
         return [start.elapsed_time(end) / 1e3 for start, end in events]
 
 
@@ -107,7 +130,7 @@ def measure(fn: Callable[[], Any], device: torch.device, policy: TimingPolicy, t
         monitor.start()
     started = timeit.default_timer()
     if device.type == "cuda":
-        samples = time_cuda(fn, policy, device, flush_l2)
+        samples = time_cuda(fn, policy, device, flush_l2, region=monitor)
     else:
         samples = time_cpu(fn, policy, threads)
     telemetry = monitor.stop(timeit.default_timer() - started) if monitor is not None else None

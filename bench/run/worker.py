@@ -110,6 +110,9 @@ def _record_timing(row: ResultRow, prepared: Prepared, summary, observed, calls:
         metrics["gpu"] = observed.gpu
     if row.device.startswith("cuda"):
         metrics["l2_flush"] = prepared.flush_between_reps
+        # The energy counter is read around the timed loop, which interleaves the flushes.
+        metrics["energy_window"] = ("timed repetitions and the L2 flushes between them"
+                                    if prepared.flush_between_reps else "timed repetitions")
     if observed.sources:
         metrics["energy_source"] = ", ".join(observed.sources)
     metrics["noise_iqr_over_median"] = round(summary.iqr_s / summary.median_s, 4)
@@ -161,9 +164,14 @@ def run_task(task: Task, run_id: str, policy: timing.TimingPolicy,
     return row
 
 
-def pin_threads(threads: int) -> list[int]:
-    """Pin this process to `threads` CPUs and set torch's thread count; returns the CPUs."""
+def pin_threads(threads: int, device: str = "cpu") -> list[int]:
+    """Pin a CPU worker to `threads` CPUs and set torch's thread count; returns the CPUs."""
     allowed = sorted(os.sched_getaffinity(0))
+    if device.startswith("cuda"):
+        # A GPU worker's host side is the launching thread plus the NVML sampler and the CUDA
+        # driver's threads; squeezed onto `threads` cores they would delay kernel launches.
+        torch.set_num_threads(threads)
+        return allowed
     chosen = allowed[:threads]
     os.sched_setaffinity(0, chosen)
     torch.set_num_threads(threads)
@@ -197,7 +205,7 @@ def main(argv=None) -> int:
         tasks = [Task.from_json(line) for line in handle if line.strip()]
     policy = timing.TimingPolicy(**json.loads(args.policy))
     if tasks:
-        pin_threads(tasks[0].threads)
+        pin_threads(tasks[0].threads, tasks[0].device)
     isa_effective = isa_probe.effective_isa() if tasks and tasks[0].device == "cpu" else ""
     events.send(event="ready", isa_effective=isa_effective)
     current_workload = None
