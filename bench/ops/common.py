@@ -10,6 +10,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as functional
 
+from bench.references import table_lookup64
 from bench.registry import Unsupported
 from workloads.generators import TableBatch
 from workloads.specs import TableSpec
@@ -105,14 +106,8 @@ class PooledTable:
 
 def reference_lookup(weight: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor,
                      mode: str, weights: Optional[torch.Tensor]) -> torch.Tensor:
-    """The float64 pooled lookup every SLS impl is checked against."""
-    indices, offsets = indices.cpu(), offsets.cpu()
-    # Only the rows the batch touches are widened to float64: a whole big table would not fit.
-    rows, positions = torch.unique(indices, return_inverse=True)
-    weight64 = weight.detach()[rows.to(weight.device)].to("cpu", torch.float64)
-    weights64 = None if weights is None else weights.to("cpu", torch.float64)
-    return functional.embedding_bag(positions, weight64, offsets, mode=mode,
-                                    per_sample_weights=weights64)
+    """The float64 pooled lookup (kept for bench.model's callers; see bench.references)."""
+    return table_lookup64(weight, indices, offsets, mode, weights)
 
 
 def lookup_bytes(lookups: int, bags: int, dim: int, bytes_per_row: float, out_bytes: float,

@@ -10,6 +10,7 @@ from torch import nn
 
 from bench.model import mlp, top_input_width
 from bench.ops.common import BYTES_PER_VALUE, FLOAT_DTYPES
+from bench.references import as64, linear_stack64
 from bench.registry import BuildContext, Op, Prepared, Unsupported, impl, register_op
 from workloads.generators import stream
 
@@ -63,6 +64,12 @@ def input_dtype(precision: str) -> torch.dtype:
     return FLOAT_DTYPES.get(precision, torch.float32)
 
 
+def linear_parameters64(module: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Float64 (weight, bias) of each Linear of a stack, in order (read, never run)."""
+    return [(as64(layer.weight), as64(layer.bias)) for layer in module.modules()
+            if isinstance(layer, nn.Linear)]
+
+
 @impl("fc", "torch_linear", ("fp32", "fp16", "bf16", "int8", "int4"), baseline=True,
       description="nn.Linear stacks (MKL fp32, oneDNN bf16/fp16, FBGEMM int8 dynamic)")
 def build_fc(context: BuildContext) -> Prepared:
@@ -75,7 +82,7 @@ def build_fc(context: BuildContext) -> Prepared:
     activations = torch.from_numpy(
         stream(context.seed, 100).standard_normal((batch, width_in), dtype="float32"))
     inputs = activations.to(device=device, dtype=input_dtype(context.precision))
-    reference64 = copy.deepcopy(reference_module).double()
+    reference_layers = linear_parameters64(reference_module)
     weights = sum(layer.weight.numel() for layer in reference_module
                   if isinstance(layer, nn.Linear))
     widths_all = (width_in,) + tuple(widths)
@@ -88,8 +95,7 @@ def build_fc(context: BuildContext) -> Prepared:
             return module(inputs)
 
     def reference():
-        with torch.no_grad():
-            return reference64(activations.double())
+        return linear_stack64(reference_layers, activations, final_relu)
 
     return Prepared(
         run=run, reference=reference, samples=batch,
