@@ -115,9 +115,10 @@ def test_assert_checks_fails_a_wrong_output_and_keeps_a_zero_tolerance():
     _assert_checks(Prepared(run=lambda: expected.float(), reference=lambda: expected, samples=1,
                             flops=1.0, bytes_moved=1.0, tolerance=0.0), "fp32")
     for output, tolerance in ((expected.float() * (1 + 1e-6), 0.0), (expected.float() * 2, None)):
+        wrong = Prepared(run=lambda output=output: output, reference=lambda: expected, samples=1,
+                         flops=1.0, bytes_moved=1.0, tolerance=tolerance)
         with pytest.raises(AssertionError, match="relative error"):
-            _assert_checks(Prepared(run=lambda output=output: output, reference=lambda: expected,
-                                    samples=1, flops=1.0, bytes_moved=1.0, tolerance=tolerance), "fp32")
+            _assert_checks(wrong, "fp32")
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16", "int8", "int4"])
