@@ -7,12 +7,14 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
 
 FLOAT64 = torch.float64
 CPU = torch.device("cpu")
+TT_CHUNK_ROWS = 16384  # rows reconstructed at a time by tt_rows64
 
 
 def as64(tensor: torch.Tensor) -> torch.Tensor:
@@ -112,8 +114,19 @@ def tt_rows64(cores: Sequence[torch.Tensor], row_ids: torch.Tensor,
               row_factors: Sequence[int]) -> torch.Tensor:
     """Rows [len(row_ids), prod d_k] of a tensor-train table, contracted from the last core
     to the first (cores (r_k-1, n_k, d_k, r_k), row index j_1 ... j_K, j_1 most significant)."""
+    row_ids = row_ids.cpu().long().reshape(-1)
+    # In chunks: the gathered float64 core slices of a whole big batch would not fit.
+    chunks = [_tt_rows_chunk(cores, row_ids[start:start + TT_CHUNK_ROWS], row_factors)
+              for start in range(0, row_ids.numel(), TT_CHUNK_ROWS)]
+    if not chunks:
+        return torch.zeros(0, math.prod(core.shape[2] for core in cores), dtype=cores[0].dtype)
+    return torch.cat(chunks)
+
+
+def _tt_rows_chunk(cores: Sequence[torch.Tensor], row_ids: torch.Tensor,
+                   row_factors: Sequence[int]) -> torch.Tensor:
     digits = tt_digits(row_ids, row_factors)
-    count = digits[0].numel()
+    count = row_ids.numel()
     # tail[b, (j_k ... j_K), l]: cores k..K multiplied for each row, l the bond r_k-1;
     # it starts as the empty product (r_K = 1) and grows one core at a time, leftwards.
     tail = torch.ones(count, 1, 1, dtype=cores[0].dtype)

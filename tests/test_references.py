@@ -364,10 +364,12 @@ def test_tt_rows64_by_brute_force(row_factors, dim_factors, ranks):
             assert actual[row, column].item() == pytest.approx(product.item(), abs=1e-12)
 
 
-def test_tt_rows64_matches_the_module_layout():
-    """The reference and the module agree on which column of a row is which."""
+@pytest.mark.parametrize("chunk_rows", [7, references.TT_CHUNK_ROWS])
+def test_tt_rows64_matches_the_module_layout(monkeypatch, chunk_rows):
+    """The reference and the module agree on which column of a row is which, in chunks too."""
     from bench.ttrec import TTEmbeddingBag
 
+    monkeypatch.setattr(references, "TT_CHUNK_ROWS", chunk_rows)
     module = TTEmbeddingBag(60, 12, rank=3, row_factors=(3, 4, 5), dim_factors=(2, 3, 2),
                             cache_policy="none", dtype=torch.float64)
     rows = torch.arange(60)
