@@ -1,13 +1,11 @@
-"""Embedding tables below the models: seeded table weights and the float64 pooled lookup."""
+"""Embedding tables below the models: seeded, cached table weights."""
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Optional
 
 import torch
-import torch.nn.functional as functional
 
 from workloads.specs import TableSpec
 
@@ -28,15 +26,3 @@ def _cached_weight(rows: int, dim: int, seed: int, table_index: int) -> torch.Te
 def clear_weight_cache() -> None:
     """Drop cached tables (between workloads, to bound memory)."""
     _cached_weight.cache_clear()
-
-
-def reference_lookup(weight: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor,
-                     mode: str, weights: Optional[torch.Tensor]) -> torch.Tensor:
-    """The float64 pooled lookup every SLS impl is checked against."""
-    indices, offsets = indices.cpu(), offsets.cpu()
-    # Only the rows the batch touches are widened to float64: a whole big table would not fit.
-    rows, positions = torch.unique(indices, return_inverse=True)
-    weight64 = weight.detach()[rows.to(weight.device)].to("cpu", torch.float64)
-    weights64 = None if weights is None else weights.to("cpu", torch.float64)
-    return functional.embedding_bag(positions, weight64, offsets, mode=mode,
-                                    per_sample_weights=weights64)

@@ -292,15 +292,29 @@ def test_ab_end_to_end_on_a_tiny_sweep(tmp_path, capsys, monkeypatch):
 
     # Record which worktree this run made: other test runs may hold their own meanwhile.
     monkeypatch.setattr(ab, "base_worktree", recorded_worktree)
+    # A planted 5x slowdown of the working tree's side: each of its repetitions runs the op
+    # five times (--calls-per-rep), far beyond the factor and any noise, so the A/B run must
+    # say REGRESSED and exit 1 (an unchanged tree's verdict is noise and cannot be asserted).
+    real_sweep = ci_sweep.run_ci_sweep
+
+    def slower_working_tree(out_dir, run_id, extra_args=(), **options):
+        if run_id.startswith("B-"):
+            extra_args = (*extra_args, "--calls-per-rep", "5")
+        return real_sweep(out_dir, run_id, extra_args, **options)
+
+    monkeypatch.setattr(ci_sweep, "run_ci_sweep", slower_working_tree)
     code = ab.run_ab("HEAD", rounds=1, out_dir=tmp_path, sweep_args=TINY_SWEEP_ARGS)
     output = capsys.readouterr().out
-    assert code in (0, 1), output
+    assert code == 1, output
     verdicts = pd.read_csv(tmp_path / "verdicts.csv")
     assert list(verdicts["op"]) == ["sls"]
-    assert verdicts["verdict"].iloc[0] in ("UNCHANGED", "IMPROVED", "REGRESSED")
-    for side in ("A", "B"):
+    assert verdicts["verdict"].iloc[0] == "REGRESSED", output
+    assert verdicts["ratio"].iloc[0] > 2.0
+    for side, calls in (("A", 1), ("B", 5)):
         (row,) = read_rows(tmp_path / side / "results.csv")
-        assert row.status == "ok" and json.loads(row.metrics)["merged_runs"] == 1
+        metrics = json.loads(row.metrics)
+        assert row.status == "ok" and metrics["merged_runs"] == 1
+        assert metrics["calls_per_rep"] == calls
         assert (tmp_path / f"{side}-1" / "results.csv").is_file()
     (worktree,) = created
     assert not worktree.exists() and not worktree.parent.exists()

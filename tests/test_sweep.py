@@ -17,7 +17,7 @@ import bench.run.sweep
 from bench import registry
 from bench.ops.ceilings import GATHER_ROW_BYTES
 from bench.records import COLUMNS, STATUS_ERROR, STATUS_OK, STATUS_SKIPPED, ResultsWriter, read_rows
-from bench.run.sweep import MACHINE_WORKLOAD, check_memory, plan, run_tasks
+from bench.run.sweep import MACHINE_WORKLOAD, check_memory, estimate_bytes, plan, run_tasks
 from bench.run.tasks import Task
 from bench.run.timing import TimingPolicy
 from workloads import presets
@@ -142,9 +142,14 @@ def test_following_the_max_rows_hint_fits(name, ops, available):
 
 def test_table_free_ops_do_not_change_the_memory_estimate():
     kaggle = presets.kaggle()
+    largest_twice = 2.0 * 10_131_227 * 16 * 4  # sls holds the largest table and one copy
+    assert estimate_bytes(kaggle, ["fc", "interaction", "membw", "gemm_peak"]) == 0.0
+    assert estimate_bytes(kaggle, ["sls"]) == largest_twice
+    assert estimate_bytes(kaggle, ["sls", "fc", "interaction"]) == largest_twice
     available = 2 * GIB  # the largest table x2 fits; all tables x2 (4.3 GB) do not
-    check_memory([kaggle], ["sls"], available)
     check_memory([kaggle], ["sls", "fc"], available)
+    with pytest.raises(SpecError, match="kaggle"):
+        check_memory([kaggle], ["sls_multi", "fc"], available)
 
 
 # ---------------------------------------------------------------- crash isolation (fake worker)

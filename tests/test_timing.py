@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -130,12 +129,67 @@ def test_time_cpu_real_clock_smoke():
     assert calls["n"] >= 2 + len(samples)
 
 
-def test_measure_on_cpu_summarizes():
+class FakeMonitor:
+    """Records measure's start/stop calls and the elapsed time it is given."""
+
+    def __init__(self):
+        self.events, self.elapsed_s, self.result = [], None, object()
+
+    def start(self):
+        self.events.append("start")
+
+    def stop(self, elapsed_s):
+        self.events.append("stop")
+        self.elapsed_s = elapsed_s
+        return self.result
+
+
+def test_measure_on_cpu_summarizes_what_time_cpu_returned(monkeypatch):
     policy = TimingPolicy(min_run_time_s=0.01, min_samples=4, max_run_time_s=2.0,
                           warmup_calls=1)
-    summary, telemetry = timing.measure(lambda: torch.ones(8) * 2, torch.device("cpu"), policy,
-                                        threads=1)
+    received = []
+
+    def fake_time_cpu(fn, given_policy, threads):
+        received.append((fn, given_policy, threads))
+        return [0.4, 0.1, 0.3, 0.2, 0.5]
+
+    readings = iter([10.0, 12.5])
+    monkeypatch.setattr(timing, "time_cpu", fake_time_cpu)
+    monkeypatch.setattr(timing.timeit, "default_timer", lambda: next(readings))
+
+    def work():
+        return None
+
+    monitor = FakeMonitor()
+    summary, telemetry = timing.measure(work, torch.device("cpu"), policy, threads=3,
+                                        monitor=monitor)
+    assert received == [(work, policy, 3)]
+    assert summary.samples_s == (0.4, 0.1, 0.3, 0.2, 0.5)
+    assert (summary.median_s, summary.min_s) == (0.3, 0.1)
+    assert summary.mean_s == pytest.approx(0.3)
+    # The monitor spans the whole measurement and hands back its telemetry.
+    assert monitor.events == ["start", "stop"] and telemetry is monitor.result
+    assert monitor.elapsed_s == pytest.approx(2.5)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # the IQR of infinities
+def test_measure_refuses_a_non_finite_median(monkeypatch):
+    monkeypatch.setattr(timing, "time_cpu", lambda fn, policy, threads: [math.inf] * 3)
+    with pytest.raises(ValueError, match="non-finite"):
+        timing.measure(lambda: None, torch.device("cpu"), TimingPolicy(), threads=1)
+
+
+def test_measure_on_cpu_times_the_given_closure():
+    calls = {"n": 0}
+
+    def work():
+        calls["n"] += 1
+        return torch.ones(8) * 2
+
+    policy = TimingPolicy(min_run_time_s=0.01, min_samples=4, max_run_time_s=2.0,
+                          warmup_calls=1)
+    summary, telemetry = timing.measure(work, torch.device("cpu"), policy, threads=1)
     assert telemetry is None  # no monitor given
     assert len(summary.samples_s) >= 4
-    assert summary.median_s == pytest.approx(float(np.median(summary.samples_s)))
-    assert summary.min_s <= summary.median_s <= summary.p99_s
+    # Warm-up plus at least one call per sample: the closure given is the one timed.
+    assert calls["n"] >= policy.warmup_calls + len(summary.samples_s)

@@ -118,10 +118,6 @@ class PerTableEmbeddings(nn.Module):
         """Each table's weights."""
         return [bag.weight.detach() for bag in self.bags]
 
-    def reference_pooled(self, indices, offsets) -> torch.Tensor:
-        """Float64 pooled lookups [B, T, D] of the current weights."""
-        return _reference_pooled(self.table_weights(), indices, offsets)
-
 
 def flatten_tables(indices: list[torch.Tensor], offsets: list[torch.Tensor],
                    row_starts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,10 +168,6 @@ class BatchedEmbeddings(nn.Module):
         sizes = torch.diff(self.row_starts, append=self.row_starts.new_tensor(
             [self.bag.weight.shape[0]])).tolist()
         return list(self.bag.weight.detach().split(sizes))
-
-    def reference_pooled(self, indices, offsets) -> torch.Tensor:
-        """Float64 pooled lookups [B, T, D] of the current weights."""
-        return _reference_pooled(self.table_weights(), indices, offsets)
 
 
 class _LookupWithSGD(torch.autograd.Function):
@@ -235,10 +227,6 @@ class FusedSGDEmbeddings(nn.Module):
             [self.weight.shape[0]])).tolist()
         return list(self.weight.split(sizes))
 
-    def reference_pooled(self, indices, offsets) -> torch.Tensor:
-        """Float64 pooled lookups [B, T, D] of the current weights."""
-        return _reference_pooled(self.table_weights(), indices, offsets)
-
 
 class TTMixedEmbeddings(nn.Module):
     """TT-Rec: the largest tables as tensor-train bags with a hot-row cache, the rest dense."""
@@ -288,16 +276,6 @@ class TTMixedEmbeddings(nn.Module):
                       if self.dense is not None else None)
         return self._assemble(tt_parts, dense_part)
 
-    def reference_pooled(self, indices, offsets) -> torch.Tensor:
-        """Float64 pooled lookups: TT rows from the cores, dense rows from the tables."""
-        from bench.ops.ttrec import tt_reference
-
-        tt_parts = [tt_reference(module, indices[position], offsets[position], None)
-                    for module, position in zip(self.tt, self.tt_positions)]
-        dense_part = (self.dense.reference_pooled([indices[p] for p in self.dense_positions],
-                                                  [offsets[p] for p in self.dense_positions])
-                      if self.dense is not None else None)
-        return self._assemble(tt_parts, dense_part)
 
     def memory(self) -> dict:
         """Bytes of the TT cores, their caches and the dense tables."""
@@ -314,14 +292,6 @@ class TTMixedEmbeddings(nn.Module):
         """Cache hits over lookups across the TT tables."""
         lookups = sum(module.lookups for module in self.tt)
         return sum(module.hits for module in self.tt) / lookups if lookups else 0.0
-
-
-def _reference_pooled(weights, indices, offsets) -> torch.Tensor:
-    from bench.embeddings import reference_lookup
-
-    return torch.stack([reference_lookup(weight, table_indices, table_offsets, "sum", None)
-                        for weight, table_indices, table_offsets
-                        in zip(weights, indices, offsets)], dim=1)
 
 
 EMBEDDINGS = {"per_table": PerTableEmbeddings, "batched": BatchedEmbeddings}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import torch
 
 from bench.ops.common import BYTES_PER_VALUE, FLOAT_DTYPES, INDEX_BYTES, beyond_cache_bytes, cycling
@@ -156,8 +157,10 @@ def build_read(context: BuildContext) -> Prepared:
     size = source.numel() * 4
 
     def reference():
-        # Chunks keep the float64 copy small for a multi-GiB buffer.
-        return sum(chunk.to("cpu", torch.float64).sum() for chunk in source.split(1 << 24))
+        # numpy's float64 sum, not the torch reduction being timed; chunks keep the float64
+        # copy small for a multi-GiB buffer.
+        return torch.tensor(sum(float(np.sum(chunk.cpu().numpy(), dtype=np.float64))
+                                for chunk in source.split(1 << 24)), dtype=torch.float64)
 
     return Prepared(
         run=lambda: source.sum(),

@@ -9,7 +9,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as functional
 
-from bench.embeddings import clear_weight_cache, reference_lookup, table_weight  # noqa: F401
+from bench.embeddings import clear_weight_cache, table_weight  # noqa: F401
 from bench.host import FALLBACK_LLC_BYTES, available_memory_bytes, last_level_cache  # noqa: F401
 from bench.registry import Unsupported
 from workloads.generators import TableBatch

@@ -10,6 +10,7 @@ from torch import nn
 
 from bench.models.dlrm import mlp, top_input_width
 from bench.ops.common import FLOAT_DTYPES
+from bench.references import as64, linear_stack64
 from bench.registry import BuildContext, Op, Prepared, Unsupported, impl, register_op
 from workloads.generators import stream
 
@@ -86,6 +87,12 @@ def input_dtype(precision: str) -> torch.dtype:
     return FLOAT_DTYPES.get(precision, torch.float32)
 
 
+def linear_parameters64(module: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Float64 (weight, bias) of each Linear of a stack, in order (read, never run)."""
+    return [(as64(layer.weight), as64(layer.bias)) for layer in module.modules()
+            if isinstance(layer, nn.Linear)]
+
+
 # No int4: PyTorch has no int4 Linear kernel (int4 applies to the embedding tables).
 @impl("fc", "torch_linear", ("fp32", "fp16", "bf16", "int8"), baseline=True,
       description="nn.Linear stacks (MKL fp32, oneDNN bf16/fp16, FBGEMM int8 dynamic)")
@@ -99,7 +106,7 @@ def build_fc(context: BuildContext) -> Prepared:
     activations = torch.from_numpy(
         stream(context.seed, 100).standard_normal((batch, width_in), dtype="float32"))
     inputs = activations.to(device=device, dtype=input_dtype(context.precision))
-    reference64 = copy.deepcopy(reference_module).double()
+    reference_layers = linear_parameters64(reference_module)
     widths_all = (width_in,) + tuple(widths)
     # int8 dynamic quantization keeps fp32 activations between layers.
     activation_bytes = input_dtype(context.precision).itemsize
@@ -109,8 +116,7 @@ def build_fc(context: BuildContext) -> Prepared:
             return module(inputs)
 
     def reference():
-        with torch.no_grad():
-            return reference64(activations.double())
+        return linear_stack64(reference_layers, activations, final_relu)
 
     return Prepared(
         run=run, reference=reference, samples=batch,

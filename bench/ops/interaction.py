@@ -8,6 +8,7 @@ import torch
 
 from bench.models.dlrm import CatInteraction, DotInteraction
 from bench.ops.common import BYTES_PER_VALUE, float_dtype
+from bench.references import cat_interaction64, dot_interaction64
 from bench.registry import BuildContext, Op, Prepared, impl, register_op
 from workloads.generators import stream
 
@@ -23,6 +24,15 @@ def _inputs(context: BuildContext) -> tuple[torch.Tensor, torch.Tensor]:
     return features[:, 0, :].contiguous(), features[:, 1:, :].contiguous()
 
 
+def _reference_of(module: torch.nn.Module):
+    """The float64 reference by the interaction's definition (its module is never run in it)."""
+    if isinstance(module, DotInteraction):
+        return dot_interaction64
+    if isinstance(module, CatInteraction):
+        return cat_interaction64
+    raise TypeError(f"no float64 reference for {type(module).__name__}")
+
+
 def _build(context: BuildContext, module: torch.nn.Module, flops_per_sample: float,
            output_width: int) -> Prepared:
     workload, device = context.workload, context.device
@@ -31,7 +41,7 @@ def _build(context: BuildContext, module: torch.nn.Module, flops_per_sample: flo
     dense_device = dense.to(device=device, dtype=dtype)
     pooled_device = pooled.to(device=device, dtype=dtype)
     module_device = copy.deepcopy(module).to(device)
-    module64 = module.to("cpu")
+    reference = _reference_of(module)
     value_bytes = BYTES_PER_VALUE[context.precision]
     batch = workload.batch_size
 
@@ -40,7 +50,7 @@ def _build(context: BuildContext, module: torch.nn.Module, flops_per_sample: flo
 
     return Prepared(
         run=run,
-        reference=lambda: module64(dense.double(), pooled.double()),
+        reference=lambda: reference(dense, pooled),
         samples=batch,
         flops=batch * flops_per_sample,
         bytes_moved=batch * (workload.num_features * workload.dim + output_width) * value_bytes,

@@ -8,8 +8,9 @@ import torch
 
 from bench.models.dlrm import flatten_tables, row_start_values
 from bench.ops.common import (BYTES_PER_VALUE, FLOAT_DTYPES, PooledTable, as_tensors, cycling,
-                              lookup_bytes, mean_lookups, reference_lookup, rotation_metrics,
+                              lookup_bytes, mean_lookups, rotation_metrics,
                               table_weight, workload_rotation_plan)
+from bench.references import table_lookup64
 from bench.registry import BuildContext, Op, Prepared, impl, register_op
 from workloads.generators import rotating_table_batches
 
@@ -63,7 +64,7 @@ def build_sls(context: BuildContext) -> Prepared:
     return Prepared(
         run=cycling(calls),
         check=calls[0],
-        reference=lambda: reference_lookup(weight, indices, offsets, pool_mode, weights),
+        reference=lambda: table_lookup64(weight, indices, offsets, pool_mode, weights),
         samples=bags,
         flops=lookups * table.dim * (2 if weighted else 1),
         bytes_moved=lookup_bytes(lookups, bags, table.dim, pooled.bytes_per_row,
@@ -94,7 +95,8 @@ def _all_tables(context: BuildContext):
 
 
 def _multi_reference(weights, tensors):
-    return torch.stack([reference_lookup(weight, indices, offsets, "sum", None)
+    # Per table, from the unconcatenated weights: no row shift or bag re-basing to share.
+    return torch.stack([table_lookup64(weight, indices, offsets, "sum", None)
                         for weight, (indices, offsets, _) in zip(weights, tensors)])
 
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as functional
 
 from bench.ops.common import (BYTES_PER_VALUE, PooledTable, as_tensors, cycling, float_dtype,
-                              lookup_bytes, mean_lookups, reference_lookup, rotation_metrics,
+                              lookup_bytes, mean_lookups, rotation_metrics,
                               table_weight, workload_rotation_plan)
+from bench.references import table_lookup64, tt_lookup64
 from bench.registry import BuildContext, Op, Prepared, Unsupported, impl, register_op
-from bench.models.ttrec import TTEmbeddingBag, reconstruct_tt_rows
+from bench.models.ttrec import TTEmbeddingBag
 from workloads.generators import make_table_batch, rotating_table_batches
 
 DEFAULT_RANKS = (16,)
@@ -29,13 +29,9 @@ register_op(Op("tt_sls", "TT-Rec tensor-train embedding bag over the workload's 
 
 
 def tt_reference(module: TTEmbeddingBag, indices, offsets, weights) -> torch.Tensor:
-    """Float64 pooled lookup of the rows the cores define (what a fresh cache also holds)."""
-    cores64 = [core.detach().to("cpu", torch.float64) for core in module.cores]
-    rows, positions = torch.unique(indices.cpu(), return_inverse=True)
-    table64 = reconstruct_tt_rows(cores64, rows, module.row_factors)
-    weights64 = None if weights is None else weights.to("cpu", torch.float64)
-    return functional.embedding_bag(positions, table64, offsets.cpu(), mode="sum",
-                                    per_sample_weights=weights64)
+    """Float64 pooled lookup of the rows the cores define (what a fresh cache also holds),
+    contracted right to left from the cores themselves, not by the module's reconstruction."""
+    return tt_lookup64(list(module.cores), module.row_factors, indices, offsets, weights)
 
 
 def _rotating_inputs(context: BuildContext, table_index: int) -> tuple[list[tuple], dict]:
@@ -183,7 +179,7 @@ def build_dense(context: BuildContext) -> Prepared:
     return Prepared(
         run=cycling(calls),
         check=calls[0],
-        reference=lambda: reference_lookup(weight, indices, offsets, "sum", None),
+        reference=lambda: table_lookup64(weight, indices, offsets, "sum", None),
         samples=bags, flops=lookups * table.dim,
         bytes_moved=lookup_bytes(lookups, bags, table.dim, pooled.bytes_per_row,
                                  BYTES_PER_VALUE[context.precision]),
