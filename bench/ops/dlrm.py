@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from bench import quality
+from bench.compare_outputs import whole_model_bound
 from bench.model import (DLRM, batch_tensors, build_dlrm, flatten_tables, flops_per_sample,
                          parameter_bytes, row_starts_of)
 from bench.ops.common import (BYTES_PER_VALUE, FLOAT_DTYPES, ROW_OVERHEAD_BYTES, PooledTable)
@@ -197,6 +198,7 @@ def build_infer(context: BuildContext, layout: str) -> Prepared:
         metrics={"model_bytes": _model_bytes(model),
                  **_tt_metrics_after_lookup(model, indices, offsets)},
         tolerance=WHOLE_MODEL_TOLERANCE.get(precision),
+        error_bound=lambda expected: whole_model_bound(expected, precision),
         # A TT model is not the teacher, so its accuracy is measured after training
         # (the TT-Rec study), not here.
         accuracy=None if tt else accuracy,
@@ -303,6 +305,7 @@ def build_train(context: BuildContext, layout: str) -> Prepared:
         run=lambda: train_step(student, optimizer, dense, indices, offsets, labels,
                                autocast_dtype),
         check=check, reference=reference, samples=batch_size,
+        error_bound=lambda expected: whole_model_bound(expected, precision),
         # Backward costs about twice the forward's FLOPs (two GEMMs per forward GEMM).
         flops=3.0 * batch_size * flops_per_sample(workload),
         bytes_moved=3.0 * _inference_bytes(workload, student, "fp32"),

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from bench.model import mlp, top_input_width
+from bench.compare_outputs import linear_layers_bound
 from bench.ops.common import BYTES_PER_VALUE, FLOAT_DTYPES
 from bench.registry import BuildContext, Op, Prepared, Unsupported, impl, register_op
 from workloads.generators import stream
@@ -63,6 +64,17 @@ def input_dtype(precision: str) -> torch.dtype:
     return FLOAT_DTYPES.get(precision, torch.float32)
 
 
+def mlp_bound(module: nn.Sequential, activations: torch.Tensor, precision: str) -> torch.Tensor:
+    """Per-element error bound of a Linear/ReLU stack at a precision (linear_layers_bound)."""
+    layers, items = [], list(module)
+    for position, layer in enumerate(items):
+        if isinstance(layer, nn.Linear):
+            relu = position + 1 < len(items) and isinstance(items[position + 1], nn.ReLU)
+            bias = None if layer.bias is None else layer.bias.detach().double()
+            layers.append((layer.weight.detach().double(), bias, relu))
+    return linear_layers_bound(activations.double(), layers, precision)
+
+
 @impl("fc", "torch_linear", ("fp32", "fp16", "bf16", "int8", "int4"), baseline=True,
       description="nn.Linear stacks (MKL fp32, oneDNN bf16/fp16, FBGEMM int8 dynamic)")
 def build_fc(context: BuildContext) -> Prepared:
@@ -93,6 +105,7 @@ def build_fc(context: BuildContext) -> Prepared:
 
     return Prepared(
         run=run, reference=reference, samples=batch,
+        error_bound=lambda expected: mlp_bound(reference_module, activations, context.precision),
         flops=2.0 * batch * sum(a * b for a, b in zip(widths_all, widths_all[1:])),
         bytes_moved=weights * value_bytes + batch * sum(widths_all) * activation_bytes,
         params={"layer": context.variant["layer"], "widths": list(widths_all)},

@@ -7,6 +7,8 @@ import copy
 import torch
 
 from bench.model import CatInteraction, DotInteraction
+from bench.compare_outputs import (ACCUMULATION_ROUNDOFF, CONFIDENCE, UNIT_ROUNDOFF,
+                                   representation_roundoff)
 from bench.ops.common import BYTES_PER_VALUE, float_dtype
 from bench.registry import BuildContext, Op, Prepared, impl, register_op
 from workloads.generators import stream
@@ -21,6 +23,21 @@ def _inputs(context: BuildContext) -> tuple[torch.Tensor, torch.Tensor]:
     shape = (workload.batch_size, workload.num_features, workload.dim)
     features = torch.from_numpy(stream(context.seed, 200).standard_normal(shape, dtype="float32"))
     return features[:, 0, :].contiguous(), features[:, 1:, :].contiguous()
+
+
+def interaction_bound(module: torch.nn.Module, dense: torch.Tensor, pooled: torch.Tensor,
+                      precision: str) -> torch.Tensor:
+    """Per-element error bound of an interaction (dot products or copies of the features) at a
+    precision: both factors of each product rounded on input (independent over the dim),
+    the output rounded once, fp32 accumulation. The module applied to the squared and the
+    absolute features gives sum x_i^2 y_i^2 and sum |x_i y_i| in the output's own layout."""
+    dense64, pooled64 = dense.double(), pooled.double()
+    roundoff = representation_roundoff(precision)
+    squares = module(dense64 ** 2, pooled64 ** 2)
+    magnitude = module(dense64.abs(), pooled64.abs())
+    expected = module(dense64, pooled64).abs()
+    return (CONFIDENCE * 2 * roundoff * squares.sqrt() + UNIT_ROUNDOFF[precision] * expected
+            + (dense.shape[-1] + 2) * ACCUMULATION_ROUNDOFF * magnitude)
 
 
 def _build(context: BuildContext, module: torch.nn.Module, flops_per_sample: float,
@@ -41,6 +58,7 @@ def _build(context: BuildContext, module: torch.nn.Module, flops_per_sample: flo
     return Prepared(
         run=run,
         reference=lambda: module64(dense.double(), pooled.double()),
+        error_bound=lambda expected: interaction_bound(module64, dense, pooled, context.precision),
         samples=batch,
         flops=batch * flops_per_sample,
         bytes_moved=batch * (workload.num_features * workload.dim + output_width) * value_bytes,

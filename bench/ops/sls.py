@@ -8,7 +8,7 @@ import torch
 
 from bench.model import row_starts_of, flatten_tables
 from bench.ops.common import (BYTES_PER_VALUE, FLOAT_DTYPES, PooledTable, as_tensors, cycling,
-                              lookup_bytes, reference_lookup, table_weight,
+                              lookup_bound, lookup_bytes, reference_lookup, table_weight,
                               workload_rotation)
 from bench.registry import BuildContext, Op, Prepared, impl, register_op
 from workloads.generators import rotating_table_batches
@@ -58,6 +58,8 @@ def build_sls(context: BuildContext) -> Prepared:
         run=cycling(calls),
         check=calls[0],
         reference=lambda: reference_lookup(weight, indices, offsets, pool_mode, weights),
+        error_bound=lambda expected: lookup_bound(weight, indices, offsets, pool_mode, weights,
+                                         context.precision),
         samples=bags,
         flops=lookups * table.dim * (2 if weighted else 1),
         bytes_moved=lookup_bytes(lookups, bags, table.dim, pooled.bytes_per_row,
@@ -89,6 +91,11 @@ def _multi_reference(weights, tensors):
                         for weight, (indices, offsets, _) in zip(weights, tensors)])
 
 
+def _multi_bound(weights, tensors, precision):
+    return torch.stack([lookup_bound(weight, indices, offsets, "sum", None, precision)
+                        for weight, (indices, offsets, _) in zip(weights, tensors)])
+
+
 def _multi_prepared(context, calls, weights, rotations, bytes_per_row, extra_params) -> Prepared:
     workload = context.workload
     tensors = rotations[0]
@@ -98,6 +105,7 @@ def _multi_prepared(context, calls, weights, rotations, bytes_per_row, extra_par
         run=cycling(calls),
         check=calls[0],
         reference=lambda: _multi_reference(weights, tensors),
+        error_bound=lambda expected: _multi_bound(weights, tensors, context.precision),
         samples=workload.batch_size,
         flops=lookups * workload.dim,
         bytes_moved=lookup_bytes(lookups, bags, workload.dim, bytes_per_row,

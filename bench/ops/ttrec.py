@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as functional
 
 from bench.ops.common import (BYTES_PER_VALUE, PooledTable, as_tensors, cycling, float_dtype,
-                              lookup_bytes, reference_lookup, table_weight, workload_rotation)
+                              lookup_bound, lookup_bytes, reference_lookup, table_weight,
+                              workload_rotation)
+from bench.compare_outputs import UNIT_ROUNDOFF, pooled_lookup_bound
 from bench.registry import BuildContext, Op, Prepared, Unsupported, impl, register_op
 from bench.ttrec import TTEmbeddingBag, reconstruct_tt_rows
 from workloads.generators import make_table_batch, rotating_table_batches
@@ -35,6 +37,23 @@ def tt_reference(module: TTEmbeddingBag, indices, offsets, weights) -> torch.Ten
     weights64 = None if weights is None else weights.to("cpu", torch.float64)
     return functional.embedding_bag(positions, table64, offsets.cpu(), mode="sum",
                                     per_sample_weights=weights64)
+
+
+def tt_bound(module: TTEmbeddingBag, indices, offsets, precision: str) -> torch.Tensor:
+    """Per-element error bound of a TT bag at a precision. Each reconstructed element is a sum
+    over rank indices of products of core entries (the reference uses the same stored cores),
+    rounded once per chained matmul (K - 1), into the cache and into the output. A rounded
+    intermediate enters the rest of the chain with random-sign core factors, so each stage adds
+    about u sqrt(sum of the squared products), not u sum|products| (R times larger at rank R):
+    delta = u ((K + 1) sqrt(sum (G_1 ... G_K)^2) + |x|)."""
+    cores64 = [core.detach().to("cpu", torch.float64) for core in module.cores]
+    rows, positions = torch.unique(indices.cpu(), return_inverse=True)
+    rows64 = reconstruct_tt_rows(cores64, rows, module.row_factors)
+    squares = reconstruct_tt_rows([core ** 2 for core in cores64], rows, module.row_factors)
+    stored_error = UNIT_ROUNDOFF[precision] * ((len(cores64) + 1) * squares.sqrt()
+                                               + rows64.abs())
+    return pooled_lookup_bound(rows64, positions, offsets.cpu(), "sum", None, precision,
+                               stored_error=stored_error)
 
 
 def _rotating_inputs(context: BuildContext, table_index: int) -> list[tuple]:
@@ -83,6 +102,7 @@ def _build_tt(context: BuildContext, cache_policy: str) -> Prepared:
         run=cycling(calls),
         check=calls[0],
         reference=lambda: tt_reference(module, indices, offsets, None),
+        error_bound=lambda expected: tt_bound(module, indices, offsets, context.precision),
         samples=bags,
         flops=lookups * (table.dim + (1 - hit_rate) * flops_per_row),
         bytes_moved=lookup_bytes(lookups, bags, table.dim, table.dim * value_bytes, value_bytes,
@@ -132,6 +152,8 @@ def build_dense(context: BuildContext) -> Prepared:
         run=cycling(calls),
         check=calls[0],
         reference=lambda: reference_lookup(weight, indices, offsets, "sum", None),
+        error_bound=lambda expected: lookup_bound(weight, indices, offsets, "sum", None,
+                                         context.precision),
         samples=bags, flops=lookups * table.dim,
         bytes_moved=lookup_bytes(lookups, bags, table.dim, pooled.bytes_per_row,
                                  BYTES_PER_VALUE[context.precision], False),
