@@ -40,6 +40,7 @@ class Comparison:
     row: int  # index along the leading (batch / bag) dimension
     error: float  # |actual - expected| at the worst element of that row
     bound: float  # its bound
+    element: tuple = ()  # full index of that element within its part
 
     @property
     def passed(self) -> bool:
@@ -49,6 +50,8 @@ class Comparison:
     def describe(self) -> str:
         """One line naming the worst row, its error and its bound."""
         where = f"row {self.row}" + (f" of part {self.part}" if self.part else "")
+        if len(self.element) > 1:
+            where += f" (element {list(self.element)})"
         return (f"{where}: |error| {self.error:.3g} exceeds its bound {self.bound:.3g} "
                 f"(ratio {self.ratio:.3g}; relative L2 {self.rel_error:.3g})")
 
@@ -100,7 +103,7 @@ def compare(actual, expected, bound) -> Comparison:
     bounds = list(bound) if isinstance(bound, (tuple, list)) else [bound]
     if len(bounds) != len(expected64):
         raise ValueError("error bound has a different number of parts than the reference")
-    worst = (-1.0, 0, 0, 0.0, 0.0)
+    worst = (-1.0, 0, 0, 0.0, 0.0, ())
     for part, (output, reference, limit) in enumerate(zip(actual64, expected64, bounds)):
         limit = torch.as_tensor(limit, dtype=torch.float64).detach().cpu()
         limit = limit.broadcast_to(reference.shape)
@@ -115,12 +118,15 @@ def compare(actual, expected, bound) -> Comparison:
         row, column = divmod(flat, ratios.shape[1])
         ratio = float(ratios[row, column])
         if ratio > worst[0]:
-            worst = (ratio, part, row, float(error[row, column]), float(limit[row, column]))
-    ratio, part, row, error_value, bound_value = worst
+            element = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat),
+                                                                 reference.shape or (1,)))
+            worst = (ratio, part, row, float(error[row, column]), float(limit[row, column]),
+                     element)
+    ratio, part, row, error_value, bound_value, element = worst
     rel_error = max(_relative_l2(output, reference)
                     for output, reference in zip(actual64, expected64))
     return Comparison(rel_error=rel_error, ratio=max(ratio, 0.0), part=part, row=row,
-                      error=error_value, bound=bound_value)
+                      error=error_value, bound=bound_value, element=element)
 
 
 def relative_row_bound(expected, tolerance: float,
@@ -205,8 +211,10 @@ def pooled_lookup_bound(rows64: torch.Tensor, positions: torch.Tensor, offsets: 
         coefficients = torch.ones(lookups, dtype=torch.float64)
     # Coalescing sums the coefficients of a row repeated within a bag: its error repeats too.
     matrix = torch.sparse_coo_tensor(torch.stack([bag_of_lookup, positions.cpu().long()]),
-                                     coefficients, (bags, rows64.shape[0])).coalesce()
-    squared = torch.sparse_coo_tensor(matrix.indices(), matrix.values() ** 2, matrix.shape)
+                                     coefficients, (bags, rows64.shape[0]),
+                                     check_invariants=True).coalesce()
+    squared = torch.sparse_coo_tensor(matrix.indices(), matrix.values() ** 2, matrix.shape,
+                                      check_invariants=True)
     if precision in QUANTIZED_BITS:
         stored_error = quantization_error(rows64, precision).expand_as(rows64)
         output_roundoff = UNIT_ROUNDOFF["fp32"]  # quantized bags dequantize into fp32
@@ -232,7 +240,7 @@ def _signed(matrix, positions, bag_of_lookup, weights64, mode, lengths, num_rows
         return matrix
     values = weights64.to(torch.float64)
     return torch.sparse_coo_tensor(torch.stack([bag_of_lookup, positions.cpu().long()]), values,
-                                   (lengths.numel(), num_rows)).coalesce()
+                                   (lengths.numel(), num_rows), check_invariants=True).coalesce()
 
 
 def linear_layers_bound(inputs64: torch.Tensor, layers: Sequence[tuple], precision: str,
