@@ -10,6 +10,9 @@ import torch
 
 # Unit roundoff u of each floating format (half an ulp at 1): a rounded value is x(1 + e), |e| <= u.
 UNIT_ROUNDOFF = {"fp32": 2.0 ** -24, "fp16": 2.0 ** -11, "bf16": 2.0 ** -8}
+# Below the smallest normal the spacing is fixed: rounding adds up to half the smallest
+# subnormal, absolutely (fp16's 2^-24 matters: tables of 100k rows hold values near 1e-5).
+UNDERFLOW = {"fp32": 2.0 ** -150, "fp16": 2.0 ** -25, "bf16": 2.0 ** -134}
 # Row-wise quantized tables: bits per value, and the roundoff of the stored scale and bias
 # (fp32 for int8, fp16 for int4).
 QUANTIZED_BITS = {"int8": 8, "int4": 4}
@@ -174,6 +177,18 @@ def representation_roundoff(precision: str) -> float:
     return 0.0 if precision == "fp32" else UNIT_ROUNDOFF[precision]
 
 
+def stored_value_error(values64: torch.Tensor, precision: str) -> torch.Tensor:
+    """Largest error of storing fp32 values at a floating precision: u|x| + underflow."""
+    if precision == "fp32":
+        return torch.zeros_like(values64)
+    return UNIT_ROUNDOFF[precision] * values64.abs() + UNDERFLOW[precision]
+
+
+def rounding_error(values64: torch.Tensor, precision: str) -> torch.Tensor:
+    """Largest error of rounding a computed value to a floating precision: u|x| + underflow."""
+    return UNIT_ROUNDOFF[precision] * values64.abs() + UNDERFLOW[precision]
+
+
 def quantization_error(rows64: torch.Tensor, precision: str) -> torch.Tensor:
     """Largest dequantization error of each row of a row-wise int8/int4 table, [rows, 1]:
     half a step, step = (max - min) / (2^bits - 1), plus the rounding of the stored scale
@@ -223,14 +238,15 @@ def pooled_lookup_bound(rows64: torch.Tensor, positions: torch.Tensor, offsets: 
     else:
         # Weighted float bags round the weight as well as the value: two roundings a term.
         roundings = 2 if weights64 is not None else 1
-        stored_error = roundings * representation_roundoff(precision) * rows64.abs()
+        stored_error = roundings * stored_value_error(rows64, precision)
         output_roundoff = UNIT_ROUNDOFF[precision]
     independent = torch.sparse.mm(squared, stored_error ** 2).sqrt()
     magnitude = torch.sparse.mm(matrix, rows64.abs())
     expected = torch.sparse.mm(_signed(matrix, positions, bag_of_lookup, weights64, mode,
                                        lengths, rows64.shape[0]), rows64).abs()
     accumulation = ((lengths.to(torch.float64) + 2) * ACCUMULATION_ROUNDOFF).unsqueeze(1)
-    return (CONFIDENCE * independent + 2 * output_roundoff * expected
+    underflow = UNDERFLOW.get(precision, UNDERFLOW["fp32"])
+    return (CONFIDENCE * independent + 2 * (output_roundoff * expected + underflow)
             + accumulation * magnitude)
 
 
@@ -261,11 +277,10 @@ def linear_layers_bound(inputs64: torch.Tensor, layers: Sequence[tuple], precisi
         width = weight.shape[1]
         terms = [(weight ** 2) @ (error ** 2).T]
         if precision in FLOAT_LIKE:
-            roundoff = representation_roundoff(precision)
             if first and input_rounded:
-                terms.append((weight ** 2) @ ((roundoff * values) ** 2).T)
-            terms.append(((roundoff * weight) ** 2) @ (values ** 2).T)
-            output_roundoff = UNIT_ROUNDOFF[precision]
+                terms.append((weight ** 2) @ (stored_value_error(values, precision) ** 2).T)
+            terms.append((stored_value_error(weight, precision) ** 2) @ (values ** 2).T)
+            output_precision = precision
         elif precision == "int8":
             activation_step = (values.max().clamp(min=0) - values.min().clamp(max=0)) / 127
             weight_step = weight.abs().max() / 127.5
@@ -273,16 +288,17 @@ def linear_layers_bound(inputs64: torch.Tensor, layers: Sequence[tuple], precisi
             terms.append(torch.full_like(weight, (weight_step / 2) ** 2) @ (values ** 2).T)
             terms.append(torch.full_like(weight, (weight_step / 2) ** 2)
                          @ torch.full_like(values, (activation_step / 2) ** 2).T)
-            output_roundoff = UNIT_ROUNDOFF["fp32"]
+            output_precision = "fp32"
         else:
             raise ValueError(f"no Linear error model for {precision}")
         output = values @ weight.T
         if bias is not None:
             output = output + bias
-            bias_roundoff = representation_roundoff(precision) if precision in FLOAT_LIKE else 0
-            terms.append(((bias_roundoff * bias) ** 2).unsqueeze(1).expand(-1, values.shape[0]))
+            bias_precision = precision if precision in FLOAT_LIKE else "fp32"
+            terms.append((stored_value_error(bias, bias_precision) ** 2).unsqueeze(1).expand(
+                -1, values.shape[0]))
         magnitude = values.abs() @ weight.abs().T
-        terms.append(((output_roundoff * output) ** 2).T)
+        terms.append((rounding_error(output, output_precision) ** 2).T)
         terms.append((((width + 2) * ACCUMULATION_ROUNDOFF * magnitude) ** 2).T)
         error = torch.stack(terms).sum(dim=0).sqrt().T
         values = output.clamp(min=0) if relu else output

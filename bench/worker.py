@@ -77,11 +77,12 @@ def _check(prepared: Prepared, row: ResultRow, precision: str) -> str:
     # Kept in the row's metrics, error rows included: how close a correct kernel comes.
     row.metrics = dumps_compact({"error_bound_ratio": float(f"{comparison.ratio:.4g}"),
                                  "error_bound_row": comparison.row})
+    worst = "" if comparison.passed else f"{precision} error bound exceeded at " + (
+        comparison.describe())
     if not row.rel_error <= tolerance:
-        return f"relative error {row.rel_error:.3g} exceeds the {precision} tolerance {tolerance:g}"
-    if not comparison.passed:
-        return f"{precision} error bound exceeded at {comparison.describe()}"
-    return ""
+        return (f"relative error {row.rel_error:.3g} exceeds the {precision} tolerance "
+                f"{tolerance:g}" + (f"; {worst}" if worst else ""))
+    return worst
 
 
 def _record_quality(prepared: Prepared, row: ResultRow, metrics: dict) -> str:

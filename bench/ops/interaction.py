@@ -7,8 +7,8 @@ import copy
 import torch
 
 from bench.model import CatInteraction, DotInteraction
-from bench.compare_outputs import (ACCUMULATION_ROUNDOFF, CONFIDENCE, UNIT_ROUNDOFF,
-                                   representation_roundoff)
+from bench.compare_outputs import (ACCUMULATION_ROUNDOFF, CONFIDENCE, UNDERFLOW, UNIT_ROUNDOFF,
+                                   representation_roundoff, rounding_error)
 from bench.ops.common import BYTES_PER_VALUE, float_dtype
 from bench.registry import BuildContext, Op, Prepared, impl, register_op
 from workloads.generators import stream
@@ -28,15 +28,17 @@ def _inputs(context: BuildContext) -> tuple[torch.Tensor, torch.Tensor]:
 def interaction_bound(module: torch.nn.Module, dense: torch.Tensor, pooled: torch.Tensor,
                       precision: str) -> torch.Tensor:
     """Per-element error bound of an interaction (dot products or copies of the features) at a
-    precision: both factors of each product rounded on input (independent over the dim),
-    the output rounded once, fp32 accumulation. The module applied to the squared and the
-    absolute features gives sum x_i^2 y_i^2 and sum |x_i y_i| in the output's own layout."""
+    precision: both factors of each product rounded on input, each by at most u x~ with
+    x~ = |x| + underflow / u (independent over the dim), the output rounded once, fp32
+    accumulation. The module applied to x~^2 and |x| gives sum x~_i^2 y~_i^2 and
+    sum |x_i y_i| in the output's own layout (copies, as in cat, get 2 u x~)."""
     dense64, pooled64 = dense.double(), pooled.double()
     roundoff = representation_roundoff(precision)
-    squares = module(dense64 ** 2, pooled64 ** 2)
+    floor = UNDERFLOW[precision] / UNIT_ROUNDOFF[precision] if roundoff else 0.0
+    squares = module((dense64.abs() + floor) ** 2, (pooled64.abs() + floor) ** 2)
     magnitude = module(dense64.abs(), pooled64.abs())
-    expected = module(dense64, pooled64).abs()
-    return (CONFIDENCE * 2 * roundoff * squares.sqrt() + UNIT_ROUNDOFF[precision] * expected
+    expected = module(dense64, pooled64)
+    return (CONFIDENCE * 2 * roundoff * squares.sqrt() + rounding_error(expected, precision)
             + (dense.shape[-1] + 2) * ACCUMULATION_ROUNDOFF * magnitude)
 
 

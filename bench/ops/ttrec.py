@@ -10,7 +10,7 @@ import torch.nn.functional as functional
 from bench.ops.common import (BYTES_PER_VALUE, PooledTable, as_tensors, cycling, float_dtype,
                               lookup_bound, lookup_bytes, reference_lookup, table_weight,
                               workload_rotation)
-from bench.compare_outputs import UNIT_ROUNDOFF, pooled_lookup_bound
+from bench.compare_outputs import UNDERFLOW, UNIT_ROUNDOFF, pooled_lookup_bound, rounding_error
 from bench.registry import BuildContext, Op, Prepared, Unsupported, impl, register_op
 from bench.ttrec import TTEmbeddingBag, reconstruct_tt_rows
 from workloads.generators import make_table_batch, rotating_table_batches
@@ -50,8 +50,9 @@ def tt_bound(module: TTEmbeddingBag, indices, offsets, precision: str) -> torch.
     rows, positions = torch.unique(indices.cpu(), return_inverse=True)
     rows64 = reconstruct_tt_rows(cores64, rows, module.row_factors)
     squares = reconstruct_tt_rows([core ** 2 for core in cores64], rows, module.row_factors)
-    stored_error = UNIT_ROUNDOFF[precision] * ((len(cores64) + 1) * squares.sqrt()
-                                               + rows64.abs())
+    stored_error = (UNIT_ROUNDOFF[precision] * (len(cores64) + 1) * squares.sqrt()
+                    + (len(cores64) + 1) * UNDERFLOW[precision]
+                    + rounding_error(rows64, precision))
     return pooled_lookup_bound(rows64, positions, offsets.cpu(), "sum", None, precision,
                                stored_error=stored_error)
 
