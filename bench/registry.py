@@ -14,6 +14,8 @@ PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
 # Largest relative L2 error against the float64 reference that still counts as a correct
 # result at each precision. Wide enough for the format's rounding (bf16 keeps 8 bits of
 # mantissa, int4 row-wise keeps 16 levels a row), narrow enough to catch a wrong kernel.
+# A global L2 alone lets one broken bag of thousands through, so every row is also held to a
+# bound (Prepared.error_bound, else this tolerance per row; see bench/compare_outputs.py).
 TOLERANCE = {"fp32": 1e-4, "fp16": 5e-3, "bf16": 3e-2, "int8": 3e-2, "int4": 0.25}
 
 
@@ -34,6 +36,10 @@ class Prepared:
     params: dict = dataclasses.field(default_factory=dict)  # shapes and choices to record
     metrics: dict = dataclasses.field(default_factory=dict)  # extra measured quantities
     tolerance: Optional[float] = None  # overrides TOLERANCE[precision]
+    # (float64 expected output) -> bound on |check - reference| per element (tensor or parts,
+    # broadcastable), from the format's rounding and the reference's magnitudes (see
+    # bench/compare_outputs.py); None: the tolerance times each row's RMS.
+    error_bound: Optional[Callable[[Any], Any]] = None
     accuracy: Optional[Callable[[], dict]] = None  # model-level quality (auc, logloss...)
     flush_between_reps: bool = False  # GPU: evict L2 between repetitions (lookup ops)
 

@@ -71,7 +71,7 @@ FLOORS = (
     ("run", ("bench.run", "bench.dist", "bench.serve")),
     ("ops", ("bench.ops", "bench.registry")),
     ("models", ("bench.models",)),
-    ("embeddings", ("bench.embeddings", "bench.references")),
+    ("embeddings", ("bench.embeddings", "bench.references", "bench.compare_outputs")),
     ("workloads", ("workloads",)),
     ("records", ("bench.records", "bench")),
 )

@@ -9,6 +9,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as functional
 
+from bench.compare_outputs import pooled_lookup_bound, relative_error  # noqa: F401
 from bench.embeddings import clear_weight_cache, table_weight  # noqa: F401
 from bench.host import FALLBACK_LLC_BYTES, available_memory_bytes, last_level_cache  # noqa: F401
 from bench.registry import Unsupported
@@ -109,21 +110,14 @@ def mean_lookups(batches_indices) -> float:
     return sum(counts) / len(counts)
 
 
-def relative_error(actual, expected) -> float:
-    """Relative L2 error against a float64 expected value; the worst part for tuples."""
-    if isinstance(expected, (tuple, list)):
-        if not isinstance(actual, (tuple, list)) or len(actual) != len(expected):
-            raise ValueError("output has a different number of parts than the reference")
-        return max(relative_error(part, reference) for part, reference in zip(actual, expected))
-    actual = torch.as_tensor(actual).detach().to("cpu", torch.float64)
-    expected = torch.as_tensor(expected).detach().to("cpu", torch.float64)
-    if actual.shape != expected.shape:
-        raise ValueError(f"output shape {tuple(actual.shape)}, expected {tuple(expected.shape)}")
-    if not torch.isfinite(actual).all():
-        raise ValueError("output contains NaN or infinity")
-    scale = torch.linalg.vector_norm(expected).item()
-    difference = torch.linalg.vector_norm(actual - expected).item()
-    return difference / scale if scale > 0 else difference
+def lookup_bound(weight: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor, mode: str,
+                 weights: Optional[torch.Tensor], precision: str) -> torch.Tensor:
+    """Per-element error bound of a pooled lookup at a precision (see pooled_lookup_bound)."""
+    indices, offsets = indices.cpu(), offsets.cpu()
+    rows, positions = torch.unique(indices, return_inverse=True)
+    rows64 = weight.detach()[rows.to(weight.device)].to("cpu", torch.float64)
+    weights64 = None if weights is None else weights.to("cpu", torch.float64)
+    return pooled_lookup_bound(rows64, positions, offsets, mode, weights64, precision)
 
 
 # Timing calls a closure over and over. Replaying one batch would keep its rows cached and

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from bench.compare_outputs import whole_model_bound
 from bench.models import quality
 from bench.models.dlrm import (DLRM, batch_tensors, build_dlrm, flatten_tables, flops_per_sample,
                                parameter_bytes, row_start_values)
@@ -488,6 +489,7 @@ def build_infer(context: BuildContext, layout: str) -> Prepared:
                  **rotation_metrics(rotation),
                  **_tt_metrics_after_lookup(model, indices, offsets)},
         tolerance=WHOLE_MODEL_TOLERANCE.get(precision),
+        error_bound=lambda expected: whole_model_bound(expected, precision),
         # A TT model is not the teacher, so its accuracy is measured after training
         # (the TT-Rec study), not here.
         accuracy=None if tt else accuracy,
@@ -587,6 +589,7 @@ def build_train(context: BuildContext, layout: str) -> Prepared:
     return Prepared(
         run=cycling(calls),
         check=check, reference=reference, samples=batch_size,
+        error_bound=lambda expected: whole_model_bound(expected, precision),
         # Backward costs about twice the forward's FLOPs (two GEMMs per forward GEMM).
         flops=3.0 * _model_flops(workload, traffic),
         bytes_moved=sum(bytes_parts.values()),

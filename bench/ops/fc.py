@@ -8,6 +8,7 @@ import warnings
 import torch
 from torch import nn
 
+from bench.compare_outputs import linear_layers_bound
 from bench.models.dlrm import mlp, top_input_width
 from bench.ops.common import FLOAT_DTYPES
 from bench.references import as64, linear_stack64
@@ -93,6 +94,17 @@ def linear_parameters64(module: nn.Module) -> list[tuple[torch.Tensor, torch.Ten
             if isinstance(layer, nn.Linear)]
 
 
+def mlp_bound(module: nn.Sequential, activations: torch.Tensor, precision: str) -> torch.Tensor:
+    """Per-element error bound of a Linear/ReLU stack at a precision (linear_layers_bound)."""
+    layers, items = [], list(module)
+    for position, layer in enumerate(items):
+        if isinstance(layer, nn.Linear):
+            relu = position + 1 < len(items) and isinstance(items[position + 1], nn.ReLU)
+            bias = None if layer.bias is None else layer.bias.detach().double()
+            layers.append((layer.weight.detach().double(), bias, relu))
+    return linear_layers_bound(activations.double(), layers, precision)
+
+
 # No int4: PyTorch has no int4 Linear kernel (int4 applies to the embedding tables).
 @impl("fc", "torch_linear", ("fp32", "fp16", "bf16", "int8"), baseline=True,
       description="nn.Linear stacks (MKL fp32, oneDNN bf16/fp16, FBGEMM int8 dynamic)")
@@ -120,6 +132,7 @@ def build_fc(context: BuildContext) -> Prepared:
 
     return Prepared(
         run=run, reference=reference, samples=batch,
+        error_bound=lambda expected: mlp_bound(reference_module, activations, context.precision),
         flops=2.0 * batch * sum(a * b for a, b in zip(widths_all, widths_all[1:])),
         # Weights and biases once as stored (packed int8 for int8), the input, and each
         # layer's output once (written, then read by the next layer).

@@ -6,6 +6,8 @@ import copy
 
 import torch
 
+from bench.compare_outputs import (ACCUMULATION_ROUNDOFF, CONFIDENCE, UNDERFLOW, UNIT_ROUNDOFF,
+                                   representation_roundoff, rounding_error)
 from bench.models.dlrm import CatInteraction, DotInteraction
 from bench.ops.common import BYTES_PER_VALUE, float_dtype
 from bench.references import cat_interaction64, dot_interaction64
@@ -33,6 +35,23 @@ def _reference_of(module: torch.nn.Module):
     raise TypeError(f"no float64 reference for {type(module).__name__}")
 
 
+def interaction_bound(module: torch.nn.Module, dense: torch.Tensor, pooled: torch.Tensor,
+                      precision: str) -> torch.Tensor:
+    """Per-element error bound of an interaction (dot products or copies of the features) at a
+    precision: both factors of each product rounded on input, each by at most u x~ with
+    x~ = |x| + underflow / u (independent over the dim), the output rounded once, fp32
+    accumulation. The module applied to x~^2 and |x| gives sum x~_i^2 y~_i^2 and
+    sum |x_i y_i| in the output's own layout (copies, as in cat, get 2 u x~)."""
+    dense64, pooled64 = dense.double(), pooled.double()
+    roundoff = representation_roundoff(precision)
+    floor = UNDERFLOW[precision] / UNIT_ROUNDOFF[precision] if roundoff else 0.0
+    squares = module((dense64.abs() + floor) ** 2, (pooled64.abs() + floor) ** 2)
+    magnitude = module(dense64.abs(), pooled64.abs())
+    expected = module(dense64, pooled64)
+    return (CONFIDENCE * 2 * roundoff * squares.sqrt() + rounding_error(expected, precision)
+            + (dense.shape[-1] + 2) * ACCUMULATION_ROUNDOFF * magnitude)
+
+
 def _build(context: BuildContext, module: torch.nn.Module, flops_per_sample: float,
            output_width: int) -> Prepared:
     workload, device = context.workload, context.device
@@ -42,6 +61,9 @@ def _build(context: BuildContext, module: torch.nn.Module, flops_per_sample: flo
     pooled_device = pooled.to(device=device, dtype=dtype)
     module_device = copy.deepcopy(module).to(device)
     reference = _reference_of(module)
+    # The module in float64 gives only the bound's magnitudes and output layout; the
+    # expected values come from the independent reference.
+    module64 = module.to("cpu")
     value_bytes = BYTES_PER_VALUE[context.precision]
     batch = workload.batch_size
 
@@ -51,6 +73,7 @@ def _build(context: BuildContext, module: torch.nn.Module, flops_per_sample: flo
     return Prepared(
         run=run,
         reference=lambda: reference(dense, pooled),
+        error_bound=lambda expected: interaction_bound(module64, dense, pooled, context.precision),
         samples=batch,
         flops=batch * flops_per_sample,
         bytes_moved=batch * (workload.num_features * workload.dim + output_width) * value_bytes,

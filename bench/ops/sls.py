@@ -8,7 +8,7 @@ import torch
 
 from bench.models.dlrm import flatten_tables, row_start_values
 from bench.ops.common import (BYTES_PER_VALUE, FLOAT_DTYPES, PooledTable, as_tensors, cycling,
-                              lookup_bytes, mean_lookups, rotation_metrics,
+                              lookup_bound, lookup_bytes, mean_lookups, rotation_metrics,
                               table_weight, workload_rotation_plan)
 from bench.references import table_lookup64
 from bench.registry import BuildContext, Op, Prepared, impl, register_op
@@ -65,6 +65,8 @@ def build_sls(context: BuildContext) -> Prepared:
         run=cycling(calls),
         check=calls[0],
         reference=lambda: table_lookup64(weight, indices, offsets, pool_mode, weights),
+        error_bound=lambda expected: lookup_bound(weight, indices, offsets, pool_mode, weights,
+                                                  context.precision),
         samples=bags,
         flops=lookups * table.dim * (2 if weighted else 1),
         bytes_moved=lookup_bytes(lookups, bags, table.dim, pooled.bytes_per_row,
@@ -100,6 +102,11 @@ def _multi_reference(weights, tensors):
                         for weight, (indices, offsets, _) in zip(weights, tensors)])
 
 
+def _multi_bound(weights, tensors, precision):
+    return torch.stack([lookup_bound(weight, indices, offsets, "sum", None, precision)
+                        for weight, (indices, offsets, _) in zip(weights, tensors)])
+
+
 def _multi_prepared(context, calls, weights, rotations, rotation, bytes_per_row,
                     extra_params) -> Prepared:
     workload = context.workload
@@ -111,6 +118,7 @@ def _multi_prepared(context, calls, weights, rotations, rotation, bytes_per_row,
         run=cycling(calls),
         check=calls[0],
         reference=lambda: _multi_reference(weights, tensors),
+        error_bound=lambda expected: _multi_bound(weights, tensors, context.precision),
         samples=workload.batch_size,
         flops=lookups * workload.dim,
         bytes_moved=lookup_bytes(lookups, bags, workload.dim, bytes_per_row,

@@ -7,11 +7,12 @@ import functools
 import torch
 
 from bench.ops.common import (BYTES_PER_VALUE, PooledTable, as_tensors, cycling, float_dtype,
-                              lookup_bytes, mean_lookups, rotation_metrics,
+                              lookup_bound, lookup_bytes, mean_lookups, rotation_metrics,
                               table_weight, workload_rotation_plan)
+from bench.compare_outputs import UNDERFLOW, UNIT_ROUNDOFF, pooled_lookup_bound, rounding_error
 from bench.references import table_lookup64, tt_lookup64
 from bench.registry import BuildContext, Op, Prepared, Unsupported, impl, register_op
-from bench.models.ttrec import TTEmbeddingBag
+from bench.models.ttrec import TTEmbeddingBag, reconstruct_tt_rows
 from workloads.generators import make_table_batch, rotating_table_batches
 
 DEFAULT_RANKS = (16,)
@@ -32,6 +33,24 @@ def tt_reference(module: TTEmbeddingBag, indices, offsets, weights) -> torch.Ten
     """Float64 pooled lookup of the rows the cores define (what a fresh cache also holds),
     contracted right to left from the cores themselves, not by the module's reconstruction."""
     return tt_lookup64(list(module.cores), module.row_factors, indices, offsets, weights)
+
+
+def tt_bound(module: TTEmbeddingBag, indices, offsets, precision: str) -> torch.Tensor:
+    """Per-element error bound of a TT bag at a precision. Each reconstructed element is a sum
+    over rank indices of products of core entries (the reference uses the same stored cores),
+    rounded once per chained matmul (K - 1), into the cache and into the output. A rounded
+    intermediate enters the rest of the chain with random-sign core factors, so each stage adds
+    about u sqrt(sum of the squared products), not u sum|products| (R times larger at rank R):
+    delta = u ((K + 1) sqrt(sum (G_1 ... G_K)^2) + |x|)."""
+    cores64 = [core.detach().to("cpu", torch.float64) for core in module.cores]
+    rows, positions = torch.unique(indices.cpu(), return_inverse=True)
+    rows64 = reconstruct_tt_rows(cores64, rows, module.row_factors)
+    squares = reconstruct_tt_rows([core ** 2 for core in cores64], rows, module.row_factors)
+    stored_error = (UNIT_ROUNDOFF[precision] * (len(cores64) + 1) * squares.sqrt()
+                    + (len(cores64) + 1) * UNDERFLOW[precision]
+                    + rounding_error(rows64, precision))
+    return pooled_lookup_bound(rows64, positions, offsets.cpu(), "sum", None, precision,
+                               stored_error=stored_error)
 
 
 def _rotating_inputs(context: BuildContext, table_index: int) -> tuple[list[tuple], dict]:
@@ -123,6 +142,7 @@ def _build_tt(context: BuildContext, cache_policy: str) -> Prepared:
         run=cycling(calls),
         check=calls[0],
         reference=lambda: tt_reference(module, indices, offsets, None),
+        error_bound=lambda expected: tt_bound(module, indices, offsets, context.precision),
         samples=bags,
         # Pooling adds per lookup plus one reconstruction per distinct uncached id.
         flops=lookups * table.dim + rows["flops"],
@@ -180,6 +200,8 @@ def build_dense(context: BuildContext) -> Prepared:
         run=cycling(calls),
         check=calls[0],
         reference=lambda: table_lookup64(weight, indices, offsets, "sum", None),
+        error_bound=lambda expected: lookup_bound(weight, indices, offsets, "sum", None,
+                                                  context.precision),
         samples=bags, flops=lookups * table.dim,
         bytes_moved=lookup_bytes(lookups, bags, table.dim, pooled.bytes_per_row,
                                  BYTES_PER_VALUE[context.precision]),

@@ -14,9 +14,10 @@ from typing import Any, Callable
 
 import torch
 
-from bench.run import devices, isa_probe, telemetry, timing
 from bench import registry
-from bench.ops.common import clear_weight_cache, relative_error
+from bench.compare_outputs import compare, relative_row_bound
+from bench.ops.common import clear_weight_cache
+from bench.run import devices, isa_probe, telemetry, timing
 from bench.registry import BuildContext, Prepared, Unsupported
 from bench.records import STATUS_ERROR, STATUS_OK, STATUS_SKIPPED, ResultRow, dumps_compact
 from bench.run.tasks import Task
@@ -64,17 +65,27 @@ def repeated(run: Callable[[], Any], calls: int) -> Callable[[], Any]:
 
 
 def _check(prepared: Prepared, row: ResultRow, precision: str) -> str:
-    """Compare the impl with its float64 reference; the failure message, or '' when correct."""
-    try:
-        output = (prepared.check or prepared.run)()
-        row.rel_error = relative_error(output, prepared.reference())
-    except Exception as error:  # NaN, wrong shape, or a kernel that raised
-        return f"check against float64 reference failed: {error}"
+    """Compare the impl with its float64 reference, row by row; the failure message, or ''."""
     tolerance = (prepared.tolerance if prepared.tolerance is not None
                  else registry.TOLERANCE[precision])
+    try:
+        output = (prepared.check or prepared.run)()
+        expected = prepared.reference()
+        bound = (prepared.error_bound(expected) if prepared.error_bound is not None
+                 else relative_row_bound(expected, tolerance))
+        comparison = compare(output, expected, bound)
+    except Exception as error:  # NaN, wrong shape, or a kernel that raised
+        return f"check against float64 reference failed: {error}"
+    row.rel_error = comparison.rel_error
+    # Kept in the row's metrics, error rows included: how close a correct kernel comes.
+    row.metrics = dumps_compact({"error_bound_ratio": float(f"{comparison.ratio:.4g}"),
+                                 "error_bound_row": comparison.row})
+    worst = "" if comparison.passed else f"{precision} error bound exceeded at " + (
+        comparison.describe())
     if not row.rel_error <= tolerance:
-        return f"relative error {row.rel_error:.3g} exceeds the {precision} tolerance {tolerance:g}"
-    return ""
+        return (f"relative error {row.rel_error:.3g} exceeds the {precision} tolerance "
+                f"{tolerance:g}" + (f"; {worst}" if worst else ""))
+    return worst
 
 
 def _record_quality(prepared: Prepared, row: ResultRow, metrics: dict) -> str:
@@ -139,8 +150,9 @@ def run_task(task: Task, run_id: str, policy: timing.TimingPolicy,
         return _fail(row, f"build failed: {type(error).__name__}: {error}")
     row.params = dumps_compact({**task.variant, **prepared.params})
     row.flops, row.bytes_moved = float(prepared.flops), float(prepared.bytes_moved)
-    metrics = dict(prepared.metrics)
-    problem = _check(prepared, row, task.precision) or _record_quality(prepared, row, metrics)
+    problem = _check(prepared, row, task.precision)
+    metrics = {**prepared.metrics, **json.loads(row.metrics or "{}")}
+    problem = problem or _record_quality(prepared, row, metrics)
     if problem:
         return _fail(row, problem)
     # --calls-per-rep: a known amount of extra work per repetition, to validate the checker.
