@@ -191,15 +191,18 @@ def working_set_section(frame: pd.DataFrame, env: dict) -> Section:
 
 
 def comparison_blocks(first: tables.Run, second: tables.Run) -> list:
-    """Figure, per-op summary and matched rows of one pair of runs."""
-    matched, only_first, only_second = tables.compare_runs(first.frame, second.frame)
+    """Figure, per-op summary and matched rows of one pair of runs (the checker's verdicts)."""
+    matched, only_first, only_second = tables.compare_runs(first, second)
     blocks = [NoteBlock(
-        f"{second.label} against {first.label}: {len(matched)} matched row(s); "
+        f"{second.label} against {first.label}: {len(matched)} matched row(s) (same task key); "
         f"{only_first} only in {first.label}, {only_second} only in {second.label}. "
-        f"ratio = median_s({second.label}) / median_s({first.label}).")]
+        f"ratio = median_s({second.label}) / median_s({first.label}); verdicts as "
+        f"`run_bench.py check` gives them (Mann-Whitney U on the raw samples, p < "
+        f"{tables.DEFAULT_ALPHA:g}, beyond a {tables.DEFAULT_FACTOR * 100:g}% factor), here "
+        "across hosts and code versions.")]
     if first.env.get("fingerprint") != second.env.get("fingerprint"):
         blocks.append(NoteBlock("The runs have different host fingerprints (hardware or "
-                                "software differ)."))
+                                "software differ): their ratios compare machines."))
     if matched.empty:
         return blocks
     if matched["code_changed"].any():

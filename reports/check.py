@@ -26,6 +26,8 @@ from bench.records import (
     write_atomic,
 )
 from reports.compare import (
+    DEFAULT_ALPHA,
+    DEFAULT_FACTOR,
     FAILING_VERDICTS,
     Verdict,
     compare_rows,
@@ -335,8 +337,8 @@ def report_verdicts(
 def run_check(
     baseline: str | os.PathLike | None,
     candidate: str | os.PathLike,
-    factor: float = 0.10,
-    alpha: float = 0.01,
+    factor: float = DEFAULT_FACTOR,
+    alpha: float = DEFAULT_ALPHA,
     out_dir: str | os.PathLike | None = None,
     rebaseline_hint: str = "",
     baselines_root: str | os.PathLike = DEFAULT_BASELINES_ROOT,
@@ -403,10 +405,11 @@ def build_parser(
         help="run directory or results CSV (default: <baselines-root>/<fingerprint>.csv)",
     )
     parser.add_argument(
-        "--factor", type=float, default=0.10,
-        help="smallest relative change that counts (default 0.10)",
+        "--factor", type=float, default=DEFAULT_FACTOR,
+        help=f"smallest relative change that counts (default {DEFAULT_FACTOR:g})",
     )
-    parser.add_argument("--alpha", type=float, default=0.01, help="significance level (0.01)")
+    parser.add_argument("--alpha", type=float, default=DEFAULT_ALPHA,
+                        help=f"significance level ({DEFAULT_ALPHA:g})")
     parser.add_argument("--out-dir", help="where verdicts.csv goes (default: the candidate run)")
     parser.add_argument("--baselines-root", default=DEFAULT_BASELINES_ROOT)
     parser.add_argument(

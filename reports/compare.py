@@ -34,6 +34,11 @@ FAILING_VERDICTS = ("REGRESSED", "NEWLY_FAILING")
 # Below this many repetitions on either side the rank test cannot say anything useful.
 MIN_SAMPLES = 3
 
+# run_bench.py check's defaults (and the report's comparisons): a change counts when it is
+# beyond this factor and the rank test gives p below alpha.
+DEFAULT_FACTOR = 0.10
+DEFAULT_ALPHA = 0.01
+
 
 @dataclass(frozen=True)
 class Verdict:
@@ -182,10 +187,12 @@ def _compare_pair(
     check_code_version: bool = True,
     baseline_facts: dict[str, dict] | None = None,
     candidate_facts: dict[str, dict] | None = None,
+    across_hosts: bool = False,
 ) -> Verdict:
     """Verdict for one task_key present on both sides."""
-    # Another machine or software stack says nothing about this code, failures included.
-    if baseline.fingerprint != candidate.fingerprint:
+    # Another machine or software stack says nothing about this code, failures included;
+    # a report that compares machines (across_hosts) wants the comparison all the same.
+    if baseline.fingerprint != candidate.fingerprint and not across_hosts:
         return _make(
             candidate,
             "NOT_COMPARABLE",
@@ -201,6 +208,8 @@ def _compare_pair(
         return _make(candidate, "NOT_COMPARABLE", reason="impl code changed; re-baseline")
     # An A/B run times both versions now, so a changed impl is what is being measured.
     suffix = " (impl code changed)" if code_changed else ""
+    if baseline.fingerprint != candidate.fingerprint:
+        suffix += " (different hosts)"
     baseline_samples = samples_from_row(baseline)
     candidate_samples = samples_from_row(candidate)
     if len(baseline_samples) < MIN_SAMPLES or len(candidate_samples) < MIN_SAMPLES:
@@ -246,11 +255,12 @@ def _sort_key(verdict: Verdict) -> tuple[str, ...]:
 def compare_rows(
     baseline: list[ResultRow],
     candidate: list[ResultRow],
-    factor: float = 0.10,
-    alpha: float = 0.01,
+    factor: float = DEFAULT_FACTOR,
+    alpha: float = DEFAULT_ALPHA,
     check_code_version: bool = True,
     baseline_facts: dict[str, dict] | None = None,
     candidate_facts: dict[str, dict] | None = None,
+    across_hosts: bool = False,
 ) -> list[Verdict]:
     """One verdict per task_key on either side, sorted; check_code_version=False for A/B runs."""
     # baseline_facts / candidate_facts: {fingerprint: facts} (env.json's fingerprint_facts), so
@@ -272,7 +282,7 @@ def compare_rows(
         else:
             verdicts.append(
                 _compare_pair(baseline_row, candidate_row, factor, alpha, check_code_version,
-                              baseline_facts, candidate_facts)
+                              baseline_facts, candidate_facts, across_hosts)
             )
     for task_key, baseline_row in baseline_by_key.items():
         if task_key not in candidate_by_key:

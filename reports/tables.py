@@ -11,10 +11,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from bench.records import COLUMNS, STATUS_OK, ResultRow, dumps_compact, read_rows
+from bench.records import (ARGS_FILENAME, COLUMNS, ENV_FILENAME, RESULTS_FILENAME, STATUS_OK,
+                           ResultRow, dumps_compact, read_rows)
+from reports.compare import DEFAULT_ALPHA, DEFAULT_FACTOR, compare_rows
 
 CEILING_OPS = ("membw", "gemm_peak")
-OP_ORDER = ("sls", "sls_multi", "tt_sls", "interaction", "fc", "dlrm_infer", "dlrm_train")
+# Report order of the ops, as the runs recorded it (args.json "op_facts": each Op's
+# report_order; reports load no torch, so they cannot ask the registry). load_run adds to it;
+# an op that no loaded run recorded sorts after the recorded ones, by name.
+RECORDED_OP_ORDER: dict[str, int] = {}
 PRECISION_ORDER = ("fp32", "bf16", "fp16", "int8", "int4")
 # Lowest to highest; covers ATen capability names and oneDNN max-ISA names (normalised).
 ISA_ORDER = (
@@ -25,8 +30,6 @@ ISA_ORDER = (
 )
 NATIVE_ISA = "native"
 PROBLEM_KEYS = ["workload", "params", "batch_size"]
-MATCH_KEYS = ["op", "impl", "workload", "params", "device", "isa", "threads", "precision",
-              "batch_size"]
 REFERENCE_KEYS = ["op", "workload", "params", "batch_size", "device", "isa", "threads"]
 ENV_FACTS = ("cpu_model", "l1d_bytes", "l2_bytes", "l3_bytes", "torch_version", "fingerprint")
 CACHE_FACTS = ("l3_bytes", "l2_bytes", "l1d_bytes")
@@ -40,7 +43,6 @@ THROUGHPUT_METRICS = (
 PERCENT_COLUMNS = ("efficiency", "noise", "drop")
 # A cache roof this close to the memory roof is measurement noise, not a separate ceiling.
 CACHE_ROOF_MARGIN = 1.05
-COMPARISON_TOLERANCE = 0.05
 IN_CACHE_ROOF = "in-cache"
 DRAM_ROOF = "DRAM stream"
 GATHER_ROOF = "random gather"
@@ -61,6 +63,7 @@ class Run:
     frame: pd.DataFrame
     env: dict[str, Any]
     args: dict[str, Any]
+    rows: list[ResultRow] = dataclasses.field(default_factory=list)  # what frame was made of
 
 
 @dataclasses.dataclass
@@ -213,13 +216,16 @@ def rows_to_frame(rows: list[ResultRow]) -> pd.DataFrame:
 def load_run(directory: Path, label: str | None = None) -> Run:
     """Read results.csv, env.json and args.json of a run directory."""
     directory = Path(directory)
-    frame = rows_to_frame(read_rows(directory / "results.csv"))
+    rows = read_rows(directory / RESULTS_FILENAME)
+    args = read_json_object(directory / ARGS_FILENAME)
+    record_op_order(args)
     return Run(
         directory=directory,
         label=label or directory.name,
-        frame=frame,
-        env=read_json_object(directory / "env.json"),
-        args=read_json_object(directory / "args.json"),
+        frame=rows_to_frame(rows),
+        env=read_json_object(directory / ENV_FILENAME),
+        args=args,
+        rows=rows,
     )
 
 
@@ -229,9 +235,20 @@ def measured_op_rows(frame: pd.DataFrame) -> pd.DataFrame:
     return frame[mask]
 
 
-def op_sort_key(op: str) -> tuple[int, str]:
-    """Known ops in pipeline order, unknown ones after them by name."""
-    return (OP_ORDER.index(op) if op in OP_ORDER else len(OP_ORDER), op)
+def op_sort_key(op: str) -> tuple[float, str]:
+    """Ops in their recorded report order, unrecorded ones after them by name."""
+    return (RECORDED_OP_ORDER.get(op, float("inf")), op)
+
+
+def record_op_order(args: dict[str, Any]) -> None:
+    """Learn the report order of the ops a run's args.json recorded (first run seen wins)."""
+    facts = args.get("op_facts")
+    if not isinstance(facts, dict):
+        return
+    for name, op_facts in facts.items():
+        order = op_facts.get("report_order") if isinstance(op_facts, dict) else None
+        if isinstance(order, (int, float)):
+            RECORDED_OP_ORDER.setdefault(name, order)
 
 
 def precision_sort_key(precision: str) -> tuple[int, str]:
@@ -691,25 +708,46 @@ def precision_tradeoffs(frame: pd.DataFrame) -> pd.DataFrame:
     return sort_report_rows(lower[TRADEOFF_COLUMNS])
 
 
-def latest_ok_rows(frame: pd.DataFrame) -> pd.DataFrame:
-    """Ok rows with a median, the last one kept when a resumed run measured a key twice."""
-    rows = frame[(frame["status"] == STATUS_OK) & positive_mask(frame["median_s"])]
-    return rows.drop_duplicates(MATCH_KEYS, keep="last")
+COMPARISON_COLUMNS = ["op", "impl", "workload", "precision", "params", "device", "isa",
+                      "threads", "batch_size", "median_s_a", "median_s_b", "ratio", "verdict",
+                      "p_value", "code_changed", "reason"]
 
 
-COMPARISON_COLUMNS = MATCH_KEYS + ["median_s_a", "median_s_b", "ratio", "code_changed"]
+# Verdicts that compared two medians; the rest (NOT_COMPARABLE, status changes) did not.
+COMPARED_VERDICTS = ("IMPROVED", "REGRESSED", "UNCHANGED")
 
 
-def compare_runs(first: pd.DataFrame, second: pd.DataFrame) -> tuple[pd.DataFrame, int, int]:
-    """Matched rows with ratio = second median / first median, plus unmatched counts."""
-    left, right = latest_ok_rows(first), latest_ok_rows(second)
-    keep = MATCH_KEYS + ["median_s", "code_version"]
-    matched = left[keep].merge(right[keep], on=MATCH_KEYS, suffixes=("_a", "_b"))
-    matched["ratio"] = matched["median_s_b"] / matched["median_s_a"]
-    matched["code_changed"] = matched["code_version_a"] != matched["code_version_b"]
-    unmatched_first = len(left) - len(matched)
-    unmatched_second = len(right) - len(matched)
-    return sort_report_rows(matched[COMPARISON_COLUMNS]), unmatched_first, unmatched_second
+def _latest_by_task_key(rows: list[ResultRow]) -> list[ResultRow]:
+    """One row per task key, the last one, as a resumed run may have measured a key twice."""
+    return list({row.task_key: row for row in rows}.values())
+
+
+def compare_runs(first: Run, second: Run) -> tuple[pd.DataFrame, int, int]:
+    """The checker's verdicts (reports.compare.compare_rows, across hosts and code versions)
+    for the task keys both runs have, with ratio = second median / first median, plus the
+    counts of task keys only one run has."""
+    first_rows, second_rows = _latest_by_task_key(first.rows), _latest_by_task_key(second.rows)
+    verdicts = compare_rows(first_rows, second_rows, DEFAULT_FACTOR, DEFAULT_ALPHA,
+                            check_code_version=False, across_hosts=True)
+    by_key = {"a": {row.task_key: row for row in first_rows},
+              "b": {row.task_key: row for row in second_rows}}
+    records = []
+    for verdict in verdicts:
+        row_a, row_b = by_key["a"].get(verdict.task_key), by_key["b"].get(verdict.task_key)
+        if row_a is None or row_b is None:
+            continue  # NEW or MISSING: counted below, not matched
+        records.append({
+            "op": verdict.op, "impl": verdict.impl, "workload": verdict.workload,
+            "precision": verdict.precision, "params": row_b.params, "device": row_b.device,
+            "isa": row_b.isa, "threads": row_b.threads, "batch_size": row_b.batch_size,
+            "median_s_a": row_a.median_s, "median_s_b": row_b.median_s, "ratio": verdict.ratio,
+            "verdict": verdict.verdict, "p_value": verdict.p_value,
+            "code_changed": row_a.code_version != row_b.code_version, "reason": verdict.reason,
+        })
+    only_first = sum(verdict.verdict == "MISSING" for verdict in verdicts)
+    only_second = sum(verdict.verdict == "NEW" for verdict in verdicts)
+    matched = pd.DataFrame(records, columns=COMPARISON_COLUMNS)
+    return sort_report_rows(matched), only_first, only_second
 
 
 def geometric_mean(values: pd.Series) -> float:
@@ -719,16 +757,19 @@ def geometric_mean(values: pd.Series) -> float:
 
 
 def comparison_summary(matched: pd.DataFrame) -> pd.DataFrame:
-    """Per op: matched rows, geometric-mean ratio, extremes and how many moved."""
-    columns = ["op", "matched", "geomean_ratio", "min_ratio", "max_ratio", "faster", "slower",
-               "code_changed"]
+    """Per op: matched rows, geometric-mean ratio, extremes and the checker's verdict counts."""
+    columns = ["op", "matched", "geomean_ratio", "min_ratio", "max_ratio", "improved",
+               "regressed", "unchanged", "not_comparable", "code_changed"]
     records = []
     for op, rows in matched.groupby("op", sort=False):
+        verdicts = rows["verdict"]
         records.append({
             "op": op, "matched": len(rows), "geomean_ratio": geometric_mean(rows["ratio"]),
             "min_ratio": rows["ratio"].min(), "max_ratio": rows["ratio"].max(),
-            "faster": int((rows["ratio"] < 1 - COMPARISON_TOLERANCE).sum()),
-            "slower": int((rows["ratio"] > 1 + COMPARISON_TOLERANCE).sum()),
+            "improved": int((verdicts == "IMPROVED").sum()),
+            "regressed": int((verdicts == "REGRESSED").sum()),
+            "unchanged": int((verdicts == "UNCHANGED").sum()),
+            "not_comparable": int((~verdicts.isin(COMPARED_VERDICTS)).sum()),
             "code_changed": int(rows["code_changed"].sum()),
         })
     return sort_report_rows(pd.DataFrame(records, columns=columns))

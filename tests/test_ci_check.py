@@ -337,3 +337,13 @@ def test_ab_changes_must_agree_in_every_round():
                                             [rows(1.6), rows(1.02)], factor=0.1)
     assert disagreeing[0].verdict == "UNCHANGED"
     assert "1.60, 1.02" in disagreeing[0].reason
+
+
+def test_across_hosts_compares_what_the_checker_refuses():
+    baseline = [_row("a", (1.0, 1.01, 0.99, 1.02, 0.98), fingerprint="host-a")]
+    candidate = [_row("a", (2.0, 2.02, 1.98, 2.04, 1.96), fingerprint="host-b")]
+    (checked,) = compare_rows(baseline, candidate)
+    assert checked.verdict == "NOT_COMPARABLE" and "different host" in checked.reason
+    (report,) = compare_rows(baseline, candidate, across_hosts=True)
+    assert report.verdict == "REGRESSED" and report.ratio == pytest.approx(2.0)
+    assert "(different hosts)" in report.reason

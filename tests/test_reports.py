@@ -288,11 +288,15 @@ def test_single_row_run_skips_what_it_cannot_draw(tmp_path):
 def test_comparison_matches_rows_across_runs(comparison_report, tmp_path):
     first = tables.load_run(FIXTURES / "compare_a")
     second = tables.load_run(FIXTURES / "compare_b")
-    matched, only_first, only_second = tables.compare_runs(first.frame, second.frame)
-    ratios = matched.set_index("op")["ratio"]
-    assert ratios.to_dict() == pytest.approx({"sls": 2.0, "fc": 0.5})  # params key order differs
+    matched, only_first, only_second = tables.compare_runs(first, second)
+    by_op = matched.set_index("op")
+    # Matched by task key, so the params' key order does not matter; the checker's verdicts.
+    assert by_op["ratio"].to_dict() == pytest.approx({"sls": 2.0, "fc": 0.5})
+    assert by_op["verdict"].to_dict() == {"sls": "REGRESSED", "fc": "IMPROVED"}
     assert (only_first, only_second) == (1, 1)
-    assert matched.set_index("op")["code_changed"].to_dict() == {"sls": False, "fc": True}
+    assert by_op["code_changed"].to_dict() == {"sls": False, "fc": True}
+    summary = tables.comparison_summary(matched).set_index("op")
+    assert summary.loc["sls", "regressed"] == 1 and summary.loc["fc", "improved"] == 1
     names = {path.name for path in comparison_report.iterdir()}
     assert "fig-compare-compare-b.png" in names
     page = (comparison_report / "index.html").read_text(encoding="utf-8")

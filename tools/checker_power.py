@@ -18,11 +18,10 @@ if str(PROJECT_ROOT) not in sys.path:  # run as a script from anywhere
 
 from bench.run import ci_sweep  # noqa: E402
 from reports.check import CheckInputError, load_results  # noqa: E402
-from reports.compare import compare_rows, count_verdicts, geometric_mean_ratio  # noqa: E402
+from reports.compare import (DEFAULT_ALPHA, DEFAULT_FACTOR, compare_rows,  # noqa: E402
+                             count_verdicts, geometric_mean_ratio)
 
 DEFAULT_PAIRS = 10
-DEFAULT_FACTOR = 0.10  # run_bench.py check's own default
-DEFAULT_ALPHA = 0.01
 # 5 calls against 4 is exactly 25% more work on every row (bench/commands/sweep.py --calls-per-rep).
 POWER_BASELINE_CALLS = 4
 POWER_CANDIDATE_CALLS = 5

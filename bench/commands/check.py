@@ -44,12 +44,13 @@ def main(argv: list[str]) -> int:
     """Compare a candidate run (default: the CI sweep, run now) against a baseline."""
     from bench.run import ci_sweep
     from reports.check import EXIT_CANNOT_COMPARE, execute
+    from reports.compare import DEFAULT_ALPHA, DEFAULT_FACTOR
 
     args = _check_parser().parse_args(argv)
     args.factor = args.factor if args.factor is not None else (
-        ci_sweep.CI_FACTOR if args.ci else 0.10)
+        ci_sweep.CI_FACTOR if args.ci else DEFAULT_FACTOR)
     args.alpha = args.alpha if args.alpha is not None else (
-        ci_sweep.CI_ALPHA if args.ci else 0.01)
+        ci_sweep.CI_ALPHA if args.ci else DEFAULT_ALPHA)
     if args.ab is not None:
         clashing = [option for option, value in (("--candidate", args.candidate),
                                                  ("--baseline", args.baseline),
