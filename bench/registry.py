@@ -107,7 +107,7 @@ def register_op(op: Op) -> Op:
     if op.name in _OPS:
         raise ValueError(f"op {op.name!r} registered twice")
     _OPS[op.name] = op
-    _IMPLS[op.name] = {}
+    _IMPLS.setdefault(op.name, {})
     return op
 
 
@@ -115,8 +115,9 @@ def impl(op: str, name: str, precisions: tuple[str, ...], baseline: bool = False
          devices: tuple[str, ...] = ("cpu", "cuda"), description: str = ""):
     """Decorator registering a builder as an impl of op."""
     def register(build: Callable[[BuildContext], Prepared]) -> Callable[[BuildContext], Prepared]:
-        if op not in _IMPLS:
-            raise ValueError(f"impl {name!r} names unknown op {op!r}")
+        # The op may be registered by a module imported later (a peer module such as
+        # ops/fbgemm.py adds impls to ops of sls.py); load_all checks that it exists.
+        _IMPLS.setdefault(op, {})
         if name in _IMPLS[op]:
             raise ValueError(f"impl {op}/{name} registered twice")
         unknown = set(precisions) - set(PRECISIONS)
@@ -137,6 +138,9 @@ def load_all() -> None:
     for module in pkgutil.iter_modules(bench.ops.__path__):
         if not module.name.startswith("_"):
             importlib.import_module(f"bench.ops.{module.name}")
+    orphans = {op: sorted(found) for op, found in _IMPLS.items() if op not in _OPS}
+    if orphans:
+        raise ValueError(f"impls name ops that no module registers: {orphans}")
 
 
 def facts() -> dict[str, dict]:
