@@ -69,7 +69,7 @@ def import_graph() -> dict[str, set[str]]:
 FLOORS = (
     ("commands", ("bench.commands",)),
     ("run", ("bench.run", "bench.dist", "bench.serve")),
-    ("ops", ("bench.ops", "bench.registry")),
+    ("ops", ("bench.ops", "bench.registry", "bench.peers")),
     ("models", ("bench.models",)),
     ("embeddings", ("bench.embeddings", "bench.references", "bench.compare_outputs")),
     ("workloads", ("workloads",)),
