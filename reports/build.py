@@ -70,6 +70,24 @@ def summary_section(frame: pd.DataFrame, roofline: pd.DataFrame) -> Section:
     ])
 
 
+def headline_section(runs: list[tables.Run]) -> Section:
+    """Whole models and batched lookups: every impl against the baseline and the reference."""
+    headline = tables.headline_table(runs[0].frame)
+    return Section("Headline: every impl against the baseline and the public reference",
+                   "headline", [
+        table_or_note(
+            f"Per workload, every impl of {', '.join(tables.HEADLINE_OPS)} at each precision",
+            headline, "No measured dlrm_train, dlrm_infer or sls_multi rows."),
+        NoteBlock(
+            "vs_baseline = median_s of the op's baseline impl (column baseline) at the same "
+            "precision / this row's median_s; vs_reference = median_s of "
+            f"{tables.HEADLINE_REFERENCE_IMPL} (the public DLRM reference, "
+            "`run_bench.py reference`, fp32 only) / this row's median_s, at every precision; "
+            "above 1 is faster. Rows are compared within one workload, variant, batch size, "
+            "device, ISA level and thread count; blank where that row is absent."),
+    ])
+
+
 def roofline_group_blocks(ceilings: tables.Ceilings, points: pd.DataFrame) -> list:
     """The figure of one (device, isa) group and a note on rows it cannot place."""
     name = f"roofline-{slug(ceilings.device)}-{slug(ceilings.isa)}"
@@ -247,6 +265,7 @@ def build_sections(runs: list[tables.Run]) -> list[Section]:
     return [
         run_section(runs),
         summary_section(frame, roofline),
+        headline_section(runs),
         roofline_section(ceilings_by_group, roofline),
         figure_section("Throughput by precision", "throughput", figure_block(
             "throughput", "Throughput by precision per op",

@@ -607,3 +607,78 @@ def test_a_working_set_between_the_llc_and_the_probe_buffer_is_bounded_by_the_ca
     assert roofline.iloc[0]["roof_gbps"] == 120.0 and roofline.iloc[0]["efficiency"] < 1.0
     _, streaming = roofline_of(roof_probes() + [dense_row(12.0, 64 << 20, op="fc")])
     assert streaming.iloc[0]["roof"] == tables.PARTLY_CACHED_ROOF
+
+
+# ---------------------------------------------------------------- the headline table
+
+def headline_row(op: str, impl: str, precision: str, median_s: float, baseline: bool = False,
+                 params: dict | None = None, workload: str = "kaggle") -> ResultRow:
+    """A measured row of a headline op, by hand."""
+    return ResultRow(op=op, impl=impl, precision=precision, median_s=median_s, iqr_s=0.1 * median_s,
+                     is_baseline=baseline, workload=workload, device="cpu", isa="native",
+                     threads=1, batch_size=2048, samples_per_s=2048 / median_s,
+                     params=json.dumps(params or {}), status="ok",
+                     task_key=f"{op}{impl}{precision}")
+
+
+def test_headline_table_speedups_over_baseline_and_reference():
+    rows = [
+        headline_row("dlrm_train", "per_table", "fp32", 0.080, baseline=True,
+                     params={"layout": "per_table", "autocast": "none"}),
+        headline_row("dlrm_train", "per_table", "bf16", 0.050, baseline=True,
+                     params={"layout": "per_table", "autocast": "bf16"}),
+        headline_row("dlrm_train", "fused_sgd", "fp32", 0.040, params={"layout": "fused_sgd"}),
+        headline_row("dlrm_train", "fused_sgd", "bf16", 0.025, params={"layout": "fused_sgd"}),
+        headline_row("dlrm_train", "dlrm_reference", "fp32", 0.100,
+                     params={"run_mode": "train", "script": "dlrm_s_pytorch.py"}),
+        headline_row("sls_multi", "per_table", "fp32", 0.002, baseline=True,
+                     params={"mode": "sum", "rotation_batches": 4}),
+        headline_row("sls_multi", "batched", "fp32", 0.001,
+                     params={"mode": "sum", "table_bytes": 10}),
+        headline_row("sls_multi", "batched", "fp32", 0.004, params={"mode": "mean"}),
+        headline_row("fc", "linear", "fp32", 0.001, baseline=True),  # not a headline op
+    ]
+    table = tables.headline_table(tables.rows_to_frame(rows))
+    assert set(table["op"]) == {"dlrm_train", "sls_multi"}
+    by_key = {(row.op, row.impl, row.precision, row.variant): row
+              for row in table.itertuples()}
+    fused_bf16 = by_key[("dlrm_train", "fused_sgd", "bf16", "{}")]
+    assert fused_bf16.vs_baseline == pytest.approx(0.050 / 0.025)  # baseline at its precision
+    assert fused_bf16.vs_reference == pytest.approx(0.100 / 0.025)  # the fp32 reference
+    assert by_key[("dlrm_train", "fused_sgd", "fp32", "{}")].vs_reference == pytest.approx(2.5)
+    assert by_key[("dlrm_train", "dlrm_reference", "fp32", "{}")].vs_baseline == pytest.approx(0.8)
+    assert by_key[("dlrm_train", "per_table", "fp32", "{}")].baseline == "per_table"
+    summed = by_key[("sls_multi", "batched", "fp32", '{"mode":"sum"}')]
+    assert summed.vs_baseline == pytest.approx(2.0)
+    assert math.isnan(summed.vs_reference)  # no reference for sls_multi
+    # Another variant (mean) has no baseline row: not compared with the sum baseline.
+    assert math.isnan(by_key[("sls_multi", "batched", "fp32", '{"mode":"mean"}')].vs_baseline)
+    # Ordered by workload, op, variant, precision, then fastest first.
+    train = table[table["op"] == "dlrm_train"]
+    assert list(train["precision"]) == ["fp32", "fp32", "fp32", "bf16", "bf16"]
+    assert list(train["impl"])[:3] == ["fused_sgd", "per_table", "dlrm_reference"]
+
+
+def test_headline_table_keeps_workloads_apart_and_is_empty_without_headline_ops():
+    rows = [headline_row("dlrm_infer", "per_table", "fp32", 0.02, baseline=True),
+            headline_row("dlrm_infer", "dlrm_reference", "fp32", 0.04, workload="smoke"),
+            headline_row("dlrm_infer", "per_table", "fp32", 0.001, baseline=True,
+                         workload="smoke")]
+    table = tables.headline_table(tables.rows_to_frame(rows))
+    kaggle = table[table["workload"] == "kaggle"].iloc[0]
+    assert math.isnan(kaggle["vs_reference"])  # the smoke reference is another workload
+    smoke = table[(table["workload"] == "smoke") & (table["impl"] == "per_table")].iloc[0]
+    assert smoke["vs_reference"] == pytest.approx(40.0)
+    empty = tables.headline_table(tables.rows_to_frame([headline_row("fc", "x", "fp32", 1.0)]))
+    assert empty.empty and list(empty.columns) == tables.HEADLINE_COLUMNS
+
+
+def test_report_has_the_headline_section(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    with ResultsWriter(run / "results.csv") as writer:
+        writer.write(headline_row("dlrm_train", "per_table", "fp32", 0.08, baseline=True))
+        writer.write(headline_row("dlrm_train", "dlrm_reference", "fp32", 0.1))
+    report = build_report([run])
+    summary = (report / "summary.md").read_text(encoding="utf-8")
+    assert "## Headline" in summary and "dlrm_reference" in summary and "| 1.25 |" in summary

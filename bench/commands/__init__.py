@@ -15,6 +15,7 @@ from workloads.specs import SpecError
 # Modules load on demand, so that `check` and `report` never import torch.
 SUBCOMMANDS = {"report": "report", "check": "check", "analyze": "analyze",
                "tt-study": "tt_study", "locality": "locality"}
+SUBCOMMANDS["reference"] = "reference"  # the public DLRM reference beside ours (issue 12)
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 

@@ -1,0 +1,153 @@
+"""`run_bench.py reference`: the DLRM reference's rows beside ours, with a stand-in script."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from bench.commands import main as run_bench
+from bench.commands import reference
+from bench.records import STATUS_ERROR, STATUS_OK, read_rows
+from bench.run import devices
+from workloads import presets
+
+STAND_IN = Path(__file__).parent / "fixtures" / "reference"
+
+# Lines as dlrm_s_pytorch.py prints them (with --print-time --print-freq=1; the last one with
+# --print-wall-time), among its other output.
+REAL_OUTPUT = """\
+Unable to import onnx.  No module named 'onnx'
+time/loss/accuracy (if enabled):
+Finished training it 1/3 of epoch 0, 76.43 ms/it, loss 0.693147
+Finished training it 2/3 of epoch 0, 1302.07 ms/it, loss 0.250001
+Finished training it 3/3 of epoch 0, 5.00 ms/it, loss 0.249000 (12:34)
+"""
+
+
+def test_parses_the_reference_iteration_lines():
+    assert reference.parse_iteration_times(REAL_OUTPUT) == pytest.approx(
+        [0.07643, 1.30207, 0.005])
+
+
+def test_missing_print_time_is_an_error_not_a_time():
+    with pytest.raises(reference.ReferenceError, match="print-time"):
+        reference.parse_iteration_times("Finished training it 1/1 of epoch 0, -1.00 ms/it, "
+                                        "loss 0.5\n")
+
+
+def test_flags_for_kaggle_capped_are_config_a():
+    spec = presets.kaggle().capped(100_000)
+    flags = reference.reference_arguments(spec, 60, 0)
+    assert "--arch-mlp-bot=13-512-256-64-16" in flags
+    assert "--arch-mlp-top=512-256-1" in flags
+    assert "--arch-sparse-feature-size=16" in flags
+    assert ("--arch-embedding-size=1460-583-100000-100000-305-24-12517-633-3-93145-5683-100000-"
+            "3194-27-14992-100000-10-5652-2173-4-100000-18-15-100000-105-100000") in flags
+    assert "--num-indices-per-lookup=1" in flags and "--mini-batch-size=2048" in flags
+    assert "--num-batches=60" in flags and "--loss-function=bce" in flags
+    sizes = reference.model_arguments(spec)
+    assert sizes["ln_top"] == [27 * 26 // 2 + 16, 512, 256, 1]
+    dlrm_default = reference.model_arguments(presets.dlrm_default())
+    assert dlrm_default["ln_bot"] == [512, 512, 64] and dlrm_default["lookups"] == 100
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--dlrm-repo", "/nonexistent/dlrm"], "no such directory"),
+    (["--dlrm-repo", "."], "has no dlrm_s_pytorch.py"),
+    (["--dlrm-repo", str(STAND_IN), "--workload", "mlperf"], "dcn"),
+    (["--dlrm-repo", str(STAND_IN), "--mode", "serve"], "--mode"),
+    (["--dlrm-repo", str(STAND_IN), "--rounds", "0"], "--rounds"),
+])
+def test_bad_input_is_one_line_and_exit_2(argv, message, capsys, tmp_path):
+    code = run_bench(["reference", *argv, "--out", str(tmp_path)])
+    error = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(error.splitlines()) == 1 and message in error
+    assert not list(tmp_path.iterdir())  # refused before any work
+
+
+def test_rows_of_the_reference_and_ours_in_one_results_csv(tmp_path):
+    code = run_bench(["reference", "--dlrm-repo", str(STAND_IN), "--workload", "smoke",
+                      "--mode", "train,infer", "--rounds", "2", "--iterations", "3",
+                      "--warmup", "1", "--impls", "per_table", "--precision", "fp32",
+                      "--min-run-time", "0.02", "--out", str(tmp_path), "--run-id", "side",
+                      "--no-report"])
+    assert code == 0
+    run = tmp_path / "side"
+    rows = read_rows(run / "results.csv")
+    ours = {row.op: row for row in rows if row.impl == "per_table"}
+    theirs = {row.op: row for row in rows if row.impl == reference.REFERENCE_IMPL}
+    assert set(ours) == set(theirs) == {"dlrm_train", "dlrm_infer"}
+    spec = presets.smoke()
+    for op, row in theirs.items():
+        assert row.status == STATUS_OK, row.error
+        # The same identity fields as our rows, and the key a Task of impl dlrm_reference has.
+        for field in ("workload", "device", "isa", "threads", "precision", "batch_size",
+                      "fingerprint", "device_name"):
+            assert getattr(row, field) == getattr(ours[op], field), field
+        assert row.task_key == reference.reference_task(spec, op, 1, 0).key()
+        assert row.task_key != ours[op].task_key and not row.is_baseline
+        assert row.fingerprint == devices.fingerprint(
+            "cpu", "native", 1, reference.timing_policy(0.02))
+        assert math.isfinite(row.median_s) and row.median_s > 0
+        assert row.samples_per_s == pytest.approx(spec.batch_size / row.median_s)
+        params = json.loads(row.params)
+        assert params["script"] == "dlrm_s_pytorch.py" and "timing" in params
+        assert json.loads(row.metrics)["merged_runs"] == 2  # pooled over the rounds
+    train = theirs["dlrm_train"]
+    samples = json.loads(train.samples_s)
+    assert train.n_samples == len(samples) == 2 * 3  # warm-up dropped, two rounds pooled
+    assert all(0.002 < value < 0.5 for value in samples)  # the stand-in sleeps 3 ms
+    assert "its --inference-only prints no time" in json.loads(theirs["dlrm_infer"].params)[
+        "timing"]
+    recorded = json.loads((run / "args.json").read_text())
+    # Interleaved: reference, ours, reference, ours.
+    assert recorded["rounds"] == ["rounds/reference-1", "rounds/ours-1", "rounds/reference-2",
+                                  "rounds/ours-2"]
+    assert (run / "env.json").exists()
+
+
+def _options(**changes) -> argparse.Namespace:
+    options = reference.build_parser().parse_args(["--dlrm-repo", str(STAND_IN)])
+    options.warmup, options.iterations = 1, 2
+    for name, value in changes.items():
+        setattr(options, name, value)
+    return options
+
+
+def test_a_reference_that_prints_no_time_is_an_error_row(tmp_path):
+    # Planted fault: a checkout whose script prints the line without --print-time (-1 ms/it).
+    (tmp_path / "dlrm_s_pytorch.py").write_text(
+        "print('Finished training it 1/3 of epoch 0, -1.00 ms/it, loss 0.5')\n")
+    row = reference.reference_row(presets.smoke(), "train", _options(), reference.timing_policy(
+        0.02), "r", tmp_path, "")
+    assert row.status == STATUS_ERROR and "print-time" in row.error
+
+
+def test_a_reference_with_too_few_iterations_is_an_error_row(tmp_path):
+    # Planted fault: one iteration line short (a crashed or truncated loop must not pass).
+    (tmp_path / "dlrm_s_pytorch.py").write_text(
+        "print('Finished training it 1/3 of epoch 0, 5.00 ms/it, loss 0.5')\n"
+        "print('Finished training it 2/3 of epoch 0, 5.00 ms/it, loss 0.5')\n")
+    row = reference.reference_row(presets.smoke(), "train", _options(), reference.timing_policy(
+        0.02), "r", tmp_path, "")
+    assert row.status == STATUS_ERROR and "expected 3" in row.error
+
+
+def test_a_crashing_reference_is_an_error_row_with_its_last_line(tmp_path):
+    (tmp_path / "dlrm_s_pytorch.py").write_text("import sklearn_missing_here\n")
+    row = reference.reference_row(presets.smoke(), "train", _options(), reference.timing_policy(
+        0.02), "r", tmp_path, "")
+    assert row.status == STATUS_ERROR and "ModuleNotFoundError" in row.error
+
+
+def test_the_stand_in_inference_is_timed_through_its_model(tmp_path):
+    row = reference.reference_row(presets.smoke(), "infer", _options(infer_batches=2),
+                                  reference.timing_policy(0.02), "r", STAND_IN, "")
+    assert row.status == STATUS_OK, row.error
+    # The stand-in's forward sleeps 1 ms and raises on inputs of the wrong shapes.
+    assert 0.0009 < row.median_s < 0.5
