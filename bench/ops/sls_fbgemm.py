@@ -1,0 +1,306 @@
+"""FBGEMM's table-batched embedding ops (TBE) on the lookup ops: the training TBE's forward and
+the inference TBE at fp16/int8/int4, over `sls`'s largest table and over all of `sls_multi`'s."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from types import SimpleNamespace
+from typing import Optional
+
+import torch
+
+from bench import peers
+from bench.compare_outputs import (QUANTIZED_BITS, UNDERFLOW, UNIT_ROUNDOFF,
+                                   pooled_lookup_bound)
+from bench.ops.common import (FLOAT_DTYPES, Unsupported, as_tensors, cycling, lookup_bound,
+                              lookup_bytes, mean_lookups, rotation_metrics, table_weight,
+                              workload_rotation_plan)
+from bench.ops.sls import _all_tables, _multi_reference, _output_bytes
+from bench.references import table_lookup64
+from bench.registry import BuildContext, Prepared, impl
+from workloads.generators import rotating_table_batches
+
+TRAINING_PRECISIONS = ("fp32", "fp16")
+INFERENCE_PRECISIONS = ("fp16", "int8", "int4")
+# FloatToFused8BitRowwiseQuantized quantizes with 255 / (range + 1e-8): a value moves by at
+# most 1e-8 from where the exact inverse scale puts it.
+INT8_QUANTIZE_EPSILON = 1e-8
+
+
+def _fbgemm() -> SimpleNamespace:
+    """The FBGEMM modules these impls use, or Unsupported naming the install command."""
+    return SimpleNamespace(
+        common=peers.require("fbgemm_gpu.split_table_batched_embeddings_ops_common"),
+        training=peers.require("fbgemm_gpu.split_table_batched_embeddings_ops_training"),
+        inference=peers.require("fbgemm_gpu.split_table_batched_embeddings_ops_inference"),
+        configs=peers.require("fbgemm_gpu.split_embedding_configs"),
+        quantize=peers.require("fbgemm_gpu.tbe.utils.quantize"))
+
+
+def _sparse_type(fbgemm, precision: str):
+    return getattr(fbgemm.configs.SparseType, precision.upper())
+
+
+def _output_type(fbgemm, precision: str):
+    # As the suite's other impls: float tables pool into their own dtype, quantized into fp32.
+    return _sparse_type(fbgemm, precision if precision in FLOAT_DTYPES else "fp32")
+
+
+def _pooling(fbgemm, mode: str):
+    """The TBE pooling mode of an op mode (weighted is a sum with per-sample weights)."""
+    return fbgemm.common.PoolingMode.MEAN if mode == "mean" else fbgemm.common.PoolingMode.SUM
+
+
+class TrainingTables:
+    """Tables in one training TBE (SplitTableBatchedEmbeddingBagsCodegen) on the host CPU,
+    answering its forward; weights copied from the fp32 tables."""
+
+    kind = "SplitTableBatchedEmbeddingBagsCodegen (HOST, CPU)"
+
+    def __init__(self, fbgemm, weights: list[torch.Tensor], precision: str, mode: str):
+        if precision not in TRAINING_PRECISIONS:
+            raise Unsupported(f"the training TBE stores tables at {TRAINING_PRECISIONS} on CPU")
+        location, compute = fbgemm.common.EmbeddingLocation.HOST, fbgemm.training.ComputeDevice.CPU
+        self.module = fbgemm.training.SplitTableBatchedEmbeddingBagsCodegen(
+            [(weight.shape[0], weight.shape[1], location, compute) for weight in weights],
+            weights_precision=_sparse_type(fbgemm, precision),
+            output_dtype=_output_type(fbgemm, precision),
+            pooling_mode=_pooling(fbgemm, mode))
+        with torch.no_grad():
+            for stored, weight in zip(self.module.split_embedding_weights(), weights,
+                                      strict=True):
+                stored.copy_(weight)  # round to nearest into fp16
+        self.bytes_per_row = weights[0].shape[1] * self.module.weights_host.element_size()
+        self.bounds_check = fbgemm.common.BoundsCheckMode(self.module.bounds_check_mode_int).name
+
+    def __call__(self, indices, offsets, weights=None):
+        # Forward only: no autograd graph (the other impls' tables need no gradient either).
+        with torch.no_grad():
+            return self.module(indices, offsets, per_sample_weights=weights)
+
+
+class InferenceTables:
+    """Tables in one inference TBE (IntNBitTableBatchedEmbeddingBagsCodegen) on the CPU, filled
+    with FBGEMM's own quantization of the fp32 tables (fp16, or row-wise int8/int4 rows that
+    carry an fp16 scale and bias)."""
+
+    kind = "IntNBitTableBatchedEmbeddingBagsCodegen (HOST, CPU)"
+
+    def __init__(self, fbgemm, weights: list[torch.Tensor], precision: str, mode: str):
+        if precision not in INFERENCE_PRECISIONS:
+            raise Unsupported(f"the inference TBE impl runs at {INFERENCE_PRECISIONS}")
+        dim = weights[0].shape[1]
+        if precision == "int4" and dim % 2:
+            raise Unsupported("int4 TBE rows need an even embedding dim")
+        sparse_type = _sparse_type(fbgemm, precision)
+        self.module = fbgemm.inference.IntNBitTableBatchedEmbeddingBagsCodegen(
+            [(f"table_{index}", weight.shape[0], weight.shape[1], sparse_type,
+              fbgemm.common.EmbeddingLocation.HOST) for index, weight in enumerate(weights)],
+            device=torch.device("cpu"), pooling_mode=_pooling(fbgemm, mode),
+            output_dtype=_output_type(fbgemm, precision))
+        self.module.initialize_weights()
+        with warnings.catch_warnings():  # quantize_embs copy-constructs with torch.tensor()
+            warnings.simplefilter("ignore", UserWarning)
+            self.module.assign_embedding_weights(
+                [fbgemm.quantize.quantize_embs(weight, sparse_type) for weight in weights])
+        # What one stored row takes, its scale/bias and alignment padding included.
+        self.bytes_per_row = fbgemm.inference.rounded_row_size_in_bytes(
+            dim, sparse_type, self.module.row_alignment, self.module.scale_bias_size_in_bytes)
+        self.bounds_check = fbgemm.common.BoundsCheckMode(self.module.bounds_check_mode_int).name
+
+    def __call__(self, indices, offsets, weights=None):
+        return self.module(indices, offsets, per_sample_weights=weights)
+
+
+TABLES = {"fbgemm_tbe": TrainingTables, "fbgemm_tbe_infer": InferenceTables}
+
+
+# ------------------------------------------------------------------ error bounds
+
+def tbe_quantization_error(rows64: torch.Tensor, precision: str) -> torch.Tensor:
+    """Largest dequantization error of each row [rows, 1] of an int8/int4 TBE table.
+
+    As bench.compare_outputs.quantization_error (half a step, step = (max - min) / (2^bits - 1),
+    plus the scale's rounding times up to 2^bits - 1 steps and the bias's), except that TBE rows
+    store the scale and the bias as fp16 for int8 too (quantize_embs rounds FBGEMM's fp32 pair):
+    fp16 roundoff on both, fp16's absolute underflow (scales of large tables are subnormal there)
+    on each of the 2^bits - 1 steps and the bias, fp32 roundoff of their computation, and for
+    int8 the 1e-8 FBGEMM adds to the range before inverting it."""
+    bits = QUANTIZED_BITS[precision]
+    minimum = rows64.min(dim=1, keepdim=True).values
+    maximum = rows64.max(dim=1, keepdim=True).values
+    spread = maximum - minimum
+    half_step = spread / (2 ** bits - 1) / 2
+    parameters = (UNIT_ROUNDOFF["fp16"] + UNIT_ROUNDOFF["fp32"]) * (minimum.abs() + spread)
+    underflow = 2 ** bits * UNDERFLOW["fp16"]
+    epsilon = INT8_QUANTIZE_EPSILON if precision == "int8" else 0.0
+    return half_step + parameters + underflow + epsilon
+
+
+def tbe_lookup_bound(weight: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor,
+                     mode: str, weights: Optional[torch.Tensor], precision: str) -> torch.Tensor:
+    """Per-element bound of a TBE pooled lookup: common.lookup_bound for float tables; for
+    int8/int4, pooled_lookup_bound with the TBE rows' own stored error (fp32 output roundoff,
+    as the quantized branch there)."""
+    if precision not in QUANTIZED_BITS:
+        return lookup_bound(weight, indices, offsets, mode, weights, precision)
+    indices, offsets = indices.cpu(), offsets.cpu()
+    rows, positions = torch.unique(indices, return_inverse=True)
+    rows64 = weight.detach()[rows.to(weight.device)].to("cpu", torch.float64)
+    weights64 = None if weights is None else weights.to("cpu", torch.float64)
+    stored = tbe_quantization_error(rows64, precision).expand_as(rows64)
+    return pooled_lookup_bound(rows64, positions, offsets, mode, weights64, "fp32",
+                               stored_error=stored)
+
+
+# ------------------------------------------------------------------ inputs
+
+def with_last_offset(indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Bag starts plus the end of the last bag: the TBE takes B + 1 offsets."""
+    return torch.cat([offsets, offsets.new_tensor([indices.numel()])])
+
+
+def table_major_inputs(tensors) -> tuple[list[torch.Tensor], list[torch.Tensor], list[int],
+                                         torch.Tensor]:
+    """Per-table (indices, offsets, _) as the parts one TBE call needs: each table's indices,
+    its bag starts and the lookups before it (to re-base the starts), and the end offset."""
+    lookup_starts, start = [], 0
+    for indices, _, _ in tensors:
+        lookup_starts.append(start)
+        start += indices.numel()
+    end = tensors[0][1].new_tensor([start])
+    return [entry[0] for entry in tensors], [entry[1] for entry in tensors], lookup_starts, end
+
+
+def concatenate_tables(indices: list[torch.Tensor], offsets: list[torch.Tensor],
+                       lookup_starts: list[int], end: torch.Tensor):
+    """Per-table inputs as one table-major TBE input: indices end to end (the TBE knows each
+    table's rows; no shift), bag starts re-based, and the end of the last bag."""
+    starts = [table_offsets + lookup_start
+              for table_offsets, lookup_start in zip(offsets, lookup_starts, strict=True)]
+    return torch.cat(indices), torch.cat([*starts, end])
+
+
+# ------------------------------------------------------------------ sls (one table)
+
+def _build_single(context: BuildContext, impl_name: str) -> Prepared:
+    fbgemm = _fbgemm()
+    workload, device = context.workload, context.device
+    table_index = workload.largest_table()
+    table = workload.tables[table_index]
+    mode = context.variant["mode"]
+    weighted = mode == "weighted"
+    pool_mode = "sum" if weighted else mode
+    weight = table_weight(table, context.seed, table_index)
+    tables = TABLES[impl_name](fbgemm, [weight], context.precision, mode)
+    rotation = workload_rotation_plan(workload, [table_index], context.precision)
+    parts = rotation["rotation_batches"]
+    # Per-sample weights stay fp32: the TBE takes fp32 weights for every table type.
+    inputs = [as_tensors(batch, device)
+              for batch in rotating_table_batches(workload, table_index, context.seed, parts)]
+    calls = [functools.partial(tables, indices, with_last_offset(indices, offsets),
+                               weights if weighted else None)
+             for indices, offsets, weights in inputs]
+    indices, offsets, weights = inputs[0]
+    weights = weights if weighted else None
+    lookups, bags = mean_lookups(indices for indices, _, _ in inputs), offsets.numel()
+    return Prepared(
+        run=cycling(calls),
+        check=calls[0],
+        reference=lambda: table_lookup64(weight, indices, offsets, pool_mode, weights),
+        error_bound=lambda expected: tbe_lookup_bound(weight, indices, offsets, pool_mode,
+                                                      weights, context.precision),
+        samples=bags,
+        flops=lookups * table.dim * (2 if weighted else 1),
+        bytes_moved=lookup_bytes(lookups, bags, table.dim, tables.bytes_per_row,
+                                 _output_bytes(context.precision),
+                                 weights.element_size() if weighted else 0),
+        params={"table": table_index, "rows": table.rows, "dim": table.dim,
+                "pooling": table.pooling.label(), "distribution": table.distribution.label(),
+                "mode": mode, "table_bytes": int(table.rows * tables.bytes_per_row),
+                "rotation_batches": parts, "tbe": tables.kind,
+                "row_bytes": tables.bytes_per_row, "bounds_check": tables.bounds_check},
+        metrics=rotation_metrics(rotation),
+        flush_between_reps=True,
+    )
+
+
+@impl("sls", "fbgemm_tbe", TRAINING_PRECISIONS, devices=("cpu",),
+      description="FBGEMM training TBE forward (SplitTableBatchedEmbeddingBagsCodegen, CPU)")
+def build_sls_tbe(context: BuildContext) -> Prepared:
+    """The largest table in a one-table training TBE; sum, mean, or weighted sum."""
+    return _build_single(context, "fbgemm_tbe")
+
+
+@impl("sls", "fbgemm_tbe_infer", INFERENCE_PRECISIONS, devices=("cpu",),
+      description="FBGEMM inference TBE (IntNBitTableBatchedEmbeddingBagsCodegen, CPU)")
+def build_sls_tbe_infer(context: BuildContext) -> Prepared:
+    """The largest table in a one-table inference TBE, fp16 or row-wise int8/int4."""
+    return _build_single(context, "fbgemm_tbe_infer")
+
+
+# ------------------------------------------------------------------ sls_multi (every table)
+
+def multi_prepared(context: BuildContext, calls, weights, rotations, rotation,
+                   bytes_per_row: float, extra_params: dict) -> Prepared:
+    """A Prepared for sls_multi: output [tables, batch, dim] against the per-table float64
+    lookups; bound per table from tbe_lookup_bound (the TBE's own row format)."""
+    workload, tensors = context.workload, rotations[0]
+    lookups = sum(indices.numel() for part in rotations for indices, _, _ in part) / len(rotations)
+    bags = sum(offsets.numel() for _, offsets, _ in tensors)
+
+    def bound(expected):
+        return torch.stack([tbe_lookup_bound(weight, indices, offsets, "sum", None,
+                                             context.precision)
+                            for weight, (indices, offsets, _) in zip(weights, tensors)])
+
+    return Prepared(
+        run=cycling(calls),
+        check=calls[0],
+        reference=lambda: _multi_reference(weights, tensors),
+        error_bound=bound,
+        samples=workload.batch_size,
+        flops=lookups * workload.dim,
+        bytes_moved=lookup_bytes(lookups, bags, workload.dim, bytes_per_row,
+                                 _output_bytes(context.precision)),
+        params={"num_tables": len(workload.tables), "total_rows": workload.total_rows,
+                "dim": workload.dim, "lookups": lookups, "rotation_batches": len(rotations),
+                "table_bytes": int(workload.total_rows * bytes_per_row),
+                "row_bytes": bytes_per_row, **extra_params},
+        metrics=rotation_metrics(rotation),
+        flush_between_reps=True,
+    )
+
+
+def _build_multi(context: BuildContext, impl_name: str) -> Prepared:
+    fbgemm = _fbgemm()
+    weights, rotations, rotation = _all_tables(context)
+    tables = TABLES[impl_name](fbgemm, weights, context.precision, "sum")
+    num_tables, batch_size = len(weights), context.workload.batch_size
+
+    def lookup_all(indices, offsets, lookup_starts, end):
+        # Inputs arrive per table, as a data loader gives them (and as `batched` takes them):
+        # joining them into the TBE's table-major input is per-batch work, so it is timed.
+        pooled = tables(*concatenate_tables(indices, offsets, lookup_starts, end))
+        # [batch, tables * dim] -> [tables, batch, dim], a view
+        return pooled.view(batch_size, num_tables, -1).transpose(0, 1)
+
+    calls = [functools.partial(lookup_all, *table_major_inputs(tensors))
+             for tensors in rotations]
+    return multi_prepared(context, calls, weights, rotations, rotation, tables.bytes_per_row,
+                          {"tbe": tables.kind, "bounds_check": tables.bounds_check})
+
+
+@impl("sls_multi", "fbgemm_tbe", TRAINING_PRECISIONS, devices=("cpu",),
+      description="every table in one FBGEMM training TBE, forward (CPU)")
+def build_multi_tbe(context: BuildContext) -> Prepared:
+    """All tables in one training TBE: one call per batch, sum pooling."""
+    return _build_multi(context, "fbgemm_tbe")
+
+
+@impl("sls_multi", "fbgemm_tbe_infer", INFERENCE_PRECISIONS, devices=("cpu",),
+      description="every table in one FBGEMM inference TBE, fp16 or row-wise int8/int4 (CPU)")
+def build_multi_tbe_infer(context: BuildContext) -> Prepared:
+    """All tables in one inference TBE: one call per batch, sum pooling."""
+    return _build_multi(context, "fbgemm_tbe_infer")

@@ -1,0 +1,50 @@
+"""torchrec's EmbeddingBagCollection over a KeyedJaggedTensor on `sls_multi` (fp32, sum)."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from bench import peers
+from bench.ops.common import Unsupported
+from bench.ops.sls import _all_tables
+from bench.ops.sls_fbgemm import concatenate_tables, multi_prepared, table_major_inputs
+from bench.registry import BuildContext, Prepared, impl
+
+
+@impl("sls_multi", "torchrec_ebc", ("fp32",), devices=("cpu",),
+      description="torchrec EmbeddingBagCollection over a KeyedJaggedTensor (unsharded, CPU)")
+def build_torchrec_ebc(context: BuildContext) -> Prepared:
+    """Every table in one EmbeddingBagCollection, one feature per table, sum pooling."""
+    torchrec = peers.require("torchrec")
+    if context.precision != "fp32":
+        raise Unsupported("the unsharded EmbeddingBagCollection impl runs at fp32 only")
+    weights, rotations, rotation = _all_tables(context)
+    names = [f"table_{index}" for index in range(len(weights))]
+    keys = [f"feature_{index}" for index in range(len(weights))]
+    collection = torchrec.EmbeddingBagCollection(
+        tables=[torchrec.EmbeddingBagConfig(name=name, embedding_dim=weight.shape[1],
+                                            num_embeddings=weight.shape[0], feature_names=[key],
+                                            pooling=torchrec.PoolingType.SUM)
+                for name, key, weight in zip(names, keys, weights, strict=True)],
+        device=torch.device("cpu"))
+    with torch.no_grad():
+        for name, weight in zip(names, weights, strict=True):
+            collection.embedding_bags[name].weight.copy_(weight)
+    num_tables, batch_size = len(weights), context.workload.batch_size
+
+    def lookup_all(indices, offsets, lookup_starts, end):
+        # As the other sls_multi impls, inputs arrive per table; the jagged tensor that a
+        # torchrec input pipeline would hand over is built here, in the timed call.
+        values, jagged_offsets = concatenate_tables(indices, offsets, lookup_starts, end)
+        features = torchrec.KeyedJaggedTensor(keys=keys, values=values, offsets=jagged_offsets)
+        with torch.no_grad():
+            pooled = collection(features).values()  # [batch, tables * dim], keys in order
+        return pooled.view(batch_size, num_tables, -1).transpose(0, 1)
+
+    calls = [functools.partial(lookup_all, *table_major_inputs(tensors))
+             for tensors in rotations]
+    return multi_prepared(context, calls, weights, rotations, rotation,
+                          weights[0].shape[1] * weights[0].element_size(),
+                          {"collection": "torchrec.EmbeddingBagCollection (unsharded)"})
