@@ -1,0 +1,156 @@
+"""torch.compile of our per_table DLRM: the whole training step (`dlrm_train`) and the
+inference forward (`dlrm_infer`), compiled at build time so the timed closure runs compiled
+code. Checked against the same float64 references as per_table."""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import torch
+
+from bench.compare_outputs import whole_model_bound
+from bench.models.dlrm import batch_tensors, build_dlrm
+from bench.models.teacher import teacher_model
+from bench.ops.common import cycling, rotation_metrics
+from bench.ops.dlrm import (LEARNING_RATE, _after_step, _model_bytes, _model_flops,
+                            _precision_params, embedding_traffic, inference_bytes,
+                            model_at_precision, model_rotation_plan, reference_logits,
+                            reference_train_step, rotating_batches, rotating_labelled_batches,
+                            train_step, training_bytes)
+from bench.ops.fc import input_dtype
+from bench.registry import BuildContext, Prepared, Unsupported, impl
+
+CPU = torch.device("cpu")
+PRECISIONS = ("fp32", "bf16")
+# Inputs run once at build: the first compiles, the second (a new index count under variable
+# pooling) makes Dynamo recompile with dynamic shapes, the third confirms it sticks.
+WARM_UP_INPUTS = 3
+
+
+@functools.lru_cache(maxsize=1)
+def compiled_train_step():
+    """torch.compile of per_table's train_step, one per process (its code cache is shared by
+    every build, so compiled graphs are reused across builds of the same shapes)."""
+    return torch.compile(train_step)
+
+
+def _compiled_graphs() -> int:
+    """Graphs Dynamo has compiled in this process so far."""
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+
+def _check_context(context: BuildContext) -> None:
+    if context.variant.get("tt_tables"):
+        raise Unsupported("the compiled impls have no TT-Rec tables; use per_table or batched "
+                          "with --tt-tables")
+    if context.precision not in PRECISIONS:
+        raise Unsupported(f"compiled runs at {'/'.join(PRECISIONS)} only")
+
+
+def build_compiled_train(context: BuildContext, learning_rate: float = LEARNING_RATE,
+                         reference_learning_rate: float | None = None) -> Prepared:
+    """per_table's SGD step (forward, BCE, backward, sparse SGD) through torch.compile.
+    reference_learning_rate defaults to learning_rate (tests plant a mismatch with it)."""
+    _check_context(context)
+    workload, device, precision = context.workload, context.device, context.precision
+    reference_learning_rate = (learning_rate if reference_learning_rate is None
+                               else reference_learning_rate)
+    autocast_dtype = None if precision == "fp32" else torch.bfloat16
+    rotation = model_rotation_plan(workload, "fp32")
+    rotating = rotating_labelled_batches(workload, context.seed, rotation["rotation_batches"])
+    initial = build_dlrm(workload, context.seed + 1, embeddings="per_table", sparse=True,
+                         learning_rate=learning_rate)
+    student = copy.deepcopy(initial).to(device)
+    optimizer = torch.optim.SGD(student.parameters(), lr=learning_rate)
+    inputs = [(*batch_tensors(item.batch, device), torch.from_numpy(item.labels).to(device))
+              for item in rotating]
+    dense, indices, offsets, labels = inputs[0]
+    traffic = embedding_traffic(initial, "fp32", [item[:3] for item in inputs])
+    bytes_parts = training_bytes(initial, traffic)
+    step = compiled_train_step()
+    graphs_before = _compiled_graphs()
+    for item in inputs[:WARM_UP_INPUTS]:  # the compile (~20 s or more), outside timing
+        step(student, optimizer, *item, autocast_dtype=autocast_dtype)
+
+    def check():
+        # The student itself, reset to the initial weights in place: the same module and
+        # optimizer objects keep Dynamo's guards, so this runs the timed compiled code.
+        student.load_state_dict(initial.state_dict())
+        logits = step(student, optimizer, dense, indices, offsets, labels,
+                      autocast_dtype=autocast_dtype)
+        return (logits.detach(),) + _after_step(student, indices, offsets)
+
+    def reference():
+        return reference_train_step(initial, rotating[0].batch, labels,
+                                    reference_learning_rate)
+
+    calls = [functools.partial(step, student, optimizer, *item, autocast_dtype=autocast_dtype)
+             for item in inputs]
+    return Prepared(
+        run=cycling(calls), check=check, reference=reference, samples=workload.batch_size,
+        error_bound=lambda expected: whole_model_bound(expected, precision),
+        flops=3.0 * _model_flops(workload, traffic),
+        bytes_moved=sum(bytes_parts.values()),
+        params={"layout": "per_table", "compile": "torch.compile(train_step)",
+                "optimizer": "SGD", "lr": learning_rate,
+                "autocast": precision if autocast_dtype is not None else "none",
+                "rotation_batches": len(inputs)},
+        metrics={"bytes_parts": bytes_parts, **rotation_metrics(rotation),
+                 "model_bytes": _model_bytes(student),
+                 "compiled_graphs_at_build": _compiled_graphs() - graphs_before},
+    )
+
+
+def build_compiled_infer(context: BuildContext) -> Prepared:
+    """per_table inference of the calibrated teacher at a precision, through torch.compile."""
+    _check_context(context)
+    workload, device, precision = context.workload, context.device, context.precision
+    fp32_model = teacher_model(workload, context.seed, embeddings="per_table")
+    model = model_at_precision(fp32_model, precision, "per_table", device).eval()
+    compiled = torch.compile(model)
+    rotation = model_rotation_plan(workload, precision)
+    batches = rotating_batches(workload, context.seed, rotation["rotation_batches"])
+    inputs = []
+    for item in batches:
+        dense, indices, offsets = batch_tensors(item, device)
+        inputs.append((dense.to(input_dtype(precision)), indices, offsets))
+    traffic = embedding_traffic(model, precision, inputs)
+    bytes_parts = inference_bytes(model, precision, traffic)
+
+    def infer(dense, indices, offsets):
+        with torch.inference_mode():
+            return compiled(dense, indices, offsets)
+
+    graphs_before = _compiled_graphs()
+    for item in inputs[:WARM_UP_INPUTS]:  # the compile, outside timing
+        infer(*item)
+    calls = [functools.partial(infer, *item) for item in inputs]
+    return Prepared(
+        run=cycling(calls), check=calls[0],
+        reference=lambda: reference_logits(fp32_model, *batch_tensors(batches[0], CPU)),
+        samples=workload.batch_size,
+        flops=_model_flops(workload, traffic),
+        bytes_moved=sum(bytes_parts.values()),
+        params={"layout": "per_table", "compile": "torch.compile(model)",
+                **_precision_params(precision), "rotation_batches": len(inputs)},
+        metrics={"model_bytes": _model_bytes(model), "bytes_parts": bytes_parts,
+                 **rotation_metrics(rotation),
+                 "compiled_graphs_at_build": _compiled_graphs() - graphs_before},
+        error_bound=lambda expected: whole_model_bound(expected, precision),
+    )
+
+
+@impl("dlrm_train", "compiled", PRECISIONS,
+      description="torch.compile of per_table's whole step (forward, backward, sparse SGD), "
+                  "compiled at build")
+def build_train_compiled(context: BuildContext) -> Prepared:
+    """Training step of the per_table model through torch.compile."""
+    return build_compiled_train(context)
+
+
+@impl("dlrm_infer", "compiled", PRECISIONS,
+      description="torch.compile of per_table's inference forward, compiled at build")
+def build_infer_compiled(context: BuildContext) -> Prepared:
+    """Inference of the per_table model through torch.compile."""
+    return build_compiled_infer(context)

@@ -1,0 +1,385 @@
+"""The DLRM on FBGEMM's table-batched embeddings (TBE): `dlrm_train` with the TBE's fused
+backward + optimizer step (exact SGD, or row-wise Adagrad), and `dlrm_infer` on the inference
+TBE's fp16 / int8 / int4 tables. MLPs and interaction are our per_table model's."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import warnings
+
+import numpy as np
+import torch
+from torch import nn
+
+from bench import peers
+from bench.compare_outputs import whole_model_bound
+from bench.models.dlrm import DLRM, batch_tensors, build_dlrm, flatten_tables
+from bench.models.teacher import evaluation_set, teacher_model
+from bench.models import quality
+from bench.ops.common import cycling, lookup_bound, rotation_metrics
+from bench.ops.dlrm import (EVAL_BATCHES, LEARNING_RATE, TRAIN_PRECISIONS,
+                            WHOLE_MODEL_TOLERANCE, _after_step, _logits64, _model_bytes,
+                            _model_flops, _predict, embedding_traffic, inference_bytes,
+                            model_rotation_plan, reference_logits, rotating_batches,
+                            rotating_labelled_batches, train_step, training_bytes)
+from bench.ops.fc import linear_parameters64
+from bench.references import as64, binary_cross_entropy64, pool_rows64, table_lookup64
+from bench.registry import BuildContext, Prepared, Unsupported, impl
+
+CPU = torch.device("cpu")
+# FBGEMM's TBE default (SplitTableBatchedEmbeddingBagsCodegen(eps=1.0e-8)), used here as is.
+ADAGRAD_EPS = 1.0e-8
+ADAGRAD_LEARNING_RATE = LEARNING_RATE
+# The Adagrad check steps from the state one earlier step left (rotating batch 1), so that a
+# kernel that drops or resets its accumulated state fails, not only one with a wrong formula.
+ADAGRAD_WARM_UP_BATCH = 1
+INFER_PRECISIONS = ("fp16", "int8", "int4")
+# Row-wise Adagrad normalises each row's gradient, so a row whose gradient is small next to
+# its autocast (fp16/bf16) rounding error moves by O(lr) in a wrong direction: an error that
+# whole_model_bound (relative to the rows' magnitude) does not model. A bf16 run failed it by
+# 5x on a 20K-row table. Until a bound from the gradient's own error exists: fp32 only.
+ADAGRAD_PRECISIONS = ("fp32",)
+
+
+def _fbgemm():
+    """The TBE classes and enums (Unsupported, with the install command, when absent)."""
+    peers.require("fbgemm_gpu")
+    training = peers.require("fbgemm_gpu.split_table_batched_embeddings_ops_training")
+    inference = peers.require("fbgemm_gpu.split_table_batched_embeddings_ops_inference")
+    common = peers.require("fbgemm_gpu.split_table_batched_embeddings_ops_common")
+    configs = peers.require("fbgemm_gpu.split_embedding_configs")
+    quantize = peers.require("fbgemm_gpu.tbe.utils")
+    return training, inference, common, configs, quantize
+
+
+def _check_shapes(context: BuildContext) -> None:
+    if context.variant.get("tt_tables"):
+        raise Unsupported("the FBGEMM TBE impls have no TT-Rec tables; use per_table or "
+                          "batched with --tt-tables")
+    if context.device.type != "cpu":
+        raise Unsupported("this FBGEMM build (fbgemm-gpu-cpu) runs its TBE on CPU only")
+    if context.workload.dim % 4:
+        raise Unsupported(f"FBGEMM TBE needs an embedding dim divisible by 4, not "
+                          f"{context.workload.dim}")
+
+
+def _tbe_inputs(indices, offsets) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-table inputs in the TBE's layout: table-major ids (each table's own row numbers)
+    and T x B + 1 bag offsets (the total last)."""
+    flat, bag_starts = flatten_tables(indices, offsets, [0] * len(indices))
+    end = torch.full((1,), flat.numel(), dtype=bag_starts.dtype, device=bag_starts.device)
+    return flat, torch.cat([bag_starts, end])
+
+
+class TBEEmbeddings(nn.Module):
+    """All tables in one training TBE (HOST / CPU, fp32 rows); backward updates the rows it
+    looked up with the TBE's optimizer. Same interface as the other embedding modules."""
+
+    def __init__(self, weights: list[torch.Tensor], optimizer: str, learning_rate: float,
+                 eps: float = ADAGRAD_EPS):
+        super().__init__()
+        training, _, common, configs, _ = _fbgemm()
+        optimizers = {"sgd": configs.EmbOptimType.EXACT_SGD,
+                      "rowwise_adagrad": configs.EmbOptimType.EXACT_ROWWISE_ADAGRAD}
+        specs = [(weight.shape[0], weight.shape[1], common.EmbeddingLocation.HOST,
+                  common.ComputeDevice.CPU) for weight in weights]
+        self.optimizer = optimizer
+        self.tbe = training.SplitTableBatchedEmbeddingBagsCodegen(
+            specs, optimizer=optimizers[optimizer], learning_rate=learning_rate, eps=eps,
+            pooling_mode=common.PoolingMode.SUM, device=CPU,
+            weights_precision=configs.SparseType.FP32, output_dtype=configs.SparseType.FP32)
+        with torch.no_grad():
+            for target, weight in zip(self.tbe.split_embedding_weights(), weights, strict=True):
+                target.copy_(weight)
+        self.num_tables, self.dim = len(weights), weights[0].shape[1]
+
+    def forward(self, indices: list[torch.Tensor], offsets: list[torch.Tensor]) -> torch.Tensor:
+        """Per-table inputs -> [B, T, D]; under autograd, backward updates the rows."""
+        pooled = self.tbe(*_tbe_inputs(indices, offsets))  # [B, T * D]
+        return pooled.view(pooled.shape[0], self.num_tables, self.dim)
+
+    def table_weights(self) -> list[torch.Tensor]:
+        """Each table's weights as the TBE holds them (views: split_embedding_weights)."""
+        return [weight.detach() for weight in self.tbe.split_embedding_weights()]
+
+    def row_states(self) -> list[torch.Tensor]:
+        """Each table's row-wise Adagrad state (momentum1, one value a row)."""
+        return [states[0].detach() for states in self.tbe.split_optimizer_states()]
+
+
+def tbe_model(initial: DLRM, optimizer: str, learning_rate: float,
+              eps: float = ADAGRAD_EPS) -> DLRM:
+    """A copy of an fp32 DLRM whose embeddings are one TBE holding the same weights."""
+    return DLRM(initial.workload, bottom=copy.deepcopy(initial.bottom),
+                embeddings=TBEEmbeddings(initial.embeddings.table_weights(), optimizer,
+                                         learning_rate, eps),
+                interaction=copy.deepcopy(initial.interaction), top=copy.deepcopy(initial.top))
+
+
+def dense_parameters(model: DLRM) -> list[nn.Parameter]:
+    """What torch.optim.SGD trains: the MLPs and interaction (the TBE updates its own rows)."""
+    return [parameter for name, parameter in model.named_parameters()
+            if not name.startswith("embeddings.")]
+
+
+# ---------------------------------------------------------------- float64 reference
+
+def rowwise_adagrad64(rows64: torch.Tensor, grad64: torch.Tensor, state64: torch.Tensor,
+                      learning_rate: float, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """FBGEMM's EXACT_ROWWISE_ADAGRAD in float64, by its definition: per row (grad summed over
+    the row's lookups), state += mean_d(grad^2); row -= lr * grad / (sqrt(state) + eps)."""
+    state = state64 + grad64.pow(2).mean(dim=1)
+    return rows64 - learning_rate * grad64 / (state.sqrt() + eps).unsqueeze(1), state
+
+
+def reference_tbe_step(model: DLRM, batch, labels: torch.Tensor, optimizer: str,
+                       learning_rate: float, eps: float = ADAGRAD_EPS,
+                       states: list[torch.Tensor] | None = None) -> tuple:
+    """Float64 step of a DLRM read from its parameters (never run): logits, BCE, autograd of
+    the float64 formulation; SGD on the MLPs, the TBE's optimizer on the looked-up rows.
+    Returns what _tbe_after_step returns: (logits, first bottom weight, last top weight,
+    pooled rows after the step, the looked-up rows after the step[, their Adagrad states])."""
+    dense, indices, offsets = batch_tensors(batch, CPU)
+    bottom = [(weight.requires_grad_(), bias.requires_grad_())
+              for weight, bias in linear_parameters64(model.bottom)]
+    top = [(weight.requires_grad_(), bias.requires_grad_())
+           for weight, bias in linear_parameters64(model.top)]
+    lookups = [torch.unique(table_indices.long(), return_inverse=True)
+               for table_indices in indices]
+    leaves = [as64(weight[rows]).requires_grad_()
+              for weight, (rows, _) in zip(model.embeddings.table_weights(), lookups)]
+
+    def pooled(tables):
+        return torch.stack([pool_rows64(rows64, positions, table_offsets) for rows64,
+                            (_, positions), table_offsets in zip(tables, lookups, offsets)], dim=1)
+
+    logits = _logits64(model, bottom, top, dense, pooled(leaves))
+    binary_cross_entropy64(logits, labels).backward()
+    updated, updated_states = [], []
+    for position, leaf in enumerate(leaves):
+        grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+        if optimizer == "sgd":
+            updated.append((leaf - learning_rate * grad).detach())
+            continue
+        state = as64(states[position][lookups[position][0]])
+        rows, state = rowwise_adagrad64(leaf.detach(), grad, state, learning_rate, eps)
+        updated.append(rows)
+        updated_states.append(state)
+    with torch.no_grad():
+        result = (logits.detach(), (bottom[0][0] - learning_rate * bottom[0][0].grad).detach(),
+                  (top[-1][0] - learning_rate * top[-1][0].grad).detach(), pooled(updated),
+                  torch.cat(updated))
+    return result + ((torch.cat(updated_states),) if optimizer != "sgd" else ())
+
+
+def _tbe_after_step(model: DLRM, indices, offsets) -> tuple:
+    """What the step must update: _after_step's parts, then the looked-up rows read back from
+    the TBE (split_embedding_weights) and, for Adagrad, their states."""
+    embeddings = model.embeddings
+    rows = [torch.unique(table_indices.long()) for table_indices in indices]
+    looked_up = torch.cat([weight[table_rows] for weight, table_rows
+                           in zip(embeddings.table_weights(), rows)]).clone()
+    parts = _after_step(model, indices, offsets) + (looked_up,)
+    if embeddings.optimizer == "sgd":
+        return parts
+    return parts + (torch.cat([state[table_rows] for state, table_rows
+                               in zip(embeddings.row_states(), rows)]).clone(),)
+
+
+def build_tbe_train(context: BuildContext, optimizer: str, learning_rate: float,
+                    eps: float = ADAGRAD_EPS, reference_learning_rate: float | None = None,
+                    reference_eps: float | None = None) -> Prepared:
+    """One training step of a student DLRM on teacher labels, its embeddings in one TBE.
+    reference_* default to the impl's own settings (tests plant a mismatch with them)."""
+    _check_shapes(context)
+    workload, precision = context.workload, context.precision
+    reference_learning_rate = (learning_rate if reference_learning_rate is None
+                               else reference_learning_rate)
+    reference_eps = eps if reference_eps is None else reference_eps
+    autocast_dtype = None if precision == "fp32" else {"fp16": torch.float16,
+                                                       "bf16": torch.bfloat16}[precision]
+    rotation = model_rotation_plan(workload, "fp32")
+    rotating = rotating_labelled_batches(workload, context.seed, rotation["rotation_batches"])
+    # The same student as per_table's: seed + 1, per-table weights, then into one TBE.
+    initial = build_dlrm(workload, context.seed + 1, embeddings="per_table", sparse=True,
+                         learning_rate=learning_rate)
+    student = tbe_model(initial, optimizer, learning_rate, eps)
+    sgd = torch.optim.SGD(dense_parameters(student), lr=learning_rate)
+    inputs = [(*batch_tensors(item.batch, CPU), torch.from_numpy(item.labels))
+              for item in rotating]
+    dense, indices, offsets, labels = inputs[0]
+    traffic = embedding_traffic(initial, "fp32", [item[:3] for item in inputs])
+    bytes_parts = training_bytes(initial, traffic)
+    start = tbe_model(initial, optimizer, learning_rate, eps)
+    if optimizer == "rowwise_adagrad":
+        # The row-wise state: read and written once per distinct row.
+        bytes_parts["row_state_updates"] = 2.0 * traffic["unique_rows"] * 4
+        warm_up = (rotating[ADAGRAD_WARM_UP_BATCH] if len(rotating) > ADAGRAD_WARM_UP_BATCH
+                   else rotating_labelled_batches(workload, context.seed,
+                                                  ADAGRAD_WARM_UP_BATCH + 1)[-1])
+        dense_w, indices_w, offsets_w = batch_tensors(warm_up.batch, CPU)
+        train_step(start, torch.optim.SGD(dense_parameters(start), lr=learning_rate),
+                   dense_w, indices_w, offsets_w, torch.from_numpy(warm_up.labels),
+                   autocast_dtype)
+
+    def check():
+        model = copy.deepcopy(start)
+        logits = train_step(model, torch.optim.SGD(dense_parameters(model), lr=learning_rate),
+                            dense, indices, offsets, labels, autocast_dtype)
+        return (logits.detach(),) + _tbe_after_step(model, indices, offsets)
+
+    def reference():
+        states = start.embeddings.row_states() if optimizer != "sgd" else None
+        return reference_tbe_step(start, rotating[0].batch, labels, optimizer,
+                                  reference_learning_rate, reference_eps, states)
+
+    calls = [functools.partial(train_step, student, sgd, *item, autocast_dtype=autocast_dtype)
+             for item in inputs]
+    return Prepared(
+        run=cycling(calls), check=check, reference=reference, samples=workload.batch_size,
+        error_bound=lambda expected: whole_model_bound(expected, precision),
+        flops=3.0 * _model_flops(workload, traffic),
+        bytes_moved=sum(bytes_parts.values()),
+        params={"layout": "fbgemm_tbe", "optimizer": f"SGD (MLPs), TBE {optimizer} (tables)",
+                "lr": learning_rate, **({"eps": eps} if optimizer != "sgd" else {}),
+                "autocast": precision if autocast_dtype is not None else "none",
+                "rotation_batches": len(inputs)},
+        metrics={"bytes_parts": bytes_parts, **rotation_metrics(rotation),
+                 "model_bytes": _model_bytes(initial)},
+    )
+
+
+@impl("dlrm_train", "fbgemm_tbe", TRAIN_PRECISIONS, devices=("cpu",),
+      description="all tables in one FBGEMM training TBE (CPU), EXACT_SGD fused into its "
+                  "backward; MLPs as per_table's")
+def build_train_fbgemm_tbe(context: BuildContext) -> Prepared:
+    """Training step with the embeddings in one FBGEMM TBE (exact SGD)."""
+    return build_tbe_train(context, "sgd", LEARNING_RATE)
+
+
+@impl("dlrm_train", "fbgemm_tbe_adagrad", ADAGRAD_PRECISIONS, devices=("cpu",),
+      description="all tables in one FBGEMM training TBE (CPU), EXACT_ROWWISE_ADAGRAD fused "
+                  "into its backward; MLPs by SGD")
+def build_train_fbgemm_tbe_adagrad(context: BuildContext) -> Prepared:
+    """Training step with the embeddings in one FBGEMM TBE (row-wise Adagrad)."""
+    return build_tbe_train(context, "rowwise_adagrad", ADAGRAD_LEARNING_RATE)
+
+
+# ---------------------------------------------------------------- inference
+
+def _quantized(quantize, weight: torch.Tensor, kind):
+    """FBGEMM's own row-wise quantization (its torch.tensor copy warning silenced)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="To copy construct from a tensor")
+        return quantize.quantize_embs(weight, kind)
+
+
+class TBEInferenceEmbeddings(nn.Module):
+    """All tables in one inference TBE (IntNBitTableBatchedEmbeddingBagsCodegen) at fp16,
+    int8 or int4 (row-wise, fp16 scale and bias), pooled to fp32."""
+
+    def __init__(self, weights: list[torch.Tensor], precision: str):
+        super().__init__()
+        _, inference, common, configs, quantize = _fbgemm()
+        kind = {"fp16": configs.SparseType.FP16, "int8": configs.SparseType.INT8,
+                "int4": configs.SparseType.INT4}[precision]
+        specs = [("", weight.shape[0], weight.shape[1], kind, common.EmbeddingLocation.HOST)
+                 for weight in weights]
+        self.tbe = inference.IntNBitTableBatchedEmbeddingBagsCodegen(
+            specs, pooling_mode=common.PoolingMode.SUM, device=CPU,
+            output_dtype=configs.SparseType.FP32, indices_dtype=torch.int64,
+            weight_lists=[_quantized(quantize, weight, kind) for weight in weights])
+        # What the kernel reads per looked-up row (scale and bias included, no padding).
+        self.row_bytes = inference.unpadded_row_size_in_bytes(weights[0].shape[1], kind)
+        self.num_tables, self.dim = len(weights), weights[0].shape[1]
+
+    def forward(self, indices: list[torch.Tensor], offsets: list[torch.Tensor]) -> torch.Tensor:
+        """Per-table inputs -> [B, T, D] (fp32)."""
+        pooled = self.tbe(*_tbe_inputs(indices, offsets))
+        return pooled.view(pooled.shape[0], self.num_tables, self.dim)
+
+    def stored_bytes(self) -> int:
+        """Bytes of the packed tables."""
+        return sum(weight.numel() * weight.element_size()
+                   for weight, _ in self.tbe.split_embedding_weights())
+
+
+def build_tbe_infer(context: BuildContext) -> Prepared:
+    """Inference of the calibrated teacher with its tables in an inference TBE, fp32 MLPs."""
+    _check_shapes(context)
+    workload, precision = context.workload, context.precision
+    fp32_model = teacher_model(workload, context.seed, embeddings="per_table")
+    model = DLRM(workload, bottom=copy.deepcopy(fp32_model.bottom),
+                 embeddings=TBEInferenceEmbeddings(fp32_model.embeddings.table_weights(),
+                                                   precision),
+                 interaction=copy.deepcopy(fp32_model.interaction),
+                 top=copy.deepcopy(fp32_model.top)).eval()
+    rotation = model_rotation_plan(workload, precision)
+    batches = rotating_batches(workload, context.seed, rotation["rotation_batches"])
+    inputs = [batch_tensors(item, CPU) for item in batches]
+    traffic = embedding_traffic(fp32_model, "fp32", inputs)
+    traffic["row_bytes"] = traffic["lookups"] * model.embeddings.row_bytes
+    bytes_parts = inference_bytes(fp32_model, "fp32", traffic)
+
+    def infer(dense, indices, offsets):
+        with torch.inference_mode():
+            return model(dense, indices, offsets)
+
+    calls = [functools.partial(infer, *item) for item in inputs]
+    _, indices, offsets = inputs[0]
+    weights = fp32_model.embeddings.table_weights()
+
+    # The logits alone are a weak check of the tables: whole-model bounds at int8/int4 let a
+    # model whose lookups all hit row 0 pass. With fp32 MLPs the pooled rows are checked too,
+    # each against its own lookup bound at the table precision.
+    def check():
+        with torch.inference_mode():
+            return calls[0](), model.embeddings(indices, offsets)
+
+    def reference():
+        return (reference_logits(fp32_model, *batch_tensors(batches[0], CPU)),
+                torch.stack([table_lookup64(weight, table_indices, table_offsets)
+                             for weight, table_indices, table_offsets
+                             in zip(weights, indices, offsets)], dim=1))
+
+    def error_bound(expected):
+        return (whole_model_bound(expected[0], precision),
+                torch.stack([lookup_bound(weight, table_indices, table_offsets, "sum", None,
+                                          precision) for weight, table_indices, table_offsets
+                             in zip(weights, indices, offsets)], dim=1))
+
+    def accuracy() -> dict:
+        labelled = evaluation_set(workload, context.seed, EVAL_BATCHES)
+        labels = np.concatenate([item.labels for item in labelled])
+        predicted = _predict(model, labelled, "fp32", CPU)
+        fp32_predicted = _predict(fp32_model, labelled, "fp32", CPU)
+        return {"auc": quality.auc(labels, predicted),
+                "logloss": quality.logloss(labels, predicted),
+                "ctr_abs_diff": float(np.mean(np.abs(predicted - fp32_predicted))),
+                "metrics": {"fp32_auc": quality.auc(labels, fp32_predicted),
+                            "eval_samples": int(len(labels))}}
+
+    return Prepared(
+        run=cycling(calls), check=check, reference=reference, samples=workload.batch_size,
+        flops=_model_flops(workload, traffic),
+        bytes_moved=sum(bytes_parts.values()),
+        params={"layout": "fbgemm_tbe", "mlp": "fp32",
+                "tables": f"{precision} TBE" + (" row-wise" if precision != "fp16" else ""),
+                "rotation_batches": len(inputs)},
+        metrics={"model_bytes": _model_bytes(fp32_model) - sum(
+                     weight.numel() * weight.element_size()
+                     for weight in fp32_model.embeddings.table_weights())
+                 + model.embeddings.stored_bytes(),
+                 "bytes_parts": bytes_parts, **rotation_metrics(rotation)},
+        tolerance=WHOLE_MODEL_TOLERANCE.get(precision),
+        error_bound=error_bound,
+        accuracy=accuracy,
+    )
+
+
+@impl("dlrm_infer", "fbgemm_tbe", INFER_PRECISIONS, devices=("cpu",),
+      description="all tables in one FBGEMM inference TBE (fp16 / int8 / int4 rows), fp32 MLPs")
+def build_infer_fbgemm_tbe(context: BuildContext) -> Prepared:
+    """Inference with the tables in one FBGEMM inference TBE."""
+    return build_tbe_infer(context)
