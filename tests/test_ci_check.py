@@ -30,7 +30,8 @@ FIXTURES = Path(__file__).parent / "fixtures" / "check"
 CLEAN_RUN = FIXTURES / "clean_run"
 BASELINE_FAST = FIXTURES / "baseline_fast.csv"
 # The smallest sweep that still runs a real op: the end-to-end A/B test's stand-in for CI.
-TINY_SWEEP_ARGS = ("--workload", "smoke", "--ops", "sls", "--sls-modes", "sum",
+TINY_SWEEP_ARGS = ("--workload", "smoke", "--ops", "sls", "--impls", "embedding_bag",
+                   "--sls-modes", "sum",
                    "--precision", "fp32", "--min-run-time", "0.02", "--threads", "1",
                    "--no-report")
 # Tests never look at speed; this only keeps run_task short.

@@ -119,7 +119,8 @@ def test_mismatch_names_the_library_that_ignored_the_request(level, effective, p
 def test_worker_at_avx2_reports_what_ran(tmp_path):
     """A sweep capped at avx2 records the libraries' own report, and no mismatch."""
     command = [sys.executable, "run_bench.py", "--workload", "smoke", "--ops", "sls",
-               "--sls-modes", "sum", "--precision", "fp32", "--isa", "avx2",
+               "--impls", "embedding_bag", "--sls-modes", "sum", "--precision", "fp32",
+               "--isa", "avx2",
                "--min-run-time", "0.02", "--out", str(tmp_path), "--run-id", "isa",
                "--no-report"]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)

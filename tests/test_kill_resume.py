@@ -10,7 +10,8 @@ from pathlib import Path
 from bench.records import STATUS_OK, read_rows
 
 ROOT = Path(__file__).resolve().parent.parent
-SWEEP = ["--workload", "smoke", "--ops", "sls,fc", "--sls-modes", "sum,mean,weighted",
+SWEEP = ["--workload", "smoke", "--ops", "sls,fc", "--impls", "embedding_bag,torch_linear",
+         "--sls-modes", "sum,mean,weighted",
          "--fc-layers", "linear,bottom_mlp,top_mlp", "--precision", "fp32,bf16",
          "--min-run-time", "0.05", "--no-report"]
 EXPECTED_ROWS = 12  # (3 sls modes + 3 fc layers) x 2 precisions

@@ -31,7 +31,8 @@ GIB = 1 << 30
 
 def test_plan_is_the_cross_product():
     planned = plan(["sls", "fc"], [SMOKE], ["fp32", "int4"], ["cpu"], ["native"], [1], seed=0,
-                   options={"sls_modes": ["sum", "mean"], "fc_layers": ["linear"]})
+                   options={"sls_modes": ["sum", "mean"], "fc_layers": ["linear"]},
+                   impl_filter={"embedding_bag", "torch_linear"})
     labels = [(item.task.op, item.task.variant.get("mode") or item.task.variant.get("layer"),
                item.task.precision) for item in planned]
     assert sorted(labels) == sorted([
@@ -291,7 +292,8 @@ def test_worker_dying_between_tasks_gives_no_duplicate_rows(fake_worker):
 
 # ---------------------------------------------------------------- end to end (real workers)
 
-SWEEP_ARGUMENTS = ["--workload", "smoke", "--ops", "sls,fc", "--precision", "fp32,int4",
+SWEEP_ARGUMENTS = ["--workload", "smoke", "--ops", "sls,fc",
+                   "--impls", "embedding_bag,torch_linear", "--precision", "fp32,int4",
                    "--sls-modes", "sum", "--fc-layers", "linear", "--min-run-time", "0.02",
                    "--no-report"]
 
@@ -314,7 +316,8 @@ def test_sweep_end_to_end(sweep_run):
     assert tuple(header) == COLUMNS
     rows = read_rows(results)
     planned = plan(["sls", "fc"], [SMOKE], ["fp32", "int4"], ["cpu"], ["native"], [1], seed=0,
-                   options={"sls_modes": ["sum"], "fc_layers": ["linear"]})
+                   options={"sls_modes": ["sum"], "fc_layers": ["linear"]},
+                   impl_filter={"embedding_bag", "torch_linear"})
     assert sorted(row.task_key for row in rows) == sorted(item.task.key() for item in planned)
     assert len(rows) == 4
     by_config = {(row.op, row.precision): row for row in rows}
