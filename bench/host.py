@@ -52,3 +52,35 @@ def available_memory_bytes() -> int:
     import psutil
 
     return int(psutil.virtual_memory().available)
+
+
+THP_SYSFS = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def transparent_huge_pages(sysfs: Path = THP_SYSFS) -> str:
+    """The kernel's transparent-huge-page mode ("always", "madvise", "never"), or "unknown"."""
+    try:
+        text = Path(sysfs).read_text()
+    except OSError:
+        return "unknown"
+    # sysfs brackets the active choice: "always [madvise] never".
+    start, end = text.find("["), text.find("]")
+    return text[start + 1:end] if 0 <= start < end else "unknown"
+
+
+def huge_page_bytes(address: int, smaps: Path = Path("/proc/self/smaps")) -> int:
+    """Bytes of the mapping that holds an address which the kernel backs by huge pages."""
+    inside = False
+    try:
+        lines = Path(smaps).read_text().splitlines()
+    except OSError:
+        return 0
+    for line in lines:
+        fields = line.split()
+        if fields and "-" in fields[0] and len(fields) >= 5:
+            # A mapping's header line: "start-end perms offset dev inode [path]".
+            start, end = (int(bound, 16) for bound in fields[0].split("-"))
+            inside = start <= address < end
+        elif inside and fields[:1] == ["AnonHugePages:"]:
+            return int(fields[1]) << 10
+    return 0

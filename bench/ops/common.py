@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as functional
 
 from bench.compare_outputs import pooled_lookup_bound, relative_error  # noqa: F401
-from bench.embeddings import clear_weight_cache, table_weight  # noqa: F401
+from bench.embeddings import clear_weight_cache, huge_page_copy, table_weight  # noqa: F401
 from bench.host import FALLBACK_LLC_BYTES, available_memory_bytes, last_level_cache  # noqa: F401
+from bench.host import transparent_huge_pages
 from bench.registry import Unsupported
 from workloads.generators import TableBatch
 
@@ -35,10 +36,21 @@ def as_tensors(batch: TableBatch, device: torch.device) -> tuple[torch.Tensor, .
             torch.from_numpy(batch.weights).to(device))
 
 
+def require_huge_pages(device: torch.device) -> None:
+    """Refuse (Unsupported, with the fix) where tables cannot be put in transparent huge pages."""
+    if device.type != "cpu":
+        raise Unsupported("transparent huge pages are host memory: this impl is CPU-only")
+    mode = transparent_huge_pages()
+    if mode not in ("always", "madvise"):
+        raise Unsupported(f"transparent huge pages are {mode!r} on this host; enable them with "
+                          "`echo madvise | sudo tee /sys/kernel/mm/transparent_hugepage/enabled`")
+
+
 class PooledTable:
     """One embedding table stored at a precision, answering pooled (SLS) lookups."""
 
-    def __init__(self, weight: torch.Tensor, precision: str, device: torch.device):
+    def __init__(self, weight: torch.Tensor, precision: str, device: torch.device,
+                 huge_pages: bool = False):
         self.precision = precision
         self.rows, self.dim = weight.shape
         if precision in FLOAT_DTYPES:
@@ -56,6 +68,15 @@ class PooledTable:
             self._lookup = self._quantized_lookup
         else:
             raise Unsupported(f"no embedding table format for {precision}")
+        self.huge_page_bytes = 0
+        if huge_pages:
+            require_huge_pages(device)
+            self.weight, self.huge_page_bytes = huge_page_copy(self.weight)
+
+    @property
+    def huge_page_fraction(self) -> float:
+        """Share of the stored table the kernel backs by transparent huge pages."""
+        return self.huge_page_bytes / max(1, self.weight.numel() * self.weight.element_size())
 
     @property
     def sample_weight_dtype(self) -> torch.dtype:

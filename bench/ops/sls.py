@@ -24,10 +24,10 @@ def _sls_variants(workload, options) -> list[dict]:
 
 
 register_op(Op("sls", "pooled embedding lookups (EmbeddingBag) over the workload's largest table",
-               _sls_variants, memory_factor=2.0, single_table=True, ci=True,
+               _sls_variants, memory_factor=3.0, single_table=True, ci=True,
                report_order=10))
 register_op(Op("sls_multi", "pooled lookups over every table of the workload",
-               lambda workload, options: [{"mode": "sum"}], memory_factor=3.0, ci=True,
+               lambda workload, options: [{"mode": "sum"}], memory_factor=4.0, ci=True,
                report_order=20))
 
 
@@ -36,10 +36,26 @@ def _output_bytes(precision: str) -> float:
     return BYTES_PER_VALUE[precision] if precision in FLOAT_DTYPES else 4.0
 
 
+def _huge_page_params(table: PooledTable) -> dict:
+    return {"huge_pages": "madvise", "huge_page_fraction": round(table.huge_page_fraction, 4)}
+
+
 @impl("sls", "embedding_bag", ALL_PRECISIONS, baseline=True,
       description="torch embedding_bag (FBGEMM kernels) or the quantized row-wise op")
 def build_sls(context: BuildContext) -> Prepared:
     """One table, one pooled lookup per bag, at the requested precision and mode."""
+    return _build_sls(context, huge_pages=False)
+
+
+@impl("sls", "huge_pages", ALL_PRECISIONS,
+      description="embedding_bag over the table copied into transparent huge pages (fewer TLB "
+                  "misses per random row)")
+def build_sls_huge_pages(context: BuildContext) -> Prepared:
+    """As embedding_bag, with the table in 2 MiB pages (madvise)."""
+    return _build_sls(context, huge_pages=True)
+
+
+def _build_sls(context: BuildContext, huge_pages: bool) -> Prepared:
     workload, device = context.workload, context.device
     table_index = workload.largest_table()
     table = workload.tables[table_index]
@@ -47,7 +63,7 @@ def build_sls(context: BuildContext) -> Prepared:
     weighted = mode == "weighted"
     pool_mode = "sum" if weighted else mode
     weight = table_weight(table, context.seed, table_index)
-    pooled = PooledTable(weight, context.precision, device)
+    pooled = PooledTable(weight, context.precision, device, huge_pages=huge_pages)
     rotation = workload_rotation_plan(workload, [table_index], context.precision)
     parts = rotation["rotation_batches"]
     # Per-sample weights take the table's dtype here, at build: a cast inside the timed
@@ -75,7 +91,7 @@ def build_sls(context: BuildContext) -> Prepared:
         params={"table": table_index, "rows": table.rows, "dim": table.dim,
                 "pooling": table.pooling.label(), "distribution": table.distribution.label(),
                 "mode": mode, "table_bytes": int(table.rows * pooled.bytes_per_row),
-                "rotation_batches": parts},
+                "rotation_batches": parts, **(_huge_page_params(pooled) if huge_pages else {})},
         metrics=rotation_metrics(rotation),
         flush_between_reps=True,
     )
@@ -151,9 +167,20 @@ def build_per_table(context: BuildContext) -> Prepared:
       description="one lookup over the concatenated tables, indices shifted by table offsets")
 def build_batched(context: BuildContext) -> Prepared:
     """All tables concatenated into one; one embedding_bag call over table-major bags."""
+    return _build_batched(context, huge_pages=False)
+
+
+@impl("sls_multi", "batched_huge_pages", ALL_PRECISIONS,
+      description="batched, with the concatenated tables in transparent huge pages")
+def build_batched_huge_pages(context: BuildContext) -> Prepared:
+    """As batched, with the concatenated table in 2 MiB pages (madvise)."""
+    return _build_batched(context, huge_pages=True)
+
+
+def _build_batched(context: BuildContext, huge_pages: bool) -> Prepared:
     workload, device = context.workload, context.device
     weights, rotations, rotation = _all_tables(context)
-    table = PooledTable(torch.cat(weights), context.precision, device)
+    table = PooledTable(torch.cat(weights), context.precision, device, huge_pages=huge_pages)
     row_starts = row_start_values(weights)
     batch_size = workload.batch_size
 
@@ -166,4 +193,5 @@ def build_batched(context: BuildContext) -> Prepared:
 
     calls = [functools.partial(lookup_all, tensors) for tensors in rotations]
     return _multi_prepared(context, calls, weights, rotations, rotation, table.bytes_per_row,
-                           {"table_bytes": int(workload.total_rows * table.bytes_per_row)})
+                           {"table_bytes": int(workload.total_rows * table.bytes_per_row),
+                            **(_huge_page_params(table) if huge_pages else {})})

@@ -16,6 +16,7 @@ from typing import Optional
 
 from bench import PROJECT_ROOT
 from bench.host import available_memory_bytes, cache_sizes  # noqa: F401 (re-exported)
+from bench.host import transparent_huge_pages
 
 
 class DeviceError(ValueError):
@@ -248,6 +249,8 @@ def host_facts() -> dict:
         **cache_sizes(),
         "memory_total_bytes": int(memory.total),
         "memory_available_bytes": int(memory.available),
+        # Random lookups into tables of gigabytes are TLB-bound without huge pages.
+        "transparent_huge_pages": transparent_huge_pages(),
         "platform": platform.platform(),
         "python_version": platform.python_version(),
         **library_versions(),
