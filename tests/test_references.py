@@ -14,6 +14,7 @@ import bench.ops.dlrm
 import bench.ops.fc
 import bench.ops.interaction
 import bench.ops.sls
+import bench.models.onednn
 import bench.models.ttrec.tt_embedding
 from bench import references, registry
 from bench.run import worker
@@ -168,6 +169,29 @@ def _tt_middle_core_dropped(monkeypatch):
     monkeypatch.setattr(bench.models.ttrec.tt_embedding, "reconstruct_tt_rows", bugged)
 
 
+def _onednn_bias_dropped(monkeypatch):
+    """oneDNN Linear layers compute x W^T without their bias."""
+    function = bench.models.onednn._OneDnnLinearFunction
+    real = function.forward
+
+    def bugged(context, inputs, weight, bias):
+        return real(context, inputs, weight, None if bias is None else torch.zeros_like(bias))
+
+    monkeypatch.setattr(function, "forward", staticmethod(bugged))
+
+
+def _onednn_weight_gradient_doubled(monkeypatch):
+    """oneDNN Linear layers return twice their weight gradient."""
+    function = bench.models.onednn._OneDnnLinearFunction
+    real = function.backward
+
+    def bugged(context, grad_output):
+        grad_inputs, grad_weight, grad_bias = real(context, grad_output)
+        return grad_inputs, None if grad_weight is None else 2 * grad_weight, grad_bias
+
+    monkeypatch.setattr(function, "backward", staticmethod(bugged))
+
+
 def _matmul_operands_swapped(monkeypatch):
     """The GEMM probe computes B @ A instead of A @ B."""
     real_mm, real_int_mm = torch.mm, torch._int_mm
@@ -184,13 +208,23 @@ PLANTED = [
     ("sls", "embedding_bag", {"mode": "sum"}, DENSE_PRECISIONS, _wrong_pooling),
     ("sls", "embedding_bag", {"mode": "mean"}, DENSE_PRECISIONS, _wrong_pooling),
     ("sls", "embedding_bag", {"mode": "weighted"}, DENSE_PRECISIONS, _wrong_pooling),
+    ("sls", "huge_pages", {"mode": "sum"}, DENSE_PRECISIONS, _row_off_by_one),
+    ("sls", "huge_pages", {"mode": "weighted"}, DENSE_PRECISIONS, _wrong_pooling),
     ("sls_multi", "per_table", {"mode": "sum"}, DENSE_PRECISIONS, _row_off_by_one),
+    ("sls_multi", "batched_huge_pages", {"mode": "sum"}, DENSE_PRECISIONS,
+     _concatenated_rows_shifted),
     ("sls_multi", "batched", {"mode": "sum"}, DENSE_PRECISIONS, _concatenated_rows_shifted),
     ("fc", "torch_linear", {"layer": "linear"}, ("fp32", "fp16", "bf16", "int8"),
      _swapped_output_neurons),
     ("fc", "torch_linear", {"layer": "top_mlp"}, ("fp32", "bf16", "int8"),
      _swapped_output_neurons),
     ("fc", "torch_linear", {"layer": "bottom_mlp"}, ("fp32", "bf16", "int8"), _final_relu_dropped),
+    ("fc", "onednn", {"layer": "top_mlp"}, ("fp32",), _swapped_output_neurons),
+    ("fc", "onednn", {"layer": "bottom_mlp"}, ("fp32",), _onednn_bias_dropped),
+    ("dlrm_infer", "onednn", {}, ("fp32",), _onednn_bias_dropped),
+    ("dlrm_infer", "onednn", {}, ("fp32",), _interaction_pairs_swapped),
+    ("dlrm_train", "onednn", {}, ("fp32",), _onednn_weight_gradient_doubled),
+    ("dlrm_train", "onednn", {}, ("fp32",), _interaction_pairs_swapped),
     ("interaction", "dot", {}, FLOAT_PRECISIONS, _interaction_pairs_swapped),
     ("interaction", "cat", {}, FLOAT_PRECISIONS, _cat_tables_reversed),
     ("dlrm_infer", "per_table", {}, DENSE_PRECISIONS, _interaction_pairs_swapped),

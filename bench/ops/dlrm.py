@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -435,8 +436,10 @@ def _model_flops(workload, traffic: dict) -> float:
             + (traffic["lookups"] - expected_lookups) * workload.dim + traffic["tt_flops"])
 
 
-def build_infer(context: BuildContext, layout: str) -> Prepared:
-    """Inference of the calibrated teacher DLRM at a precision, plus its accuracy effects."""
+def build_infer(context: BuildContext, layout: str,
+                prepare: Optional[Callable[[DLRM], DLRM]] = None) -> Prepared:
+    """Inference of the calibrated teacher DLRM at a precision, plus its accuracy effects;
+    prepare (if given) transforms the model that runs (e.g. swaps its Linear kernels)."""
     workload, device, precision = context.workload, context.device, context.precision
     tt = _tt_settings(context)
     if tt:
@@ -447,6 +450,8 @@ def build_infer(context: BuildContext, layout: str) -> Prepared:
     else:
         fp32_model = teacher_model(workload, context.seed, embeddings=layout)
     model = model_at_precision(fp32_model, precision, layout, device).eval()
+    if prepare is not None:
+        model = prepare(model)
     rotation = model_rotation_plan(workload, precision)
     batches = rotating_batches(workload, context.seed, rotation["rotation_batches"])
     batch = batches[0]
@@ -546,8 +551,10 @@ def _after_step(model: DLRM, indices, offsets) -> tuple:
             pooled)
 
 
-def build_train(context: BuildContext, layout: str) -> Prepared:
-    """One SGD step of a student DLRM on teacher labels."""
+def build_train(context: BuildContext, layout: str,
+                prepare: Optional[Callable[[DLRM], DLRM]] = None) -> Prepared:
+    """One SGD step of a student DLRM on teacher labels; prepare (if given) transforms the
+    initial model that every timed and checked step starts from."""
     workload, device, precision = context.workload, context.device, context.precision
     if precision == "fp16" and device.type == "cuda":
         raise Unsupported("fp16 training on CUDA needs loss scaling (torch.amp.GradScaler): "
@@ -563,6 +570,8 @@ def build_train(context: BuildContext, layout: str) -> Prepared:
         raise Unsupported("fused_sgd has no TT-Rec tables; use per_table or batched with TT")
     initial = build_dlrm(workload, context.seed + 1, embeddings=layout, sparse=True,
                          learning_rate=LEARNING_RATE, **tt)
+    if prepare is not None:
+        initial = prepare(initial)
     warm_up_tt(initial, workload, context.seed)
     student = copy.deepcopy(initial).to(device)
     # Each timed step trains on the next distinct batch: refitting one batch would keep its

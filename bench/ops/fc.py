@@ -110,10 +110,17 @@ def mlp_bound(module: nn.Sequential, activations: torch.Tensor, precision: str) 
       description="nn.Linear stacks (MKL fp32, oneDNN bf16/fp16, FBGEMM int8 dynamic)")
 def build_fc(context: BuildContext) -> Prepared:
     """Forward of one Linear or an MLP stack on a batch of activations."""
+    return build_fc_stack(context)
+
+
+def build_fc_stack(context: BuildContext, prepare=None) -> Prepared:
+    """build_fc, with prepare (if given) transforming the module that runs."""
     workload, device = context.workload, context.device
     width_in, widths, final_relu = layer_widths(workload, context.variant["layer"])
     reference_module = mlp(width_in, widths, final_relu, seed=context.seed)
     module = at_precision(reference_module, context.precision, device)
+    if prepare is not None:
+        module = prepare(module)
     batch = workload.batch_size
     activations = torch.from_numpy(
         stream(context.seed, 100).standard_normal((batch, width_in), dtype="float32"))
