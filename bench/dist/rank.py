@@ -67,7 +67,7 @@ def _gather(value):
     return gathered
 
 
-def _base_row(job: dict, config: dict) -> ResultRow:
+def base_row(job: dict, config: dict) -> ResultRow:
     device = config["device"]
     return ResultRow(
         run_id=job["run_id"], task_key=config["task_key"], op=config["op"], impl=config["impl"],
@@ -162,7 +162,7 @@ def run_model(job: dict, index: int, config: dict, rank: int, status: Status):
                                                       for s in per_step]))})
     if rank != 0:
         return None
-    row = _base_row(job, config)
+    row = base_row(job, config)
     steps, phases, spread = _slowest([item["steps"] for item in gathered])
     summary = summarize(steps)
     row.n_samples, row.calls_per_sample = len(steps), 1
@@ -204,7 +204,7 @@ def run_collective(job: dict, index: int, config: dict, rank: int, status: Statu
         return None
     slowest = [max(values) for values in zip(*per_rank)]
     summary = summarize(slowest)
-    row = _base_row(job, config)
+    row = base_row(job, config)
     row.n_samples, row.calls_per_sample = len(slowest), 1
     row.median_s, row.mean_s, row.min_s = summary.median_s, summary.mean_s, summary.min_s
     row.p90_s, row.p99_s, row.iqr_s = summary.p90_s, summary.p99_s, summary.iqr_s
@@ -221,7 +221,7 @@ def run_collective(job: dict, index: int, config: dict, rank: int, status: Statu
 
 def skipped(job: dict, config: dict) -> ResultRow:
     """A configuration this build does not run, with its reason."""
-    row = _base_row(job, config)
+    row = base_row(job, config)
     row.status, row.error = STATUS_SKIPPED, config["skip_reason"]
     return row
 
