@@ -39,6 +39,8 @@ def blame(statuses: dict[int, dict], timed_out: bool, stderr: str) -> tuple[int,
         status = statuses[laggard]
         return status["config"], (f"rank {laggard} hung at {status['stage']} (no progress "
                                   "within the timeout); the job was ended")
+    if timed_out:
+        return 0, "no rank reported progress within the timeout (start-up hung); job ended"
     match = re.search(r"rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", stderr, re.S)
     config = min((status["config"] for status in statuses.values()), default=0)
     if match:

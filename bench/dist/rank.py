@@ -46,7 +46,8 @@ class Status:
 def _planted_fault(job: dict, config: int, rank: int, stage: str) -> None:
     """TEST-ONLY hook (tests/test_dist.py): crash or hang one rank at one stage."""
     plant = job.get("test_only_planted_fault")
-    if not plant or plant["config"] != config or plant["rank"] != rank or plant["stage"] != stage:
+    key = job["configs"][config]["task_key"]
+    if not plant or plant["task_key"] != key or plant["rank"] != rank or plant["stage"] != stage:
         return
     if plant["kind"] == "crash":
         raise RuntimeError("planted crash (test-only hook)")
@@ -134,6 +135,7 @@ def run_model(job: dict, index: int, config: dict, rank: int, status: Status):
     autocast = torch.bfloat16 if config["precision"] == "bf16" else None
     status.mark(index, "building")
     _planted_fault(job, index, rank, "building")
+    status.mark(index, "building the model")  # a rank stuck before here lags the others
     model = hybrid.HybridDLRM(workload, plan, rank, config["seed"], device, autocast)
     batches = [hybrid.global_batch(workload, config["seed"], batch_index)
                for batch_index in range(config["rotation_batches"])]
