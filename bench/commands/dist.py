@@ -45,6 +45,13 @@ def build_parser() -> OneLineParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--task-timeout", type=float, default=300.0,
                         help="seconds without progress on any rank before the job is ended")
+    parser.add_argument("--predict", metavar="RUN_DIR[,RUN_DIR...]",
+                        help="scaling model: read the dist rows of the run directories (e.g. a "
+                             "1-rank and a 2-rank run), print its error against "
+                             "the measured 2/3-rank rows, append PREDICTED rows for 2..1024 ranks")
+    parser.add_argument("--link-gbps", default="25,100,400",
+                        help="target links for --predict (plus the link measured here, when "
+                             "RUN_DIR has alltoall rows)")
     parser.add_argument("--out", default="results")
     parser.add_argument("--run-id")
     return parser
@@ -117,6 +124,8 @@ def configs(args, workloads, ranks: int) -> list[dict]:
 def main(argv: list[str]) -> int:
     """Plan, launch through torchrun, and summarise the rows."""
     args = build_parser().parse_args(argv)
+    if args.predict:
+        return predict([Path(item) for item in split(args.predict)], args.link_gbps)
     _check(args)
     workloads = resolve_workloads(WorkloadChoices(workloads=args.workload, max_rows=args.max_rows,
                                                   batch_sizes=args.batch_size))
@@ -150,3 +159,65 @@ def main(argv: list[str]) -> int:
     print(f"{measured} measured, {len(rows) - measured - errors} skipped, {errors} errors -> "
           f"{directory / RESULTS_FILENAME}")
     return exit_code(measured, errors)
+
+
+def predict(directories: list[Path], link_gbps: str) -> int:
+    """The scaling model over a run directory's rows; predicted rows are labelled as such."""
+    import json
+
+    from bench.dist import scaling
+    from bench.records import ResultRow, ResultsWriter
+    from workloads.specs import WorkloadSpec
+
+    rows = []
+    for directory in directories:
+        if not (directory / RESULTS_FILENAME).is_file():
+            raise UsageError(f"--predict {directory}: no results.csv there; give a dist run "
+                             "directory")
+        rows += [row for row in read_rows(directory / RESULTS_FILENAME)
+                 if row.op != "dist_predicted"]
+    results = directories[0] / RESULTS_FILENAME  # predictions go beside the first run's rows
+    points = [(json.loads(row.metrics)["size_bytes"], row.median_s,
+               json.loads(row.params)["nproc"]) for row in rows
+              if row.op == "alltoall" and row.status == STATUS_OK]
+    links = [scaling.named_link(float(value)) for value in split(link_gbps)]
+    if points and any(ranks > 1 for _, _, ranks in points):
+        links.insert(0, scaling.fit_link(points))
+    else:
+        print("note: no multi-rank alltoall rows: the model's error is judged on given links "
+              "only (run --ops alltoall to measure this machine's link)", file=sys.stderr)
+    for entry in scaling.model_error(rows, links[0]):
+        print(f"{entry['op']} {entry['workload']} {entry['ranks']} ranks: measured "
+              f"{entry['measured_step_s'] * 1e3:.2f} ms, PREDICTED {entry['predicted_step_s'] * 1e3:.2f}"
+              f" ms, error {entry['error']:+.0%} ({entry['link']}"
+              f"{', oversubscribed' if entry['oversubscribed'] else ''})")
+    predicted = []
+    for base in rows:
+        if not (base.impl == "hybrid" and base.status == STATUS_OK
+                and json.loads(base.params)["nproc"] == 1):
+            continue
+        workload = WorkloadSpec.from_dict(json.loads(base.metrics)["workload"])
+        phases = json.loads(base.metrics)["phases_s"]
+        for link in links:
+            for mode in ("strong", "weak"):
+                for ranks in scaling.RANKS:
+                    result = scaling.predict(workload, phases, ranks, link, mode)
+                    params = {"prediction": True, "nproc": ranks, "scaling": mode,
+                              "link": link.source, "link_bytes_per_s": link.bytes_per_s,
+                              "from_row": base.task_key}
+                    predicted.append(ResultRow(
+                        run_id=base.run_id, task_key=dumps_compact(["predicted", base.op,
+                                                                    base.workload, params]),
+                        op="dist_predicted", impl="scaling_model", workload=base.workload,
+                        params=dumps_compact(params), device=base.device,
+                        precision=base.precision, batch_size=result["global_batch"],
+                        median_s=result["step_s"],
+                        samples_per_s=result["global_batch"] / result["step_s"],
+                        metrics=dumps_compact({**result, "predicted_op": base.op,
+                                               "label": "PREDICTED by the scaling model, "
+                                                        "not measured"})))
+    with ResultsWriter(results) as writer:
+        for row in predicted:
+            writer.write(row)
+    print(f"{len(predicted)} predicted rows (op dist_predicted) appended to {results}")
+    return 0

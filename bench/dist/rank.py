@@ -178,7 +178,8 @@ def run_model(job: dict, index: int, config: dict, rank: int, status: Status):
                "rank_compute_s": [item["compute_s"] for item in gathered],
                "alltoall_bytes_per_rank": alltoall_bytes,
                "allreduce_bytes": model.gradient_bytes() if training else 0,
-               "sharding_plan": plan.to_dict(), "timing": "slowest rank per step"}
+               "sharding_plan": plan.to_dict(), "timing": "slowest rank per step",
+               "workload": config["workload"]}
     for phase, size in (("alltoall_forward", alltoall_bytes),
                         ("alltoall_backward", alltoall_bytes if training else 0),
                         ("allreduce", model.gradient_bytes() if training else 0)):
