@@ -32,7 +32,7 @@ def build_parser() -> OneLineParser:
                         help="HOST:PORT of the rendezvous (multi-node; torchrun's)")
     parser.add_argument("--ops", default="dlrm_train,dlrm_infer", help=",".join(OPS))
     parser.add_argument("--impls", default="hybrid", help="hybrid, torchrec_dmp")
-    parser.add_argument("--workload", default="smoke", help="preset names (see run_bench.py --list)")
+    parser.add_argument("--workload", default="smoke", help="preset names (run_bench.py --list)")
     parser.add_argument("--max-rows", type=int, help="cap every table at this many rows")
     parser.add_argument("--batch-size", help="global batch size(s), split evenly over ranks")
     parser.add_argument("--precision", default="fp32", help="fp32, bf16 (MLPs autocast)")
@@ -188,8 +188,8 @@ def predict(directories: list[Path], link_gbps: str) -> int:
               "only (run --ops alltoall to measure this machine's link)", file=sys.stderr)
     for entry in scaling.model_error(rows, links[0]):
         print(f"{entry['op']} {entry['workload']} {entry['ranks']} ranks: measured "
-              f"{entry['measured_step_s'] * 1e3:.2f} ms, PREDICTED {entry['predicted_step_s'] * 1e3:.2f}"
-              f" ms, error {entry['error']:+.0%} ({entry['link']}"
+              f"{entry['measured_step_s'] * 1e3:.2f} ms, PREDICTED "
+              f"{entry['predicted_step_s'] * 1e3:.2f} ms, error {entry['error']:+.0%} ({entry['link']}"
               f"{', oversubscribed' if entry['oversubscribed'] else ''})")
     predicted = []
     for base in rows:
