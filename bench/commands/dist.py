@@ -189,7 +189,8 @@ def predict(directories: list[Path], link_gbps: str) -> int:
     for entry in scaling.model_error(rows, links[0]):
         print(f"{entry['op']} {entry['workload']} {entry['ranks']} ranks: measured "
               f"{entry['measured_step_s'] * 1e3:.2f} ms, PREDICTED "
-              f"{entry['predicted_step_s'] * 1e3:.2f} ms, error {entry['error']:+.0%} ({entry['link']}"
+              f"{entry['predicted_step_s'] * 1e3:.2f} ms, error {entry['error']:+.0%} "
+              f"({entry['link']}"
               f"{', oversubscribed' if entry['oversubscribed'] else ''})")
     predicted = []
     for base in rows:
