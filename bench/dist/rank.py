@@ -122,6 +122,26 @@ def _check_train(model: hybrid.HybridDLRM, config: dict, batch, labels, precisio
     return "", comparison.rel_error
 
 
+def _check_infer(model: hybrid.HybridDLRM, config: dict, batch, precision: str) -> tuple:
+    """The distributed forward's logits against the float64 single-process model's."""
+    from bench.compare_outputs import compare, whole_model_bound
+    from bench.models.dlrm import batch_tensors, build_dlrm
+    from bench.ops.dlrm import reference_logits
+
+    logits = model.infer_step(model.inputs(batch, np.zeros(model.global_batch,
+                                                           dtype=np.float32)))[0]
+    gathered = _gather(logits.float().cpu())
+    if model.rank != 0:
+        return "", math.nan
+    initial = build_dlrm(model.workload, config["seed"], embeddings="per_table", sparse=True)
+    expected = reference_logits(initial, *batch_tensors(batch, torch.device("cpu")))
+    comparison = compare(torch.cat(gathered), expected, whole_model_bound(expected, precision))
+    if not comparison.passed:
+        return (f"distributed forward differs from the float64 single-process forward: "
+                f"{comparison.describe()}"), comparison.rel_error
+    return "", comparison.rel_error
+
+
 def run_model(job: dict, index: int, config: dict, rank: int, status: Status):
     """Check, then time, one dlrm_train / dlrm_infer configuration; the row on rank 0."""
     world_size = dist.get_world_size()
@@ -146,6 +166,8 @@ def run_model(job: dict, index: int, config: dict, rank: int, status: Status):
     error, rel_error = "", math.nan
     if training:
         error, rel_error = _check_train(model, config, *batches[0], config["precision"])
+    else:
+        error, rel_error = _check_infer(model, config, batches[0][0], config["precision"])
     if config.get("test_only_dump_state_dir"):
         torch.save(model.shard_state(), Path(config["test_only_dump_state_dir"])
                    / f"rank{rank}.pt")
