@@ -4,6 +4,7 @@ and a rank that crashes or hangs becomes an error row naming it."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -126,3 +127,6 @@ def test_hanging_rank_ends_the_job(tmp_path):
                                          "stage": "building",
                                          "kind": "hang"})
     assert rows[0].status == "error" and "rank 0 hung at building" in rows[0].error
+    for path in (tmp_path / "status").glob("rank*.json"):  # no rank is left running
+        with pytest.raises(ProcessLookupError):
+            os.kill(json.loads(path.read_text())["pid"], 0)

@@ -49,6 +49,22 @@ def blame(statuses: dict[int, dict], timed_out: bool, stderr: str) -> tuple[int,
         stderr.strip().splitlines()[-1][:300] if stderr.strip() else "no output"
 
 
+def _end(process: subprocess.Popen, statuses: dict[int, dict]) -> None:
+    """End a stuck job: SIGTERM to torchrun (it stops its workers), then SIGKILL to its group
+    and to every rank it started (torchrun puts each worker in a session of its own)."""
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    for status in statuses.values():
+        try:
+            os.kill(status["pid"], signal.SIGKILL)
+        except (ProcessLookupError, KeyError, PermissionError):
+            pass  # already gone
+
+
 def launch(job: dict, directory: Path, nproc: int, nnodes: int, rdzv_endpoint: str,
            timeout_s: float) -> tuple[bool, str]:
     """Run torchrun on the job until it ends or no rank progresses for timeout_s; returns
@@ -78,8 +94,7 @@ def launch(job: dict, directory: Path, nproc: int, nnodes: int, rdzv_endpoint: s
                 last_seen, last_progress = seen, time.monotonic()
             elif time.monotonic() - last_progress > timeout_s:
                 timed_out = True
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+                _end(process, _statuses(status_dir))
     if process.returncode == 0 and not timed_out:
         return True, ""
     text = log_path.read_text(errors="replace")[-20000:]

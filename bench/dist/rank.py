@@ -40,7 +40,7 @@ class Status:
         """Record progress (atomically: the launcher may read it at any moment)."""
         self.sequence += 1
         write_json(self.path, {"config": config, "stage": stage, "sequence": self.sequence,
-                               "error": error, "time": time.time()})
+                               "error": error, "time": time.time(), "pid": os.getpid()})
 
 
 def _planted_fault(job: dict, config: int, rank: int, stage: str) -> None:
