@@ -66,3 +66,14 @@ def test_model_error_against_measured_rows_and_report_tables():
                           median_s=0.01, params=json.dumps({"nproc": 4, "scaling": "strong",
                                                             "link": "given"}))
     assert dist_report.scaling_figure(rows + [predicted]).axes
+
+
+@pytest.mark.parametrize("arguments", [["--ops", "foo"], ["--device", "cuda:x"],
+                                       ["--nproc", "3", "--workload", "smoke"],
+                                       ["--precision", "int8"], ["--predict", "/nonexistent"]])
+def test_bad_dist_input_is_refused_before_any_work(arguments, tmp_path, capsys):
+    from bench.commands import main
+
+    assert main(["dist", *arguments, "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    assert not any(tmp_path.iterdir())
