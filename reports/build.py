@@ -12,7 +12,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from bench.records import write_atomic
-from reports import plots, tables, workingset
+from reports import dist, plots, tables, workingset
 from reports.html import FigureBlock, NoteBlock, Section, TableBlock, render_page
 
 REPORT_TITLE = "dlrm-bench report"
@@ -278,8 +278,21 @@ def build_sections(runs: list[tables.Run]) -> list[Section]:
         working_set_section(frame, primary.env),
         precision_section(frame),
         comparison_section(runs),
+        distributed_section(primary.rows),
         problems_section(frame),
     ]
+
+
+def distributed_section(rows) -> Section:
+    """Hybrid-parallel runs (run_bench.py dist): phases, collectives, measured vs PREDICTED."""
+    blocks = [table_or_note("Step phases (slowest rank, medians)", dist.phase_table(rows),
+                            "No run_bench.py dist rows in this run."),
+              table_or_note("Collectives", dist.collective_table(rows),
+                            "No collective microbenchmark rows.")]
+    if any(row.op == "dist_predicted" or row.impl == "hybrid" for row in rows):
+        blocks.append(figure_block("dist-scaling", "Measured and PREDICTED step time by ranks",
+                                   lambda: dist.scaling_figure(rows)))
+    return Section("Distributed (hybrid parallel)", "distributed", blocks)
 
 
 def figure_blocks(sections: list[Section]) -> list[FigureBlock]:

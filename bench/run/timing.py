@@ -138,3 +138,38 @@ def measure(fn: Callable[[], Any], device: torch.device, policy: TimingPolicy, t
     if not math.isfinite(summary.median_s):
         raise ValueError("timing produced a non-finite median")
     return summary, telemetry
+
+
+class PhaseTimer:
+    """Seconds of the named phases of one multi-phase call (a distributed step), read from
+    time_cpu's clock; synchronize runs before each reading so that queued GPU work counts in
+    the phase that launched it."""
+
+    def __init__(self, synchronize: Optional[Callable[[], None]] = None,
+                 clock: Callable[[], float] = timeit.default_timer):
+        self.synchronize = synchronize or (lambda: None)
+        self.clock = clock
+        self.seconds: dict[str, float] = {}
+
+    def reset(self) -> None:
+        """Forget the phases of the previous call."""
+        self.seconds = {}
+
+    def phase(self, name: str) -> "_Phase":
+        """A context manager adding its duration to phase name (repeated phases accumulate)."""
+        return _Phase(self, name)
+
+
+class _Phase:
+    def __init__(self, timer: PhaseTimer, name: str):
+        self.timer, self.name = timer, name
+
+    def __enter__(self) -> "_Phase":
+        self.timer.synchronize()
+        self.started = self.timer.clock()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.timer.synchronize()
+        elapsed = self.timer.clock() - self.started
+        self.timer.seconds[self.name] = self.timer.seconds.get(self.name, 0.0) + elapsed

@@ -1,0 +1,1 @@
+"""Hybrid-parallel DLRM on torch.distributed: sharding plan, hybrid step, collectives, scaling."""
