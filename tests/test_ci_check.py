@@ -322,22 +322,32 @@ def test_ab_end_to_end_on_a_tiny_sweep(tmp_path, capsys, monkeypatch):
     assert f"worktree {worktree}" not in _worktrees()
 
 
-def test_ab_changes_must_agree_in_every_round():
-    """A pooled REGRESSED verdict stands only when each round's own ratio is beyond the factor."""
+def test_ab_rounds_are_tested_pairwise():
+    """A/B: the rounds' log ratios decide (paired t-test), not a rank test on pooled samples."""
     from bench.records import ResultRow
-    from reports.compare import Verdict, require_consistent_rounds
+    from reports.compare import compare_rows
 
-    def rows(median):
-        return [ResultRow(task_key="k", op="sls", median_s=median)]
+    def rows(median, samples=(1.0, 1.0, 1.0)):
+        return [ResultRow(task_key="k", op="sls", median_s=median, fingerprint="f",
+                          samples_s=json.dumps([median * value for value in samples]))]
 
-    verdict = Verdict("k", "sls", "embedding_bag", "smoke", "fp32", "REGRESSED", 1.3, 1e-9)
-    agreeing = require_consistent_rounds([verdict], [rows(1.0), rows(1.0)],
-                                         [rows(1.3), rows(1.25)], factor=0.1)
-    assert agreeing[0].verdict == "REGRESSED"
-    disagreeing = require_consistent_rounds([verdict], [rows(1.0), rows(1.0)],
-                                            [rows(1.6), rows(1.02)], factor=0.1)
-    assert disagreeing[0].verdict == "UNCHANGED"
-    assert "1.60, 1.02" in disagreeing[0].reason
+    def verdict(candidate_medians):
+        baseline_rounds = [rows(1.0) for _ in candidate_medians]
+        candidate_rounds = [rows(median) for median in candidate_medians]
+        (result,) = compare_rows(rows(1.0), rows(float(np.median(candidate_medians))),
+                                 factor=0.1, alpha=0.01, check_code_version=False,
+                                 baseline_rounds=baseline_rounds,
+                                 candidate_rounds=candidate_rounds)
+        return result
+
+    agreeing = verdict([1.25, 1.26, 1.24])
+    assert agreeing.verdict == "REGRESSED" and agreeing.ratio == pytest.approx(1.25, abs=0.01)
+    # One wild round: the spread of the rounds, not the pooled samples, says "not shown".
+    disagreeing = verdict([1.6, 1.02, 0.95])
+    assert disagreeing.verdict == "UNCHANGED"
+    assert "1.60, 1.02, 0.95" in disagreeing.reason
+    one_round = verdict([2.0])
+    assert one_round.verdict == "NOT_COMPARABLE" and "at least 2" in one_round.reason
 
 
 def test_across_hosts_compares_what_the_checker_refuses():

@@ -1,7 +1,6 @@
 """Telemetry: CPU use and RSS always, RAPL energy where readable, GPU telemetry absent cleanly."""
 
 import math
-import time
 
 import pytest
 

@@ -44,6 +44,15 @@ CI_SWEEP_OPTIONS: tuple[str, ...] = (
 CI_FACTOR = 0.5
 CI_ALPHA = 0.001
 
+# The instruction gate (`check --metric instructions`, run by .ci/run): the CI sweep's
+# configurations counted under callgrind. Counts of unchanged code barely move between runs
+# (see INSTRUCTION_FACTOR), so a tight factor alone decides, with no significance test.
+INSTRUCTION_SWEEP_OPTIONS: tuple[str, ...] = ("--metric", "instructions")
+# Flag a row whose instructions per call grew by more than 2%. Set from A/A pairs of the
+# instruction sweep on this project's VM (README, "Regression checks"): the largest A/A
+# change of any row was far below it, and 25% more work is far above it.
+INSTRUCTION_FACTOR = 0.02
+
 DEFAULT_CI_ROOT = Path("results/ci")
 LOG_FILENAME = "sweep.log"
 STOP_GRACE_S = 5.0
