@@ -255,7 +255,8 @@ ISA_COMPARISON_OPTIONS = {"fc_layers": ["linear"], "sls_modes": ["sum"]}
 def _is_default_sweep(args) -> bool:
     """True when the user chose nothing that the ISA comparison would contradict."""
     return (args.quick_defaults and args.metric == "time" and not args.isa and not args.ops
-            and not args.impls and not args.workload and args.device == "cpu" and args.threads == "1")
+            and not args.impls and not args.workload and args.device == "cpu"
+            and args.threads == "1")
 
 
 def _isa_comparison(workloads, seed: int) -> list:
