@@ -25,8 +25,11 @@ class CallgrindError(Exception):
 class CountPolicy:
     """How a configuration's instructions are counted (the instruction mode's TimingPolicy)."""
 
-    warmup_calls: int = 2  # uncollected calls first: JIT kernels, allocator pools, caches
-    calls_per_count: int = 3  # closure calls inside one collected window (one dump)
+    # Counts barely move from call to call (every call does the same work) and Valgrind runs
+    # code ~50x slower, so one warm-up call (JIT kernels, first-touch allocations) and one
+    # counted call are the default; --calls-per-rep makes each call do more.
+    warmup_calls: int = 1  # uncollected calls first
+    calls_per_count: int = 1  # closure calls inside one collected window (one dump)
     counts: int = 1  # dumps per configuration; more show the spread within one run
     cache_sim: bool = False  # callgrind --cache-sim=yes: simulated D1/LL misses (slower)
 
