@@ -106,3 +106,126 @@ def test_the_check_refuses_a_run_of_the_other_metric(tmp_path, capsys):
     code = check.run_check(counted, counted)  # metric time, but the runs hold counts
     assert code == check.EXIT_CANNOT_COMPARE
     assert "add --metric instructions" in capsys.readouterr().err
+
+
+# --- callgrind: dump parsing and the counter, without Valgrind --------------------------------
+
+_DUMP = """# callgrind format
+version: 1
+creator: callgrind-3.19.0
+desc: I1 cache: 32768 B, 64 B, 8-way associative
+desc: D1 cache: 49152 B, 64 B, 12-way associative
+desc: LL cache: 33554432 B, 64 B, 16-way associative
+desc: Trigger: Client Request
+positions: line
+events: Ir Dr Dw I1mr D1mr D1mw ILmr DLmr DLmw
+summary: 3000 900 300 5 60 30 4 12
+fn=(1) f
+0 3000 900 300 5 60 30 4 12
+totals: 3000 900 300 5 60 30 4 12
+"""
+
+
+def test_a_cache_simulating_dump_gives_counts_and_data_misses_per_call(tmp_path):
+    from bench.run import callgrind
+
+    path = tmp_path / "callgrind.out.1"
+    path.write_text(_DUMP)
+    dump = callgrind.parse_dump(path)
+    assert dump["events"]["Ir"] == 3000 and dump["events"]["DLmw"] == 0  # trailing zero
+    assert dump["caches"]["D1"].startswith("49152 B")
+    figures = callgrind.per_call(dump["events"], calls=3)
+    assert figures == {"instructions": 1000.0, "d1_misses": 30.0, "ll_misses": 4.0}
+    assert callgrind.per_call({"Ir": 10}, 2) == {"instructions": 5.0}  # no cache simulation
+
+
+def test_a_file_that_is_not_a_dump_is_refused(tmp_path):
+    from bench.run import callgrind
+
+    path = tmp_path / "callgrind.out.1"
+    path.write_text("not a dump\n")
+    with pytest.raises(callgrind.CallgrindError, match="not a callgrind dump"):
+        callgrind.parse_dump(path)
+
+
+def test_the_counter_collects_exactly_the_counted_calls(tmp_path, monkeypatch):
+    """Warm-up calls run outside the collected window; each dump holds calls_per_count calls."""
+    from bench.run import callgrind
+
+    counter = callgrind.Counter(tmp_path)
+    collecting = []
+    calls = {"total": 0, "collected": 0}
+
+    def work():
+        calls["total"] += 1
+        calls["collected"] += bool(collecting)
+
+    def toggle():
+        collecting.append(True)
+
+    def toggle_and_dump():  # what callgrind writes: the collected calls' instructions
+        collecting.clear()
+        dump = _DUMP.replace("3000", str(500 * calls["collected"]))
+        (tmp_path / f"callgrind.out.{counter.dumps + 1}").write_text(dump)
+        calls["collected"] = 0
+
+    monkeypatch.setattr(counter, "_toggle", toggle)
+    monkeypatch.setattr(counter, "_toggle_and_dump", toggle_and_dump)
+    count = counter.count(work, callgrind.CountPolicy(warmup_calls=2, calls_per_count=4,
+                                                      counts=2))
+    assert calls["total"] == 2 + 4 * 2
+    assert count.median("instructions") == 500.0 and count.calls == 8
+    assert not list(tmp_path.iterdir())  # dumps are read and removed
+
+
+def test_counting_outside_valgrind_fails_with_a_clear_message(tmp_path, monkeypatch):
+    from bench.run import callgrind
+
+    counter = callgrind.Counter(tmp_path)
+    monkeypatch.setattr(counter, "_toggle", lambda: None)
+    monkeypatch.setattr(counter, "_toggle_and_dump", lambda: None)
+    with pytest.raises(callgrind.CallgrindError, match="not running under valgrind"):
+        counter.count_once(lambda: None, 1)
+
+
+def test_instruction_mode_without_valgrind_is_refused_before_any_work(monkeypatch, tmp_path,
+                                                                      capsys):
+    from bench.commands import main
+    from bench.run import callgrind
+
+    monkeypatch.setattr(callgrind, "valgrind_path", lambda: None)
+    code = main(["--metric", "instructions", "--ops", "sls", "--workload", "smoke",
+                 "--out", str(tmp_path)])
+    assert code == 2 and "apt-get install valgrind" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+    assert main(["--cache-sim", "--ops", "sls", "--out", str(tmp_path)]) == 2
+    assert "--cache-sim needs --metric instructions" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_sweep_under_callgrind_records_counts_and_what_ran(tmp_path):
+    """One worker under callgrind (about a minute of Valgrind start-up): counts, no times."""
+    import subprocess
+    import sys
+
+    from bench import PROJECT_ROOT
+    from bench.records import read_rows
+    from bench.run import callgrind
+
+    if callgrind.valgrind_path() is None:
+        pytest.skip("valgrind is not installed (apt-get install valgrind)")
+    command = [sys.executable, "run_bench.py", "--metric", "instructions", "--cache-sim",
+               "--ops", "sls", "--impls", "embedding_bag", "--workload", "smoke",
+               "--precision", "fp32", "--sls-modes", "sum", "--calls-per-rep", "2",
+               "--no-report", "--out", str(tmp_path), "--run-id", "counted"]
+    finished = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True,
+                              timeout=900)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    (row,) = read_rows(tmp_path / "counted" / "results.csv")
+    assert row.status == "ok" and row.instructions > 0 and row.instruction_calls == 1
+    assert row.d1_misses_simulated >= 0 and row.ll_misses_simulated >= 0
+    assert math.isnan(row.median_s) and row.samples_s == "[]"  # nothing timed under Valgrind
+    assert "avx512" not in row.isa_effective.lower()  # Valgrind hides AVX-512 and AMX
+    metrics = json.loads(row.metrics)
+    assert metrics["calls_per_rep"] == 2 and "D1" in metrics["simulated_caches"]
+    assert not list((tmp_path / "counted").glob("callgrind-*"))  # dumps cleaned up
