@@ -86,7 +86,7 @@ def base_worktree(commit: str, root: Path = ci_sweep.PROJECT_ROOT) -> Iterator[P
         _git(root, "worktree", "prune")
 
 
-def _merged(run_dirs: Sequence[Path], run_id: str, destination: Path) -> list:
+def merged_rounds(run_dirs: Sequence[Path], run_id: str, destination: Path) -> list:
     """Merge the rounds of one side into destination/results.csv; returns the rows."""
     try:
         rows = merge_runs([load_results(directory) for directory in run_dirs], run_id=run_id)
@@ -106,6 +106,20 @@ def _timing_policy(run_dirs: Sequence[Path]) -> dict | None:
     if any(policy != policies[0] for policy in policies) or not isinstance(policies[0], dict):
         return None
     return policies[0]
+
+
+def ab_verdicts(a_rows: list, b_rows: list, a_dirs: Sequence[Path], b_dirs: Sequence[Path],
+                factor: float, alpha: float) -> list:
+    """Verdicts of B against A: each row by a paired t-test on its rounds' log ratios."""
+    # Each round pairs an A run with a B run: the paired test on their log ratios treats
+    # the run, not the sample, as the replicate. The timing policies recorded by both
+    # revisions must agree, or their times mean different things.
+    return compare_rows(a_rows, b_rows, factor=factor, alpha=alpha,
+                        check_code_version=False, across_hosts=True,
+                        baseline_rounds=[load_results(path) for path in a_dirs],
+                        candidate_rounds=[load_results(path) for path in b_dirs],
+                        baseline_policy=_timing_policy(a_dirs),
+                        candidate_policy=_timing_policy(b_dirs))
 
 
 def run_ab(
@@ -148,20 +162,12 @@ def run_ab(
                 else:
                     b_dirs.append(run_b())
                     a_dirs.append(run_a())
-        a_rows = _merged(a_dirs, "A", out / "A")
-        b_rows = _merged(b_dirs, "B", out / "B")
+        a_rows = merged_rounds(a_dirs, "A", out / "A")
+        b_rows = merged_rounds(b_dirs, "B", out / "B")
         # Changed impl code is what an A/B run is for, so code versions are not compared; both
         # sides ran on this host by construction, so fingerprints that differ can only come
         # from a revision that computes them another way (across_hosts: compare anyway).
-        # Each round pairs an A run with a B run: the paired test on their log ratios treats
-        # the run, not the sample, as the replicate. The timing policies recorded by both
-        # revisions must agree, or their times mean different things.
-        verdicts = compare_rows(a_rows, b_rows, factor=factor, alpha=alpha,
-                                check_code_version=False, across_hosts=True,
-                                baseline_rounds=[load_results(path) for path in a_dirs],
-                                candidate_rounds=[load_results(path) for path in b_dirs],
-                                baseline_policy=_timing_policy(a_dirs),
-                                candidate_policy=_timing_policy(b_dirs))
+        verdicts = ab_verdicts(a_rows, b_rows, a_dirs, b_dirs, factor, alpha)
     except (AbError, ci_sweep.CiSweepError, ValueError) as error:
         print(f"check: --ab: {' '.join(str(error).split())}", file=sys.stderr)
         return EXIT_CANNOT_COMPARE
