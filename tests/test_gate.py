@@ -229,3 +229,17 @@ def test_a_sweep_under_callgrind_records_counts_and_what_ran(tmp_path):
     metrics = json.loads(row.metrics)
     assert metrics["calls_per_rep"] == 2 and "D1" in metrics["simulated_caches"]
     assert not list((tmp_path / "counted").glob("callgrind-*"))  # dumps cleaned up
+
+
+def test_the_report_labels_simulated_misses_as_simulated():
+    from reports import build, tables, workingset
+
+    counted = _counted(d1_misses_simulated=2000.0, ll_misses_simulated=100.0)
+    timed = ResultRow(task_key="t", op="sls", impl="embedding_bag", median_s=1.0)
+    frame = tables.rows_to_frame([counted, timed])
+    table = workingset.simulated_misses_table(frame)
+    assert len(table) == 1 and table.loc[0, "d1_misses_per_kinstr"] == pytest.approx(2.0)
+    assert table.loc[0, "ll_bytes_simulated"] == tables.format_bytes(6400)
+    section = build.working_set_section(frame, {})
+    assert section.blocks[0].title.startswith("SIMULATED cache misses")
+    assert workingset.simulated_misses_table(tables.rows_to_frame([timed])).empty
