@@ -181,6 +181,8 @@ def _options(args) -> dict:
         raise UsageError(f"--calls-per-rep must be >= 1, got {args.calls_per_rep}")
     if args.calls_per_rep != 1:
         options["calls_per_rep"] = args.calls_per_rep
+    if args.metric != "time":
+        options["metric"] = args.metric  # builders refuse what cannot run under Valgrind
     return options
 
 
