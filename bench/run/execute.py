@@ -68,10 +68,12 @@ def execute(argv, planned, directory: Path, run_id: str, resuming: bool, policy,
                     writer.write(row)
                     progress.advance(row)
             runnable = [item.task for item in pending if not item.skip_reason]
+            # Only an instruction run passes the counting options on.
+            counted = ({"count_policy": count_policy, "counting": counting}
+                       if count_policy is not None else {})
             sweep.run_tasks(runnable, run_id, policy, writer, directory / "worker.log",
                             task_timeout_s, progress=progress.advance,
-                            describe=progress.describe, count_policy=count_policy,
-                            counting=counting)
+                            describe=progress.describe, **counted)
         except KeyboardInterrupt:
             progress.close()
             print(f"interrupted: finished rows are in {results_path}; "
