@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 import shutil
 import statistics
@@ -25,11 +26,12 @@ class CallgrindError(Exception):
 class CountPolicy:
     """How a configuration's instructions are counted (the instruction mode's TimingPolicy)."""
 
-    # Counts barely move from call to call (every call does the same work) and Valgrind runs
-    # code ~50x slower, so one warm-up call (JIT kernels, first-touch allocations) and one
-    # counted call are the default; --calls-per-rep makes each call do more.
+    # Counts barely move from call to call and Valgrind runs code ~50x slower, so one warm-up
+    # call (JIT kernels, first-touch allocations) and a few counted calls; a single counted
+    # call moved by up to 1.5% between A/A runs (Python-level work is a larger share of the
+    # small ops), three averaged with the GC held off and a fixed hash seed much less.
     warmup_calls: int = 1  # uncollected calls first
-    calls_per_count: int = 1  # closure calls inside one collected window (one dump)
+    calls_per_count: int = 3  # closure calls inside one collected window (one dump)
     counts: int = 1  # dumps per configuration; more show the spread within one run
     cache_sim: bool = False  # callgrind --cache-sim=yes: simulated D1/LL misses (slower)
 
@@ -58,6 +60,11 @@ def require_valgrind() -> str:
         raise CallgrindError("--metric instructions needs Valgrind's callgrind, and valgrind is "
                              "not on PATH; install it (Debian/Ubuntu: apt-get install valgrind)")
     return version
+
+
+# String hashes are randomised per process, which moves the instructions of every dict and
+# attribute lookup between runs: counted workers use one fixed seed.
+WORKER_ENVIRONMENT = {"PYTHONHASHSEED": "0"}
 
 
 def worker_prefix(dump_directory: Path, cache_sim: bool) -> list[str]:
@@ -123,10 +130,19 @@ class Counter:
 
     def count_once(self, fn: Callable[[], Any], calls: int) -> dict[str, Any]:
         """Collect exactly `calls` calls of fn into one dump; its parsed totals."""
-        self._toggle()
-        for _ in range(calls):
-            fn()
-        self._toggle_and_dump()
+        # A cyclic-GC pass inside the window in one run and not in another would move the
+        # count (timeit holds the GC off for the same reason).
+        gc.collect()
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            self._toggle()
+            for _ in range(calls):
+                fn()
+            self._toggle_and_dump()
+        finally:
+            if was_enabled:
+                gc.enable()
         self.dumps += 1
         path = self.dump_directory / f"{DUMP_BASENAME}.{self.dumps}"
         if not path.is_file():

@@ -182,8 +182,11 @@ class WorkerGroup:
                        + ["--count-policy", json.dumps(dataclasses.asdict(self.count_policy)),
                           "--dump-dir", str(dump_directory),
                           "--counting", json.dumps(self.counting or {})])
+        environment = self._environment()
+        if self.count_policy is not None:
+            environment.update(callgrind.WORKER_ENVIRONMENT)
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(command, env=self._environment(), stdout=log,
+            self.process = subprocess.Popen(command, env=environment, stdout=log,
                                             stderr=log, pass_fds=(write_end,),
                                             start_new_session=True)
         os.close(write_end)
