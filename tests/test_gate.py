@@ -243,3 +243,22 @@ def test_the_report_labels_simulated_misses_as_simulated():
     section = build.working_set_section(frame, {})
     assert section.blocks[0].title.startswith("SIMULATED cache misses")
     assert workingset.simulated_misses_table(tables.rows_to_frame([timed])).empty
+
+
+def test_checker_power_refuses_bad_input_before_any_sweep(tmp_path, capsys):
+    import importlib.util
+
+    from bench import PROJECT_ROOT
+
+    spec = importlib.util.spec_from_file_location("checker_power",
+                                                  PROJECT_ROOT / "tools" / "checker_power.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.main(["--mode", "ab", "--rounds", "1", "--out", str(tmp_path / "x")]) == 2
+    assert "--rounds must be >= 2" in capsys.readouterr().err
+    assert tool.main(["--pairs", "0", "--out", str(tmp_path / "x")]) == 2
+    assert not (tmp_path / "x").exists()
+    verdicts = [type("V", (), {"verdict": "UNCHANGED", "ratio": 1.004})(),
+                type("V", (), {"verdict": "REGRESSED", "ratio": 0.99})(),
+                type("V", (), {"verdict": "NEW", "ratio": 3.0})()]
+    assert tool._largest_change(verdicts) == pytest.approx(0.01)  # NEW rows are not tested
