@@ -245,14 +245,16 @@ def test_the_report_labels_simulated_misses_as_simulated():
     assert workingset.simulated_misses_table(tables.rows_to_frame([timed])).empty
 
 
-def test_checker_power_refuses_bad_input_before_any_sweep(tmp_path, capsys):
+def test_checker_power_refuses_bad_input_before_any_sweep(tmp_path, capsys, monkeypatch):
     import importlib.util
+    import sys
 
     from bench import PROJECT_ROOT
 
     spec = importlib.util.spec_from_file_location("checker_power",
                                                   PROJECT_ROOT / "tools" / "checker_power.py")
     tool = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "checker_power", tool)  # dataclasses look the module up
     spec.loader.exec_module(tool)
     assert tool.main(["--mode", "ab", "--rounds", "1", "--out", str(tmp_path / "x")]) == 2
     assert "--rounds must be >= 2" in capsys.readouterr().err
