@@ -53,10 +53,12 @@ CI_ALPHA = 0.001
 # whole CI sweep ran ~15 minutes; its smoke half exercises the same kernels in ~3.
 INSTRUCTION_SWEEP_OPTIONS: tuple[str, ...] = ("--metric", "instructions", "--workload", "smoke",
                                               "--batch-size", "64")
-# Flag a row whose instructions per call grew by more than 2%. Set from A/A pairs of the
-# instruction sweep on this project's VM (README, "Regression checks"): the largest A/A
-# change of any row was far below it, and 25% more work is far above it.
-INSTRUCTION_FACTOR = 0.02
+# Flag a row whose instructions per call grew by more than 5%. Set from A/A pairs of fresh
+# instruction sweeps on this project's VM (README, "Regression checks"): most rows agree to
+# 0.1%, but the multi-table SLS rows moved by up to 1.5% between processes (with a fixed hash
+# seed and the GC held off too), so 2% would leave almost no margin; 5% is over 3x the
+# largest A/A change seen and a fifth of a 25% slowdown.
+INSTRUCTION_FACTOR = 0.05
 
 DEFAULT_CI_ROOT = Path("results/ci")
 LOG_FILENAME = "sweep.log"
