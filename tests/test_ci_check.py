@@ -304,7 +304,8 @@ def test_ab_end_to_end_on_a_tiny_sweep(tmp_path, capsys, monkeypatch):
         return real_sweep(out_dir, run_id, extra_args, **options)
 
     monkeypatch.setattr(ci_sweep, "run_ci_sweep", slower_working_tree)
-    code = ab.run_ab("HEAD", rounds=1, out_dir=tmp_path, sweep_args=TINY_SWEEP_ARGS)
+    # Three rounds: the paired t-test on the rounds' log ratios needs a spread (df 2).
+    code = ab.run_ab("HEAD", rounds=3, out_dir=tmp_path, sweep_args=TINY_SWEEP_ARGS)
     output = capsys.readouterr().out
     assert code == 1, output
     verdicts = pd.read_csv(tmp_path / "verdicts.csv")
@@ -314,9 +315,10 @@ def test_ab_end_to_end_on_a_tiny_sweep(tmp_path, capsys, monkeypatch):
     for side, calls in (("A", 1), ("B", 5)):
         (row,) = read_rows(tmp_path / side / "results.csv")
         metrics = json.loads(row.metrics)
-        assert row.status == "ok" and metrics["merged_runs"] == 1
+        assert row.status == "ok" and metrics["merged_runs"] == 3
         assert metrics["calls_per_rep"] == calls
-        assert (tmp_path / f"{side}-1" / "results.csv").is_file()
+        assert all((tmp_path / f"{side}-{number}" / "results.csv").is_file()
+                   for number in (1, 2, 3))
     (worktree,) = created
     assert not worktree.exists() and not worktree.parent.exists()
     assert f"worktree {worktree}" not in _worktrees()
