@@ -166,6 +166,13 @@ class ResultRow:
     avg_power_w: float = math.nan  # GPU (NVML) or CPU package (RAPL) power while timing
     energy_j: float = math.nan  # energy over the timed window
     joules_per_sample: float = math.nan  # avg_power_w x median_s / samples per call
+    # --metric instructions (callgrind, under Valgrind: no AVX-512/AMX): per call of the timed
+    # closure, averaged over instruction_calls calls; the misses come from callgrind's cache
+    # SIMULATION (--cache-sim), not from hardware counters.
+    instructions: float = math.nan
+    instruction_calls: int = 0
+    d1_misses_simulated: float = math.nan
+    ll_misses_simulated: float = math.nan
     metrics: str = "{}"  # JSON: other op-specific measurements
     status: str = STATUS_OK
     error: str = ""

@@ -179,6 +179,12 @@ def precision_section(frame: pd.DataFrame) -> Section:
 def working_set_section(frame: pd.DataFrame, env: dict) -> Section:
     """sls bandwidth against table footprint, with cliffs set against the sysfs cache sizes."""
     section = Section("Working set: bandwidth versus table footprint", "working-set")
+    simulated = workingset.simulated_misses_table(frame)
+    if not simulated.empty:
+        section.blocks.append(TableBlock(
+            "SIMULATED cache misses per call (run_bench.py --metric instructions --cache-sim: "
+            "Valgrind's callgrind cache model, not hardware counters, which these machines "
+            "lack; under Valgrind the AVX2 code paths run)", simulated))
     sweep = workingset.sweep_rows(frame)
     if sweep.empty:
         section.blocks.append(NoteBlock(

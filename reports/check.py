@@ -36,6 +36,9 @@ from reports.compare import (
     differing_facts,
     fingerprint_mismatches,
     geometric_mean_ratio,
+    METRIC_INSTRUCTIONS,
+    METRIC_TIME,
+    METRICS,
 )
 
 DEFAULT_BASELINES_ROOT = "results/baselines"
@@ -309,11 +312,17 @@ def report_verdicts(
     verdicts_path: str | os.PathLike,
     failure_advice: str = "",
     stale_advice: str = "",
+    metric: str = METRIC_TIME,
 ) -> int:
     """Print the verdict table, write verdicts.csv, print the outcome; returns exit code 0 or 1."""
     print(f"baseline:  {baseline_label}")
     print(f"candidate: {candidate_label}")
-    print(f"a change counts when p < {alpha:g} and the median moves by more than {factor * 100:g}%")
+    if metric == METRIC_INSTRUCTIONS:
+        print(f"a change counts when instructions per call move by more than {factor * 100:g}% "
+              "(callgrind counts; no significance test: A/A counts agree far closer)")
+    else:
+        print(f"a change counts when p < {alpha:g} (Benjamini-Hochberg adjusted over the rows) "
+              f"and the median moves by more than {factor * 100:g}%")
     print(render_table(verdicts))
     write_verdicts_csv(verdicts, verdicts_path)
     print(f"verdicts written to {verdicts_path}")
@@ -343,6 +352,7 @@ def run_check(
     rebaseline_hint: str = "",
     baselines_root: str | os.PathLike = DEFAULT_BASELINES_ROOT,
     missing_baseline_ok: bool = False,
+    metric: str = METRIC_TIME,
 ) -> int:
     """Compare candidate to baseline (None: the stored one for its fingerprint); 0, 1 or 2."""
     # missing_baseline_ok: a missing stored baseline is a skip (exit 0), not an error, so a CI
@@ -350,6 +360,7 @@ def run_check(
     hint = rebaseline_hint or default_rebaseline_hint(candidate, root=str(baselines_root))
     try:
         candidate_rows = load_results(candidate)
+        _check_metric(candidate_rows, candidate, metric)
         if baseline is None:
             fingerprint = _single_fingerprint(candidate_rows, candidate)
             baseline = baseline_path(fingerprint, baselines_root)
@@ -363,12 +374,14 @@ def run_check(
                     return EXIT_OK
                 return _cannot_compare(message)
         baseline_rows = load_results(baseline)
+        _check_metric(baseline_rows, baseline, metric)
         # Timings of another host or timing policy say nothing about this code: refuse the whole
         # comparison rather than print verdicts for it.
         mismatched = fingerprint_mismatches(baseline_rows, candidate_rows)
         if mismatched:
             return _fingerprints_differ(baseline, candidate, mismatched, hint)
-        verdicts = compare_rows(baseline_rows, candidate_rows, factor=factor, alpha=alpha)
+        verdicts = compare_rows(baseline_rows, candidate_rows, factor=factor, alpha=alpha,
+                                metric=metric)
     except (CheckInputError, ValueError) as error:
         return _cannot_compare(str(error))
 
@@ -381,9 +394,40 @@ def run_check(
         factor,
         alpha,
         Path(out_dir) / VERDICTS_FILENAME,
-        failure_advice=f"if this change is intended, re-baseline with: {hint}",
+        failure_advice=_moved_rows(verdicts, metric)
+        + f"if this change is intended, re-baseline with: {hint}",
         stale_advice=f"to re-baseline: {hint}",
+        metric=metric,
     )
+
+
+def _moved_rows(verdicts: Sequence[Verdict], metric: str) -> str:
+    """Lines naming each failing row and how far it moved, for the end of a failing check."""
+    lines = []
+    for verdict in verdicts:
+        if verdict.verdict in FAILING_VERDICTS:
+            moved = (f"{(verdict.ratio - 1) * 100:+.1f}% "
+                     f"{'instructions' if metric == METRIC_INSTRUCTIONS else 'time'}"
+                     if math.isfinite(verdict.ratio) else verdict.reason)
+            lines.append(f"  {verdict.verdict}: {verdict.op}/{verdict.impl} {verdict.workload} "
+                         f"{verdict.precision}: {moved}")
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+def _check_metric(rows: Sequence[ResultRow], source, metric: str) -> None:
+    """Refuse a run that did not record what the check compares (times vs instruction counts)."""
+    measured = [row for row in rows if row.status == STATUS_OK]
+    if not measured:
+        return
+    counted = any(math.isfinite(row.instructions) for row in measured)
+    timed = any(samples_from_row(row) for row in measured)
+    if metric == METRIC_INSTRUCTIONS and not counted:
+        raise CheckInputError(f"{source}: holds no instruction counts; check it without "
+                              "--metric instructions, or record one with run_bench.py "
+                              "--metric instructions")
+    if metric == METRIC_TIME and counted and not timed:
+        raise CheckInputError(f"{source}: holds instruction counts, not times; add "
+                              "--metric instructions")
 
 
 def build_parser(
@@ -412,6 +456,9 @@ def build_parser(
                         help=f"significance level ({DEFAULT_ALPHA:g})")
     parser.add_argument("--out-dir", help="where verdicts.csv goes (default: the candidate run)")
     parser.add_argument("--baselines-root", default=DEFAULT_BASELINES_ROOT)
+    parser.add_argument("--metric", choices=METRICS, default=METRIC_TIME,
+                        help="compare wall-clock times (default) or instructions per call "
+                             "(runs recorded with --metric instructions)")
     parser.add_argument(
         "--update-baseline",
         action="store_true",
@@ -441,6 +488,7 @@ def execute(arguments: argparse.Namespace, program: str = DEFAULT_PROGRAM,
         rebaseline_hint=hint,
         baselines_root=arguments.baselines_root,
         missing_baseline_ok=missing_baseline_ok,
+        metric=arguments.metric,
     )
 
 

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 import numpy as np
-from scipy.stats import mannwhitneyu
+from scipy.stats import false_discovery_control, mannwhitneyu, ttest_1samp
 
 from bench.records import (
     STATUS_ERROR,
@@ -35,9 +35,16 @@ FAILING_VERDICTS = ("REGRESSED", "NEWLY_FAILING")
 MIN_SAMPLES = 3
 
 # run_bench.py check's defaults (and the report's comparisons): a change counts when it is
-# beyond this factor and the rank test gives p below alpha.
+# beyond this factor and its p-value, Benjamini-Hochberg adjusted over the rows tested
+# together, is below alpha.
 DEFAULT_FACTOR = 0.10
 DEFAULT_ALPHA = 0.01
+
+METRIC_TIME = "time"
+METRIC_INSTRUCTIONS = "instructions"
+METRICS = (METRIC_TIME, METRIC_INSTRUCTIONS)
+# A provisional verdict: a row that was tested, decided once every row's p-value is known.
+_TESTED = "TESTED"
 
 
 @dataclass(frozen=True)
@@ -50,8 +57,11 @@ class Verdict:
     workload: str
     precision: str
     verdict: str
-    ratio: float = math.nan  # candidate median / baseline median
-    p_value: float = math.nan  # two-sided Mann-Whitney U on the raw samples
+    ratio: float = math.nan  # candidate / baseline: medians, or instructions per call
+    # The p-value the verdict used, Benjamini-Hochberg adjusted over the rows compared: a
+    # two-sided Mann-Whitney U on two runs' samples, or (A/B rounds) a paired t-test on the
+    # rounds' log ratios; NaN for instruction counts (decided by the factor alone).
+    p_value: float = math.nan
     reason: str = ""
 
 
@@ -188,8 +198,10 @@ def _compare_pair(
     baseline_facts: dict[str, dict] | None = None,
     candidate_facts: dict[str, dict] | None = None,
     across_hosts: bool = False,
+    metric: str = METRIC_TIME,
+    rounds=None,
 ) -> Verdict:
-    """Verdict for one task_key present on both sides."""
+    """Verdict for one task_key on both sides (TESTED, decided later, when a test ran)."""
     # Another machine or software stack says nothing about this code, failures included;
     # a report that compares machines (across_hosts) wants the comparison all the same.
     if baseline.fingerprint != candidate.fingerprint and not across_hosts:
@@ -204,12 +216,15 @@ def _compare_pair(
     if status_verdict is not None:
         return status_verdict
     code_changed = baseline.code_version != candidate.code_version
-    if code_changed and check_code_version:
-        return _make(candidate, "NOT_COMPARABLE", reason="impl code changed; re-baseline")
     # An A/B run times both versions now, so a changed impl is what is being measured.
     suffix = " (impl code changed)" if code_changed else ""
     if baseline.fingerprint != candidate.fingerprint:
         suffix += " (different hosts)"
+    if metric == METRIC_INSTRUCTIONS:
+        return _compare_counts(baseline, candidate, factor, code_changed and check_code_version,
+                               suffix)
+    if code_changed and check_code_version:
+        return _make(candidate, "NOT_COMPARABLE", reason="impl code changed; re-baseline")
     baseline_samples = samples_from_row(baseline)
     candidate_samples = samples_from_row(candidate)
     if len(baseline_samples) < MIN_SAMPLES or len(candidate_samples) < MIN_SAMPLES:
@@ -229,22 +244,95 @@ def _compare_pair(
             "NOT_COMPARABLE",
             reason=f"no usable medians (baseline {baseline_median}, candidate {candidate_median})",
         )
+    if rounds is not None:
+        return _paired_rounds(candidate, rounds, suffix)
     ratio = candidate_median / baseline_median
     p_value = float(
         mannwhitneyu(baseline_samples, candidate_samples, alternative="two-sided").pvalue
     )
     if math.isnan(p_value):
         p_value = 1.0  # identical constant samples: no evidence of any difference
-    significant = p_value < alpha
-    if significant and ratio > 1 + factor:
-        verdict, reason = "REGRESSED", f"slower by more than {factor * 100:g}% and p < {alpha:g}"
-    elif significant and ratio < 1 / (1 + factor):
-        verdict, reason = "IMPROVED", f"faster by more than {factor * 100:g}% and p < {alpha:g}"
-    elif significant:
-        verdict, reason = "UNCHANGED", f"significant but within the {factor * 100:g}% factor"
+    return _make(candidate, _TESTED, ratio, p_value, suffix)
+
+
+def _round_ratios(task_key: str, rounds) -> list[float]:
+    """Candidate/baseline median of one task_key in each round where both sides measured it."""
+    ratios = []
+    for baseline_round, candidate_round in zip(*rounds):
+        old, new = baseline_round.get(task_key), candidate_round.get(task_key)
+        if old is not None and new is not None and old > 0 and math.isfinite(new) and new > 0:
+            ratios.append(new / old)
+    return ratios
+
+
+def _paired_rounds(candidate: ResultRow, rounds, suffix: str) -> Verdict:
+    """A/B: a paired t-test on the rounds' log ratios (the round is the replicate)."""
+    # The samples of one run share that run's machine state, so treating them as independent
+    # (a rank test on pooled samples) over-rejects; each interleaved round gives one paired
+    # ratio instead, and the spread of those ratios is the between-run noise itself.
+    ratios = _round_ratios(candidate.task_key, rounds)
+    if len(ratios) < 2:
+        return _make(candidate, "NOT_COMPARABLE",
+                     reason=f"{len(ratios)} round(s) measured on both sides; the paired test "
+                            "needs at least 2 (use --rounds 3 or more)" + suffix)
+    logs = np.log(ratios)
+    geometric_ratio = float(np.exp(logs.mean()))
+    if np.ptp(logs) == 0:  # identical ratios in every round: the t statistic is undefined
+        p_value = 1.0 if logs[0] == 0 else 0.0
     else:
-        verdict, reason = "UNCHANGED", f"not significant (p >= {alpha:g})"
-    return _make(candidate, verdict, ratio, p_value, reason + suffix)
+        p_value = float(ttest_1samp(logs, 0.0).pvalue)
+    per_round = ", ".join(f"{ratio:.2f}" for ratio in ratios)
+    return _make(candidate, _TESTED, geometric_ratio, p_value,
+                 f" (ratios per round: {per_round})" + suffix)
+
+
+def _compare_counts(baseline: ResultRow, candidate: ResultRow, factor: float,
+                    code_changed: bool, suffix: str) -> Verdict:
+    """Instruction counts: nearly deterministic, so the factor (set from A/A runs) decides."""
+    missing = [side for side, row in (("baseline", baseline), ("candidate", candidate))
+               if not (math.isfinite(row.instructions) and row.instructions > 0)]
+    if missing:
+        return _make(candidate, "NOT_COMPARABLE",
+                     reason=f"no instruction count in the {' and '.join(missing)} row; record "
+                            "runs with --metric instructions")
+    ratio = candidate.instructions / baseline.instructions
+    change = f"instructions per call {baseline.instructions:,.0f} -> {candidate.instructions:,.0f}"
+    if code_changed:
+        # A stored count of other code says nothing about a regression: say how much it moved.
+        return _make(candidate, "NOT_COMPARABLE",
+                     reason=f"impl code changed ({change}, x{ratio:.3f}); re-baseline")
+    if ratio > 1 + factor:
+        verdict, reason = "REGRESSED", f"{change}: more than {factor * 100:g}% more"
+    elif ratio < 1 / (1 + factor):
+        verdict, reason = "IMPROVED", f"{change}: more than {factor * 100:g}% fewer"
+    else:
+        verdict, reason = "UNCHANGED", f"within the {factor * 100:g}% factor"
+    return _make(candidate, verdict, ratio, reason=reason + suffix)
+
+
+def _decide(verdict: Verdict, p_adjusted: float, factor: float, alpha: float) -> Verdict:
+    """The verdict of a tested row from its adjusted p-value and its ratio."""
+    ratio, significant = verdict.ratio, p_adjusted < alpha
+    test = (f"BH-adjusted p < {alpha:g}" if significant
+            else f"not significant (BH-adjusted p >= {alpha:g})")
+    if significant and ratio > 1 + factor:
+        name, reason = "REGRESSED", f"slower by more than {factor * 100:g}% and {test}"
+    elif significant and ratio < 1 / (1 + factor):
+        name, reason = "IMPROVED", f"faster by more than {factor * 100:g}% and {test}"
+    elif significant:
+        name, reason = "UNCHANGED", f"significant but within the {factor * 100:g}% factor"
+    else:
+        name, reason = "UNCHANGED", test
+    return replace(verdict, verdict=name, p_value=float(p_adjusted),
+                   reason=reason + verdict.reason)
+
+
+def adjust_p_values(p_values: list[float]) -> list[float]:
+    """Benjamini-Hochberg adjusted p-values (scipy), so that testing many rows at once does not
+    multiply false alarms: with no real change anywhere, P(any row flagged) <= alpha."""
+    if not p_values:
+        return []
+    return [float(value) for value in false_discovery_control(np.asarray(p_values), method="bh")]
 
 
 def _sort_key(verdict: Verdict) -> tuple[str, ...]:
@@ -261,8 +349,20 @@ def compare_rows(
     baseline_facts: dict[str, dict] | None = None,
     candidate_facts: dict[str, dict] | None = None,
     across_hosts: bool = False,
+    metric: str = METRIC_TIME,
+    baseline_rounds: list[list[ResultRow]] | None = None,
+    candidate_rounds: list[list[ResultRow]] | None = None,
+    baseline_policy: dict | None = None,
+    candidate_policy: dict | None = None,
 ) -> list[Verdict]:
-    """One verdict per task_key on either side, sorted; check_code_version=False for A/B runs."""
+    """One verdict per task_key on either side, sorted; check_code_version=False for A/B runs.
+
+    metric "instructions" compares instructions per call by the factor alone. With the rounds
+    of an A/B run (paired lists, round k of both sides), time rows are tested by a paired
+    t-test on the per-round log ratios instead of a rank test on pooled samples. Either way
+    the p-values are Benjamini-Hochberg adjusted over the rows. baseline_policy /
+    candidate_policy (how each side was timed or counted): rows of different policies are
+    NOT_COMPARABLE, since a policy changes what a row's figure means."""
     # baseline_facts / candidate_facts: {fingerprint: facts} (env.json's fingerprint_facts), so
     # that a fingerprint mismatch names the facts that differ.
     # By default rows whose impl source changed are NOT_COMPARABLE (a stored baseline is stale);
@@ -271,6 +371,17 @@ def compare_rows(
         raise ValueError(f"factor must be >= 0, got {factor}")
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    if (baseline_rounds is None) != (candidate_rounds is None):
+        raise ValueError("give the rounds of both sides or of neither")
+    rounds = None
+    if baseline_rounds is not None:
+        rounds = ([{row.task_key: row.median_s for row in run if row.status == STATUS_OK}
+                   for run in baseline_rounds],
+                  [{row.task_key: row.median_s for row in run if row.status == STATUS_OK}
+                   for run in candidate_rounds])
+    policy_difference = _policy_difference(baseline_policy, candidate_policy)
     baseline_by_key = _index_by_task_key(baseline, "baseline")
     candidate_by_key = _index_by_task_key(candidate, "candidate")
     verdicts = []
@@ -279,15 +390,29 @@ def compare_rows(
         if baseline_row is None:
             reason = "" if candidate_row.status == STATUS_OK else _describe_status(candidate_row)
             verdicts.append(_make(candidate_row, "NEW", reason=reason))
+        elif policy_difference:
+            verdicts.append(_make(candidate_row, "NOT_COMPARABLE",
+                                  reason=f"different timing policies: {policy_difference}"))
         else:
             verdicts.append(
                 _compare_pair(baseline_row, candidate_row, factor, alpha, check_code_version,
-                              baseline_facts, candidate_facts, across_hosts)
+                              baseline_facts, candidate_facts, across_hosts, metric, rounds)
             )
     for task_key, baseline_row in baseline_by_key.items():
         if task_key not in candidate_by_key:
             verdicts.append(_make(baseline_row, "MISSING", reason="not in the candidate run"))
+    tested = [index for index, verdict in enumerate(verdicts) if verdict.verdict == _TESTED]
+    adjusted = adjust_p_values([verdicts[index].p_value for index in tested])
+    for index, p_adjusted in zip(tested, adjusted):
+        verdicts[index] = _decide(verdicts[index], p_adjusted, factor, alpha)
     return sorted(verdicts, key=_sort_key)
+
+
+def _policy_difference(baseline_policy: dict | None, candidate_policy: dict | None) -> str:
+    """'min_run_time_s: 0.3 vs 1' for policies that differ; '' when equal or not both known."""
+    if baseline_policy is None or candidate_policy is None:
+        return ""
+    return "; ".join(differing_facts(baseline_policy, candidate_policy))
 
 
 def geometric_mean_ratio(verdicts: Iterable[Verdict]) -> float:
@@ -304,33 +429,3 @@ def count_verdicts(verdicts: Iterable[Verdict]) -> dict[str, int]:
     for verdict in verdicts:
         counts[verdict.verdict] += 1
     return {name: count for name, count in counts.items() if count}
-
-
-def require_consistent_rounds(verdicts: list[Verdict], baseline_rounds: list[list[ResultRow]],
-                              candidate_rounds: list[list[ResultRow]],
-                              factor: float) -> list[Verdict]:
-    """A/B: keep a change only if every round's own ratio is beyond the factor the same way.
-
-    Pooled samples of several rounds are not independent (a round's whole sample shifts with
-    the machine), so the rank test alone over-rejects; run-level agreement does not. On this
-    project's VM an A/A A/B run with 4 rounds flagged 8 of 36 rows on pooled samples and none
-    with this rule."""
-    pairs = list(zip(baseline_rounds, candidate_rounds))
-    medians = [({row.task_key: row.median_s for row in base},
-                {row.task_key: row.median_s for row in cand}) for base, cand in pairs]
-    kept = []
-    for verdict in verdicts:
-        if verdict.verdict in ("REGRESSED", "IMPROVED"):
-            ratios = [cand[verdict.task_key] / base[verdict.task_key]
-                      for base, cand in medians
-                      if verdict.task_key in base and verdict.task_key in cand
-                      and base[verdict.task_key] > 0]
-            slower = verdict.verdict == "REGRESSED"
-            consistent = bool(ratios) and all(
-                ratio > 1 + factor if slower else ratio < 1 / (1 + factor) for ratio in ratios)
-            if not consistent:
-                listed = ", ".join(f"{ratio:.2f}" for ratio in ratios)
-                verdict = replace(verdict, verdict="UNCHANGED",
-                                  reason=f"rounds disagree (ratios per round: {listed})")
-        kept.append(verdict)
-    return kept

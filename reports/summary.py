@@ -37,7 +37,15 @@ def render_summary(rows) -> str:
         "GFLOP/s": [row.gflops for row in measured],
         "rel_err": [row.rel_error for row in measured],
         "auc": [row.auc for row in measured],
+        "instructions": [row.instructions for row in measured],
+        "D1_miss_sim": [row.d1_misses_simulated for row in measured],
+        "LL_miss_sim": [row.ll_misses_simulated for row in measured],
     })
+    # A --metric instructions run has counts and no times (and the reverse): show what exists.
+    for column in ("median_ms", "iqr_%", "samples/s", "GB/s", "GFLOP/s", "instructions",
+                   "D1_miss_sim", "LL_miss_sim"):
+        if frame[column].isna().all():
+            frame = frame.drop(columns=column)
     if frame["isa"].nunique() == 1:
         frame = frame.drop(columns="isa")
     if frame["thr"].nunique() == 1:

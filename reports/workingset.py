@@ -198,3 +198,24 @@ def cliffs_table(sweep: pd.DataFrame, env: dict[str, Any],
                          _level=table["cache_level"].map(level_rank).fillna(len(level_rank)))
             .sort_values(["_series", "_level"], kind="stable")
             .drop(columns=["_series", "_level"]).reset_index(drop=True))
+
+
+SIMULATED_COLUMNS = ["op", "impl", "workload", "precision", "params", "instructions",
+                     "d1_misses_simulated", "ll_misses_simulated", "d1_misses_per_kinstr",
+                     "ll_bytes_simulated"]
+
+
+def simulated_misses_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """Rows counted with --cache-sim: callgrind's SIMULATED data-cache misses per call."""
+    if "d1_misses_simulated" not in frame:
+        return pd.DataFrame(columns=SIMULATED_COLUMNS)
+    rows = frame[(frame["status"] == "ok")
+                 & np.isfinite(frame["d1_misses_simulated"].to_numpy(dtype=float))].copy()
+    if rows.empty:
+        return pd.DataFrame(columns=SIMULATED_COLUMNS)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rows["d1_misses_per_kinstr"] = 1000 * rows["d1_misses_simulated"] / rows["instructions"]
+    # A last-level miss moves one 64-byte line from memory in the simulation.
+    rows["ll_bytes_simulated"] = [format_bytes(64 * misses)
+                                  for misses in rows["ll_misses_simulated"]]
+    return rows[SIMULATED_COLUMNS].reset_index(drop=True)

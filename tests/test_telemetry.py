@@ -1,31 +1,43 @@
 """Telemetry: CPU use and RSS always, RAPL energy where readable, GPU telemetry absent cleanly."""
 
 import math
-import time
 
 import pytest
 
 from bench.run import telemetry
 
 
-def _burn(cpu_seconds: float = 0.1) -> None:
-    """Use at least cpu_seconds of CPU: well past the kernel's accounting tick (10 ms), which a
-    fixed small loop on a busy machine can fall inside of, reading as zero."""
-    start = time.process_time()
-    while time.process_time() - start < cpu_seconds:
-        sum(index * index for index in range(10_000))
+class FakeCpuClock:
+    """Process CPU seconds that advance by a fixed step per reading."""
+
+    def __init__(self, step_s: float):
+        self.step_s, self.now_s = step_s, 10.0
+
+    def __call__(self) -> float:
+        self.now_s += self.step_s
+        return self.now_s
 
 
 def test_cpu_telemetry_without_energy_sources(monkeypatch, tmp_path):
+    # The CPU-time source is injected: the real one ticks every 10 ms, so a short burn on a
+    # busy machine could read 0.0 and fail for no fault of the code.
     monkeypatch.setattr(telemetry, "RAPL_ROOT", tmp_path / "absent")
-    monitor = telemetry.Monitor("cpu")
+    monitor = telemetry.Monitor("cpu", cpu_seconds=FakeCpuClock(0.25))
     monitor.start()
-    _burn()
-    observed = monitor.stop(wall_s=1.0)
-    assert observed.cpu_util > 0
+    observed = monitor.stop(wall_s=0.5)
+    assert observed.cpu_util == pytest.approx(0.5)  # 0.25 CPU seconds over 0.5 wall seconds
     assert observed.peak_rss_bytes > 1 << 20
     assert math.isnan(observed.energy_j) and math.isnan(observed.avg_power_w)
     assert observed.sources == []
+
+
+def test_default_cpu_source_reads_this_process():
+    # What is guaranteed of the real source: finite, never negative, never decreasing.
+    monitor = telemetry.Monitor("cpu")
+    first = monitor.cpu_seconds()
+    sum(index * index for index in range(100_000))
+    second = monitor.cpu_seconds()
+    assert math.isfinite(first) and 0 <= first <= second
 
 
 def test_rapl_energy_is_read_from_powercap_files(monkeypatch, tmp_path):

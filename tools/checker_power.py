@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Measure the regression checker: false alarms on identical code, detection of 25% more work."""
+"""Measure a regression check: false alarms on identical code, detection of 25% more work."""
 
 from __future__ import annotations
 
@@ -16,10 +16,16 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 if str(PROJECT_ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(PROJECT_ROOT))
 
+from bench.commands import ab  # noqa: E402
 from bench.run import ci_sweep  # noqa: E402
 from reports.check import CheckInputError, load_results  # noqa: E402
 from reports.compare import (DEFAULT_ALPHA, DEFAULT_FACTOR, compare_rows,  # noqa: E402
                              count_verdicts, geometric_mean_ratio)
+
+# What is measured: the wall-clock check of two single runs (`check --ci`), the interleaved
+# A/B check (`check --ab`, each pair is one A/B run of --rounds rounds), or the instruction
+# gate (`check --metric instructions`, two instruction-count sweeps).
+MODES = ("ci", "ab", "instructions")
 
 DEFAULT_PAIRS = 10
 # 5 calls against 4 is exactly 25% more work on every row (bench/commands/sweep.py --calls-per-rep).
@@ -27,9 +33,9 @@ POWER_BASELINE_CALLS = 4
 POWER_CANDIDATE_CALLS = 5
 # Verdicts that come from a rank test; the others (NEW, MISSING, errors) say nothing on noise.
 TESTED_VERDICTS = ("IMPROVED", "REGRESSED", "UNCHANGED")
-CSV_COLUMNS = ("experiment", "pair", "setting", "factor", "alpha", "rows_tested", "regressed",
-               "improved", "unchanged", "other", "geomean_ratio", "baseline_run",
-               "candidate_run")
+CSV_COLUMNS = ("mode", "experiment", "pair", "setting", "factor", "alpha", "rows_tested",
+               "regressed", "improved", "unchanged", "other", "geomean_ratio",
+               "largest_change", "baseline_run", "candidate_run")
 
 
 @dataclass(frozen=True)
@@ -51,16 +57,28 @@ def build_parser() -> argparse.ArgumentParser:
                     f"{POWER_CANDIDATE_CALLS} (25%% more work). Each pair is checked at the CI "
                     "setting and at the default setting. Run it on a quiet machine (or on the "
                     "CI runner whose noise it should measure): 4P sweeps of ~1 min each.")
+    parser.add_argument("--mode", choices=MODES, default="ci",
+                        help="ci: two fresh wall-clock CI sweeps per pair (check --ci); ab: one "
+                             "interleaved A/B run of --rounds rounds per pair (check --ab); "
+                             "instructions: two instruction-count sweeps per pair (the CI gate, "
+                             "check --metric instructions; needs valgrind). Default ci")
     parser.add_argument("--pairs", type=int, default=DEFAULT_PAIRS,
                         help=f"pairs per experiment (default {DEFAULT_PAIRS})")
-    parser.add_argument("--factor", type=float, default=ci_sweep.CI_FACTOR,
-                        help=f"the CI factor (default {ci_sweep.CI_FACTOR:g})")
-    parser.add_argument("--alpha", type=float, default=ci_sweep.CI_ALPHA,
-                        help=f"the CI alpha (default {ci_sweep.CI_ALPHA:g})")
+    parser.add_argument("--rounds", type=int, default=ab.DEFAULT_ROUNDS,
+                        help=f"--mode ab: rounds per A/B run (default {ab.DEFAULT_ROUNDS})")
+    parser.add_argument("--factor", type=float,
+                        help=f"the checked setting's factor (default: ci {ci_sweep.CI_FACTOR:g}, "
+                             f"ab {DEFAULT_FACTOR:g}, instructions "
+                             f"{ci_sweep.INSTRUCTION_FACTOR:g})")
+    parser.add_argument("--alpha", type=float,
+                        help=f"its alpha (default: ci {ci_sweep.CI_ALPHA:g}, ab "
+                             f"{DEFAULT_ALPHA:g}; instruction counts use none)")
     parser.add_argument("--default-factor", type=float, default=DEFAULT_FACTOR,
-                        help=f"the second setting's factor (default {DEFAULT_FACTOR:g})")
+                        help=f"--mode ci: the second setting's factor (default "
+                             f"{DEFAULT_FACTOR:g})")
     parser.add_argument("--default-alpha", type=float, default=DEFAULT_ALPHA,
-                        help=f"the second setting's alpha (default {DEFAULT_ALPHA:g})")
+                        help=f"--mode ci: the second setting's alpha (default "
+                             f"{DEFAULT_ALPHA:g})")
     parser.add_argument("--experiments", default="false_positive,power",
                         help="which to run: false_positive, power or both (default both)")
     parser.add_argument("--out", type=Path,
@@ -72,40 +90,80 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_pair(experiment: str, pair: int, baseline: Path, candidate: Path,
+def _largest_change(verdicts) -> float:
+    """The largest |ratio - 1| of the tested rows (A/A: the spread a factor must clear)."""
+    changes = [abs(v.ratio - 1) for v in verdicts
+               if v.verdict in TESTED_VERDICTS and math.isfinite(v.ratio)]
+    return round(max(changes), 6) if changes else math.nan
+
+
+def _verdicts(mode: str, baseline: Path, candidate: Path, setting: Setting) -> list:
+    """The check of one pair, as the measured command would decide it."""
+    if mode == "ab":  # baseline/candidate are the A/B directories with A-k and B-k rounds
+        def round_number(path: Path) -> int:
+            return int(path.name.split("-", 1)[1])
+
+        a_dirs = sorted(baseline.parent.glob("A-*"), key=round_number)
+        b_dirs = sorted(baseline.parent.glob("B-*"), key=round_number)
+        return ab.ab_verdicts(load_results(baseline), load_results(candidate), a_dirs, b_dirs,
+                              setting.factor, setting.alpha)
+    return compare_rows(load_results(baseline), load_results(candidate), factor=setting.factor,
+                        alpha=setting.alpha,
+                        metric="instructions" if mode == "instructions" else "time")
+
+
+def _check_pair(mode: str, experiment: str, pair: int, baseline: Path, candidate: Path,
                 settings: list[Setting]) -> list[dict]:
     """CSV records of one pair checked at every setting."""
-    baseline_rows, candidate_rows = load_results(baseline), load_results(candidate)
     records = []
     for setting in settings:
-        verdicts = compare_rows(baseline_rows, candidate_rows, factor=setting.factor,
-                                alpha=setting.alpha)
+        verdicts = _verdicts(mode, baseline, candidate, setting)
         counts = count_verdicts(verdicts)
         tested = sum(counts.get(name, 0) for name in TESTED_VERDICTS)
         records.append({
-            "experiment": experiment, "pair": pair, "setting": setting.name,
+            "mode": mode, "experiment": experiment, "pair": pair, "setting": setting.name,
             "factor": setting.factor, "alpha": setting.alpha, "rows_tested": tested,
             "regressed": counts.get("REGRESSED", 0), "improved": counts.get("IMPROVED", 0),
             "unchanged": counts.get("UNCHANGED", 0), "other": len(verdicts) - tested,
             "geomean_ratio": round(geometric_mean_ratio(verdicts), 4),
+            "largest_change": _largest_change(verdicts),
             "baseline_run": str(baseline), "candidate_run": str(candidate),
         })
     return records
 
 
 def _run_pair(out: Path, experiment: str, pair: int, calls: tuple[int, int],
-              sweep_args) -> tuple[Path, Path]:
-    """Two fresh CI sweeps; odd pairs run the candidate first, so slow drift cancels."""
-    sides = [("baseline", calls[0]), ("candidate", calls[1])]
-    if pair % 2:
-        sides.reverse()
-    run_dirs = {}
-    for side, calls_per_rep in sides:
-        run_id = f"{experiment}-{pair}-{side}"
-        run_dirs[side] = ci_sweep.run_ci_sweep(
-            out, run_id, extra_args=("--calls-per-rep", str(calls_per_rep)),
-            sweep_args=sweep_args, label=f"{experiment} pair {pair} {side}")
-    return run_dirs["baseline"], run_dirs["candidate"]
+              sweep_args, mode: str = "ci", rounds: int = 1) -> tuple[Path, Path]:
+    """Two fresh CI sweeps; odd pairs run the candidate first, so slow drift cancels.
+
+    --mode ab: an A/B run instead, `rounds` rounds of both sides in alternating order, each
+    side's rounds merged as `check --ab` merges them."""
+    extra = ci_sweep.INSTRUCTION_SWEEP_OPTIONS if mode == "instructions" else ()
+    if mode != "ab":
+        sides = [("baseline", calls[0]), ("candidate", calls[1])]
+        if pair % 2:
+            sides.reverse()
+        run_dirs = {}
+        for side, calls_per_rep in sides:
+            run_dirs[side] = ci_sweep.run_ci_sweep(
+                out, f"{experiment}-{pair}-{side}",
+                extra_args=(*extra, "--calls-per-rep", str(calls_per_rep)),
+                sweep_args=sweep_args, label=f"{experiment} pair {pair} {side}")
+        return run_dirs["baseline"], run_dirs["candidate"]
+    directory = out / f"{experiment}-{pair}"
+    a_dirs, b_dirs = [], []
+    for round_number in range(1, rounds + 1):
+        sides = [("A", calls[0], a_dirs), ("B", calls[1], b_dirs)]
+        if round_number % 2 == 0:  # A B, B A, ... as check --ab runs them
+            sides.reverse()
+        for side, calls_per_rep, dirs in sides:
+            dirs.append(ci_sweep.run_ci_sweep(
+                directory, f"{side}-{round_number}",
+                extra_args=("--calls-per-rep", str(calls_per_rep)), sweep_args=sweep_args,
+                label=f"{experiment} pair {pair} {side} round {round_number}/{rounds}"))
+    ab.merged_rounds(a_dirs, "A", directory / "A")
+    ab.merged_rounds(b_dirs, "B", directory / "B")
+    return directory / "A", directory / "B"
 
 
 def _share(count: int, total: int) -> str:
@@ -118,8 +176,9 @@ def summary_table(records: list[dict]) -> str:
     """Markdown table: per experiment and setting, rows and checks flagged, with counts."""
     lines = [
         "| experiment | setting | factor | alpha | pairs | rows REGRESSED | rows IMPROVED | "
-        "checks failing (any REGRESSED) | geomean ratio (median over pairs) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "checks failing (any REGRESSED) | geomean ratio (median over pairs) | "
+        "largest row change (any pair) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     groups: dict[tuple[str, str], list[dict]] = {}
     for record in records:
@@ -130,11 +189,14 @@ def summary_table(records: list[dict]) -> str:
                         if math.isfinite(record["geomean_ratio"]))
         median_ratio = f"{ratios[len(ratios) // 2]:.3f}" if ratios else "-"
         failing = sum(1 for record in group if record["regressed"])
+        changes = [record["largest_change"] for record in group
+                   if math.isfinite(record["largest_change"])]
+        largest = f"{100 * max(changes):.3g}%" if changes else "-"
         lines.append(
             f"| {experiment} | {setting} | {group[0]['factor']:g} | {group[0]['alpha']:g} | "
             f"{len(group)} | {_share(sum(r['regressed'] for r in group), tested)} | "
             f"{_share(sum(r['improved'] for r in group), tested)} | "
-            f"{_share(failing, len(group))} | {median_ratio} |")
+            f"{_share(failing, len(group))} | {median_ratio} | {largest} |")
     return "\n".join(lines)
 
 
@@ -146,6 +208,13 @@ def main(argv=None) -> int:
     problems = []
     if args.pairs < 1:
         problems.append(f"--pairs must be >= 1, got {args.pairs}")
+    if args.rounds < 2:
+        problems.append(f"--rounds must be >= 2 (the paired test needs two), got {args.rounds}")
+    defaults = {"ci": (ci_sweep.CI_FACTOR, ci_sweep.CI_ALPHA),
+                "ab": (DEFAULT_FACTOR, DEFAULT_ALPHA),
+                "instructions": (ci_sweep.INSTRUCTION_FACTOR, DEFAULT_ALPHA)}[args.mode]
+    args.factor = defaults[0] if args.factor is None else args.factor
+    args.alpha = defaults[1] if args.alpha is None else args.alpha
     if unknown or not experiments:
         problems.append(f"--experiments: choose from false_positive, power (got "
                         f"{args.experiments!r})")
@@ -158,11 +227,12 @@ def main(argv=None) -> int:
     if problems:
         print(f"checker_power.py: error: {problems[0]}", file=sys.stderr)
         return 2
-    settings = [Setting("ci", args.factor, args.alpha),
-                Setting("default", args.default_factor, args.default_alpha)]
+    settings = [Setting(args.mode, args.factor, args.alpha)]
+    if args.mode == "ci":
+        settings.append(Setting("default", args.default_factor, args.default_alpha))
     sweep_args = shlex.split(args.sweep_args) if args.sweep_args else None
-    out = args.out or Path("results/checker-power") / datetime.datetime.now().strftime(
-        "%Y%m%d-%H%M%S")
+    out = args.out or Path("results/checker-power") / (
+        f"{args.mode}-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
     plans = {"false_positive": (1, 1), "power": (POWER_BASELINE_CALLS, POWER_CANDIDATE_CALLS)}
     records: list[dict] = []
     csv_path = out / "checker_power.csv"
@@ -171,8 +241,9 @@ def main(argv=None) -> int:
         for experiment in experiments:
             for pair in range(1, args.pairs + 1):
                 baseline, candidate = _run_pair(out, experiment, pair, plans[experiment],
-                                                sweep_args)
-                records.extend(_check_pair(experiment, pair, baseline, candidate, settings))
+                                                sweep_args, args.mode, args.rounds)
+                records.extend(_check_pair(args.mode, experiment, pair, baseline, candidate,
+                                           settings))
                 # Rewritten after every pair: an interrupted study keeps what it measured.
                 with open(csv_path, "w", newline="", encoding="utf-8") as handle:
                     writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)

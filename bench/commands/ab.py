@@ -13,6 +13,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from bench.records import ARGS_FILENAME, SchemaError, read_json
 from bench.run import ci_sweep
 from reports.check import (
     EXIT_CANNOT_COMPARE,
@@ -21,10 +22,10 @@ from reports.check import (
     load_results,
     report_verdicts,
 )
-from reports.compare import compare_rows, require_consistent_rounds
+from reports.compare import compare_rows
 from reports.merge import MergeError, merge_runs, write_results
 
-DEFAULT_ROUNDS = 3
+DEFAULT_ROUNDS = 3  # the fewest that give the paired t-test a spread to work with (df 2)
 DEFAULT_AB_ROOT = Path("results/ab")
 
 
@@ -85,7 +86,7 @@ def base_worktree(commit: str, root: Path = ci_sweep.PROJECT_ROOT) -> Iterator[P
         _git(root, "worktree", "prune")
 
 
-def _merged(run_dirs: Sequence[Path], run_id: str, destination: Path) -> list:
+def merged_rounds(run_dirs: Sequence[Path], run_id: str, destination: Path) -> list:
     """Merge the rounds of one side into destination/results.csv; returns the rows."""
     try:
         rows = merge_runs([load_results(directory) for directory in run_dirs], run_id=run_id)
@@ -93,6 +94,32 @@ def _merged(run_dirs: Sequence[Path], run_id: str, destination: Path) -> list:
         raise AbError(f"cannot merge the {run_id} runs: {error}") from error
     write_results(rows, destination)
     return rows
+
+
+def _timing_policy(run_dirs: Sequence[Path]) -> dict | None:
+    """The timing policy the runs of one side recorded in args.json (None if not recorded)."""
+    try:
+        policies = [read_json(Path(path) / ARGS_FILENAME).get("timing_policy")
+                    for path in run_dirs]
+    except (SchemaError, AttributeError):
+        return None
+    if any(policy != policies[0] for policy in policies) or not isinstance(policies[0], dict):
+        return None
+    return policies[0]
+
+
+def ab_verdicts(a_rows: list, b_rows: list, a_dirs: Sequence[Path], b_dirs: Sequence[Path],
+                factor: float, alpha: float) -> list:
+    """Verdicts of B against A: each row by a paired t-test on its rounds' log ratios."""
+    # Each round pairs an A run with a B run: the paired test on their log ratios treats
+    # the run, not the sample, as the replicate. The timing policies recorded by both
+    # revisions must agree, or their times mean different things.
+    return compare_rows(a_rows, b_rows, factor=factor, alpha=alpha,
+                        check_code_version=False, across_hosts=True,
+                        baseline_rounds=[load_results(path) for path in a_dirs],
+                        candidate_rounds=[load_results(path) for path in b_dirs],
+                        baseline_policy=_timing_policy(a_dirs),
+                        candidate_policy=_timing_policy(b_dirs))
 
 
 def run_ab(
@@ -135,16 +162,12 @@ def run_ab(
                 else:
                     b_dirs.append(run_b())
                     a_dirs.append(run_a())
-        a_rows = _merged(a_dirs, "A", out / "A")
-        b_rows = _merged(b_dirs, "B", out / "B")
+        a_rows = merged_rounds(a_dirs, "A", out / "A")
+        b_rows = merged_rounds(b_dirs, "B", out / "B")
         # Changed impl code is what an A/B run is for, so code versions are not compared; both
         # sides ran on this host by construction, so fingerprints that differ can only come
         # from a revision that computes them another way (across_hosts: compare anyway).
-        verdicts = compare_rows(a_rows, b_rows, factor=factor, alpha=alpha,
-                                check_code_version=False, across_hosts=True)
-        verdicts = require_consistent_rounds(
-            verdicts, [load_results(directory) for directory in a_dirs],
-            [load_results(directory) for directory in b_dirs], factor)
+        verdicts = ab_verdicts(a_rows, b_rows, a_dirs, b_dirs, factor, alpha)
     except (AbError, ci_sweep.CiSweepError, ValueError) as error:
         print(f"check: --ab: {' '.join(str(error).split())}", file=sys.stderr)
         return EXIT_CANNOT_COMPARE

@@ -25,7 +25,9 @@ def _check_parser() -> argparse.ArgumentParser:
     parser.set_defaults(factor=None, alpha=None)
     parser.add_argument("--ci", action="store_true",
                         help=f"CI mode: factor {ci_sweep.CI_FACTOR:g} and alpha "
-                             f"{ci_sweep.CI_ALPHA:g} unless given (sized for shared runners), "
+                             f"{ci_sweep.CI_ALPHA:g} unless given (sized for shared runners; "
+                             f"with --metric instructions the factor is "
+                             f"{ci_sweep.INSTRUCTION_FACTOR:g}), "
                              "and exit 0 with a note when there is no baseline for this "
                              "fingerprint yet")
     parser.add_argument("--ci-out", default=str(ci_sweep.DEFAULT_CI_ROOT),
@@ -47,10 +49,17 @@ def main(argv: list[str]) -> int:
     from reports.compare import DEFAULT_ALPHA, DEFAULT_FACTOR
 
     args = _check_parser().parse_args(argv)
+    counting = args.metric == "instructions"
     args.factor = args.factor if args.factor is not None else (
+        ci_sweep.INSTRUCTION_FACTOR if counting else
         ci_sweep.CI_FACTOR if args.ci else DEFAULT_FACTOR)
     args.alpha = args.alpha if args.alpha is not None else (
         ci_sweep.CI_ALPHA if args.ci else DEFAULT_ALPHA)
+    if args.ab is not None and counting:
+        print("check: error: --ab interleaves wall-clock runs of two revisions; instruction "
+              "counts need no interleaving: compare two --metric instructions runs with "
+              "--baseline and --candidate", file=sys.stderr)
+        return EXIT_CANNOT_COMPARE
     if args.ab is not None:
         clashing = [option for option, value in (("--candidate", args.candidate),
                                                  ("--baseline", args.baseline),
@@ -70,7 +79,10 @@ def main(argv: list[str]) -> int:
         return EXIT_CANNOT_COMPARE
     if args.candidate is None:
         try:
-            args.candidate = str(ci_sweep.run_ci_sweep(args.ci_out, ci_sweep.new_run_id()))
+            extra = ci_sweep.INSTRUCTION_SWEEP_OPTIONS if counting else ()
+            args.candidate = str(ci_sweep.run_ci_sweep(
+                args.ci_out, ci_sweep.new_run_id("instructions-" if counting else ""), extra,
+                label="CI sweep (instruction counts)" if counting else "CI sweep"))
         except ci_sweep.CiSweepError as error:
             print(f"check: cannot compare: {error}", file=sys.stderr)
             return EXIT_CANNOT_COMPARE

@@ -93,6 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
                              "does exactly 25%% more work per row than one at N=4, with the same "
                              "task keys and code versions. Times are per repetition; "
                              "samples/s, GB/s and GFLOP/s count all N calls")
+    parser.add_argument("--metric", choices=("time", "instructions"), default="time",
+                        help="what each configuration records: time (wall clock, the default) "
+                             "or instructions (per call, counted by Valgrind's callgrind in one "
+                             "worker started under it; CPU only; needs valgrind; under Valgrind "
+                             "the CPU shows no AVX-512/AMX, so libraries take their AVX2 paths "
+                             "and isa_effective says so). Counts barely move with machine load, "
+                             "so they can gate CI where times cannot")
+    parser.add_argument("--cache-sim", action="store_true",
+                        help="--metric instructions: also callgrind's SIMULATED D1 and "
+                             "last-level data-cache misses per call (slower; these machines "
+                             "have no hardware counters)")
     parser.add_argument("--task-timeout", type=float, default=900.0,
                         help="seconds before a hung configuration becomes an error row")
     parser.add_argument("--out", default="results", help="output directory (default: results/)")
@@ -170,6 +181,8 @@ def _options(args) -> dict:
         raise UsageError(f"--calls-per-rep must be >= 1, got {args.calls_per_rep}")
     if args.calls_per_rep != 1:
         options["calls_per_rep"] = args.calls_per_rep
+    if args.metric != "time":
+        options["metric"] = args.metric  # builders refuse what cannot run under Valgrind
     return options
 
 
@@ -243,8 +256,9 @@ ISA_COMPARISON_OPTIONS = {"fc_layers": ["linear"], "sls_modes": ["sum"]}
 
 def _is_default_sweep(args) -> bool:
     """True when the user chose nothing that the ISA comparison would contradict."""
-    return (args.quick_defaults and not args.isa and not args.ops and not args.impls
-            and not args.workload and args.device == "cpu" and args.threads == "1")
+    return (args.quick_defaults and args.metric == "time" and not args.isa and not args.ops
+            and not args.impls and not args.workload and args.device == "cpu"
+            and args.threads == "1")
 
 
 def _isa_comparison(workloads, seed: int) -> list:
@@ -305,11 +319,13 @@ def sweep(argv: list[str]) -> int:
     if args.min_run_time:
         policy = TimingPolicy(min_run_time_s=args.min_run_time, min_samples=policy.min_samples,
                               max_run_time_s=max(policy.max_run_time_s, args.min_run_time * 5))
+    count_policy, counting = _counting(args, device_list)
     directory, run_id, resuming = _run_directory(args, argv)
     from bench.run.execute import RunDirectoryError, execute
 
     try:
-        code = execute(argv, planned, directory, run_id, resuming, policy, args.task_timeout)
+        code = execute(argv, planned, directory, run_id, resuming, policy, args.task_timeout,
+                       count_policy, counting)
     except RunDirectoryError as error:
         raise UsageError(str(error)) from None
     if code != 0:
@@ -331,6 +347,27 @@ def sweep(argv: list[str]) -> int:
         print(f"warning: {counts[STATUS_ERROR]} configurations failed (exit "
               f"{EXIT_SOME_ERRORED}); see the error column of {results_path}", file=sys.stderr)
     return code
+
+
+def _counting(args, device_list: list[str]):
+    """--metric instructions: the CountPolicy and its fingerprint facts; (None, None) for time."""
+    if args.metric != "instructions":
+        if args.cache_sim:
+            raise UsageError("--cache-sim needs --metric instructions (callgrind simulates the "
+                             "caches while it counts)")
+        return None, None
+    from bench.run import callgrind
+
+    not_cpu = [device for device in device_list if device != "cpu"]
+    if not_cpu:
+        raise UsageError(f"--metric instructions counts CPU code under Valgrind; drop --device "
+                         f"{','.join(not_cpu)} (GPU kernels are timed with --metric time)")
+    try:
+        version = callgrind.require_valgrind()
+    except callgrind.CallgrindError as error:
+        raise UsageError(str(error)) from None
+    policy = callgrind.CountPolicy(cache_sim=args.cache_sim)
+    return policy, callgrind.counting_facts(policy, version)
 
 
 def exit_code(measured: int, errors: int) -> int:

@@ -46,6 +46,11 @@ def _check_context(context: BuildContext) -> None:
                           "with --tt-tables")
     if context.precision not in PRECISIONS:
         raise Unsupported(f"compiled runs at {'/'.join(PRECISIONS)} only")
+    if context.options.get("metric") == "instructions":
+        # Inductor compiles its kernels with gcc -march=native outside Valgrind, so they hold
+        # AVX-512 instructions that Valgrind cannot run (the worker dies with SIGILL).
+        raise Unsupported("torch.compile's kernels are built for the host CPU (AVX-512), "
+                          "which Valgrind cannot run; time compiled with --metric time")
 
 
 def build_compiled_train(context: BuildContext, learning_rate: float = LEARNING_RATE,

@@ -44,6 +44,22 @@ CI_SWEEP_OPTIONS: tuple[str, ...] = (
 CI_FACTOR = 0.5
 CI_ALPHA = 0.001
 
+# The instruction gate (`check --metric instructions`, run by .ci/run): the CI sweep's
+# configurations counted under callgrind. Counts of unchanged code barely move between runs
+# (see INSTRUCTION_FACTOR), so a tight factor alone decides, with no significance test.
+# The smoke workload at its batch of 64 only: under Valgrind a Kaggle-batch (2048) fp32 top
+# MLP took ~4 minutes here, and even at batch 64 the Kaggle-shaped rows took 40-100 s each
+# (26 capped tables and their rotating index batches are built under Valgrind too), so the
+# whole CI sweep ran ~15 minutes; its smoke half exercises the same kernels in ~3.
+INSTRUCTION_SWEEP_OPTIONS: tuple[str, ...] = ("--metric", "instructions", "--workload", "smoke",
+                                              "--batch-size", "64")
+# Flag a row whose instructions per call grew by more than 5%. Set from A/A pairs of fresh
+# instruction sweeps on this project's VM (README, "Regression checks"): most rows agree to
+# 0.1%, but the multi-table SLS and cat rows moved by up to 1.6% between processes (with a
+# fixed hash seed and the GC held off too), so 2% would leave almost no margin; 5% is 3x the
+# largest A/A change seen and a fifth of a 25% slowdown.
+INSTRUCTION_FACTOR = 0.05
+
 DEFAULT_CI_ROOT = Path("results/ci")
 LOG_FILENAME = "sweep.log"
 STOP_GRACE_S = 5.0

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import selectors
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
-from bench.run import devices
+from bench.run import callgrind, devices
 from bench import PROJECT_ROOT, registry
 from bench.records import STATUS_ERROR, ResultRow, ResultsWriter, read_rows
 from bench.run.tasks import Task
@@ -25,6 +26,8 @@ from workloads.specs import SpecError, WorkloadSpec
 # with this workload name.
 MACHINE_WORKLOAD = "machine"
 READY_TIMEOUT_S = 180.0  # torch import + ISA probe in a fresh process
+# Under callgrind, Python and torch start ~50x slower (about a minute on a quiet machine).
+CALLGRIND_READY_TIMEOUT_S = 900.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,8 +142,11 @@ class WorkerGroup:
     """One worker process running a list of tasks at one (device, ISA level, thread count)."""
 
     def __init__(self, tasks: list[Task], run_id: str, policy: TimingPolicy, log_path: Path,
-                 task_timeout_s: float):
+                 task_timeout_s: float, count_policy: Optional[callgrind.CountPolicy] = None,
+                 counting: Optional[dict] = None):
         self.tasks = tasks
+        self.count_policy = count_policy  # set: the worker runs under callgrind and counts
+        self.counting = counting
         self.run_id = run_id
         self.policy = policy
         self.log_path = log_path
@@ -168,8 +174,19 @@ class WorkerGroup:
         command = [sys.executable, "-m", "bench.run.worker", task_file.name,
                    "--event-fd", str(write_end), "--run-id", self.run_id,
                    "--policy", json.dumps(dataclasses.asdict(self.policy))]
+        dump_directory = None
+        if self.count_policy is not None:
+            dump_directory = Path(tempfile.mkdtemp(prefix="callgrind-", dir=self.log_path.parent))
+            command = (callgrind.worker_prefix(dump_directory, self.count_policy.cache_sim)
+                       + command
+                       + ["--count-policy", json.dumps(dataclasses.asdict(self.count_policy)),
+                          "--dump-dir", str(dump_directory),
+                          "--counting", json.dumps(self.counting or {})])
+        environment = self._environment()
+        if self.count_policy is not None:
+            environment.update(callgrind.WORKER_ENVIRONMENT)
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(command, env=self._environment(), stdout=log,
+            self.process = subprocess.Popen(command, env=environment, stdout=log,
                                             stderr=log, pass_fds=(write_end,),
                                             start_new_session=True)
         os.close(write_end)
@@ -179,13 +196,15 @@ class WorkerGroup:
             os.close(read_end)
             os.unlink(task_file.name)
             self.stop()
+            if dump_directory is not None:
+                shutil.rmtree(dump_directory, ignore_errors=True)
 
     def _read_events(self, read_end: int, on_row, on_start) -> None:
         selector = selectors.DefaultSelector()
         selector.register(read_end, selectors.EVENT_READ)
         buffer = b""
         current = -1
-        deadline = time.monotonic() + READY_TIMEOUT_S
+        deadline = time.monotonic() + self._limit(current)
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -209,7 +228,9 @@ class WorkerGroup:
                     return
 
     def _limit(self, current: int) -> float:
-        return READY_TIMEOUT_S if current < 0 else self.task_timeout_s
+        if current >= 0:
+            return self.task_timeout_s
+        return READY_TIMEOUT_S if self.count_policy is None else CALLGRIND_READY_TIMEOUT_S
 
     def _death_reason(self) -> str:
         code = self.process.wait() if self.process else None
@@ -231,7 +252,9 @@ class WorkerGroup:
 
 def _run_once(batch: list[Task], run_id: str, policy: TimingPolicy, log_path: Path,
               task_timeout_s: float, on_row: Callable[[ResultRow], None],
-              describe: Optional[Callable[[Task], None]]) -> list[Task]:
+              describe: Optional[Callable[[Task], None]],
+              count_policy: Optional[callgrind.CountPolicy] = None,
+              counting: Optional[dict] = None) -> list[Task]:
     """Run batch in one worker; returns the tasks left unrun if the worker crashed."""
     from bench.run.worker import base_row
 
@@ -246,7 +269,8 @@ def _run_once(batch: list[Task], run_id: str, policy: TimingPolicy, log_path: Pa
             describe(batch[index])
 
     try:
-        WorkerGroup(batch, run_id, policy, log_path, task_timeout_s).run(record, started)
+        WorkerGroup(batch, run_id, policy, log_path, task_timeout_s, count_policy,
+                    counting).run(record, started)
         return []
     except WorkerCrash as crash:
         index, reason = crash.args
@@ -254,7 +278,7 @@ def _run_once(batch: list[Task], run_id: str, policy: TimingPolicy, log_path: Pa
         # blames the first task not yet finished.
         failed = index if index >= 0 and index not in finished else next(
             position for position in range(len(batch)) if position not in finished)
-        row = base_row(batch[failed], run_id, policy=policy)
+        row = base_row(batch[failed], run_id, policy=policy, counting=counting)
         row.status, row.error = STATUS_ERROR, reason
         record(failed, row)
         return [task for position, task in enumerate(batch) if position not in finished]
@@ -263,8 +287,13 @@ def _run_once(batch: list[Task], run_id: str, policy: TimingPolicy, log_path: Pa
 def run_tasks(tasks: list[Task], run_id: str, policy: TimingPolicy, writer: ResultsWriter,
               log_path: Path, task_timeout_s: float,
               progress: Optional[Callable[[ResultRow], None]] = None,
-              describe: Optional[Callable[[Task], None]] = None) -> list[ResultRow]:
-    """Run tasks grouped by worker; a crash turns its task into an error row and restarts."""
+              describe: Optional[Callable[[Task], None]] = None,
+              count_policy: Optional[callgrind.CountPolicy] = None,
+              counting: Optional[dict] = None) -> list[ResultRow]:
+    """Run tasks grouped by worker; a crash turns its task into an error row and restarts.
+
+    With count_policy, each worker runs under callgrind and counts instructions instead of
+    timing (counting: the facts its rows' fingerprints record)."""
     rows: list[ResultRow] = []
 
     def on_row(row: ResultRow) -> None:
@@ -279,5 +308,5 @@ def run_tasks(tasks: list[Task], run_id: str, policy: TimingPolicy, writer: Resu
     for remaining in groups.values():
         while remaining:
             remaining = _run_once(remaining, run_id, policy, log_path, task_timeout_s, on_row,
-                                  describe)
+                                  describe, count_policy, counting)
     return rows

@@ -7,7 +7,7 @@ import math
 import resource
 import threading
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import psutil
 
@@ -152,15 +152,21 @@ class NvmlSampler(threading.Thread):
 class Monitor:
     """Brackets a measurement: start() before timing, stop(wall_s) after."""
 
-    def __init__(self, device: str):
+    def __init__(self, device: str, cpu_seconds: Optional[Callable[[], float]] = None):
         self.device = device
         self.process = psutil.Process()
+        # Injectable so that tests need not burn CPU past the kernel's 10 ms accounting tick.
+        self.cpu_seconds = cpu_seconds or self._process_cpu_seconds
         self.rapl_files = _rapl_energy_files()
         self.sampler: Optional[NvmlSampler] = None
 
+    def _process_cpu_seconds(self) -> float:
+        """User + system CPU seconds of this process (10 ms ticks)."""
+        return sum(self.process.cpu_times()[:2])
+
     def start(self) -> None:
         """Record starting counters and start GPU sampling where NVML works."""
-        self.cpu_start = sum(self.process.cpu_times()[:2])
+        self.cpu_start = self.cpu_seconds()
         self.rapl_start = _read_rapl(self.rapl_files) if self.rapl_files else None
         if self.device.startswith("cuda"):
             try:
@@ -182,7 +188,7 @@ class Monitor:
     def stop(self, wall_s: float) -> Telemetry:
         """Telemetry over the bracketed wall time (measured by bench.run.timing)."""
         telemetry = Telemetry()
-        cpu_seconds = sum(self.process.cpu_times()[:2]) - self.cpu_start
+        cpu_seconds = self.cpu_seconds() - self.cpu_start
         if wall_s > 0:
             telemetry.cpu_util = cpu_seconds / wall_s
         # ru_maxrss is in KiB on Linux.

@@ -17,14 +17,23 @@ import torch
 from bench import registry
 from bench.compare_outputs import compare, relative_row_bound
 from bench.ops.common import clear_weight_cache
-from bench.run import devices, isa_probe, telemetry, timing
+from bench.run import callgrind, devices, isa_probe, telemetry, timing
 from bench.registry import BuildContext, Prepared, Unsupported
 from bench.records import STATUS_ERROR, STATUS_OK, STATUS_SKIPPED, ResultRow, dumps_compact
 from bench.run.tasks import Task
 
 
+def fingerprint_policy(policy: timing.TimingPolicy | None,
+                       counting: dict | None = None):
+    """What the fingerprint records of how rows were measured: the counting facts or timing."""
+    # Instruction counts and times are never comparable, and neither depends on the other's
+    # policy: an instruction run's fingerprint carries its counting facts instead.
+    return counting if counting is not None else policy
+
+
 def base_row(task: Task, run_id: str, isa_effective: str = "",
-             policy: timing.TimingPolicy | None = None) -> ResultRow:
+             policy: timing.TimingPolicy | None = None,
+             counting: dict | None = None) -> ResultRow:
     """The identifying columns of a task's row, before any measurement."""
     implementation = registry.impls(task.op)[task.impl]
     return ResultRow(
@@ -33,15 +42,17 @@ def base_row(task: Task, run_id: str, isa_effective: str = "",
         workload=task.workload.name, params=dumps_compact(task.variant), device=task.device,
         device_name=devices.device_name(task.device), isa=task.isa, isa_effective=isa_effective,
         threads=task.threads, precision=task.precision, batch_size=task.workload.batch_size,
-        fingerprint=devices.fingerprint(task.device, task.isa, task.threads, policy),
+        fingerprint=devices.fingerprint(task.device, task.isa, task.threads,
+                                        fingerprint_policy(policy, counting)),
         timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
 
 
 def skipped_row(task: Task, run_id: str, reason: str,
-                policy: timing.TimingPolicy | None = None) -> ResultRow:
+                policy: timing.TimingPolicy | None = None,
+                counting: dict | None = None) -> ResultRow:
     """A row for a combination that cannot run, with the reason."""
-    row = base_row(task, run_id, policy=policy)
+    row = base_row(task, run_id, policy=policy, counting=counting)
     row.status, row.error = STATUS_SKIPPED, reason
     return row
 
@@ -130,10 +141,28 @@ def _record_timing(row: ResultRow, prepared: Prepared, summary, observed, calls:
     metrics["noisy"] = summary.noisy
 
 
+def _record_count(row: ResultRow, count: callgrind.Count, metrics: dict) -> None:
+    """Instruction counts (and simulated misses) of one configuration into the row."""
+    row.instructions = count.median("instructions")
+    row.instruction_calls = count.calls
+    row.d1_misses_simulated = count.median("d1_misses")
+    row.ll_misses_simulated = count.median("ll_misses")
+    metrics["instructions_per_count"] = [round(figures["instructions"], 1)
+                                         for figures in count.per_dump]
+    metrics["counted_under"] = "valgrind callgrind (the CPU it shows has no AVX-512/AMX)"
+    if count.caches:
+        metrics["simulated_caches"] = count.caches
+
+
 def run_task(task: Task, run_id: str, policy: timing.TimingPolicy,
-             isa_effective: str = "") -> ResultRow:
-    """Build, check against float64, then time one task; never raises for the task's faults."""
-    row = base_row(task, run_id, isa_effective, policy)
+             isa_effective: str = "", counter: callgrind.Counter | None = None,
+             count_policy: callgrind.CountPolicy | None = None,
+             counting: dict | None = None) -> ResultRow:
+    """Build, check against float64, then time (or count) one task; never raises for its faults.
+
+    With a counter (the worker runs under callgrind) the checked closure's instructions are
+    counted instead of timed: times under Valgrind are ~50x off and would mislead."""
+    row = base_row(task, run_id, isa_effective, policy, counting)
     implementation = registry.impls(task.op)[task.impl]
     device = torch.device(task.device)
     context = BuildContext(workload=task.workload, variant=task.variant, precision=task.precision,
@@ -158,6 +187,14 @@ def run_task(task: Task, run_id: str, policy: timing.TimingPolicy,
     # --calls-per-rep: a known amount of extra work per repetition, to validate the checker.
     calls = int(task.options.get("calls_per_rep", 1))
     metrics["calls_per_rep"] = calls
+    if counter is not None:
+        try:
+            count = counter.count(repeated(prepared.run, calls),
+                                  count_policy or callgrind.CountPolicy())
+        except Exception as error:
+            return _fail(row, f"instruction count failed: {type(error).__name__}: {error}")
+        _record_count(row, count, metrics)
+        return _finish(row, task, isa_effective, metrics)
     try:
         summary, observed = timing.measure(
             repeated(prepared.run, calls), device, policy, task.threads,
@@ -165,6 +202,11 @@ def run_task(task: Task, run_id: str, policy: timing.TimingPolicy,
     except Exception as error:
         return _fail(row, f"timing failed: {type(error).__name__}: {error}")
     _record_timing(row, prepared, summary, observed, calls, metrics)
+    return _finish(row, task, isa_effective, metrics)
+
+
+def _finish(row: ResultRow, task: Task, isa_effective: str, metrics: dict) -> ResultRow:
+    """ISA notes and metrics into a measured row, marked ok."""
     mismatch = isa_probe.isa_mismatch(task.isa, isa_effective)
     if mismatch:
         metrics["isa_mismatch"] = mismatch
@@ -209,6 +251,10 @@ def main(argv=None) -> int:
     parser.add_argument("--event-fd", type=int, required=True)
     parser.add_argument("--run-id", required=True)
     parser.add_argument("--policy", required=True, help="TimingPolicy as JSON")
+    parser.add_argument("--count-policy", help="callgrind.CountPolicy as JSON: count "
+                                               "instructions (the worker runs under callgrind)")
+    parser.add_argument("--dump-dir", help="where callgrind writes this worker's dumps")
+    parser.add_argument("--counting", help="the counting facts of the fingerprint, as JSON")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=".*quantiz.*")
@@ -216,6 +262,10 @@ def main(argv=None) -> int:
     with open(args.tasks, encoding="utf-8") as handle:
         tasks = [Task.from_json(line) for line in handle if line.strip()]
     policy = timing.TimingPolicy(**json.loads(args.policy))
+    count_policy = (callgrind.CountPolicy(**json.loads(args.count_policy))
+                    if args.count_policy else None)
+    counter = callgrind.Counter(args.dump_dir) if count_policy else None
+    counting = json.loads(args.counting) if args.counting else None
     if tasks:
         pin_threads(tasks[0].threads, tasks[0].device)
     isa_effective = isa_probe.effective_isa() if tasks and tasks[0].device == "cpu" else ""
@@ -227,9 +277,10 @@ def main(argv=None) -> int:
             current_workload = task.workload
         events.send(event="start", index=index)
         try:
-            row = run_task(task, args.run_id, policy, isa_effective)
+            row = run_task(task, args.run_id, policy, isa_effective, counter, count_policy,
+                           counting)
         except Exception:  # a harness bug: report it as this task's error and go on
-            row = _fail(base_row(task, args.run_id, isa_effective, policy),
+            row = _fail(base_row(task, args.run_id, isa_effective, policy, counting),
                         "worker error: " + traceback.format_exc(limit=3))
         events.send(event="row", index=index, row=row.__dict__)
     events.send(event="done")
