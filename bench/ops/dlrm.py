@@ -479,6 +479,7 @@ def build_infer(context: BuildContext, layout: str) -> Prepared:
     return Prepared(
         run=cycling(calls),
         check=calls[0],
+        forward=infer,
         reference=lambda: reference_logits(fp32_model, *batch_tensors(batch, torch.device("cpu"))),
         samples=batch_size,
         flops=_model_flops(workload, traffic),

@@ -127,7 +127,7 @@ def build_compiled_infer(context: BuildContext) -> Prepared:
         infer(*item)
     calls = [functools.partial(infer, *item) for item in inputs]
     return Prepared(
-        run=cycling(calls), check=calls[0],
+        run=cycling(calls), check=calls[0], forward=infer,
         reference=lambda: reference_logits(fp32_model, *batch_tensors(batches[0], CPU)),
         samples=workload.batch_size,
         flops=_model_flops(workload, traffic),
