@@ -16,6 +16,7 @@ from workloads.specs import SpecError
 SUBCOMMANDS = {"report": "report", "check": "check", "analyze": "analyze",
                "tt-study": "tt_study", "locality": "locality"}
 SUBCOMMANDS["reference"] = "reference"  # the public DLRM reference beside ours (issue 12)
+SUBCOMMANDS["serve"] = "serve"  # MLPerf LoadGen serving (issue 14)
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
