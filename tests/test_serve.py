@@ -59,7 +59,8 @@ def test_server_rows_hold_loadgens_figures_and_an_overload_ends_invalid(tmp_path
         assert (params["min_query_count"], params["sla_ms"]) == (300, 20.0)
         assert metrics["query_count"] >= 300 == metrics["min_query_count"]
         served = metrics["served_query_items"]
-        assert served["count"] == metrics["query_count"] and 1 <= served["min"] <= served["max"] <= 24
+        assert served["count"] == metrics["query_count"]
+        assert 1 <= served["min"] <= served["max"] <= 24
         assert sum(worker["queries"] for worker in metrics["per_worker"].values()) == \
             metrics["query_count"]
         if params["target_qps"] == 100000:
@@ -176,9 +177,11 @@ def test_search_bisects_on_the_verdicts_and_says_when_no_qps_meets_the_bound():
         return Probe(qps, qps <= 300, 0.001 * qps)
 
     result = search_max_qps(probe, 100, 1000, steps=6)
-    assert 260 < result.best_qps <= 300 and seen[0] == 100
+    assert 260 < result.best_qps <= 300 and len(seen) == 6 and 100 not in seen
     assert all(item.valid == (item.qps <= 300) for item in result.probes)
+    low = search_max_qps(lambda qps: Probe(qps, qps <= 100, 0.01), 100, 1000, steps=2)
+    assert low.best_qps == 100 and low.probes[-1].qps == 100  # the floor, probed last
     never = search_max_qps(lambda qps: Probe(qps, False, 0.5), 100, 1000, steps=6)
-    assert never.best_qps is None and len(never.probes) == 1
+    assert never.best_qps is None and len(never.probes) == 7 and never.probes[-1].qps == 100
     assert "no offered QPS met the bound" in never.message and "500 ms" in never.message
     assert not math.isnan(never.probes[0].percentile_s)

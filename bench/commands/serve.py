@@ -61,13 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the latency percentile the bound applies to (default 99)")
     parser.add_argument("--min-duration", type=float, default=1.0,
                         help="LoadGen min_duration in seconds (default 1)")
-    parser.add_argument("--min-queries", type=int, default=600,
-                        help="LoadGen min_query_count (default 600: p99 early stopping needs "
-                             "about 460 queries)")
-    parser.add_argument("--search-steps", type=int, default=4,
-                        help="bisection steps per SLA after the first probe (default 4)")
+    parser.add_argument("--min-queries", type=int, default=500,
+                        help="LoadGen min_query_count (default 500: p99 early stopping needs "
+                             "at least about 460 queries)")
+    parser.add_argument("--search-steps", type=int, default=3,
+                        help="bisection steps per SLA (default 3); the floor is probed only "
+                             "when none of them met the bound")
     parser.add_argument("--search-floor", type=float, default=0.125,
-                        help="first probe at this share of the Offline capacity (default 1/8)")
+                        help="lowest QPS searched, as a share of the Offline capacity "
+                             "(default 1/8)")
     parser.add_argument("--bare", action="store_true",
                         help="offline, 1 worker: also time the bare dlrm_infer batch in the "
                              "worker and record the serving overhead")
