@@ -59,10 +59,12 @@ def test_server_rows_hold_loadgens_figures_and_an_overload_ends_invalid(tmp_path
         assert (params["min_query_count"], params["sla_ms"]) == (300, 20.0)
         assert metrics["query_count"] >= 300 == metrics["min_query_count"]
         served = metrics["served_query_items"]
-        assert served["count"] == metrics["query_count"]
+        assert served["count"] == metrics["query_count"] == row.n_samples
         assert 1 <= served["min"] <= served["max"] <= 24
         assert sum(worker["queries"] for worker in metrics["per_worker"].values()) == \
             metrics["query_count"]
+        assert sum(worker["qps"] for worker in metrics["per_worker"].values()) == \
+            pytest.approx(metrics["completed_qps"])
         if params["target_qps"] == 100000:
             # Far beyond what the worker serves: LoadGen says INVALID, the run still ends.
             assert metrics["result"] == "INVALID" and not metrics["perf_constraints_met"]

@@ -71,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="lowest QPS searched, as a share of the Offline capacity "
                              "(default 1/8)")
     parser.add_argument("--bare", action="store_true",
-                        help="offline, 1 worker: also time the bare dlrm_infer batch in the "
-                             "worker and record the serving overhead")
+                        help="offline/singlestream, 1 worker: also time the bare dlrm_infer "
+                             "batch in the worker and record the serving overhead")
     parser.add_argument("--stall-timeout", type=float, default=60.0,
                         help="seconds without an answer before the run is ended as hung")
     parser.add_argument("--seed", type=int, default=0)
@@ -150,9 +150,9 @@ def validate(args) -> dict:
     if args.scenario == "server" and not qps and not slas:
         raise UsageError("--scenario server needs --qps Q (runs at Q) or --sla-ms X (searches "
                          "the highest QPS meeting X)")
-    if args.bare and args.scenario != "offline":
-        raise UsageError("--bare compares an Offline run with the bare batch: add "
-                         "--scenario offline")
+    if args.bare and args.scenario == "server":
+        raise UsageError("--bare compares an Offline or SingleStream run with the bare batch: "
+                         "add --scenario offline or singlestream")
     if args.seed < 0:
         raise UsageError(f"--seed must be >= 0, got {args.seed}")
     return {"workload": workloads[0], "precisions": precisions, "workers": workers,
@@ -214,7 +214,9 @@ class Session:
         else:
             figures = outcome.figures
             row.status = STATUS_OK
-            row.n_samples = int(figures.get("query_count") or 0)
+            # LoadGen samples (queries of items) completed: an Offline run is one LoadGen
+            # query of many samples, so its query_count (in metrics) is 1.
+            row.n_samples = int(outcome.served_sizes.get("count", 0))
             row.median_s, row.mean_s, row.min_s = (figures["p50_s"], figures["mean_s"],
                                                    figures["min_s"])
             row.p90_s, row.p99_s = figures["p90_s"], figures["p99_s"]
@@ -225,7 +227,7 @@ class Session:
             row.samples_per_s = completed * mean_items
             metrics.update(figures)
             metrics["met_sla"] = figures["valid"]
-            share = {index: stats["queries"] / max(1, row.n_samples)
+            share = {index: stats["queries"] / max(1, row.n_samples)  # of samples served
                      for index, stats in outcome.workers.items()}
             metrics["per_worker"] = {str(index): {**stats, "qps": completed * share[index]}
                                      for index, stats in outcome.workers.items()}
@@ -238,8 +240,10 @@ class Session:
 
     def loadgen_run(self, pool, precision: str, workers: int, policy_index: int,
                     scenario: str, qps: float, sla_s: float, min_queries: int,
-                    min_duration_s: float, facts: dict, extra: dict | None = None):
-        """One LoadGen test and its row; (outcome, row)."""
+                    min_duration_s: float, facts: dict, extra: dict | None = None,
+                    measure_bare: bool = False):
+        """One LoadGen test and its row (with the bare batch's time when measure_bare);
+        (outcome, row)."""
         from bench.serve.sut import run_test
 
         self.runs += 1
@@ -253,6 +257,8 @@ class Session:
                 f"{scenario}-{qps:.6g}"
         outcome = run_test(pool, self.table, settings, self.directory / "loadgen" / label,
                            self.args.stall_timeout)
+        if measure_bare and not outcome.error:
+            extra = {**(extra or {}), "metrics": _bare_metrics(pool, outcome)}
         row = self.row(precision, workers, policy, settings, facts, outcome, extra=extra)
         _progress(row, policy, workers)
         return outcome, row
@@ -279,16 +285,17 @@ def serve_setting(session: Session, pool, precision: str, workers: int, facts: d
     sla_default_s = (choices["slas"][0] if choices["slas"] else DEFAULT_SLA_MS) / 1e3
     for policy_index, policy in enumerate(choices["policies"]):
         def run(scenario, qps, sla_s, min_queries=args.min_queries,
-                min_duration_s=args.min_duration, extra=None, policy_index=policy_index):
+                min_duration_s=args.min_duration, extra=None, policy_index=policy_index,
+                measure_bare=False):
             return session.loadgen_run(pool, precision, workers, policy_index, scenario, qps,
-                                       sla_s, min_queries, min_duration_s, facts, extra)
+                                       sla_s, min_queries, min_duration_s, facts, extra,
+                                       measure_bare)
 
         if args.scenario != "server":
-            outcome, row = run(args.scenario, (choices["qps"] or [1.0])[0], sla_default_s)
+            outcome, row = run(args.scenario, (choices["qps"] or [1.0])[0], sla_default_s,
+                               measure_bare=args.bare and workers == 1)
             if row.status != STATUS_OK:
                 return False
-            if args.bare and workers == 1:
-                _record_bare(session, pool, row, outcome)
             continue
         for qps in choices["qps"]:
             outcome, row = run("server", qps, sla_default_s)
@@ -334,28 +341,23 @@ def _judged(outcome, percentile: float) -> float:
     return outcome.figures["max_s"]
 
 
-def _record_bare(session: Session, pool, row: ResultRow, outcome) -> None:
-    """Add the bare dlrm_infer batch time and the serving overhead to an Offline row."""
+def _bare_metrics(pool, outcome) -> dict:
+    """The bare dlrm_infer batch time (the op's own closure, timed in the worker by the
+    project's timing) and the overhead of the serving path over it, per item."""
     from bench.serve.sut import bare_forward
 
     bare = bare_forward(pool, 1.0)
-    if bare is None:
-        return
-    metrics = json.loads(row.metrics)
-    served_s_per_item = 1.0 / row.samples_per_s
+    served_items_per_s = (outcome.figures.get("completed_qps", math.nan)
+                          * outcome.served_sizes.get("mean", math.nan))
+    if bare is None or not served_items_per_s > 0:
+        return {"bare_dlrm_infer": "not measured (the worker did not answer)"}
     bare_s_per_item = bare["median_s"] / bare["samples"]
-    metrics["bare_dlrm_infer"] = {**bare, "s_per_item": bare_s_per_item}
-    metrics["serving_overhead"] = served_s_per_item / bare_s_per_item - 1.0
-    row.metrics = dumps_compact(metrics)
-    # The row was flushed already; the overhead goes in a second row of its own kind.
-    extra_row = ResultRow(**{**row.__dict__, "task_key": row.task_key + "-bare",
-                             "metrics": row.metrics})
-    extra_row.params = dumps_compact({**json.loads(row.params), "role": "overhead"})
-    session.writer.write(extra_row)
-    session.rows.append(extra_row)
+    overhead = 1.0 / served_items_per_s / bare_s_per_item - 1.0
     print(f"  bare dlrm_infer batch of {bare['samples']}: {bare['median_s'] * 1e3:.4g} ms; "
-          f"served {served_s_per_item * bare['samples'] * 1e3:.4g} ms per {bare['samples']} "
-          f"items: overhead {metrics['serving_overhead'] * 100:+.1f}%", file=sys.stderr)
+          f"served: {bare['samples'] / served_items_per_s * 1e3:.4g} ms per {bare['samples']} "
+          f"items; serving overhead {overhead * 100:+.1f}%", file=sys.stderr)
+    return {"bare_dlrm_infer": {**bare, "s_per_item": bare_s_per_item},
+            "serving_overhead": overhead}
 
 
 def main(argv: list[str]) -> int:
