@@ -12,7 +12,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from bench.records import write_atomic
-from reports import plots, tables, workingset
+from reports import plots, serving, tables, workingset
 from reports.html import FigureBlock, NoteBlock, Section, TableBlock, render_page
 
 REPORT_TITLE = "dlrm-bench report"
@@ -278,8 +278,18 @@ def build_sections(runs: list[tables.Run]) -> list[Section]:
         working_set_section(frame, primary.env),
         precision_section(frame),
         comparison_section(runs),
+        *serving_sections(primary),
         problems_section(frame),
     ]
+
+
+def serving_sections(run: tables.Run) -> list[Section]:
+    """LoadGen's latency percentiles vs offered QPS, for a run of `run_bench.py serve`."""
+    if not serving.serving_points(run.rows):
+        return []
+    return [figure_section("Serving under a latency bound", "serving", figure_block(
+        "serving-latency", "LoadGen latency percentiles vs offered QPS per serving setting, "
+        "the SLA marked", lambda: serving.latency_figure(run.rows)))]
 
 
 def figure_blocks(sections: list[Section]) -> list[FigureBlock]:

@@ -70,7 +70,7 @@ def test_server_rows_hold_loadgens_figures_and_an_overload_ends_invalid(tmp_path
             assert metrics["result"] == "INVALID" and not metrics["perf_constraints_met"]
         if params["batching"] == "on":
             assert row.batch_size == 16
-    assert (directory / "report" / "serving_latency.png").stat().st_size > 0
+    assert (directory / "report" / "fig-serving-latency.png").stat().st_size > 0
 
 
 @pytest.mark.slow

@@ -403,7 +403,7 @@ def main(argv: list[str]) -> int:
             print(f"interrupted: finished rows are in {directory / 'results.csv'}",
                   file=sys.stderr)
             return 130
-    _write_report(directory, session.rows, summary)
+    _write_report(directory, summary)
     errors = sum(row.status == STATUS_ERROR for row in session.rows)
     print(f"{len(session.rows)} rows in {directory / 'results.csv'}", file=sys.stderr)
     if errors == len(session.rows):
@@ -411,14 +411,11 @@ def main(argv: list[str]) -> int:
     return EXIT_SOME_ERRORED if errors else 0
 
 
-def _write_report(directory: Path, rows: list[ResultRow], summary: list[str]) -> None:
-    """The latency-vs-QPS figure and the search summary in the run's report folder."""
-    from reports.serving import latency_png
+def _write_report(directory: Path, summary: list[str]) -> None:
+    """The run's report (its latency-vs-QPS figure) and the search summary."""
+    from bench.commands.sweep import _build_report
 
-    report = directory / "report"
-    png = latency_png(rows)
-    if png is not None:
-        write_atomic(report / "serving_latency.png", png)
     if summary:
-        write_atomic(report / "serving_summary.md", "\n".join(f"- {line}" for line in summary)
-                     + "\n")
+        write_atomic(directory / "report" / "serving_summary.md",
+                     "\n".join(f"- {line}" for line in summary) + "\n")
+    _build_report(directory)
