@@ -83,7 +83,7 @@ def test_a_worker_crash_ends_the_run_with_an_error_row(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--qps", "10", "--workers", "64"], "CPUs"),
+    (["--qps", "10", "--workers", "100000"], "CPUs"),
     ([], "needs --qps"),
     (["--qps", "10", "--query-size", "zipf:3"], "--query-size"),
     (["--qps", "10", "--impl", "nope"], "dlrm_infer impl"),
