@@ -42,6 +42,10 @@ class Prepared:
     error_bound: Optional[Callable[[Any], Any]] = None
     accuracy: Optional[Callable[[], dict]] = None  # model-level quality (auc, logloss...)
     flush_between_reps: bool = False  # GPU: evict L2 between repetitions (lookup ops)
+    # Whole-model inference: the function `check` runs, on any batch (fp32 dense as
+    # batch_tensors makes it, indices and offsets per table) -> logits; serving (bench/serve)
+    # feeds it the batches it forms.
+    forward: Optional[Callable[..., Any]] = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,7 +12,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from bench.records import write_atomic
-from reports import dist, plots, tables, workingset
+from reports import dist, plots, serving, tables, workingset
 from reports.html import FigureBlock, NoteBlock, Section, TableBlock, render_page
 
 REPORT_TITLE = "dlrm-bench report"
@@ -285,6 +285,7 @@ def build_sections(runs: list[tables.Run]) -> list[Section]:
         precision_section(frame),
         comparison_section(runs),
         distributed_section(primary.rows),
+        *serving_sections(primary),
         problems_section(frame),
     ]
 
@@ -299,6 +300,15 @@ def distributed_section(rows) -> Section:
         blocks.append(figure_block("dist-scaling", "Measured and PREDICTED step time by ranks",
                                    lambda: dist.scaling_figure(rows)))
     return Section("Distributed (hybrid parallel)", "distributed", blocks)
+
+
+def serving_sections(run: tables.Run) -> list[Section]:
+    """LoadGen's latency percentiles vs offered QPS, for a run of `run_bench.py serve`."""
+    if not serving.serving_points(run.rows):
+        return []
+    return [figure_section("Serving under a latency bound", "serving", figure_block(
+        "serving-latency", "LoadGen latency percentiles vs offered QPS per serving setting, "
+        "the SLA marked", lambda: serving.latency_figure(run.rows)))]
 
 
 def figure_blocks(sections: list[Section]) -> list[FigureBlock]:

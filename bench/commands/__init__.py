@@ -17,6 +17,7 @@ SUBCOMMANDS = {"report": "report", "check": "check", "analyze": "analyze",
                "tt-study": "tt_study", "locality": "locality"}
 SUBCOMMANDS["reference"] = "reference"  # the public DLRM reference beside ours (issue 12)
 SUBCOMMANDS["dist"] = "dist"  # hybrid-parallel DLRM over torchrun ranks (issue 13)
+SUBCOMMANDS["serve"] = "serve"  # MLPerf LoadGen serving (issue 14)
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 

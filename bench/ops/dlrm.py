@@ -436,6 +436,12 @@ def _model_flops(workload, traffic: dict) -> float:
             + (traffic["lookups"] - expected_lookups) * workload.dim + traffic["tt_flops"])
 
 
+def serving_forward(infer, precision: str):
+    """infer taking fp32 dense features (as batch_tensors makes them) at any precision."""
+    dtype = input_dtype(precision)
+    return lambda dense, indices, offsets: infer(dense.to(dtype), indices, offsets)
+
+
 def build_infer(context: BuildContext, layout: str,
                 prepare: Optional[Callable[[DLRM], DLRM]] = None) -> Prepared:
     """Inference of the calibrated teacher DLRM at a precision, plus its accuracy effects;
@@ -484,6 +490,7 @@ def build_infer(context: BuildContext, layout: str,
     return Prepared(
         run=cycling(calls),
         check=calls[0],
+        forward=serving_forward(infer, precision),
         reference=lambda: reference_logits(fp32_model, *batch_tensors(batch, torch.device("cpu"))),
         samples=batch_size,
         flops=_model_flops(workload, traffic),

@@ -17,7 +17,7 @@ from bench.ops.dlrm import (LEARNING_RATE, _after_step, _model_bytes, _model_flo
                             _precision_params, embedding_traffic, inference_bytes,
                             model_at_precision, model_rotation_plan, reference_logits,
                             reference_train_step, rotating_batches, rotating_labelled_batches,
-                            train_step, training_bytes)
+                            serving_forward, train_step, training_bytes)
 from bench.ops.fc import input_dtype
 from bench.registry import BuildContext, Prepared, Unsupported, impl
 
@@ -133,6 +133,7 @@ def build_compiled_infer(context: BuildContext) -> Prepared:
     calls = [functools.partial(infer, *item) for item in inputs]
     return Prepared(
         run=cycling(calls), check=calls[0],
+        forward=serving_forward(infer, precision),
         reference=lambda: reference_logits(fp32_model, *batch_tensors(batches[0], CPU)),
         samples=workload.batch_size,
         flops=_model_flops(workload, traffic),

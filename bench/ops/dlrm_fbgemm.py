@@ -362,6 +362,7 @@ def build_tbe_infer(context: BuildContext) -> Prepared:
 
     return Prepared(
         run=cycling(calls), check=check, reference=reference, samples=workload.batch_size,
+        forward=infer,
         flops=_model_flops(workload, traffic),
         bytes_moved=sum(bytes_parts.values()),
         params={"layout": "fbgemm_tbe", "mlp": "fp32",

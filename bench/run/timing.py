@@ -49,6 +49,11 @@ def time_cpu(fn: Callable[[], Any], policy: TimingPolicy, threads: int,
     return blocks
 
 
+def monotonic_s() -> float:
+    """Seconds on the measuring clock, for deadlines (a batcher's timeout), not for figures."""
+    return timeit.default_timer()
+
+
 def time_each_call(fn: Callable[[], Any], count: int) -> list[float]:
     """Seconds of each of count calls of fn, read from time_cpu's clock (no warm-up, no blocks)."""
     clock = timeit.default_timer

@@ -218,15 +218,16 @@ def _finish(row: ResultRow, task: Task, isa_effective: str, metrics: dict) -> Re
     return row
 
 
-def pin_threads(threads: int, device: str = "cpu") -> list[int]:
-    """Pin a CPU worker to `threads` CPUs and set torch's thread count; returns the CPUs."""
+def pin_threads(threads: int, device: str = "cpu", first: int = 0) -> list[int]:
+    """Pin a CPU worker to `threads` CPUs (from the first-th allowed one: co-located serving
+    workers take disjoint cores) and set torch's thread count; returns the CPUs."""
     allowed = sorted(os.sched_getaffinity(0))
     if device.startswith("cuda"):
         # A GPU worker's host side is the launching thread plus the NVML sampler and the CUDA
         # driver's threads; squeezed onto `threads` cores they would delay kernel launches.
         torch.set_num_threads(threads)
         return allowed
-    chosen = allowed[:threads]
+    chosen = allowed[first:first + threads]
     os.sched_setaffinity(0, chosen)
     torch.set_num_threads(threads)
     return chosen

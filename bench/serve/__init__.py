@@ -1,0 +1,1 @@
+"""LoadGen-driven serving of DLRM inference: query sizes, dynamic batching, co-located workers."""
