@@ -254,18 +254,26 @@ def run_study(workload: WorkloadSpec, tt_tables_list: Sequence[int], ranks: Sequ
               caches: Sequence[str] = ("lfu",), progress: bool = True,
               eval_batches: int = EVAL_BATCHES,
               validation_batches: int = DEFAULT_VALIDATION_BATCHES,
-              eval_every: int | None = None, patience: int = DEFAULT_PATIENCE) -> pd.DataFrame:
+              eval_every: int | None = None, patience: int = DEFAULT_PATIENCE,
+              configs: Sequence[tuple[int, int, str]] | None = None) -> pd.DataFrame:
     """Per seed, train the dense model and every (K, rank, cache) TT model on the same
     teacher-labelled stream with early stopping; write tt_study.csv (after every model),
-    then tt_study.md / tt_study_summary.csv / tt_study.png."""
+    then tt_study.md / tt_study_summary.csv / tt_study.png. `configs` (K, rank, cache) replaces
+    the K x rank x cache grid."""
     tt_tables_list, ranks = list(dict.fromkeys(tt_tables_list)), list(dict.fromkeys(ranks))
     caches, seeds = list(dict.fromkeys(caches)), list(dict.fromkeys(seeds))
     eval_every = eval_every or min(DEFAULT_EVAL_EVERY, budget)
     validate(workload, tt_tables_list, ranks, caches, seeds, budget, batch_size, eval_every,
              patience)
     steps, eval_every_steps = budget // batch_size, max(1, eval_every // batch_size)
-    configs = [(0, 0, "n/a")] + [(count, rank, cache) for count in tt_tables_list
-                                 for rank in ranks for cache in caches]
+    if configs is None:
+        configs = [(count, rank, cache) for count in tt_tables_list for rank in ranks
+                   for cache in caches]
+    else:
+        validate(workload, sorted({count for count, _, _ in configs}),
+                 sorted({rank for _, rank, _ in configs}), sorted({c for _, _, c in configs}),
+                 seeds, budget, batch_size, eval_every, patience)
+    configs = [(0, 0, "n/a")] + list(dict.fromkeys(configs))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     records: list[dict] = []
@@ -327,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cache", default=DEFAULT_CACHES,
                         help=f"comma-separated TT cache policies, lfu/lru/none (default "
                              f"{DEFAULT_CACHES}; lfu and lru hold 10%% of the rows)")
+    parser.add_argument("--configs",
+                        help="comma-separated K:RANK:CACHE students instead of the --tt-tables x "
+                             "--tt-rank x --cache grid, e.g. 7:16:lfu,7:16:none,3:16:lfu")
     parser.add_argument("--seeds", default=DEFAULT_SEEDS,
                         help=f"comma-separated seeds: teacher, data and student init "
                              f"(default {DEFAULT_SEEDS})")
@@ -361,6 +372,22 @@ def parse_counts(flag: str, text: str) -> list[int]:
     return values
 
 
+def parse_configs(text: str) -> list[tuple[int, int, str]]:
+    """K:RANK:CACHE items; ValueError names the flag and the bad item."""
+    configs = []
+    for item in (part.strip() for part in text.split(",") if part.strip()):
+        pieces = item.split(":")
+        try:
+            if len(pieces) != 3:
+                raise ValueError
+            configs.append((int(pieces[0]), int(pieces[1]), pieces[2]))
+        except ValueError:
+            raise ValueError(f"--configs {item!r}: write K:RANK:CACHE, e.g. 7:16:lfu") from None
+    if not configs:
+        raise ValueError("--configs: give at least one K:RANK:CACHE")
+    return configs
+
+
 def main(argv: list[str]) -> int:
     """Run the study from the command line; bad input is one stderr line and exit 2."""
     args = build_parser().parse_args(argv)
@@ -369,6 +396,11 @@ def main(argv: list[str]) -> int:
         ranks = parse_counts("--tt-rank", args.tt_rank)
         seeds = parse_counts("--seeds", args.seeds)
         caches = [part.strip() for part in args.cache.split(",") if part.strip()]
+        configs = parse_configs(args.configs) if args.configs else None
+        if configs:
+            tt_tables_list = sorted({count for count, _, _ in configs})
+            ranks = sorted({rank for _, rank, _ in configs})
+            caches = sorted({cache for _, _, cache in configs})
         for flag, value in (("--eval-batches", args.eval_batches),
                             ("--validation-batches", args.validation_batches),
                             ("--max-rows", args.max_rows)):
@@ -389,7 +421,7 @@ def main(argv: list[str]) -> int:
     frame = run_study(workload, tt_tables_list, ranks, seeds, args.budget, args.batch_size, out,
                       caches=caches, progress=True, eval_batches=args.eval_batches,
                       validation_batches=args.validation_batches, eval_every=eval_every,
-                      patience=args.patience)
+                      patience=args.patience, configs=configs)
     print(f"wrote {out / CSV_NAME} ({len(frame)} trained models), tt_study_summary.csv, "
           "tt_study.md and tt_study.png")
     return 0

@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn import functional
 
 from bench.models.ttrec.cache import CACHE_POLICIES, RowCache
+from bench.models.ttrec.fused import fused_tt_rows, stacked_digits
 from bench.models.ttrec.factorize import (
     factorize_dim,
     factorize_rows,
@@ -17,6 +18,9 @@ from bench.models.ttrec.factorize import (
     tt_parameter_count,
 )
 
+# How rows are reconstructed from the cores: "reference" (per-op autograd graph) or "fused"
+# (one autograd node with a hand-written bmm backward, bench.models.ttrec.fused).
+TT_KERNELS = ("reference", "fused")
 # full_weight() reconstructs in chunks so a medium table does not need a huge bmm intermediate.
 RECONSTRUCT_CHUNK_ROWS = 65536
 
@@ -130,8 +134,12 @@ class TTEmbeddingBag(nn.Module):
         cache_warm_up_steps: int = 0,
         validate_indices: bool = True,
         sparse_cache_gradient: bool = False,
+        kernel: str = "reference",
     ) -> None:
         super().__init__()
+        if kernel not in TT_KERNELS:
+            raise ValueError(f"kernel must be one of {TT_KERNELS}, got {kernel!r}")
+        self.kernel = kernel
         if cache_policy not in CACHE_POLICIES:
             raise ValueError(f"cache_policy must be one of {CACHE_POLICIES}, got {cache_policy!r}")
         # Explicit factors fix the number of cores.
@@ -248,8 +256,10 @@ class TTEmbeddingBag(nn.Module):
     # ----------------------------------------------------------------------------- rows
     def reconstruct_rows(self, row_ids: torch.Tensor) -> torch.Tensor:
         """Return the TT (uncached) rows [len(row_ids), dim]; differentiable w.r.t. the cores."""
-        return reconstruct_tt_rows(list(self.cores), row_ids.to(self.cores[0].device),
-                                   self.row_factors)
+        row_ids = row_ids.to(self.cores[0].device)
+        if self.kernel == "fused":
+            return fused_tt_rows(list(self.cores), stacked_digits(row_ids, self.row_factors))
+        return reconstruct_tt_rows(list(self.cores), row_ids, self.row_factors)
 
     def full_weight(self) -> torch.Tensor:
         """Return the dense [num_rows, dim] TT reconstruction (cache ignored; small tables)."""
@@ -355,4 +365,5 @@ class TTEmbeddingBag(nn.Module):
         """Return a summary of the table shape, factors, ranks and cache."""
         cache = "none" if self.cache is None else f"{self.cache_policy}:{self.cache.capacity}"
         return (f"num_rows={self.num_rows}, dim={self.dim}, row_factors={self.row_factors}, "
-                f"dim_factors={self.dim_factors}, ranks={self.ranks}, cache={cache}")
+                f"dim_factors={self.dim_factors}, ranks={self.ranks}, cache={cache}, "
+                f"kernel={self.kernel}")
