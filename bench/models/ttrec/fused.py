@@ -68,7 +68,10 @@ class FusedTTRows(torch.autograd.Function):
 
 def fused_tt_rows(cores: Sequence[torch.Tensor], digits: torch.Tensor) -> torch.Tensor:
     """Rows [B, prod d_k] for digits [K, B] (i_1 first) through the fused autograd node."""
-    return FusedTTRows.apply(digits, *cores)
+    # The chain runs in the cores' dtype: under autocast a bf16 bmm output would meet the
+    # fp32 core gradients in backward's index_add_ (and the TT product is a tiny share of a step).
+    with torch.autocast(device_type=cores[0].device.type, enabled=False):
+        return FusedTTRows.apply(digits, *cores)
 
 
 def stacked_digits(row_ids: torch.Tensor, row_factors: Sequence[int]) -> torch.Tensor:
