@@ -186,7 +186,7 @@ def render_markdown(frame: pd.DataFrame, summary: pd.DataFrame | None = None) ->
             summary_table(summary),
             "",
             "- Differences are paired: each TT model minus the dense model of its own seed "
-            f"(same teacher, stream and MLP initialisation); the interval is Student's t over "
+            "(same teacher, stream and MLP initialisation); the interval is Student's t over "
             "the seeds' differences (scipy.stats.t), empty with one seed. Percentages are "
             "relative to the dense student's value; a negative AUC or accuracy difference "
             "and a positive log-loss difference are losses.",

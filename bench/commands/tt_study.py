@@ -1,4 +1,4 @@
-"""TT-Rec accuracy study: dense and TT students with early stopping over seeds, size and accuracy."""
+"""TT-Rec accuracy study: dense and TT students, early stopping, over seeds; size and accuracy."""
 
 from __future__ import annotations
 
@@ -178,7 +178,7 @@ def train_early_stopping(model: DLRM, training: list[tuple], validation, eval_ev
     for start in range(0, len(training), eval_every_steps):
         chunk = iter(training[start:start + eval_every_steps])
 
-        def step() -> None:
+        def step(chunk=chunk) -> None:
             dense, indices, offsets, labels = next(chunk)
             train_step(model, optimizer, dense, indices, offsets, labels)
 
