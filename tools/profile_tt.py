@@ -1,4 +1,4 @@
-"""torch.profiler table of one TT op's timed closure (what remains when a speed target is missed)."""
+"""torch.profiler table of one TT op's timed closure: what remains when a target is missed."""
 
 from __future__ import annotations
 
