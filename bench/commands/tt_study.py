@@ -44,7 +44,7 @@ DEFAULT_SEEDS = "0,1,2"
 # thousands of samples within a budget a CPU can train in minutes (see the README's TT-Rec notes).
 DEFAULT_MAX_ROWS = 20_000
 DEFAULT_DIST = "zipf:1.05"
-DEFAULT_BUDGET = 500_000
+DEFAULT_BUDGET = 768_000
 DEFAULT_BATCH_SIZE = 512
 DEFAULT_EVAL_EVERY = 25_600  # samples between validation passes (50 steps of 512)
 DEFAULT_PATIENCE = 4  # validation passes without a better log-loss before stopping
