@@ -223,7 +223,8 @@ def config_means(frame: pd.DataFrame) -> pd.DataFrame:
     numeric = frame.select_dtypes("number").columns
     grouped = frame.groupby("config", sort=False)
     means = grouped[list(numeric)].mean().reset_index()
-    means["cache"] = grouped.cache.first().values
+    # pandas reads the dense row's "n/a" as missing; a missing group key would drop it.
+    means["cache"] = grouped.cache.first().fillna("n/a").values
     means["workload"] = grouped.workload.first().values
     return means
 
@@ -282,7 +283,7 @@ def render_figure(frame: pd.DataFrame) -> Figure:
 def render_tt_study(csv_path: Path | str, out_dir: Path | str) -> list[Path]:
     """Write tt_study_summary.csv, tt_study.md and tt_study.png for a tt_study.csv; returns
     their paths."""
-    frame = pd.read_csv(csv_path)
+    frame = pd.read_csv(csv_path, keep_default_na=False, na_values=[""])
     if frame.empty:
         raise ValueError(f"{csv_path}: no rows to render")
     summary = difference_summary(frame) if (frame.tt_tables > 0).any() else None
