@@ -192,6 +192,31 @@ def _onednn_weight_gradient_doubled(monkeypatch):
     monkeypatch.setattr(function, "backward", staticmethod(bugged))
 
 
+def _fused_last_digit_off_by_one(monkeypatch):
+    """The fused TT kernel reads the next slice of the last core."""
+    real = bench.models.ttrec.tt_embedding.stacked_digits
+
+    def bugged(row_ids, row_factors):
+        digits = real(row_ids, row_factors).clone()
+        digits[-1] = (digits[-1] + 1) % row_factors[-1]
+        return digits
+
+    monkeypatch.setattr(bench.models.ttrec.tt_embedding, "stacked_digits", bugged)
+
+
+def _fused_backward_first_core_dropped(monkeypatch):
+    """The fused TT backward returns no gradient for the first core."""
+    from bench.models.ttrec.fused import FusedTTRows
+
+    real = FusedTTRows.backward
+
+    def bugged(ctx, grad_rows):
+        grads = real(ctx, grad_rows)
+        return (grads[0], None, *grads[2:])
+
+    monkeypatch.setattr(FusedTTRows, "backward", staticmethod(bugged))
+
+
 def _matmul_operands_swapped(monkeypatch):
     """The GEMM probe computes B @ A instead of A @ B."""
     real_mm, real_int_mm = torch.mm, torch._int_mm
@@ -246,6 +271,10 @@ PLANTED = [
     ("tt_sls", "tt_cached", {"rank": 16}, FLOAT_PRECISIONS, _tt_middle_core_dropped),
     ("tt_sls", "tt_uncached", {"rank": 16}, FLOAT_PRECISIONS, _tt_middle_core_dropped),
     ("tt_sls", "dense", {"rank": 16}, FLOAT_PRECISIONS, _row_off_by_one),
+    ("tt_sls", "tt_fused", {"rank": 16}, FLOAT_PRECISIONS, _fused_last_digit_off_by_one),
+    ("tt_sls", "tt_cached_lru", {"rank": 16}, FLOAT_PRECISIONS, _tt_last_digit_off_by_one),
+    ("dlrm_train", "tt_fused", TT_VARIANT, FLOAT_PRECISIONS, _fused_last_digit_off_by_one),
+    ("dlrm_train", "tt_fused", TT_VARIANT, ("fp32",), _fused_backward_first_core_dropped),
     ("gemm_peak", "matmul", {"size": 64}, ("fp32", "fp16", "bf16", "int8"),
      _matmul_operands_swapped),
 ]

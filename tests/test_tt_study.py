@@ -12,7 +12,7 @@ import pytest
 from bench.run import timing
 from bench.commands import main as cli_main
 from bench.commands.tt_study import paper_embedding_compression, paper_reported, run_study
-from reports.tt_study import render_tt_study
+from reports.tt_study import difference_summary, render_tt_study
 from workloads import presets
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tt_study" / "tt_study.csv"
@@ -25,8 +25,9 @@ RANKS = [2, 4]
 def study(tmp_path_factory) -> tuple[pd.DataFrame, Path]:
     """One small study on the smoke workload, shared by the tests below."""
     out = tmp_path_factory.mktemp("tt_study")
-    frame = run_study(presets.smoke(), TT_TABLES, RANKS, steps=3, batch_size=16, seed=0,
-                      out_dir=out, progress=False, eval_batches=1)
+    frame = run_study(presets.smoke(), TT_TABLES, RANKS, seeds=[0], budget=48, batch_size=16,
+                      out_dir=out, progress=False, eval_batches=1, validation_batches=1,
+                      eval_every=16, patience=1)
     return frame, out
 
 
@@ -36,7 +37,49 @@ def test_one_row_per_configuration_plus_dense(study):
                                   "tt K=2 R=4"]
     assert list(frame.tt_tables) == [0, 1, 1, 2, 2]
     assert pd.isna(frame["rank"].iloc[0]) and list(frame["rank"].iloc[1:]) == [2, 4, 2, 4]
-    assert (frame.steps == 3).all() and (frame.batch_size == 16).all()
+    assert (frame.budget_samples == 48).all() and (frame.batch_size == 16).all()
+    # Early stopping: at most the budget's 3 steps, the kept state is a validated one.
+    assert frame.steps_trained.between(1, 3).all()
+    assert (frame.best_step <= frame.steps_trained).all() and (frame.best_step >= 1).all()
+
+
+def test_seeds_and_caches_pair_each_student_with_its_seeds_dense(tmp_path):
+    frame = run_study(presets.smoke(), [1], [2], seeds=[0, 1], budget=32, batch_size=16,
+                      out_dir=tmp_path, caches=["lfu", "none"], progress=False,
+                      eval_batches=1, validation_batches=1, eval_every=16, patience=1)
+    assert list(frame.config) == ["dense", "tt K=1 R=2", "tt K=1 R=2 no cache"] * 2
+    assert list(frame.seed) == [0, 0, 0, 1, 1, 1]
+    assert list(frame.cache) == ["n/a", "lfu", "none"] * 2
+    summary = pd.read_csv(tmp_path / "tt_study_summary.csv")
+    assert list(summary.config) == ["tt K=1 R=2", "tt K=1 R=2 no cache"]
+    assert (summary.seeds == 2).all()
+    for seed in (0, 1):
+        rows = frame[frame.seed == seed].set_index("config")
+        difference = rows.auc["tt K=1 R=2"] - rows.auc["dense"]
+        assert frame[frame.seed == seed].embedding_compression.iloc[0] == 1.0
+        assert math.isfinite(difference)
+    markdown = (tmp_path / "tt_study.md").read_text()
+    assert "t-interval" in markdown and "0.03% to 0.3%" in markdown
+
+
+def test_difference_summary_is_a_paired_t_interval_over_seeds():
+    rows = []
+    for seed, (dense_auc, tt_auc) in enumerate([(0.70, 0.69), (0.72, 0.70), (0.71, 0.71)]):
+        for config, tables, auc in (("dense", 0, dense_auc), ("tt K=7 R=16", 7, tt_auc)):
+            rows.append({"config": config, "seed": seed, "tt_tables": tables, "rank": 16,
+                         "cache": "lfu", "auc": auc, "logloss": 0.5, "accuracy": 0.75,
+                         "embedding_compression": 1.0, "steps_trained": 10,
+                         "stopped_early": True, "tt_hit_rate": 0.5})
+    summary = difference_summary(pd.DataFrame(rows)).iloc[0]
+    differences = [-0.01, -0.02, 0.0]
+    mean = sum(differences) / 3
+    # t(0.975, 2) = 4.3027; the standard error of [-0.01, -0.02, 0] is 0.01 / sqrt(3).
+    half_width = 4.302652729911275 * 0.01 / math.sqrt(3)
+    assert summary.auc_diff == pytest.approx(mean)
+    assert summary.auc_diff_low == pytest.approx(mean - half_width)
+    assert summary.auc_diff_high == pytest.approx(mean + half_width)
+    assert summary.logloss_diff == 0 and summary.logloss_diff_low == 0
+    assert summary.seeds == 3 and summary.stopped_early == 3
 
 
 def test_sizes_and_compressions_are_consistent(study):
@@ -94,11 +137,12 @@ def test_render_from_fixture(tmp_path):
     csv_path = tmp_path / "tt_study.csv"
     shutil.copy(FIXTURE, csv_path)
     paths = render_tt_study(csv_path, tmp_path / "out")
-    assert [path.name for path in paths] == ["tt_study.md", "tt_study.png"]
-    markdown = paths[0].read_text()
-    assert "| tt K=7 R=32 | 8.58 | 9.54 | 4.4x | 4.1x | 117.4x | 117.0x | 0.5680 |" in markdown
+    assert [path.name for path in paths] == ["tt_study_summary.csv", "tt_study.md",
+                                             "tt_study.png"]
+    markdown = paths[1].read_text()
+    assert "| tt K=7 R=32 | 0 | 8.58 | 9.54 | 4.4x | 4.1x | 117.4x | 117.0x |" in markdown
     assert "~4.0x" in markdown and "teacher-labelled" in markdown
-    assert paths[1].read_bytes().startswith(PNG_SIGNATURE)
+    assert paths[2].read_bytes().startswith(PNG_SIGNATURE)
 
 
 def test_time_each_call_returns_one_positive_time_per_call():
@@ -118,7 +162,9 @@ def _exit_code(argv: list[str]) -> int:
 
 @pytest.mark.parametrize("argv", [["--tt-rank", "x"], ["--tt-tables", "0"],
                                   ["--workload", "smoke", "--tt-tables", "4"],
-                                  ["--steps", "0"], ["--steps", "many"]])
+                                  ["--budget", "0"], ["--budget", "many"],
+                                  ["--seeds", "-1"], ["--cache", "fifo"],
+                                  ["--configs", "7:x"], ["--patience", "0"]])
 def test_cli_rejects_bad_input(argv, capsys, tmp_path):
     assert _exit_code(["tt-study", *argv, "--out", str(tmp_path / "out")]) == 2
     error = capsys.readouterr().err

@@ -1,8 +1,9 @@
-"""TT-Rec trade-off study: embedding size against accuracy and training-step time per (K, rank)."""
+"""TT-Rec accuracy study: dense and TT students, early stopping, over seeds; size and accuracy."""
 
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import sys
 from pathlib import Path
@@ -17,21 +18,37 @@ from bench.models import quality
 from bench.run import timing
 from bench.models.dlrm import DLRM, batch_tensors, build_dlrm
 from bench.ops.dlrm import EVAL_BATCHES, LEARNING_RATE, train_step, warm_up_tt
-from bench.models.teacher import EVAL_FIRST_BATCH, evaluation_set, label_batches, teacher_model
+from bench.models.teacher import (EVAL_BATCH_SIZE, EVAL_FIRST_BATCH, evaluation_set,
+                                  label_batches, teacher_model)
+from bench.models.ttrec import CACHE_POLICIES
 from bench.models.ttrec.factorize import embedding_compression_ratio
+from bench.commands.sweep import OneLineParser
 from workloads import presets
 from workloads.specs import IndexDistribution, SpecError, WorkloadSpec
 
 TRAIN_FIRST_BATCH = 100  # training batches are 100, 101, ...: clear of the TT warm-up batches
+# Validation (early stopping) batches: clear of training (< 20,000), of the test set (20,000 on,
+# teacher.EVAL_FIRST_BATCH) and of the calibration batch (10,000).
+VALIDATION_FIRST_BATCH = 30_000
 # The TT-Rec paper's Kaggle dim and its published embedding compressions.
 PAPER_DIM = 16
 PAPER_REPORTED = {(7, 32): 117.0, (7, 8): 221.0}
 PAPER_REPORTED_ANY_RANK = {3: 4.0}  # 3 tables give about 4x at every rank (rank barely matters)
-DEFAULT_TT_TABLES = "3,5,7"
+# The paper's accuracy cost on Kaggle: 0.03% to 0.3% (relative), quoted beside the differences.
+PAPER_ACCURACY_LOSS_PERCENT = (0.03, 0.3)
+DEFAULT_TT_TABLES = "3,7"
 DEFAULT_TT_RANKS = "8,16,32"
-DEFAULT_MAX_ROWS = 100_000
-DEFAULT_STEPS = 200
+DEFAULT_CACHES = "lfu,none"
+DEFAULT_SEEDS = "0,1,2"
+# Students learn the rows they see often: a Zipf stream over capped tables gives the hot rows
+# thousands of samples within a budget a CPU can train in minutes (see the README's TT-Rec notes).
+DEFAULT_MAX_ROWS = 20_000
+DEFAULT_DIST = "zipf:1.05"
+DEFAULT_BUDGET = 768_000
 DEFAULT_BATCH_SIZE = 512
+DEFAULT_EVAL_EVERY = 25_600  # samples between validation passes (50 steps of 512)
+DEFAULT_PATIENCE = 4  # validation passes without a better log-loss before stopping
+DEFAULT_VALIDATION_BATCHES = 4  # x 2048 samples
 CSV_NAME = "tt_study.csv"
 PROGRAM = "run_bench.py tt-study"
 
@@ -51,7 +68,8 @@ def paper_reported(tt_tables: int, rank: int) -> float:
 
 
 def validate(workload: WorkloadSpec, tt_tables_list: Sequence[int], ranks: Sequence[int],
-             steps: int, batch_size: int) -> None:
+             caches: Sequence[str], seeds: Sequence[int], budget: int, batch_size: int,
+             eval_every: int, patience: int) -> None:
     """Raise ValueError with a one-line reason for settings the study cannot run."""
     tables = len(workload.tables)
     for count in tt_tables_list:
@@ -63,12 +81,25 @@ def validate(workload: WorkloadSpec, tt_tables_list: Sequence[int], ranks: Seque
             raise ValueError(f"--tt-rank {rank}: ranks must be >= 1")
     if tt_tables_list and not ranks:
         raise ValueError("--tt-rank: give at least one rank")
-    # Training batches must stay below the evaluation batches so no evaluated sample is trained on.
-    most_steps = EVAL_FIRST_BATCH - TRAIN_FIRST_BATCH
-    if not 1 <= steps <= most_steps:
-        raise ValueError(f"--steps {steps}: give 1..{most_steps}")
+    for cache in caches:
+        if cache not in CACHE_POLICIES:
+            raise ValueError(f"--cache {cache!r}: choose from {', '.join(CACHE_POLICIES)}")
+    if not seeds:
+        raise ValueError("--seeds: give at least one seed")
+    if any(seed < 0 for seed in seeds):
+        raise ValueError(f"--seeds {seeds}: seeds must be >= 0")
     if batch_size < 1:
         raise ValueError(f"--batch-size {batch_size}: must be >= 1")
+    # Training batches must stay below the test batches so no evaluated sample is trained on.
+    most_samples = (EVAL_FIRST_BATCH - TRAIN_FIRST_BATCH) * batch_size
+    if not batch_size <= budget <= most_samples:
+        raise ValueError(f"--budget {budget}: give {batch_size}..{most_samples} samples "
+                         f"(at least one batch of {batch_size})")
+    if not batch_size <= eval_every <= budget:
+        raise ValueError(f"--eval-every {eval_every}: give {batch_size}..{budget} samples "
+                         "(one batch up to the budget)")
+    if patience < 1:
+        raise ValueError(f"--patience {patience}: must be >= 1")
 
 
 def training_data(workload: WorkloadSpec, seed: int, steps: int, batch_size: int) -> list[tuple]:
@@ -80,6 +111,14 @@ def training_data(workload: WorkloadSpec, seed: int, steps: int, batch_size: int
     return [(*batch_tensors(item.batch, cpu), torch.from_numpy(item.labels)) for item in labelled]
 
 
+def validation_set(workload: WorkloadSpec, seed: int, num_batches: int) -> list:
+    """Teacher-labelled batches for early stopping, disjoint from training and test batches."""
+    teacher = teacher_model(workload, seed)
+    return label_batches(teacher, workload, seed,
+                         range(VALIDATION_FIRST_BATCH, VALIDATION_FIRST_BATCH + num_batches),
+                         EVAL_BATCH_SIZE)
+
+
 def predict(model: DLRM, labelled) -> np.ndarray:
     """Predicted CTRs (float64 sigmoid of the logits) over labelled batches."""
     outputs = []
@@ -88,6 +127,17 @@ def predict(model: DLRM, labelled) -> np.ndarray:
             logits = model(*batch_tensors(item.batch, torch.device("cpu")))
             outputs.append(torch.sigmoid(logits.double()).numpy())
     return np.concatenate(outputs)
+
+
+def scores(model: DLRM, labelled) -> dict:
+    """Log-loss, AUC and accuracy of a model's predictions over labelled batches."""
+    was_training = model.training
+    model.eval()
+    labels = np.concatenate([item.labels for item in labelled])
+    predicted = predict(model, labelled)
+    model.train(was_training)
+    return {"logloss": quality.logloss(labels, predicted), "auc": quality.auc(labels, predicted),
+            "accuracy": quality.accuracy(labels, predicted)}
 
 
 def model_sizes(model: DLRM) -> dict:
@@ -108,46 +158,78 @@ def model_sizes(model: DLRM) -> dict:
             "tt_core_bytes": tt_core_bytes, "cache_bytes": cache_bytes}
 
 
-def config_name(tt_tables: int, rank: int) -> str:
-    """'dense' or 'tt K=.. R=..'."""
-    return "dense" if tt_tables == 0 else f"tt K={tt_tables} R={rank}"
+def config_name(tt_tables: int, rank: int, cache: str = "lfu") -> str:
+    """'dense' or 'tt K=.. R=..' (plus ' no cache' / ' lru' for other cache policies)."""
+    if tt_tables == 0:
+        return "dense"
+    suffix = {"lfu": "", "none": " no cache"}.get(cache, f" {cache}")
+    return f"tt K={tt_tables} R={rank}{suffix}"
 
 
-def run_config(workload: WorkloadSpec, seed: int, tt_tables: int, rank: int,
-               training: list[tuple], evaluation) -> dict:
-    """Train one student on the shared batches and measure its size, accuracy and step times."""
-    settings = {"tt_tables": tt_tables, "tt_rank": rank} if tt_tables else {}
+def train_early_stopping(model: DLRM, training: list[tuple], validation, eval_every_steps: int,
+                         patience: int) -> dict:
+    """SGD over the training batches, validating every eval_every_steps steps; stops after
+    `patience` validations without a lower log-loss and restores the best validated state."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
+    model.train()
+    step_seconds: list[float] = []
+    best = {"logloss": float("inf"), "step": 0, "state": copy.deepcopy(model.state_dict())}
+    since_best, steps_done, stopped_early = 0, 0, False
+    for start in range(0, len(training), eval_every_steps):
+        chunk = iter(training[start:start + eval_every_steps])
+
+        def step(chunk=chunk) -> None:
+            dense, indices, offsets, labels = next(chunk)
+            train_step(model, optimizer, dense, indices, offsets, labels)
+
+        count = min(eval_every_steps, len(training) - start)
+        step_seconds += timing.time_each_call(step, count)
+        steps_done += count
+        validation_logloss = scores(model, validation)["logloss"]
+        if validation_logloss < best["logloss"]:
+            best = {"logloss": validation_logloss, "step": steps_done,
+                    "state": copy.deepcopy(model.state_dict())}
+            since_best = 0
+        else:
+            since_best += 1
+            if since_best >= patience:
+                stopped_early = True
+                break
+    model.load_state_dict(best["state"])
+    return {"steps_trained": steps_done, "best_step": best["step"],
+            "stopped_early": stopped_early, "validation_logloss": best["logloss"],
+            "step_seconds": step_seconds}
+
+
+def run_config(workload: WorkloadSpec, seed: int, tt_tables: int, rank: int, cache: str,
+               training: list[tuple], validation, test, eval_every_steps: int,
+               patience: int) -> dict:
+    """Train one student with early stopping on the shared batches; measure size and accuracy."""
+    settings = ({"tt_tables": tt_tables, "tt_rank": rank, "tt_cache": cache} if tt_tables
+                else {})
     model = build_dlrm(workload, seed + 1, sparse=True, **settings)
     warm_up_tt(model, workload, seed)
-    optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
-    batches = iter(training)
-
-    def step() -> None:
-        dense, indices, offsets, labels = next(batches)
-        train_step(model, optimizer, dense, indices, offsets, labels)
-
-    model.train()
-    seconds = timing.time_each_call(step, len(training))
-    # Read before evaluation, whose lookups would also count.
+    trained = train_early_stopping(model, training, validation, eval_every_steps, patience)
+    # Read before the test pass, whose lookups would also count.
     hit_rate = model.embeddings.hit_rate() if tt_tables else float("nan")
-    model.eval()
-    labels = np.concatenate([item.labels for item in evaluation])
-    predicted = predict(model, evaluation)
-    summary = timing.summarize(seconds)
-    return {"config": config_name(tt_tables, rank), "tt_tables": tt_tables,
-            "rank": rank if tt_tables else float("nan"), **model_sizes(model),
+    summary = timing.summarize(trained.pop("step_seconds"))
+    return {"config": config_name(tt_tables, rank, cache), "tt_tables": tt_tables,
+            "rank": rank if tt_tables else float("nan"),
+            "cache": cache if tt_tables else "n/a", **model_sizes(model),
             "paper_embedding_compression": paper_embedding_compression(tt_tables, rank),
             "paper_reported": paper_reported(tt_tables, rank) if tt_tables else float("nan"),
-            "logloss": quality.logloss(labels, predicted), "auc": quality.auc(labels, predicted),
+            **scores(model, test), **trained,
             "step_median_s": summary.median_s, "step_iqr_s": summary.iqr_s,
-            "step_total_s": float(sum(seconds)), "tt_hit_rate": hit_rate}
+            "tt_hit_rate": hit_rate}
 
 
-COLUMNS = ["config", "tt_tables", "rank", "steps", "batch_size", "embedding_bytes", "model_bytes",
-           "embedding_compression", "model_compression", "paper_embedding_compression",
-           "paper_reported", "logloss", "auc", "teacher_logloss", "teacher_auc", "step_median_s",
-           "step_iqr_s", "tt_hit_rate", "tt_core_bytes", "cache_bytes", "step_total_s",
-           "learning_rate", "eval_samples", "workload", "largest_table_rows", "seed"]
+COLUMNS = ["config", "seed", "tt_tables", "rank", "cache", "budget_samples", "batch_size",
+           "steps_trained", "best_step", "stopped_early", "validation_logloss",
+           "embedding_bytes", "model_bytes", "embedding_compression", "model_compression",
+           "paper_embedding_compression", "paper_reported", "logloss", "auc", "accuracy",
+           "teacher_logloss", "teacher_auc", "teacher_accuracy", "step_median_s", "step_iqr_s",
+           "tt_hit_rate", "tt_core_bytes", "cache_bytes", "learning_rate", "eval_samples",
+           "validation_samples", "workload", "distribution", "largest_table_rows"]
 
 
 def write_csv_atomic(frame: pd.DataFrame, path: Path) -> None:
@@ -155,80 +237,126 @@ def write_csv_atomic(frame: pd.DataFrame, path: Path) -> None:
     write_atomic(path, frame.to_csv(index=False))
 
 
-def run_study(workload: WorkloadSpec, tt_tables_list: Sequence[int], ranks: Sequence[int],
-              steps: int, batch_size: int, seed: int, out_dir: Path | str, progress: bool = True,
-              eval_batches: int = EVAL_BATCHES) -> pd.DataFrame:
-    """Train the dense model and every (K, rank) TT model alike; write tt_study.csv/.md/.png."""
-    tt_tables_list, ranks = list(dict.fromkeys(tt_tables_list)), list(dict.fromkeys(ranks))
-    validate(workload, tt_tables_list, ranks, steps, batch_size)
-    configs = [(0, 0)] + [(count, rank) for count in tt_tables_list for rank in ranks]
-    # Every model sees the same batches in the same order, labelled once.
-    training = training_data(workload, seed, steps, batch_size)
-    evaluation = evaluation_set(workload, seed, eval_batches)
-    labels = np.concatenate([item.labels for item in evaluation])
-    teacher_probabilities = np.concatenate([item.probabilities for item in evaluation])
-    shared = {"steps": steps, "batch_size": batch_size,
-              "teacher_logloss": quality.logloss(labels, teacher_probabilities),
-              "teacher_auc": quality.auc(labels, teacher_probabilities),
-              "learning_rate": LEARNING_RATE, "eval_samples": int(labels.size),
-              "workload": workload.name,
-              "largest_table_rows": max(table.rows for table in workload.tables), "seed": seed}
-    records = []
-    for number, (count, rank) in enumerate(configs, start=1):
-        record = {**run_config(workload, seed, count, rank, training, evaluation), **shared}
-        records.append(record)
-        if progress:
-            print(f"tt-study [{number}/{len(configs)}] {record['config']}: "
-                  f"step {record['step_median_s'] * 1e3:.1f} ms, "
-                  f"embedding {record['embedding_bytes'] / (1 << 20):.2f} MiB, "
-                  f"logloss {record['logloss']:.4f}, auc {record['auc']:.4f}",
-                  file=sys.stderr, flush=True)
+def finish_frame(records: list[dict]) -> pd.DataFrame:
+    """The study's rows with compressions against the same seed's dense model."""
     frame = pd.DataFrame.from_records(records)
-    # Compressions are measured against the dense model's own bytes (the first row).
-    frame["embedding_compression"] = frame.embedding_bytes.iloc[0] / frame.embedding_bytes
-    frame["model_compression"] = frame.model_bytes.iloc[0] / frame.model_bytes
+    dense_bytes = frame[frame.tt_tables == 0].set_index("seed")
+    frame["embedding_compression"] = (frame.seed.map(dense_bytes.embedding_bytes)
+                                      / frame.embedding_bytes)
+    frame["model_compression"] = frame.seed.map(dense_bytes.model_bytes) / frame.model_bytes
     # Nullable integers keep ranks whole in the CSV while the dense row's stays empty.
     frame["rank"] = frame["rank"].astype("Int64")
-    frame = frame[COLUMNS]
+    return frame[COLUMNS]
+
+
+def run_study(workload: WorkloadSpec, tt_tables_list: Sequence[int], ranks: Sequence[int],
+              seeds: Sequence[int], budget: int, batch_size: int, out_dir: Path | str,
+              caches: Sequence[str] = ("lfu",), progress: bool = True,
+              eval_batches: int = EVAL_BATCHES,
+              validation_batches: int = DEFAULT_VALIDATION_BATCHES,
+              eval_every: int | None = None, patience: int = DEFAULT_PATIENCE,
+              configs: Sequence[tuple[int, int, str]] | None = None) -> pd.DataFrame:
+    """Per seed, train the dense model and every (K, rank, cache) TT model on the same
+    teacher-labelled stream with early stopping; write tt_study.csv (after every model),
+    then tt_study.md / tt_study_summary.csv / tt_study.png. `configs` (K, rank, cache) replaces
+    the K x rank x cache grid."""
+    tt_tables_list, ranks = list(dict.fromkeys(tt_tables_list)), list(dict.fromkeys(ranks))
+    caches, seeds = list(dict.fromkeys(caches)), list(dict.fromkeys(seeds))
+    eval_every = eval_every or min(DEFAULT_EVAL_EVERY, budget)
+    validate(workload, tt_tables_list, ranks, caches, seeds, budget, batch_size, eval_every,
+             patience)
+    steps, eval_every_steps = budget // batch_size, max(1, eval_every // batch_size)
+    if configs is None:
+        configs = [(count, rank, cache) for count in tt_tables_list for rank in ranks
+                   for cache in caches]
+    else:
+        validate(workload, sorted({count for count, _, _ in configs}),
+                 sorted({rank for _, rank, _ in configs}), sorted({c for _, _, c in configs}),
+                 seeds, budget, batch_size, eval_every, patience)
+    configs = [(0, 0, "n/a")] + list(dict.fromkeys(configs))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_csv_atomic(frame, out / CSV_NAME)
+    records: list[dict] = []
+    total = len(configs) * len(seeds)
+    for seed in seeds:
+        # Every model of a seed sees the same batches in the same order, labelled once.
+        training = training_data(workload, seed, steps, batch_size)
+        validation = validation_set(workload, seed, validation_batches)
+        test = evaluation_set(workload, seed, eval_batches)
+        labels = np.concatenate([item.labels for item in test])
+        teacher_probabilities = np.concatenate([item.probabilities for item in test])
+        shared = {"seed": seed, "budget_samples": steps * batch_size, "batch_size": batch_size,
+                  "teacher_logloss": quality.logloss(labels, teacher_probabilities),
+                  "teacher_auc": quality.auc(labels, teacher_probabilities),
+                  "teacher_accuracy": quality.accuracy(labels, teacher_probabilities),
+                  "learning_rate": LEARNING_RATE, "eval_samples": int(labels.size),
+                  "validation_samples": validation_batches * EVAL_BATCH_SIZE,
+                  "workload": workload.name,
+                  "distribution": workload.tables[0].distribution.label(),
+                  "largest_table_rows": max(table.rows for table in workload.tables)}
+        for count, rank, cache in configs:
+            record = {**run_config(workload, seed, count, rank, cache, training, validation,
+                                   test, eval_every_steps, patience), **shared}
+            records.append(record)
+            # Rewritten after every model: a crash later loses nothing finished.
+            write_csv_atomic(finish_frame(records), out / CSV_NAME)
+            if progress:
+                print(f"tt-study [{len(records)}/{total}] seed {seed} {record['config']}: "
+                      f"{record['steps_trained']} steps (best {record['best_step']}, "
+                      f"{'stopped early' if record['stopped_early'] else 'budget spent'}), "
+                      f"logloss {record['logloss']:.4f}, auc {record['auc']:.4f}",
+                      file=sys.stderr, flush=True)
+        del training
+    frame = finish_frame(records)
     from reports.tt_study import render_tt_study
 
     render_tt_study(out / CSV_NAME, out)
     return frame
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports bad input as one line on stderr and exits 2."""
-
-    def error(self, message: str):
-        """Print '<prog>: error: message' and exit 2."""
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """Arguments of the tt-study subcommand."""
     parser = OneLineParser(
         prog=PROGRAM,
-        description="Train a dense DLRM and TT-Rec DLRMs (K largest tables at rank R) for the "
-                    "same SGD steps on teacher labels; report size, log-loss, AUC and step time.")
+        description="Train a dense DLRM and TT-Rec DLRMs (K largest tables at rank R, with and "
+                    "without the hot-row cache) on the same teacher-labelled stream with early "
+                    "stopping, over several seeds; report size, log-loss, AUC, accuracy and "
+                    "their differences to dense with 95% t-intervals over seeds.")
     parser.add_argument("--workload", default="kaggle", help="preset name (default kaggle)")
     parser.add_argument("--max-rows", type=int, default=DEFAULT_MAX_ROWS,
                         help=f"cap every table at this many rows (default {DEFAULT_MAX_ROWS})")
+    parser.add_argument("--dist", default=DEFAULT_DIST,
+                        help="index distribution for every table: uniform or zipf:ALPHA "
+                             f"(default {DEFAULT_DIST})")
     parser.add_argument("--tt-tables", default=DEFAULT_TT_TABLES,
                         help=f"comma-separated K values (default {DEFAULT_TT_TABLES})")
     parser.add_argument("--tt-rank", default=DEFAULT_TT_RANKS,
                         help=f"comma-separated TT ranks (default {DEFAULT_TT_RANKS})")
-    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS,
-                        help=f"SGD steps per model (default {DEFAULT_STEPS})")
+    parser.add_argument("--cache", default=DEFAULT_CACHES,
+                        help=f"comma-separated TT cache policies, lfu/lru/none (default "
+                             f"{DEFAULT_CACHES}; lfu and lru hold 10%% of the rows)")
+    parser.add_argument("--configs",
+                        help="comma-separated K:RANK:CACHE students instead of the --tt-tables x "
+                             "--tt-rank x --cache grid, e.g. 7:16:lfu,7:16:none,3:16:lfu")
+    parser.add_argument("--seeds", default=DEFAULT_SEEDS,
+                        help=f"comma-separated seeds: teacher, data and student init "
+                             f"(default {DEFAULT_SEEDS})")
+    parser.add_argument("--budget", type=int, default=DEFAULT_BUDGET,
+                        help=f"most training samples per model (default {DEFAULT_BUDGET}); "
+                             "early stopping may use fewer")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
                         help=f"training batch size (default {DEFAULT_BATCH_SIZE})")
+    parser.add_argument("--eval-every", type=int, default=DEFAULT_EVAL_EVERY,
+                        help=f"training samples between validation passes (default "
+                             f"{DEFAULT_EVAL_EVERY}, or the budget if smaller)")
+    parser.add_argument("--patience", type=int, default=DEFAULT_PATIENCE,
+                        help=f"validation passes without improvement before stopping "
+                             f"(default {DEFAULT_PATIENCE})")
+    parser.add_argument("--validation-batches", type=int, default=DEFAULT_VALIDATION_BATCHES,
+                        help="early-stopping batches of 2048 samples "
+                             f"(default {DEFAULT_VALIDATION_BATCHES})")
     parser.add_argument("--eval-batches", type=int, default=EVAL_BATCHES,
-                        help=f"evaluation batches of 2048 samples (default {EVAL_BATCHES})")
-    parser.add_argument("--dist", help="index distribution for every table: uniform or zipf:ALPHA")
-    parser.add_argument("--seed", type=int, default=0)
+                        help=f"test batches of 2048 samples (default {EVAL_BATCHES})")
     parser.add_argument("--out", help="output directory (default results/tt_study/<timestamp>)")
     return parser
 
@@ -244,25 +372,56 @@ def parse_counts(flag: str, text: str) -> list[int]:
     return values
 
 
+def parse_configs(text: str) -> list[tuple[int, int, str]]:
+    """K:RANK:CACHE items; ValueError names the flag and the bad item."""
+    configs = []
+    for item in (part.strip() for part in text.split(",") if part.strip()):
+        pieces = item.split(":")
+        try:
+            if len(pieces) != 3:
+                raise ValueError
+            configs.append((int(pieces[0]), int(pieces[1]), pieces[2]))
+        except ValueError:
+            raise ValueError(f"--configs {item!r}: write K:RANK:CACHE, e.g. 7:16:lfu") from None
+    if not configs:
+        raise ValueError("--configs: give at least one K:RANK:CACHE")
+    return configs
+
+
 def main(argv: list[str]) -> int:
     """Run the study from the command line; bad input is one stderr line and exit 2."""
     args = build_parser().parse_args(argv)
     try:
         tt_tables_list = parse_counts("--tt-tables", args.tt_tables)
         ranks = parse_counts("--tt-rank", args.tt_rank)
-        if args.eval_batches < 1:
-            raise ValueError(f"--eval-batches {args.eval_batches}: must be >= 1")
+        seeds = parse_counts("--seeds", args.seeds)
+        caches = [part.strip() for part in args.cache.split(",") if part.strip()]
+        configs = parse_configs(args.configs) if args.configs else None
+        if configs:
+            tt_tables_list = sorted({count for count, _, _ in configs})
+            ranks = sorted({rank for _, rank, _ in configs})
+            caches = sorted({cache for _, _, cache in configs})
+        for flag, value in (("--eval-batches", args.eval_batches),
+                            ("--validation-batches", args.validation_batches),
+                            ("--max-rows", args.max_rows)):
+            if value < 1:
+                raise ValueError(f"{flag} {value}: must be >= 1")
         workload = presets.preset(args.workload).capped(args.max_rows)
         if args.dist:
             workload = workload.with_distribution(IndexDistribution.parse(args.dist))
-        validate(workload, tt_tables_list, ranks, args.steps, args.batch_size)
+        eval_every = min(args.eval_every, args.budget)
+        validate(workload, tt_tables_list, ranks, caches, seeds, args.budget, args.batch_size,
+                 eval_every, args.patience)
     except (ValueError, SpecError) as error:
         print(f"{PROGRAM}: error: {error}", file=sys.stderr)
         return 2
     # A timestamp names the directory only; no duration is measured here.
     out = Path(args.out or Path("results", "tt_study",
                                 datetime.datetime.now().strftime("%Y%m%d-%H%M%S")))
-    frame = run_study(workload, tt_tables_list, ranks, args.steps, args.batch_size, args.seed,
-                      out, progress=True, eval_batches=args.eval_batches)
-    print(f"wrote {out / CSV_NAME} ({len(frame)} configurations), tt_study.md and tt_study.png")
+    frame = run_study(workload, tt_tables_list, ranks, seeds, args.budget, args.batch_size, out,
+                      caches=caches, progress=True, eval_batches=args.eval_batches,
+                      validation_batches=args.validation_batches, eval_every=eval_every,
+                      patience=args.patience, configs=configs)
+    print(f"wrote {out / CSV_NAME} ({len(frame)} trained models), tt_study_summary.csv, "
+          "tt_study.md and tt_study.png")
     return 0

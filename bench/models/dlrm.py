@@ -232,7 +232,8 @@ class TTMixedEmbeddings(nn.Module):
     """TT-Rec: the largest tables as tensor-train bags with a hot-row cache, the rest dense."""
 
     def __init__(self, workload: WorkloadSpec, weights: list[torch.Tensor], tt_tables: int,
-                 rank: int, layout: str, sparse: bool, seed: int, cache_fraction: float = 0.1):
+                 rank: int, layout: str, sparse: bool, seed: int, cache_fraction: float = 0.1,
+                 cache_policy: str = "lfu", kernel: str = "reference"):
         super().__init__()
         from bench.models.ttrec import TTEmbeddingBag
 
@@ -242,9 +243,9 @@ class TTMixedEmbeddings(nn.Module):
                                 if index not in self.tt_positions]
         self.tt = nn.ModuleList(
             TTEmbeddingBag(weights[index].shape[0], weights[index].shape[1], rank=rank,
-                           cache_fraction=cache_fraction, cache_policy="lfu",
+                           cache_fraction=cache_fraction, cache_policy=cache_policy,
                            seed=seed * 1_000_003 + index, validate_indices=False,
-                           sparse_cache_gradient=sparse)
+                           sparse_cache_gradient=sparse, kernel=kernel)
             for index in self.tt_positions)
         self.dense = (EMBEDDINGS[layout]([weights[index] for index in self.dense_positions], sparse)
                       if self.dense_positions else None)
@@ -326,8 +327,11 @@ def top_input_width(workload: WorkloadSpec) -> int:
 
 def build_dlrm(workload: WorkloadSpec, seed: int, embeddings: str = "batched",
                sparse: bool = True, tt_tables: int = 0, tt_rank: int = 16,
-               learning_rate: float = 0.1) -> DLRM:
-    """A seeded fp32 DLRM; with tt_tables > 0 the largest tables are TT-Rec compressed.
+               learning_rate: float = 0.1, tt_cache: str = "lfu",
+               tt_kernel: str = "reference") -> DLRM:
+    """A seeded fp32 DLRM; with tt_tables > 0 the largest tables are TT-Rec compressed
+    (tt_cache: the hot-row cache policy of the TT tables, lfu, lru or none; tt_kernel:
+    reference or fused, see bench.models.ttrec.tt_embedding.TT_KERNELS).
 
     embeddings: per_table, batched, or fused_sgd (batched, updated by SGD inside backward
     at learning_rate)."""
@@ -336,7 +340,8 @@ def build_dlrm(workload: WorkloadSpec, seed: int, embeddings: str = "batched",
         embedding_module = FusedSGDEmbeddings(weights, learning_rate)
     elif tt_tables > 0:
         embedding_module = TTMixedEmbeddings(workload, weights, tt_tables, tt_rank, embeddings,
-                                             sparse, seed)
+                                             sparse, seed, cache_policy=tt_cache,
+                                             kernel=tt_kernel)
     else:
         embedding_module = EMBEDDINGS[embeddings](weights, sparse)
     return DLRM(

@@ -21,3 +21,9 @@ def logloss(labels: np.ndarray, probabilities: np.ndarray, epsilon: float = 1e-7
     labels = np.asarray(labels, dtype=np.float64)
     clipped = np.clip(np.asarray(probabilities, dtype=np.float64), epsilon, 1 - epsilon)
     return float(-np.mean(labels * np.log(clipped) + (1 - labels) * np.log(1 - clipped)))
+
+
+def accuracy(labels: np.ndarray, probabilities: np.ndarray, threshold: float = 0.5) -> float:
+    """Fraction of samples whose thresholded prediction equals the 0/1 label."""
+    labels = np.asarray(labels, dtype=bool)
+    return float(np.mean((np.asarray(probabilities, dtype=np.float64) > threshold) == labels))

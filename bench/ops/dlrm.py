@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+from dataclasses import replace
 from typing import Callable, Optional
 
 import numpy as np
@@ -44,11 +45,13 @@ TT_WARM_UP_BATCHES = 4  # batches whose row counts populate the TT-Rec LFU cache
 
 
 def _model_variants(workload, options) -> list[dict]:
-    """Dense tables, or with --tt-tables K one variant per TT rank."""
+    """Dense tables, and with --tt-tables K one variant per TT rank beside them (TT against
+    dense in one run)."""
     tt_tables = options.get("tt_tables") or 0
     if not tt_tables:
         return [{}]
-    return [{"tt_tables": tt_tables, "tt_rank": rank} for rank in options.get("tt_ranks") or [16]]
+    return [{}] + [{"tt_tables": tt_tables, "tt_rank": rank}
+                   for rank in options.get("tt_ranks") or [16]]
 
 
 # Memory: fp32 tables, a precision or fused copy, and the float64 reference copies.
@@ -230,7 +233,8 @@ def _tt_settings(context: BuildContext) -> dict:
         return {}
     if context.precision not in ("fp32", "fp16", "bf16"):
         raise Unsupported(f"TT-Rec tables have no {context.precision} form here")
-    return {"tt_tables": context.variant["tt_tables"], "tt_rank": context.variant["tt_rank"]}
+    return {"tt_tables": context.variant["tt_tables"], "tt_rank": context.variant["tt_rank"],
+            "tt_kernel": context.variant.get("tt_kernel", "reference")}
 
 
 def warm_up_tt(model: DLRM, workload, seed: int) -> None:
@@ -253,7 +257,10 @@ def _tt_metrics_after_lookup(model: DLRM, indices, offsets) -> dict:
         module.reset_cache_stats()
     with torch.no_grad():
         probe([table.cpu() for table in indices], [table.cpu() for table in offsets])
-    return {**_tt_metrics(model), "tt_hit_rate": probe.hit_rate()}
+    # Per TT table (workload order of tt_positions): the probe lookup's cache counters.
+    per_table = [{"table": position, **module.cache_stats()}
+                 for position, module in zip(probe.tt_positions, probe.tt)]
+    return {**_tt_metrics(model), "tt_hit_rate": probe.hit_rate(), "tt_cache_stats": per_table}
 
 
 def _tt_metrics(model: DLRM) -> dict:
@@ -630,6 +637,18 @@ def build_train_per_table(context: BuildContext) -> Prepared:
 def build_train_batched(context: BuildContext) -> Prepared:
     """Training step with one batched embedding."""
     return build_train(context, "batched")
+
+
+@impl("dlrm_train", "tt_fused", TRAIN_PRECISIONS,
+      description="TT-Rec tables (--tt-tables) on the fused TT kernel (one autograd node, "
+                  "bmm-chain backward, per-lookup cache read), the rest one batched table")
+def build_train_tt_fused(context: BuildContext) -> Prepared:
+    """Training step with TT tables on the fused kernel."""
+    if not context.variant.get("tt_tables"):
+        raise Unsupported("tt_fused trains TT-Rec tables: give --tt-tables K (the dense "
+                          "variant runs under per_table / batched)")
+    return build_train(replace(context, variant={**context.variant, "tt_kernel": "fused"}),
+                       "batched")
 
 
 @impl("dlrm_train", "fused_sgd", TRAIN_PRECISIONS,

@@ -108,14 +108,14 @@ def tt_lookup_cost(module: TTEmbeddingBag, counts: dict) -> dict:
                       + cached * module.dim * module.element_bytes + cache_map_bytes)}
 
 
-def _build_tt(context: BuildContext, cache_policy: str) -> Prepared:
+def _build_tt(context: BuildContext, cache_policy: str, kernel: str = "reference") -> Prepared:
     workload, device = context.workload, context.device
     table_index = workload.largest_table()
     table = workload.tables[table_index]
     module = TTEmbeddingBag(table.rows, table.dim, rank=context.variant["rank"],
                             cache_fraction=DEFAULT_CACHE_FRACTION, cache_policy=cache_policy,
                             dtype=float_dtype(context.precision), device=device,
-                            seed=context.seed, validate_indices=False)
+                            seed=context.seed, validate_indices=False, kernel=kernel)
     if cache_policy == "lfu":
         # Warm-up batches are drawn after the timed one, as a serving system learns its hot rows.
         for batch_index in range(1, WARM_UP_BATCHES + 1):
@@ -127,6 +127,18 @@ def _build_tt(context: BuildContext, cache_policy: str) -> Prepared:
     value_bytes = BYTES_PER_VALUE[context.precision]
     # Timing cycles through every rotating batch: charge their mean counts. The LFU cache is
     # fixed after populate, so its hit rate over the rotation is counted without a forward.
+    if cache_policy == "lru":
+        # LRU admits rows as it looks them up: one pass over the rotation settles the cache,
+        # and the counts below describe the state the timed calls cycle through.
+        with torch.no_grad():
+            for pair in inputs:
+                module(*pair)
+    # The cache counters of one pass over the rotation, as FBGEMM's cache stats report them.
+    module.reset_cache_stats()
+    with torch.no_grad():
+        for pair in inputs:
+            module(*pair)
+    cache_stats = module.cache_stats()
     counts = tt_unique_counts(module, [pair[0] for pair in inputs])
     lookups, bags = counts["lookups"], offsets.numel()
     hit_rate = counts["cache_hits"] / lookups if lookups else 0.0
@@ -152,8 +164,10 @@ def _build_tt(context: BuildContext, cache_policy: str) -> Prepared:
         params={"table": table_index, "rows": table.rows, "dim": table.dim,
                 "distribution": table.distribution.label(), "cache": cache_policy,
                 "row_factors": list(module.row_factors), "dim_factors": list(module.dim_factors),
-                "ranks": list(ranks), "rotation_batches": len(inputs)},
-        metrics={"hit_rate": hit_rate, "tt_parameters": module.tt_parameter_count,
+                "ranks": list(ranks), "rotation_batches": len(inputs), "kernel": kernel},
+        metrics={"hit_rate": hit_rate,
+                 **{f"cache_{name}": value for name, value in cache_stats.items()
+                    if name != "policy"}, "tt_parameters": module.tt_parameter_count,
                  "tt_bytes": module.tt_bytes, "cache_bytes": module.cache_bytes,
                  "dense_bytes": module.dense_bytes,
                  "compression": module.dense_bytes / (module.tt_bytes + module.cache_bytes),
@@ -172,6 +186,21 @@ def _build_tt(context: BuildContext, cache_policy: str) -> Prepared:
 def build_tt_cached(context: BuildContext) -> Prepared:
     """TT embedding bag with the hot-row cache."""
     return _build_tt(context, "lfu")
+
+
+@impl("tt_sls", "tt_cached_lru", ("fp32", "fp16", "bf16"),
+      description="TT cores + 10% LRU hot-row cache (rows admitted as they are looked up)")
+def build_tt_cached_lru(context: BuildContext) -> Prepared:
+    """TT embedding bag with an LRU hot-row cache."""
+    return _build_tt(context, "lru")
+
+
+@impl("tt_sls", "tt_fused", ("fp32", "fp16", "bf16"),
+      description="TT cores + 10% LFU cache, fused kernel: per-lookup cache read, misses "
+                  "rebuilt by one bmm chain (no torch.unique)")
+def build_tt_fused(context: BuildContext) -> Prepared:
+    """TT embedding bag with the LFU cache and the fused TT kernel."""
+    return _build_tt(context, "lfu", kernel="fused")
 
 
 @impl("tt_sls", "tt_uncached", ("fp32", "fp16", "bf16"),

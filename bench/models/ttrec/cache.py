@@ -64,6 +64,10 @@ class RowCache(nn.Module):
             "last_used", torch.full((capacity,), -1, dtype=torch.int64, device=device)
         )
         self.register_buffer("clock", torch.zeros((), dtype=torch.int64, device=device))
+        # Rows that lost their slot (FBGEMM's eviction counter): LRU victims that held a row,
+        # and for LFU the cached rows a repopulation dropped (rows kept are not counted).
+        self.register_buffer("evictions", torch.zeros((), dtype=torch.int64, device=device),
+                             persistent=False)
         # LFU warm-up counts; allocated lazily and freed by populate() (num_rows int64 is large).
         # A (non-persistent) buffer so that module.to(device) moves pending counts too.
         self.frequencies: torch.Tensor | None
@@ -143,9 +147,11 @@ class RowCache(nn.Module):
         if self.policy == "lfu":
             evicted = self.slot_to_row[self.slot_to_row >= 0]
             self.slot_to_row.fill_(-1)
+            self.evictions += (~torch.isin(evicted, rows)).sum()
         else:
             previous = self.slot_to_row.index_select(0, slots)
             evicted = previous[previous >= 0]
+            self.evictions += evicted.numel()
         self.row_to_slot.index_fill_(0, evicted, -1)
         self.row_to_slot.index_copy_(0, rows, slots.to(torch.int32))
         self.slot_to_row.index_copy_(0, slots, rows)

@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn import functional
 
 from bench.models.ttrec.cache import CACHE_POLICIES, RowCache
+from bench.models.ttrec.fused import fused_tt_rows, stacked_digits
 from bench.models.ttrec.factorize import (
     factorize_dim,
     factorize_rows,
@@ -17,6 +18,9 @@ from bench.models.ttrec.factorize import (
     tt_parameter_count,
 )
 
+# How rows are reconstructed from the cores: "reference" (per-op autograd graph) or "fused"
+# (one autograd node with a hand-written bmm backward, bench.models.ttrec.fused).
+TT_KERNELS = ("reference", "fused")
 # full_weight() reconstructs in chunks so a medium table does not need a huge bmm intermediate.
 RECONSTRUCT_CHUNK_ROWS = 65536
 
@@ -130,8 +134,12 @@ class TTEmbeddingBag(nn.Module):
         cache_warm_up_steps: int = 0,
         validate_indices: bool = True,
         sparse_cache_gradient: bool = False,
+        kernel: str = "reference",
     ) -> None:
         super().__init__()
+        if kernel not in TT_KERNELS:
+            raise ValueError(f"kernel must be one of {TT_KERNELS}, got {kernel!r}")
+        self.kernel = kernel
         if cache_policy not in CACHE_POLICIES:
             raise ValueError(f"cache_policy must be one of {CACHE_POLICIES}, got {cache_policy!r}")
         # Explicit factors fix the number of cores.
@@ -240,16 +248,29 @@ class TTEmbeddingBag(nn.Module):
         lookups = self.lookups
         return self.hits / lookups if lookups else 0.0
 
+    def cache_stats(self) -> dict:
+        """Counters since the last reset, as FBGEMM's cache reports them: lookups, hits,
+        misses (lookups served by the cores), hit rate and evictions."""
+        lookups, hits = self.lookups, self.hits
+        return {"policy": self.cache_policy, "cache_rows": 0 if self.cache is None
+                else self.cache.capacity, "lookups": lookups, "hits": hits,
+                "misses": lookups - hits, "hit_rate": hits / lookups if lookups else 0.0,
+                "evictions": 0 if self.cache is None else int(self.cache.evictions.item())}
+
     def reset_cache_stats(self) -> None:
-        """Zero the hit and lookup counters."""
+        """Zero the hit, lookup and eviction counters."""
         self._hits.zero_()
         self._lookups.zero_()
+        if self.cache is not None:
+            self.cache.evictions.zero_()
 
     # ----------------------------------------------------------------------------- rows
     def reconstruct_rows(self, row_ids: torch.Tensor) -> torch.Tensor:
         """Return the TT (uncached) rows [len(row_ids), dim]; differentiable w.r.t. the cores."""
-        return reconstruct_tt_rows(list(self.cores), row_ids.to(self.cores[0].device),
-                                   self.row_factors)
+        row_ids = row_ids.to(self.cores[0].device)
+        if self.kernel == "fused":
+            return fused_tt_rows(list(self.cores), stacked_digits(row_ids, self.row_factors))
+        return reconstruct_tt_rows(list(self.cores), row_ids, self.row_factors)
 
     def full_weight(self) -> torch.Tensor:
         """Return the dense [num_rows, dim] TT reconstruction (cache ignored; small tables)."""
@@ -301,6 +322,8 @@ class TTEmbeddingBag(nn.Module):
         indices = indices.reshape(-1).long()
         if per_sample_weights is not None:
             per_sample_weights = per_sample_weights.reshape(-1)
+        if self._per_lookup_path():
+            return self._forward_per_lookup(indices, offsets.long(), per_sample_weights)
         unique_ids, inverse, counts = torch.unique(indices, return_inverse=True,
                                                    return_counts=True)
         if self.validate_indices and unique_ids.numel() > 0:
@@ -311,6 +334,43 @@ class TTEmbeddingBag(nn.Module):
                                  f"min {lowest}, max {highest}")
         rows = self._unique_rows(unique_ids, counts)
         return functional.embedding_bag(inverse, rows, offsets.long(), mode="sum",
+                                        per_sample_weights=per_sample_weights)
+
+    def _per_lookup_path(self) -> bool:
+        """The fused kernel skips deduplication unless LRU admission or LFU warm-up needs it."""
+        if self.kernel != "fused" or self.validate_indices:
+            return False
+        if self.cache_policy == "lru":
+            return False
+        warming = (self.cache_policy == "lfu" and self.cache_warm_up_steps > 0
+                   and not self._auto_populated)
+        return not warming
+
+    def _forward_per_lookup(self, indices: torch.Tensor, offsets: torch.Tensor,
+                            per_sample_weights: torch.Tensor | None) -> torch.Tensor:
+        """Fused path: rows per lookup (no torch.unique), cached ones read, misses rebuilt.
+
+        Skipping the sort of a unique pays off when most repeats are hits (Zipf: hot rows are
+        cached); a repeated miss is rebuilt once per lookup, which the bmm chain does cheaply.
+        """
+        self._lookups += indices.numel()
+        self._forward_calls += 1
+        lookups = torch.arange(indices.numel(), device=indices.device)
+        if self.cache is None:
+            rows = self.reconstruct_rows(indices)
+        else:
+            slots = self.cache.slots_for(indices)
+            served = slots >= 0
+            self._hits += served.sum()
+            missed = torch.nonzero(~served).reshape(-1)
+            # Missed lookups read slot 0 and are overwritten below, so slot 0's gradient from
+            # them is zero.
+            rows = functional.embedding(slots.clamp(min=0), self.cache.weight,
+                                        sparse=self.sparse_cache_gradient)
+            if missed.numel():
+                rows = rows.index_copy(0, missed,
+                                       self.reconstruct_rows(indices.index_select(0, missed)))
+        return functional.embedding_bag(lookups, rows, offsets, mode="sum",
                                         per_sample_weights=per_sample_weights)
 
     def _unique_rows(self, unique_ids: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -355,4 +415,5 @@ class TTEmbeddingBag(nn.Module):
         """Return a summary of the table shape, factors, ranks and cache."""
         cache = "none" if self.cache is None else f"{self.cache_policy}:{self.cache.capacity}"
         return (f"num_rows={self.num_rows}, dim={self.dim}, row_factors={self.row_factors}, "
-                f"dim_factors={self.dim_factors}, ranks={self.ranks}, cache={cache}")
+                f"dim_factors={self.dim_factors}, ranks={self.ranks}, cache={cache}, "
+                f"kernel={self.kernel}")
