@@ -178,8 +178,9 @@ def test_a_run_with_some_error_rows_exits_three_and_writes_every_row(capsys, mon
         return []
 
     monkeypatch.setattr(bench.run.sweep, "run_tasks", half_failing)
-    code = commands.main(["--ops", "fc", "--fc-layers", "linear", "--workload", "smoke",
-                     "--precision", "fp32,bf16", "--no-report", "--out", str(tmp_path),
+    code = commands.main(["--ops", "fc", "--impls", "torch_linear", "--fc-layers", "linear",
+                          "--workload", "smoke", "--precision", "fp32,bf16", "--no-report",
+                          "--out", str(tmp_path),
                      "--run-id", "some-errors"])
     captured = capsys.readouterr()
     assert code == cli.EXIT_SOME_ERRORED, captured.err
