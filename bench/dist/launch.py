@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from bench.records import STATUS_ERROR, ResultRow, ResultsWriter, read_rows, write_json
+from bench.run import timing
 
 
 def _statuses(directory: Path) -> dict[int, dict]:
@@ -85,14 +86,14 @@ def launch(job: dict, directory: Path, nproc: int, nnodes: int, rdzv_endpoint: s
         # A new session: on a hang the whole process group (torchrun and its ranks) is ended.
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                    start_new_session=True, env={**os.environ})
-        last_progress, last_seen = time.monotonic(), None
+        last_progress, last_seen = timing.monotonic_s(), None
         timed_out = False
         while process.poll() is None:
             time.sleep(0.2)
             seen = {rank: status["sequence"] for rank, status in _statuses(status_dir).items()}
             if seen != last_seen:
-                last_seen, last_progress = seen, time.monotonic()
-            elif time.monotonic() - last_progress > timeout_s:
+                last_seen, last_progress = seen, timing.monotonic_s()
+            elif timing.monotonic_s() - last_progress > timeout_s:
                 timed_out = True
                 _end(process, _statuses(status_dir))
     if process.returncode == 0 and not timed_out:
