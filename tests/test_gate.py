@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 
 from bench.records import ResultRow
@@ -266,3 +267,59 @@ def test_checker_power_refuses_bad_input_before_any_sweep(tmp_path, capsys, monk
                 type("V", (), {"verdict": "REGRESSED", "ratio": 0.99})(),
                 type("V", (), {"verdict": "NEW", "ratio": 3.0})()]
     assert tool._largest_change(verdicts) == pytest.approx(0.01)  # NEW rows are not tested
+
+
+def _load_checker_power(monkeypatch):
+    """tools/checker_power.py as a module (it is a script, not a package member)."""
+    import importlib.util
+    import sys
+
+    from bench import PROJECT_ROOT
+
+    spec = importlib.util.spec_from_file_location("checker_power",
+                                                  PROJECT_ROOT / "tools" / "checker_power.py")
+    tool = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "checker_power", tool)  # dataclasses look the module up
+    spec.loader.exec_module(tool)
+    return tool
+
+
+def test_checker_power_refuses_bad_round_counts(tmp_path, capsys, monkeypatch):
+    tool = _load_checker_power(monkeypatch)
+    out = tmp_path / "x"
+    for bad in ("1", "8", "three", ""):
+        assert tool.main(["--mode", "ab", "--rounds", "7", "--evaluate-rounds", bad,
+                          "--out", str(out)]) == 2
+        assert "--evaluate-rounds must list integers in 2..7" in capsys.readouterr().err
+    assert tool.main(["--mode", "ci", "--evaluate-rounds", "3", "--out", str(out)]) == 2
+    assert "applies to --mode ab only" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_an_ab_pair_is_checked_on_each_prefix_of_its_rounds(tmp_path, monkeypatch):
+    """The first K rounds decide a K-round check: a slowdown that only the later rounds show
+    is invisible to the 2-round prefix and found by all 6."""
+    from reports.merge import write_results
+
+    tool = _load_checker_power(monkeypatch)
+    pair = tmp_path / "power-1"
+    # Per-round B/A ratios: 1.0 and 1.01 in the first two rounds, about 1.3 after.
+    ratios = (1.0, 1.01, 1.30, 1.31, 1.30, 1.29)
+    for number, ratio in enumerate(ratios, start=1):
+        for side, median in (("A", 1.0), ("B", ratio)):
+            samples = [median * (1 + 0.001 * k) for k in range(5)]
+            row = ResultRow(task_key="t", op="sls", impl="embedding_bag", workload="smoke",
+                            precision="fp32", status="ok", fingerprint="fp", code_version="cv",
+                            samples_s=json.dumps(samples), n_samples=5,
+                            median_s=float(np.median(samples)),
+                            metrics='{"calls_per_rep":1}')
+            write_results([row], pair / f"{side}-{number}")
+    records = tool._check_pair("ab", "power", 1, pair / "A", pair / "B",
+                               [tool.Setting("ab", 0.1, 0.05)], [2, 6])
+    by_rounds = {record["rounds"]: record for record in records}
+    assert by_rounds[2]["regressed"] == 0 and by_rounds[2]["rows_tested"] == 1
+    assert by_rounds[2]["geomean_ratio"] == pytest.approx(math.sqrt(1.01), rel=1e-3)
+    assert by_rounds[6]["regressed"] == 1
+    assert by_rounds[6]["geomean_ratio"] == pytest.approx(math.prod(ratios) ** (1 / 6), rel=1e-3)
+    # Merged sides per prefix pool exactly that prefix's rounds.
+    assert (pair / "first-2" / "A" / "results.csv").exists()

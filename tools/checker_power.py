@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import itertools
 import math
 import shlex
 import sys
@@ -33,7 +34,8 @@ POWER_BASELINE_CALLS = 4
 POWER_CANDIDATE_CALLS = 5
 # Verdicts that come from a rank test; the others (NEW, MISSING, errors) say nothing on noise.
 TESTED_VERDICTS = ("IMPROVED", "REGRESSED", "UNCHANGED")
-CSV_COLUMNS = ("mode", "experiment", "pair", "setting", "factor", "alpha", "rows_tested",
+CSV_COLUMNS = ("mode", "experiment", "pair", "setting", "rounds", "factor", "alpha",
+               "rows_tested",
                "regressed", "improved", "unchanged", "other", "geomean_ratio",
                "largest_change", "baseline_run", "candidate_run")
 
@@ -66,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"pairs per experiment (default {DEFAULT_PAIRS})")
     parser.add_argument("--rounds", type=int, default=ab.DEFAULT_ROUNDS,
                         help=f"--mode ab: rounds per A/B run (default {ab.DEFAULT_ROUNDS})")
+    parser.add_argument("--evaluate-rounds",
+                        help="--mode ab: also check each pair on only its first K rounds, for "
+                             "each K in this comma list (2..--rounds; default: --rounds only). "
+                             "The first K rounds are exactly what `check --ab --rounds K` runs "
+                             "(A B, B A, ...), so one long run measures several round counts")
     parser.add_argument("--factor", type=float,
                         help=f"the checked setting's factor (default: ci {ci_sweep.CI_FACTOR:g}, "
                              f"ab {DEFAULT_FACTOR:g}, instructions "
@@ -97,32 +104,44 @@ def _largest_change(verdicts) -> float:
     return round(max(changes), 6) if changes else math.nan
 
 
-def _verdicts(mode: str, baseline: Path, candidate: Path, setting: Setting) -> list:
-    """The check of one pair, as the measured command would decide it."""
-    if mode == "ab":  # baseline/candidate are the A/B directories with A-k and B-k rounds
-        def round_number(path: Path) -> int:
-            return int(path.name.split("-", 1)[1])
+def _round_number(path: Path) -> int:
+    """k of an A/B round directory A-k or B-k."""
+    return int(path.name.split("-", 1)[1])
 
-        a_dirs = sorted(baseline.parent.glob("A-*"), key=round_number)
-        b_dirs = sorted(baseline.parent.glob("B-*"), key=round_number)
-        return ab.ab_verdicts(load_results(baseline), load_results(candidate), a_dirs, b_dirs,
-                              setting.factor, setting.alpha)
+
+def _first_rounds(directory: Path, side: str, count: int) -> list[Path]:
+    """The first `count` round directories of one side of an A/B pair."""
+    return sorted(directory.glob(f"{side}-*"), key=_round_number)[:count]
+
+
+def _verdicts(mode: str, baseline: Path, candidate: Path, setting: Setting,
+              rounds: int | None = None) -> list:
+    """The check of one pair, as the measured command would decide it."""
+    if mode == "ab":  # baseline/candidate are the merged A/B sides beside their A-k, B-k rounds
+        a_dirs = _first_rounds(baseline.parent, "A", rounds)
+        b_dirs = _first_rounds(baseline.parent, "B", rounds)
+        # The merged sides of a prefix pool exactly its rounds, as check --ab would.
+        prefix = baseline.parent / f"first-{rounds}"
+        a_rows = ab.merged_rounds(a_dirs, "A", prefix / "A")
+        b_rows = ab.merged_rounds(b_dirs, "B", prefix / "B")
+        return ab.ab_verdicts(a_rows, b_rows, a_dirs, b_dirs, setting.factor, setting.alpha)
     return compare_rows(load_results(baseline), load_results(candidate), factor=setting.factor,
                         alpha=setting.alpha,
                         metric="instructions" if mode == "instructions" else "time")
 
 
 def _check_pair(mode: str, experiment: str, pair: int, baseline: Path, candidate: Path,
-                settings: list[Setting]) -> list[dict]:
-    """CSV records of one pair checked at every setting."""
+                settings: list[Setting], round_counts: list[int | None]) -> list[dict]:
+    """CSV records of one pair checked at every setting (and, for ab, every round count)."""
     records = []
-    for setting in settings:
-        verdicts = _verdicts(mode, baseline, candidate, setting)
+    for setting, rounds in itertools.product(settings, round_counts):
+        verdicts = _verdicts(mode, baseline, candidate, setting, rounds)
         counts = count_verdicts(verdicts)
         tested = sum(counts.get(name, 0) for name in TESTED_VERDICTS)
         records.append({
             "mode": mode, "experiment": experiment, "pair": pair, "setting": setting.name,
-            "factor": setting.factor, "alpha": setting.alpha, "rows_tested": tested,
+            "rounds": rounds or "", "factor": setting.factor, "alpha": setting.alpha,
+            "rows_tested": tested,
             "regressed": counts.get("REGRESSED", 0), "improved": counts.get("IMPROVED", 0),
             "unchanged": counts.get("UNCHANGED", 0), "other": len(verdicts) - tested,
             "geomean_ratio": round(geometric_mean_ratio(verdicts), 4),
@@ -182,7 +201,8 @@ def summary_table(records: list[dict]) -> str:
     ]
     groups: dict[tuple[str, str], list[dict]] = {}
     for record in records:
-        groups.setdefault((record["experiment"], record["setting"]), []).append(record)
+        setting = record["setting"] + (f", {record['rounds']} rounds" if record["rounds"] else "")
+        groups.setdefault((record["experiment"], setting), []).append(record)
     for (experiment, setting), group in groups.items():
         tested = sum(record["rows_tested"] for record in group)
         ratios = sorted(record["geomean_ratio"] for record in group
@@ -210,6 +230,18 @@ def main(argv=None) -> int:
         problems.append(f"--pairs must be >= 1, got {args.pairs}")
     if args.rounds < 2:
         problems.append(f"--rounds must be >= 2 (the paired test needs two), got {args.rounds}")
+    round_counts: list[int | None] = [None]
+    if args.mode == "ab":
+        try:
+            listed = str(args.rounds) if args.evaluate_rounds is None else args.evaluate_rounds
+            round_counts = sorted({int(item) for item in listed.split(",")})
+        except ValueError:
+            round_counts = []
+        if not round_counts or not all(2 <= count <= args.rounds for count in round_counts):
+            problems.append(f"--evaluate-rounds must list integers in 2..{args.rounds} "
+                            f"(--rounds), got {args.evaluate_rounds!r}")
+    elif args.evaluate_rounds:
+        problems.append("--evaluate-rounds applies to --mode ab only")
     defaults = {"ci": (ci_sweep.CI_FACTOR, ci_sweep.CI_ALPHA),
                 "ab": (DEFAULT_FACTOR, DEFAULT_ALPHA),
                 "instructions": (ci_sweep.INSTRUCTION_FACTOR, DEFAULT_ALPHA)}[args.mode]
@@ -243,7 +275,7 @@ def main(argv=None) -> int:
                 baseline, candidate = _run_pair(out, experiment, pair, plans[experiment],
                                                 sweep_args, args.mode, args.rounds)
                 records.extend(_check_pair(args.mode, experiment, pair, baseline, candidate,
-                                           settings))
+                                           settings, round_counts))
                 # Rewritten after every pair: an interrupted study keeps what it measured.
                 with open(csv_path, "w", newline="", encoding="utf-8") as handle:
                     writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
