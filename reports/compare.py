@@ -16,6 +16,7 @@ from bench.records import (
     ResultRow,
     samples_from_row,
 )
+from reports.moderated import moderated_p_values
 
 VERDICTS = (
     "IMPROVED",
@@ -45,6 +46,12 @@ METRIC_INSTRUCTIONS = "instructions"
 METRICS = (METRIC_TIME, METRIC_INSTRUCTIONS)
 # A provisional verdict: a row that was tested, decided once every row's p-value is known.
 _TESTED = "TESTED"
+# How an A/B run's rows are tested on their per-round log ratios: each row alone (a paired
+# t-test, df = rounds - 1), or with its variance shrunk towards the rows' shared noise level
+# (an empirical-Bayes moderated t, reports/moderated.py), which lends 3 rounds more df.
+ROUND_TEST_PAIRED = "paired_t"
+ROUND_TEST_MODERATED = "moderated_t"
+ROUND_TESTS = (ROUND_TEST_PAIRED, ROUND_TEST_MODERATED)
 
 
 @dataclass(frozen=True)
@@ -354,6 +361,7 @@ def compare_rows(
     candidate_rounds: list[list[ResultRow]] | None = None,
     baseline_policy: dict | None = None,
     candidate_policy: dict | None = None,
+    round_test: str = ROUND_TEST_PAIRED,
 ) -> list[Verdict]:
     """One verdict per task_key on either side, sorted; check_code_version=False for A/B runs.
 
@@ -373,6 +381,9 @@ def compare_rows(
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    if round_test not in ROUND_TESTS:
+        raise ValueError(f"round_test must be one of {', '.join(ROUND_TESTS)}, got "
+                         f"{round_test!r}")
     if (baseline_rounds is None) != (candidate_rounds is None):
         raise ValueError("give the rounds of both sides or of neither")
     rounds = None
@@ -402,7 +413,11 @@ def compare_rows(
         if task_key not in candidate_by_key:
             verdicts.append(_make(baseline_row, "MISSING", reason="not in the candidate run"))
     tested = [index for index, verdict in enumerate(verdicts) if verdict.verdict == _TESTED]
-    adjusted = adjust_p_values([verdicts[index].p_value for index in tested])
+    p_values = [verdicts[index].p_value for index in tested]
+    if rounds is not None and round_test == ROUND_TEST_MODERATED and tested:
+        p_values = moderated_p_values([np.log(_round_ratios(verdicts[index].task_key, rounds))
+                                       for index in tested])
+    adjusted = adjust_p_values(p_values)
     for index, p_adjusted in zip(tested, adjusted):
         verdicts[index] = _decide(verdicts[index], p_adjusted, factor, alpha)
     return sorted(verdicts, key=_sort_key)

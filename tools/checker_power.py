@@ -20,8 +20,8 @@ if str(PROJECT_ROOT) not in sys.path:  # run as a script from anywhere
 from bench.commands import ab  # noqa: E402
 from bench.run import ci_sweep  # noqa: E402
 from reports.check import CheckInputError, load_results  # noqa: E402
-from reports.compare import (DEFAULT_ALPHA, DEFAULT_FACTOR, compare_rows,  # noqa: E402
-                             count_verdicts, geometric_mean_ratio)
+from reports.compare import (DEFAULT_ALPHA, DEFAULT_FACTOR, ROUND_TESTS,  # noqa: E402
+                             compare_rows, count_verdicts, geometric_mean_ratio)
 
 # What is measured: the wall-clock check of two single runs (`check --ci`), the interleaved
 # A/B check (`check --ab`, each pair is one A/B run of --rounds rounds), or the instruction
@@ -47,6 +47,7 @@ class Setting:
     name: str
     factor: float
     alpha: float
+    round_test: str = ab.ROUND_TEST  # --mode ab: how the rounds' log ratios are tested
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,7 +125,8 @@ def _verdicts(mode: str, baseline: Path, candidate: Path, setting: Setting,
         prefix = baseline.parent / f"first-{rounds}"
         a_rows = ab.merged_rounds(a_dirs, "A", prefix / "A")
         b_rows = ab.merged_rounds(b_dirs, "B", prefix / "B")
-        return ab.ab_verdicts(a_rows, b_rows, a_dirs, b_dirs, setting.factor, setting.alpha)
+        return ab.ab_verdicts(a_rows, b_rows, a_dirs, b_dirs, setting.factor, setting.alpha,
+                              setting.round_test)
     return compare_rows(load_results(baseline), load_results(candidate), factor=setting.factor,
                         alpha=setting.alpha,
                         metric="instructions" if mode == "instructions" else "time")
@@ -262,6 +264,8 @@ def main(argv=None) -> int:
     settings = [Setting(args.mode, args.factor, args.alpha)]
     if args.mode == "ci":
         settings.append(Setting("default", args.default_factor, args.default_alpha))
+    if args.mode == "ab":  # both round tests on the same rounds: which one check --ab uses
+        settings = [Setting(f"ab {test}", args.factor, args.alpha, test) for test in ROUND_TESTS]
     sweep_args = shlex.split(args.sweep_args) if args.sweep_args else None
     out = args.out or Path("results/checker-power") / (
         f"{args.mode}-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))

@@ -22,10 +22,12 @@ from reports.check import (
     load_results,
     report_verdicts,
 )
-from reports.compare import compare_rows
+from reports.compare import ROUND_TEST_PAIRED, compare_rows
 from reports.merge import MergeError, merge_runs, write_results
 
 DEFAULT_ROUNDS = 3  # the fewest that give the paired t-test a spread to work with (df 2)
+# How check --ab tests each row's per-round log ratios (reports/compare.py ROUND_TESTS).
+ROUND_TEST = ROUND_TEST_PAIRED
 DEFAULT_AB_ROOT = Path("results/ab")
 
 
@@ -109,8 +111,8 @@ def _timing_policy(run_dirs: Sequence[Path]) -> dict | None:
 
 
 def ab_verdicts(a_rows: list, b_rows: list, a_dirs: Sequence[Path], b_dirs: Sequence[Path],
-                factor: float, alpha: float) -> list:
-    """Verdicts of B against A: each row by a paired t-test on its rounds' log ratios."""
+                factor: float, alpha: float, round_test: str = ROUND_TEST) -> list:
+    """Verdicts of B against A: each row tested on its rounds' log ratios (round_test)."""
     # Each round pairs an A run with a B run: the paired test on their log ratios treats
     # the run, not the sample, as the replicate. The timing policies recorded by both
     # revisions must agree, or their times mean different things.
@@ -119,7 +121,7 @@ def ab_verdicts(a_rows: list, b_rows: list, a_dirs: Sequence[Path], b_dirs: Sequ
                         baseline_rounds=[load_results(path) for path in a_dirs],
                         candidate_rounds=[load_results(path) for path in b_dirs],
                         baseline_policy=_timing_policy(a_dirs),
-                        candidate_policy=_timing_policy(b_dirs))
+                        candidate_policy=_timing_policy(b_dirs), round_test=round_test)
 
 
 def run_ab(
