@@ -51,7 +51,8 @@ def _planted_fault(job: dict, config: int, rank: int, stage: str) -> None:
     """TEST-ONLY hook (tests/test_dist.py): crash or hang one rank at one stage."""
     plant = job.get("test_only_planted_fault")
     key = job["configs"][config]["task_key"]
-    if not plant or plant["task_key"] != key or plant["rank"] != rank or plant["stage"] != stage:
+    if (not plant or plant["kind"] not in ("crash", "hang") or plant["task_key"] != key
+            or plant["rank"] != rank or plant["stage"] != stage):
         return
     if plant["kind"] == "crash":
         raise RuntimeError("planted crash (test-only hook)")
