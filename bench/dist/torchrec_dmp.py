@@ -105,6 +105,7 @@ def shard_table_wise(module: SparseDenseDLRM, world_size: int, learning_rate: fl
     """DMP over the model: the planner may only place whole tables; the tables train by
     fbgemm's fused exact SGD; the MLPs under DDP. Returns (dmp, torchrec's plan)."""
     from fbgemm_gpu.split_embedding_configs import EmbOptimType
+    from torchrec.distributed.comm import get_local_size
     from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
     from torchrec.distributed.model_parallel import DistributedModelParallel
     from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
@@ -116,7 +117,7 @@ def shard_table_wise(module: SparseDenseDLRM, world_size: int, learning_rate: fl
     constraints = {feature_name(table): ParameterConstraints(
         sharding_types=[ShardingType.TABLE_WISE.value]) for table in range(module.num_tables)}
     planner = EmbeddingShardingPlanner(
-        topology=Topology(world_size=world_size, local_world_size=world_size,
+        topology=Topology(world_size=world_size, local_world_size=get_local_size(world_size),
                           compute_device=device.type),
         constraints=constraints)
     plan = planner.collective_plan(module, sharders, dist.GroupMember.WORLD)
