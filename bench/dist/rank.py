@@ -17,15 +17,19 @@ import torch
 import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from bench.dist import collectives, hybrid
+from bench.dist import collectives, hybrid, torchrec_dmp
 from bench.dist.plan import plan_sharding
 from bench.records import (STATUS_ERROR, STATUS_OK, STATUS_SKIPPED, ResultRow, ResultsWriter,
                            dumps_compact, summarize, write_json)
+from bench.registry import Unsupported
 from bench.run import devices
 from workloads.specs import WorkloadSpec
 
 CODE_VERSION = hashlib.sha256((inspect.getsource(hybrid) + inspect.getsource(collectives))
                               .encode()).hexdigest()[:12]
+# torchrec_dmp rows also depend on their own module (which builds on hybrid's inputs).
+TORCHREC_CODE_VERSION = hashlib.sha256((inspect.getsource(hybrid) + inspect.getsource(
+    collectives) + inspect.getsource(torchrec_dmp)).encode()).hexdigest()[:12]
 
 
 class Status:
@@ -47,7 +51,8 @@ def _planted_fault(job: dict, config: int, rank: int, stage: str) -> None:
     """TEST-ONLY hook (tests/test_dist.py): crash or hang one rank at one stage."""
     plant = job.get("test_only_planted_fault")
     key = job["configs"][config]["task_key"]
-    if not plant or plant["task_key"] != key or plant["rank"] != rank or plant["stage"] != stage:
+    if (not plant or plant["kind"] not in ("crash", "hang") or plant["task_key"] != key
+            or plant["rank"] != rank or plant["stage"] != stage):
         return
     if plant["kind"] == "crash":
         raise RuntimeError("planted crash (test-only hook)")
@@ -72,7 +77,8 @@ def base_row(job: dict, config: dict) -> ResultRow:
     device = config["device"]
     return ResultRow(
         run_id=job["run_id"], task_key=config["task_key"], op=config["op"], impl=config["impl"],
-        code_version=CODE_VERSION, workload=config["workload"]["name"],
+        code_version=TORCHREC_CODE_VERSION if config["impl"] == "torchrec_dmp"
+        else CODE_VERSION, workload=config["workload"]["name"],
         params=dumps_compact(config["params"]), device=device,
         device_name=devices.device_name(device), isa="native", isa_effective="native",
         threads=config["threads"], precision=config["precision"],
@@ -96,7 +102,7 @@ def _slowest(per_rank_steps: list[list[dict]]) -> tuple[list[float], dict, float
     return steps, medians, float(np.median(spreads))
 
 
-def _check_train(model: hybrid.HybridDLRM, config: dict, batch, labels, precision: str) -> tuple:
+def _check_train(model, config: dict, batch, labels, precision: str) -> tuple:
     """A first step against the float64 single-process step (rank 0 compares); (ok, error)."""
     from bench.compare_outputs import compare, whole_model_bound
     from bench.models.dlrm import build_dlrm
@@ -122,7 +128,7 @@ def _check_train(model: hybrid.HybridDLRM, config: dict, batch, labels, precisio
     return "", comparison.rel_error
 
 
-def _check_infer(model: hybrid.HybridDLRM, config: dict, batch, precision: str) -> tuple:
+def _check_infer(model, config: dict, batch, precision: str) -> tuple:
     """The distributed forward's logits against the float64 single-process model's."""
     from bench.compare_outputs import compare, whole_model_bound
     from bench.models.dlrm import batch_tensors, build_dlrm
@@ -142,21 +148,49 @@ def _check_infer(model: hybrid.HybridDLRM, config: dict, batch, precision: str) 
     return "", comparison.rel_error
 
 
-def run_model(job: dict, index: int, config: dict, rank: int, status: Status):
-    """Check, then time, one dlrm_train / dlrm_infer configuration; the row on rank 0."""
+def _planted_lr_scale(job: dict, config: dict) -> float:
+    """TEST-ONLY hook (tests/test_dist_torchrec.py): a wrong embedding learning rate."""
+    plant = job.get("test_only_planted_fault")
+    if plant and plant["task_key"] == config["task_key"] and plant["kind"] == "embedding_lr":
+        return float(plant["scale"])
+    return 1.0
+
+
+def _build(job: dict, config: dict, workload: WorkloadSpec, rank: int, device, autocast):
+    """The configuration's model and its plan (as a row records it)."""
     world_size = dist.get_world_size()
-    workload = WorkloadSpec.from_dict(config["workload"])
-    device = torch.device(config["device"])
+    if config["impl"] == "torchrec_dmp":
+        model = torchrec_dmp.TorchrecDLRM(workload, rank, world_size, config["seed"], device,
+                                          autocast, _planted_lr_scale(job, config))
+        if rank == 0:
+            print(model.describe(), file=sys.stderr, flush=True)
+        return model, model.sharding_plan()
     plan = plan_sharding([table.rows for table in workload.tables], workload.dim, world_size,
                          config["sharding"], replicate_below_bytes=config.get(
                              "replicate_below_bytes", 1 << 20))
     if rank == 0:
         print(plan.describe(), file=sys.stderr, flush=True)
+    model = hybrid.HybridDLRM(workload, plan, rank, config["seed"], device, autocast)
+    return model, plan.to_dict()
+
+
+def run_model(job: dict, index: int, config: dict, rank: int, status: Status):
+    """Check, then time, one dlrm_train / dlrm_infer configuration; the row on rank 0."""
+    world_size = dist.get_world_size()
+    workload = WorkloadSpec.from_dict(config["workload"])
+    device = torch.device(config["device"])
     autocast = torch.bfloat16 if config["precision"] == "bf16" else None
     status.mark(index, "building")
     _planted_fault(job, index, rank, "building")
     status.mark(index, "building the model")  # a rank stuck before here lags the others
-    model = hybrid.HybridDLRM(workload, plan, rank, config["seed"], device, autocast)
+    try:
+        model, plan_record = _build(job, config, workload, rank, device, autocast)
+    except Unsupported as error:  # a peer package this machine lacks (same on every rank)
+        if rank != 0:
+            return None
+        row = base_row(job, config)
+        row.status, row.error = STATUS_SKIPPED, str(error)[:500]
+        return row
     batches = [hybrid.global_batch(workload, config["seed"], batch_index)
                for batch_index in range(config["rotation_batches"])]
     inputs = [model.inputs(batch, labels) for batch, labels in batches]
@@ -168,7 +202,7 @@ def run_model(job: dict, index: int, config: dict, rank: int, status: Status):
         error, rel_error = _check_train(model, config, *batches[0], config["precision"])
     else:
         error, rel_error = _check_infer(model, config, batches[0][0], config["precision"])
-    if config.get("test_only_dump_state_dir"):
+    if config.get("test_only_dump_state_dir") and hasattr(model, "shard_state"):
         torch.save(model.shard_state(), Path(config["test_only_dump_state_dir"])
                    / f"rank{rank}.pt")
     status.mark(index, "timing")
@@ -179,11 +213,14 @@ def run_model(job: dict, index: int, config: dict, rank: int, status: Status):
         phases = model.train_step(item)[2] if training else model.infer_step(item)[1]
         if step >= config["warmup_steps"]:
             per_step.append(phases)
-    gathered = _gather({"steps": per_step, "send_bytes": model.exchange.send_bytes(),
-                        "receive_bytes": model.exchange.receive_bytes(),
+    # torchrec's all-to-alls run inside its sharded forward and backward: their bytes and
+    # the compute around them are not measured apart (nor guessed), so its rows have neither.
+    exchange = getattr(model, "exchange", None)
+    gathered = _gather({"steps": per_step,
+                        "send_bytes": exchange.send_bytes() if exchange else None,
                         "compute_s": float(np.median([sum(value for name, value in s.items()
                                                           if name not in hybrid.COLLECTIVE_PHASES)
-                                                      for s in per_step]))})
+                                                      for s in per_step])) if exchange else None})
     if rank != 0:
         return None
     row = base_row(job, config)
@@ -195,13 +232,19 @@ def run_model(job: dict, index: int, config: dict, rank: int, status: Status):
     row.samples_s = json.dumps([float(f"{value:.6g}") for value in steps])
     row.samples_per_s = workload.batch_size / summary.median_s
     row.rel_error = rel_error
-    alltoall_bytes = max(item["send_bytes"] for item in gathered)
+    alltoall_bytes = max(item["send_bytes"] for item in gathered) if exchange else 0
     metrics = {"phases_s": phases, "rank_spread": spread,
-               "rank_compute_s": [item["compute_s"] for item in gathered],
-               "alltoall_bytes_per_rank": alltoall_bytes,
                "allreduce_bytes": model.gradient_bytes() if training else 0,
-               "sharding_plan": plan.to_dict(), "timing": "slowest rank per step",
+               "sharding_plan": plan_record, "timing": "slowest rank per step",
                "workload": config["workload"]}
+    if exchange:
+        metrics["alltoall_bytes_per_rank"] = alltoall_bytes
+        metrics["rank_compute_s"] = [item["compute_s"] for item in gathered]
+    else:
+        metrics["phases_note"] = ("torchrec's sharded forward (input and pooled all-to-alls, "
+                                  "lookup, MLPs) and backward (with the fused embedding "
+                                  "update) are single calls: not split into phases")
+        metrics["torchrec_version"] = torchrec_dmp.torchrec_version()
     for phase, size in (("alltoall_forward", alltoall_bytes),
                         ("alltoall_backward", alltoall_bytes if training else 0),
                         ("allreduce", model.gradient_bytes() if training else 0)):
