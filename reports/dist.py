@@ -11,17 +11,21 @@ from matplotlib.figure import Figure
 from bench.records import ResultRow
 
 PHASES = ("lookup", "alltoall_forward", "mlp_forward", "mlp_backward", "allreduce",
-          "alltoall_backward", "lookup_backward", "optimizer")
+          "alltoall_backward", "lookup_backward", "optimizer",
+          # torchrec_dmp times its sharded forward and backward as one call each.
+          "forward", "backward")
+DIST_IMPLS = ("hybrid", "torchrec_dmp")
 
 
 def phase_table(rows: list[ResultRow]) -> pd.DataFrame:
     """One line per measured dist configuration: ranks, step, phases (ms), a2a bandwidth."""
     lines = []
     for row in rows:
-        if row.impl != "hybrid" or row.status != "ok":
+        if row.impl not in DIST_IMPLS or row.status != "ok":
             continue
         params, metrics = json.loads(row.params), json.loads(row.metrics)
-        line = {"op": row.op, "workload": row.workload, "precision": row.precision,
+        line = {"op": row.op, "impl": row.impl, "workload": row.workload,
+                "precision": row.precision,
                 "ranks": params["nproc"], "sharding": params["sharding"],
                 "global_batch": row.batch_size, "step_ms": row.median_s * 1e3,
                 "samples_per_s": row.samples_per_s, "rank_spread": metrics["rank_spread"],
@@ -54,9 +58,10 @@ def scaling_figure(rows: list[ResultRow]) -> Figure:
     axes = figure.subplots()
     measured = phase_table(rows)
     if not measured.empty:
-        for (workload, op), group in measured.groupby(["workload", "op"]):
+        for (workload, op, impl), group in measured.groupby(["workload", "op", "impl"]):
             group = group.sort_values("ranks")
-            axes.plot(group["ranks"], group["step_ms"], "o", label=f"{workload} {op} measured")
+            axes.plot(group["ranks"], group["step_ms"], "o" if impl == "hybrid" else "s",
+                      label=f"{workload} {op} {impl} measured")
     predicted = pd.DataFrame([{**json.loads(row.params), "workload": row.workload,
                                "step_ms": row.median_s * 1e3} for row in rows
                               if row.op == "dist_predicted"])

@@ -44,12 +44,12 @@ def test_strong_scaling_shrinks_compute_and_weak_keeps_it(name):
     assert faster["step_s"] < slower["step_s"]
 
 
-def _row(ranks: int, step_s: float) -> ResultRow:
+def _row(ranks: int, step_s: float, impl: str = "hybrid", phases=None) -> ResultRow:
     workload = PRESETS["smoke"]()
-    return ResultRow(op="dlrm_train", impl="hybrid", workload="smoke", precision="fp32",
+    return ResultRow(op="dlrm_train", impl=impl, workload="smoke", precision="fp32",
                      batch_size=workload.batch_size, median_s=step_s, samples_per_s=1.0,
                      params=dumps_compact({"nproc": ranks, "sharding": "auto"}),
-                     metrics=dumps_compact({"phases_s": PHASES_1, "rank_spread": 0.0,
+                     metrics=dumps_compact({"phases_s": phases or PHASES_1, "rank_spread": 0.0,
                                             "workload": workload.to_dict()}))
 
 
@@ -66,6 +66,13 @@ def test_model_error_against_measured_rows_and_report_tables():
                           median_s=0.01, params=json.dumps({"nproc": 4, "scaling": "strong",
                                                             "link": "given"}))
     assert dist_report.scaling_figure(rows + [predicted]).axes
+    # The torchrec peer's rows sit beside the hybrid's, with the phases it could time apart;
+    # the scaling model still reads hybrid rows only.
+    peer = _row(2, 0.06, impl="torchrec_dmp", phases={"forward": 0.02, "backward": 0.03})
+    table = dist_report.phase_table(rows + [peer])
+    assert list(table["impl"]) == ["hybrid", "hybrid", "torchrec_dmp"]
+    assert table["forward_ms"].iloc[2] == pytest.approx(20.0)
+    assert len(scaling.model_error(rows + [peer], link)) == 1
 
 
 @pytest.mark.parametrize("arguments", [["--ops", "foo"], ["--device", "cuda:x"],
