@@ -179,7 +179,7 @@ class RankInputs:
     replicated_offsets: list[torch.Tensor]
 
 
-def _bag_slice(indices: np.ndarray, offsets: np.ndarray, first: int, last: int):
+def bag_slice(indices: np.ndarray, offsets: np.ndarray, first: int, last: int):
     """Bags [first, last) of a batch as (indices, offsets starting at 0)."""
     ends = np.append(offsets, len(indices))
     start, end = ends[first], ends[last]
@@ -223,7 +223,7 @@ def rank_inputs(batch, labels: np.ndarray, plan: ShardingPlan, rank: int,
             batch.tables[table].indices, batch.tables[table].offsets, start, end)
         shard_indices.append(table_indices)
         shard_offsets.append(table_offsets)
-    replicated = [_bag_slice(batch.tables[table].indices, batch.tables[table].offsets, first,
+    replicated = [bag_slice(batch.tables[table].indices, batch.tables[table].offsets, first,
                              last) for table in dense_arch.replicated]
 
     def move(tensors):

@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from bench import peers
-from bench.dist.hybrid import LEARNING_RATE, _bag_slice
+from bench.dist.hybrid import LEARNING_RATE, bag_slice, summed_allreduce_hook
 from bench.embeddings import table_weight
 from bench.models.dlrm import interaction_module, mlp, top_input_width
 from bench.run.timing import PhaseTimer
@@ -91,7 +91,7 @@ def local_features(batch, first: int, last: int, num_tables: int):
 
     values, lengths = [], []
     for table in range(num_tables):
-        indices, offsets = _bag_slice(batch.tables[table].indices, batch.tables[table].offsets,
+        indices, offsets = bag_slice(batch.tables[table].indices, batch.tables[table].offsets,
                                       first, last)
         values.append(indices)
         lengths.append(torch.diff(offsets, append=torch.tensor([indices.numel()])))
@@ -153,13 +153,10 @@ def table_owners(plan, num_tables: int) -> dict:
 
 
 def mean_allreduce_hook(timer: PhaseTimer, bucket):  # DDP checks a real annotation; none
-    """A DDP comm hook: a blocking allreduce of the bucket (the allreduce phase), then DDP's
-    division by the world size; blocking, as the hybrid impl's, so the phase stands alone."""
-    with timer.phase("allreduce"):
-        dist.all_reduce(bucket.buffer())
-    bucket.buffer().div_(dist.get_world_size())
-    future: torch.futures.Future = torch.futures.Future()
-    future.set_result(bucket.buffer())
+    """A DDP comm hook: the hybrid's blocking SUM allreduce (the allreduce phase), then DDP's
+    division by the world size, since torchrec's convention is each rank's mean loss."""
+    future = summed_allreduce_hook(timer, bucket)
+    bucket.buffer().div_(dist.get_world_size())  # the future holds this very buffer
     return future
 
 
