@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+FIXTURES_DIR = REPO_ROOT / "tests" / "fixtures"
 if str(REPO_ROOT) not in sys.path:  # the bare `pytest` script does not put the root on the path
     sys.path.insert(0, str(REPO_ROOT))
 

@@ -68,7 +68,7 @@ def import_graph() -> dict[str, set[str]]:
 # and the floors below it. reports/ sits beside the measuring floors and reads only records.
 FLOORS = (
     ("commands", ("bench.commands",)),
-    ("run", ("bench.run", "bench.dist", "bench.serve")),
+    ("run", ("bench.run", "bench.distributed", "bench.serve")),
     ("ops", ("bench.ops", "bench.registry", "bench.peers")),
     ("models", ("bench.models",)),
     ("embeddings", ("bench.embeddings", "bench.references", "bench.compare_outputs")),

@@ -344,7 +344,7 @@ def test_planted_bugs_cover_every_op_and_impl():
                 continue
             peer_tests = PEER_TESTS.get(implementation.build.__module__)
             if peer_tests:
-                text = (Path(__file__).parent / peer_tests).read_text(encoding="utf-8")
+                text = (Path(__file__).parent / "ops" / peer_tests).read_text(encoding="utf-8")
                 assert "planted" in text.lower() and f'"{impl_name}"' in text, (op, impl_name)
             else:
                 assert (op, impl_name) in covered, f"{op}/{impl_name} has no planted bug"

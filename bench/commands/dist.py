@@ -142,8 +142,8 @@ def main(argv: list[str]) -> int:
         raise UsageError(f"--run-id {run_id}: {directory} already holds a run; choose another")
     check_writable_directory(directory, f"--out {args.out}")
     directory.mkdir(parents=True, exist_ok=True)
-    from bench.dist.launch import run_job
-    from bench.dist.rank import base_row
+    from bench.distributed.launch import run_job
+    from bench.distributed.rank import base_row
     from bench.run import devices
 
     write_json(directory / "args.json", {"argv": ["dist", *argv], "run_id": run_id})
@@ -165,7 +165,7 @@ def predict(directories: list[Path], link_gbps: str) -> int:
     """The scaling model over a run directory's rows; predicted rows are labelled as such."""
     import json
 
-    from bench.dist import scaling
+    from bench.distributed import scaling
     from bench.records import ResultRow, ResultsWriter
     from workloads.specs import WorkloadSpec
 

@@ -15,7 +15,7 @@ from bench.ops.common import lookup_bound
 from bench.records import ResultRow
 from bench.registry import BuildContext, Unsupported
 from bench.run import worker
-from tests.conftest import tiny_workload
+from conftest import tiny_workload
 from workloads import presets
 from workloads.specs import IndexDistribution, PoolingDistribution
 

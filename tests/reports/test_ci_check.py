@@ -25,9 +25,9 @@ from bench.run.timing import TimingPolicy
 from reports.compare import compare_rows
 from reports.merge import MergeError, merge_runs, write_results
 from workloads import presets
+from conftest import FIXTURES_DIR, REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-FIXTURES = Path(__file__).parent / "fixtures" / "check"
+FIXTURES = FIXTURES_DIR / "check"
 CLEAN_RUN = FIXTURES / "clean_run"
 BASELINE_FAST = FIXTURES / "baseline_fast.csv"
 # The smallest sweep that still runs a real op: the end-to-end A/B test's stand-in for CI.

@@ -17,9 +17,10 @@ import pytest
 from bench.records import STATUS_ERROR, STATUS_SKIPPED, ResultRow, ResultsWriter, SchemaError
 from reports import plots, tables
 from reports.build import build_report
+from conftest import FIXTURES_DIR, REPO_ROOT
 
-FIXTURES = Path(__file__).parent / "fixtures" / "reports"
-REPOSITORY = Path(__file__).resolve().parent.parent
+FIXTURES = FIXTURES_DIR / "reports"
+REPOSITORY = REPO_ROOT
 CHROMIUM = Path("/usr/bin/chromium")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 IMAGE_SOURCE = re.compile(r"<img\b[^>]*?\bsrc=\"([^\"]*)\"", re.IGNORECASE)

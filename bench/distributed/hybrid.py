@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from bench.dist.plan import REPLICATED, ROW_WISE, TABLE_WISE, ShardingPlan
+from bench.distributed.plan import REPLICATED, ROW_WISE, ShardingPlan
 from bench.embeddings import table_weight
 from bench.models.dlrm import interaction_module, mlp, top_input_width
 from bench.run.timing import PhaseTimer

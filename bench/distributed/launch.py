@@ -80,7 +80,7 @@ def launch(job: dict, directory: Path, nproc: int, nnodes: int, rdzv_endpoint: s
                   ["--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}"])
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
                f"--nnodes={nnodes}", "--max-restarts=0", *rendezvous,
-               "-m", "bench.dist.rank", str(job_path)]
+               "-m", "bench.distributed.rank", str(job_path)]
     log_path = directory / "worker.log"
     with open(log_path, "ab") as log:
         # A new session: on a hang the whole process group (torchrun and its ranks) is ended.

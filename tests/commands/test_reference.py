@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from pathlib import Path
 
 import pytest
 
@@ -14,8 +13,9 @@ from bench.commands import reference
 from bench.records import STATUS_ERROR, STATUS_OK, read_rows
 from bench.run import devices
 from workloads import presets
+from conftest import FIXTURES_DIR
 
-STAND_IN = Path(__file__).parent / "fixtures" / "reference"
+STAND_IN = FIXTURES_DIR / "reference"
 
 # Lines as dlrm_s_pytorch.py prints them (with --print-time --print-freq=1; the last one with
 # --print-wall-time), among its other output.

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from bench.commands import dist as dist_command
-from bench.dist.launch import run_job
-from bench.dist.plan import REPLICATED, ROW_WISE, plan_sharding
-from bench.dist.rank import base_row
+from bench.distributed.launch import run_job
+from bench.distributed.plan import REPLICATED, ROW_WISE, plan_sharding
+from bench.distributed.rank import base_row
 from bench.records import read_rows
 from workloads.presets import _tables
 from workloads.specs import WorkloadSpec
@@ -54,7 +54,7 @@ def _run(tmp_path, ranks: int, items, timeout_s: float = 120.0, **extra) -> list
 
 def _single_process_step():
     """The same global batch through one process's DLRM (bench/models/dlrm.py) and SGD."""
-    from bench.dist.hybrid import global_batch
+    from bench.distributed.hybrid import global_batch
     from bench.models.dlrm import batch_tensors, build_dlrm
     from bench.ops.dlrm import train_step
 

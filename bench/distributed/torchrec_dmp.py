@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from bench import peers
-from bench.dist.hybrid import LEARNING_RATE, bag_slice, summed_allreduce_hook
+from bench.distributed.hybrid import LEARNING_RATE, bag_slice, summed_allreduce_hook
 from bench.embeddings import table_weight
 from bench.models.dlrm import interaction_module, mlp, top_input_width
 from bench.run.timing import PhaseTimer

@@ -1,4 +1,4 @@
-"""`python -m bench.dist.rank JOB.json` under torchrun: one rank of a dist job; rank 0 writes rows."""
+"""`python -m bench.distributed.rank JOB.json` under torchrun: one rank of a dist job."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from bench.dist import collectives, hybrid, torchrec_dmp
-from bench.dist.plan import plan_sharding
+from bench.distributed import collectives, hybrid, torchrec_dmp
+from bench.distributed.plan import plan_sharding
 from bench.records import (STATUS_ERROR, STATUS_OK, STATUS_SKIPPED, ResultRow, ResultsWriter,
                            dumps_compact, summarize, write_json)
 from bench.registry import Unsupported
@@ -48,7 +48,7 @@ class Status:
 
 
 def _planted_fault(job: dict, config: int, rank: int, stage: str) -> None:
-    """TEST-ONLY hook (tests/test_dist.py): crash or hang one rank at one stage."""
+    """TEST-ONLY hook (tests/distributed/test_hybrid.py): crash or hang one rank at one stage."""
     plant = job.get("test_only_planted_fault")
     key = job["configs"][config]["task_key"]
     if (not plant or plant["kind"] not in ("crash", "hang") or plant["task_key"] != key
@@ -149,7 +149,7 @@ def _check_infer(model, config: dict, batch, precision: str) -> tuple:
 
 
 def _planted_lr_scale(job: dict, config: dict) -> float:
-    """TEST-ONLY hook (tests/test_dist_torchrec.py): a wrong embedding learning rate."""
+    """TEST-ONLY hook (tests/distributed/test_torchrec_dmp.py): a wrong embedding learning rate."""
     plant = job.get("test_only_planted_fault")
     if plant and plant["task_key"] == config["task_key"] and plant["kind"] == "embedding_lr":
         return float(plant["scale"])

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from bench.dist import collectives, scaling
+from bench.distributed import collectives, scaling
 from bench.records import ResultRow, dumps_compact
 from reports import dist as dist_report
 from workloads.presets import PRESETS

@@ -14,8 +14,9 @@ from bench.commands import main as cli_main
 from bench.commands.tt_study import paper_embedding_compression, paper_reported, run_study
 from reports.tt_study import difference_summary, render_tt_study
 from workloads import presets
+from conftest import FIXTURES_DIR
 
-FIXTURE = Path(__file__).parent / "fixtures" / "tt_study" / "tt_study.csv"
+FIXTURE = FIXTURES_DIR / "tt_study" / "tt_study.csv"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TT_TABLES = [1, 2]
 RANKS = [2, 4]

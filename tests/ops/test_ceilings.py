@@ -14,7 +14,7 @@ MIB = 1 << 20
 
 
 def test_variants_gather_from_the_largest_buffer(monkeypatch):
-    # Host sizing itself (4 x the LLC, within memory) is tested in test_formulas.py.
+    # Host sizing itself (4 x the LLC, within memory) is tested in tests/ops/test_formulas.py.
     monkeypatch.setattr(common, "last_level_cache", lambda: (256 * MIB, "sysfs L3"))
     monkeypatch.setattr(common, "available_memory_bytes", lambda: 64 << 30)
     variants = ceilings._membw_variants(presets.smoke(), {})

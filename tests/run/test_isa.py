@@ -3,13 +3,12 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from bench.run import devices, isa_probe
+from conftest import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 LIBRARY_KNOBS = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
 
 
@@ -24,8 +23,8 @@ def probe_level(level: str, levels: dict | None = None) -> tuple[str, str]:
         for knob in devices.ISA_KNOBS:
             environment.pop(knob, None)
         environment.update(levels[level])
-    environment["PYTHONPATH"] = str(ROOT)
-    result = subprocess.run([sys.executable, "-c", PROBE.format(level=level)], cwd=ROOT,
+    environment["PYTHONPATH"] = str(REPO_ROOT)
+    result = subprocess.run([sys.executable, "-c", PROBE.format(level=level)], cwd=REPO_ROOT,
                             env=environment, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     effective, mismatch = json.loads(result.stdout.strip().splitlines()[-1])
@@ -123,7 +122,7 @@ def test_worker_at_avx2_reports_what_ran(tmp_path):
                "--isa", "avx2",
                "--min-run-time", "0.02", "--out", str(tmp_path), "--run-id", "isa",
                "--no-report"]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     from bench.records import read_rows
 

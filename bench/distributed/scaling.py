@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-from bench.dist.plan import REPLICATED, ROW_WISE, TABLE_WISE, plan_sharding
+from bench.distributed.plan import REPLICATED, ROW_WISE, TABLE_WISE, plan_sharding
 from workloads.specs import WorkloadSpec
 
 RANKS = (2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)

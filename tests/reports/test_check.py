@@ -21,8 +21,9 @@ from reports.check import (
     write_verdicts_csv,
 )
 from reports.compare import VERDICTS, Verdict, compare_rows, geometric_mean_ratio
+from conftest import FIXTURES_DIR
 
-FIXTURES = Path(__file__).parent / "fixtures" / "check"
+FIXTURES = FIXTURES_DIR / "check"
 BASELINE_RUN = FIXTURES / "baseline_run"
 CANDIDATE_RUN = FIXTURES / "candidate_run"
 CLEAN_RUN = FIXTURES / "clean_run"

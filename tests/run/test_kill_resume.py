@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 
 from bench.records import STATUS_OK, read_rows
+from conftest import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 SWEEP = ["--workload", "smoke", "--ops", "sls,fc", "--impls", "embedding_bag,torch_linear",
          "--sls-modes", "sum,mean,weighted",
          "--fc-layers", "linear,bottom_mlp,top_mlp", "--precision", "fp32,bf16",
@@ -26,7 +26,7 @@ def _data_rows(path: Path) -> int:
 def test_sigkill_of_the_process_group_then_resume(tmp_path):
     results = tmp_path / "killed" / "results.csv"
     sweep = subprocess.Popen([sys.executable, "run_bench.py", *SWEEP, "--out", str(tmp_path),
-                              "--run-id", "killed"], cwd=ROOT, start_new_session=True,
+                              "--run-id", "killed"], cwd=REPO_ROOT, start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     while _data_rows(results) < 3 and sweep.poll() is None and time.monotonic() < deadline:
@@ -40,7 +40,7 @@ def test_sigkill_of_the_process_group_then_resume(tmp_path):
     assert all(row.status == STATUS_OK and row.median_s > 0 for row in finished)
 
     resumed = subprocess.run([sys.executable, "run_bench.py", "--resume",
-                              str(tmp_path / "killed")], cwd=ROOT, capture_output=True,
+                              str(tmp_path / "killed")], cwd=REPO_ROOT, capture_output=True,
                              text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     rows = read_rows(results)

@@ -13,9 +13,9 @@ import torch.distributed as dist
 
 from bench import peers
 from bench.commands import dist as dist_command
-from bench.dist import rank as rank_module
-from bench.dist import torchrec_dmp
-from bench.dist.launch import run_job
+from bench.distributed import rank as rank_module
+from bench.distributed import torchrec_dmp
+from bench.distributed.launch import run_job
 from bench.records import read_rows
 from workloads.presets import _tables
 from workloads.specs import WorkloadSpec

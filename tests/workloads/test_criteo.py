@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import REPO_ROOT
 from workloads.criteo import (
     NUM_DENSE,
     NUM_SPARSE,
@@ -364,6 +365,6 @@ def test_module_does_not_import_torch():
     code = "import sys, workloads.criteo; print('torch' in sys.modules)"
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True,
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=REPO_ROOT,
     )
     assert result.stdout.strip() == "False"
