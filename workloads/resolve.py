@@ -18,10 +18,15 @@ def split(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+def parse_numbers(text: str, kind: type = int) -> list:
+    """Comma-separated numbers of one kind (int or float); ValueError on a part that is not one."""
+    return [kind(value) for value in split(text)]
+
+
 def whole_numbers(text: str, flag: str) -> list[int]:
     """Comma-separated positive integers, or a SpecError naming the flag."""
     try:
-        values = [int(value) for value in split(text)]
+        values = parse_numbers(text, int)
     except ValueError:
         raise SpecError(f"{flag} {text!r}: give positive whole numbers, e.g. 1,2") from None
     if not values or min(values) < 1:

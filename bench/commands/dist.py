@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import datetime
 import os
-import secrets
 import sys
 from pathlib import Path
 
-from bench.commands import UsageError
-from bench.commands.sweep import OneLineParser, check_writable_directory, exit_code
+from bench.commands.common import (OneLineParser, UsageError, choice_list, exit_code, names,
+                                   new_run_directory, positive_floats, whole_numbers)
 from bench.records import (RESULTS_FILENAME, STATUS_ERROR, STATUS_OK, dumps_compact, read_rows,
                            write_json)
-from workloads.resolve import WorkloadChoices, resolve_workloads, split, whole_numbers
+from workloads.resolve import WorkloadChoices, resolve_workloads
 
 OPS = ("dlrm_train", "dlrm_infer", "alltoall", "allreduce")
 PRECISIONS = ("fp32", "bf16")
+IMPLS = ("hybrid", "torchrec_dmp")
 # torchrec_dmp: torchrec's planner, constrained to whole tables (its DMP on gloo/CPU).
 TORCHREC_SHARDING = "table"
 
@@ -30,27 +29,31 @@ def build_parser() -> OneLineParser:
     parser.add_argument("--nnodes", type=int, default=1, help="nodes (torchrun --nnodes)")
     parser.add_argument("--rdzv-endpoint", default="",
                         help="HOST:PORT of the rendezvous (multi-node; torchrun's)")
-    parser.add_argument("--ops", default="dlrm_train,dlrm_infer", help=",".join(OPS))
-    parser.add_argument("--impls", default="hybrid", help="hybrid, torchrec_dmp (torchrec's "
-                        "DistributedModelParallel, table-wise)")
+    parser.add_argument("--ops", type=choice_list(*OPS), default="dlrm_train,dlrm_infer",
+                        help=",".join(OPS))
+    parser.add_argument("--impls", type=choice_list(*IMPLS), default="hybrid",
+                        help="hybrid, torchrec_dmp (torchrec's DistributedModelParallel, "
+                             "table-wise)")
     parser.add_argument("--workload", default="smoke", help="preset names (run_bench.py --list)")
     parser.add_argument("--max-rows", type=int, help="cap every table at this many rows")
     parser.add_argument("--batch-size", help="global batch size(s), split evenly over ranks")
-    parser.add_argument("--precision", default="fp32", help="fp32, bf16 (MLPs autocast)")
+    parser.add_argument("--precision", type=choice_list(*PRECISIONS), default="fp32",
+                        help="fp32, bf16 (MLPs autocast)")
     parser.add_argument("--sharding", default="auto", choices=("table", "row", "auto"))
     parser.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (NCCL)")
     parser.add_argument("--threads", type=int, default=1, help="threads per rank")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
     parser.add_argument("--warmup-steps", type=int, default=2)
-    parser.add_argument("--sizes", help="collective message sizes in bytes per rank")
+    parser.add_argument("--sizes", type=whole_numbers,
+                        help="collective message sizes in bytes per rank")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--task-timeout", type=float, default=300.0,
                         help="seconds without progress on any rank before the job is ended")
-    parser.add_argument("--predict", metavar="RUN_DIR[,RUN_DIR...]",
+    parser.add_argument("--predict", type=names, metavar="RUN_DIR[,RUN_DIR...]",
                         help="scaling model: read the dist rows of the run directories (e.g. a "
                              "1-rank and a 2-rank run), print its error against "
                              "the measured 2/3-rank rows, append PREDICTED rows for 2..1024 ranks")
-    parser.add_argument("--link-gbps", default="25,100,400",
+    parser.add_argument("--link-gbps", type=positive_floats, default="25,100,400",
                         help="target links for --predict (plus the link measured here, when "
                              "RUN_DIR has alltoall rows)")
     parser.add_argument("--out", default="results")
@@ -59,15 +62,7 @@ def build_parser() -> OneLineParser:
 
 
 def _check(args) -> None:
-    for op in split(args.ops):
-        if op not in OPS:
-            raise UsageError(f"unknown --ops value {op!r}; choose from {', '.join(OPS)}")
-    for precision in split(args.precision):
-        if precision not in PRECISIONS:
-            raise UsageError(f"--precision {precision}: dist runs {', '.join(PRECISIONS)}")
-    for impl in split(args.impls):
-        if impl not in ("hybrid", "torchrec_dmp"):
-            raise UsageError(f"unknown --impls value {impl!r}; choose hybrid, torchrec_dmp")
+    """What the parser's converters cannot refuse alone: counts, and the device's backend."""
     if args.nproc < 1 or args.nnodes < 1 or args.steps < 1 or args.warmup_steps < 0:
         raise UsageError("--nproc, --nnodes and --steps must be >= 1, --warmup-steps >= 0")
     if args.device.startswith("cuda"):
@@ -89,10 +84,9 @@ def configs(args, workloads, ranks: int) -> list[dict]:
     items = []
     base = {"device": args.device, "threads": args.threads, "seed": args.seed,
             "steps": args.steps, "warmup_steps": args.warmup_steps, "rotation_batches": 2}
-    for op in split(args.ops):
+    for op in args.ops:
         if op in ("alltoall", "allreduce"):
-            sizes = (whole_numbers(args.sizes, "--sizes") if args.sizes
-                     else [1 << power for power in range(10, 27, 2)])
+            sizes = args.sizes or [1 << power for power in range(10, 27, 2)]
             for size in sizes:
                 params = {"nproc": ranks, "size_bytes": size}
                 items.append({**base, "op": op, "impl": "gloo" if args.device == "cpu"
@@ -101,13 +95,13 @@ def configs(args, workloads, ranks: int) -> list[dict]:
                                                                          "batch_size": 0},
                               "params": params, "task_key": dumps_compact(["dist", op, params])})
             continue
-        for impl in split(args.impls):
+        for impl in args.impls:
             for workload in workloads:
                 if workload.batch_size % ranks:
                     raise UsageError(f"--batch-size {workload.batch_size} is not divisible by "
                                      f"{ranks} ranks; give a multiple of {ranks}")
                 sharding = TORCHREC_SHARDING if impl == "torchrec_dmp" else args.sharding
-                for precision in split(args.precision):
+                for precision in args.precision:
                     params = {"nproc": ranks, "sharding": sharding,
                               "global_batch": workload.batch_size,
                               "local_batch": workload.batch_size // ranks,
@@ -125,7 +119,7 @@ def main(argv: list[str]) -> int:
     """Plan, launch through torchrun, and summarise the rows."""
     args = build_parser().parse_args(argv)
     if args.predict:
-        return predict([Path(item) for item in split(args.predict)], args.link_gbps)
+        return predict([Path(item) for item in args.predict], args.link_gbps)
     _check(args)
     workloads = resolve_workloads(WorkloadChoices(workloads=args.workload, max_rows=args.max_rows,
                                                   batch_sizes=args.batch_size))
@@ -135,13 +129,7 @@ def main(argv: list[str]) -> int:
     if args.nproc * args.threads > cores:
         print(f"warning: {args.nproc} ranks x {args.threads} threads on {cores} cores: the "
               "timing is oversubscribed (fine for correctness runs)", file=sys.stderr)
-    run_id = args.run_id or (datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + "-dist-"
-                             + secrets.token_hex(2))
-    directory = Path(args.out) / run_id
-    if (directory / RESULTS_FILENAME).exists():
-        raise UsageError(f"--run-id {run_id}: {directory} already holds a run; choose another")
-    check_writable_directory(directory, f"--out {args.out}")
-    directory.mkdir(parents=True, exist_ok=True)
+    directory, run_id = new_run_directory(args.out, args.run_id, label="dist")
     from bench.distributed.launch import run_job
     from bench.distributed.rank import base_row
     from bench.run import devices
@@ -161,7 +149,7 @@ def main(argv: list[str]) -> int:
     return exit_code(measured, errors)
 
 
-def predict(directories: list[Path], link_gbps: str) -> int:
+def predict(directories: list[Path], link_gbps: list[float]) -> int:
     """The scaling model over a run directory's rows; predicted rows are labelled as such."""
     import json
 
@@ -180,7 +168,7 @@ def predict(directories: list[Path], link_gbps: str) -> int:
     points = [(json.loads(row.metrics)["size_bytes"], row.median_s,
                json.loads(row.params)["nproc"]) for row in rows
               if row.op == "alltoall" and row.status == STATUS_OK]
-    links = [scaling.named_link(float(value)) for value in split(link_gbps)]
+    links = [scaling.named_link(value) for value in link_gbps]
     if points and any(ranks > 1 for _, _, ranks in points):
         links.insert(0, scaling.fit_link(points))
     else:

@@ -2,40 +2,24 @@
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import hashlib
-import json
-import math
 import os
-import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from bench import PROJECT_ROOT
-from bench.commands import UsageError
-from bench.commands.sweep import QUICK_POLICY, OneLineParser, check_writable_directory
+from bench.commands.common import (OneLineParser, UsageError, build_report, choice_list,
+                                   exit_code, names, new_run_directory, non_negative_int,
+                                   positive_float, positive_int)
+from bench.commands.reference_run import (MODE_OPS, REFERENCE_IMPL, SCRIPT_NAME, check_workload,
+                                          checkout_commit, reference_row)
+from bench.commands.sweep import QUICK_POLICY
 from bench.records import (ARGS_FILENAME, ENV_FILENAME, RESULTS_FILENAME, STATUS_ERROR, STATUS_OK,
-                           ResultRow, ResultsWriter, dumps_compact, read_json, read_rows,
-                           summarize, write_json)
-from bench.run import devices
-from bench.run.tasks import Task
+                           ResultRow, ResultsWriter, read_json, read_rows, write_json)
 from bench.run.timing import TimingPolicy
-from workloads.resolve import WorkloadChoices, resolve_workloads, split, whole_numbers
-from workloads.specs import WorkloadSpec
+from workloads.resolve import WorkloadChoices, resolve_workloads
 
-REFERENCE_IMPL = "dlrm_reference"
-SCRIPT_NAME = "dlrm_s_pytorch.py"
-DATA_MODULE_NAME = "dlrm_data_pytorch.py"
-MODE_OPS = {"train": "dlrm_train", "infer": "dlrm_infer"}
-# The reference's precision: it runs fp32 only; its rows are fp32 rows of the op.
-REFERENCE_PRECISION = "fp32"
-REFERENCE_ISA = "native"  # no SIMD cap: the reference runs as a user would run it
-LEARNING_RATE = 0.1  # as our dlrm_train impls (bench.ops.dlrm.LEARNING_RATE)
-LOSS_FUNCTION = "bce"  # ours trains with BCE too
 DEFAULT_WORKLOADS = "kaggle"  # capped at 100,000 rows per table unless --max-rows: config A
 DEFAULT_PRECISIONS = "fp32,bf16"
 DEFAULT_ROUNDS = 2
@@ -44,257 +28,9 @@ DEFAULT_WARMUP = 5
 DEFAULT_INFER_BATCHES = 8
 DEFAULT_CHILD_TIMEOUT_S = 3600.0
 ROUNDS_FOLDER = "rounds"
-# The child marks its one result line, as the reference's module prints to stdout on import.
-RESULT_MARKER = "DLRM_BENCH_RESULT "
-# What the reference prints per iteration with --print-time --print-freq=1 (its run(), the
-# "Finished {} it {}/{} of epoch {}, {:.2f} ms/it," line, then " loss {:.6f}" and optionally a
-# wall-clock time). ms/it is the mean over the iterations since the last print: with
-# --print-freq=1 each line is one iteration, timed from after the batch is loaded to after
-# optimizer.step() (time.time()).
-ITERATION_LINE = re.compile(
-    r"^Finished (?P<kind>training|inference) it (?P<iteration>\d+)/(?P<total>\d+) of epoch "
-    r"(?P<epoch>\d+), (?P<ms>-?\d+(?:\.\d+)?) ms/it,")
 
 
-class ReferenceError(Exception):
-    """The reference ran but gave no usable times; the message is one line."""
-
-
-# ---------------------------------------------------------------- parsing its output
-
-def parse_iteration_times(text: str) -> list[float]:
-    """Seconds of each training iteration the reference printed, in order of iteration."""
-    times = []
-    for line in text.splitlines():
-        match = ITERATION_LINE.match(line.strip())
-        if not match:
-            continue
-        milliseconds = float(match["ms"])
-        if milliseconds < 0:
-            # It prints -1 when --print-time is missing: no timing, not a negative time.
-            raise ReferenceError("the reference printed no timing (-1 ms/it): it needs "
-                                 "--print-time")
-        times.append(milliseconds / 1e3)
-    return times
-
-
-# ---------------------------------------------------------------- the configuration
-
-def _single_pooling(spec: WorkloadSpec) -> int:
-    """The one fixed lookups-per-bag count of every table (the reference has a single one)."""
-    poolings = {(table.pooling.kind, table.pooling.mean) for table in spec.tables}
-    if len(poolings) != 1 or next(iter(poolings))[0] != "fixed":
-        raise UsageError(f"workload {spec.name}: the reference takes one fixed number of "
-                         "lookups per bag for all tables (--num-indices-per-lookup-fixed); "
-                         "this workload has "
-                         + ", ".join(sorted(f"{kind}:{mean:g}" for kind, mean in poolings)))
-    return int(next(iter(poolings))[1])
-
-
-def check_workload(spec: WorkloadSpec) -> None:
-    """Refuse a workload the reference cannot express."""
-    if spec.interaction not in ("dot", "cat"):
-        raise UsageError(f"workload {spec.name}: the reference has no {spec.interaction!r} "
-                         "interaction (only dot and cat)")
-    if len({table.dim for table in spec.tables}) != 1:
-        raise UsageError(f"workload {spec.name}: the reference takes one embedding dim")
-    if spec.bottom_mlp[-1] != spec.dim:
-        raise UsageError(f"workload {spec.name}: the reference needs the bottom MLP to end at "
-                         f"the embedding dim {spec.dim}, not {spec.bottom_mlp[-1]}")
-    _single_pooling(spec)
-
-
-def reference_arguments(spec: WorkloadSpec, iterations: int, seed: int) -> list[str]:
-    """dlrm_s_pytorch.py flags for the workload: its random data, our shapes, one epoch."""
-    dashed = lambda values: "-".join(str(int(value)) for value in values)  # noqa: E731
-    return [
-        "--data-generation=random", "--print-time", "--print-freq=1", "--nepochs=1",
-        f"--arch-sparse-feature-size={spec.dim}",
-        f"--arch-mlp-bot={dashed((spec.num_dense, *spec.bottom_mlp))}",
-        # The reference prepends the interaction's width to the top MLP itself.
-        f"--arch-mlp-top={dashed(spec.top_mlp)}",
-        f"--arch-embedding-size={dashed(table.rows for table in spec.tables)}",
-        f"--arch-interaction-op={spec.interaction}",
-        f"--num-indices-per-lookup={_single_pooling(spec)}",
-        # Parsed as bool(str): any non-empty value means fixed.
-        "--num-indices-per-lookup-fixed=True",
-        f"--mini-batch-size={spec.batch_size}", f"--num-batches={iterations}",
-        f"--loss-function={LOSS_FUNCTION}", f"--learning-rate={LEARNING_RATE}",
-        f"--numpy-rand-seed={seed}",
-    ]
-
-
-def model_arguments(spec: WorkloadSpec) -> dict:
-    """DLRM_Net's layer sizes as its run() derives them from the flags above."""
-    features = len(spec.tables) + 1
-    if spec.interaction == "dot":  # unique pairs, without self-interaction (its default)
-        interactions = features * (features - 1) // 2 + spec.dim
-    else:
-        interactions = features * spec.dim
-    return {"m_spa": spec.dim, "ln_emb": [table.rows for table in spec.tables],
-            "ln_bot": [spec.num_dense, *spec.bottom_mlp],
-            "ln_top": [interactions, *spec.top_mlp], "interaction": spec.interaction,
-            "lookups": _single_pooling(spec), "batch_size": spec.batch_size}
-
-
-def reference_task(spec: WorkloadSpec, op: str, threads: int, seed: int) -> Task:
-    """The task whose key the reference's row carries: our rows' identity, impl dlrm_reference."""
-    return Task(op=op, impl=REFERENCE_IMPL, workload=spec, variant={},
-                precision=REFERENCE_PRECISION, device="cpu", isa=REFERENCE_ISA, threads=threads,
-                seed=seed)
-
-
-def code_version(repo: Path) -> str:
-    """Hash of the reference's script and data module: another checkout is not comparable."""
-    digest = hashlib.sha256(REFERENCE_IMPL.encode())
-    for name in (SCRIPT_NAME, DATA_MODULE_NAME):
-        path = repo / name
-        if path.is_file():
-            digest.update(path.read_bytes())
-    return digest.hexdigest()[:12]
-
-
-def checkout_commit(repo: Path) -> str:
-    """The checkout's git commit, or '' when it is not a git work tree."""
-    result = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
-                            text=True, stdin=subprocess.DEVNULL)
-    return result.stdout.strip() if result.returncode == 0 else ""
-
-
-def pinned_cpus(threads: int) -> list[int]:
-    """The CPUs our workers pin to (bench.run.worker.pin_threads): the first `threads`."""
-    return sorted(os.sched_getaffinity(0))[:threads]
-
-
-def child_environment(threads: int, project_path: bool = False) -> dict[str, str]:
-    """Our workers' environment: SIMD knobs uncapped, thread pools sized before torch loads;
-    with project_path our packages importable (not for the reference's own script: its
-    checkout has a top-level `bench` folder of its own)."""
-    environment = devices.isa_environment(REFERENCE_ISA)
-    environment["OMP_NUM_THREADS"] = str(threads)
-    environment["MKL_NUM_THREADS"] = str(threads)
-    if project_path:
-        environment["PYTHONPATH"] = os.pathsep.join(
-            [str(PROJECT_ROOT)] + [part for part in
-                                   environment.get("PYTHONPATH", "").split(os.pathsep) if part])
-    return environment
-
-
-def _run_child(command: list[str], threads: int, cwd: Path, timeout_s: float,
-               project_path: bool = False) -> str:
-    """Run a child pinned to our workers' CPUs; its stdout, or ReferenceError."""
-    cpus = pinned_cpus(threads)
-    try:
-        # sched_setaffinity in the child before exec: the reference never pins itself.
-        result = subprocess.run(command, cwd=cwd, env=child_environment(threads, project_path),
-                                capture_output=True, text=True, timeout=timeout_s,
-                                stdin=subprocess.DEVNULL,
-                                preexec_fn=lambda: os.sched_setaffinity(0, cpus))
-    except subprocess.TimeoutExpired:
-        raise ReferenceError(f"timed out after {timeout_s:.0f} s") from None
-    if result.returncode != 0:
-        lines = [line for line in (result.stderr or result.stdout).splitlines() if line.strip()]
-        last = lines[-1].strip() if lines else "no output"
-        raise ReferenceError(f"exited with code {result.returncode}: {last}"[:500])
-    return result.stdout
-
-
-# ---------------------------------------------------------------- timing the reference
-
-def time_training(repo: Path, spec: WorkloadSpec, options) -> list[float]:
-    """Per-iteration seconds of the reference's own training loop, warm-up dropped."""
-    total = options.warmup + options.iterations
-    command = [options.python, str(repo / SCRIPT_NAME),
-               *reference_arguments(spec, total, options.seed)]
-    # A scratch folder: the reference writes TensorBoard files into its working directory.
-    with tempfile.TemporaryDirectory(prefix="dlrm-reference-") as scratch:
-        output = _run_child(command, options.threads, Path(scratch), options.child_timeout)
-    times = parse_iteration_times(output)
-    if len(times) != total:
-        raise ReferenceError(f"expected {total} 'Finished training it' lines, found "
-                             f"{len(times)}")
-    return times[options.warmup:]
-
-
-def time_inference(repo: Path, spec: WorkloadSpec, options, policy: TimingPolicy) -> dict:
-    """Samples of the reference model's forward, timed by bench.run.timing in a pinned child."""
-    config = {"repo": str(repo.resolve()), **model_arguments(spec), "seed": options.seed,
-              "threads": options.threads, "batches": options.infer_batches,
-              "policy": policy.__dict__}
-    with tempfile.TemporaryDirectory(prefix="dlrm-reference-") as scratch:
-        config_path = Path(scratch) / "config.json"
-        config_path.write_text(json.dumps(config), encoding="utf-8")
-        command = [options.python, "-m", "bench.commands.reference", str(config_path)]
-        output = _run_child(command, options.threads, Path(scratch), options.child_timeout,
-                            project_path=True)
-    for line in reversed(output.splitlines()):
-        if line.startswith(RESULT_MARKER):
-            return json.loads(line[len(RESULT_MARKER):])
-    raise ReferenceError("the inference child printed no result line")
-
-
-# ---------------------------------------------------------------- rows
-
-def reference_row(spec: WorkloadSpec, mode: str, options, policy: TimingPolicy, run_id: str,
-                  repo: Path, commit: str) -> ResultRow:
-    """One round's row of the reference for a workload and mode (ok, or error with why)."""
-    op = MODE_OPS[mode]
-    task = reference_task(spec, op, options.threads, options.seed)
-    lookups = _single_pooling(spec)
-    params = {
-        "script": SCRIPT_NAME, "commit": commit, "run_mode": mode,
-        "data": "the reference's random data (--data-generation=random): uniform indices, "
-                "deduplicated and sorted within each bag, fresh batches each iteration",
-        "lookups_per_bag": lookups,
-    }
-    if mode == "train":
-        params.update({
-            "timing": f"the reference's own per-iteration time (--print-time --print-freq=1, "
-                      f"time.time() from the loaded batch to optimizer.step()), "
-                      f"{options.warmup} warm-up iterations dropped",
-            "optimizer": "SGD", "lr": LEARNING_RATE, "loss": LOSS_FUNCTION,
-            "iterations": options.iterations, "warmup_iterations": options.warmup,
-            "arguments": reference_arguments(spec, options.warmup + options.iterations,
-                                             options.seed)})
-    else:
-        params.update({
-            "timing": "its --inference-only prints no time: its DLRM_Net (built from its own "
-                      "module with these shapes) forward timed by bench.run.timing "
-                      "(torch.utils.benchmark) in a pinned child, autograd enabled as its "
-                      "inference runs, on batches from its own RandomDataset",
-            "rotation_batches": options.infer_batches})
-    row = ResultRow(
-        run_id=run_id, task_key=task.key(), op=op, impl=REFERENCE_IMPL, is_baseline=False,
-        code_version=code_version(repo), workload=spec.name, params=dumps_compact(params),
-        device="cpu", device_name=devices.device_name("cpu"), isa=REFERENCE_ISA,
-        threads=options.threads, precision=REFERENCE_PRECISION, batch_size=spec.batch_size,
-        fingerprint=devices.fingerprint("cpu", REFERENCE_ISA, options.threads, policy),
-        timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-    try:
-        if mode == "train":
-            samples, calls = time_training(repo, spec, options), 1
-        else:
-            measured = time_inference(repo, spec, options, policy)
-            samples, calls = measured["samples_s"], int(measured["calls_per_sample"])
-        summary = summarize(samples, calls)
-    except (ReferenceError, ValueError, KeyError) as error:
-        row.status, row.error = STATUS_ERROR, f"{REFERENCE_IMPL}: {error}"[:500]
-        return row
-    row.n_samples, row.calls_per_sample = len(summary.samples_s), summary.calls_per_sample
-    row.samples_s = json.dumps([float(f"{value:.6g}") for value in summary.samples_s])
-    row.median_s, row.mean_s, row.min_s = summary.median_s, summary.mean_s, summary.min_s
-    row.p90_s, row.p99_s, row.iqr_s = summary.p90_s, summary.p99_s, summary.iqr_s
-    row.samples_per_s = spec.batch_size / summary.median_s if summary.median_s > 0 else math.nan
-    row.metrics = dumps_compact({"noise_iqr_over_median": round(summary.iqr_s / summary.median_s,
-                                                                4) if summary.median_s else None,
-                                 "noisy": summary.noisy})
-    row.status = STATUS_OK
-    return row
-
-
-# ---------------------------------------------------------------- the command
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> OneLineParser:
     """The reference command's arguments."""
     parser = OneLineParser(
         prog="run_bench.py reference",
@@ -307,28 +43,33 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"preset names (default {DEFAULT_WORKLOADS}, capped at 100,000 "
                              "rows per table unless --max-rows)")
     parser.add_argument("--max-rows", type=int, help="cap every table at this many rows")
-    parser.add_argument("--batch-size", help="override the workloads' batch size")
-    parser.add_argument("--threads", type=int, default=1, help="threads, pinned (default 1)")
-    parser.add_argument("--mode", default="train", help="train, infer or train,infer")
-    parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS,
+    parser.add_argument("--batch-size", type=positive_int,
+                        help="override the workloads' batch size")
+    parser.add_argument("--threads", type=positive_int, default=1,
+                        help="threads, pinned (default 1)")
+    parser.add_argument("--mode", type=choice_list(*MODE_OPS), default="train",
+                        help="train, infer or train,infer")
+    parser.add_argument("--rounds", type=positive_int, default=DEFAULT_ROUNDS,
                         help="interleaved rounds: reference, ours, reference, ours, ...")
-    parser.add_argument("--iterations", type=int, default=DEFAULT_ITERATIONS,
+    parser.add_argument("--iterations", type=positive_int, default=DEFAULT_ITERATIONS,
                         help="reference training iterations timed per round")
-    parser.add_argument("--warmup", type=int, default=DEFAULT_WARMUP,
+    parser.add_argument("--warmup", type=non_negative_int, default=DEFAULT_WARMUP,
                         help="reference training iterations dropped first in each round")
-    parser.add_argument("--infer-batches", type=int, default=DEFAULT_INFER_BATCHES,
+    parser.add_argument("--infer-batches", type=positive_int, default=DEFAULT_INFER_BATCHES,
                         help="reference batches the inference timing cycles through")
-    parser.add_argument("--impls", help="our impls to run (default: every impl of the op)")
-    parser.add_argument("--precision", default=DEFAULT_PRECISIONS,
+    parser.add_argument("--impls", type=names,
+                        help="our impls to run (default: every impl of the op)")
+    parser.add_argument("--precision", type=names, default=DEFAULT_PRECISIONS,
                         help=f"our precisions (default {DEFAULT_PRECISIONS})")
-    parser.add_argument("--min-run-time", type=float, default=QUICK_POLICY.min_run_time_s,
+    parser.add_argument("--min-run-time", type=positive_float,
+                        default=QUICK_POLICY.min_run_time_s,
                         help="seconds of timing per configuration of ours and per reference "
                              "inference")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--python", default=sys.executable,
                         help="interpreter for the reference (it imports scikit-learn and "
                              "tensorboard; default: this one)")
-    parser.add_argument("--child-timeout", type=float, default=DEFAULT_CHILD_TIMEOUT_S,
+    parser.add_argument("--child-timeout", type=positive_float, default=DEFAULT_CHILD_TIMEOUT_S,
                         help="seconds before one reference run counts as hung")
     parser.add_argument("--out", default="results", help="output directory (default results/)")
     parser.add_argument("--run-id", help="name of the run directory (default: timestamp)")
@@ -337,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _repository(text: str) -> Path:
+    """The checkout of the reference, refused unless it holds its script."""
     repo = Path(text)
     if not repo.is_dir():
         raise UsageError(f"--dlrm-repo {text}: no such directory; give a checkout of "
@@ -347,31 +89,11 @@ def _repository(text: str) -> Path:
     return repo.resolve()
 
 
-def _validate(options) -> None:
-    for name in ("rounds", "iterations", "threads", "infer_batches"):
-        if getattr(options, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got "
-                             f"{getattr(options, name)}")
-    if options.warmup < 0:
-        raise UsageError(f"--warmup must be >= 0, got {options.warmup}")
-    if not (math.isfinite(options.min_run_time) and options.min_run_time > 0):
-        raise UsageError(f"--min-run-time must be a positive number of seconds, got "
-                         f"{options.min_run_time}")
+def _check_threads(threads: int) -> None:
+    """Refuse more threads than this process may run on (the parser checked the rest)."""
     available = len(os.sched_getaffinity(0))
-    if options.threads > available:
-        raise UsageError(f"--threads {options.threads}: this machine has {available} usable CPUs")
-    if options.seed < 0:
-        raise UsageError(f"--seed must be >= 0, got {options.seed}")
-
-
-def _modes(text: str) -> list[str]:
-    modes = split(text)
-    for mode in modes:
-        if mode not in MODE_OPS:
-            raise UsageError(f"--mode {mode!r}: choose train, infer or train,infer")
-    if not modes:
-        raise UsageError("--mode: give train, infer or train,infer")
-    return list(dict.fromkeys(modes))
+    if threads > available:
+        raise UsageError(f"--threads {threads}: this machine has {available} usable CPUs")
 
 
 def timing_policy(min_run_time: float) -> TimingPolicy:
@@ -383,15 +105,15 @@ def timing_policy(min_run_time: float) -> TimingPolicy:
 def ours_argv(options, ops: list[str], rounds_dir: Path, run_id: str) -> list[str]:
     """The sweep arguments of one round of ours: the same workload, batch, threads, seed."""
     argv = ["--ops", ",".join(ops), "--workload", options.workload, "--threads",
-            str(options.threads), "--precision", options.precision, "--min-run-time",
+            str(options.threads), "--precision", ",".join(options.precision), "--min-run-time",
             repr(options.min_run_time), "--seed", str(options.seed), "--out", str(rounds_dir),
             "--run-id", run_id, "--no-report"]
     if options.max_rows is not None:
         argv += ["--max-rows", str(options.max_rows)]
     if options.batch_size:
-        argv += ["--batch-size", options.batch_size]
+        argv += ["--batch-size", str(options.batch_size)]
     if options.impls:
-        argv += ["--impls", options.impls]
+        argv += ["--impls", ",".join(options.impls)]
     return argv
 
 
@@ -424,18 +146,6 @@ def run_reference_round(workloads, modes, options, policy, repo: Path, commit: s
     return rows
 
 
-def _run_directory(options) -> tuple[Path, str]:
-    run_id = options.run_id or (datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-                                + "-reference")
-    if run_id in ("", ".", "..") or "/" in run_id or os.sep in run_id:
-        raise UsageError(f"--run-id {run_id!r}: give a plain name (no '/'), e.g. reference-1")
-    directory = Path(options.out) / run_id
-    if (directory / RESULTS_FILENAME).exists() or (directory / ROUNDS_FOLDER).exists():
-        raise UsageError(f"--run-id {run_id}: {directory} already holds a run; choose another")
-    check_writable_directory(directory, f"--out {options.out}")
-    return directory, run_id
-
-
 def merge_rounds(directory: Path, run_id: str, ours: list[Path], references: list[Path],
                  argv: list[str]) -> list[ResultRow]:
     """Pool each side's rounds per task key into directory/results.csv, env.json, args.json."""
@@ -463,18 +173,13 @@ def merge_rounds(directory: Path, run_id: str, ours: list[Path], references: lis
 
 def main(argv: list[str]) -> int:
     """Run the reference and ours interleaved; exit 0, 1 (all errored), 2 bad input, 3 some."""
-    from bench.commands.sweep import exit_code
-
     options = build_parser().parse_args(argv)
     repo = _repository(options.dlrm_repo)
-    _validate(options)
-    modes = _modes(options.mode)
-    if options.batch_size:
-        whole_numbers(options.batch_size, "--batch-size")
-        if len(split(options.batch_size)) != 1:
-            raise UsageError("--batch-size: give one batch size")
+    _check_threads(options.threads)
+    modes = options.mode
     workloads = resolve_workloads(WorkloadChoices(
-        workloads=options.workload, max_rows=options.max_rows, batch_sizes=options.batch_size,
+        workloads=options.workload, max_rows=options.max_rows,
+        batch_sizes=str(options.batch_size) if options.batch_size else None,
         quick_defaults=True))
     for spec in workloads:
         check_workload(spec)
@@ -483,7 +188,8 @@ def main(argv: list[str]) -> int:
         raise UsageError(f"--python {options.python}: no such interpreter")
     options.python = python
     policy = timing_policy(options.min_run_time)
-    directory, run_id = _run_directory(options)
+    directory, run_id = new_run_directory(options.out, options.run_id, label="reference",
+                                          occupied=(RESULTS_FILENAME, ROUNDS_FOLDER))
     rounds_dir = (directory / ROUNDS_FOLDER).resolve()  # ours run from the project root
     rounds_dir.mkdir(parents=True, exist_ok=True)
     commit = checkout_commit(repo)
@@ -505,60 +211,6 @@ def main(argv: list[str]) -> int:
     print(f"{measured} measured, {errors} errors ({options.rounds} interleaved rounds) -> "
           f"{directory / RESULTS_FILENAME}")
     if not options.no_report:
-        from bench.commands.sweep import _build_report
-
-        _build_report(directory)
+        build_report(directory)
     return exit_code(measured, errors)
 
-
-# ---------------------------------------------------------------- the inference child
-
-def child_main(argv: list[str]) -> int:
-    """`python -m bench.commands.reference CONFIG.json`: time the reference model's forward.
-
-    Runs pinned (the parent's preexec) with the thread pools sized by the environment; builds
-    the reference's own DLRM_Net and RandomDataset from its checkout, then times the forward
-    through bench.run.timing as any impl of ours is timed, and prints one marked result line."""
-    import functools
-    import importlib
-
-    import numpy as np
-    import torch
-
-    from bench.ops.common import cycling
-    from bench.run import timing
-
-    config = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
-    threads, seed, count = int(config["threads"]), int(config["seed"]), int(config["batches"])
-    torch.set_num_threads(threads)
-    sys.path.insert(0, config["repo"])
-    module = importlib.import_module(Path(SCRIPT_NAME).stem)
-    data = module.dp  # its data module, as its run() uses it
-    # Its run() seeds numpy (weights and data come from np.random) and torch the same way.
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    ln_emb = np.asarray(config["ln_emb"], dtype=np.int64)
-    ln_bot = np.asarray(config["ln_bot"], dtype=np.int64)
-    ln_top = np.asarray(config["ln_top"], dtype=np.int64)
-    model = module.DLRM_Net(
-        config["m_spa"], ln_emb, ln_bot, ln_top, arch_interaction_op=config["interaction"],
-        arch_interaction_itself=False, sigmoid_bot=-1, sigmoid_top=ln_top.size - 2,
-        sync_dense_params=True, loss_threshold=0.0, ndevices=-1, loss_function=LOSS_FUNCTION)
-    batch_size = int(config["batch_size"])
-    dataset = data.RandomDataset(
-        int(ln_bot[0]), ln_emb, batch_size * count, count, batch_size, int(config["lookups"]),
-        True, 1, False, "random", "", False, reset_seed_on_access=True, rand_seed=seed)
-    calls = []
-    for index in range(count):
-        dense, offsets, indices, _targets = data.collate_wrapper_random_offset([dataset[index]])
-        calls.append(functools.partial(model, dense, offsets, indices))
-    # Autograd stays on: the reference's inference() calls the model without no_grad.
-    samples = timing.time_cpu(cycling(calls), TimingPolicy(**config["policy"]), threads)
-    print(RESULT_MARKER + json.dumps({"samples_s": [float(value) for value in samples],
-                                      "calls_per_sample": samples.calls_per_sample}),
-          flush=True)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(child_main(sys.argv[1:]))

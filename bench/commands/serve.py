@@ -4,28 +4,29 @@ with query-size distributions, dynamic batching, co-located pinned workers and a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import hashlib
 import json
 import math
 import os
-import secrets
 import sys
 from pathlib import Path
+from typing import Optional
 
 from bench import registry
-from bench.commands import UsageError
-from bench.commands.sweep import OneLineParser, check_writable_directory
+from bench.commands.common import (EXIT_ALL_ERRORED, EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_ERRORED,
+                                   OneLineParser, UsageError, build_report, choice_list, names,
+                                   new_run_directory, non_negative_floats, positive_floats,
+                                   whole_numbers)
 from bench.records import (STATUS_ERROR, STATUS_OK, ResultRow, ResultsWriter, dumps_compact,
                            write_atomic, write_json)
 from bench.serve.batching import BatchPolicy
 from bench.serve.queries import QUERY_SIZE_HELP, QuerySizeError, parse_query_sizes, query_table
 from bench.serve.search import Probe, search_max_qps
 from bench.serve.sut import SCENARIOS, LoadGenMissing, RunSettings, loadgen
-from workloads.resolve import WorkloadChoices, resolve_workloads, split, whole_numbers
+from workloads.resolve import WorkloadChoices, resolve_workloads
 
-EXIT_ALL_ERRORED = 1
-EXIT_SOME_ERRORED = 3
 DEFAULT_SLA_MS = 100.0  # the bound Server runs at a given --qps are judged by without --sla-ms
 CAPACITY_QUERIES = 256  # queries of the Offline run that sets the search's QPS ceiling
 # The search ceiling over the Offline capacity: a short Offline run can understate what the
@@ -45,21 +46,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workload", default="kaggle", help="one preset (default kaggle)")
     parser.add_argument("--max-rows", type=int, help="cap every table at this many rows")
     parser.add_argument("--impl", default="per_table", help="a dlrm_infer impl (see --list)")
-    parser.add_argument("--precision", default="fp32", help="precisions, e.g. fp32,bf16")
-    parser.add_argument("--workers", default="1", help="co-located workers, e.g. 1,2")
+    parser.add_argument("--precision", type=names, default="fp32",
+                        help="precisions, e.g. fp32,bf16")
+    parser.add_argument("--workers", type=whole_numbers, default="1",
+                        help="co-located workers, e.g. 1,2")
     parser.add_argument("--threads", type=int, default=1, help="threads (cores) per worker")
-    parser.add_argument("--batching", default="off", help="off,on")
-    parser.add_argument("--max-batch", default="2048",
+    parser.add_argument("--batching", type=choice_list("off", "on"), default="off",
+                        help="off,on")
+    parser.add_argument("--max-batch", type=whole_numbers, default="2048",
                         help="batching on: items per merged batch, and the size large queries "
                              "split to (a list sweeps)")
-    parser.add_argument("--batch-timeout-ms", default="2",
+    parser.add_argument("--batch-timeout-ms", type=non_negative_floats, default="2",
                         help="batching on: longest wait of a query for company (a list sweeps)")
     parser.add_argument("--query-size", default="dlrmv2", help=QUERY_SIZE_HELP)
     parser.add_argument("--queries", type=int, default=1024,
                         help="distinct queries LoadGen draws from (its sample set)")
-    parser.add_argument("--qps", help="server: offered QPS values; offline: expected QPS")
-    parser.add_argument("--sla-ms", help="latency bounds; server without --qps searches the "
-                                         "highest QPS meeting each")
+    parser.add_argument("--qps", type=positive_floats,
+                        help="server: offered QPS values; offline: expected QPS")
+    parser.add_argument("--sla-ms", type=positive_floats,
+                        help="latency bounds; server without --qps searches the highest QPS "
+                             "meeting each")
     parser.add_argument("--percentile", type=float, default=99.0,
                         help="the latency percentile the bound applies to (default 99)")
     parser.add_argument("--min-duration", type=float, default=1.0,
@@ -87,31 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _policies(args) -> list[BatchPolicy]:
-    modes = split(args.batching)
-    for mode in modes:
-        if mode not in ("off", "on"):
-            raise UsageError(f"--batching {mode!r}: choose off or on")
-    policies = [BatchPolicy(merge=False)] if "off" in modes else []
-    if "on" in modes:
-        timeouts = _positive_floats(args.batch_timeout_ms, "--batch-timeout-ms", allow_zero=True)
+    """The batch policies --batching, --max-batch and --batch-timeout-ms sweep."""
+    policies = [BatchPolicy(merge=False)] if "off" in args.batching else []
+    if "on" in args.batching:
         policies += [BatchPolicy(True, size, timeout / 1e3)
-                     for size in whole_numbers(args.max_batch, "--max-batch")
-                     for timeout in timeouts]
-    if not policies:
-        raise UsageError("--batching: give off, on or off,on")
+                     for size in args.max_batch for timeout in args.batch_timeout_ms]
     return policies
-
-
-def _positive_floats(text: str, flag: str, allow_zero: bool = False) -> list[float]:
-    try:
-        values = [float(value) for value in split(text)]
-    except ValueError:
-        values = []
-    low_ok = (lambda value: value >= 0) if allow_zero else (lambda value: value > 0)
-    if not values or not all(math.isfinite(value) and low_ok(value) for value in values):
-        raise UsageError(f"{flag} {text!r}: give {'non-negative' if allow_zero else 'positive'} "
-                         "numbers, e.g. 10,50")
-    return values
 
 
 def validate(args) -> dict:
@@ -127,12 +114,12 @@ def validate(args) -> dict:
     impls = registry.impls("dlrm_infer")
     if args.impl not in impls:
         raise UsageError(f"--impl {args.impl!r}: choose a dlrm_infer impl: {', '.join(impls)}")
-    precisions = split(args.precision)
+    precisions = args.precision
     for precision in precisions:
         if precision not in impls[args.impl].precisions:
             raise UsageError(f"--precision {precision}: dlrm_infer {args.impl} runs "
                              f"{','.join(impls[args.impl].precisions)}")
-    workers = whole_numbers(args.workers, "--workers")
+    workers = args.workers
     cpus = len(os.sched_getaffinity(0))
     if args.threads < 1 or max(workers) * args.threads > cpus:
         raise UsageError(f"--workers {max(workers)} x --threads {args.threads} needs "
@@ -148,8 +135,8 @@ def validate(args) -> dict:
     if not (args.min_duration > 0 and args.stall_timeout > 0 and 0 < args.search_floor < 1):
         raise UsageError("--min-duration and --stall-timeout must be > 0, --search-floor in "
                          "(0, 1)")
-    qps = _positive_floats(args.qps, "--qps") if args.qps else []
-    slas = sorted(_positive_floats(args.sla_ms, "--sla-ms")) if args.sla_ms else []
+    qps = args.qps or []
+    slas = sorted(args.sla_ms or [])
     if args.scenario == "server" and not qps and not slas:
         raise UsageError("--scenario server needs --qps Q (runs at Q) or --sla-ms X (searches "
                          "the highest QPS meeting X)")
@@ -162,19 +149,28 @@ def validate(args) -> dict:
             "sizes": sizes, "policies": _policies(args), "qps": qps, "slas": slas}
 
 
-def _run_directory(args) -> tuple[Path, str]:
-    if args.run_id is not None:
-        if args.run_id in ("", ".", "..") or "/" in args.run_id:
-            raise UsageError(f"--run-id {args.run_id!r}: give a plain name (no '/')")
-        run_id = args.run_id
-    else:
-        run_id = "serve-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + "-" + \
-            secrets.token_hex(2)
-    directory = Path(args.out) / run_id
-    check_writable_directory(directory, f"--out {args.out}")
-    if (directory / "results.csv").exists():
-        raise UsageError(f"{directory} already has results; give another --run-id")
-    return directory, run_id
+@dataclasses.dataclass(frozen=True)
+class PoolSetting:
+    """A started pool of co-located workers and what they serve."""
+
+    pool: object  # a bench.serve.workers.WorkerPool
+    precision: str
+    workers: int
+    facts: dict  # per worker index: what it reported at start-up (code version, CPUs, ...)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadGenTest:
+    """One LoadGen test: the scenario, the load it offers, how long it runs, its batch policy."""
+
+    scenario: str
+    qps: float
+    sla_s: float
+    min_queries: int
+    min_duration_s: float
+    policy_index: int  # into the session's batch policies
+    extra: Optional[dict] = None  # "params" and "metrics" added to the row
+    measure_bare: bool = False  # also time the bare dlrm_infer batch in the worker
 
 
 class Session:
@@ -241,29 +237,29 @@ class Session:
         self.rows.append(row)
         return row
 
-    def loadgen_run(self, pool, precision: str, workers: int, policy_index: int,
-                    scenario: str, qps: float, sla_s: float, min_queries: int,
-                    min_duration_s: float, facts: dict, extra: dict | None = None,
-                    measure_bare: bool = False):
-        """One LoadGen test and its row (with the bare batch's time when measure_bare);
+    def loadgen_run(self, setting: PoolSetting, test: LoadGenTest):
+        """One LoadGen test and its row (with the bare batch's time when test.measure_bare);
         (outcome, row)."""
         from bench.serve.sut import run_test
 
         self.runs += 1
-        policy = self.choices["policies"][policy_index]
-        settings = RunSettings(scenario=scenario, target_qps=qps, target_latency_s=sla_s,
+        policy = self.choices["policies"][test.policy_index]
+        settings = RunSettings(scenario=test.scenario, target_qps=test.qps,
+                               target_latency_s=test.sla_s,
                                percentile=self.args.percentile / 100.0,
-                               min_duration_s=min_duration_s, min_query_count=min_queries,
-                               max_duration_s=0.0, policy_index=policy_index,
-                               seed=self.args.seed)
-        label = f"{self.runs:03d}-{precision}-w{workers}-{policy.label.split('(')[0]}-" \
-                f"{scenario}-{qps:.6g}"
-        outcome = run_test(pool, self.table, settings, self.directory / "loadgen" / label,
-                           self.args.stall_timeout)
-        if measure_bare and not outcome.error:
-            extra = {**(extra or {}), "metrics": _bare_metrics(pool, outcome)}
-        row = self.row(precision, workers, policy, settings, facts, outcome, extra=extra)
-        _progress(row, policy, workers)
+                               min_duration_s=test.min_duration_s,
+                               min_query_count=test.min_queries, max_duration_s=0.0,
+                               policy_index=test.policy_index, seed=self.args.seed)
+        label = (f"{self.runs:03d}-{setting.precision}-w{setting.workers}-"
+                 f"{policy.label.split('(')[0]}-{test.scenario}-{test.qps:.6g}")
+        outcome = run_test(setting.pool, self.table, settings,
+                           self.directory / "loadgen" / label, self.args.stall_timeout)
+        extra = test.extra
+        if test.measure_bare and not outcome.error:
+            extra = {**(extra or {}), "metrics": _bare_metrics(setting.pool, outcome)}
+        row = self.row(setting.precision, setting.workers, policy, settings, setting.facts,
+                       outcome, extra=extra)
+        _progress(row, policy, setting.workers)
         return outcome, row
 
 
@@ -280,19 +276,19 @@ def _progress(row: ResultRow, policy: BatchPolicy, workers: int) -> None:
           file=sys.stderr, flush=True)
 
 
-def serve_setting(session: Session, pool, precision: str, workers: int, facts: dict,
-                  summary: list[str]) -> bool:
+def serve_setting(session: Session, setting: PoolSetting, summary: list[str]) -> bool:
     """Every run of one pool (precision, workers) over the batch policies; False once a run
     has errored (the pool is broken)."""
     args, choices = session.args, session.choices
+    precision, workers = setting.precision, setting.workers
     sla_default_s = (choices["slas"][0] if choices["slas"] else DEFAULT_SLA_MS) / 1e3
     for policy_index, policy in enumerate(choices["policies"]):
         def run(scenario, qps, sla_s, min_queries=args.min_queries,
                 min_duration_s=args.min_duration, extra=None, policy_index=policy_index,
                 measure_bare=False):
-            return session.loadgen_run(pool, precision, workers, policy_index, scenario, qps,
-                                       sla_s, min_queries, min_duration_s, facts, extra,
-                                       measure_bare)
+            return session.loadgen_run(setting, LoadGenTest(
+                scenario, qps, sla_s, min_queries, min_duration_s, policy_index, extra,
+                measure_bare))
 
         if args.scenario != "server":
             outcome, row = run(args.scenario, (choices["qps"] or [1.0])[0], sla_default_s,
@@ -368,11 +364,10 @@ def main(argv: list[str]) -> int:
     """Entry point of `run_bench.py serve`."""
     args = build_parser().parse_args(argv)
     choices = validate(args)
-    directory, run_id = _run_directory(args)
+    directory, run_id = new_run_directory(args.out, args.run_id, label="serve")
     from bench.run import devices
     from bench.serve.workers import WorkerConfig, WorkerPool
 
-    directory.mkdir(parents=True, exist_ok=True)
     write_json(directory / "args.json", {"argv": ["serve", *argv], "run_id": run_id,
                                          "op_facts": {}})
     write_json(directory / "env.json", {"run_id": run_id, **devices.host_facts()})
@@ -400,26 +395,25 @@ def main(argv: list[str]) -> int:
                         pool.stop()
                         continue
                     try:
-                        serve_setting(session, pool, precision, workers, pool.facts, summary)
+                        serve_setting(session, PoolSetting(pool, precision, workers,
+                                                           pool.facts), summary)
                     finally:
                         pool.stop()
         except KeyboardInterrupt:
             print(f"interrupted: finished rows are in {directory / 'results.csv'}",
                   file=sys.stderr)
-            return 130
+            return EXIT_INTERRUPTED
     _write_report(directory, summary)
     errors = sum(row.status == STATUS_ERROR for row in session.rows)
     print(f"{len(session.rows)} rows in {directory / 'results.csv'}", file=sys.stderr)
     if errors == len(session.rows):
         return EXIT_ALL_ERRORED
-    return EXIT_SOME_ERRORED if errors else 0
+    return EXIT_SOME_ERRORED if errors else EXIT_OK
 
 
 def _write_report(directory: Path, summary: list[str]) -> None:
     """The run's report (its latency-vs-QPS figure) and the search summary."""
-    from bench.commands.sweep import _build_report
-
     if summary:
         write_atomic(directory / "report" / "serving_summary.md",
                      "\n".join(f"- {line}" for line in summary) + "\n")
-    _build_report(directory)
+    build_report(directory)

@@ -3,44 +3,36 @@
 from __future__ import annotations
 
 import argparse
-import datetime
-import math
 import os
-import secrets
 import sys
 from pathlib import Path
 
 from bench.run import devices
 from bench import registry
-from bench.commands import EXIT_USAGE, UsageError
+from bench.commands import SUBCOMMANDS
+from bench.commands.common import (EXIT_ALL_ERRORED, EXIT_INTERRUPTED, EXIT_OK,
+                                   EXIT_SOME_ERRORED, EXIT_USAGE, OneLineParser,
+                                   UsageError, build_report, check_writable_directory,
+                                   exit_code, names, new_run_directory, positive_float,
+                                   non_negative_int, positive_int, whole_numbers)
 from bench.records import (RESULTS_FILENAME, STATUS_ERROR, STATUS_OK, STATUS_SKIPPED, SchemaError,
                            read_recorded_argv, read_rows)
 from bench.run.timing import TimingPolicy
 from reports.summary import render_summary
-from workloads.resolve import (DEFAULT_WORKLOADS, WorkloadChoices, resolve_workloads, split,
-                               whole_numbers)
+from workloads.resolve import DEFAULT_WORKLOADS, WorkloadChoices, resolve_workloads
 
-# Sweep exit codes (the --help epilog says the same): 0 every row measured or skipped;
-# 1 nothing measured because every configuration that ran errored; 3 some rows errored
-# (results and report are still written, and `check` reports them as NEWLY_FAILING).
-EXIT_ALL_ERRORED = 1
-EXIT_SOME_ERRORED = 3
-EXIT_CODES_HELP = ("exit status: 0 every configuration measured or skipped; 1 every "
-                   "configuration that ran errored (nothing measured); 2 bad input, refused "
-                   "before any work; 3 some configurations errored (an error row is a kernel "
-                   "that crashed or failed its float64 check; the other rows, the summary and "
-                   "the report are still written); 130 interrupted (finish with --resume)")
+# The exit codes (bench/commands/common.py) as the --help epilog gives them; `check` reports
+# a run's error rows as NEWLY_FAILING.
+EXIT_CODES_HELP = (f"exit status: {EXIT_OK} every configuration measured or skipped; "
+                   f"{EXIT_ALL_ERRORED} every configuration that ran errored (nothing measured); "
+                   f"{EXIT_USAGE} bad input, refused before any work; {EXIT_SOME_ERRORED} some "
+                   "configurations errored (an error row is a kernel that crashed or failed its "
+                   "float64 check; the other rows, the summary and the report are still "
+                   f"written); {EXIT_INTERRUPTED} interrupted (finish with --resume)")
 QUICK_PRECISIONS = "fp32,bf16,int8"
 FULL_PRECISIONS = ",".join(registry.PRECISIONS)
 QUICK_POLICY = TimingPolicy(min_run_time_s=0.2, min_samples=10, max_run_time_s=5.0)
 FULL_POLICY = TimingPolicy(min_run_time_s=1.0, min_samples=20, max_run_time_s=30.0)
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose refusals are one line on stderr (not the usage block), exit 2."""
-
-    def error(self, message: str):
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="run_bench.py",
         description="Measure DLRM operators. Comma-separated values sweep. Subcommands "
-                    "(each with -h): report RUN_DIR..., check, analyze, tt-study, locality.",
+                    "(each with -h): " + "; ".join(f"{name}: {what}" for name, (_, what)
+                                                   in SUBCOMMANDS.items()) + ".",
         epilog=EXIT_CODES_HELP)
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true",
@@ -58,15 +51,17 @@ def build_parser() -> argparse.ArgumentParser:
                       help="every precision, longer timing, workloads as given")
     parser.add_argument("--list", action="store_true",
                         help="list ops, impls, workloads, precisions, devices and ISA levels")
-    parser.add_argument("--ops", help="ops to run (default: all)")
-    parser.add_argument("--impls", help="only these impl names")
+    parser.add_argument("--ops", type=names, help="ops to run (default: all)")
+    parser.add_argument("--impls", type=names, help="only these impl names")
     parser.add_argument("--workload", help=f"preset names, synthetic, or criteo:PATH "
                                            f"(default: {DEFAULT_WORKLOADS})")
-    parser.add_argument("--precision", help="fp32,fp16,bf16,int8,int4")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
-    parser.add_argument("--isa", help="ISA levels for CPU runs (see --list; default native; the "
-                                      "default sweep also runs FC and SLS at avx2, avx512, amx)")
-    parser.add_argument("--threads", default="1", help="thread counts, e.g. 1,2")
+    parser.add_argument("--precision", type=names, help="fp32,fp16,bf16,int8,int4")
+    parser.add_argument("--device", type=names, default="cpu", help="cpu, cuda, cuda:N")
+    parser.add_argument("--isa", type=names,
+                        help="ISA levels for CPU runs (see --list; default native; the default "
+                             "sweep also runs FC and SLS at avx2, avx512, amx)")
+    parser.add_argument("--threads", type=whole_numbers, default="1",
+                        help="thread counts, e.g. 1,2")
     parser.add_argument("--batch-size", help="override the workloads' batch size(s)")
     parser.add_argument("--max-rows", type=int, help="cap every table at this many rows")
     parser.add_argument("--dist", help="index distribution for every table: uniform, zipf:ALPHA, "
@@ -79,15 +74,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pooling", default="32",
                         help="synthetic: lookups per bag: N or uniform|normal|lognormal:MEAN,SD")
     parser.add_argument("--num-tables", type=int, default=8, help="synthetic: number of tables")
-    parser.add_argument("--sls-modes", help="sum,mean,weighted (default: all)")
-    parser.add_argument("--fc-layers", help="linear,bottom_mlp,top_mlp (default: all)")
-    parser.add_argument("--membw-sizes", help="bandwidth probe buffer sizes in bytes")
-    parser.add_argument("--tt-tables", type=int, default=0,
+    parser.add_argument("--sls-modes", type=names, help="sum,mean,weighted (default: all)")
+    parser.add_argument("--fc-layers", type=names, help="linear,bottom_mlp,top_mlp (default: all)")
+    parser.add_argument("--membw-sizes", type=whole_numbers,
+                        help="bandwidth probe buffer sizes in bytes")
+    parser.add_argument("--tt-tables", type=non_negative_int, default=0,
                         help="TT-Rec: compress the K largest tables in dlrm_infer/dlrm_train")
-    parser.add_argument("--tt-rank", help="TT-Rec ranks to sweep (tt_sls and TT models), e.g. 8,16")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--min-run-time", type=float, help="seconds of timing per configuration")
-    parser.add_argument("--calls-per-rep", type=int, default=1, metavar="N",
+    parser.add_argument("--tt-rank", type=whole_numbers,
+                        help="TT-Rec ranks to sweep (tt_sls and TT models), e.g. 8,16")
+    parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument("--min-run-time", type=positive_float,
+                        help="seconds of timing per configuration")
+    parser.add_argument("--calls-per-rep", type=positive_int, default=1, metavar="N",
                         help="call each timed closure N times back to back per repetition "
                              "(default 1). For validating the regression checker: a run at N=5 "
                              "does exactly 25%% more work per row than one at N=4, with the same "
@@ -104,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="--metric instructions: also callgrind's SIMULATED D1 and "
                              "last-level data-cache misses per call (slower; these machines "
                              "have no hardware counters)")
-    parser.add_argument("--task-timeout", type=float, default=900.0,
+    parser.add_argument("--task-timeout", type=positive_float, default=900.0,
                         help="seconds before a hung configuration becomes an error row")
     parser.add_argument("--out", default="results", help="output directory (default: results/)")
     parser.add_argument("--run-id", help="name of the run directory (default: timestamp)")
@@ -163,22 +161,16 @@ def _options(args) -> dict:
     from bench.ops.fc import FC_LAYERS
     from bench.ops.sls import SLS_MODES
 
-    if args.seed < 0:
-        raise UsageError(f"--seed must be >= 0, got {args.seed}")
     if args.sls_modes:
-        options["sls_modes"] = _choose(split(args.sls_modes), SLS_MODES, "--sls-modes value")
+        options["sls_modes"] = _choose(args.sls_modes, SLS_MODES, "--sls-modes value")
     if args.fc_layers:
-        options["fc_layers"] = _choose(split(args.fc_layers), FC_LAYERS, "--fc-layers value")
-    if args.tt_tables < 0:
-        raise UsageError(f"--tt-tables must be >= 0, got {args.tt_tables}")
+        options["fc_layers"] = _choose(args.fc_layers, FC_LAYERS, "--fc-layers value")
     if args.tt_tables:
         options["tt_tables"] = args.tt_tables
     if args.tt_rank:
-        options["tt_ranks"] = whole_numbers(args.tt_rank, "--tt-rank")
+        options["tt_ranks"] = args.tt_rank
     if args.membw_sizes:
-        options["membw_sizes"] = whole_numbers(args.membw_sizes, "--membw-sizes")
-    if args.calls_per_rep < 1:
-        raise UsageError(f"--calls-per-rep must be >= 1, got {args.calls_per_rep}")
+        options["membw_sizes"] = args.membw_sizes
     if args.calls_per_rep != 1:
         options["calls_per_rep"] = args.calls_per_rep
     if args.metric != "time":
@@ -201,43 +193,11 @@ def _run_directory(args, argv: list[str]) -> tuple[Path, str, bool]:
         directory = Path(args.resume)
         check_writable_directory(directory, f"--resume {directory}")
         return directory, directory.name, True
-    if args.run_id is not None:
-        run_id = args.run_id
-        # A path here would put the run outside --out (--run-id ../../x).
-        if run_id in ("", ".", "..") or "/" in run_id or os.sep in run_id:
-            raise UsageError(f"--run-id {run_id!r}: give a plain name (no '/'), e.g. nightly-1")
-    else:
-        run_id = (datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + "-"
-                  + secrets.token_hex(2))
-    directory = Path(args.out) / run_id
-    if (directory / "results.csv").exists():
-        raise UsageError(f"--run-id {run_id}: {directory} already holds a run; finish it with "
-                         f"--resume {directory} or choose another --run-id")
-    check_writable_directory(directory, f"--out {args.out}")
+    # Not created here: execute() creates it, and removes it again if the start fails.
+    directory, run_id = new_run_directory(
+        args.out, args.run_id, create=False,
+        hint="finish it with --resume {directory} or choose another --run-id")
     return directory, run_id, False
-
-
-def check_writable_directory(directory: Path, given: str) -> None:
-    """Refuse a directory that cannot be created or written, before any work starts."""
-    existing = directory
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent  # the nearest ancestor that exists decides
-    if not existing.is_dir():
-        raise UsageError(f"{given}: {existing} is not a directory; give a directory path")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"{given}: {existing} is not writable by this user; give another "
-                         "directory")
-
-
-def _check_run_limits(args) -> None:
-    """Timing and timeout values that would hang or fail every configuration."""
-    if not (math.isfinite(args.task_timeout) and args.task_timeout > 0):
-        raise UsageError(f"--task-timeout must be a positive number of seconds, got "
-                         f"{args.task_timeout}")
-    if args.min_run_time is not None and not (math.isfinite(args.min_run_time)
-                                              and args.min_run_time > 0):
-        raise UsageError(f"--min-run-time must be a positive number of seconds, got "
-                         f"{args.min_run_time}")
 
 
 def parse_sweep(argv: list[str]):
@@ -257,8 +217,8 @@ ISA_COMPARISON_OPTIONS = {"fc_layers": ["linear"], "sls_modes": ["sum"]}
 def _is_default_sweep(args) -> bool:
     """True when the user chose nothing that the ISA comparison would contradict."""
     return (args.quick_defaults and args.metric == "time" and not args.isa and not args.ops
-            and not args.impls and not args.workload and args.device == "cpu"
-            and args.threads == "1")
+            and not args.impls and not args.workload and args.device == ["cpu"]
+            and args.threads == [1])
 
 
 def _isa_comparison(workloads, seed: int) -> list:
@@ -285,23 +245,22 @@ def sweep(argv: list[str]) -> int:
         argv = _recorded_argv(Path(resume_dir))
         args = parse_sweep(argv)
         args.resume = resume_dir
-    ops = _choose(split(args.ops) if args.ops else
+    ops = _choose(args.ops if args.ops else
                   [name for name, op in registry.ops().items() if op.default],
                   registry.ops(), "op")
-    precisions = _choose(split(args.precision or (FULL_PRECISIONS if args.full
-                                                  else QUICK_PRECISIONS)),
+    precisions = _choose(args.precision or (FULL_PRECISIONS if args.full
+                                            else QUICK_PRECISIONS).split(","),
                          registry.PRECISIONS, "precision")
-    device_list = [devices.normalize_device(name) for name in split(args.device)]
-    isa_levels = split(args.isa or "native")
+    device_list = [devices.normalize_device(name) for name in args.device]
+    isa_levels = args.isa or ["native"]
     for level in isa_levels:
         devices.check_isa(level)
-    thread_counts = whole_numbers(args.threads, "--threads")
+    thread_counts = args.threads
     available_cpus = len(os.sched_getaffinity(0))
     for count in thread_counts:
         if not 1 <= count <= available_cpus:
             raise UsageError(f"--threads {count}: this machine has {available_cpus} usable CPUs")
-    impl_filter = set(split(args.impls)) if args.impls else None
-    _check_run_limits(args)
+    impl_filter = set(args.impls) if args.impls else None
     workloads = resolve_workloads(workload_choices(args))
     sweeping.check_memory(workloads, ops, devices.available_memory_bytes())
     planned = sweeping.plan(ops, workloads, precisions, device_list, isa_levels, thread_counts,
@@ -338,7 +297,7 @@ def sweep(argv: list[str]) -> int:
     print(f"\n{counts[STATUS_OK]} measured, {counts[STATUS_SKIPPED]} skipped, "
           f"{counts[STATUS_ERROR]} errors -> {results_path}")
     if not args.no_report:
-        _build_report(directory)
+        build_report(directory)
     code = exit_code(counts[STATUS_OK], counts[STATUS_ERROR])
     if code == EXIT_ALL_ERRORED:
         print(f"error: every configuration that ran failed; nothing was measured (see the "
@@ -368,27 +327,6 @@ def _counting(args, device_list: list[str]):
         raise UsageError(str(error)) from None
     policy = callgrind.CountPolicy(cache_sim=args.cache_sim)
     return policy, callgrind.counting_facts(policy, version)
-
-
-def exit_code(measured: int, errors: int) -> int:
-    """0 without error rows; 1 when rows errored and none measured; 3 when some errored."""
-    # A CI job must not pass on a sweep whose kernels crashed or failed their float64 check,
-    # so any error row is non-zero; 3 tells "partly measured" from "nothing measured".
-    if not errors:
-        return 0
-    return EXIT_SOME_ERRORED if measured else EXIT_ALL_ERRORED
-
-
-def _build_report(directory: Path) -> None:
-    """Build the HTML report; a report failure never touches the finished results."""
-    try:
-        from reports.build import build_report
-
-        report = build_report([directory])
-        print(f"report: {report / 'index.html'}")
-    except Exception as error:  # the results are safe on disk; say what failed
-        print(f"warning: report not built ({type(error).__name__}: {error}); "
-              f"retry with: python run_bench.py report {directory}", file=sys.stderr)
 
 
 def main(argv: list[str]) -> int:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
+import dataclasses
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Optional
 
 import numpy as np
 import pandas as pd
@@ -22,9 +22,10 @@ from bench.models.teacher import (EVAL_BATCH_SIZE, EVAL_FIRST_BATCH, evaluation_
                                   label_batches, teacher_model)
 from bench.models.ttrec import CACHE_POLICIES
 from bench.models.ttrec.factorize import embedding_compression_ratio
-from bench.commands.sweep import OneLineParser
+from bench.commands.common import (OneLineParser, UsageError, choice_list, new_run_directory,
+                                   non_negative_ints, positive_int, whole_numbers)
 from workloads import presets
-from workloads.specs import IndexDistribution, SpecError, WorkloadSpec
+from workloads.specs import IndexDistribution, WorkloadSpec
 
 TRAIN_FIRST_BATCH = 100  # training batches are 100, 101, ...: clear of the TT warm-up batches
 # Validation (early stopping) batches: clear of training (< 20,000), of the test set (20,000 on,
@@ -50,7 +51,36 @@ DEFAULT_EVAL_EVERY = 25_600  # samples between validation passes (50 steps of 51
 DEFAULT_PATIENCE = 4  # validation passes without a better log-loss before stopping
 DEFAULT_VALIDATION_BATCHES = 4  # x 2048 samples
 CSV_NAME = "tt_study.csv"
-PROGRAM = "run_bench.py tt-study"
+DEFAULT_OUT = Path("results", "tt_study")  # a new timestamped folder here unless --out
+
+
+@dataclasses.dataclass(frozen=True)
+class StudySettings:
+    """What a study trains: the students (a K x rank x cache grid, or configs), the seeds, the
+    sample budget and the early stopping."""
+
+    tt_tables: tuple[int, ...] = ()  # K: how many of the largest tables are TT-compressed
+    ranks: tuple[int, ...] = ()
+    caches: tuple[str, ...] = ("lfu",)
+    seeds: tuple[int, ...] = (0,)  # teacher, data and student initialisation
+    budget: int = DEFAULT_BUDGET  # most training samples per model
+    batch_size: int = DEFAULT_BATCH_SIZE
+    eval_batches: int = EVAL_BATCHES  # test batches of EVAL_BATCH_SIZE samples
+    validation_batches: int = DEFAULT_VALIDATION_BATCHES  # early-stopping batches
+    eval_every: Optional[int] = None  # samples between validations (None: default or budget)
+    patience: int = DEFAULT_PATIENCE  # validations without a better log-loss before stopping
+    configs: Optional[tuple[tuple[int, int, str], ...]] = None  # (K, rank, cache): no grid
+
+    def students(self) -> list[tuple[int, int, str]]:
+        """(K, rank, cache) of every TT student, in order, without repeats."""
+        if self.configs is not None:
+            return list(dict.fromkeys(self.configs))
+        return list(dict.fromkeys((count, rank, cache) for count in self.tt_tables
+                                  for rank in self.ranks for cache in self.caches))
+
+    def eval_every_samples(self) -> int:
+        """Training samples between validation passes."""
+        return self.eval_every or min(DEFAULT_EVAL_EVERY, self.budget)
 
 
 def paper_embedding_compression(tt_tables: int, rank: int) -> float:
@@ -67,39 +97,40 @@ def paper_reported(tt_tables: int, rank: int) -> float:
     return PAPER_REPORTED_ANY_RANK.get(tt_tables, float("nan"))
 
 
-def validate(workload: WorkloadSpec, tt_tables_list: Sequence[int], ranks: Sequence[int],
-             caches: Sequence[str], seeds: Sequence[int], budget: int, batch_size: int,
-             eval_every: int, patience: int) -> None:
-    """Raise ValueError with a one-line reason for settings the study cannot run."""
+def validate(workload: WorkloadSpec, settings: StudySettings) -> None:
+    """Raise UsageError with a one-line reason for settings the study cannot run."""
     tables = len(workload.tables)
-    for count in tt_tables_list:
+    if settings.configs is None and settings.tt_tables and not settings.ranks:
+        raise UsageError("--tt-rank: give at least one rank")
+    for count, rank, cache in settings.students():
         if not 1 <= count <= tables:
-            raise ValueError(f"--tt-tables {count}: workload {workload.name} has {tables} "
+            raise UsageError(f"--tt-tables {count}: workload {workload.name} has {tables} "
                              f"tables; give 1..{tables}")
-    for rank in ranks:
         if rank < 1:
-            raise ValueError(f"--tt-rank {rank}: ranks must be >= 1")
-    if tt_tables_list and not ranks:
-        raise ValueError("--tt-rank: give at least one rank")
-    for cache in caches:
+            raise UsageError(f"--tt-rank {rank}: ranks must be >= 1")
         if cache not in CACHE_POLICIES:
-            raise ValueError(f"--cache {cache!r}: choose from {', '.join(CACHE_POLICIES)}")
-    if not seeds:
-        raise ValueError("--seeds: give at least one seed")
-    if any(seed < 0 for seed in seeds):
-        raise ValueError(f"--seeds {seeds}: seeds must be >= 0")
+            raise UsageError(f"--cache {cache!r}: choose from {', '.join(CACHE_POLICIES)}")
+    if not settings.seeds:
+        raise UsageError("--seeds: give at least one seed")
+    if any(seed < 0 for seed in settings.seeds):
+        raise UsageError(f"--seeds {list(settings.seeds)}: seeds must be >= 0")
+    batch_size, budget = settings.batch_size, settings.budget
     if batch_size < 1:
-        raise ValueError(f"--batch-size {batch_size}: must be >= 1")
+        raise UsageError(f"--batch-size {batch_size}: must be >= 1")
     # Training batches must stay below the test batches so no evaluated sample is trained on.
     most_samples = (EVAL_FIRST_BATCH - TRAIN_FIRST_BATCH) * batch_size
     if not batch_size <= budget <= most_samples:
-        raise ValueError(f"--budget {budget}: give {batch_size}..{most_samples} samples "
+        raise UsageError(f"--budget {budget}: give {batch_size}..{most_samples} samples "
                          f"(at least one batch of {batch_size})")
-    if not batch_size <= eval_every <= budget:
-        raise ValueError(f"--eval-every {eval_every}: give {batch_size}..{budget} samples "
-                         "(one batch up to the budget)")
-    if patience < 1:
-        raise ValueError(f"--patience {patience}: must be >= 1")
+    if not batch_size <= settings.eval_every_samples() <= budget:
+        raise UsageError(f"--eval-every {settings.eval_every_samples()}: give "
+                         f"{batch_size}..{budget} samples (one batch up to the budget)")
+    if settings.patience < 1:
+        raise UsageError(f"--patience {settings.patience}: must be >= 1")
+    for flag, value in (("--eval-batches", settings.eval_batches),
+                        ("--validation-batches", settings.validation_batches)):
+        if value < 1:
+            raise UsageError(f"{flag} {value}: must be >= 1")
 
 
 def training_data(workload: WorkloadSpec, seed: int, steps: int, batch_size: int) -> list[tuple]:
@@ -249,31 +280,17 @@ def finish_frame(records: list[dict]) -> pd.DataFrame:
     return frame[COLUMNS]
 
 
-def run_study(workload: WorkloadSpec, tt_tables_list: Sequence[int], ranks: Sequence[int],
-              seeds: Sequence[int], budget: int, batch_size: int, out_dir: Path | str,
-              caches: Sequence[str] = ("lfu",), progress: bool = True,
-              eval_batches: int = EVAL_BATCHES,
-              validation_batches: int = DEFAULT_VALIDATION_BATCHES,
-              eval_every: int | None = None, patience: int = DEFAULT_PATIENCE,
-              configs: Sequence[tuple[int, int, str]] | None = None) -> pd.DataFrame:
-    """Per seed, train the dense model and every (K, rank, cache) TT model on the same
+def run_study(workload: WorkloadSpec, settings: StudySettings, out_dir: Path | str,
+              progress: bool = True) -> pd.DataFrame:
+    """Per seed, train the dense model and every (K, rank, cache) TT student on the same
     teacher-labelled stream with early stopping; write tt_study.csv (after every model),
-    then tt_study.md / tt_study_summary.csv / tt_study.png. `configs` (K, rank, cache) replaces
-    the K x rank x cache grid."""
-    tt_tables_list, ranks = list(dict.fromkeys(tt_tables_list)), list(dict.fromkeys(ranks))
-    caches, seeds = list(dict.fromkeys(caches)), list(dict.fromkeys(seeds))
-    eval_every = eval_every or min(DEFAULT_EVAL_EVERY, budget)
-    validate(workload, tt_tables_list, ranks, caches, seeds, budget, batch_size, eval_every,
-             patience)
-    steps, eval_every_steps = budget // batch_size, max(1, eval_every // batch_size)
-    if configs is None:
-        configs = [(count, rank, cache) for count in tt_tables_list for rank in ranks
-                   for cache in caches]
-    else:
-        validate(workload, sorted({count for count, _, _ in configs}),
-                 sorted({rank for _, rank, _ in configs}), sorted({c for _, _, c in configs}),
-                 seeds, budget, batch_size, eval_every, patience)
-    configs = [(0, 0, "n/a")] + list(dict.fromkeys(configs))
+    then tt_study.md / tt_study_summary.csv / tt_study.png."""
+    validate(workload, settings)
+    seeds = list(dict.fromkeys(settings.seeds))
+    batch_size, validation_batches = settings.batch_size, settings.validation_batches
+    steps = settings.budget // batch_size
+    eval_every_steps = max(1, settings.eval_every_samples() // batch_size)
+    configs = [(0, 0, "n/a")] + settings.students()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     records: list[dict] = []
@@ -282,7 +299,7 @@ def run_study(workload: WorkloadSpec, tt_tables_list: Sequence[int], ranks: Sequ
         # Every model of a seed sees the same batches in the same order, labelled once.
         training = training_data(workload, seed, steps, batch_size)
         validation = validation_set(workload, seed, validation_batches)
-        test = evaluation_set(workload, seed, eval_batches)
+        test = evaluation_set(workload, seed, settings.eval_batches)
         labels = np.concatenate([item.labels for item in test])
         teacher_probabilities = np.concatenate([item.probabilities for item in test])
         shared = {"seed": seed, "budget_samples": steps * batch_size, "batch_size": batch_size,
@@ -296,7 +313,7 @@ def run_study(workload: WorkloadSpec, tt_tables_list: Sequence[int], ranks: Sequ
                   "largest_table_rows": max(table.rows for table in workload.tables)}
         for count, rank, cache in configs:
             record = {**run_config(workload, seed, count, rank, cache, training, validation,
-                                   test, eval_every_steps, patience), **shared}
+                                   test, eval_every_steps, settings.patience), **shared}
             records.append(record)
             # Rewritten after every model: a crash later loses nothing finished.
             write_csv_atomic(finish_frame(records), out / CSV_NAME)
@@ -314,66 +331,8 @@ def run_study(workload: WorkloadSpec, tt_tables_list: Sequence[int], ranks: Sequ
     return frame
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Arguments of the tt-study subcommand."""
-    parser = OneLineParser(
-        prog=PROGRAM,
-        description="Train a dense DLRM and TT-Rec DLRMs (K largest tables at rank R, with and "
-                    "without the hot-row cache) on the same teacher-labelled stream with early "
-                    "stopping, over several seeds; report size, log-loss, AUC, accuracy and "
-                    "their differences to dense with 95% t-intervals over seeds.")
-    parser.add_argument("--workload", default="kaggle", help="preset name (default kaggle)")
-    parser.add_argument("--max-rows", type=int, default=DEFAULT_MAX_ROWS,
-                        help=f"cap every table at this many rows (default {DEFAULT_MAX_ROWS})")
-    parser.add_argument("--dist", default=DEFAULT_DIST,
-                        help="index distribution for every table: uniform or zipf:ALPHA "
-                             f"(default {DEFAULT_DIST})")
-    parser.add_argument("--tt-tables", default=DEFAULT_TT_TABLES,
-                        help=f"comma-separated K values (default {DEFAULT_TT_TABLES})")
-    parser.add_argument("--tt-rank", default=DEFAULT_TT_RANKS,
-                        help=f"comma-separated TT ranks (default {DEFAULT_TT_RANKS})")
-    parser.add_argument("--cache", default=DEFAULT_CACHES,
-                        help=f"comma-separated TT cache policies, lfu/lru/none (default "
-                             f"{DEFAULT_CACHES}; lfu and lru hold 10%% of the rows)")
-    parser.add_argument("--configs",
-                        help="comma-separated K:RANK:CACHE students instead of the --tt-tables x "
-                             "--tt-rank x --cache grid, e.g. 7:16:lfu,7:16:none,3:16:lfu")
-    parser.add_argument("--seeds", default=DEFAULT_SEEDS,
-                        help=f"comma-separated seeds: teacher, data and student init "
-                             f"(default {DEFAULT_SEEDS})")
-    parser.add_argument("--budget", type=int, default=DEFAULT_BUDGET,
-                        help=f"most training samples per model (default {DEFAULT_BUDGET}); "
-                             "early stopping may use fewer")
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
-                        help=f"training batch size (default {DEFAULT_BATCH_SIZE})")
-    parser.add_argument("--eval-every", type=int, default=DEFAULT_EVAL_EVERY,
-                        help=f"training samples between validation passes (default "
-                             f"{DEFAULT_EVAL_EVERY}, or the budget if smaller)")
-    parser.add_argument("--patience", type=int, default=DEFAULT_PATIENCE,
-                        help=f"validation passes without improvement before stopping "
-                             f"(default {DEFAULT_PATIENCE})")
-    parser.add_argument("--validation-batches", type=int, default=DEFAULT_VALIDATION_BATCHES,
-                        help="early-stopping batches of 2048 samples "
-                             f"(default {DEFAULT_VALIDATION_BATCHES})")
-    parser.add_argument("--eval-batches", type=int, default=EVAL_BATCHES,
-                        help=f"test batches of 2048 samples (default {EVAL_BATCHES})")
-    parser.add_argument("--out", help="output directory (default results/tt_study/<timestamp>)")
-    return parser
-
-
-def parse_counts(flag: str, text: str) -> list[int]:
-    """Comma-separated whole numbers; ValueError names the flag."""
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise ValueError(f"{flag} {text!r}: give whole numbers, e.g. 8,16,32") from None
-    if not values:
-        raise ValueError(f"{flag} {text!r}: give at least one number")
-    return values
-
-
-def parse_configs(text: str) -> list[tuple[int, int, str]]:
-    """K:RANK:CACHE items; ValueError names the flag and the bad item."""
+def parse_configs(text: str) -> tuple[tuple[int, int, str], ...]:
+    """K:RANK:CACHE items (an argparse type=); the error names the bad item."""
     configs = []
     for item in (part.strip() for part in text.split(",") if part.strip()):
         pieces = item.split(":")
@@ -382,46 +341,79 @@ def parse_configs(text: str) -> list[tuple[int, int, str]]:
                 raise ValueError
             configs.append((int(pieces[0]), int(pieces[1]), pieces[2]))
         except ValueError:
-            raise ValueError(f"--configs {item!r}: write K:RANK:CACHE, e.g. 7:16:lfu") from None
+            raise argparse.ArgumentTypeError(f"{item!r}: write K:RANK:CACHE, e.g. 7:16:lfu") \
+                from None
     if not configs:
-        raise ValueError("--configs: give at least one K:RANK:CACHE")
-    return configs
+        raise argparse.ArgumentTypeError("give at least one K:RANK:CACHE")
+    return tuple(configs)
+
+
+def build_parser() -> OneLineParser:
+    """Arguments of the tt-study subcommand."""
+    parser = OneLineParser(
+        prog="run_bench.py tt-study",
+        description="Train a dense DLRM and TT-Rec DLRMs (K largest tables at rank R, with and "
+                    "without the hot-row cache) on the same teacher-labelled stream with early "
+                    "stopping, over several seeds; report size, log-loss, AUC, accuracy and "
+                    "their differences to dense with 95% t-intervals over seeds.")
+    parser.add_argument("--workload", default="kaggle", help="preset name (default kaggle)")
+    parser.add_argument("--max-rows", type=positive_int, default=DEFAULT_MAX_ROWS,
+                        help=f"cap every table at this many rows (default {DEFAULT_MAX_ROWS})")
+    parser.add_argument("--dist", default=DEFAULT_DIST,
+                        help="index distribution for every table: uniform or zipf:ALPHA "
+                             f"(default {DEFAULT_DIST})")
+    parser.add_argument("--tt-tables", type=whole_numbers, default=DEFAULT_TT_TABLES,
+                        help=f"comma-separated K values (default {DEFAULT_TT_TABLES})")
+    parser.add_argument("--tt-rank", type=whole_numbers, default=DEFAULT_TT_RANKS,
+                        help=f"comma-separated TT ranks (default {DEFAULT_TT_RANKS})")
+    parser.add_argument("--cache", type=choice_list(*CACHE_POLICIES), default=DEFAULT_CACHES,
+                        help=f"comma-separated TT cache policies, lfu/lru/none (default "
+                             f"{DEFAULT_CACHES}; lfu and lru hold 10%% of the rows)")
+    parser.add_argument("--configs", type=parse_configs,
+                        help="comma-separated K:RANK:CACHE students instead of the --tt-tables x "
+                             "--tt-rank x --cache grid, e.g. 7:16:lfu,7:16:none,3:16:lfu")
+    parser.add_argument("--seeds", type=non_negative_ints, default=DEFAULT_SEEDS,
+                        help=f"comma-separated seeds: teacher, data and student init "
+                             f"(default {DEFAULT_SEEDS})")
+    parser.add_argument("--budget", type=positive_int, default=DEFAULT_BUDGET,
+                        help=f"most training samples per model (default {DEFAULT_BUDGET}); "
+                             "early stopping may use fewer")
+    parser.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE,
+                        help=f"training batch size (default {DEFAULT_BATCH_SIZE})")
+    parser.add_argument("--eval-every", type=positive_int, default=DEFAULT_EVAL_EVERY,
+                        help=f"training samples between validation passes (default "
+                             f"{DEFAULT_EVAL_EVERY}, or the budget if smaller)")
+    parser.add_argument("--patience", type=positive_int, default=DEFAULT_PATIENCE,
+                        help=f"validation passes without improvement before stopping "
+                             f"(default {DEFAULT_PATIENCE})")
+    parser.add_argument("--validation-batches", type=positive_int,
+                        default=DEFAULT_VALIDATION_BATCHES,
+                        help="early-stopping batches of 2048 samples "
+                             f"(default {DEFAULT_VALIDATION_BATCHES})")
+    parser.add_argument("--eval-batches", type=positive_int, default=EVAL_BATCHES,
+                        help=f"test batches of 2048 samples (default {EVAL_BATCHES})")
+    parser.add_argument("--out", help=f"output directory (default {DEFAULT_OUT}/<timestamp>)")
+    return parser
 
 
 def main(argv: list[str]) -> int:
-    """Run the study from the command line; bad input is one stderr line and exit 2."""
+    """Run the study from the command line; bad input is a UsageError (one line, exit 2)."""
     args = build_parser().parse_args(argv)
-    try:
-        tt_tables_list = parse_counts("--tt-tables", args.tt_tables)
-        ranks = parse_counts("--tt-rank", args.tt_rank)
-        seeds = parse_counts("--seeds", args.seeds)
-        caches = [part.strip() for part in args.cache.split(",") if part.strip()]
-        configs = parse_configs(args.configs) if args.configs else None
-        if configs:
-            tt_tables_list = sorted({count for count, _, _ in configs})
-            ranks = sorted({rank for _, rank, _ in configs})
-            caches = sorted({cache for _, _, cache in configs})
-        for flag, value in (("--eval-batches", args.eval_batches),
-                            ("--validation-batches", args.validation_batches),
-                            ("--max-rows", args.max_rows)):
-            if value < 1:
-                raise ValueError(f"{flag} {value}: must be >= 1")
-        workload = presets.preset(args.workload).capped(args.max_rows)
-        if args.dist:
-            workload = workload.with_distribution(IndexDistribution.parse(args.dist))
-        eval_every = min(args.eval_every, args.budget)
-        validate(workload, tt_tables_list, ranks, caches, seeds, args.budget, args.batch_size,
-                 eval_every, args.patience)
-    except (ValueError, SpecError) as error:
-        print(f"{PROGRAM}: error: {error}", file=sys.stderr)
-        return 2
-    # A timestamp names the directory only; no duration is measured here.
-    out = Path(args.out or Path("results", "tt_study",
-                                datetime.datetime.now().strftime("%Y%m%d-%H%M%S")))
-    frame = run_study(workload, tt_tables_list, ranks, seeds, args.budget, args.batch_size, out,
-                      caches=caches, progress=True, eval_batches=args.eval_batches,
-                      validation_batches=args.validation_batches, eval_every=eval_every,
-                      patience=args.patience, configs=configs)
+    settings = StudySettings(
+        tt_tables=tuple(args.tt_tables), ranks=tuple(args.tt_rank), caches=tuple(args.cache),
+        seeds=tuple(args.seeds), budget=args.budget, batch_size=args.batch_size,
+        eval_batches=args.eval_batches, validation_batches=args.validation_batches,
+        eval_every=min(args.eval_every, args.budget), patience=args.patience,
+        configs=args.configs)
+    workload = presets.preset(args.workload).capped(args.max_rows)
+    if args.dist:
+        workload = workload.with_distribution(IndexDistribution.parse(args.dist))
+    validate(workload, settings)
+    # --out is the study's folder itself; a study run again into it replaces the old one.
+    given = Path(args.out).resolve() if args.out else None
+    out, _ = new_run_directory(given.parent if given else DEFAULT_OUT,
+                               given.name if given else None, occupied=())
+    frame = run_study(workload, settings, out, progress=True)
     print(f"wrote {out / CSV_NAME} ({len(frame)} trained models), tt_study_summary.csv, "
           "tt_study.md and tt_study.png")
     return 0

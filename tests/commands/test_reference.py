@@ -9,7 +9,7 @@ import math
 import pytest
 
 from bench.commands import main as run_bench
-from bench.commands import reference
+from bench.commands import reference, reference_run
 from bench.records import STATUS_ERROR, STATUS_OK, read_rows
 from bench.run import devices
 from workloads import presets
@@ -29,19 +29,19 @@ Finished training it 3/3 of epoch 0, 5.00 ms/it, loss 0.249000 (12:34)
 
 
 def test_parses_the_reference_iteration_lines():
-    assert reference.parse_iteration_times(REAL_OUTPUT) == pytest.approx(
+    assert reference_run.parse_iteration_times(REAL_OUTPUT) == pytest.approx(
         [0.07643, 1.30207, 0.005])
 
 
 def test_missing_print_time_is_an_error_not_a_time():
-    with pytest.raises(reference.ReferenceError, match="print-time"):
-        reference.parse_iteration_times("Finished training it 1/1 of epoch 0, -1.00 ms/it, "
+    with pytest.raises(reference_run.ReferenceError, match="print-time"):
+        reference_run.parse_iteration_times("Finished training it 1/1 of epoch 0, -1.00 ms/it, "
                                         "loss 0.5\n")
 
 
 def test_flags_for_kaggle_capped_are_config_a():
     spec = presets.kaggle().capped(100_000)
-    flags = reference.reference_arguments(spec, 60, 0)
+    flags = reference_run.reference_arguments(spec, 60, 0)
     assert "--arch-mlp-bot=13-512-256-64-16" in flags
     assert "--arch-mlp-top=512-256-1" in flags
     assert "--arch-sparse-feature-size=16" in flags
@@ -49,9 +49,9 @@ def test_flags_for_kaggle_capped_are_config_a():
             "3194-27-14992-100000-10-5652-2173-4-100000-18-15-100000-105-100000") in flags
     assert "--num-indices-per-lookup=1" in flags and "--mini-batch-size=2048" in flags
     assert "--num-batches=60" in flags and "--loss-function=bce" in flags
-    sizes = reference.model_arguments(spec)
+    sizes = reference_run.model_arguments(spec)
     assert sizes["ln_top"] == [27 * 26 // 2 + 16, 512, 256, 1]
-    dlrm_default = reference.model_arguments(presets.dlrm_default())
+    dlrm_default = reference_run.model_arguments(presets.dlrm_default())
     assert dlrm_default["ln_bot"] == [512, 512, 64] and dlrm_default["lookups"] == 100
 
 
@@ -80,7 +80,7 @@ def test_rows_of_the_reference_and_ours_in_one_results_csv(tmp_path):
     run = tmp_path / "side"
     rows = read_rows(run / "results.csv")
     ours = {row.op: row for row in rows if row.impl == "per_table"}
-    theirs = {row.op: row for row in rows if row.impl == reference.REFERENCE_IMPL}
+    theirs = {row.op: row for row in rows if row.impl == reference_run.REFERENCE_IMPL}
     assert set(ours) == set(theirs) == {"dlrm_train", "dlrm_infer"}
     spec = presets.smoke()
     for op, row in theirs.items():
@@ -89,7 +89,7 @@ def test_rows_of_the_reference_and_ours_in_one_results_csv(tmp_path):
         for field in ("workload", "device", "isa", "threads", "precision", "batch_size",
                       "fingerprint", "device_name"):
             assert getattr(row, field) == getattr(ours[op], field), field
-        assert row.task_key == reference.reference_task(spec, op, 1, 0).key()
+        assert row.task_key == reference_run.reference_task(spec, op, 1, 0).key()
         assert row.task_key != ours[op].task_key and not row.is_baseline
         assert row.fingerprint == devices.fingerprint(
             "cpu", "native", 1, reference.timing_policy(0.02))
@@ -123,7 +123,7 @@ def test_a_reference_that_prints_no_time_is_an_error_row(tmp_path):
     # Planted fault: a checkout whose script prints the line without --print-time (-1 ms/it).
     (tmp_path / "dlrm_s_pytorch.py").write_text(
         "print('Finished training it 1/3 of epoch 0, -1.00 ms/it, loss 0.5')\n")
-    row = reference.reference_row(presets.smoke(), "train", _options(), reference.timing_policy(
+    row = reference_run.reference_row(presets.smoke(), "train", _options(), reference.timing_policy(
         0.02), "r", tmp_path, "")
     assert row.status == STATUS_ERROR and "print-time" in row.error
 
@@ -133,20 +133,20 @@ def test_a_reference_with_too_few_iterations_is_an_error_row(tmp_path):
     (tmp_path / "dlrm_s_pytorch.py").write_text(
         "print('Finished training it 1/3 of epoch 0, 5.00 ms/it, loss 0.5')\n"
         "print('Finished training it 2/3 of epoch 0, 5.00 ms/it, loss 0.5')\n")
-    row = reference.reference_row(presets.smoke(), "train", _options(), reference.timing_policy(
+    row = reference_run.reference_row(presets.smoke(), "train", _options(), reference.timing_policy(
         0.02), "r", tmp_path, "")
     assert row.status == STATUS_ERROR and "expected 3" in row.error
 
 
 def test_a_crashing_reference_is_an_error_row_with_its_last_line(tmp_path):
     (tmp_path / "dlrm_s_pytorch.py").write_text("import sklearn_missing_here\n")
-    row = reference.reference_row(presets.smoke(), "train", _options(), reference.timing_policy(
+    row = reference_run.reference_row(presets.smoke(), "train", _options(), reference.timing_policy(
         0.02), "r", tmp_path, "")
     assert row.status == STATUS_ERROR and "ModuleNotFoundError" in row.error
 
 
 def test_the_stand_in_inference_is_timed_through_its_model(tmp_path):
-    row = reference.reference_row(presets.smoke(), "infer", _options(infer_batches=2),
+    row = reference_run.reference_row(presets.smoke(), "infer", _options(infer_batches=2),
                                   reference.timing_policy(0.02), "r", STAND_IN, "")
     assert row.status == STATUS_OK, row.error
     # The stand-in's forward sleeps 1 ms and raises on inputs of the wrong shapes.

@@ -11,24 +11,26 @@ import pytest
 
 from bench.run import timing
 from bench.commands import main as cli_main
-from bench.commands.tt_study import paper_embedding_compression, paper_reported, run_study
+from bench.commands.tt_study import (StudySettings, paper_embedding_compression, paper_reported,
+                                     run_study)
 from reports.tt_study import difference_summary, render_tt_study
 from workloads import presets
 from conftest import FIXTURES_DIR
 
 FIXTURE = FIXTURES_DIR / "tt_study" / "tt_study.csv"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-TT_TABLES = [1, 2]
-RANKS = [2, 4]
+TT_TABLES = (1, 2)
+RANKS = (2, 4)
 
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory) -> tuple[pd.DataFrame, Path]:
     """One small study on the smoke workload, shared by the tests below."""
     out = tmp_path_factory.mktemp("tt_study")
-    frame = run_study(presets.smoke(), TT_TABLES, RANKS, seeds=[0], budget=48, batch_size=16,
-                      out_dir=out, progress=False, eval_batches=1, validation_batches=1,
-                      eval_every=16, patience=1)
+    settings = StudySettings(tt_tables=TT_TABLES, ranks=RANKS, seeds=(0,), budget=48,
+                             batch_size=16, eval_batches=1, validation_batches=1, eval_every=16,
+                             patience=1)
+    frame = run_study(presets.smoke(), settings, out, progress=False)
     return frame, out
 
 
@@ -45,9 +47,10 @@ def test_one_row_per_configuration_plus_dense(study):
 
 
 def test_seeds_and_caches_pair_each_student_with_its_seeds_dense(tmp_path):
-    frame = run_study(presets.smoke(), [1], [2], seeds=[0, 1], budget=32, batch_size=16,
-                      out_dir=tmp_path, caches=["lfu", "none"], progress=False,
-                      eval_batches=1, validation_batches=1, eval_every=16, patience=1)
+    settings = StudySettings(tt_tables=(1,), ranks=(2,), caches=("lfu", "none"), seeds=(0, 1),
+                             budget=32, batch_size=16, eval_batches=1, validation_batches=1,
+                             eval_every=16, patience=1)
+    frame = run_study(presets.smoke(), settings, tmp_path, progress=False)
     assert list(frame.config) == ["dense", "tt K=1 R=2", "tt K=1 R=2 no cache"] * 2
     assert list(frame.seed) == [0, 0, 0, 1, 1, 1]
     assert list(frame.cache) == ["n/a", "lfu", "none"] * 2
@@ -153,21 +156,24 @@ def test_time_each_call_returns_one_positive_time_per_call():
     assert all(isinstance(value, float) and value > 0 for value in seconds)
 
 
-def _exit_code(argv: list[str]) -> int:
-    """The CLI's exit status, whether it returns it or argparse raises SystemExit."""
-    try:
-        return cli_main(argv)
-    except SystemExit as exit_:
-        return exit_.code
-
-
-@pytest.mark.parametrize("argv", [["--tt-rank", "x"], ["--tt-tables", "0"],
-                                  ["--workload", "smoke", "--tt-tables", "4"],
-                                  ["--budget", "0"], ["--budget", "many"],
-                                  ["--seeds", "-1"], ["--cache", "fifo"],
-                                  ["--configs", "7:x"], ["--patience", "0"]])
-def test_cli_rejects_bad_input(argv, capsys, tmp_path):
-    assert _exit_code(["tt-study", *argv, "--out", str(tmp_path / "out")]) == 2
+@pytest.mark.parametrize("argv, words", [
+    (["--tt-rank", "x"], ["--tt-rank", "'x'"]), (["--tt-tables", "0"], ["--tt-tables", "'0'"]),
+    (["--workload", "smoke", "--tt-tables", "4"], ["--tt-tables 4", "give 1..3"]),
+    (["--budget", "0"], ["--budget", "'0'"]), (["--budget", "many"], ["--budget", "'many'"]),
+    (["--seeds", "-1"], ["--seeds", "'-1'"]), (["--cache", "fifo"], ["'fifo'", "lfu"]),
+    (["--configs", "7:x"], ["--configs", "'7:x'", "K:RANK:CACHE"]),
+    (["--patience", "0"], ["--patience"]), (["--workload", "nope"], ["'nope'"]),
+    (["--out", "{a_file}/study"], ["--out", "a_file is not a directory"]),
+])
+def test_cli_rejects_bad_input(argv, words, capsys, tmp_path):
+    (tmp_path / "a_file").write_text("not a directory\n")
+    argv = [value.format(a_file=tmp_path / "a_file") for value in argv]
+    out = [] if "--out" in argv else ["--out", str(tmp_path / "out")]
+    # The one path of every command: a UsageError, printed by the entry point, exit 2.
+    assert cli_main(["tt-study", *argv, *out]) == 2
     error = capsys.readouterr().err
-    assert error.count("\n") == 1 and "error" in error
+    assert error.count("\n") == 1 and error.startswith("run_bench.py tt-study: error: ")
+    assert "Traceback" not in error
+    for word in words:
+        assert word in error, (word, error)
     assert not (tmp_path / "out").exists()
