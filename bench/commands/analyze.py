@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from bench.commands.common import (OneLineParser, UsageError, check_writable_directory,
+                                   non_negative_int, positive_int)
 from bench.records import write_atomic
 from workloads import reuse, traces
 from workloads.resolve import WorkloadChoices, resolve_workloads
@@ -18,30 +18,30 @@ from workloads.generators import make_batch
 DEFAULT_BATCHES = 16
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> OneLineParser:
     """Arguments of the analyze subcommand."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="run_bench.py analyze",
         description="LRU stack-distance histogram, miss-ratio curve, unique-row fraction and "
                     "fitted Zipf exponent of an embedding index trace.")
     parser.add_argument("--workload", default="kaggle",
                         help="preset, synthetic or criteo:PATH (as for the sweep)")
     parser.add_argument("--trace", help="analyse this trace file (.npy or .csv) instead")
-    parser.add_argument("--table", type=int,
+    parser.add_argument("--table", type=non_negative_int,
                         help="only this table's accesses (default: every table, as one "
                              "address space in table-major order per batch)")
-    parser.add_argument("--batches", type=int, default=DEFAULT_BATCHES,
+    parser.add_argument("--batches", type=positive_int, default=DEFAULT_BATCHES,
                         help=f"batches of the workload to trace (default {DEFAULT_BATCHES})")
     parser.add_argument("--batch-size", help="bags per batch (default: the workload's)")
     parser.add_argument("--max-rows", type=int)
     parser.add_argument("--dist", help="index distribution for every table: uniform, zipf:ALPHA, "
                              "trace:PATH, hitrate:RATE@CAPACITY_ROWS or reuse:COLD_PROB,MEAN")
-    parser.add_argument("--rows", type=int, default=1_000_000)
-    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--rows", type=positive_int, default=1_000_000)
+    parser.add_argument("--dim", type=positive_int, default=64)
     parser.add_argument("--pooling", default="32")
-    parser.add_argument("--num-tables", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--row-bytes", type=int, help="bytes per row (default: dim x 4)")
+    parser.add_argument("--num-tables", type=positive_int, default=8)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument("--row-bytes", type=positive_int, help="bytes per row (default: dim x 4)")
     parser.add_argument("--export-trace", metavar="PATH.npy",
                         help="also save the analysed trace (flat int64 row ids in access order)")
     parser.add_argument("--out", default="results/analysis", help="output directory")
@@ -88,22 +88,19 @@ def main(argv: list[str]) -> int:
     """Analyse the trace and write mrc.csv, tables.csv and summary.json."""
     args = build_parser().parse_args(argv)
     out = Path(args.out)
+    check_writable_directory(out, f"--out {args.out}")
     if args.trace:
         trace = traces.load_trace(args.trace)
         row_bytes = args.row_bytes or args.dim * 4
         stats = pd.DataFrame()
     else:
-        if args.batches < 1:
-            print("run_bench.py analyze: error: --batches must be >= 1", file=sys.stderr)
-            return 2
         workload = resolve_workloads(WorkloadChoices(
             workloads=args.workload, max_rows=args.max_rows, dist=args.dist,
             batch_sizes=args.batch_size, rows=str(args.rows), dim=args.dim,
             pooling=args.pooling, num_tables=args.num_tables))[0]
-        if args.table is not None and not 0 <= args.table < len(workload.tables):
-            print(f"run_bench.py analyze: error: --table {args.table}: workload "
-                  f"{workload.name} has tables 0..{len(workload.tables) - 1}", file=sys.stderr)
-            return 2
+        if args.table is not None and not args.table < len(workload.tables):
+            raise UsageError(f"--table {args.table}: workload {workload.name} has tables "
+                             f"0..{len(workload.tables) - 1}")
         row_bytes = args.row_bytes or workload.dim * 4
         trace, tables = workload_trace(workload, args.batches, args.seed, args.table)
         stats = table_statistics(workload, tables, row_bytes)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from bench.commands.common import UsageError, positive_int
 
 CHECK_PROGRAM = "python run_bench.py check"
 
@@ -37,7 +38,7 @@ def _check_parser() -> argparse.ArgumentParser:
                              "(a temporary worktree) and on this working tree, merge each "
                              "side's rounds and compare them; --out-dir is the A/B directory "
                              f"(default {ab.DEFAULT_AB_ROOT}/<id>)")
-    parser.add_argument("--rounds", type=int,
+    parser.add_argument("--rounds", type=positive_int,
                         help=f"--ab: rounds of A then B (default {ab.DEFAULT_ROUNDS})")
     return parser
 
@@ -56,27 +57,24 @@ def main(argv: list[str]) -> int:
     args.alpha = args.alpha if args.alpha is not None else (
         ci_sweep.CI_ALPHA if args.ci else DEFAULT_ALPHA)
     if args.ab is not None and counting:
-        print("check: error: --ab interleaves wall-clock runs of two revisions; instruction "
-              "counts need no interleaving: compare two --metric instructions runs with "
-              "--baseline and --candidate", file=sys.stderr)
-        return EXIT_CANNOT_COMPARE
+        raise UsageError("--ab interleaves wall-clock runs of two revisions; instruction "
+                         "counts need no interleaving: compare two --metric instructions runs "
+                         "with --baseline and --candidate")
     if args.ab is not None:
         clashing = [option for option, value in (("--candidate", args.candidate),
                                                  ("--baseline", args.baseline),
                                                  ("--update-baseline", args.update_baseline))
                     if value]
         if clashing:
-            print(f"check: error: --ab compares two revisions it runs itself; drop "
-                  f"{', '.join(clashing)}", file=sys.stderr)
-            return EXIT_CANNOT_COMPARE
+            raise UsageError(f"--ab compares two revisions it runs itself; drop "
+                             f"{', '.join(clashing)}")
         from bench.commands import ab
 
         rounds = ab.DEFAULT_ROUNDS if args.rounds is None else args.rounds
         return ab.run_ab(args.ab, rounds, factor=args.factor, alpha=args.alpha,
                          out_dir=args.out_dir)
     if args.rounds is not None:
-        print("check: error: --rounds applies to --ab only", file=sys.stderr)
-        return EXIT_CANNOT_COMPARE
+        raise UsageError("--rounds applies to --ab only")
     if args.candidate is None:
         try:
             extra = ci_sweep.INSTRUCTION_SWEEP_OPTIONS if counting else ()

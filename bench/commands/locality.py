@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import datetime
 import json
 import os
 import subprocess
@@ -15,12 +13,15 @@ import numpy as np
 import pandas as pd
 
 from bench import PROJECT_ROOT
+from bench.commands.common import (OneLineParser, UsageError, check_writable_directory,
+                                   new_run_directory, non_negative_int, positive_float,
+                                   positive_int)
 from bench.records import STATUS_OK, SchemaError, read_recorded_argv, read_rows, write_atomic
 from workloads import reuse
 from workloads.generators import make_table_batch
 from workloads.presets import synthetic
-from workloads.resolve import resolve_workloads
-from workloads.specs import IndexDistribution, PoolingDistribution, SpecError
+from workloads.resolve import resolve_workloads, split
+from workloads.specs import IndexDistribution, PoolingDistribution
 
 DEFAULT_LEVELS = "0,0.25,0.5,0.75,0.9,0.99"
 DEFAULT_LLC_BYTES = 64 << 20
@@ -40,32 +41,31 @@ TT_COLUMNS = ["workload", "impl", "precision", "rows", "distribution", "cache_ro
               "observed_hit_rate", "predicted_lfu_hit_rate", "predicted_lru_hit_rate"]
 
 
-class LocalityError(Exception):
-    """Bad input to the locality study; printed as one line, exit 2."""
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> OneLineParser:
     """Arguments of the locality subcommand."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="run_bench.py locality",
         description="For each locality level: generate the sls index trace, predict its LRU hit "
                     "rate at the LLC, measure sls on it, and write locality.csv/locality.png.")
-    parser.add_argument("--levels", default=DEFAULT_LEVELS,
+    parser.add_argument("--levels", type=split, default=DEFAULT_LEVELS,
                         help=f"hitrate targets at the LLC capacity (default {DEFAULT_LEVELS}); "
                              "empty for none")
     parser.add_argument("--dist", action="append", default=[],
                         help="also measure this distribution (repeatable), e.g. reuse:0.1,1000 "
                              "or zipf:1.05")
-    parser.add_argument("--llc-bytes", type=int, default=DEFAULT_LLC_BYTES,
+    parser.add_argument("--llc-bytes", type=positive_int, default=DEFAULT_LLC_BYTES,
                         help=f"effective last-level cache in bytes (default {DEFAULT_LLC_BYTES})")
-    parser.add_argument("--rows", type=int, default=DEFAULT_ROWS, help="rows of the sls table")
-    parser.add_argument("--dim", type=int, default=DEFAULT_DIM, help="embedding dim (fp32)")
+    parser.add_argument("--rows", type=positive_int, default=DEFAULT_ROWS,
+                        help="rows of the sls table")
+    parser.add_argument("--dim", type=positive_int, default=DEFAULT_DIM,
+                        help="embedding dim (fp32)")
     parser.add_argument("--pooling", default=DEFAULT_POOLING,
                         help=f"lookups per bag (default {DEFAULT_POOLING})")
-    parser.add_argument("--batch-size", type=int, help="bags per call (default: the workload's)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--min-run-time", type=float, help="passed to run_bench.py")
+    parser.add_argument("--batch-size", type=positive_int,
+                        help="bags per call (default: the workload's)")
+    parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument("--threads", type=positive_int, default=1)
+    parser.add_argument("--min-run-time", type=positive_float, help="passed to run_bench.py")
     parser.add_argument("--tt-run", type=Path, metavar="RUN_DIR",
                         help="instead: compare the tt_sls cache hit rates of this run with the "
                              "static-LFU and LRU predictions; writes tt_cache.csv")
@@ -77,11 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
 def level_distributions(args, capacity_rows: int) -> list[tuple[str, IndexDistribution]]:
     """(level name, distribution) for every --levels target and --dist entry."""
     levels = []
-    for text in [part.strip() for part in args.levels.split(",") if part.strip()]:
+    for text in args.levels:
         try:
             target = float(text)
         except ValueError:
-            raise LocalityError(f"--levels {text!r}: give hit rates in [0, 1], e.g. 0.5") from None
+            raise UsageError(f"--levels {text!r}: give hit rates in [0, 1], e.g. 0.5") from None
         levels.append((text, IndexDistribution("hitrate", target_hit_rate=target,
                                                capacity_rows=capacity_rows)))
     for text in args.dist:
@@ -92,7 +92,7 @@ def level_distributions(args, capacity_rows: int) -> list[tuple[str, IndexDistri
                                                path=str(Path(distribution.path).resolve()))
         levels.append((text, distribution))
     if not levels:
-        raise LocalityError("nothing to measure: give --levels and/or --dist")
+        raise UsageError("nothing to measure: give --levels and/or --dist")
     return levels
 
 
@@ -101,9 +101,9 @@ def capacity_in_rows(args) -> int:
     row_bytes = args.dim * FP32_BYTES
     capacity = args.llc_bytes // row_bytes
     if capacity < 1:
-        raise LocalityError(f"--llc-bytes {args.llc_bytes} holds no {row_bytes}-byte row")
+        raise UsageError(f"--llc-bytes {args.llc_bytes} holds no {row_bytes}-byte row")
     if capacity >= args.rows:
-        raise LocalityError(f"--llc-bytes {args.llc_bytes} holds all {args.rows} rows of "
+        raise UsageError(f"--llc-bytes {args.llc_bytes} holds all {args.rows} rows of "
                             f"{row_bytes} bytes: raise --rows or lower --llc-bytes")
     return capacity
 
@@ -206,8 +206,7 @@ def run_study(args) -> pd.DataFrame:
               f"{record['steady_hit_rate_llc']:.3f})", file=sys.stderr, flush=True)
         records.append(record)
     # A fresh folder per study: run_bench.py appends to an existing run directory.
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    runs_dir = (args.out / "runs" / stamp).resolve()
+    runs_dir, _ = new_run_directory((args.out / "runs").resolve(), None)
     distributions = [distribution for _, distribution in levels]
     batches = [([distribution], f"level-{index:02d}")
                for index, distribution in enumerate(distributions)]
@@ -239,7 +238,7 @@ def tt_cache_comparison(run_dir: Path) -> pd.DataFrame:
     try:
         argv = read_recorded_argv(run_dir)
     except SchemaError:
-        raise LocalityError(f"--tt-run {run_dir}: no readable args.json (a run_bench.py run "
+        raise UsageError(f"--tt-run {run_dir}: no readable args.json (a run_bench.py run "
                             "directory is needed to regenerate its traces)") from None
     args = parse_sweep(argv)
     workloads = resolve_workloads(workload_choices(args))
@@ -281,21 +280,18 @@ def tt_cache_comparison(run_dir: Path) -> pd.DataFrame:
 def main(argv: list[str]) -> int:
     """Run the locality study (or the TT cache comparison) and write its outputs."""
     args = build_parser().parse_args(argv)
-    try:
-        if args.tt_run is not None:
-            table = tt_cache_comparison(args.tt_run)
-            args.out.mkdir(parents=True, exist_ok=True)
-            write_csv(table, args.out / "tt_cache.csv")
-            print(table.to_string(index=False) if not table.empty
-                  else "no tt_sls tt_cached rows with a hit rate in that run")
-            print(f"wrote {args.out / 'tt_cache.csv'}")
-            return 0
-        if args.rows < 2 or args.dim < 1 or args.threads < 1:
-            raise LocalityError("--rows must be >= 2, --dim and --threads >= 1")
-        table = run_study(args)
-    except (LocalityError, SpecError, SchemaError) as error:
-        print(f"run_bench.py locality: error: {error}", file=sys.stderr)
-        return 2
+    if args.tt_run is not None:
+        table = tt_cache_comparison(args.tt_run)
+        check_writable_directory(args.out, f"--out {args.out}")
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_csv(table, args.out / "tt_cache.csv")
+        print(table.to_string(index=False) if not table.empty
+              else "no tt_sls tt_cached rows with a hit rate in that run")
+        print(f"wrote {args.out / 'tt_cache.csv'}")
+        return 0
+    if args.rows < 2:
+        raise UsageError(f"--rows {args.rows}: give at least 2 rows")
+    table = run_study(args)
     args.out.mkdir(parents=True, exist_ok=True)
     write_csv(table, args.out / "locality.csv")
     drawn = write_figure(table, args.out / "locality.png")

@@ -255,13 +255,13 @@ def test_locality_study_end_to_end(tmp_path, capsys):
 
 
 def test_locality_rejects_a_cache_that_holds_the_table(tmp_path, capsys):
-    from bench.commands.locality import main
+    from bench.commands import main
 
-    code = main(["--rows", "100", "--dim", "8", "--llc-bytes", "1000000",
+    code = main(["locality", "--rows", "100", "--dim", "8", "--llc-bytes", "1000000",
                  "--out", str(tmp_path)])
     error = capsys.readouterr().err
     assert code == 2 and "holds all 100 rows" in error and error.count("\n") == 1
-    assert main(["--rows", "5000", "--levels", "1.5", "--llc-bytes", "4096",
+    assert main(["locality", "--rows", "5000", "--levels", "1.5", "--llc-bytes", "4096",
                  "--out", str(tmp_path)]) == 2
     assert not (tmp_path / "locality.csv").exists()
 
