@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bench.commands.common import UsageError, positive_int
+from bench.commands.common import UsageError
 
 CHECK_PROGRAM = "python run_bench.py check"
 
@@ -38,7 +38,7 @@ def _check_parser() -> argparse.ArgumentParser:
                              "(a temporary worktree) and on this working tree, merge each "
                              "side's rounds and compare them; --out-dir is the A/B directory "
                              f"(default {ab.DEFAULT_AB_ROOT}/<id>)")
-    parser.add_argument("--rounds", type=positive_int,
+    parser.add_argument("--rounds", type=int,
                         help=f"--ab: rounds of A then B (default {ab.DEFAULT_ROUNDS})")
     return parser
 

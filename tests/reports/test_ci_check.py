@@ -138,7 +138,7 @@ def test_calls_per_rep_becomes_an_option_but_not_part_of_the_task_key():
 def test_calls_per_rep_below_one_is_a_usage_error(capsys):
     assert commands.main(["--workload", "smoke", "--ops", "sls", "--calls-per-rep", "0"]) == 2
     error = capsys.readouterr().err
-    assert "--calls-per-rep must be >= 1" in error and error.count("\n") == 1
+    assert "--calls-per-rep: '0': give a whole number >= 1" in error and error.count("\n") == 1
 
 
 def test_repeated_calls_the_closure_back_to_back():
