@@ -124,7 +124,7 @@ def _cat_tables_reversed(monkeypatch):
 
 
 def _fused_learning_rate_5x(monkeypatch):
-    """The fused SGD update applies five times the learning rate (issue 10's planted bug)."""
+    """The fused SGD update applies 5x the learning rate (a same-code reference missed it)."""
     real = bench.models.dlrm._LookupWithSGD.backward
 
     def bugged(context, grad_output):
@@ -282,9 +282,9 @@ PLANTED = [
 
 # Measured on smoke: the int8-MLP model's own error is 0.070 against float64 at int8 and int4
 # alike; these bugs raise it to 0.15-0.17, above int8's whole-model bound (0.15) but far below
-# int4's (0.3). Issue 10 item 3 (the tolerance) owns the fix; strict, so the fix shows here.
+# int4's (0.3). Tightening the int4 whole-model tolerance fixes it; strict, so the fix shows here.
 INT4_WHOLE_MODEL_GAP = pytest.mark.xfail(
-    strict=True, reason="issue 10 item 3: dlrm_infer's int4 tolerance 0.3 passes a bug that "
+    strict=True, reason="dlrm_infer's int4 whole-model tolerance 0.3 passes a bug that "
                         "moves the logits' relative error from 0.070 to 0.15-0.17")
 WHOLE_MODEL_GAPS = {"_interaction_pairs_swapped", "_row_off_by_one", "_concatenated_rows_shifted"}
 
