@@ -116,7 +116,7 @@ def test_real_kernel_passes_and_planted_faults_fail(op, impl_name, variant, prec
     prepared = _prepare(op, impl_name, variant, precision)
     output = (prepared.check or prepared.run)()
     row = ResultRow()
-    assert worker._check(_with_output(prepared, output), row, precision) == ""
+    assert worker.check(_with_output(prepared, output), row, precision) == ""
     ratio = json.loads(row.metrics)["error_bound_ratio"]
     assert 0 <= ratio <= 1 and math.isfinite(row.rel_error)
     expected = _first_part(prepared.reference()).double()
@@ -125,7 +125,7 @@ def test_real_kernel_passes_and_planted_faults_fail(op, impl_name, variant, prec
     for kind in ("zero_bag", "swap_rows", "one_nan"):
         planted = _replace_first_part(output, _planted(first, kind, zero_row, swap_row))
         faulty = ResultRow()
-        message = worker._check(_with_output(prepared, planted), faulty, precision)
+        message = worker.check(_with_output(prepared, planted), faulty, precision)
         assert message, f"{kind} passed the check"
         if kind == "one_nan":
             assert "NaN" in message
@@ -139,12 +139,12 @@ def test_one_zeroed_bag_of_2048_fails_where_the_global_l2_passes(precision):
     workload = tiny_workload(rows=(4000,), dim=16, batch_size=2048,
                              pooling=PoolingDistribution("fixed", 20.0))
     prepared = _build("sls", "embedding_bag", {"mode": "sum"}, precision, workload)
-    assert worker._check(prepared, ResultRow(), precision) == ""
+    assert worker.check(prepared, ResultRow(), precision) == ""
     planted = prepared.check().clone()
     planted[1000] = 0
     # The old check alone: one bag of 2048 moves the relative L2 by about 1/sqrt(2048).
     assert relative_error(planted, prepared.reference()) <= registry.TOLERANCE[precision]
-    message = worker._check(_with_output(prepared, planted), ResultRow(), precision)
+    message = worker.check(_with_output(prepared, planted), ResultRow(), precision)
     assert re.search(r"error bound exceeded at row 1000\b", message), message
     assert "bound" in message and "|error|" in message
 
@@ -154,12 +154,12 @@ def test_one_percent_of_bags_zeroed_fails_at_int4(op, impl_name):
     workload = tiny_workload(rows=(3000, 2000), dim=16, batch_size=1000,
                              pooling=PoolingDistribution("fixed", 30.0))
     prepared = _build(op, impl_name, {"mode": "sum"}, "int4", workload)
-    assert worker._check(prepared, ResultRow(), "int4") == ""
+    assert worker.check(prepared, ResultRow(), "int4") == ""
     planted = prepared.check().clone()
     bags = planted[0] if op == "sls_multi" else planted
     bags[::100] = 0  # 10 of 1000 bags
     assert relative_error(planted, prepared.reference()) <= registry.TOLERANCE["int4"]
-    assert "error bound exceeded" in worker._check(_with_output(prepared, planted),
+    assert "error bound exceeded" in worker.check(_with_output(prepared, planted),
                                                    ResultRow(), "int4")
 
 
@@ -172,10 +172,10 @@ def test_zipf_bags_with_repeated_rows(precision, mode):
                              pooling=PoolingDistribution("lognormal", 40.0, 0.7),
                              distribution=IndexDistribution("zipf", 1.1))
     prepared = _build("sls", "embedding_bag", {"mode": mode}, precision, workload)
-    assert worker._check(prepared, ResultRow(), precision) == ""
+    assert worker.check(prepared, ResultRow(), precision) == ""
     planted = prepared.check().clone()
     planted[7] = 0
-    message = worker._check(_with_output(prepared, planted), ResultRow(), precision)
+    message = worker.check(_with_output(prepared, planted), ResultRow(), precision)
     assert re.search(r"error bound exceeded at row 7\b", message), message
 
 
@@ -201,8 +201,8 @@ def test_bf16_accumulation_of_long_bags_fails():
             total = total + weight[index]  # every partial sum rounded to bf16
         bags.append(total)
     planted = torch.stack(bags)
-    assert worker._check(prepared, ResultRow(), "bf16") == ""
-    assert "error bound exceeded" in worker._check(_with_output(prepared, planted), ResultRow(),
+    assert worker.check(prepared, ResultRow(), "bf16") == ""
+    assert "error bound exceeded" in worker.check(_with_output(prepared, planted), ResultRow(),
                                                    "bf16")
 
 
@@ -289,8 +289,8 @@ def test_fp16_subnormal_table_values_pass():
     workload = tiny_workload(rows=(100_000,), dim=16, batch_size=256,
                              pooling=PoolingDistribution("fixed", 1.0))
     prepared = _build("sls", "embedding_bag", {"mode": "sum"}, "fp16", workload)
-    assert worker._check(prepared, ResultRow(), "fp16") == ""
+    assert worker.check(prepared, ResultRow(), "fp16") == ""
     planted = prepared.check().clone()
     planted[3] = 0
-    assert "error bound exceeded" in worker._check(_with_output(prepared, planted), ResultRow(),
+    assert "error bound exceeded" in worker.check(_with_output(prepared, planted), ResultRow(),
                                                    "fp16")

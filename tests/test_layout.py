@@ -138,6 +138,84 @@ def test_the_import_checks_can_fail(monkeypatch):
         test_import_graph_has_no_circle()
 
 
+def _imported_module(node: ast.ImportFrom, package: str) -> str:
+    """The module an ImportFrom names, relative levels resolved against the importer's package."""
+    base = node.module or ""
+    if not node.level:
+        return base
+    parts = package.split(".")[:len(package.split(".")) - node.level + 1]
+    return ".".join(parts + ([base] if base else []))
+
+
+def _dotted(node: ast.expr) -> list[str]:
+    """a.b.c of an attribute chain as ["a", "b", "c"]; [] if it does not start at a name."""
+    names = []
+    while isinstance(node, ast.Attribute):
+        names.append(node.attr)
+        node = node.value
+    return [node.id] + names[::-1] if isinstance(node, ast.Name) else []
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def private_imports(modules: dict[str, Path]) -> list[str]:
+    """Uses of another project module's _private name: `from m import _x`, or `m._x` on a
+    module bound by an import (import a.b, import a.b as m, from a import b)."""
+    found = []
+    for name, path in sorted(modules.items()):
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        bound: dict[str, str] = {}  # a local name -> the dotted path it stands for
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    local = alias.asname or alias.name.split(".")[0]
+                    bound[local] = alias.name if alias.asname else local
+            elif isinstance(node, ast.ImportFrom):
+                source = _imported_module(node, package)
+                owner = _owner(source, modules)
+                for alias in node.names:
+                    if owner and owner != name and _private(alias.name):
+                        found.append(f"{name}: from {source} import {alias.name}")
+                    bound[alias.asname or alias.name] = f"{source}.{alias.name}"
+        for node in ast.walk(tree):
+            chain = _dotted(node) if isinstance(node, ast.Attribute) else []
+            if not chain or chain[0] not in bound:
+                continue
+            dotted = bound[chain[0]].split(".") + chain[1:]
+            for length in range(len(dotted) - 1, 0, -1):
+                prefix = ".".join(dotted[:length])
+                if prefix in modules:
+                    if prefix != name and _private(dotted[length]):
+                        found.append(f"{name}: {prefix}.{dotted[length]}")
+                    break
+    return sorted(set(found))
+
+
+def test_no_module_uses_another_modules_private_names():
+    assert private_imports(_project_modules()) == []
+
+
+def test_the_private_name_check_can_fail(tmp_path):
+    files = {"pkg.low": "def _hidden():\n    return 1\n\ndef shown():\n    return _hidden()\n",
+             "pkg.by_name": "from pkg.low import _hidden, shown\n",
+             "pkg.by_attribute": "import pkg.low\n\nvalue = pkg.low._hidden()\n",
+             "pkg.by_alias": "from pkg import low as lower\n\nvalue = lower._hidden()\n",
+             "pkg.relative": "from .low import _hidden\n",
+             "pkg.fine": "from pkg.low import shown\nimport pkg.low\n\nvalue = pkg.low.shown()\n"}
+    modules = {}
+    for module, text in files.items():
+        path = tmp_path / (module.replace(".", "/") + ".py")
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        modules[module] = path
+    assert private_imports(modules) == [
+        "pkg.by_alias: pkg.low._hidden", "pkg.by_attribute: pkg.low._hidden",
+        "pkg.by_name: from pkg.low import _hidden", "pkg.relative: from pkg.low import _hidden"]
+
+
 def _loads_torch(code: str) -> bool:
     check = f"{code}\nimport sys\nsys.exit(7 if 'torch' in sys.modules else 0)"
     result = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True,

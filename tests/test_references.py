@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import bench.models.dlrm
+import bench.models.quantized
 import bench.ops.dlrm
 import bench.ops.fc
 import bench.ops.interaction
@@ -34,7 +35,7 @@ def _checked(op: str, impl_name: str, variant: dict, precision: str) -> tuple[st
                            seed=0, options={})
     prepared = registry.impls(op)[impl_name].build(context)
     row = ResultRow()
-    return worker._check(prepared, row, precision), row
+    return worker.check(prepared, row, precision), row
 
 
 # ---------------------------------------------------------------- planted bugs
@@ -68,7 +69,7 @@ def _concatenated_rows_shifted(monkeypatch):
         shifted, bag_starts = real(indices, offsets, row_starts)
         return (shifted - 1).clamp(min=0), bag_starts
 
-    for module in (bench.models.dlrm, bench.ops.sls, bench.ops.dlrm):
+    for module in (bench.models.dlrm, bench.ops.sls, bench.models.quantized):
         monkeypatch.setattr(module, "flatten_tables", bugged)
 
 
@@ -358,7 +359,7 @@ def test_membw_planted_bug_fails_the_check(monkeypatch, impl_name, bug):
     context = BuildContext(workload=SMOKE, variant={"bytes": 4096}, precision="fp32", device=CPU,
                            seed=0, options={})
     prepared = registry.impls("membw")[impl_name].build(context)
-    assert worker._check(prepared, ResultRow(), "fp32") == ""
+    assert worker.check(prepared, ResultRow(), "fp32") == ""
     # Patched after the build: the probe's own buffers are made by the real ops.
     if bug == "half_copied":
         real_copy = torch.Tensor.copy_
@@ -375,7 +376,7 @@ def test_membw_planted_bug_fails_the_check(monkeypatch, impl_name, bug):
         monkeypatch.setattr(torch.Tensor, "sum",
                             lambda self, *arguments, **options:
                             real_sum(self[: self.numel() // 2], *arguments, **options))
-    message = worker._check(prepared, ResultRow(), "fp32")
+    message = worker.check(prepared, ResultRow(), "fp32")
     monkeypatch.undo()
     assert message
 

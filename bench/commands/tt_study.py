@@ -16,7 +16,7 @@ import torch
 from bench.records import write_atomic
 from bench.models import quality
 from bench.run import timing
-from bench.models.dlrm import DLRM, batch_tensors, build_dlrm
+from bench.models.dlrm import DLRM, TTMixedEmbeddings, batch_tensors, build_dlrm
 from bench.ops.dlrm import EVAL_BATCHES, LEARNING_RATE, train_step, warm_up_tt
 from bench.models.teacher import (EVAL_BATCH_SIZE, EVAL_FIRST_BATCH, evaluation_set,
                                   label_batches, teacher_model)
@@ -177,7 +177,7 @@ def model_sizes(model: DLRM) -> dict:
                     for name, parameter in model.named_parameters()
                     if not name.startswith("embeddings"))
     embeddings = model.embeddings
-    if hasattr(embeddings, "memory"):
+    if isinstance(embeddings, TTMixedEmbeddings):
         memory = embeddings.memory()
         embedding_bytes = memory["embedding_bytes"]
         tt_core_bytes, cache_bytes = memory["tt_bytes"], memory["cache_bytes"]

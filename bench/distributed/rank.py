@@ -106,7 +106,7 @@ def _check_train(model, config: dict, batch, labels, precision: str) -> tuple:
     """A first step against the float64 single-process step (rank 0 compares); (ok, error)."""
     from bench.compare_outputs import compare, whole_model_bound
     from bench.models.dlrm import build_dlrm
-    from bench.ops.dlrm import reference_train_step
+    from bench.models.dlrm_reference import reference_train_step
 
     workload = model.workload
     initial = build_dlrm(workload, config["seed"], embeddings="per_table", sparse=True) \
@@ -132,7 +132,7 @@ def _check_infer(model, config: dict, batch, precision: str) -> tuple:
     """The distributed forward's logits against the float64 single-process model's."""
     from bench.compare_outputs import compare, whole_model_bound
     from bench.models.dlrm import batch_tensors, build_dlrm
-    from bench.ops.dlrm import reference_logits
+    from bench.models.dlrm_reference import reference_logits
 
     logits = model.infer_step(model.inputs(batch, np.zeros(model.global_batch,
                                                            dtype=np.float32)))[0]

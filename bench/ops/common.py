@@ -229,11 +229,6 @@ def workload_rotation_plan(workload, table_indices, precision: str) -> dict:
                          lookups_per_call * (INDEX_BYTES + 4) + bags_per_call * INDEX_BYTES)
 
 
-def workload_rotation(workload, table_indices, precision: str) -> int:
-    """Batches a lookup op over these tables cycles through (see workload_rotation_plan)."""
-    return workload_rotation_plan(workload, table_indices, precision)["rotation_batches"]
-
-
 def cycling(calls: list[Callable[[], object]]) -> Callable[[], object]:
     """A closure that runs the next call of the list each time, round robin."""
     if len(calls) == 1:

@@ -11,13 +11,15 @@ import torch
 
 from bench.compare_outputs import whole_model_bound
 from bench.models.dlrm import batch_tensors, build_dlrm
+from bench.models.dlrm_reference import reference_logits, reference_train_step
 from bench.models.teacher import teacher_model
 from bench.ops.common import cycling, rotation_metrics
-from bench.ops.dlrm import (LEARNING_RATE, _after_step, _model_bytes, _model_flops,
-                            _precision_params, embedding_traffic, inference_bytes,
-                            model_at_precision, model_rotation_plan, reference_logits,
-                            reference_train_step, rotating_batches, rotating_labelled_batches,
-                            serving_forward, train_step, training_bytes)
+from bench.ops.dlrm import (LEARNING_RATE, after_step, model_at_precision, precision_params,
+                            serving_forward, train_step)
+from bench.ops.dlrm_batches import (model_rotation_plan, rotating_batches,
+                                    rotating_labelled_batches)
+from bench.ops.dlrm_costs import (embedding_traffic, inference_bytes, model_bytes, model_flops,
+                                  training_bytes)
 from bench.ops.fc import input_dtype
 from bench.registry import BuildContext, Prepared, Unsupported, impl
 
@@ -84,7 +86,7 @@ def build_compiled_train(context: BuildContext, learning_rate: float = LEARNING_
         student.load_state_dict(initial.state_dict())
         logits = step(student, optimizer, dense, indices, offsets, labels,
                       autocast_dtype=autocast_dtype)
-        return (logits.detach(),) + _after_step(student, indices, offsets)
+        return (logits.detach(),) + after_step(student, indices, offsets)
 
     def reference():
         return reference_train_step(initial, rotating[0].batch, labels,
@@ -95,14 +97,14 @@ def build_compiled_train(context: BuildContext, learning_rate: float = LEARNING_
     return Prepared(
         run=cycling(calls), check=check, reference=reference, samples=workload.batch_size,
         error_bound=lambda expected: whole_model_bound(expected, precision),
-        flops=3.0 * _model_flops(workload, traffic),
+        flops=3.0 * model_flops(workload, traffic),
         bytes_moved=sum(bytes_parts.values()),
         params={"layout": "per_table", "compile": "torch.compile(train_step)",
                 "optimizer": "SGD", "lr": learning_rate,
                 "autocast": precision if autocast_dtype is not None else "none",
                 "rotation_batches": len(inputs)},
         metrics={"bytes_parts": bytes_parts, **rotation_metrics(rotation),
-                 "model_bytes": _model_bytes(student),
+                 "model_bytes": model_bytes(student),
                  "compiled_graphs_at_build": _compiled_graphs() - graphs_before},
     )
 
@@ -136,11 +138,11 @@ def build_compiled_infer(context: BuildContext) -> Prepared:
         forward=serving_forward(infer, precision),
         reference=lambda: reference_logits(fp32_model, *batch_tensors(batches[0], CPU)),
         samples=workload.batch_size,
-        flops=_model_flops(workload, traffic),
+        flops=model_flops(workload, traffic),
         bytes_moved=sum(bytes_parts.values()),
         params={"layout": "per_table", "compile": "torch.compile(model)",
-                **_precision_params(precision), "rotation_batches": len(inputs)},
-        metrics={"model_bytes": _model_bytes(model), "bytes_parts": bytes_parts,
+                **precision_params(precision), "rotation_batches": len(inputs)},
+        metrics={"model_bytes": model_bytes(model), "bytes_parts": bytes_parts,
                  **rotation_metrics(rotation),
                  "compiled_graphs_at_build": _compiled_graphs() - graphs_before},
         error_bound=lambda expected: whole_model_bound(expected, precision),

@@ -18,12 +18,13 @@ from bench.models.dlrm import DLRM, batch_tensors, build_dlrm, flatten_tables
 from bench.models.teacher import evaluation_set, teacher_model
 from bench.models import quality
 from bench.ops.common import cycling, lookup_bound, rotation_metrics
+from bench.models.dlrm_reference import linear_parameters64, logits64, reference_logits
 from bench.ops.dlrm import (EVAL_BATCHES, LEARNING_RATE, TRAIN_PRECISIONS,
-                            WHOLE_MODEL_TOLERANCE, _after_step, _logits64, _model_bytes,
-                            _model_flops, _predict, embedding_traffic, inference_bytes,
-                            model_rotation_plan, reference_logits, rotating_batches,
-                            rotating_labelled_batches, train_step, training_bytes)
-from bench.ops.fc import linear_parameters64
+                            WHOLE_MODEL_TOLERANCE, after_step, predict, train_step)
+from bench.ops.dlrm_batches import (model_rotation_plan, rotating_batches,
+                                    rotating_labelled_batches)
+from bench.ops.dlrm_costs import (embedding_traffic, inference_bytes, model_bytes, model_flops,
+                                  training_bytes)
 from bench.references import as64, binary_cross_entropy64, pool_rows64, table_lookup64
 from bench.registry import BuildContext, Prepared, Unsupported, impl
 
@@ -154,7 +155,7 @@ def reference_tbe_step(model: DLRM, batch, labels: torch.Tensor, optimizer: str,
         return torch.stack([pool_rows64(rows64, positions, table_offsets) for rows64,
                             (_, positions), table_offsets in zip(tables, lookups, offsets)], dim=1)
 
-    logits = _logits64(model, bottom, top, dense, pooled(leaves))
+    logits = logits64(model, bottom, top, dense, pooled(leaves))
     binary_cross_entropy64(logits, labels).backward()
     updated, updated_states = [], []
     for position, leaf in enumerate(leaves):
@@ -174,13 +175,13 @@ def reference_tbe_step(model: DLRM, batch, labels: torch.Tensor, optimizer: str,
 
 
 def _tbe_after_step(model: DLRM, indices, offsets) -> tuple:
-    """What the step must update: _after_step's parts, then the looked-up rows read back from
+    """What the step must update: after_step's parts, then the looked-up rows read back from
     the TBE (split_embedding_weights) and, for Adagrad, their states."""
     embeddings = model.embeddings
     rows = [torch.unique(table_indices.long()) for table_indices in indices]
     looked_up = torch.cat([weight[table_rows] for weight, table_rows
                            in zip(embeddings.table_weights(), rows)]).clone()
-    parts = _after_step(model, indices, offsets) + (looked_up,)
+    parts = after_step(model, indices, offsets) + (looked_up,)
     if embeddings.optimizer == "sgd":
         return parts
     return parts + (torch.cat([state[table_rows] for state, table_rows
@@ -239,14 +240,14 @@ def build_tbe_train(context: BuildContext, optimizer: str, learning_rate: float,
     return Prepared(
         run=cycling(calls), check=check, reference=reference, samples=workload.batch_size,
         error_bound=lambda expected: whole_model_bound(expected, precision),
-        flops=3.0 * _model_flops(workload, traffic),
+        flops=3.0 * model_flops(workload, traffic),
         bytes_moved=sum(bytes_parts.values()),
         params={"layout": "fbgemm_tbe", "optimizer": f"SGD (MLPs), TBE {optimizer} (tables)",
                 "lr": learning_rate, **({"eps": eps} if optimizer != "sgd" else {}),
                 "autocast": precision if autocast_dtype is not None else "none",
                 "rotation_batches": len(inputs)},
         metrics={"bytes_parts": bytes_parts, **rotation_metrics(rotation),
-                 "model_bytes": _model_bytes(initial)},
+                 "model_bytes": model_bytes(initial)},
     )
 
 
@@ -352,8 +353,8 @@ def build_tbe_infer(context: BuildContext) -> Prepared:
     def accuracy() -> dict:
         labelled = evaluation_set(workload, context.seed, EVAL_BATCHES)
         labels = np.concatenate([item.labels for item in labelled])
-        predicted = _predict(model, labelled, "fp32", CPU)
-        fp32_predicted = _predict(fp32_model, labelled, "fp32", CPU)
+        predicted = predict(model, labelled, "fp32", CPU)
+        fp32_predicted = predict(fp32_model, labelled, "fp32", CPU)
         return {"auc": quality.auc(labels, predicted),
                 "logloss": quality.logloss(labels, predicted),
                 "ctr_abs_diff": float(np.mean(np.abs(predicted - fp32_predicted))),
@@ -363,12 +364,12 @@ def build_tbe_infer(context: BuildContext) -> Prepared:
     return Prepared(
         run=cycling(calls), check=check, reference=reference, samples=workload.batch_size,
         forward=infer,
-        flops=_model_flops(workload, traffic),
+        flops=model_flops(workload, traffic),
         bytes_moved=sum(bytes_parts.values()),
         params={"layout": "fbgemm_tbe", "mlp": "fp32",
                 "tables": f"{precision} TBE" + (" row-wise" if precision != "fp16" else ""),
                 "rotation_batches": len(inputs)},
-        metrics={"model_bytes": _model_bytes(fp32_model) - sum(
+        metrics={"model_bytes": model_bytes(fp32_model) - sum(
                      weight.numel() * weight.element_size()
                      for weight in fp32_model.embeddings.table_weights())
                  + model.embeddings.stored_bytes(),

@@ -10,8 +10,9 @@ from torch import nn
 
 from bench.compare_outputs import linear_layers_bound
 from bench.models.dlrm import mlp, top_input_width
+from bench.models.dlrm_reference import linear_parameters64
 from bench.ops.common import FLOAT_DTYPES
-from bench.references import as64, linear_stack64
+from bench.references import linear_stack64
 from bench.registry import BuildContext, Op, Prepared, Unsupported, impl, register_op
 from workloads.generators import stream
 
@@ -86,12 +87,6 @@ def stored_weight_bytes(module: nn.Module) -> int:
 def input_dtype(precision: str) -> torch.dtype:
     """The activation dtype fed to a module at a precision (int8 dynamic takes fp32)."""
     return FLOAT_DTYPES.get(precision, torch.float32)
-
-
-def linear_parameters64(module: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Float64 (weight, bias) of each Linear of a stack, in order (read, never run)."""
-    return [(as64(layer.weight), as64(layer.bias)) for layer in module.modules()
-            if isinstance(layer, nn.Linear)]
 
 
 def mlp_bound(module: nn.Sequential, activations: torch.Tensor, precision: str) -> torch.Tensor:

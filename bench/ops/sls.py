@@ -31,7 +31,8 @@ register_op(Op("sls_multi", "pooled lookups over every table of the workload",
                report_order=20))
 
 
-def _output_bytes(precision: str) -> float:
+def output_bytes(precision: str) -> float:
+    """Bytes of one pooled output value at a table precision."""
     # Quantized bags dequantize into fp32 outputs; float tables pool in their own dtype.
     return BYTES_PER_VALUE[precision] if precision in FLOAT_DTYPES else 4.0
 
@@ -86,7 +87,7 @@ def _build_sls(context: BuildContext, huge_pages: bool) -> Prepared:
         samples=bags,
         flops=lookups * table.dim * (2 if weighted else 1),
         bytes_moved=lookup_bytes(lookups, bags, table.dim, pooled.bytes_per_row,
-                                 _output_bytes(context.precision),
+                                 output_bytes(context.precision),
                                  pooled.sample_weight_dtype.itemsize if weighted else 0),
         params={"table": table_index, "rows": table.rows, "dim": table.dim,
                 "pooling": table.pooling.label(), "distribution": table.distribution.label(),
@@ -97,7 +98,7 @@ def _build_sls(context: BuildContext, huge_pages: bool) -> Prepared:
     )
 
 
-def _all_tables(context: BuildContext):
+def all_tables(context: BuildContext):
     """Every table's weights, per rotation batch every table's tensors, and the rotation plan."""
     workload = context.workload
     table_indices = range(len(workload.tables))
@@ -112,7 +113,8 @@ def _all_tables(context: BuildContext):
     return weights, rotations, rotation
 
 
-def _multi_reference(weights, tensors):
+def multi_reference(weights, tensors):
+    """Float64 pooled sums [tables, bags, dim] of one batch of every table."""
     # Per table, from the unconcatenated weights: no row shift or bag re-basing to share.
     return torch.stack([table_lookup64(weight, indices, offsets, "sum", None)
                         for weight, (indices, offsets, _) in zip(weights, tensors)])
@@ -133,12 +135,12 @@ def _multi_prepared(context, calls, weights, rotations, rotation, bytes_per_row,
     return Prepared(
         run=cycling(calls),
         check=calls[0],
-        reference=lambda: _multi_reference(weights, tensors),
+        reference=lambda: multi_reference(weights, tensors),
         error_bound=lambda expected: _multi_bound(weights, tensors, context.precision),
         samples=workload.batch_size,
         flops=lookups * workload.dim,
         bytes_moved=lookup_bytes(lookups, bags, workload.dim, bytes_per_row,
-                                 _output_bytes(context.precision)),
+                                 output_bytes(context.precision)),
         params={"num_tables": len(workload.tables), "total_rows": workload.total_rows,
                 "dim": workload.dim, "lookups": lookups, "rotation_batches": len(rotations),
                 **extra_params},
@@ -151,7 +153,7 @@ def _multi_prepared(context, calls, weights, rotations, rotation, bytes_per_row,
       description="a Python loop of one EmbeddingBag per table, as the DLRM reference does")
 def build_per_table(context: BuildContext) -> Prepared:
     """One pooled lookup per table, stacked into [tables, batch, dim]."""
-    weights, rotations, rotation = _all_tables(context)
+    weights, rotations, rotation = all_tables(context)
     tables = [PooledTable(weight, context.precision, context.device) for weight in weights]
 
     def lookup_all(tensors):
@@ -179,7 +181,7 @@ def build_batched_huge_pages(context: BuildContext) -> Prepared:
 
 def _build_batched(context: BuildContext, huge_pages: bool) -> Prepared:
     workload, device = context.workload, context.device
-    weights, rotations, rotation = _all_tables(context)
+    weights, rotations, rotation = all_tables(context)
     table = PooledTable(torch.cat(weights), context.precision, device, huge_pages=huge_pages)
     row_starts = row_start_values(weights)
     batch_size = workload.batch_size

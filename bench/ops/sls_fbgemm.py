@@ -16,7 +16,7 @@ from bench.compare_outputs import (QUANTIZED_BITS, UNDERFLOW, UNIT_ROUNDOFF,
 from bench.ops.common import (FLOAT_DTYPES, Unsupported, as_tensors, cycling, lookup_bound,
                               lookup_bytes, mean_lookups, rotation_metrics, table_weight,
                               workload_rotation_plan)
-from bench.ops.sls import _all_tables, _multi_reference, _output_bytes
+from bench.ops.sls import all_tables, multi_reference, output_bytes
 from bench.references import table_lookup64
 from bench.registry import BuildContext, Prepared, impl
 from workloads.generators import rotating_table_batches
@@ -214,7 +214,7 @@ def _build_single(context: BuildContext, impl_name: str) -> Prepared:
         samples=bags,
         flops=lookups * table.dim * (2 if weighted else 1),
         bytes_moved=lookup_bytes(lookups, bags, table.dim, tables.bytes_per_row,
-                                 _output_bytes(context.precision),
+                                 output_bytes(context.precision),
                                  weights.element_size() if weighted else 0),
         params={"table": table_index, "rows": table.rows, "dim": table.dim,
                 "pooling": table.pooling.label(), "distribution": table.distribution.label(),
@@ -258,12 +258,12 @@ def multi_prepared(context: BuildContext, calls, weights, rotations, rotation,
     return Prepared(
         run=cycling(calls),
         check=calls[0],
-        reference=lambda: _multi_reference(weights, tensors),
+        reference=lambda: multi_reference(weights, tensors),
         error_bound=bound,
         samples=workload.batch_size,
         flops=lookups * workload.dim,
         bytes_moved=lookup_bytes(lookups, bags, workload.dim, bytes_per_row,
-                                 _output_bytes(context.precision)),
+                                 output_bytes(context.precision)),
         params={"num_tables": len(workload.tables), "total_rows": workload.total_rows,
                 "dim": workload.dim, "lookups": lookups, "rotation_batches": len(rotations),
                 "table_bytes": int(workload.total_rows * bytes_per_row),
@@ -275,7 +275,7 @@ def multi_prepared(context: BuildContext, calls, weights, rotations, rotation,
 
 def _build_multi(context: BuildContext, impl_name: str) -> Prepared:
     fbgemm = _fbgemm()
-    weights, rotations, rotation = _all_tables(context)
+    weights, rotations, rotation = all_tables(context)
     tables = TABLES[impl_name](fbgemm, weights, context.precision, "sum")
     num_tables, batch_size = len(weights), context.workload.batch_size
 

@@ -8,7 +8,7 @@ import torch
 
 from bench import peers
 from bench.ops.common import Unsupported
-from bench.ops.sls import _all_tables
+from bench.ops.sls import all_tables
 from bench.ops.sls_fbgemm import concatenate_tables, multi_prepared, table_major_inputs
 from bench.registry import BuildContext, Prepared, impl
 
@@ -20,7 +20,7 @@ def build_torchrec_ebc(context: BuildContext) -> Prepared:
     torchrec = peers.require("torchrec")
     if context.precision != "fp32":
         raise Unsupported("the unsharded EmbeddingBagCollection impl runs at fp32 only")
-    weights, rotations, rotation = _all_tables(context)
+    weights, rotations, rotation = all_tables(context)
     names = [f"table_{index}" for index in range(len(weights))]
     keys = [f"feature_{index}" for index in range(len(weights))]
     collection = torchrec.EmbeddingBagCollection(

@@ -75,7 +75,7 @@ def repeated(run: Callable[[], Any], calls: int) -> Callable[[], Any]:
     return run_repeatedly
 
 
-def _check(prepared: Prepared, row: ResultRow, precision: str) -> str:
+def check(prepared: Prepared, row: ResultRow, precision: str) -> str:
     """Compare the impl with its float64 reference, row by row; the failure message, or ''."""
     tolerance = (prepared.tolerance if prepared.tolerance is not None
                  else registry.TOLERANCE[precision])
@@ -179,7 +179,7 @@ def run_task(task: Task, run_id: str, policy: timing.TimingPolicy,
         return _fail(row, f"build failed: {type(error).__name__}: {error}")
     row.params = dumps_compact({**task.variant, **prepared.params})
     row.flops, row.bytes_moved = float(prepared.flops), float(prepared.bytes_moved)
-    problem = _check(prepared, row, task.precision)
+    problem = check(prepared, row, task.precision)
     metrics = {**prepared.metrics, **json.loads(row.metrics or "{}")}
     problem = problem or _record_quality(prepared, row, metrics)
     if problem:

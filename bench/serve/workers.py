@@ -45,7 +45,7 @@ def build_checked(config: WorkerConfig):
     from bench import registry
     from bench.records import ResultRow
     from bench.registry import BuildContext
-    from bench.run.worker import _check
+    from bench.run.worker import check
 
     implementation = registry.impls("dlrm_infer")[config.impl]
     prepared = implementation.build(BuildContext(
@@ -54,7 +54,7 @@ def build_checked(config: WorkerConfig):
     if prepared.forward is None:
         raise RuntimeError(f"dlrm_infer impl {config.impl!r} has no forward to serve")
     scratch = ResultRow()
-    problem = _check(prepared, scratch, config.precision)
+    problem = check(prepared, scratch, config.precision)
     if problem:
         raise ValueError(problem)
     return prepared, {"rel_error": scratch.rel_error, "check": scratch.metrics,

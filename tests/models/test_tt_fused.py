@@ -1,4 +1,4 @@
-"""Tests of the fused TT kernel, the table-batched TT bag and the TT cache counters."""
+"""Tests of the fused TT kernel and the TT cache counters."""
 
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ import torch
 
 from bench.models.ttrec import TTEmbeddingBag
 from bench.models.ttrec.fused import fused_tt_rows, stacked_digits
-from bench.models.ttrec.table_batched import TableBatchedTTEmbeddingBag
 from bench.records import ResultRow
-from bench.references import tt_lookup64, tt_rows64
+from bench.references import tt_rows64
 from bench.registry import BuildContext, impls
 from bench.run import worker
 from workloads import presets
@@ -117,53 +116,6 @@ def test_lfu_repopulation_counts_only_dropped_rows_as_evictions():
     assert set(module.cache.slot_to_row.tolist()) == {5, 8}
 
 
-@pytest.mark.parametrize("policy", ["none", "lfu"])
-def test_table_batched_matches_each_tables_float64_lookup(policy):
-    rows = [300, 1000, 57]
-    module = TableBatchedTTEmbeddingBag(rows, 8, rank=3, cache_policy=policy,
-                                        dtype=torch.float64)
-    generator = torch.Generator().manual_seed(2)
-    indices = [torch.randint(0, count, (12,), generator=generator) for count in rows]
-    offsets = [torch.arange(0, 12, 3) for _ in rows]
-    if policy == "lfu":
-        module.warm_up_cache(torch.cat([table + int(start)
-                                        for table, start in zip(indices, module.row_starts)]))
-        module.populate_cache()
-    pooled = module.forward_tables(indices, offsets)
-    assert pooled.shape == (4, 3, 8)
-    for table in range(len(rows)):
-        expected = tt_lookup64([core.detach() for core in module.table_cores(table)],
-                               module.table_factors[table], indices[table], offsets[table])
-        torch.testing.assert_close(pooled[:, table], expected, rtol=1e-12, atol=1e-14)
-    # Each block is drawn as its table alone would be: tables differ, the unused tail is zero.
-    assert not torch.equal(module.table_cores(0)[0], module.table_cores(1)[0][:, :10])
-    padded = module.padded_factors[0]
-    assert module.cores[0][:, 2 * padded + module.table_factors[2][0]:].abs().sum() == 0
-
-
-def test_table_batched_core_gradients_match_per_table_float64_autograd():
-    rows = [40, 90]
-    module = TableBatchedTTEmbeddingBag(rows, 4, rank=2, cache_policy="none",
-                                        dtype=torch.float64)
-    indices = [torch.tensor([1, 39, 39, 0]), torch.tensor([89, 5, 5, 17])]
-    offsets = [torch.tensor([0, 2]), torch.tensor([0, 1])]
-    module.forward_tables(indices, offsets).sum().backward()
-    for table in range(2):
-        leaves = [core.detach().clone().requires_grad_() for core in module.table_cores(table)]
-        # The loss sums every bag, so it is the sum of every looked-up row.
-        tt_rows64(leaves, indices[table], module.table_factors[table]).sum().backward()
-        padded = module.padded_factors
-        for core, leaf, block in zip(module.cores, leaves, padded):
-            grad = core.grad[:, table * block:table * block + leaf.shape[1]]
-            torch.testing.assert_close(grad, leaf.grad, rtol=1e-12, atol=1e-14)
-
-
-def test_table_batched_refuses_wrong_table_count():
-    module = TableBatchedTTEmbeddingBag([30, 40], 4, rank=2, cache_policy="none")
-    with pytest.raises(ValueError, match="each of the 2 tables"):
-        module.forward_tables([torch.tensor([1])], [torch.tensor([0])])
-
-
 @pytest.mark.parametrize("op_name, impl_name, variant", [
     ("tt_sls", "tt_fused", {"rank": 4}), ("tt_sls", "tt_cached_lru", {"rank": 4}),
     ("dlrm_train", "tt_fused", {"tt_tables": 2, "tt_rank": 4})])
@@ -173,7 +125,7 @@ def test_fused_impls_pass_the_float64_check_and_report_cache_counters(op_name, i
                            device=torch.device("cpu"), seed=0, options={})
     prepared = impls(op_name)[impl_name].build(context)
     row = ResultRow()
-    assert worker._check(prepared, row, "fp32") == ""
+    assert worker.check(prepared, row, "fp32") == ""
     if op_name == "tt_sls":
         metrics = prepared.metrics
         assert metrics["cache_lookups"] == metrics["cache_hits"] + metrics["cache_misses"] > 0

@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bench import registry
 from bench.models.dlrm import flops_per_sample
-from bench.ops import common, dlrm
+from bench.ops import common, dlrm_batches
 from bench.ops.common import PooledTable
 from bench.ops.dlrm import model_at_precision
 from bench.registry import BuildContext
@@ -338,11 +338,11 @@ def test_whole_model_ops_cycle_through_distinct_batches(few_rotations, op_name, 
 
 
 def test_rotating_labels_match_the_teacher_labels():
-    rotating = dlrm.rotating_labelled_batches(SMOKE, 0, 3)
+    rotating = dlrm_batches.rotating_labelled_batches(SMOKE, 0, 3)
     from bench.models.teacher import label_batches
 
-    expected = label_batches(teacher_model(SMOKE, 0), SMOKE, 0, dlrm.rotation_batch_indices(3),
-                             SMOKE.batch_size)
+    expected = label_batches(teacher_model(SMOKE, 0), SMOKE, 0,
+                             dlrm_batches.rotation_batch_indices(3), SMOKE.batch_size)
     for mine, theirs in zip(rotating, expected):
         np.testing.assert_allclose(mine.probabilities, theirs.probabilities, rtol=1e-5)
         np.testing.assert_array_equal(mine.batch.tables[0].indices, theirs.batch.tables[0].indices)

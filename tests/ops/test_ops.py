@@ -62,9 +62,9 @@ def _all_combinations():
 
 
 def _assert_checks(prepared: Prepared, precision: str) -> None:
-    """worker._check, the sweep's comparison with the float64 reference, accepts the impl."""
+    """worker.check, the sweep's comparison with the float64 reference, accepts the impl."""
     row = ResultRow()
-    message = worker._check(prepared, row, precision)
+    message = worker.check(prepared, row, precision)
     assert message == "", message
     assert math.isfinite(row.rel_error)
 
@@ -517,7 +517,8 @@ def _independent_quality() -> tuple[float, float]:
     import numpy as np
 
     from bench.models.dlrm import batch_tensors
-    from bench.ops.dlrm import EVAL_BATCHES, reference_logits
+    from bench.models.dlrm_reference import reference_logits
+    from bench.ops.dlrm import EVAL_BATCHES
     from bench.models.teacher import evaluation_set, teacher_model
 
     teacher = teacher_model(SMOKE, 0, embeddings="batched")

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from bench import peers, registry
-from bench.ops.dlrm import LEARNING_RATE, reference_train_step
+from bench.models.dlrm_reference import reference_train_step
+from bench.ops.dlrm import LEARNING_RATE
 from bench.records import ResultRow
 from bench.registry import BuildContext, Prepared, Unsupported
 from bench.run import worker
@@ -36,7 +37,7 @@ def _build(op: str, name: str, precision: str) -> Prepared:
 
 def _check(prepared: Prepared, precision: str) -> str:
     row = ResultRow()
-    message = worker._check(prepared, row, precision)
+    message = worker.check(prepared, row, precision)
     assert message or math.isfinite(row.rel_error)
     return message
 
@@ -62,7 +63,7 @@ def test_tbe_impls_pass_the_worker_check(op, name, precision):
 def test_tbe_training_reads_back_the_updated_rows():
     """The check's rows come from split_embedding_weights: they moved, by the SGD step."""
     from bench.models.dlrm import batch_tensors, build_dlrm
-    from bench.ops.dlrm import rotating_labelled_batches
+    from bench.ops.dlrm_batches import rotating_labelled_batches
     from bench.ops.dlrm_fbgemm import build_tbe_train
 
     prepared = build_tbe_train(_context("fp32"), "sgd", LEARNING_RATE)
@@ -80,9 +81,9 @@ def test_tbe_training_reads_back_the_updated_rows():
 
 @needs_fbgemm
 def test_tbe_reference_is_the_per_table_reference_step():
-    """For SGD the TBE's float64 step is dlrm.reference_train_step (plus the rows)."""
+    """For SGD the TBE's float64 step is dlrm_reference.reference_train_step (plus the rows)."""
     from bench.models.dlrm import build_dlrm
-    from bench.ops.dlrm import model_rotation_plan, rotating_labelled_batches
+    from bench.ops.dlrm_batches import model_rotation_plan, rotating_labelled_batches
     from bench.ops.dlrm_fbgemm import reference_tbe_step
 
     labelled = rotating_labelled_batches(

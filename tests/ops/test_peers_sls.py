@@ -54,7 +54,7 @@ def _build(op, impl_name, precision, mode="sum", workload=SMOKE):
 
 
 def _verdict(prepared, precision) -> str:
-    return worker._check(prepared, ResultRow(), precision)
+    return worker.check(prepared, ResultRow(), precision)
 
 
 # ---------------------------------------------------------------- correct against float64

@@ -1,0 +1,91 @@
+"""The distinct batches the whole-model ops cycle through, teacher-labelled for training."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+
+from bench.models.dlrm import batch_tensors
+from bench.models.teacher import LabelledBatch, teacher_model
+from bench.ops import common
+from bench.ops.common import BYTES_PER_VALUE, INDEX_BYTES, ROW_OVERHEAD_BYTES, rotation_plan
+from workloads.generators import Batch, TableBatch, label_stream, make_batch
+
+TRAIN_BATCH_INDEX = 0
+# The other rotating batches are drawn from batch_index 1000 on: clear of the TT warm-up
+# batches (1-4), the calibration batch (10,000) and the evaluation set (20,000 on).
+ROTATION_FIRST_BATCH = 1000
+LABEL_CHUNK_SAMPLES = 16384  # samples per teacher forward when labelling rotating batches
+
+
+def model_rotation_plan(workload, precision: str) -> dict:
+    """How many distinct whole-model batches to cycle through (see common.rotation_plan)."""
+    lookups = workload.batch_size * sum(table.pooling.mean for table in workload.tables)
+    row_bytes = workload.dim * BYTES_PER_VALUE[precision] + ROW_OVERHEAD_BYTES.get(precision, 0)
+    # A rotating batch holds int64 indices and offsets, fp32 per-sample weights and dense
+    # features, and fp32 labels with float64 probabilities.
+    batch = workload.batch_size
+    memory = (lookups * (INDEX_BYTES + 4) + batch * len(workload.tables) * INDEX_BYTES
+              + batch * (workload.num_dense * 4 + 12))
+    maximum = common.MAX_ROTATION_MODEL_BATCHES
+    if workload.data_path:
+        # A data file wraps around: batches beyond its length repeat earlier samples.
+        from workloads.criteo_workload import load
+
+        maximum = min(maximum, max(1, len(load(workload.data_path).labels) // batch))
+    return rotation_plan(lookups * row_bytes, memory, maximum)
+
+
+def rotation_batch_indices(parts: int, workload=None) -> list[int]:
+    """batch_index of each rotating batch: the checked batch first. A data file's batch k is
+    its samples from k x batch_size on, wrapping: consecutive ones are the distinct ones."""
+    if workload is not None and workload.data_path:
+        return list(range(TRAIN_BATCH_INDEX, TRAIN_BATCH_INDEX + parts))
+    return [TRAIN_BATCH_INDEX] + list(range(ROTATION_FIRST_BATCH, ROTATION_FIRST_BATCH + parts - 1))
+
+
+@functools.lru_cache(maxsize=2)
+def rotating_batches(workload, seed: int, parts: int) -> tuple:
+    """The distinct batches whole-model inference cycles through (cached per worker)."""
+    return tuple(make_batch(workload, seed, index)
+                 for index in rotation_batch_indices(parts, workload))
+
+
+def concatenate_batches(batches) -> Batch:
+    """Batches side by side as one (offsets shifted), so one forward serves them all."""
+    tables = []
+    for position in range(len(batches[0].tables)):
+        parts = [batch.tables[position] for batch in batches]
+        starts = np.cumsum([0] + [len(part.indices) for part in parts[:-1]])
+        tables.append(TableBatch(
+            indices=np.concatenate([part.indices for part in parts]),
+            offsets=np.concatenate([part.offsets + start for part, start in zip(parts, starts)]),
+            weights=np.concatenate([part.weights for part in parts])))
+    return Batch(dense=np.concatenate([batch.dense for batch in batches]), tables=tables)
+
+
+@functools.lru_cache(maxsize=1)
+def rotating_labelled_batches(workload, seed: int, parts: int) -> tuple[LabelledBatch, ...]:
+    """The distinct teacher-labelled batches training cycles through (cached per worker).
+
+    Labels are drawn as teacher.label_batches draws them, but the teacher's forward runs over
+    several batches at once: one forward per batch made building a rotation slow."""
+    teacher = teacher_model(workload, seed)
+    batches = rotating_batches(workload, seed, parts)
+    per_forward = max(1, LABEL_CHUNK_SAMPLES // workload.batch_size)
+    probabilities = []
+    for start in range(0, len(batches), per_forward):
+        chunk = batches[start:start + per_forward]
+        with torch.no_grad():
+            logits = teacher(*batch_tensors(concatenate_batches(chunk),
+                                            torch.device("cpu"))).double()
+        probabilities.extend(np.split(torch.sigmoid(logits).numpy(), len(chunk)))
+    labelled = []
+    indices = rotation_batch_indices(parts, workload)
+    for batch_index, batch, batch_probabilities in zip(indices, batches, probabilities):
+        draws = label_stream(seed, batch_index).random(len(batch_probabilities))
+        labelled.append(LabelledBatch(batch, batch_probabilities,
+                                      (draws < batch_probabilities).astype(np.float32)))
+    return tuple(labelled)
