@@ -3,6 +3,8 @@ one atomic writer and the readers of a run directory (results.csv, env.json, arg
 
 from __future__ import annotations
 
+import base64
+import binascii
 import csv
 import dataclasses
 import io
@@ -16,7 +18,9 @@ from typing import Any, Iterable, Union
 import numpy as np
 
 # Bump when a column is added, removed or changes meaning; readers refuse other versions.
-SCHEMA_VERSION = 1
+# 2: samples_s holds base64 float32 (see encode_samples); 1 held a JSON list, still read.
+SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)
 
 STATUS_OK = "ok"
 STATUS_SKIPPED = "skipped"
@@ -176,7 +180,7 @@ class ResultRow:
     metrics: str = "{}"  # JSON: other op-specific measurements
     status: str = STATUS_OK
     error: str = ""
-    samples_s: str = "[]"  # JSON list of per-repetition seconds
+    samples_s: str = "[]"  # per-repetition seconds: encode_samples form (or a JSON list)
     timestamp: str = ""
 
 
@@ -252,6 +256,16 @@ class ResultsWriter:
         self.close()
 
 
+_MAX_CELL_CHARACTERS = 2**31 - 1
+
+
+def _allow_long_cells() -> None:
+    """Lift csv's 131,072-character cell limit: a samples_s cell of a GPU row holding 10^5-10^6
+    samples is megabytes long (the limit is per process; 2**31 - 1 fits every C long)."""
+    if csv.field_size_limit() < _MAX_CELL_CHARACTERS:
+        csv.field_size_limit(_MAX_CELL_CHARACTERS)
+
+
 def read_rows(path: Path) -> list[ResultRow]:
     """Read a results CSV; a truncated last line (a killed writer) is dropped, not fatal."""
     path = Path(path)
@@ -260,23 +274,33 @@ def read_rows(path: Path) -> list[ResultRow]:
     text = path.read_text(encoding="utf-8")
     if text and not text.endswith("\n"):
         text = text[:text.rfind("\n") + 1]  # the last line was cut short by a crash mid-write
+    _allow_long_cells()
     reader = csv.DictReader(io.StringIO(text, newline=""))
-    missing = set(COLUMNS) - set(reader.fieldnames or ())
-    if reader.fieldnames is None or "schema_version" in missing or "op" in missing:
+    try:
+        fieldnames = reader.fieldnames
+    except csv.Error as error:
+        raise SchemaError(f"{path}: not a readable CSV ({error})") from None
+    missing = set(COLUMNS) - set(fieldnames or ())
+    if fieldnames is None or "schema_version" in missing or "op" in missing:
         raise SchemaError(
             f"{path}: not a dlrm-bench results CSV (header lacks op/schema_version)")
     rows = []
-    for record in reader:
-        if None in record.values():
-            raise SchemaError(f"{path}:{reader.line_num}: row has fewer cells than the header")
-        if str(record["schema_version"]) != str(SCHEMA_VERSION):
-            raise SchemaError(
-                f"{path}: schema_version {record['schema_version']}, this tool reads "
-                f"{SCHEMA_VERSION}; re-run the sweep with this version")
-        try:
-            rows.append(record_to_row(record))
-        except ValueError as error:
-            raise SchemaError(f"{path}:{reader.line_num}: malformed cell ({error})") from None
+    readable = {str(version) for version in READABLE_SCHEMA_VERSIONS}
+    try:
+        for record in reader:
+            if None in record.values():
+                raise SchemaError(f"{path}:{reader.line_num}: row has fewer cells than the header")
+            if str(record["schema_version"]) not in readable:
+                raise SchemaError(
+                    f"{path}: schema_version {record['schema_version']}, this tool reads "
+                    f"{', '.join(sorted(readable))}; re-run the sweep with this version")
+            try:
+                rows.append(record_to_row(record))
+            except ValueError as error:
+                raise SchemaError(
+                    f"{path}:{reader.line_num}: malformed cell ({error})") from None
+    except csv.Error as error:
+        raise SchemaError(f"{path}:{reader.line_num}: not a readable CSV row ({error})") from None
     return rows
 
 
@@ -285,9 +309,42 @@ def dumps_compact(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
+# A samples_s cell: this prefix, then the samples as little-endian float32 bytes in base64.
+# float32 keeps 7 significant digits (the JSON cells kept 6) in 5.3 characters a sample, so a
+# million samples take 5.3 MB in one cell, one line: appends stay one flushed row each.
+SAMPLES_PREFIX = "f32le:"
+_SAMPLE_DTYPE = np.dtype("<f4")
+
+
+def encode_samples(samples_s) -> str:
+    """The samples_s cell of raw per-repetition seconds ("[]" when there are none)."""
+    values = np.asarray(samples_s, dtype=np.float64).ravel()
+    if values.size == 0:
+        return "[]"
+    return SAMPLES_PREFIX + base64.b64encode(values.astype(_SAMPLE_DTYPE).tobytes()).decode("ascii")
+
+
+def decode_samples(text: str) -> list[float]:
+    """Raw per-repetition seconds of a samples_s cell: the encoded form, or the JSON list of
+    schema 1 rows (and of hand-made rows); ValueError when it is neither."""
+    text = (text or "").strip()
+    if text.startswith(SAMPLES_PREFIX):
+        try:
+            raw = base64.b64decode(text[len(SAMPLES_PREFIX):], validate=True)
+        except binascii.Error as error:
+            raise ValueError(f"samples_s is not valid base64 ({error})") from None
+        if len(raw) % _SAMPLE_DTYPE.itemsize:
+            raise ValueError(f"samples_s holds {len(raw)} bytes, not whole float32 values")
+        return np.frombuffer(raw, dtype=_SAMPLE_DTYPE).astype(np.float64).tolist()
+    values = json.loads(text or "[]")
+    if not isinstance(values, list):
+        raise ValueError(f"samples_s is a JSON {type(values).__name__}, not a list")
+    return [float(value) for value in values]
+
+
 def samples_from_row(row: ResultRow) -> list[float]:
     """The raw per-repetition times of a row."""
-    return [float(value) for value in json.loads(row.samples_s or "[]")]
+    return decode_samples(row.samples_s)
 
 
 def iter_ok(rows: Iterable[ResultRow]) -> Iterable[ResultRow]:

@@ -17,6 +17,7 @@ from bench.records import (
     ResultRow,
     ResultsWriter,
     dumps_compact,
+    encode_samples,
     samples_from_row,
     summarize,
 )
@@ -61,7 +62,7 @@ def _pooled_row(rows: Sequence[ResultRow], run_id: str, total_runs: int) -> Resu
     summary = summarize(samples)
     median = summary.median_s
     merged = dataclasses.replace(first, run_id=run_id, timestamp=rows[-1].timestamp)
-    merged.samples_s = json.dumps(samples)
+    merged.samples_s = encode_samples(samples)
     merged.n_samples = len(samples)
     if len({row.calls_per_sample for row in rows}) > 1:
         merged.calls_per_sample = 0  # samples averaging different numbers of calls: unknown

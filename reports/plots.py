@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import math
 
 import matplotlib
@@ -14,6 +13,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import LogFormatter
 
+from bench.records import decode_samples
 from reports.tables import (
     CACHE_ROOF_MARGIN,
     DRAM_ROOF,
@@ -312,7 +312,7 @@ def box_statistics(row: pd.Series, label: str, samples: list[float], scale: floa
 def parse_samples(text: str) -> list[float]:
     """Raw per-repetition seconds of a row; malformed cells give none."""
     try:
-        values = [float(value) for value in json.loads(text or "[]")]
+        values = decode_samples(text)
     except (TypeError, ValueError):
         return []
     return [value for value in values if math.isfinite(value) and value > 0]

@@ -186,3 +186,115 @@ def test_unknown_columns_ignored_missing_columns_default(tmp_path):
     rows = read_rows(path)
     assert len(rows) == 1 and rows[0].task_key == "key0000"
     assert math.isnan(rows[0].auc)
+
+
+# --- raw samples at GPU counts: a row of a million samples stays readable ------------------
+
+MILLION = 1_000_000
+
+
+def _million_samples():
+    import numpy as np
+
+    # Distinct µs-scale times, so a reader that dropped, reordered or truncated any is caught.
+    return (1e-5 + 1e-11 * np.arange(MILLION)).tolist()
+
+
+def test_samples_cell_encodes_every_sample_in_float32():
+    from bench.records import SAMPLES_PREFIX, decode_samples, encode_samples
+
+    samples = [1.4e-4, 2.5e-6, 3.0]
+    cell = encode_samples(samples)
+    assert cell.startswith(SAMPLES_PREFIX)
+    assert decode_samples(cell) == pytest.approx(samples, rel=1e-7)
+    assert encode_samples([]) == "[]" and decode_samples("[]") == []
+    assert decode_samples("[1e-4, 2e-4]") == [1e-4, 2e-4]  # schema 1 cells: JSON lists
+
+
+@pytest.mark.parametrize("cell", ["f32le:@@@@", "f32le:AAAAAAA=", '{"a": 1}', "[1, [2]]"])
+def test_malformed_samples_cells_raise(cell):
+    from bench.records import decode_samples
+
+    with pytest.raises((ValueError, TypeError)):
+        decode_samples(cell)
+
+
+def test_a_million_sample_row_reads_back_through_the_reader_csv_and_pandas(tmp_path):
+    import sys
+
+    import numpy as np
+    import pandas as pd
+
+    from bench.records import decode_samples, encode_samples
+
+    samples = _million_samples()
+    path = tmp_path / "results.csv"
+    big = _row(1, samples_s=encode_samples(samples), n_samples=MILLION)
+    _write(path, [_row(0), big, _row(2)])
+    back = read_rows(path)
+    assert [row.task_key for row in back] == ["key0000", "key0001", "key0002"]
+    decoded = samples_from_row(back[1])
+    assert len(decoded) == MILLION
+    assert decoded == np.asarray(samples, dtype=np.float32).astype(np.float64).tolist()
+    assert samples_from_row(back[0]) == [1.4e-4, 1.5e-4, 2e-4]
+    # Outside the suite: pandas reads the file as it is; the csv module once its limit is lifted.
+    frame = pd.read_csv(path, keep_default_na=False)
+    assert len(decode_samples(frame.loc[1, "samples_s"])) == MILLION
+    csv.field_size_limit(sys.maxsize if sys.maxsize < 2**63 else 2**31 - 1)
+    with open(path, newline="", encoding="utf-8") as handle:
+        assert len(list(csv.DictReader(handle))) == 3
+
+
+def test_a_million_sample_row_survives_an_append_after_a_crash(tmp_path):
+    from bench.records import encode_samples
+
+    # Resume appends to a file whose last row a crash cut short; the big row before it stays.
+    path = tmp_path / "results.csv"
+    _write(path, [_row(0, samples_s=encode_samples(_million_samples()))])
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write("2,run-a,key0001,sls,embedding_bag,True,abc,smo")
+    _write(path, [_row(2)])
+    back = read_rows(path)
+    assert [row.task_key for row in back] == ["key0000", "key0002"]
+    assert len(samples_from_row(back[0])) == MILLION
+
+
+def test_schema_1_results_stay_readable(tmp_path):
+    path = tmp_path / "results.csv"
+    _write(path, [_row(0, schema_version=1), _row(1)])
+    back = read_rows(path)
+    assert [row.schema_version for row in back] == [1, SCHEMA_VERSION]
+    assert samples_from_row(back[0]) == [1.4e-4, 1.5e-4, 2e-4]
+
+
+def _with_million_samples(source, target):
+    """A copy of a fixture run whose first ok row holds a million samples."""
+    import shutil
+
+    from bench.records import encode_samples
+
+    shutil.copytree(source, target)
+    rows = read_rows(target / "results.csv")
+    index = next(i for i, row in enumerate(rows) if row.status == STATUS_OK)
+    rows[index] = dataclasses.replace(rows[index], schema_version=SCHEMA_VERSION,
+                                      samples_s=encode_samples(_million_samples()),
+                                      n_samples=MILLION)
+    (target / "results.csv").unlink()
+    _write(target / "results.csv", rows)
+    return target
+
+
+@pytest.mark.slow  # about 20 s: the report draws the million samples' box
+def test_report_and_check_read_a_million_sample_row(tmp_path, capsys):
+    from bench import commands
+    from tests.conftest import FIXTURES_DIR
+
+    run = _with_million_samples(FIXTURES_DIR / "reports" / "handmade", tmp_path / "run")
+    assert commands.main(["report", str(run), "--out", str(tmp_path / "report")]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    baseline = _with_million_samples(FIXTURES_DIR / "check" / "baseline_run", tmp_path / "base")
+    code = commands.main(["check", "--baseline", str(baseline), "--candidate", str(baseline),
+                          "--out-dir", str(tmp_path / "check")])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "malformed" not in captured.out + captured.err

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from bench import PROJECT_ROOT
 from bench.commands.common import UsageError
-from bench.records import STATUS_ERROR, STATUS_OK, ResultRow, dumps_compact, summarize
+from bench.records import (STATUS_ERROR, STATUS_OK, ResultRow, dumps_compact, encode_samples,
+                           summarize)
 from bench.run import devices
 from bench.run.tasks import Task
 from bench.run.timing import TimingPolicy
@@ -268,7 +269,7 @@ def reference_row(spec: WorkloadSpec, mode: str, options, policy: TimingPolicy, 
         row.status, row.error = STATUS_ERROR, f"{REFERENCE_IMPL}: {error}"[:500]
         return row
     row.n_samples, row.calls_per_sample = len(summary.samples_s), summary.calls_per_sample
-    row.samples_s = json.dumps([float(f"{value:.6g}") for value in summary.samples_s])
+    row.samples_s = encode_samples(summary.samples_s)
     row.median_s, row.mean_s, row.min_s = summary.median_s, summary.mean_s, summary.min_s
     row.p90_s, row.p99_s, row.iqr_s = summary.p90_s, summary.p99_s, summary.iqr_s
     row.samples_per_s = spec.batch_size / summary.median_s if summary.median_s > 0 else math.nan

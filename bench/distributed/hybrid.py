@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 from typing import Optional
 
 import numpy as np
@@ -237,6 +238,17 @@ def rank_inputs(batch, labels: np.ndarray, plan: ShardingPlan, rank: int,
         replicated_offsets=move([pair[1] for pair in replicated]))
 
 
+def no_buffer_sync_keywords(ddp_class=None) -> dict:
+    """The DDP keyword that turns off the per-forward buffer broadcast (the dense arch has no
+    buffers): torch 2.13 names it forward_sync_buffers and deprecates broadcast_buffers, which
+    older torch (2.11 on the GPU machines) still needs, so the signature decides."""
+    ddp_class = DistributedDataParallel if ddp_class is None else ddp_class
+    parameters = inspect.signature(ddp_class.__init__).parameters
+    if "forward_sync_buffers" in parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
+
+
 class HybridDLRM:
     """One rank's part of a hybrid-parallel DLRM and its timed train and inference steps."""
 
@@ -252,7 +264,7 @@ class HybridDLRM:
         self.timer = PhaseTimer(torch.cuda.synchronize if device.type == "cuda" else None)
         self.tables = ShardedTables(workload, plan, rank, seed).to(device)
         self.dense_arch = DenseArch(workload, plan, seed).to(device)
-        self.dense = DistributedDataParallel(self.dense_arch, forward_sync_buffers=False)
+        self.dense = DistributedDataParallel(self.dense_arch, **no_buffer_sync_keywords())
         self.dense.register_comm_hook(self.timer, summed_allreduce_hook)
         self.exchange = PooledExchange(plan, rank, self.local_batch, workload.dim)
         self.dense_optimizer = torch.optim.SGD(self.dense.parameters(), lr=LEARNING_RATE)

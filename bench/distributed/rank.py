@@ -20,7 +20,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from bench.distributed import collectives, hybrid, torchrec_dmp
 from bench.distributed.plan import plan_sharding
 from bench.records import (STATUS_ERROR, STATUS_OK, STATUS_SKIPPED, ResultRow, ResultsWriter,
-                           dumps_compact, summarize, write_json)
+                           dumps_compact, encode_samples, summarize, write_json)
 from bench.registry import Unsupported
 from bench.run import devices
 from workloads.specs import WorkloadSpec
@@ -229,7 +229,7 @@ def run_model(job: dict, index: int, config: dict, rank: int, status: Status):
     row.n_samples, row.calls_per_sample = len(steps), 1
     row.median_s, row.mean_s, row.min_s = summary.median_s, summary.mean_s, summary.min_s
     row.p90_s, row.p99_s, row.iqr_s = summary.p90_s, summary.p99_s, summary.iqr_s
-    row.samples_s = json.dumps([float(f"{value:.6g}") for value in steps])
+    row.samples_s = encode_samples(steps)
     row.samples_per_s = workload.batch_size / summary.median_s
     row.rel_error = rel_error
     alltoall_bytes = max(item["send_bytes"] for item in gathered) if exchange else 0
@@ -276,7 +276,7 @@ def run_collective(job: dict, index: int, config: dict, rank: int, status: Statu
     row.n_samples, row.calls_per_sample = len(slowest), 1
     row.median_s, row.mean_s, row.min_s = summary.median_s, summary.mean_s, summary.min_s
     row.p90_s, row.p99_s, row.iqr_s = summary.p90_s, summary.p99_s, summary.iqr_s
-    row.samples_s = json.dumps([float(f"{value:.6g}") for value in slowest])
+    row.samples_s = encode_samples(slowest)
     row.bytes_moved = float(size)
     bandwidth = collectives.bandwidths(config["op"], size, summary.median_s, world_size)
     row.gbps = bandwidth["busbw_gbps"]

@@ -19,7 +19,8 @@ from bench.compare_outputs import compare, relative_row_bound
 from bench.ops.common import clear_weight_cache
 from bench.run import callgrind, devices, isa_probe, telemetry, timing
 from bench.registry import BuildContext, Prepared, Unsupported
-from bench.records import STATUS_ERROR, STATUS_OK, STATUS_SKIPPED, ResultRow, dumps_compact
+from bench.records import (STATUS_ERROR, STATUS_OK, STATUS_SKIPPED, ResultRow, dumps_compact,
+                           encode_samples)
 from bench.run.tasks import Task
 
 
@@ -118,7 +119,7 @@ def _record_timing(row: ResultRow, prepared: Prepared, summary, observed, calls:
     """Times, rates and telemetry of a measurement into the row."""
     row.n_samples = len(summary.samples_s)
     row.calls_per_sample = summary.calls_per_sample
-    row.samples_s = json.dumps([float(f"{value:.6g}") for value in summary.samples_s])
+    row.samples_s = encode_samples(summary.samples_s)
     row.median_s, row.mean_s, row.min_s = summary.median_s, summary.mean_s, summary.min_s
     row.p90_s, row.p99_s, row.iqr_s = summary.p90_s, summary.p99_s, summary.iqr_s
     # Times are per repetition (calls_per_rep calls); rates count the work of every call.

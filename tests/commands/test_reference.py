@@ -10,7 +10,7 @@ import pytest
 
 from bench.commands import main as run_bench
 from bench.commands import reference, reference_run
-from bench.records import STATUS_ERROR, STATUS_OK, read_rows
+from bench.records import STATUS_ERROR, STATUS_OK, read_rows, samples_from_row
 from bench.run import devices
 from workloads import presets
 from conftest import FIXTURES_DIR
@@ -99,7 +99,7 @@ def test_rows_of_the_reference_and_ours_in_one_results_csv(tmp_path):
         assert params["script"] == "dlrm_s_pytorch.py" and "timing" in params
         assert json.loads(row.metrics)["merged_runs"] == 2  # pooled over the rounds
     train = theirs["dlrm_train"]
-    samples = json.loads(train.samples_s)
+    samples = samples_from_row(train)
     assert train.n_samples == len(samples) == 2 * 3  # warm-up dropped, two rounds pooled
     assert all(0.002 < value < 0.5 for value in samples)  # the stand-in sleeps 3 ms
     assert "its --inference-only prints no time" in json.loads(theirs["dlrm_infer"].params)[

@@ -20,7 +20,7 @@ from bench.ops.dlrm import model_at_precision
 from bench.ops.fc import at_precision
 from bench.peers import PEERS_INSTALL
 from bench.registry import BuildContext, Impl, Prepared, Unsupported
-from bench.records import STATUS_ERROR, STATUS_OK, STATUS_SKIPPED, ResultRow
+from bench.records import STATUS_ERROR, STATUS_OK, STATUS_SKIPPED, ResultRow, samples_from_row
 from bench.run.tasks import Task
 from workloads import presets
 from workloads.specs import IndexDistribution, PoolingDistribution
@@ -399,7 +399,7 @@ def test_run_task_ok_row(fast_policy):
     assert row.workload == "smoke" and row.precision == "fp32" and row.batch_size == 64
     assert row.isa_effective == "aten=x"
     assert row.n_samples >= fast_policy.min_samples
-    samples = json.loads(row.samples_s)
+    samples = samples_from_row(row)
     assert len(samples) == row.n_samples and all(value > 0 for value in samples)
     assert math.isfinite(row.median_s) and row.median_s > 0
     assert row.min_s <= row.median_s <= row.p90_s <= row.p99_s

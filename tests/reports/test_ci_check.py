@@ -19,7 +19,7 @@ from bench.commands import ab, sweep as cli
 from bench.run import ci_sweep, worker
 from bench import registry
 from bench.registry import Impl, Prepared
-from bench.records import ResultRow, read_rows
+from bench.records import ResultRow, read_rows, samples_from_row
 from bench.run.tasks import Task
 from bench.run.timing import TimingPolicy
 from reports.compare import compare_rows
@@ -60,7 +60,7 @@ def test_merge_concatenates_samples_and_recomputes_statistics():
             [_row("a", (6.0,)), _row("b", (7.0, 7.0, 7.0))]]
     merged = {row.task_key: row for row in merge_runs(runs, run_id="A")}
     row = merged["a"]
-    assert json.loads(row.samples_s) == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    assert samples_from_row(row) == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
     assert row.n_samples == 6
     assert row.median_s == pytest.approx(3.5)
     assert row.mean_s == pytest.approx(3.5)

@@ -16,7 +16,8 @@ from conftest import REPO_ROOT, run_cli
 import bench.run.sweep
 from bench import registry
 from bench.ops.ceilings import GATHER_ROW_BYTES
-from bench.records import COLUMNS, STATUS_ERROR, STATUS_OK, STATUS_SKIPPED, ResultsWriter, read_rows
+from bench.records import (COLUMNS, STATUS_ERROR, STATUS_OK, STATUS_SKIPPED, ResultsWriter,
+                           read_rows, samples_from_row)
 from bench.run.sweep import MACHINE_WORKLOAD, check_memory, estimate_bytes, plan, run_tasks
 from bench.run.tasks import Task
 from bench.run.timing import TimingPolicy
@@ -329,7 +330,7 @@ def test_sweep_end_to_end(sweep_run):
         row = by_config[config]
         assert row.status == STATUS_OK, row.error
         assert math.isfinite(row.median_s) and row.median_s > 0
-        samples = json.loads(row.samples_s)
+        samples = samples_from_row(row)
         assert isinstance(samples, list) and len(samples) == row.n_samples >= 1
         assert all(value > 0 for value in samples)
         assert math.isfinite(row.rel_error)
