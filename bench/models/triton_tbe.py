@@ -158,9 +158,10 @@ class TritonTableBatchedEmbeddingBag(torch.nn.Module):
 
 def sgd_plan(indices, offsets, table_rows, batch: int, dim: int, grad_stride: int, mean: bool,
              per_sample_weights) -> tuple[torch.Tensor, ...]:
-    """The SGD kernel's inputs, by torch ops: distinct global rows, where each one's lookups
-    start in the row-sorted order, that order, each lookup's start in grad_output and its
-    coefficient (its weight, 1/bag length for mean, else 1)."""
+    """The SGD kernel's inputs, by torch ops that never sync with the host (so a step can be
+    captured in a CUDA graph): each lookup's global row in sorted order, where that row's run
+    of lookups starts and ends there, the sorting order, each lookup's start in grad_output
+    and its coefficient (its weight, 1/bag length for mean, else 1)."""
     lookups = indices.numel()
     lengths = offsets[1:] - offsets[:-1]
     bag_of_lookup = torch.repeat_interleave(torch.arange(lengths.numel(), device=indices.device),
@@ -168,10 +169,8 @@ def sgd_plan(indices, offsets, table_rows, batch: int, dim: int, grad_stride: in
     table_of_lookup, sample_of_lookup = bag_of_lookup // batch, bag_of_lookup % batch
     rows = indices + table_rows[table_of_lookup]
     sorted_rows, order = torch.sort(rows, stable=True)
-    unique_rows, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
-    segment_starts = torch.zeros(unique_rows.numel() + 1, dtype=torch.int64,
-                                 device=indices.device)
-    segment_starts[1:] = torch.cumsum(counts, 0)
+    segment_starts = torch.searchsorted(sorted_rows, sorted_rows)
+    segment_ends = torch.searchsorted(sorted_rows, sorted_rows, right=True)
     grad_starts = sample_of_lookup * grad_stride + table_of_lookup * dim
     if per_sample_weights is not None:
         coefficients = per_sample_weights.to(torch.float32)
@@ -179,7 +178,7 @@ def sgd_plan(indices, offsets, table_rows, batch: int, dim: int, grad_stride: in
         coefficients = (1.0 / lengths.clamp(min=1).to(torch.float32))[bag_of_lookup]
     else:
         coefficients = torch.ones(lookups, dtype=torch.float32, device=indices.device)
-    return (unique_rows, segment_starts, order, grad_starts.contiguous(),
+    return (sorted_rows, segment_starts, segment_ends, order, grad_starts.contiguous(),
             coefficients.contiguous())
 
 

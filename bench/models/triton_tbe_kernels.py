@@ -85,19 +85,23 @@ def pooled_forward_kernel(weights_ptr, scale_bias_ptr, indices_ptr, offsets_ptr,
 
 
 @triton.jit
-def sgd_update_kernel(weights_ptr, grad_ptr, unique_rows_ptr, segment_starts_ptr,
-                      sorted_lookups_ptr, grad_starts_ptr, coefficients_ptr, learning_rate,
-                      dim, row_stride,
+def sgd_update_kernel(weights_ptr, grad_ptr, sorted_rows_ptr, segment_starts_ptr,
+                      segment_ends_ptr, sorted_lookups_ptr, grad_starts_ptr, coefficients_ptr,
+                      learning_rate, dim, row_stride,
                       BF16: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One program per distinct row (and column block): the row's gradient, summed over every
-    lookup of it in fp32, then weight[row] -= learning_rate * gradient, in place. Rows are
-    distinct across programs, so no two programs write the same row."""
-    segment = tl.program_id(0)
+    """One program per lookup in row-sorted order (and column block); the first lookup of each
+    distinct row sums the gradient of all its lookups in fp32, then applies
+    weight[row] -= learning_rate * gradient in place; the others do nothing. A grid of every
+    lookup needs no count of distinct rows, so no host sync; rows are distinct across the
+    working programs, so no two write the same row."""
+    position = tl.program_id(0)
     columns = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    column_mask = columns < dim
-    begin = tl.load(segment_starts_ptr + segment)
-    end = tl.load(segment_starts_ptr + segment + 1)
-    row = tl.load(unique_rows_ptr + segment)
+    begin = tl.load(segment_starts_ptr + position)
+    first = begin == position
+    end = tl.where(first, tl.load(segment_ends_ptr + position), begin)
+    # Only the first program of a row touches it: the others' columns are all masked off.
+    column_mask = columns < tl.where(first, dim, 0)
+    row = tl.load(sorted_rows_ptr + position)
     gradient = tl.zeros([BLOCK_D], dtype=tl.float32)
     for start in range(begin, end, BLOCK_L):
         positions = start + tl.arange(0, BLOCK_L)
@@ -140,14 +144,14 @@ def launch_forward(weights, scale_bias, indices, offsets, table_rows, sample_wei
         BLOCK_L=LOOKUP_BLOCK, BLOCK_D=block_d)
 
 
-def launch_sgd_update(weights, grad, unique_rows, segment_starts, sorted_lookups, grad_starts,
-                      coefficients, learning_rate: float, dim: int) -> None:
+def launch_sgd_update(weights, grad, sorted_rows, segment_starts, segment_ends, sorted_lookups,
+                      grad_starts, coefficients, learning_rate: float, dim: int) -> None:
     """Apply the summed gradient of every distinct row to weights in place, one launch."""
     block_d = column_block(dim)
-    grid = (unique_rows.numel(), triton.cdiv(dim, block_d))
+    grid = (sorted_rows.numel(), triton.cdiv(dim, block_d))
     if grid[0] == 0:
         return
     sgd_update_kernel[grid](
-        weights, grad, unique_rows, segment_starts, sorted_lookups, grad_starts, coefficients,
-        float(learning_rate), dim, weights.stride(0), BF16=weights.dtype == torch.bfloat16,
-        BLOCK_L=LOOKUP_BLOCK, BLOCK_D=block_d)
+        weights, grad, sorted_rows, segment_starts, segment_ends, sorted_lookups, grad_starts,
+        coefficients, float(learning_rate), dim, weights.stride(0),
+        BF16=weights.dtype == torch.bfloat16, BLOCK_L=LOOKUP_BLOCK, BLOCK_D=block_d)

@@ -214,9 +214,8 @@ def test_sgd_without_summing_duplicates_fails_the_check(monkeypatch):
     real = triton_tbe.sgd_plan
 
     def first_lookup_only(*args):
-        rows, starts, order, grad_starts, coefficients = real(*args)
-        return (rows, torch.arange(rows.numel() + 1), order[starts[:-1]], grad_starts,
-                coefficients)
+        rows, starts, ends, order, grad_starts, coefficients = real(*args)
+        return rows, starts, starts + 1, order, grad_starts, coefficients
 
     monkeypatch.setattr(triton_tbe, "sgd_plan", first_lookup_only)
     indices, offsets, weights = _inputs()
