@@ -109,8 +109,11 @@ class TritonTableBatchedEmbeddingBag(torch.nn.Module):
         if bags < 0 or bags % self.num_tables:
             raise ValueError(f"offsets must hold tables * batch + 1 = k * {self.num_tables} + 1 "
                              f"entries, got {offsets.numel()}")
-        if per_sample_weights is not None and per_sample_weights.numel() != indices.numel():
-            raise ValueError("per_sample_weights must hold one weight per index")
+        if per_sample_weights is not None:
+            if per_sample_weights.numel() != indices.numel():
+                raise ValueError("per_sample_weights must hold one weight per index")
+            if self.mode != "sum":
+                raise ValueError("per_sample_weights need sum pooling (as embedding_bag's)")
         return bags // self.num_tables
 
     def pooled(self, indices: torch.Tensor, offsets: torch.Tensor,

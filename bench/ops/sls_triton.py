@@ -40,8 +40,8 @@ def _triton_tbe(device: torch.device) -> ModuleType:
     if device.type == "cpu" and not interpreted:
         raise Unsupported(CPU_SKIP + " (triton was imported before TRITON_INTERPRET=1 was set)")
     if device.type == "cuda" and interpreted:
-        raise Unsupported("TRITON_INTERPRET=1 is set: the kernels would run in the interpreter; "
-                          "unset it to run them on cuda")
+        raise Unsupported("the Triton kernels were built for the interpreter (TRITON_INTERPRET=1 "
+                          "when they were imported); run without it to use cuda")
     return module
 
 

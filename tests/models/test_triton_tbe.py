@@ -234,6 +234,17 @@ def test_quantized_tables_refuse_a_learning_rate():
         triton_tbe.TritonTableBatchedEmbeddingBag(_tables(), "int8", learning_rate=0.1)
 
 
+def test_bad_inputs_are_refused():
+    indices, offsets, weights = _inputs()
+    module = triton_tbe.TritonTableBatchedEmbeddingBag(_tables(), "fp32", "mean")
+    with pytest.raises(ValueError, match="sum pooling"):
+        module(indices, offsets, weights)
+    with pytest.raises(ValueError, match="tables \\* batch \\+ 1"):
+        module(indices, offsets[:-1])
+    with pytest.raises(TypeError, match="int64"):
+        module(indices.int(), offsets)
+
+
 # ---------------------------------------------------------------- the ops' impls
 
 def _context(precision, mode="sum", workload=None):
