@@ -8,7 +8,7 @@ from html import escape
 
 import pandas as pd
 
-from reports.tables import display_frame
+from reports.cells import display_frame
 
 # Longer tables are folded so that the figures stay in view.
 FOLD_ROWS = 30
