@@ -1,4 +1,4 @@
-"""Bytes of a stored value and of a stored table row by precision; torch-free, so reports read it."""
+"""Bytes of a stored value and of a stored table row by precision (torch-free: reports read it)."""
 
 from __future__ import annotations
 
