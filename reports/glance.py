@@ -18,8 +18,9 @@ from reports.values import is_positive, positive_mask
 WHOLE_MODEL_OPS = ("dlrm_train", "dlrm_infer")
 MODEL_COLUMNS = ["workload", "op", "impl", "precision", "samples_per_s", "vs_reference",
                  "reference_samples_per_s", "batch_size", "device", "isa", "threads"]
-PLACEMENT_COLUMNS = ["op", "workload", "device", "impl", "precision", "isa", "threads",
-                     "efficiency", "roof", "intensity", "ridge", "bound"]
+# What bounds the op first; the configuration that got there after.
+PLACEMENT_COLUMNS = ["op", "workload", "device", "bound", "efficiency", "roof", "intensity",
+                     "ridge", "impl", "precision", "isa", "threads"]
 
 
 def run_line(run: Run) -> str:
