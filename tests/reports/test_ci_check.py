@@ -338,7 +338,7 @@ def test_ab_end_to_end_on_a_tiny_sweep(tmp_path, capsys, monkeypatch):
 def test_ab_rounds_are_tested_pairwise():
     """A/B: the rounds' log ratios decide (paired t-test), not a rank test on pooled samples."""
     from bench.records import ResultRow
-    from reports.compare import compare_rows
+    from reports.compare import Side, compare_rows
 
     def rows(median, samples=(1.0, 1.0, 1.0)):
         return [ResultRow(task_key="k", op="sls", median_s=median, fingerprint="f",
@@ -347,10 +347,10 @@ def test_ab_rounds_are_tested_pairwise():
     def verdict(candidate_medians):
         baseline_rounds = [rows(1.0) for _ in candidate_medians]
         candidate_rounds = [rows(median) for median in candidate_medians]
-        (result,) = compare_rows(rows(1.0), rows(float(np.median(candidate_medians))),
-                                 factor=0.1, alpha=0.01, check_code_version=False,
-                                 baseline_rounds=baseline_rounds,
-                                 candidate_rounds=candidate_rounds)
+        (result,) = compare_rows(Side(rows(1.0), rounds=baseline_rounds),
+                                 Side(rows(float(np.median(candidate_medians))),
+                                      rounds=candidate_rounds),
+                                 factor=0.1, alpha=0.01, check_code_version=False)
         return result
 
     agreeing = verdict([1.25, 1.26, 1.24])
