@@ -240,6 +240,20 @@ def fake_worker(monkeypatch, tmp_path):
     return run
 
 
+def test_worker_settings_reach_the_worker_unchanged(tmp_path):
+    from bench.run.callgrind import CountPolicy
+
+    timed = WorkerSettings("r", TimingPolicy(min_run_time_s=0.3), log_path=tmp_path / "w.log",
+                           task_timeout_s=12.5)
+    counted = WorkerSettings("c", TimingPolicy(), CountPolicy(cache_sim=True),
+                             {"metric": "instructions"})
+    for settings in (timed, counted):
+        assert WorkerSettings.from_json(settings.to_json()) == settings
+    # A fingerprint records the counting facts of an instruction run, else the timing policy.
+    assert timed.fingerprint_policy == timed.policy
+    assert counted.fingerprint_policy == {"metric": "instructions"}
+
+
 def _by_key(rows):
     return {row.task_key: row for row in rows}
 
