@@ -99,8 +99,7 @@ def _slowest(per_rank_steps: list[list[dict]]) -> tuple[list[float], dict, float
 
 
 def _check_train(model, config: dict, batch, labels, precision: str) -> tuple:
-    """A first step against the float64 single-process step (rank 0 compares); (the failure
-    message or '', the relative error; NaN on the other ranks)."""
+    """A first step against the float64 single-process one; rank 0: (failure or '', rel error)."""
     from bench.compare_outputs import compare, whole_model_bound
     from bench.models.dlrm import build_dlrm
     from bench.ops.dlrm import reference_train_step
@@ -126,8 +125,7 @@ def _check_train(model, config: dict, batch, labels, precision: str) -> tuple:
 
 
 def _check_infer(model, config: dict, batch, precision: str) -> tuple:
-    """The distributed forward's logits against the float64 single-process model's; as
-    _check_train, (the failure message or '', the relative error)."""
+    """The forward's logits against the float64 single-process model's; as _check_train."""
     from bench.compare_outputs import compare, whole_model_bound
     from bench.models.dlrm import batch_tensors, build_dlrm
     from bench.ops.dlrm import reference_logits

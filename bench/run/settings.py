@@ -1,5 +1,4 @@
-"""A sweep's worker settings: the run, how rows are measured, where workers log, how long a
-task may take; one frozen object passed from the sweep down to each worker process."""
+"""The settings every worker of a sweep shares, passed from the sweep down to each worker."""
 
 from __future__ import annotations
 
@@ -16,7 +15,7 @@ DEFAULT_TASK_TIMEOUT_S = 900.0
 
 @dataclasses.dataclass(frozen=True)
 class WorkerSettings:
-    """What every worker of a run shares (the tasks differ)."""
+    """The run, how rows are measured, where workers log, how long one task may take."""
 
     run_id: str
     policy: TimingPolicy
