@@ -179,7 +179,7 @@ class TorchrecDLRM:
         self.timer = PhaseTimer(torch.cuda.synchronize if device.type == "cuda" else None)
         module = SparseDenseDLRM(workload, seed)
         module.autocast_dtype = autocast_dtype
-        # embedding_lr_scale != 1 only from a fault a test plants (bench/faults.py).
+        # embedding_lr_scale != 1 only from the test-only planted fault (rank.py).
         self.dmp, self.plan = shard_table_wise(module, world_size,
                                                LEARNING_RATE * embedding_lr_scale, device)
         load_tables(self.dmp, workload, seed)
