@@ -13,6 +13,7 @@ from conftest import tiny_workload
 
 from bench import registry
 from bench.run import worker
+from bench.run.settings import WorkerSettings
 from bench.compare_outputs import (WHOLE_MODEL_ROW_TOLERANCE, compare, quantization_error,
                                    relative_error, relative_row_bound, whole_model_bound)
 from bench.registry import BuildContext, Prepared, Unsupported
@@ -276,7 +277,7 @@ def test_quantization_error_bounds_the_real_dequantization(precision, pack, look
 def test_run_task_records_the_ratio(fast_policy):
     task = Task(op="sls", impl="embedding_bag", workload=SMOKE, variant={"mode": "sum"},
                 precision="int8", device="cpu", isa="native", threads=1, seed=0, options={})
-    row = worker.run_task(task, "r", fast_policy)
+    row = worker.run_task(task, WorkerSettings("r", fast_policy))
     assert row.status == "ok", row.error
     metrics = json.loads(row.metrics)
     assert 0 < metrics["error_bound_ratio"] <= 1

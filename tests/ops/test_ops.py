@@ -13,6 +13,7 @@ from conftest import tiny_workload
 
 from bench import registry
 from bench.run import worker
+from bench.run.settings import WorkerSettings
 from bench.host import transparent_huge_pages
 from bench.models.dlrm import flops_per_sample
 from bench.ops.common import PooledTable, relative_error, table_weight
@@ -393,7 +394,7 @@ EXPECTED = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
 
 def test_run_task_ok_row(fast_policy):
     task = _task()
-    row = worker.run_task(task, "run-1", fast_policy, isa_effective="aten=x")
+    row = worker.run_task(task, WorkerSettings("run-1", fast_policy), isa_effective="aten=x")
     assert row.status == STATUS_OK, row.error
     assert row.error == ""
     assert row.task_key == task.key() and row.run_id == "run-1"
@@ -419,7 +420,7 @@ def test_run_task_ok_row(fast_policy):
 def test_run_task_times_the_run_closure(monkeypatch, fast_policy):
     prepared = _prepared(EXPECTED.float(), EXPECTED)
     name = _fake_impl(monkeypatch, lambda context: prepared)
-    row = worker.run_task(_task(impl_name=name), "r", fast_policy)
+    row = worker.run_task(_task(impl_name=name), WorkerSettings("r", fast_policy))
     assert row.status == STATUS_OK, row.error
     assert row.rel_error == 0.0
     # check once, warm up once, then at least n_samples timed calls
@@ -437,7 +438,7 @@ def test_run_task_times_the_run_closure(monkeypatch, fast_policy):
 def test_run_task_bad_output_is_an_error_row(monkeypatch, fast_policy, output, words):
     prepared = _prepared(output, EXPECTED)
     name = _fake_impl(monkeypatch, lambda context: prepared)
-    row = worker.run_task(_task(impl_name=name), "r", fast_policy)
+    row = worker.run_task(_task(impl_name=name), WorkerSettings("r", fast_policy))
     assert row.status == STATUS_ERROR
     assert words in row.error
     assert row.n_samples == 0 and math.isnan(row.median_s)
@@ -449,14 +450,14 @@ def test_run_task_unsupported_is_a_skipped_row(monkeypatch, fast_policy):
         raise Unsupported("no such kernel on this machine")
 
     name = _fake_impl(monkeypatch, build)
-    row = worker.run_task(_task(impl_name=name), "r", fast_policy)
+    row = worker.run_task(_task(impl_name=name), WorkerSettings("r", fast_policy))
     assert row.status == STATUS_SKIPPED
     assert row.error == "no such kernel on this machine"
 
 
 def test_run_task_real_unsupported_is_skipped(fast_policy):
     row = worker.run_task(_task(op="fc", impl_name="torch_linear", variant={"layer": "linear"},
-                                precision="int4"), "r", fast_policy)
+                                precision="int4"), WorkerSettings("r", fast_policy))
     assert row.status == STATUS_SKIPPED and "int4" in row.error
 
 
@@ -465,7 +466,7 @@ def test_run_task_builder_crash_is_an_error_row(monkeypatch, fast_policy):
         raise RuntimeError("kaput\nsecond line")
 
     name = _fake_impl(monkeypatch, build)
-    row = worker.run_task(_task(impl_name=name), "r", fast_policy)
+    row = worker.run_task(_task(impl_name=name), WorkerSettings("r", fast_policy))
     assert row.status == STATUS_ERROR
     assert "build failed" in row.error and "RuntimeError" in row.error
     assert "\n" not in row.error
@@ -477,29 +478,29 @@ def test_run_task_kernel_raising_is_an_error_row(monkeypatch, fast_policy):
 
     name = _fake_impl(monkeypatch, lambda context: Prepared(
         run=run, reference=lambda: EXPECTED, samples=1, flops=1.0, bytes_moved=1.0))
-    row = worker.run_task(_task(impl_name=name), "r", fast_policy)
+    row = worker.run_task(_task(impl_name=name), WorkerSettings("r", fast_policy))
     assert row.status == STATUS_ERROR and "kernel exploded" in row.error
 
 
 def test_run_task_uses_prepared_tolerance(monkeypatch, fast_policy):
     loose = _prepared(EXPECTED.float() * 1.5, EXPECTED, tolerance=0.6)
     name = _fake_impl(monkeypatch, lambda context: loose)
-    row = worker.run_task(_task(impl_name=name), "r", fast_policy)
+    row = worker.run_task(_task(impl_name=name), WorkerSettings("r", fast_policy))
     assert row.status == STATUS_OK and row.rel_error == pytest.approx(0.5)
     # The precision's tolerance applies otherwise: int8 allows 3e-2.
     near = _prepared(EXPECTED.float() * 1.02, EXPECTED)
     monkeypatch.setitem(registry._IMPLS["sls"], name, Impl("sls", name, lambda context: near,
                                                            ("fp32", "int8")))
-    assert worker.run_task(_task(impl_name=name, precision="int8"), "r",
-                           fast_policy).status == STATUS_OK
-    assert worker.run_task(_task(impl_name=name, precision="fp32"), "r",
-                           fast_policy).status == STATUS_ERROR
+    assert worker.run_task(_task(impl_name=name, precision="int8"),
+                           WorkerSettings("r", fast_policy)).status == STATUS_OK
+    assert worker.run_task(_task(impl_name=name, precision="fp32"),
+                           WorkerSettings("r", fast_policy)).status == STATUS_ERROR
 
 
 def test_run_task_zero_tolerance_means_exact(monkeypatch, fast_policy):
     prepared = _prepared(EXPECTED.float() * (1 + 1e-6), EXPECTED, tolerance=0.0)
     name = _fake_impl(monkeypatch, lambda context: prepared)
-    row = worker.run_task(_task(impl_name=name), "r", fast_policy)
+    row = worker.run_task(_task(impl_name=name), WorkerSettings("r", fast_policy))
     assert row.status == STATUS_ERROR
 
 
@@ -509,7 +510,7 @@ def test_run_task_accuracy_failure_is_an_error_row(monkeypatch, fast_policy):
 
     prepared = _prepared(EXPECTED.float(), EXPECTED, accuracy=accuracy)
     name = _fake_impl(monkeypatch, lambda context: prepared)
-    row = worker.run_task(_task(impl_name=name), "r", fast_policy)
+    row = worker.run_task(_task(impl_name=name), WorkerSettings("r", fast_policy))
     assert row.status == STATUS_ERROR and "evaluation set broken" in row.error
 
 
@@ -537,8 +538,8 @@ def _independent_quality() -> tuple[float, float]:
 
 
 def test_run_task_records_accuracy(fast_policy):
-    row = worker.run_task(_task(op="dlrm_infer", impl_name="batched", variant={}), "r",
-                          fast_policy)
+    row = worker.run_task(_task(op="dlrm_infer", impl_name="batched", variant={}),
+                          WorkerSettings("r", fast_policy))
     assert row.status == STATUS_OK, row.error
     auc, logloss = _independent_quality()
     # The fp32 model's figures are the float64 teacher's, up to fp32 rounding of the CTRs.

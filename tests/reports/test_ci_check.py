@@ -17,6 +17,7 @@ import pytest
 from bench import commands
 from bench.commands import ab, sweep as cli
 from bench.run import ci_sweep, worker
+from bench.run.settings import WorkerSettings
 from bench import registry
 from bench.registry import Impl, Prepared
 from bench.records import ResultRow, read_rows, samples_from_row
@@ -178,7 +179,7 @@ def test_run_task_times_calls_per_rep_calls_and_records_it(monkeypatch, calls_pe
     options = {"calls_per_rep": calls_per_rep} if calls_per_rep != 1 else {}
     task = Task(op="sls", impl="counting", workload=presets.smoke(), variant={"mode": "sum"},
                 precision="fp32", device="cpu", isa="native", threads=1, seed=0, options=options)
-    row = worker.run_task(task, "test", FAST_POLICY)
+    row = worker.run_task(task, WorkerSettings("test", FAST_POLICY))
     assert row.status == "ok", row.error
     assert json.loads(row.metrics)["calls_per_rep"] == calls_per_rep
     assert counts["timed"] > 0
