@@ -13,7 +13,7 @@ import torch
 from bench.ops.common import (as_tensors, cycling, lookup_bound, lookup_bytes,
                               mean_lookups, rotation_metrics, table_weight,
                               workload_rotation_plan)
-from bench.ops.sls import ALL_PRECISIONS, _all_tables, _multi_prepared, _output_bytes
+from bench.ops.sls import ALL_PRECISIONS, all_tables, multi_prepared, output_bytes
 from bench.ops.sls_fbgemm import concatenate_tables, table_major_inputs, with_last_offset
 from bench.references import table_lookup64
 from bench.registry import BuildContext, Prepared, Unsupported, impl
@@ -93,7 +93,7 @@ def build_sls_triton(context: BuildContext) -> Prepared:
         samples=bags,
         flops=lookups * table.dim * (2 if weighted else 1),
         bytes_moved=lookup_bytes(lookups, bags, table.dim, tables.bytes_per_row,
-                                 _output_bytes(context.precision),
+                                 output_bytes(context.precision),
                                  weights.element_size() if weighted else 0),
         params={"table": table_index, "rows": table.rows, "dim": table.dim,
                 "pooling": table.pooling.label(), "distribution": table.distribution.label(),
@@ -108,7 +108,7 @@ def build_sls_triton(context: BuildContext) -> Prepared:
       description="every table in our Triton table-batched embedding bag: one launch a batch")
 def build_multi_triton(context: BuildContext) -> Prepared:
     """All tables in one Triton TBE buffer: one launch per batch, sum pooling."""
-    weights, rotations, rotation = _all_tables(context)
+    weights, rotations, rotation = all_tables(context)
     tables = _make_tables(context, weights, "sum")
     num_tables, batch_size = len(weights), context.workload.batch_size
 
@@ -121,7 +121,7 @@ def build_multi_triton(context: BuildContext) -> Prepared:
 
     calls = [functools.partial(lookup_all, *table_major_inputs(tensors))
              for tensors in rotations]
-    return _multi_prepared(context, calls, weights, rotations, rotation, tables.bytes_per_row,
+    return multi_prepared(context, calls, weights, rotations, rotation, tables.bytes_per_row,
                            {"table_bytes": int(context.workload.total_rows
                                                * tables.bytes_per_row),
                             **_kernel_params(tables)})
