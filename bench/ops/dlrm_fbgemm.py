@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from bench import peers
-from bench.compare_outputs import rowwise_adagrad_bound, summed_gradient_error, whole_model_bound
+from bench.compare_outputs import (ACCUMULATION_ROUNDOFF, rowwise_adagrad_bound,
+                                   summed_gradient_error, whole_model_bound)
 from bench.models.dlrm import DLRM, batch_tensors, build_dlrm, flatten_tables
 from bench.models.teacher import evaluation_set, teacher_model
 from bench.models import quality
@@ -199,22 +200,30 @@ def reference_tbe_step(model: DLRM, batch, labels: torch.Tensor, optimizer: str,
 
 
 def adagrad_step_bound(row_gradients: list[RowGradients], precision: str,
-                       learning_rate: float, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bounds on the Adagrad step's looked-up rows and states (the check's last two parts)."""
+                       learning_rate: float, eps: float) -> tuple[torch.Tensor, ...]:
+    """Bounds on the Adagrad step's pooled rows, looked-up rows and states (the check's last
+    three parts)."""
     # Each bag's upstream gradient carries the whole model's error (forward and backward at
     # the precision) as a whole-model output does: relative to its sample's RMS over all
     # tables plus the batch's, so a near-cancelling bag gradient gets the batch's scale.
     upstream = torch.stack([table.upstream for table in row_gradients], dim=1)
     bag_error = whole_model_bound(upstream, precision)
-    rows, states = [], []
+    pooled, rows, states = [], [], []
     for position, table in enumerate(row_gradients):
         error = summed_gradient_error(bag_error[:, position], table.upstream, table.owners,
                                       table.positions, table.rows.shape[0])
         row_bound, state_bound = rowwise_adagrad_bound(table.rows, table.grad, table.state,
                                                        error, learning_rate, eps)
+        # The pooled rows after the step: each lookup's row error, plus fp32 accumulation.
+        after = rowwise_adagrad64(table.rows, table.grad, table.state, learning_rate, eps)[0]
+        bags = torch.zeros_like(table.upstream)
+        lengths = torch.bincount(table.owners, minlength=bags.shape[0]).unsqueeze(1)
+        pooled.append(bags.index_add(0, table.owners, row_bound[table.positions])
+                      + (lengths + 2) * ACCUMULATION_ROUNDOFF
+                      * bags.index_add(0, table.owners, after[table.positions].abs()))
         rows.append(row_bound)
         states.append(state_bound)
-    return torch.cat(rows), torch.cat(states)
+    return torch.stack(pooled, dim=1), torch.cat(rows), torch.cat(states)
 
 
 def _tbe_after_step(model: DLRM, indices, offsets) -> tuple:
@@ -290,9 +299,9 @@ def build_tbe_train(context: BuildContext, optimizer: str, learning_rate: float,
             return bounds
         if "tables" not in gradients:
             reference()
-        # The looked-up rows and their states: from the gradient's own error (Adagrad
-        # normalises it), not relative to the rows.
-        return bounds[:4] + adagrad_step_bound(gradients["tables"], precision,
+        # The pooled and looked-up rows after the step and their states: from the gradient's
+        # own error (Adagrad normalises it), not relative to the rows.
+        return bounds[:3] + adagrad_step_bound(gradients["tables"], precision,
                                                reference_learning_rate, reference_eps)
 
     calls = [functools.partial(train_step, student, sgd, *item, autocast_dtype=autocast_dtype)
