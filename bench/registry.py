@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib
+import importlib.util
 import inspect
 import os
 import pkgutil
@@ -73,6 +74,15 @@ class Impl:
     baseline: bool = False
     devices: tuple[str, ...] = ("cpu", "cuda")
     description: str = ""
+    # Plan-time facts: the planner leaves out (or plans as a skip row) what cannot run, without
+    # building anything; the builder's Unsupported stays the safety net for what they miss.
+    requires: tuple[str, ...] = ()  # top-level modules that must be installed (find_spec)
+    # (device, options) -> why this impl cannot run there with these options, or ""
+    available: Optional[Callable[[str, dict], str]] = None
+    # (variant, device, options) -> why this impl cannot run one of its op's variants, or ""
+    pairs: Optional[Callable[[dict, str, dict], str]] = None
+    # device type -> the precisions it runs there, where fewer than `precisions`
+    device_precisions: dict = dataclasses.field(default_factory=dict)
 
     @property
     def code_version(self) -> str:
@@ -118,8 +128,11 @@ def register_op(op: Op) -> Op:
 
 
 def impl(op: str, name: str, precisions: tuple[str, ...], baseline: bool = False,
-         devices: tuple[str, ...] = ("cpu", "cuda"), description: str = ""):
-    """Decorator registering a builder as an impl of op."""
+         devices: tuple[str, ...] = ("cpu", "cuda"), description: str = "",
+         requires: tuple[str, ...] = (), available: Optional[Callable[[str, dict], str]] = None,
+         pairs: Optional[Callable[[dict, str, dict], str]] = None,
+         device_precisions: Optional[dict] = None):
+    """Decorator registering a builder as an impl of op (plan-time facts: see Impl)."""
     def register(build: Callable[[BuildContext], Prepared]) -> Callable[[BuildContext], Prepared]:
         # The op may be registered by a module imported later (a peer module such as
         # ops/fbgemm.py adds impls to ops of sls.py); load_all checks that it exists.
@@ -132,7 +145,8 @@ def impl(op: str, name: str, precisions: tuple[str, ...], baseline: bool = False
         if baseline and any(other.baseline for other in _IMPLS[op].values()):
             raise ValueError(f"op {op!r} already has a baseline impl")
         _IMPLS[op][name] = Impl(op, name, build, tuple(precisions), baseline, devices,
-                                description or (build.__doc__ or "").strip())
+                                description or (build.__doc__ or "").strip(), tuple(requires),
+                                available, pairs, dict(device_precisions or {}))
         return build
     return register
 
@@ -174,6 +188,65 @@ def facts() -> dict[str, dict]:
     return {name: {"report_order": op.report_order, "probe": op.probe,
                    "single_table": op.single_table}
             for name, op in ops().items()}
+
+
+# What a plan-time refusal concerns; the planner decides from it whether the user asked for
+# the configuration by name (bench/run/sweep.py).
+ABOUT_IMPL = "impl"  # the impl cannot run here at all: wrong device, missing module, options
+ABOUT_PRECISION = "precision"  # the impl has no kernel at this precision
+ABOUT_VARIANT = "variant"  # the impl cannot run this one of its op's own variants
+
+
+@dataclasses.dataclass(frozen=True)
+class Refusal:
+    """Why a configuration cannot run, known before anything is built."""
+
+    about: str  # ABOUT_IMPL, ABOUT_PRECISION or ABOUT_VARIANT
+    reason: str  # the skip row's reason
+    short: str  # the same without the impl's name, for a summary grouped by reason
+
+
+def missing_module(name: str) -> bool:
+    """Whether a top-level module cannot be found; imports nothing."""
+    return importlib.util.find_spec(name) is None
+
+
+def refusal(entry: Impl, variant: dict, precision: str, device: str,
+            options: dict) -> Optional[Refusal]:
+    """Why entry cannot run this configuration, from registry facts alone; None if it may.
+    Cheap: builds nothing and imports nothing (the planner asks it for every configuration)."""
+    subject = f"{entry.op}/{entry.name}"
+    device_type = device.split(":")[0]
+    if device_type not in entry.devices:
+        return Refusal(ABOUT_IMPL, f"{subject} does not run on {device}",
+                       f"does not run on {device}")
+    reason = entry.available(device, options) if entry.available else ""
+    if reason:
+        return Refusal(ABOUT_IMPL, f"{subject}: {reason}", reason)
+    for module in entry.requires:
+        if missing_module(module):
+            return Refusal(ABOUT_IMPL, f"{subject} needs {module}, which is not installed here",
+                           f"{module} is not installed")
+    on_device = [name for name in entry.precisions
+                 if name in entry.device_precisions.get(device_type, entry.precisions)]
+    if precision not in on_device:
+        where = "" if precision not in entry.precisions else f" on {device_type}"
+        return Refusal(ABOUT_PRECISION,
+                       f"{subject} has no {precision} kernel{where}; it supports "
+                       f"{', '.join(on_device)}{where}", f"no {precision} kernel{where}")
+    reason = entry.pairs(variant, device, options) if entry.pairs else ""
+    if reason:
+        return Refusal(ABOUT_VARIANT, f"{subject}: {reason}", reason)
+    return None
+
+
+def reason_of(check: Callable[..., Any], *args: Any) -> str:
+    """A plan-time predicate from a builder's own check: its Unsupported message, or ''."""
+    try:
+        check(*args)
+    except Unsupported as error:
+        return str(error)
+    return ""
 
 
 def ops() -> dict[str, Op]:

@@ -149,7 +149,7 @@ def list_choices() -> str:
                  "hitrate:RATE@CAPACITY_ROWS, reuse:COLD_PROB,MEAN_DISTANCE")
     lines.append("  criteo:PATH    a Criteo TSV file (label, 13 dense, 26 categorical)")
     lines.append(f"precisions: {', '.join(registry.PRECISIONS)} (a precision an impl does not "
-                 "list is planned as a skipped row)")
+                 "list is left out of the plan, or a skipped row when both are named)")
     lines.append(f"devices here: {', '.join(devices.available_devices())}")
     lines.append(f"ISA levels here: {', '.join(devices.available_isa_levels())} "
                  f"(all known: {', '.join(devices.ISA_LEVELS)})")
@@ -221,7 +221,7 @@ def _is_default_sweep(args) -> bool:
             and args.threads == [1])
 
 
-def _isa_comparison(workloads, seed: int) -> list:
+def _isa_comparison(workloads, seed: int, left_out) -> list:
     """FC and SLS on the largest default workload at each available capped ISA level."""
     from bench.run import sweep as sweeping
 
@@ -229,7 +229,7 @@ def _isa_comparison(workloads, seed: int) -> list:
               if level in devices.available_isa_levels()]
     workload = max(workloads, key=lambda spec: spec.total_rows)
     return sweeping.plan(["fc", "sls"], [workload], ["fp32", "bf16"], ["cpu"], levels, [1], seed,
-                         dict(ISA_COMPARISON_OPTIONS))
+                         dict(ISA_COMPARISON_OPTIONS), named=sweeping.Named(), left_out=left_out)
 
 
 def sweep(argv: list[str]) -> int:
@@ -263,12 +263,20 @@ def sweep(argv: list[str]) -> int:
     impl_filter = set(args.impls) if args.impls else None
     workloads = resolve_workloads(workload_choices(args))
     sweeping.check_memory(workloads, ops, devices.available_memory_bytes())
+    # What the user named decides which configurations that cannot run are skip rows and which
+    # are left out of the plan (sweeping.Named).
+    named = sweeping.Named(frozenset(args.ops or ()), frozenset(args.impls or ()),
+                           frozenset(args.precision or ()))
+    left_out = sweeping.LeftOut()
     planned = sweeping.plan(ops, workloads, precisions, device_list, isa_levels, thread_counts,
-                            args.seed, _options(args), impl_filter)
+                            args.seed, _options(args), impl_filter, named, left_out)
     if not planned:
-        raise UsageError("nothing to run: the chosen ops/impls/precisions match no configuration")
+        why = "; ".join(f"{record['reason']} ({', '.join(record['impls'])})"
+                        for record in left_out.records()[:3])
+        raise UsageError("nothing to run: the chosen ops/impls/precisions match no configuration"
+                         + (f" that can run here: {why}" if why else ""))
     if _is_default_sweep(args):
-        planned += _isa_comparison(workloads, args.seed)
+        planned += _isa_comparison(workloads, args.seed, left_out)
     for spec in workloads:
         if spec.capped_tables():
             print(f"note: workload {spec.name}: {spec.capped_tables()} of {len(spec.tables)} "
@@ -284,7 +292,7 @@ def sweep(argv: list[str]) -> int:
 
     try:
         code = execute(argv, planned, directory, run_id, resuming, policy, args.task_timeout,
-                       count_policy, counting)
+                       count_policy, counting, left_out=left_out)
     except RunDirectoryError as error:
         raise UsageError(str(error)) from None
     if code != 0:

@@ -357,7 +357,18 @@ def build_read(context: BuildContext) -> Prepared:
     )
 
 
-@impl("gemm_peak", "matmul", ("fp32", "fp16", "bf16", "int8"), baseline=True,
+def _square_fits(variant: dict, device: str, options: dict) -> str:
+    """Plan-time: a square above the device's sweep is sized for another device's plateau
+    (probe_sizing takes the sizes by device kind); '' when it fits or --gemm-size chose it."""
+    sizes = GPU_GEMM_SIZES if device.startswith("cuda") else CPU_GEMM_SIZES
+    if "size" not in variant or variant["size"] <= max(sizes) or options.get("gemm_size"):
+        return ""
+    return (f"squares above {max(sizes)} are sized for a GPU's plateau; this "
+            f"{device.split(':')[0]} sweeps squares up to {max(sizes)} (and the model's "
+            "layer shapes)")
+
+
+@impl("gemm_peak", "matmul", ("fp32", "fp16", "bf16", "int8"), baseline=True, pairs=_square_fits,
       description="torch.mm (MKL fp32, oneDNN/AMX bf16 and fp16) and torch._int_mm for int8; "
                   "model shapes in nn.Linear's layout (input @ weight.T)")
 def build_matmul(context: BuildContext) -> Prepared:
@@ -365,11 +376,9 @@ def build_matmul(context: BuildContext) -> Prepared:
     variant = context.variant
     if "size" in variant:
         size = int(variant["size"])
-        sizing, _ = device_sizing(context.device)
-        if size > max(sizing.gemm_sizes) and not context.options.get("gemm_size"):
-            raise Unsupported(f"a {size}-cube is sized for a GPU's plateau; this "
-                              f"{context.device.type} sweeps squares up to "
-                              f"{max(sizing.gemm_sizes)} (and the model's layer shapes)")
+        reason = _square_fits(variant, str(context.device), context.options)
+        if reason:
+            raise Unsupported(reason)
         rows, inner, columns, linear = size, size, size, False
         params = {"size": size}
     else:

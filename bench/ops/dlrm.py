@@ -35,6 +35,8 @@ LEARNING_RATE = 0.1  # the DLRM Kaggle config's SGD rate
 # Training runs in float formats only (fp16/bf16 by autocast): int8/int4 training would need
 # quantization-aware training, which this op does not model.
 TRAIN_PRECISIONS = ("fp32", "fp16", "bf16")
+# On CUDA without fp16: see build_train (loss scaling).
+CUDA_TRAIN = {"cuda": ("fp32", "bf16")}
 
 TT_WARM_UP_BATCHES = 4  # batches whose row counts populate the TT-Rec LFU caches
 
@@ -187,7 +189,8 @@ def build_infer(context: BuildContext, layout: str,
     )
 
 
-@impl("dlrm_infer", "per_table", ("fp32", "fp16", "bf16", "int8", "int4"), baseline=True,
+@impl("dlrm_infer", "per_table", ("fp32", "fp16", "bf16", "int8", "int4"),
+      device_precisions={"cuda": ("fp32", "fp16", "bf16")}, baseline=True,
       description="the DLRM reference's structure: one EmbeddingBag per table in a loop")
 def build_infer_per_table(context: BuildContext) -> Prepared:
     """Inference with per-table embedding lookups."""
@@ -195,6 +198,7 @@ def build_infer_per_table(context: BuildContext) -> Prepared:
 
 
 @impl("dlrm_infer", "batched", ("fp32", "fp16", "bf16", "int8", "int4"),
+      device_precisions={"cuda": ("fp32", "fp16", "bf16")},
       description="all tables in one EmbeddingBag, one lookup call per batch")
 def build_infer_batched(context: BuildContext) -> Prepared:
     """Inference with one batched embedding lookup."""
@@ -288,33 +292,48 @@ def build_train(context: BuildContext, layout: str,
     )
 
 
-@impl("dlrm_train", "per_table", TRAIN_PRECISIONS, baseline=True,
+# Plan-time facts (bench/registry.py Impl): which --tt-tables variants an impl can run.
+TT_FUSED_NEEDS = ("tt_fused trains TT-Rec tables: give --tt-tables K (the dense variant runs "
+                  "under per_table / batched)")
+
+
+def dense_only(variant: dict, device: str, options: dict) -> str:
+    """Plan-time: an impl without TT-Rec tables runs only the dense variant."""
+    return "has no TT-Rec tables (its dense variant runs)" if variant.get("tt_tables") else ""
+
+
+def tt_only(variant: dict, device: str, options: dict) -> str:
+    """Plan-time: tt_fused runs only the TT-Rec variants."""
+    return "" if variant.get("tt_tables") else "trains TT-Rec tables only (not the dense variant)"
+
+
+@impl("dlrm_train", "per_table", TRAIN_PRECISIONS, device_precisions=CUDA_TRAIN, baseline=True,
       description="the DLRM reference's structure: per-table sparse EmbeddingBags + SGD")
 def build_train_per_table(context: BuildContext) -> Prepared:
     """Training step with per-table embeddings."""
     return build_train(context, "per_table")
 
 
-@impl("dlrm_train", "batched", TRAIN_PRECISIONS,
+@impl("dlrm_train", "batched", TRAIN_PRECISIONS, device_precisions=CUDA_TRAIN,
       description="one concatenated sparse EmbeddingBag + SGD")
 def build_train_batched(context: BuildContext) -> Prepared:
     """Training step with one batched embedding."""
     return build_train(context, "batched")
 
 
-@impl("dlrm_train", "tt_fused", TRAIN_PRECISIONS,
+@impl("dlrm_train", "tt_fused", TRAIN_PRECISIONS, device_precisions=CUDA_TRAIN, pairs=tt_only,
+      available=lambda device, options: "" if options.get("tt_tables") else TT_FUSED_NEEDS,
       description="TT-Rec tables (--tt-tables) on the fused TT kernel (one autograd node, "
                   "bmm-chain backward, per-lookup cache read), the rest one batched table")
 def build_train_tt_fused(context: BuildContext) -> Prepared:
     """Training step with TT tables on the fused kernel."""
     if not context.variant.get("tt_tables"):
-        raise Unsupported("tt_fused trains TT-Rec tables: give --tt-tables K (the dense "
-                          "variant runs under per_table / batched)")
+        raise Unsupported(TT_FUSED_NEEDS)
     return build_train(replace(context, variant={**context.variant, "tt_kernel": "fused"}),
                        "batched")
 
 
-@impl("dlrm_train", "fused_sgd", TRAIN_PRECISIONS,
+@impl("dlrm_train", "fused_sgd", TRAIN_PRECISIONS, device_precisions=CUDA_TRAIN, pairs=dense_only,
       description="one concatenated table whose SGD update is fused into backward "
                   "(index_add_ of per-lookup gradients; no sparse gradient tensor)")
 def build_train_fused(context: BuildContext) -> Prepared:

@@ -14,8 +14,8 @@ from bench.models.dlrm import batch_tensors, build_dlrm
 from bench.models.dlrm_reference import reference_logits, reference_train_step
 from bench.models.teacher import teacher_model
 from bench.ops.common import cycling, rotation_metrics
-from bench.ops.dlrm import (LEARNING_RATE, after_step, model_at_precision, precision_params,
-                            serving_forward, train_step)
+from bench.ops.dlrm import (LEARNING_RATE, after_step, dense_only, model_at_precision,
+                            precision_params, serving_forward, train_step)
 from bench.ops.dlrm_batches import (model_rotation_plan, rotating_batches,
                                     rotating_labelled_batches)
 from bench.ops.dlrm_costs import (embedding_traffic, inference_bytes, model_bytes, model_flops,
@@ -42,17 +42,25 @@ def _compiled_graphs() -> int:
     return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
 
 
+def under_valgrind(device: str, options: dict) -> str:
+    """Plan-time: why compiled cannot run under --metric instructions ('' otherwise)."""
+    if options.get("metric") != "instructions":
+        return ""
+    # Inductor compiles its kernels with gcc -march=native outside Valgrind, so they hold
+    # AVX-512 instructions that Valgrind cannot run (the worker dies with SIGILL).
+    return ("torch.compile's kernels are built for the host CPU (AVX-512), which Valgrind "
+            "cannot run; time compiled with --metric time")
+
+
 def _check_context(context: BuildContext) -> None:
     if context.variant.get("tt_tables"):
         raise Unsupported("the compiled impls have no TT-Rec tables; use per_table or batched "
                           "with --tt-tables")
     if context.precision not in PRECISIONS:
         raise Unsupported(f"compiled runs at {'/'.join(PRECISIONS)} only")
-    if context.options.get("metric") == "instructions":
-        # Inductor compiles its kernels with gcc -march=native outside Valgrind, so they hold
-        # AVX-512 instructions that Valgrind cannot run (the worker dies with SIGILL).
-        raise Unsupported("torch.compile's kernels are built for the host CPU (AVX-512), "
-                          "which Valgrind cannot run; time compiled with --metric time")
+    reason = under_valgrind(str(context.device), context.options)
+    if reason:
+        raise Unsupported(reason)
 
 
 def build_compiled_train(context: BuildContext, learning_rate: float = LEARNING_RATE,
@@ -149,7 +157,7 @@ def build_compiled_infer(context: BuildContext) -> Prepared:
     )
 
 
-@impl("dlrm_train", "compiled", PRECISIONS,
+@impl("dlrm_train", "compiled", PRECISIONS, pairs=dense_only, available=under_valgrind,
       description="torch.compile of per_table's whole step (forward, backward, sparse SGD), "
                   "compiled at build")
 def build_train_compiled(context: BuildContext) -> Prepared:
@@ -157,7 +165,7 @@ def build_train_compiled(context: BuildContext) -> Prepared:
     return build_compiled_train(context)
 
 
-@impl("dlrm_infer", "compiled", PRECISIONS,
+@impl("dlrm_infer", "compiled", PRECISIONS, pairs=dense_only, available=under_valgrind,
       description="torch.compile of per_table's inference forward, compiled at build")
 def build_infer_compiled(context: BuildContext) -> Prepared:
     """Inference of the per_table model through torch.compile."""

@@ -5,7 +5,7 @@ GEMM library differs (on non-Intel CPUs MKL's sgemm runs its AVX2 kernels)."""
 from __future__ import annotations
 
 from bench.models.onednn import onednn_available, with_onednn_linears
-from bench.ops.dlrm import build_infer, build_train
+from bench.ops.dlrm import build_infer, build_train, dense_only
 from bench.ops.fc import build_fc_stack
 from bench.registry import BuildContext, Prepared, Unsupported, impl
 
@@ -27,7 +27,7 @@ def _with_gemm_params(prepared: Prepared) -> Prepared:
     return prepared
 
 
-@impl("fc", "onednn", ("fp32",),
+@impl("fc", "onednn", ("fp32",), devices=("cpu",),
       description="the same Linear stacks with fp32 GEMMs in oneDNN instead of MKL")
 def build_fc_onednn(context: BuildContext) -> Prepared:
     """fc forward through oneDNN's fp32 matmul."""
@@ -35,7 +35,7 @@ def build_fc_onednn(context: BuildContext) -> Prepared:
     return _with_gemm_params(build_fc_stack(context, prepare=with_onednn_linears))
 
 
-@impl("dlrm_train", "onednn", ("fp32",),
+@impl("dlrm_train", "onednn", ("fp32",), devices=("cpu",), pairs=dense_only,
       description="per_table with the MLPs' fp32 GEMMs (forward and both gradients) in oneDNN")
 def build_train_onednn(context: BuildContext) -> Prepared:
     """per_table SGD step whose Linear layers run in oneDNN."""
@@ -43,7 +43,7 @@ def build_train_onednn(context: BuildContext) -> Prepared:
     return _with_gemm_params(build_train(context, "per_table", prepare=with_onednn_linears))
 
 
-@impl("dlrm_infer", "onednn", ("fp32",),
+@impl("dlrm_infer", "onednn", ("fp32",), devices=("cpu",), pairs=dense_only,
       description="per_table inference with the MLPs' fp32 GEMMs in oneDNN")
 def build_infer_onednn(context: BuildContext) -> Prepared:
     """per_table inference whose Linear layers run in oneDNN."""

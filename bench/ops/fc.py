@@ -102,6 +102,7 @@ def mlp_bound(module: nn.Sequential, activations: torch.Tensor, precision: str) 
 
 # No int4: PyTorch has no int4 Linear kernel (int4 applies to the embedding tables).
 @impl("fc", "torch_linear", ("fp32", "fp16", "bf16", "int8"), baseline=True,
+      device_precisions={"cuda": ("fp32", "fp16", "bf16")},
       description="nn.Linear stacks (MKL fp32, oneDNN bf16/fp16, FBGEMM int8 dynamic)")
 def build_fc(context: BuildContext) -> Prepared:
     """Forward of one Linear or an MLP stack on a batch of activations."""

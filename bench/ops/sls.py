@@ -8,10 +8,10 @@ import torch
 
 from bench.models.dlrm import flatten_tables, row_start_values
 from bench.ops.common import (BYTES_PER_VALUE, FLOAT_DTYPES, PooledTable, as_tensors, cycling,
-                              lookup_bound, lookup_bytes, mean_lookups, rotation_metrics,
-                              table_weight, workload_rotation_plan)
+                              lookup_bound, lookup_bytes, mean_lookups, require_huge_pages,
+                              rotation_metrics, table_weight, workload_rotation_plan)
 from bench.references import table_lookup64
-from bench.registry import BuildContext, Op, Prepared, impl, register_op
+from bench.registry import BuildContext, Op, Prepared, impl, reason_of, register_op
 from workloads.generators import rotating_table_batches
 
 ALL_PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
@@ -41,14 +41,23 @@ def _huge_page_params(table: PooledTable) -> dict:
     return {"huge_pages": "madvise", "huge_page_fraction": round(table.huge_page_fraction, 4)}
 
 
-@impl("sls", "embedding_bag", ALL_PRECISIONS, baseline=True,
+# Plan-time facts (bench/registry.py Impl): row-wise int8/int4 bags are CPU-only (PooledTable).
+CUDA_FLOATS = {"cuda": ("fp32", "fp16", "bf16")}
+
+
+def _huge_pages_here(device: str, options: dict) -> str:
+    """Plan-time: why tables cannot go in transparent huge pages here ('' when they can)."""
+    return reason_of(require_huge_pages, torch.device(device))
+
+
+@impl("sls", "embedding_bag", ALL_PRECISIONS, baseline=True, device_precisions=CUDA_FLOATS,
       description="torch embedding_bag (FBGEMM kernels) or the quantized row-wise op")
 def build_sls(context: BuildContext) -> Prepared:
     """One table, one pooled lookup per bag, at the requested precision and mode."""
     return _build_sls(context, huge_pages=False)
 
 
-@impl("sls", "huge_pages", ALL_PRECISIONS,
+@impl("sls", "huge_pages", ALL_PRECISIONS, available=_huge_pages_here,
       description="embedding_bag over the table copied into transparent huge pages (fewer TLB "
                   "misses per random row)")
 def build_sls_huge_pages(context: BuildContext) -> Prepared:
@@ -150,7 +159,7 @@ def multi_prepared(context, calls, weights, rotations, rotation, bytes_per_row,
     )
 
 
-@impl("sls_multi", "per_table", ALL_PRECISIONS, baseline=True,
+@impl("sls_multi", "per_table", ALL_PRECISIONS, baseline=True, device_precisions=CUDA_FLOATS,
       description="a Python loop of one EmbeddingBag per table, as the DLRM reference does")
 def build_per_table(context: BuildContext) -> Prepared:
     """One pooled lookup per table, stacked into [tables, batch, dim]."""
@@ -166,14 +175,14 @@ def build_per_table(context: BuildContext) -> Prepared:
                            tables[0].bytes_per_row, {})
 
 
-@impl("sls_multi", "batched", ALL_PRECISIONS,
+@impl("sls_multi", "batched", ALL_PRECISIONS, device_precisions=CUDA_FLOATS,
       description="one lookup over the concatenated tables, indices shifted by table offsets")
 def build_batched(context: BuildContext) -> Prepared:
     """All tables concatenated into one; one embedding_bag call over table-major bags."""
     return _build_batched(context, huge_pages=False)
 
 
-@impl("sls_multi", "batched_huge_pages", ALL_PRECISIONS,
+@impl("sls_multi", "batched_huge_pages", ALL_PRECISIONS, available=_huge_pages_here,
       description="batched, with the concatenated tables in transparent huge pages")
 def build_batched_huge_pages(context: BuildContext) -> Prepared:
     """As batched, with the concatenated table in 2 MiB pages (madvise)."""

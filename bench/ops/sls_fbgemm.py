@@ -226,14 +226,14 @@ def _build_single(context: BuildContext, impl_name: str) -> Prepared:
     )
 
 
-@impl("sls", "fbgemm_tbe", TRAINING_PRECISIONS, devices=("cpu",),
+@impl("sls", "fbgemm_tbe", TRAINING_PRECISIONS, devices=("cpu",), requires=("fbgemm_gpu",),
       description="FBGEMM training TBE forward (SplitTableBatchedEmbeddingBagsCodegen, CPU)")
 def build_sls_tbe(context: BuildContext) -> Prepared:
     """The largest table in a one-table training TBE; sum, mean, or weighted sum."""
     return _build_single(context, "fbgemm_tbe")
 
 
-@impl("sls", "fbgemm_tbe_infer", INFERENCE_PRECISIONS, devices=("cpu",),
+@impl("sls", "fbgemm_tbe_infer", INFERENCE_PRECISIONS, devices=("cpu",), requires=("fbgemm_gpu",),
       description="FBGEMM inference TBE (IntNBitTableBatchedEmbeddingBagsCodegen, CPU)")
 def build_sls_tbe_infer(context: BuildContext) -> Prepared:
     """The largest table in a one-table inference TBE, fp16 or row-wise int8/int4."""
@@ -292,7 +292,7 @@ def _build_multi(context: BuildContext, impl_name: str) -> Prepared:
                           {"tbe": tables.kind, "bounds_check": tables.bounds_check})
 
 
-@impl("sls_multi", "fbgemm_tbe", TRAINING_PRECISIONS, devices=("cpu",),
+@impl("sls_multi", "fbgemm_tbe", TRAINING_PRECISIONS, devices=("cpu",), requires=("fbgemm_gpu",),
       description="every table in one FBGEMM training TBE, forward (CPU)")
 def build_multi_tbe(context: BuildContext) -> Prepared:
     """All tables in one training TBE: one call per batch, sum pooling."""
@@ -300,6 +300,7 @@ def build_multi_tbe(context: BuildContext) -> Prepared:
 
 
 @impl("sls_multi", "fbgemm_tbe_infer", INFERENCE_PRECISIONS, devices=("cpu",),
+      requires=("fbgemm_gpu",),
       description="every table in one FBGEMM inference TBE, fp16 or row-wise int8/int4 (CPU)")
 def build_multi_tbe_infer(context: BuildContext) -> Prepared:
     """All tables in one inference TBE: one call per batch, sum pooling."""

@@ -60,7 +60,12 @@ def _kernel_params(tables) -> dict:
             "triton_interpreter": tables.interpreted}
 
 
-@impl("sls", "triton_tbe", ALL_PRECISIONS,
+def _runs_here(device: str, options: dict) -> str:
+    """Plan-time: on the CPU only Triton's interpreter runs the kernels ('' where they run)."""
+    return CPU_SKIP if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1" else ""
+
+
+@impl("sls", "triton_tbe", ALL_PRECISIONS, requires=("triton",), available=_runs_here,
       description="our Triton table-batched embedding bag (one launch; fp32 accumulation; "
                   "row-wise int8/int4 as PooledTable stores them)")
 def build_sls_triton(context: BuildContext) -> Prepared:
@@ -104,7 +109,7 @@ def build_sls_triton(context: BuildContext) -> Prepared:
     )
 
 
-@impl("sls_multi", "triton_tbe", ALL_PRECISIONS,
+@impl("sls_multi", "triton_tbe", ALL_PRECISIONS, requires=("triton",), available=_runs_here,
       description="every table in our Triton table-batched embedding bag: one launch a batch")
 def build_multi_triton(context: BuildContext) -> Prepared:
     """All tables in one Triton TBE buffer: one launch per batch, sum pooling."""

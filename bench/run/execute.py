@@ -47,17 +47,20 @@ class Progress:
 
 
 def execute(argv, planned, directory: Path, run_id: str, resuming: bool, policy,
-            task_timeout_s: float, count_policy=None, counting=None) -> int:
+            task_timeout_s: float, count_policy=None, counting=None, left_out=None) -> int:
     """Run the planned tasks into directory; 0 when every task has a row, 130 if interrupted.
 
     count_policy (a callgrind.CountPolicy): count instructions under callgrind instead of
-    timing; counting: the facts that then stand for the timing policy in fingerprints."""
+    timing; counting: the facts that then stand for the timing policy in fingerprints;
+    left_out (a sweep.LeftOut): what the planner left out, printed and kept in args.json."""
     settings = WorkerSettings(run_id, policy, count_policy, counting,
                               log_path=directory / "worker.log", task_timeout_s=task_timeout_s)
     results_path = directory / "results.csv"
     done = sweep.completed_keys(results_path) if resuming else set()
     if not resuming:
-        _start_run_directory(directory, argv, settings, planned)
+        _start_run_directory(directory, argv, settings, planned, left_out)
+    if left_out is not None and left_out.total():
+        print_left_out(left_out)
     pending = [item for item in planned if item.task.key() not in done]
     if resuming:
         print(f"resuming {directory}: {len(planned) - len(pending)} of {len(planned)} "
@@ -82,7 +85,23 @@ def execute(argv, planned, directory: Path, run_id: str, resuming: bool, policy,
     return 0
 
 
-def _start_run_directory(directory: Path, argv, settings: WorkerSettings, planned) -> None:
+LISTED_IMPLS = 6  # impls named per summary line; more are counted
+
+
+def print_left_out(left_out) -> None:
+    """The plan's left-out configurations on stderr: one line per reason, with a count."""
+    print(f"left out of the plan: {left_out.total()} configurations that cannot run here and "
+          "were not asked for by name (name the impl with --impls, and the precision with "
+          "--precision, to get a skip row instead):", file=sys.stderr)
+    for record in left_out.records():
+        impls = record["impls"]
+        listed = ", ".join(impls[:LISTED_IMPLS]) + (f" and {len(impls) - LISTED_IMPLS} more"
+                                                    if len(impls) > LISTED_IMPLS else "")
+        print(f"  {record['configurations']:5d}  {record['reason']}: {listed}", file=sys.stderr)
+
+
+def _start_run_directory(directory: Path, argv, settings: WorkerSettings, planned,
+                         left_out=None) -> None:
     """Create the run directory with args.json and env.json; RunDirectoryError if it cannot."""
     first_created = None  # the outermost folder this call creates, removed on failure
     probe = directory
@@ -97,7 +116,9 @@ def _start_run_directory(directory: Path, argv, settings: WorkerSettings, planne
                                              "timing_policy": settings.policy.__dict__,
                                              **({"counting": settings.counting}
                                                 if settings.counting else {}),
-                                             "op_facts": registry.facts()})
+                                             "op_facts": registry.facts(),
+                                             **({"left_out": left_out.records()}
+                                                if left_out is not None else {})})
         write_json(directory / "env.json", {"run_id": settings.run_id, **devices.host_facts(),
                                             "perf_counters": devices.perf_counter_support(),
                                             "fingerprint_facts": devices.fingerprint_records(

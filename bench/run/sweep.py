@@ -38,11 +38,70 @@ class PlannedTask:
     skip_reason: str = ""
 
 
+@dataclasses.dataclass(frozen=True)
+class Named:
+    """What the user asked for by name (--ops, --impls, --precision); defaults name nothing.
+
+    A configuration the registry says cannot run (registry.refusal) is planned as a skip row
+    only when the user asked for it by name:
+    - a refusal of the impl itself (device, a module not installed, options, host facts):
+      when the impl is named in --impls;
+    - a precision the impl has no kernel for: when the impl is named in --impls AND the
+      precision in --precision;
+    - one of the op's own variants the impl cannot run (a GEMM square sized for another
+      device, a dense or TT-Rec variant): never, since no flag names a variant;
+    - and an op named in --ops that would plan nothing at all for a workload and machine slot
+      gets one skip row per impl (its first refused configuration), so the user sees why.
+    Everything else refused is what a default or the cross product could not pair: it is left
+    out of the plan and counted by reason in LeftOut."""
+
+    ops: frozenset = frozenset()
+    impls: frozenset = frozenset()
+    precisions: frozenset = frozenset()
+
+    def asked(self, refusal: registry.Refusal, impl: str, precision: str) -> bool:
+        """Whether the user named this refused configuration (see the class docstring)."""
+        if refusal.about == registry.ABOUT_IMPL:
+            return impl in self.impls
+        if refusal.about == registry.ABOUT_PRECISION:
+            return impl in self.impls and precision in self.precisions
+        return False
+
+
+@dataclasses.dataclass
+class LeftOut:
+    """Configurations the planner left out, counted by reason, with the impls each concerns."""
+
+    counts: dict = dataclasses.field(default_factory=dict)  # short reason -> configurations
+    impls: dict = dataclasses.field(default_factory=dict)  # short reason -> ["op/impl", ...]
+
+    def add(self, refusal: registry.Refusal, subject: str) -> None:
+        """Count one left-out configuration."""
+        self.counts[refusal.short] = self.counts.get(refusal.short, 0) + 1
+        subjects = self.impls.setdefault(refusal.short, [])
+        if subject not in subjects:
+            subjects.append(subject)
+
+    def total(self) -> int:
+        """Configurations left out in all."""
+        return sum(self.counts.values())
+
+    def records(self) -> list[dict]:
+        """One record per reason, most configurations first (recorded in args.json)."""
+        return [{"reason": reason, "configurations": count, "impls": sorted(self.impls[reason])}
+                for reason, count in sorted(self.counts.items(), key=lambda item: (-item[1],
+                                                                                    item[0]))]
+
+
 def plan(ops: Iterable[str], workloads: Iterable[WorkloadSpec], precisions: Iterable[str],
          device_list: Iterable[str], isa_levels: Iterable[str], thread_counts: Iterable[int],
          seed: int, options: Optional[dict] = None,
-         impl_filter: Optional[set[str]] = None) -> list[PlannedTask]:
-    """The cross product of the choices, ordered so one worker serves each group."""
+         impl_filter: Optional[set[str]] = None, named: Optional[Named] = None,
+         left_out: Optional[LeftOut] = None) -> list[PlannedTask]:
+    """The cross product of the choices, ordered so one worker serves each group.
+
+    named: what the user asked for by name (see Named); None plans every configuration that
+    cannot run as a skip row. What is left out is counted into left_out when given."""
     options = options or {}
     workloads, precisions = list(workloads), list(precisions)
     all_ops = registry.ops()
@@ -57,8 +116,9 @@ def plan(ops: Iterable[str], workloads: Iterable[WorkloadSpec], precisions: Iter
                     targets = ([_machine_workload(workloads[0])] if op.probe
                                else workloads)
                     for workload in targets:
-                        planned.extend(_op_tasks(op, workload, precisions, device, isa, threads,
-                                                 seed, options, impl_filter))
+                        candidates = _op_tasks(op, workload, precisions, device, isa, threads,
+                                               seed, options, impl_filter)
+                        planned.extend(_prune(op.name, candidates, named, left_out))
     return planned
 
 
@@ -67,8 +127,9 @@ def _machine_workload(workload: WorkloadSpec) -> WorkloadSpec:
 
 
 def _op_tasks(op, workload, precisions, device, isa, threads, seed, options,
-              impl_filter) -> list[PlannedTask]:
-    planned = []
+              impl_filter) -> list[tuple[PlannedTask, Optional[registry.Refusal]]]:
+    """Every configuration of one op, each with the registry's refusal (None: may run)."""
+    candidates = []
     op_precisions = ["fp32"] if op.precision_agnostic else precisions
     for variant in op.variants(workload, options):
         for implementation in registry.impls(op.name).values():
@@ -78,14 +139,30 @@ def _op_tasks(op, workload, precisions, device, isa, threads, seed, options,
                 task = Task(op=op.name, impl=implementation.name, workload=workload,
                             variant=variant, precision=precision, device=device, isa=isa,
                             threads=threads, seed=seed, options=options)
-                reason = ""
-                if precision not in implementation.precisions:
-                    reason = (f"{op.name}/{implementation.name} has no {precision} kernel; "
-                              f"it supports {', '.join(implementation.precisions)}")
-                elif device.split(":")[0] not in implementation.devices:
-                    reason = f"{op.name}/{implementation.name} does not run on {device}"
-                planned.append(PlannedTask(task, reason))
-    return planned
+                refusal = registry.refusal(implementation, variant, precision, device, options)
+                candidates.append((PlannedTask(task, refusal.reason if refusal else ""),
+                                   refusal))
+    return candidates
+
+
+def _prune(op: str, candidates, named: Optional[Named],
+           left_out: Optional[LeftOut]) -> list[PlannedTask]:
+    """The candidates the user gets as rows (see Named); the rest counted into left_out."""
+    if named is None:
+        return [item for item, _ in candidates]
+    kept = [item for item, refusal in candidates
+            if refusal is None or named.asked(refusal, item.task.impl, item.task.precision)]
+    if not kept and op in named.ops:
+        first: dict[str, PlannedTask] = {}
+        for item, _ in candidates:
+            first.setdefault(item.task.impl, item)
+        kept = list(first.values())
+    if left_out is not None:
+        rows = {id(item) for item in kept}
+        for item, refusal in candidates:
+            if id(item) not in rows:
+                left_out.add(refusal, f"{item.task.op}/{item.task.impl}")
+    return kept
 
 
 def _table_bytes(workload: WorkloadSpec, op: registry.Op, cap: Optional[int] = None) -> float:
