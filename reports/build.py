@@ -291,12 +291,17 @@ def comparison_section(loaded: list[runs.Run], op_order: dict[str, float]) -> Se
     return section
 
 
-def problems_section(frame: pd.DataFrame) -> Section:
-    """Skipped and failed configurations with their reasons."""
-    return Section("Skipped and failed configurations", "problems", [
-        table_or_note("Rows not measured, by reason", tables.problem_rows_table(frame),
-                      "No skipped or failed rows."),
-    ])
+def problems_section(frame: pd.DataFrame, args: dict) -> Section:
+    """Skipped and failed configurations with their reasons, and what the plan left out."""
+    blocks = [table_or_note("Rows not measured, by reason", tables.problem_rows_table(frame),
+                            "No skipped or failed rows.")]
+    left_out = tables.left_out_table(args)
+    if not left_out.empty:
+        blocks.append(TableBlock(
+            "Left out of the plan: configurations a default or the sweep's cross product could "
+            "not pair here (no rows; name the impl with --impls, and the precision with "
+            "--precision, to get a skip row)", left_out))
+    return Section("Skipped and failed configurations", "problems", blocks)
 
 
 def build_sections(loaded: list[runs.Run]) -> list[Section]:
@@ -328,7 +333,7 @@ def build_sections(loaded: list[runs.Run]) -> list[Section]:
         comparison_section(loaded, op_order),
         distributed_section(primary.rows),
         *serving_sections(primary),
-        problems_section(frame),
+        problems_section(frame, primary.args),
     ]
 
 

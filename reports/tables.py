@@ -86,6 +86,26 @@ def problem_rows_table(frame: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(records, columns=columns)
 
 
+LEFT_OUT_COLUMNS = ["reason", "configurations", "impls"]
+
+
+def left_out_records(args: Mapping[str, Any]) -> list[dict]:
+    """The well-formed records of args.json's "left_out" (the planner's summary)."""
+    records = args.get("left_out")
+    if not isinstance(records, list):
+        return []
+    return [record for record in records if isinstance(record, dict)
+            and isinstance(record.get("reason"), str)
+            and isinstance(record.get("configurations"), int)]
+
+
+def left_out_table(args: Mapping[str, Any]) -> pd.DataFrame:
+    """Configurations the planner left out (cannot run here, not asked for by name), by reason."""
+    return pd.DataFrame([(record["reason"], record["configurations"],
+                          ", ".join(str(name) for name in record.get("impls") or []))
+                         for record in left_out_records(args)], columns=LEFT_OUT_COLUMNS)
+
+
 TRADEOFF_COLUMNS = ["op", "impl", "workload", "device", "isa", "threads", "precision",
                     "speedup_vs_fp32", "rel_error", "auc_delta", "ctr_abs_diff"]
 
@@ -146,7 +166,12 @@ def run_facts_table(run: Run) -> pd.DataFrame:
     facts += clock_and_isa_facts(run)
     counts = run.frame["status"].value_counts()
     facts += [(f"rows {status}", int(count)) for status, count in counts.items()]
-    facts += [(f"args.{key}", value) for key, value in sorted(run.args.items())]
+    left_out = left_out_records(run.args)
+    if left_out:
+        facts.append(("left out of the plan", f"{sum(r['configurations'] for r in left_out)} "
+                      "configurations (by reason under Skipped and failed configurations)"))
+    facts += [(f"args.{key}", value) for key, value in sorted(run.args.items())
+              if key != "left_out"]
     return pd.DataFrame(
         [(name, value if isinstance(value, (str, int, float)) else json.dumps(value))
          for name, value in facts],
