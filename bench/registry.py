@@ -76,7 +76,8 @@ class Impl:
     description: str = ""
     # Plan-time facts: the planner leaves out (or plans as a skip row) what cannot run, without
     # building anything; the builder's Unsupported stays the safety net for what they miss.
-    requires: tuple[str, ...] = ()  # top-level modules that must be installed (find_spec)
+    # top-level modules that must be installed (find_spec) -> the command that installs them
+    requires: dict = dataclasses.field(default_factory=dict)
     # (device, options) -> why this impl cannot run there with these options, or ""
     available: Optional[Callable[[str, dict], str]] = None
     # (variant, device, options) -> why this impl cannot run one of its op's variants, or ""
@@ -129,7 +130,8 @@ def register_op(op: Op) -> Op:
 
 def impl(op: str, name: str, precisions: tuple[str, ...], baseline: bool = False,
          devices: tuple[str, ...] = ("cpu", "cuda"), description: str = "",
-         requires: tuple[str, ...] = (), available: Optional[Callable[[str, dict], str]] = None,
+         requires: Optional[dict] = None,
+         available: Optional[Callable[[str, dict], str]] = None,
          pairs: Optional[Callable[[dict, str, dict], str]] = None,
          device_precisions: Optional[dict] = None):
     """Decorator registering a builder as an impl of op (plan-time facts: see Impl)."""
@@ -145,7 +147,7 @@ def impl(op: str, name: str, precisions: tuple[str, ...], baseline: bool = False
         if baseline and any(other.baseline for other in _IMPLS[op].values()):
             raise ValueError(f"op {op!r} already has a baseline impl")
         _IMPLS[op][name] = Impl(op, name, build, tuple(precisions), baseline, devices,
-                                description or (build.__doc__ or "").strip(), tuple(requires),
+                                description or (build.__doc__ or "").strip(), dict(requires or {}),
                                 available, pairs, dict(device_precisions or {}))
         return build
     return register
@@ -223,10 +225,11 @@ def refusal(entry: Impl, variant: dict, precision: str, device: str,
     reason = entry.available(device, options) if entry.available else ""
     if reason:
         return Refusal(ABOUT_IMPL, f"{subject}: {reason}", reason)
-    for module in entry.requires:
+    for module, install in entry.requires.items():
         if missing_module(module):
-            return Refusal(ABOUT_IMPL, f"{subject} needs {module}, which is not installed here",
-                           f"{module} is not installed")
+            return Refusal(ABOUT_IMPL, f"{subject} needs {module}, which is not installed here; "
+                           f"install it with: {install}",
+                           f"{module} is not installed (install it with: {install})")
     on_device = [name for name in entry.precisions
                  if name in entry.device_precisions.get(device_type, entry.precisions)]
     if precision not in on_device:

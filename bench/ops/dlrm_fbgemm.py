@@ -23,6 +23,7 @@ from bench.ops.common import cycling, lookup_bound, rotation_metrics
 from bench.models.dlrm_reference import linear_parameters64, logits64, reference_logits
 from bench.ops.dlrm import (EVAL_BATCHES, LEARNING_RATE, TRAIN_PRECISIONS,
                             WHOLE_MODEL_TOLERANCE, after_step, dense_only, predict, train_step)
+from bench.ops.sls_fbgemm import FBGEMM_PEER
 from bench.ops.dlrm_batches import (model_rotation_plan, rotating_batches,
                                     rotating_labelled_batches)
 from bench.ops.dlrm_costs import (embedding_traffic, inference_bytes, model_bytes, model_flops,
@@ -323,7 +324,7 @@ def build_tbe_train(context: BuildContext, optimizer: str, learning_rate: float,
     )
 
 
-@impl("dlrm_train", "fbgemm_tbe", TRAIN_PRECISIONS, devices=("cpu",), requires=("fbgemm_gpu",),
+@impl("dlrm_train", "fbgemm_tbe", TRAIN_PRECISIONS, devices=("cpu",), requires=FBGEMM_PEER,
       pairs=dense_only,
       description="all tables in one FBGEMM training TBE (CPU), EXACT_SGD fused into its "
                   "backward; MLPs as per_table's")
@@ -333,7 +334,7 @@ def build_train_fbgemm_tbe(context: BuildContext) -> Prepared:
 
 
 @impl("dlrm_train", "fbgemm_tbe_adagrad", ADAGRAD_PRECISIONS, devices=("cpu",),
-      requires=("fbgemm_gpu",), pairs=dense_only,
+      requires=FBGEMM_PEER, pairs=dense_only,
       description="all tables in one FBGEMM training TBE (CPU), EXACT_ROWWISE_ADAGRAD fused "
                   "into its backward; MLPs by SGD")
 def build_train_fbgemm_tbe_adagrad(context: BuildContext) -> Prepared:
@@ -454,7 +455,7 @@ def build_tbe_infer(context: BuildContext) -> Prepared:
     )
 
 
-@impl("dlrm_infer", "fbgemm_tbe", INFER_PRECISIONS, devices=("cpu",), requires=("fbgemm_gpu",),
+@impl("dlrm_infer", "fbgemm_tbe", INFER_PRECISIONS, devices=("cpu",), requires=FBGEMM_PEER,
       pairs=dense_only,
       description="all tables in one FBGEMM inference TBE (fp16 / int8 / int4 rows), fp32 MLPs")
 def build_infer_fbgemm_tbe(context: BuildContext) -> Prepared:

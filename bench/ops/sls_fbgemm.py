@@ -23,6 +23,7 @@ from workloads.generators import rotating_table_batches
 
 TRAINING_PRECISIONS = ("fp32", "fp16")
 INFERENCE_PRECISIONS = ("fp16", "int8", "int4")
+FBGEMM_PEER = {"fbgemm_gpu": peers.PEERS_INSTALL}  # plan-time: what the TBE impls need
 # FloatToFused8BitRowwiseQuantized quantizes with 255 / (range + 1e-8): a value moves by at
 # most 1e-8 from where the exact inverse scale puts it.
 INT8_QUANTIZE_EPSILON = 1e-8
@@ -226,14 +227,14 @@ def _build_single(context: BuildContext, impl_name: str) -> Prepared:
     )
 
 
-@impl("sls", "fbgemm_tbe", TRAINING_PRECISIONS, devices=("cpu",), requires=("fbgemm_gpu",),
+@impl("sls", "fbgemm_tbe", TRAINING_PRECISIONS, devices=("cpu",), requires=FBGEMM_PEER,
       description="FBGEMM training TBE forward (SplitTableBatchedEmbeddingBagsCodegen, CPU)")
 def build_sls_tbe(context: BuildContext) -> Prepared:
     """The largest table in a one-table training TBE; sum, mean, or weighted sum."""
     return _build_single(context, "fbgemm_tbe")
 
 
-@impl("sls", "fbgemm_tbe_infer", INFERENCE_PRECISIONS, devices=("cpu",), requires=("fbgemm_gpu",),
+@impl("sls", "fbgemm_tbe_infer", INFERENCE_PRECISIONS, devices=("cpu",), requires=FBGEMM_PEER,
       description="FBGEMM inference TBE (IntNBitTableBatchedEmbeddingBagsCodegen, CPU)")
 def build_sls_tbe_infer(context: BuildContext) -> Prepared:
     """The largest table in a one-table inference TBE, fp16 or row-wise int8/int4."""
@@ -292,7 +293,7 @@ def _build_multi(context: BuildContext, impl_name: str) -> Prepared:
                           {"tbe": tables.kind, "bounds_check": tables.bounds_check})
 
 
-@impl("sls_multi", "fbgemm_tbe", TRAINING_PRECISIONS, devices=("cpu",), requires=("fbgemm_gpu",),
+@impl("sls_multi", "fbgemm_tbe", TRAINING_PRECISIONS, devices=("cpu",), requires=FBGEMM_PEER,
       description="every table in one FBGEMM training TBE, forward (CPU)")
 def build_multi_tbe(context: BuildContext) -> Prepared:
     """All tables in one training TBE: one call per batch, sum pooling."""
@@ -300,7 +301,7 @@ def build_multi_tbe(context: BuildContext) -> Prepared:
 
 
 @impl("sls_multi", "fbgemm_tbe_infer", INFERENCE_PRECISIONS, devices=("cpu",),
-      requires=("fbgemm_gpu",),
+      requires=FBGEMM_PEER,
       description="every table in one FBGEMM inference TBE, fp16 or row-wise int8/int4 (CPU)")
 def build_multi_tbe_infer(context: BuildContext) -> Prepared:
     """All tables in one inference TBE: one call per batch, sum pooling."""

@@ -13,7 +13,8 @@ from bench.ops.sls_fbgemm import concatenate_tables, multi_prepared, table_major
 from bench.registry import BuildContext, Prepared, impl
 
 
-@impl("sls_multi", "torchrec_ebc", ("fp32",), devices=("cpu",), requires=("torchrec",),
+@impl("sls_multi", "torchrec_ebc", ("fp32",), devices=("cpu",),
+      requires={"torchrec": peers.PEERS_INSTALL},
       description="torchrec EmbeddingBagCollection over a KeyedJaggedTensor (unsharded, CPU)")
 def build_torchrec_ebc(context: BuildContext) -> Prepared:
     """Every table in one EmbeddingBagCollection, one feature per table, sum pooling."""

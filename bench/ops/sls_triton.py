@@ -65,7 +65,8 @@ def _runs_here(device: str, options: dict) -> str:
     return CPU_SKIP if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1" else ""
 
 
-@impl("sls", "triton_tbe", ALL_PRECISIONS, requires=("triton",), available=_runs_here,
+@impl("sls", "triton_tbe", ALL_PRECISIONS, available=_runs_here,
+      requires={"triton": TRITON_INSTALL},
       description="our Triton table-batched embedding bag (one launch; fp32 accumulation; "
                   "row-wise int8/int4 as PooledTable stores them)")
 def build_sls_triton(context: BuildContext) -> Prepared:
@@ -109,7 +110,8 @@ def build_sls_triton(context: BuildContext) -> Prepared:
     )
 
 
-@impl("sls_multi", "triton_tbe", ALL_PRECISIONS, requires=("triton",), available=_runs_here,
+@impl("sls_multi", "triton_tbe", ALL_PRECISIONS, available=_runs_here,
+      requires={"triton": TRITON_INSTALL},
       description="every table in our Triton table-batched embedding bag: one launch a batch")
 def build_multi_triton(context: BuildContext) -> Prepared:
     """All tables in one Triton TBE buffer: one launch per batch, sum pooling."""

@@ -135,10 +135,11 @@ def test_refusal_reads_modules_and_device_precisions_without_building():
     def build(context):
         raise AssertionError("the planner must not build")
 
-    peer = Impl("sls", "peer", build, ("fp32",), requires=("no_such_module_for_plan_test",))
+    peer = Impl("sls", "peer", build, ("fp32",),
+                requires={"no_such_module_for_plan_test": "pip install it"})
     refusal = registry.refusal(peer, {}, "fp32", "cpu", {})
     assert refusal.about == registry.ABOUT_IMPL
-    assert "no_such_module_for_plan_test" in refusal.reason
+    assert "no_such_module_for_plan_test" in refusal.reason and "pip install it" in refusal.reason
     lookups = registry.impls("sls")["embedding_bag"]
     assert registry.refusal(lookups, {"mode": "sum"}, "int8", "cpu", {}) is None
     on_gpu = registry.refusal(lookups, {"mode": "sum"}, "int8", "cuda:0", {})
