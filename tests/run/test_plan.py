@@ -147,6 +147,28 @@ def test_refusal_reads_modules_and_device_precisions_without_building():
     assert registry.refusal(lookups, {"mode": "sum"}, "bf16", "cuda:0", {}) is None
 
 
+def test_host_facts_decide_at_plan_time(monkeypatch):
+    """Peers not installed and huge pages switched off: a row when named, else left out."""
+    from bench.ops import common
+
+    monkeypatch.setattr(registry, "missing_module", lambda name: name == "fbgemm_gpu")
+    monkeypatch.setattr(common, "transparent_huge_pages", lambda: "never")
+    planned, left_out = _plan(["sls"], ["fp32"], NOTHING, options={"sls_modes": ["sum"]})
+    impls = {item.task.impl for item in planned}
+    assert "embedding_bag" in impls and not impls & {"fbgemm_tbe", "huge_pages"}
+    reasons = {record["reason"]: record["impls"] for record in left_out.records()}
+    missing = next(reason for reason in reasons if reason.startswith("fbgemm_gpu is not"))
+    assert "install it with: pip install" in missing
+    # The impl's own refusal comes before its precisions (fbgemm_tbe_infer has no fp32 too).
+    assert reasons[missing] == ["sls/fbgemm_tbe", "sls/fbgemm_tbe_infer"]
+    named = Named(impls=frozenset({"fbgemm_tbe", "huge_pages"}))
+    planned, _ = _plan(["sls"], ["fp32"], named, options={"sls_modes": ["sum"]},
+                       impls={"fbgemm_tbe", "huge_pages"})
+    rows = {item.task.impl: item.skip_reason for item in planned}
+    assert "needs fbgemm_gpu" in rows["fbgemm_tbe"]
+    assert "transparent huge pages are 'never'" in rows["huge_pages"]
+
+
 def test_the_plan_and_its_summary_are_deterministic():
     first = _plan(["sls", "dlrm_infer"], ["fp32", "bf16", "int8"], NOTHING)
     second = _plan(["sls", "dlrm_infer"], ["fp32", "bf16", "int8"], NOTHING)
