@@ -67,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--isa", help="ISA levels for CPU runs (see --list; default native; the "
                                       "default sweep also runs FC and SLS at avx2, avx512, amx)")
     parser.add_argument("--threads", default="1", help="thread counts, e.g. 1,2")
-    parser.add_argument("--batch-size", help="override the workloads' batch size(s)")
+    parser.add_argument("--batch-size", help="override the workloads' batch size(s) (default: "
+                                             "each preset's; on --device cuda, kaggle 65,536 "
+                                             "and mlperf 55,296)")
     parser.add_argument("--max-rows", type=int, help="cap every table at this many rows")
     parser.add_argument("--dist", help="index distribution for every table: uniform, zipf:ALPHA, "
                                        "trace:PATH, hitrate:RATE@CAPACITY_ROWS or "
@@ -128,7 +130,7 @@ def workload_choices(args) -> WorkloadChoices:
     return WorkloadChoices(workloads=args.workload or DEFAULT_WORKLOADS, max_rows=args.max_rows,
                            dist=args.dist, batch_sizes=args.batch_size, rows=str(args.rows),
                            dim=args.dim, pooling=args.pooling, num_tables=args.num_tables,
-                           quick_defaults=args.quick_defaults)
+                           quick_defaults=args.quick_defaults, devices=tuple(split(args.device)))
 
 
 def list_choices() -> str:
@@ -303,7 +305,9 @@ def sweep(argv: list[str]) -> int:
     impl_filter = set(split(args.impls)) if args.impls else None
     _check_run_limits(args)
     workloads = resolve_workloads(workload_choices(args))
-    sweeping.check_memory(workloads, ops, devices.available_memory_bytes())
+    for device in device_list:
+        sweeping.check_memory(workloads, ops, devices.available_memory_bytes(), device,
+                              sweeping.device_memory_bytes(device))
     planned = sweeping.plan(ops, workloads, precisions, device_list, isa_levels, thread_counts,
                             args.seed, _options(args), impl_filter)
     if not planned:

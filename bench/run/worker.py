@@ -166,7 +166,8 @@ def run_task(task: Task, run_id: str, policy: timing.TimingPolicy,
     implementation = registry.impls(task.op)[task.impl]
     device = torch.device(task.device)
     context = BuildContext(workload=task.workload, variant=task.variant, precision=task.precision,
-                           device=device, seed=task.seed, options=task.options)
+                           device=device, seed=task.seed, options=task.options,
+                           time_calls=timing.time_each_call)
     try:
         prepared = implementation.build(context)
     except Unsupported as reason:
