@@ -101,15 +101,17 @@ def _table_bytes(workload: WorkloadSpec, op: registry.Op, cap: Optional[int] = N
 
 
 def estimate_bytes(workload: WorkloadSpec, ops: Iterable[str], cap: Optional[int] = None,
-                   on_device: bool = False) -> float:
-    """Peak memory the worst op needs for this workload's tables (each op's memory_factor,
-    or with on_device its device_memory_factor: what a GPU run holds on the GPU)."""
+                   part: str = "all") -> float:
+    """Peak memory the worst op needs for this workload's tables: part "all" (a CPU run: each
+    op's memory_factor), "device" (a GPU run's device: device_memory_factor) or "host" (a GPU
+    run's host: what does not move to the device)."""
     all_ops = registry.ops()
 
     def factor(op: registry.Op) -> float:
-        if on_device and op.device_memory_factor is not None:
-            return op.device_memory_factor
-        return op.memory_factor
+        on_device = (op.memory_factor if op.device_memory_factor is None
+                     else op.device_memory_factor)
+        return {"all": op.memory_factor, "device": on_device,
+                "host": max(op.memory_factor - on_device, 0.0)}[part]
 
     return max([factor(all_ops[name]) * _table_bytes(workload, all_ops[name], cap)
                 for name in ops] + [0.0])
@@ -122,25 +124,25 @@ def check_memory(workloads: Iterable[WorkloadSpec], ops: Iterable[str],
     the host's, and on a GPU device (device_bytes given) also the device's, where the tables
     of a GPU run live."""
     ops = list(ops)
-    memories = [("host", available_bytes, False)]
+    memories = [("host", available_bytes, "all")]
     if device_bytes is not None:
-        memories.append((device, device_bytes, True))
+        memories = [("host", available_bytes, "host"), (device, device_bytes, "device")]
     for workload in workloads:
-        for memory, size, on_device in memories:
-            _check_fits(workload, ops, memory, size, on_device)
+        for memory, size, part in memories:
+            _check_fits(workload, ops, memory, size, part)
 
 
 def _check_fits(workload: WorkloadSpec, ops: list[str], memory: str, available_bytes: int,
-                on_device: bool) -> None:
+                part: str) -> None:
     budget = 0.9 * available_bytes
-    needed = estimate_bytes(workload, ops, on_device=on_device)
+    needed = estimate_bytes(workload, ops, part=part)
     if needed <= budget:
         return
     # The largest per-table cap that fits (binary search: memory grows with the cap).
     low, high = 1, max(table.rows for table in workload.tables)
     while low < high:
         middle = (low + high + 1) // 2
-        if estimate_bytes(workload, ops, middle, on_device) <= budget:
+        if estimate_bytes(workload, ops, middle, part) <= budget:
             low = middle
         else:
             high = middle - 1

@@ -73,13 +73,18 @@ def _table_bytes(workload) -> float:
 def test_mlperf_tables_on_the_device_are_held_to_the_device_factor():
     mlperf = presets.mlperf()
     tables = _table_bytes(mlperf)
-    assert estimate_bytes(mlperf, ["dlrm_train"]) == 6.0 * tables  # host: every working copy
-    assert estimate_bytes(mlperf, ["dlrm_train"], on_device=True) == 2.0 * tables
-    assert estimate_bytes(mlperf, ["dlrm_infer"], on_device=True) == 2.0 * tables
-    # A device with room for two models passes, though the host factor (6) would not fit it.
+    assert estimate_bytes(mlperf, ["dlrm_train"]) == 6.0 * tables  # a CPU run: every copy
+    assert estimate_bytes(mlperf, ["dlrm_train"], part="device") == 2.0 * tables
+    assert estimate_bytes(mlperf, ["dlrm_infer"], part="device") == 2.0 * tables
+    # What moves to the device no longer counts on the host.
+    assert estimate_bytes(mlperf, ["dlrm_train"], part="host") == 4.0 * tables
+    assert estimate_bytes(mlperf, ["dlrm_infer"], part="host") == 2.0 * tables
+    # A device with room for two models passes, though a CPU run's factor (6) would not fit.
     device_bytes = int(2.0 * tables / 0.9) + GIB
     check_memory([mlperf], ["dlrm_train", "dlrm_infer"], 16 * device_bytes, "cuda:0",
                  device_bytes)
+    with pytest.raises(SpecError):
+        check_memory([mlperf], ["dlrm_train"], device_bytes, "cpu")
 
 
 def test_a_gpu_run_that_outgrows_the_device_is_refused_with_a_cap_that_fits():
