@@ -87,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tt-tables", type=int, default=0,
                         help="TT-Rec: compress the K largest tables in dlrm_infer/dlrm_train")
     parser.add_argument("--tt-rank", help="TT-Rec ranks to sweep (tt_sls and TT models), e.g. 8,16")
+    parser.add_argument("--compile-mode",
+                        help="torch.compile modes of the compiled impls, e.g. "
+                             "default,max-autotune,reduce-overhead (default: default); each "
+                             "mode is its own row, its compile time in metrics compile_s")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--min-run-time", type=float, help="seconds of timing per configuration")
     parser.add_argument("--calls-per-rep", type=int, default=1, metavar="N",
@@ -179,6 +183,11 @@ def _options(args) -> dict:
         options["tt_ranks"] = whole_numbers(args.tt_rank, "--tt-rank")
     if args.membw_sizes:
         options["membw_sizes"] = whole_numbers(args.membw_sizes, "--membw-sizes")
+    if args.compile_mode:
+        from bench.ops.dlrm_compiled import COMPILE_MODES
+
+        options["compile_modes"] = _choose(split(args.compile_mode), COMPILE_MODES,
+                                           "--compile-mode value")
     if args.calls_per_rep < 1:
         raise UsageError(f"--calls-per-rep must be >= 1, got {args.calls_per_rep}")
     if args.calls_per_rep != 1:
