@@ -14,7 +14,7 @@ from bench.registry import BuildContext, Unsupported
 from bench.run.sweep import plan
 from bench.run.tasks import Task
 from bench.run.worker import run_task
-from tests.conftest import FAST_POLICY, run_cli, tiny_workload
+from conftest import FAST_POLICY, run_cli, tiny_workload
 
 CPU = torch.device("cpu")
 ALL_MODES = {"compile_modes": list(COMPILE_MODES)}
