@@ -19,7 +19,7 @@ from bench.models.dlrm_reference import reference_train_step
 from bench.ops.common import cycling, rotation_metrics
 from bench.ops.dlrm import LEARNING_RATE, after_step, build_infer
 from bench.ops.dlrm_batches import model_rotation_plan, rotating_labelled_batches
-from bench.ops.dlrm_costs import model_bytes, model_flops, embedding_traffic, training_bytes
+from bench.ops.dlrm_costs import embedding_traffic, model_bytes, model_flops, training_bytes
 from bench.registry import BuildContext, Prepared, Unsupported, impl
 
 INFER_PRECISIONS = ("fp32", "fp16", "bf16")

@@ -94,3 +94,15 @@ def test_a_bad_compile_mode_is_refused_in_one_line_with_exit_2(tmp_path):
     assert result.stderr.strip().count("\n") == 0
     assert "--compile-mode value 'fast'" in result.stderr and "max-autotune" in result.stderr
     assert not out.exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here")
+@pytest.mark.parametrize("mode", COMPILE_MODES)
+def test_every_mode_compiles_and_checks_on_cuda(mode):
+    variant = compile_variants({"compile_modes": [mode]})[0]
+    task = Task(op="dlrm_infer", impl="compiled", workload=tiny_workload(), variant=variant,
+                precision="fp32", device="cuda:0", isa="native", threads=1, seed=0)
+    row = run_task(task, "compile-modes", FAST_POLICY)
+    assert row.status == STATUS_OK, row.error
+    assert json.loads(row.params)["compile_mode"] == mode
+    assert json.loads(row.metrics)["compile_s"] > 0

@@ -3,6 +3,7 @@ stand-in for the graph, checked against float64; on a CPU sweep they are skipped
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -153,3 +154,18 @@ def test_a_cpu_sweep_shows_cuda_graph_as_skipped_rows_saying_cuda_only():
         assert item.skip_reason == (f"{item.task.op}/cuda_graph does not run on cpu "
                                     "(cuda only)")
     assert CPU_SKIP.startswith("cuda_graph captures CUDA kernels")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here")
+@pytest.mark.parametrize("op, precision", [("dlrm_infer", "fp32"), ("dlrm_infer", "bf16"),
+                                           ("dlrm_train", "fp32"), ("dlrm_train", "bf16")])
+def test_cuda_graph_captures_replays_and_checks_on_cuda(op, precision):
+    from bench.records import STATUS_OK
+    from bench.run.tasks import Task
+    from conftest import FAST_POLICY
+
+    task = Task(op=op, impl="cuda_graph", workload=SMOKE, variant={}, precision=precision,
+                device="cuda:0", isa="native", threads=1, seed=0)
+    row = worker.run_task(task, "cuda-graph", FAST_POLICY)
+    assert row.status == STATUS_OK, row.error
+    assert json.loads(row.metrics)["capture_s"] > 0
