@@ -347,7 +347,8 @@ def _decide(verdict: Verdict, p_adjusted: float, factor: float, alpha: float,
             return replace(verdict, verdict="INCONCLUSIVE", p_value=float(process_p), reason=(
                 f"moved by more than {factor * 100:g}% within the run's samples ({test}) but "
                 f"not beyond the spread between processes (BH-adjusted p {process_p:.2g} >= "
-                f"{alpha:g}; {source}); measure both sides with --replicates 3"
+                f"{alpha:g}; {source}); more replicates on both sides (run_bench.py "
+                "--replicates) can settle it"
                 + verdict.reason))
         p_adjusted = max(p_adjusted, process_p)
         significant = p_adjusted < alpha
