@@ -40,11 +40,11 @@ DEFAULT_PAIRS = 10
 # 5 calls against 4 is exactly 25% more work on every row (bench/commands/sweep.py --calls-per-rep).
 POWER_BASELINE_CALLS = 4
 POWER_CANDIDATE_CALLS = 5
-# Verdicts that come from a rank test; the others (NEW, MISSING, errors) say nothing on noise.
-TESTED_VERDICTS = ("IMPROVED", "REGRESSED", "UNCHANGED")
+# Verdicts of rows that were tested; the others (NEW, MISSING, errors) say nothing on noise.
+TESTED_VERDICTS = ("IMPROVED", "REGRESSED", "UNCHANGED", "INCONCLUSIVE")
 CSV_COLUMNS = ("mode", "experiment", "pair", "setting", "rounds", "factor", "alpha",
                "rows_tested",
-               "regressed", "improved", "unchanged", "other", "geomean_ratio",
+               "regressed", "improved", "unchanged", "inconclusive", "other", "geomean_ratio",
                "largest_change", "baseline_run", "candidate_run")
 
 
@@ -179,7 +179,8 @@ def _check_pair(mode: str, experiment: str, pair: int, baseline: Path, candidate
             "rounds": rounds or "", "factor": setting.factor, "alpha": setting.alpha,
             "rows_tested": tested,
             "regressed": counts.get("REGRESSED", 0), "improved": counts.get("IMPROVED", 0),
-            "unchanged": counts.get("UNCHANGED", 0), "other": len(verdicts) - tested,
+            "unchanged": counts.get("UNCHANGED", 0),
+            "inconclusive": counts.get("INCONCLUSIVE", 0), "other": len(verdicts) - tested,
             "geomean_ratio": round(geometric_mean_ratio(verdicts), 4),
             "largest_change": _largest_change(verdicts),
             "baseline_run": str(baseline), "candidate_run": str(candidate),
@@ -232,9 +233,9 @@ def summary_table(records: list[dict]) -> str:
     """Markdown table: per experiment and setting, rows and checks flagged, with counts."""
     lines = [
         "| experiment | setting | factor | alpha | pairs | rows REGRESSED | rows IMPROVED | "
-        "checks failing (any REGRESSED) | geomean ratio (median over pairs) | "
-        "largest row change (any pair) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "rows INCONCLUSIVE | checks failing (any REGRESSED) | "
+        "geomean ratio (median over pairs) | largest row change (any pair) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     groups: dict[tuple[str, str], list[dict]] = {}
     for record in records:
@@ -254,6 +255,7 @@ def summary_table(records: list[dict]) -> str:
             f"| {experiment} | {setting} | {group[0]['factor']:g} | {group[0]['alpha']:g} | "
             f"{len(group)} | {_share(sum(r['regressed'] for r in group), tested)} | "
             f"{_share(sum(r['improved'] for r in group), tested)} | "
+            f"{_share(sum(r['inconclusive'] for r in group), tested)} | "
             f"{_share(failing, len(group))} | {median_ratio} | {largest} |")
     return "\n".join(lines)
 
@@ -311,7 +313,8 @@ def main(argv=None) -> int:
     if problems:
         print(f"checker_power.py: error: {problems[0]}", file=sys.stderr)
         return 2
-    settings = [Setting(args.mode, args.factor, args.alpha)]
+    settings = [Setting("check" if args.mode == "replicates" else args.mode, args.factor,
+                        args.alpha)]
     if args.mode == "ci":
         settings.append(Setting("default", args.default_factor, args.default_alpha))
     if args.mode == "ab":  # both round tests on the same rounds: which one check --ab uses
