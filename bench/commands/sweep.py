@@ -31,6 +31,10 @@ EXIT_CODES_HELP = (f"exit status: {EXIT_OK} every configuration measured or skip
                    f"written); {EXIT_INTERRUPTED} interrupted (finish with --resume)")
 QUICK_PRECISIONS = "fp32,bf16,int8"
 FULL_PRECISIONS = ",".join(registry.PRECISIONS)
+# Upper bounds of the time flags: beyond them a value is a typo (1e9 s is 31 years of timing
+# one configuration), not a plan, and is refused before any work.
+MAX_MIN_RUN_TIME_S = 3600.0
+MAX_TASK_TIMEOUT_S = 86400.0
 QUICK_POLICY = TimingPolicy(min_run_time_s=0.2, min_samples=10, max_run_time_s=5.0)
 FULL_POLICY = TimingPolicy(min_run_time_s=1.0, min_samples=20, max_run_time_s=30.0)
 
@@ -84,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="TT-Rec ranks to sweep (tt_sls and TT models), e.g. 8,16")
     parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--min-run-time", type=positive_float,
-                        help="seconds of timing per configuration")
+                        help="seconds of timing per configuration (at most "
+                             f"{MAX_MIN_RUN_TIME_S:g}, and below --task-timeout)")
     parser.add_argument("--calls-per-rep", type=positive_int, default=1, metavar="N",
                         help="call each timed closure N times back to back per repetition "
                              "(default 1). For validating the regression checker: a run at N=5 "
@@ -103,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "last-level data-cache misses per call (slower; these machines "
                              "have no hardware counters)")
     parser.add_argument("--task-timeout", type=positive_float, default=900.0,
-                        help="seconds before a hung configuration becomes an error row")
+                        help="seconds before a hung configuration becomes an error row "
+                             f"(at most {MAX_TASK_TIMEOUT_S:g})")
     parser.add_argument("--out", default="results", help="output directory (default: results/)")
     parser.add_argument("--run-id", help="name of the run directory (default: timestamp)")
     parser.add_argument("--resume", metavar="RUN_DIR",
@@ -205,7 +211,22 @@ def parse_sweep(argv: list[str]):
     parser = build_parser()
     args = parser.parse_args(argv)
     args.quick_defaults = not args.full
+    _check_time_limits(args)
     return args
+
+
+def _check_time_limits(args) -> None:
+    """Refuse time flags no configuration could honour (UsageError)."""
+    if args.min_run_time is not None and args.min_run_time > MAX_MIN_RUN_TIME_S:
+        raise UsageError(f"--min-run-time {args.min_run_time:g}: give at most "
+                         f"{MAX_MIN_RUN_TIME_S:g} seconds of timing per configuration")
+    if args.task_timeout > MAX_TASK_TIMEOUT_S:
+        raise UsageError(f"--task-timeout {args.task_timeout:g}: give at most "
+                         f"{MAX_TASK_TIMEOUT_S:g} seconds")
+    if args.min_run_time is not None and args.min_run_time >= args.task_timeout:
+        # Timing alone would outlast the timeout: every configuration would be an error row.
+        raise UsageError(f"--min-run-time {args.min_run_time:g} is not below --task-timeout "
+                         f"{args.task_timeout:g}; raise --task-timeout or lower --min-run-time")
 
 
 # The default sweep also shows what each SIMD level buys, on the two ops where it matters most

@@ -161,7 +161,8 @@ class WorkerGroup:
         with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as task_file:
             task_file.write("\n".join(task.to_json() for task in self.tasks))
         command = [sys.executable, "-m", "bench.run.worker", task_file.name,
-                   "--event-fd", str(write_end), "--settings", settings.to_json()]
+                   "--event-fd", str(write_end), "--settings", settings.to_json(),
+                   "--parent-pid", str(os.getpid())]
         # Ops found outside bench/ops (registry.add_op_directory) must be found there too.
         for directory in registry.op_directories():
             command += ["--op-dir", directory]
