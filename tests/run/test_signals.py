@@ -19,7 +19,11 @@ from conftest import REPO_ROOT
 # One configuration whose timing lasts long enough to be signalled mid-measurement, and short
 # enough that --resume (which re-reads these arguments) finishes it in a test.
 LONG_SWEEP = ["--ops", "sls", "--impls", "embedding_bag", "--workload", "smoke",
-              "--precision", "fp32", "--sls-modes", "sum", "--min-run-time", "15", "--no-report"]
+              "--precision", "fp32", "--sls-modes", "sum", "--no-report"]
+RESUMABLE_RUN_TIME = "15"
+# An orphan would write its row (and die of the closed pipe) only after this much timing: far
+# past the bound the test waits for a worker to stop by itself.
+ORPHAN_RUN_TIME = "600"
 START_BOUND_S = 240.0  # a fresh worker imports torch; the machine is shared
 EXIT_BOUND_S = 60.0
 
@@ -52,11 +56,12 @@ def _processes_naming(text: str) -> list[int]:
     return found
 
 
-def _start_sweep(tmp_path: Path) -> tuple[subprocess.Popen, Path, int]:
+def _start_sweep(tmp_path: Path, run_time: str) -> tuple[subprocess.Popen, Path, int]:
     """A long sweep in its own session, once its worker has started its task: (sweep, run
     directory, worker pid)."""
     directory = tmp_path / "signalled"
-    sweep = subprocess.Popen([sys.executable, "run_bench.py", *LONG_SWEEP, "--out", str(tmp_path),
+    sweep = subprocess.Popen([sys.executable, "run_bench.py", *LONG_SWEEP, "--min-run-time",
+                              run_time, "--out", str(tmp_path),
                               "--run-id", directory.name], cwd=REPO_ROOT, start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     log = directory / "worker.log"
@@ -73,10 +78,15 @@ def _start_sweep(tmp_path: Path) -> tuple[subprocess.Popen, Path, int]:
 
 @pytest.mark.slow
 def test_sigterm_to_the_sweep_ends_its_worker_and_resume_finishes(tmp_path):
-    sweep, directory, worker = _start_sweep(tmp_path)
+    sweep, directory, worker = _start_sweep(tmp_path, RESUMABLE_RUN_TIME)
     assert _alive(worker)
     os.kill(sweep.pid, signal.SIGTERM)  # the parent only, as `timeout` or a CI runner does
-    _, stderr = sweep.communicate(timeout=EXIT_BOUND_S)
+    try:
+        _, stderr = sweep.communicate(timeout=EXIT_BOUND_S)
+    finally:
+        for pid in (sweep.pid, worker):
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
     assert sweep.returncode == EXIT_INTERRUPTED, stderr
     assert f"--resume {directory}" in stderr
     # The sweep reaps its worker before it exits: nothing of the run is left running.
@@ -93,14 +103,18 @@ def test_sigterm_to_the_sweep_ends_its_worker_and_resume_finishes(tmp_path):
 
 @pytest.mark.slow
 def test_a_worker_whose_sweep_is_killed_stops_by_itself(tmp_path):
-    sweep, directory, worker = _start_sweep(tmp_path)
-    os.kill(sweep.pid, signal.SIGKILL)  # no cleanup runs in the parent
-    sweep.wait()
-    deadline = time.monotonic() + EXIT_BOUND_S
-    while _alive(worker) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not _alive(worker), "the orphaned worker is still running"
-    assert _processes_naming(str(directory)) == []
+    sweep, directory, worker = _start_sweep(tmp_path, ORPHAN_RUN_TIME)
+    try:
+        os.kill(sweep.pid, signal.SIGKILL)  # no cleanup runs in the parent
+        sweep.wait()
+        deadline = time.monotonic() + EXIT_BOUND_S
+        while _alive(worker) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(worker), "the orphaned worker is still running"
+        assert _processes_naming(str(directory)) == []
+    finally:
+        if _alive(worker):  # a failing run must not leave its orphan timing beside others
+            os.kill(worker, signal.SIGKILL)
 
 
 @pytest.mark.parametrize("flags, message", [
