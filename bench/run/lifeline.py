@@ -13,6 +13,7 @@ from typing import Iterator
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 WATCH_INTERVAL_S = 0.5
+TIED_PID_ENV = "BENCH_TIED_PID"  # the pid of a command started by tied_command
 
 
 class Terminated(KeyboardInterrupt):
@@ -69,3 +70,29 @@ def _start_watchdog(parent_pid: int, signum: int) -> str:
 
     threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
     return "thread"
+
+
+def main(argv: list[str]) -> int:
+    """`python -m bench.run.lifeline PARENT_PID SIGNAL COMMAND...`: run COMMAND (exec'd in this
+    process) so that it receives SIGNAL when PARENT_PID, the caller, is gone."""
+    parent_pid, signum, command = int(argv[0]), int(argv[1]), argv[2:]
+    # The death signal survives exec, so it guards a program we cannot edit (torchrun);
+    # the watchdog thread of other platforms would not, and there the command runs untied.
+    _set_parent_death_signal(signum)
+    if os.getppid() != parent_pid:
+        return 128 + signum  # the caller died before the tie: do not start the command
+    # exec keeps the pid: the command's own children can tie themselves to it by this pid
+    # without trusting os.getppid(), which reads 1 once the command has died.
+    os.environ[TIED_PID_ENV] = str(os.getpid())
+    os.execvp(command[0], command)
+    return 127  # not reached: execvp replaces this process or raises
+
+
+def tied_command(command: list[str], signum: int = signal.SIGTERM) -> list[str]:
+    """command, wrapped to receive signum when this process (its launcher) is gone."""
+    return [sys.executable, "-m", "bench.run.lifeline", str(os.getpid()), str(int(signum)),
+            *command]
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

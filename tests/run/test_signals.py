@@ -166,3 +166,30 @@ def test_a_child_of_a_living_parent_carries_on():
                            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
     assert child.returncode == 0, child.stderr
     assert "survived" in child.stdout
+
+
+LAUNCHER = (
+    "import subprocess, sys\nfrom bench.run.lifeline import tied_command\n"
+    "child = subprocess.Popen(tied_command([sys.executable, '-c', 'import os, time; "
+    "print(os.environ[\"BENCH_TIED_PID\"], os.getpid(), flush=True); time.sleep(120)']))\n"
+    "child.wait()\n")
+
+
+def test_a_tied_command_ends_with_its_launcher():
+    # How the dist launcher starts torchrun: the command (exec'd, same pid) gets SIGTERM
+    # when the launcher is killed outright, and its children learn its pid.
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER], cwd=REPO_ROOT,
+                                stdout=subprocess.PIPE, text=True, start_new_session=True,
+                                env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    named, command = (int(value) for value in launcher.stdout.readline().split())
+    try:
+        assert named == command
+        os.kill(launcher.pid, signal.SIGKILL)
+        launcher.wait()
+        deadline = time.monotonic() + EXIT_BOUND_S
+        while _alive(command) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(command)
+    finally:
+        if _alive(command):
+            os.kill(command, signal.SIGKILL)
