@@ -96,11 +96,21 @@ def _table_bytes(workload: WorkloadSpec, op: registry.Op, cap: Optional[int] = N
     return float(sum(rows)) * workload.dim * 4
 
 
+# What a worker holds besides the tables: torch 2.13 CPU and fbgemm_gpu imported (0.46 GiB
+# resident, measured on the 2-vCPU dev VM) and its rotating inputs (at most
+# bench.ops.common.MAX_ROTATION_INDEX_BYTES, 256 MiB).
+WORKER_BASE_BYTES = float((512 + 256) << 20)
+
+
 def estimate_bytes(workload: WorkloadSpec, ops: Iterable[str], cap: Optional[int] = None) -> float:
-    """Peak memory the worst op needs for this workload's tables (each op's memory_factor)."""
+    """Peak memory of the worker running the worst op on this workload's tables (each op's
+    memory_factor of its tables, plus the worker's own WORKER_BASE_BYTES); 0 without tables."""
     all_ops = registry.ops()
-    return max([all_ops[name].memory_factor * _table_bytes(workload, all_ops[name], cap)
-                for name in ops] + [0.0])
+    tables = max([all_ops[name].memory_factor * _table_bytes(workload, all_ops[name], cap)
+                  for name in ops] + [0.0])
+    # One configuration at a time: the worker frees a finished one's copies before the next
+    # build (worker.release_task_memory), so the worst single op is the peak, not their sum.
+    return tables + WORKER_BASE_BYTES if tables else 0.0
 
 
 def check_memory(workloads: Iterable[WorkloadSpec], ops: Iterable[str],
@@ -112,6 +122,10 @@ def check_memory(workloads: Iterable[WorkloadSpec], ops: Iterable[str],
         needed = estimate_bytes(workload, ops)
         if needed <= budget:
             continue
+        if estimate_bytes(workload, ops, 1) > budget:  # not even a one-row table fits
+            raise SpecError(f"workload {workload.name}: a worker needs about "
+                            f"{WORKER_BASE_BYTES / 2**30:.2f} GiB before any table, but "
+                            f"{available_bytes / 2**30:.2f} GiB is available")
         # The largest per-table cap that fits (binary search: memory grows with the cap).
         low, high = 1, max(table.rows for table in workload.tables)
         while low < high:

@@ -289,6 +289,9 @@ def main(argv=None) -> int:
     if tasks:
         pin_threads(tasks[0].threads, tasks[0].device)
     isa_effective = isa_probe.effective_isa() if tasks and tasks[0].device == "cpu" else ""
+    # What start-up made (torch, the registry) lives as long as the worker: frozen, it is left
+    # out of the collections release_task_memory runs after every configuration.
+    gc.freeze()
     events.send(event="ready", isa_effective=isa_effective)
     current_workload = None
     for index, task in enumerate(tasks):
