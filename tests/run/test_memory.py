@@ -34,7 +34,8 @@ def tracked(monkeypatch):
 
     monkeypatch.setattr(sls, "table_weight", traced_weight)
     monkeypatch.setattr(sls, "PooledTable", TracedTable)
-    return references
+    yield references
+    gc.unfreeze()  # release_task_memory froze this test process's objects: hand them back
 
 
 @pytest.mark.parametrize("impl", ["embedding_bag", "huge_pages"])
@@ -76,3 +77,23 @@ def test_the_sls_estimate_covers_the_cache_a_copy_and_the_worker():
 
 def test_ops_without_tables_need_no_table_memory():
     assert sweep.estimate_bytes(presets.kaggle(), ["fc", "interaction"]) == 0.0
+
+
+def test_garbage_made_after_a_release_is_still_collected(tracked):
+    # Frozen by one release, still collected by the next: the worker's lasting state is
+    # frozen, what a later configuration builds (cycles included) is not.
+    worker.release_task_memory()
+
+    class Cycle:
+        def __init__(self):
+            self.me = self
+            self.payload = torch.zeros(1000)
+
+    gc.disable()  # only the release may collect it
+    try:
+        payload = weakref.ref(Cycle().payload)
+        assert payload() is not None  # kept by the cycle until a collection
+        worker.release_task_memory()
+        assert payload() is None
+    finally:
+        gc.enable()
