@@ -98,8 +98,11 @@ class Op:
     variants: Callable[[Any, dict], list[dict]]  # (workload, options) -> variant params
     precision_agnostic: bool = False  # measured once, at fp32 (machine-ceiling probes)
     default: bool = True  # part of a sweep when --ops is not given
-    # Bytes the op's build holds per byte of the workload's fp32 tables (its precision copies,
-    # a concatenated copy, float64 reference copies): the planner's memory check uses it.
+    # Bytes one configuration holds at its peak per byte of the workload's fp32 tables: the
+    # worker's cached weights (shared by a workload's configurations), the build's clone, and
+    # the impl's working copies (precision, concatenated, huge-page or TBE copies). The worker
+    # frees a finished configuration before the next build, so the planner's memory check
+    # takes the worst op's factor, not a sum.
     memory_factor: float = 0.0
     single_table: bool = False  # looks up only the workload's largest table (else every table)
     probe: bool = False  # measures the machine, not a workload: run once per worker group

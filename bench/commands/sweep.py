@@ -28,9 +28,14 @@ EXIT_CODES_HELP = (f"exit status: {EXIT_OK} every configuration measured or skip
                    f"{EXIT_USAGE} bad input, refused before any work; {EXIT_SOME_ERRORED} some "
                    "configurations errored (an error row is a kernel that crashed or failed its "
                    "float64 check; the other rows, the summary and the report are still "
-                   f"written); {EXIT_INTERRUPTED} interrupted (finish with --resume)")
+                   f"written); {EXIT_INTERRUPTED} interrupted by Ctrl-C or SIGTERM (the workers "
+                   "are ended; finish with --resume)")
 QUICK_PRECISIONS = "fp32,bf16,int8"
 FULL_PRECISIONS = ",".join(registry.PRECISIONS)
+# Upper bounds of the time flags: beyond them a value is a typo (1e9 s is 31 years of timing
+# one configuration), not a plan, and is refused before any work.
+MAX_MIN_RUN_TIME_S = 3600.0
+MAX_TASK_TIMEOUT_S = 86400.0
 QUICK_POLICY = TimingPolicy(min_run_time_s=0.2, min_samples=10, max_run_time_s=5.0)
 FULL_POLICY = TimingPolicy(min_run_time_s=1.0, min_samples=20, max_run_time_s=30.0)
 
@@ -90,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "mode is its own row, its compile time in metrics compile_s")
     parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--min-run-time", type=positive_float,
-                        help="seconds of timing per configuration")
+                        help="seconds of timing per configuration (at most "
+                             f"{MAX_MIN_RUN_TIME_S:g}; keep it below --task-timeout)")
     parser.add_argument("--calls-per-rep", type=positive_int, default=1, metavar="N",
                         help="call each timed closure N times back to back per repetition "
                              "(default 1). For validating the regression checker: a run at N=5 "
@@ -116,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "last-level data-cache misses per call (slower; these machines "
                              "have no hardware counters)")
     parser.add_argument("--task-timeout", type=positive_float, default=900.0,
-                        help="seconds before a hung configuration becomes an error row")
+                        help="seconds before a hung configuration becomes an error row "
+                             f"(at most {MAX_TASK_TIMEOUT_S:g})")
     parser.add_argument("--out", default="results", help="output directory (default: results/)")
     parser.add_argument("--run-id", help="name of the run directory (default: timestamp)")
     parser.add_argument("--resume", metavar="RUN_DIR",
@@ -223,7 +230,18 @@ def parse_sweep(argv: list[str]):
     parser = build_parser()
     args = parser.parse_args(argv)
     args.quick_defaults = not args.full
+    _check_time_limits(args)
     return args
+
+
+def _check_time_limits(args) -> None:
+    """Refuse time flags no configuration could honour (UsageError)."""
+    if args.min_run_time is not None and args.min_run_time > MAX_MIN_RUN_TIME_S:
+        raise UsageError(f"--min-run-time {args.min_run_time:g}: give at most "
+                         f"{MAX_MIN_RUN_TIME_S:g} seconds of timing per configuration")
+    if args.task_timeout > MAX_TASK_TIMEOUT_S:
+        raise UsageError(f"--task-timeout {args.task_timeout:g}: give at most "
+                         f"{MAX_TASK_TIMEOUT_S:g} seconds")
 
 
 # The default sweep also shows what each SIMD level buys, on the two ops where it matters most

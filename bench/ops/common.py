@@ -53,7 +53,6 @@ class PooledTable:
         self.rows, self.dim = weight.shape
         if precision in FLOAT_DTYPES:
             self.weight = weight.to(device=device, dtype=FLOAT_DTYPES[precision])
-            self._lookup = self._float_lookup
         elif precision in ("int8", "int4"):
             if device.type != "cpu":
                 raise Unsupported(f"{precision} row-wise embedding bags are CPU-only in PyTorch "
@@ -63,7 +62,6 @@ class PooledTable:
             prepack = (torch.ops.quantized.embedding_bag_byte_prepack if precision == "int8"
                        else torch.ops.quantized.embedding_bag_4bit_prepack)
             self.weight = prepack(weight.float().contiguous())
-            self._lookup = self._quantized_lookup
         else:
             raise Unsupported(f"no embedding table format for {precision}")
         self.huge_page_bytes = 0
@@ -106,7 +104,10 @@ class PooledTable:
     def __call__(self, indices: torch.Tensor, offsets: torch.Tensor, mode: str = "sum",
                  weights: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Pooled lookup: one output row per bag."""
-        return self._lookup(indices, offsets, mode, weights)
+        # Chosen per call, not stored as a bound method: that would be a reference cycle,
+        # and a cycle keeps the table's copy alive until the cyclic collector happens to run.
+        lookup = self._float_lookup if self.precision in FLOAT_DTYPES else self._quantized_lookup
+        return lookup(indices, offsets, mode, weights)
 
     @property
     def bytes_per_row(self) -> float:

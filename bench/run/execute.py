@@ -9,7 +9,7 @@ from pathlib import Path
 
 from bench import registry
 from bench.records import ResultsWriter, dumps_compact, read_rows, write_json
-from bench.run import devices, sweep
+from bench.run import devices, lifeline, sweep
 from bench.run.settings import WorkerSettings
 from bench.run.worker import skipped_row
 
@@ -49,7 +49,8 @@ class Progress:
 
 def execute(argv, planned, directory: Path, run_id: str, resuming: bool, policy,
             task_timeout_s: float, count_policy=None, counting=None, replicates: int = 1) -> int:
-    """Run the planned tasks into directory; 0 when every task has a row, 130 if interrupted.
+    """Run the planned tasks into directory; 0 when every task has a row, 130 if interrupted
+    (Ctrl-C or SIGTERM: the workers are ended and the run can be resumed).
 
     count_policy (a callgrind.CountPolicy): count instructions under callgrind instead of
     timing; counting: the facts that then stand for the timing policy in fingerprints.
@@ -69,7 +70,9 @@ def execute(argv, planned, directory: Path, run_id: str, resuming: bool, policy,
         print(f"resuming {directory}: {total - len(pending)} of {total} "
               "configurations already recorded", file=sys.stderr)
     progress = Progress(len(pending))
-    with ResultsWriter(results_path) as writer:
+    # SIGTERM (timeout, CI cancellation, a scheduler) takes Ctrl-C's path: the except below
+    # and WorkerGroup.run's cleanup end the workers; the default action would leave them be.
+    with ResultsWriter(results_path) as writer, lifeline.terminate_as_interrupt():
         try:
             for item, k in pending:
                 if item.skip_reason:
@@ -80,9 +83,10 @@ def execute(argv, planned, directory: Path, run_id: str, resuming: bool, policy,
                 runnable = [item.task for item, kk in pending if kk == k and not item.skip_reason]
                 sweep.run_tasks(runnable, settings, _Replicate(writer, k, replicates),
                                 progress=progress.advance, describe=progress.describe)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as interruption:
             progress.close()
-            print(f"interrupted: finished rows are in {results_path}; "
+            cause = str(interruption) or "interrupted"  # Terminated names its signal
+            print(f"{cause}: finished rows are in {results_path}; "
                   f"finish with: python run_bench.py --resume {directory}", file=sys.stderr)
             return 130
     progress.close()

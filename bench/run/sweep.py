@@ -100,11 +100,18 @@ def _table_bytes(workload: WorkloadSpec, op: registry.Op, cap: Optional[int] = N
     return float(sum(rows)) * workload.dim * 4
 
 
+# What a worker holds besides the tables: torch 2.13 CPU and fbgemm_gpu imported (0.46 GiB
+# resident, measured on the 2-vCPU dev VM) and its rotating inputs (at most
+# bench.ops.common.MAX_ROTATION_INDEX_BYTES, 256 MiB).
+WORKER_BASE_BYTES = float((512 + 256) << 20)
+
+
 def estimate_bytes(workload: WorkloadSpec, ops: Iterable[str], cap: Optional[int] = None,
                    part: str = "all") -> float:
-    """Peak memory the worst op needs for this workload's tables: part "all" (a CPU run: each
-    op's memory_factor), "device" (a GPU run's device: device_memory_factor) or "host" (a GPU
-    run's host: what does not move to the device)."""
+    """Peak memory of the worker running the worst op on this workload's tables: part "all"
+    (a CPU run: each op's memory_factor), "device" (a GPU run's device: device_memory_factor)
+    or "host" (a GPU run's host: what does not move to the device); the host parts add the
+    worker's own WORKER_BASE_BYTES; 0 without tables."""
     all_ops = registry.ops()
 
     def factor(op: registry.Op) -> float:
@@ -113,8 +120,12 @@ def estimate_bytes(workload: WorkloadSpec, ops: Iterable[str], cap: Optional[int
         return {"all": op.memory_factor, "device": on_device,
                 "host": max(op.memory_factor - on_device, 0.0)}[part]
 
-    return max([factor(all_ops[name]) * _table_bytes(workload, all_ops[name], cap)
-                for name in ops] + [0.0])
+    tables = max([factor(all_ops[name]) * _table_bytes(workload, all_ops[name], cap)
+                  for name in ops] + [0.0])
+    # One configuration at a time: the worker frees a finished one's copies before the next
+    # build (worker.release_task_memory), so the worst single op is the peak, not their sum.
+    base = WORKER_BASE_BYTES if part != "device" else 0.0
+    return tables + base if tables else 0.0
 
 
 def check_memory(workloads: Iterable[WorkloadSpec], ops: Iterable[str],
@@ -138,6 +149,10 @@ def _check_fits(workload: WorkloadSpec, ops: list[str], memory: str, available_b
     needed = estimate_bytes(workload, ops, part=part)
     if needed <= budget:
         return
+    if estimate_bytes(workload, ops, 1, part) > budget:  # not even a one-row table fits
+        raise SpecError(f"workload {workload.name}: a worker needs about "
+                        f"{WORKER_BASE_BYTES / 2**30:.2f} GiB before any table, but "
+                        f"{available_bytes / 2**30:.2f} GiB is available")
     # The largest per-table cap that fits (binary search: memory grows with the cap).
     low, high = 1, max(table.rows for table in workload.tables)
     while low < high:
@@ -197,7 +212,8 @@ class WorkerGroup:
         with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as task_file:
             task_file.write("\n".join(task.to_json() for task in self.tasks))
         command = [sys.executable, "-m", "bench.run.worker", task_file.name,
-                   "--event-fd", str(write_end), "--settings", settings.to_json()]
+                   "--event-fd", str(write_end), "--settings", settings.to_json(),
+                   "--parent-pid", str(os.getpid())]
         # Ops found outside bench/ops (registry.add_op_directory) must be found there too.
         for directory in registry.op_directories():
             command += ["--op-dir", directory]
