@@ -61,6 +61,10 @@ class BuildContext:
     device: Any  # torch.device
     seed: int
     options: dict = dataclasses.field(default_factory=dict)  # op-specific CLI options
+    # (fn, count) -> seconds of each of count calls of fn, from the measuring clock (the worker
+    # passes bench.run.timing.time_each_call): builders time one-off phases with it (a
+    # compile), apart from the timed closure. None: the phase is not timed.
+    time_calls: Optional[Callable[[Callable[[], Any], int], list[float]]] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +78,9 @@ class Impl:
     baseline: bool = False
     devices: tuple[str, ...] = ("cpu", "cuda")
     description: str = ""
+    # options -> this impl's own variant params, each crossed with the op's variants (e.g.
+    # torch.compile modes); {} adds nothing. None: the op's variants only.
+    variants: Optional[Callable[[dict], list[dict]]] = None
     # Plan-time facts: the planner leaves out (or plans as a skip row) what cannot run, without
     # building anything; the builder's Unsupported stays the safety net for what they miss.
     # top-level modules that must be installed (find_spec) -> the command that installs them
@@ -102,13 +109,19 @@ class Op:
     variants: Callable[[Any, dict], list[dict]]  # (workload, options) -> variant params
     precision_agnostic: bool = False  # measured once, at fp32 (machine-ceiling probes)
     default: bool = True  # part of a sweep when --ops is not given
-    # Bytes the op's build holds per byte of the workload's fp32 tables (its precision copies,
-    # a concatenated copy, float64 reference copies): the planner's memory check uses it.
+    # Bytes one configuration holds at its peak per byte of the workload's fp32 tables: the
+    # worker's cached weights (shared by a workload's configurations), the build's clone, and
+    # the impl's working copies (precision, concatenated, huge-page or TBE copies). The worker
+    # frees a finished configuration before the next build, so the planner's memory check
+    # takes the worst op's factor, not a sum.
     memory_factor: float = 0.0
     single_table: bool = False  # looks up only the workload's largest table (else every table)
     probe: bool = False  # measures the machine, not a workload: run once per worker group
     ci: bool = False  # part of the CI regression sweep (bench/run/ci_sweep.py)
     report_order: int = 100  # position in reports (pipeline order: lookups before models)
+    # Bytes on an accelerator per byte of fp32 tables on a GPU run (what the build moves to
+    # the device; its host copies stay under memory_factor); None: memory_factor.
+    device_memory_factor: Optional[float] = None
 
     def __post_init__(self):
         if self.memory_factor < 0:
@@ -130,6 +143,7 @@ def register_op(op: Op) -> Op:
 
 def impl(op: str, name: str, precisions: tuple[str, ...], baseline: bool = False,
          devices: tuple[str, ...] = ("cpu", "cuda"), description: str = "",
+         variants: Optional[Callable[[dict], list[dict]]] = None,
          requires: Optional[dict] = None,
          available: Optional[Callable[[str, dict], str]] = None,
          pairs: Optional[Callable[[dict, str, dict], str]] = None,
@@ -147,8 +161,9 @@ def impl(op: str, name: str, precisions: tuple[str, ...], baseline: bool = False
         if baseline and any(other.baseline for other in _IMPLS[op].values()):
             raise ValueError(f"op {op!r} already has a baseline impl")
         _IMPLS[op][name] = Impl(op, name, build, tuple(precisions), baseline, devices,
-                                description or (build.__doc__ or "").strip(), dict(requires or {}),
-                                available, pairs, dict(device_precisions or {}))
+                                description or (build.__doc__ or "").strip(), variants,
+                                dict(requires or {}), available, pairs,
+                                dict(device_precisions or {}))
         return build
     return register
 
@@ -220,8 +235,8 @@ def refusal(entry: Impl, variant: dict, precision: str, device: str,
     subject = f"{entry.op}/{entry.name}"
     device_type = device.split(":")[0]
     if device_type not in entry.devices:
-        return Refusal(ABOUT_IMPL, f"{subject} does not run on {device}",
-                       f"does not run on {device}")
+        return Refusal(ABOUT_IMPL, f"{subject} does not run on {device} "
+                       f"({'/'.join(entry.devices)} only)", f"does not run on {device}")
     reason = entry.available(device, options) if entry.available else ""
     if reason:
         return Refusal(ABOUT_IMPL, f"{subject}: {reason}", reason)

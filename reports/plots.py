@@ -13,7 +13,6 @@ from matplotlib.figure import Figure
 
 from bench.records import decode_samples
 from reports.canvas import NoData, log_scale, marker_for, op_colors, panel_grid
-from reports.canvas import figure_to_png  # noqa: F401  (the figures' PNG bytes, for callers)
 from reports.order import isa_sort_key, precision_sort_key, sorted_ops
 from reports.runs import measured_op_rows
 from reports.tables import sample_label, throughput_metric

@@ -288,13 +288,14 @@ def test_a_new_op_is_one_file(tmp_path):
     # Without the directory the op does not exist: the search path is what found it.
     assert name not in subprocess.run([sys.executable, "run_bench.py", "--list"], cwd=ROOT,
                                       capture_output=True, text=True, timeout=300).stdout
-    # The memory check uses the op's declared factor (123 x the smoke tables' bytes).
+    # The memory check uses the op's declared factor (123 x the smoke tables' bytes, plus
+    # the worker's own base).
     memory = _with_op_directory(op_directory, f"""
-        from bench.run.sweep import estimate_bytes
+        from bench.run.sweep import WORKER_BASE_BYTES, estimate_bytes
         from workloads.presets import preset
         spec = preset("smoke")
         table_bytes = sum(table.rows for table in spec.tables) * spec.dim * 4
-        assert estimate_bytes(spec, ["{name}"]) == 123.0 * table_bytes
+        assert estimate_bytes(spec, ["{name}"]) == 123.0 * table_bytes + WORKER_BASE_BYTES
     """)
     assert memory.returncode == 0, memory.stderr
     # The planner and a worker (told of the directory) run it, and the report shows it.

@@ -177,14 +177,14 @@ def write_csv(frame: pd.DataFrame, path: Path) -> None:
 
 def write_figure(table: pd.DataFrame, path: Path) -> bool:
     """Draw locality.png; False (and a message) when nothing was measured."""
-    from reports import plots
+    from reports import canvas, plots
 
     try:
         figure = plots.locality_figure(table)
     except plots.NoData as reason:
         print(f"locality: no figure: {reason}", file=sys.stderr)
         return False
-    write_atomic(path, plots.figure_to_png(figure))
+    write_atomic(path, canvas.figure_to_png(figure))
     return True
 
 

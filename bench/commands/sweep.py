@@ -28,9 +28,14 @@ EXIT_CODES_HELP = (f"exit status: {EXIT_OK} every configuration measured or skip
                    f"{EXIT_USAGE} bad input, refused before any work; {EXIT_SOME_ERRORED} some "
                    "configurations errored (an error row is a kernel that crashed or failed its "
                    "float64 check; the other rows, the summary and the report are still "
-                   f"written); {EXIT_INTERRUPTED} interrupted (finish with --resume)")
+                   f"written); {EXIT_INTERRUPTED} interrupted by Ctrl-C or SIGTERM (the workers "
+                   "are ended; finish with --resume)")
 QUICK_PRECISIONS = "fp32,bf16,int8"
 FULL_PRECISIONS = ",".join(registry.PRECISIONS)
+# Upper bounds of the time flags: beyond them a value is a typo (1e9 s is 31 years of timing
+# one configuration), not a plan, and is refused before any work.
+MAX_MIN_RUN_TIME_S = 3600.0
+MAX_TASK_TIMEOUT_S = 86400.0
 QUICK_POLICY = TimingPolicy(min_run_time_s=0.2, min_samples=10, max_run_time_s=5.0)
 FULL_POLICY = TimingPolicy(min_run_time_s=1.0, min_samples=20, max_run_time_s=30.0)
 
@@ -62,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "sweep also runs FC and SLS at avx2, avx512, amx)")
     parser.add_argument("--threads", type=whole_numbers, default="1",
                         help="thread counts, e.g. 1,2")
-    parser.add_argument("--batch-size", help="override the workloads' batch size(s)")
+    parser.add_argument("--batch-size", help="override the workloads' batch size(s) (default: "
+                                             "each preset's; on --device cuda, kaggle 65,536 "
+                                             "and mlperf 55,296)")
     parser.add_argument("--max-rows", type=int, help="cap every table at this many rows")
     parser.add_argument("--dist", help="index distribution for every table: uniform, zipf:ALPHA, "
                                        "trace:PATH, hitrate:RATE@CAPACITY_ROWS or "
@@ -82,15 +89,27 @@ def build_parser() -> argparse.ArgumentParser:
                         help="TT-Rec: compress the K largest tables in dlrm_infer/dlrm_train")
     parser.add_argument("--tt-rank", type=whole_numbers,
                         help="TT-Rec ranks to sweep (tt_sls and TT models), e.g. 8,16")
+    parser.add_argument("--compile-mode", type=names,
+                        help="torch.compile modes of the compiled impls, e.g. "
+                             "default,max-autotune,reduce-overhead (default: default); each "
+                             "mode is its own row, its compile time in metrics compile_s")
     parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--min-run-time", type=positive_float,
-                        help="seconds of timing per configuration")
+                        help="seconds of timing per configuration (at most "
+                             f"{MAX_MIN_RUN_TIME_S:g}; keep it below --task-timeout)")
     parser.add_argument("--calls-per-rep", type=positive_int, default=1, metavar="N",
                         help="call each timed closure N times back to back per repetition "
                              "(default 1). For validating the regression checker: a run at N=5 "
                              "does exactly 25%% more work per row than one at N=4, with the same "
                              "task keys and code versions. Times are per repetition; "
                              "samples/s, GB/s and GFLOP/s count all N calls")
+    parser.add_argument("--replicates", type=positive_int, default=1, metavar="K",
+                        help="measure every configuration in K fresh worker processes, "
+                             "interleaved (replicate 1 of every group, then replicate 2, ...); "
+                             "rows carry metrics replicate k. `check` then tests a change across "
+                             "processes, not only across one process's samples: a process's "
+                             "shift is shared by all its samples. 3 is what `check` needs to "
+                             "prove a 25%% change (docs/regression-checks.md); default 1")
     parser.add_argument("--metric", choices=("time", "instructions"), default="time",
                         help="what each configuration records: time (wall clock, the default) "
                              "or instructions (per call, counted by Valgrind's callgrind in one "
@@ -103,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "last-level data-cache misses per call (slower; these machines "
                              "have no hardware counters)")
     parser.add_argument("--task-timeout", type=positive_float, default=900.0,
-                        help="seconds before a hung configuration becomes an error row")
+                        help="seconds before a hung configuration becomes an error row "
+                             f"(at most {MAX_TASK_TIMEOUT_S:g})")
     parser.add_argument("--out", default="results", help="output directory (default: results/)")
     parser.add_argument("--run-id", help="name of the run directory (default: timestamp)")
     parser.add_argument("--resume", metavar="RUN_DIR",
@@ -126,7 +146,7 @@ def workload_choices(args) -> WorkloadChoices:
     return WorkloadChoices(workloads=args.workload or DEFAULT_WORKLOADS, max_rows=args.max_rows,
                            dist=args.dist, batch_sizes=args.batch_size, rows=str(args.rows),
                            dim=args.dim, pooling=args.pooling, num_tables=args.num_tables,
-                           quick_defaults=args.quick_defaults)
+                           quick_defaults=args.quick_defaults, devices=tuple(args.device))
 
 
 def list_choices() -> str:
@@ -171,6 +191,11 @@ def _options(args) -> dict:
         options["tt_ranks"] = args.tt_rank
     if args.membw_sizes:
         options["membw_sizes"] = args.membw_sizes
+    if args.compile_mode:
+        from bench.ops.dlrm_compiled import COMPILE_MODES
+
+        options["compile_modes"] = _choose(args.compile_mode, COMPILE_MODES,
+                                           "--compile-mode value")
     if args.calls_per_rep != 1:
         options["calls_per_rep"] = args.calls_per_rep
     if args.metric != "time":
@@ -205,7 +230,18 @@ def parse_sweep(argv: list[str]):
     parser = build_parser()
     args = parser.parse_args(argv)
     args.quick_defaults = not args.full
+    _check_time_limits(args)
     return args
+
+
+def _check_time_limits(args) -> None:
+    """Refuse time flags no configuration could honour (UsageError)."""
+    if args.min_run_time is not None and args.min_run_time > MAX_MIN_RUN_TIME_S:
+        raise UsageError(f"--min-run-time {args.min_run_time:g}: give at most "
+                         f"{MAX_MIN_RUN_TIME_S:g} seconds of timing per configuration")
+    if args.task_timeout > MAX_TASK_TIMEOUT_S:
+        raise UsageError(f"--task-timeout {args.task_timeout:g}: give at most "
+                         f"{MAX_TASK_TIMEOUT_S:g} seconds")
 
 
 # The default sweep also shows what each SIMD level buys, on the two ops where it matters most
@@ -262,7 +298,9 @@ def sweep(argv: list[str]) -> int:
             raise UsageError(f"--threads {count}: this machine has {available_cpus} usable CPUs")
     impl_filter = set(args.impls) if args.impls else None
     workloads = resolve_workloads(workload_choices(args))
-    sweeping.check_memory(workloads, ops, devices.available_memory_bytes())
+    for device in device_list:
+        sweeping.check_memory(workloads, ops, devices.available_memory_bytes(), device,
+                              sweeping.device_memory_bytes(device))
     # What the user named decides which configurations that cannot run are skip rows and which
     # are left out of the plan (sweeping.Named).
     named = sweeping.Named(frozenset(args.ops or ()), frozenset(args.impls or ()),
@@ -292,13 +330,18 @@ def sweep(argv: list[str]) -> int:
 
     try:
         code = execute(argv, planned, directory, run_id, resuming, policy, args.task_timeout,
-                       count_policy, counting, left_out=left_out)
+                       count_policy, counting, replicates=args.replicates,
+                       left_out=left_out)
     except RunDirectoryError as error:
         raise UsageError(str(error)) from None
     if code != 0:
         return code
     results_path = directory / RESULTS_FILENAME
     rows = read_rows(results_path)
+    if args.replicates > 1:  # one summary line per configuration, its replicates pooled
+        from reports.spread import pool_replicates
+
+        rows = getattr(pool_replicates(rows), "rows", rows)
     print(render_summary(rows))
     counts = {status: sum(row.status == status for row in rows)
               for status in (STATUS_OK, STATUS_SKIPPED, STATUS_ERROR)}

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from bench.records import STATUS_ERROR, ResultRow, ResultsWriter, read_rows, write_json
-from bench.run import timing
+from bench.run import lifeline, timing
 
 
 def _statuses(directory: Path) -> dict[int, dict]:
@@ -81,6 +81,9 @@ def launch(job: dict, directory: Path, nproc: int, nnodes: int, rdzv_endpoint: s
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
                f"--nnodes={nnodes}", "--max-restarts=0", *rendezvous,
                "-m", "bench.distributed.rank", str(job_path)]
+    # Tied to this process: if the dist command is killed, torchrun gets SIGTERM and ends its
+    # ranks (each rank is tied to torchrun in turn), instead of running on as orphans.
+    command = lifeline.tied_command(command, signal.SIGTERM)
     log_path = directory / "worker.log"
     with open(log_path, "ab") as log:
         # A new session: on a hang the whole process group (torchrun and its ranks) is ended.

@@ -8,6 +8,7 @@ import inspect
 import json
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ from bench.distributed.plan import plan_sharding
 from bench.records import (STATUS_ERROR, STATUS_OK, STATUS_SKIPPED, ResultRow, ResultsWriter,
                            dumps_compact, record_summary, summarize, utc_timestamp, write_json)
 from bench.registry import Unsupported
-from bench.run import devices
+from bench.run import devices, lifeline
 from workloads.specs import WorkloadSpec
 
 CODE_VERSION = hashlib.sha256((inspect.getsource(hybrid) + inspect.getsource(collectives))
@@ -281,6 +282,10 @@ def skipped(job: dict, config: dict) -> ResultRow:
 @record
 def main(argv: list[str]) -> int:
     """Run every configuration of the job file; rank 0 appends a row after each."""
+    # torchrun starts each rank in a session of its own: a rank must end itself when torchrun
+    # is gone (killed outright), or it runs on as an orphan. launch.py names torchrun's pid.
+    lifeline.die_with_parent(int(os.environ.get(lifeline.TIED_PID_ENV, os.getppid())),
+                             signal.SIGKILL)
     job = json.loads(Path(argv[0]).read_text())
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     _pin(local_rank, job["threads"])

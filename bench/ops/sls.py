@@ -7,9 +7,10 @@ import functools
 import torch
 
 from bench.models.dlrm import flatten_tables, row_start_values
-from bench.ops.common import (BYTES_PER_VALUE, FLOAT_DTYPES, PooledTable, as_tensors, cycling,
-                              lookup_bound, lookup_bytes, mean_lookups, require_huge_pages,
-                              rotation_metrics, table_weight, workload_rotation_plan)
+from bench.ops.common import (FLOAT_DTYPES, PooledTable, as_tensors, cycling, lookup_bound,
+                              lookup_bytes, mean_lookups, require_huge_pages, rotation_metrics,
+                              table_weight, workload_rotation_plan)
+from bench.precisions import BYTES_PER_VALUE
 from bench.references import table_lookup64
 from bench.registry import BuildContext, Op, Prepared, impl, reason_of, register_op
 from workloads.generators import rotating_table_batches

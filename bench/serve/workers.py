@@ -7,12 +7,14 @@ import dataclasses
 import multiprocessing
 import os
 import queue
+import signal
 import traceback
 import warnings
 from typing import Any, Optional
 
 from bench import faults
 from bench.faults import PlantedFault
+from bench.run import lifeline
 from bench.serve.batching import STOP, Batcher, BatchPolicy, Query
 from bench.serve.queries import QueryTable
 
@@ -71,6 +73,11 @@ def warm_up_windows(items: int, pool_rows: int) -> list[tuple[int, int]]:
 
 def serve_forever(config: WorkerConfig, inbox, outbox) -> None:
     """A worker process's body: build, check, warm up, report ready, then serve until STOP."""
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        # A serve command killed outright runs no cleanup, and this worker holds the write
+        # end of its own inbox: it would wait (or serve) forever as an orphan.
+        lifeline.die_with_parent(parent.pid, signal.SIGKILL)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=".*quantiz.*")
     try:

@@ -15,6 +15,7 @@ from bench import commands
 from bench.commands import sweep as cli
 from bench.run import execute as runner
 from bench.records import STATUS_ERROR, STATUS_OK, read_rows
+from bench.run.settings import WorkerSettings
 
 # Cheap sweep arguments: if validation let a case through, it would run one small row.
 SMALL = ["--workload", "smoke", "--precision", "fp32", "--min-run-time", "0.01", "--no-report"]
@@ -202,5 +203,6 @@ def test_run_directory_that_cannot_be_written_is_one_line_and_removed(monkeypatc
 
     monkeypatch.setattr(runner, "write_json", full_disk)
     with pytest.raises(runner.RunDirectoryError, match="No space left on device"):
-        runner._start_run_directory(tmp_path / "out" / "run", [], "run", cli.QUICK_POLICY, [])
+        runner._start_run_directory(tmp_path / "out" / "run", [],
+                                    WorkerSettings("run", cli.QUICK_POLICY), [])
     assert list(tmp_path.iterdir()) == []

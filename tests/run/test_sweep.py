@@ -19,7 +19,8 @@ from bench.ops.ceilings import GATHER_ROW_BYTES
 from bench.records import (COLUMNS, STATUS_ERROR, STATUS_OK, STATUS_SKIPPED, ResultsWriter,
                            read_rows, samples_from_row)
 from bench.run.settings import WorkerSettings
-from bench.run.sweep import MACHINE_WORKLOAD, check_memory, estimate_bytes, plan, run_tasks
+from bench.run.sweep import (MACHINE_WORKLOAD, WORKER_BASE_BYTES, check_memory, estimate_bytes,
+                              plan, run_tasks)
 from bench.run.tasks import Task
 from bench.run.timing import TimingPolicy
 from workloads import presets
@@ -116,15 +117,17 @@ def test_check_memory_accepts_what_fits_and_refuses_what_does_not():
     message = str(error.value)
     assert "kaggle" in message and "--max-rows" in message
     needed = float(re.search(r"needs about ([\d.]+) GiB", message).group(1))
-    assert needed == pytest.approx(33_762_577 * 16 * 4 * 6 / GIB, abs=0.05)
+    assert needed == pytest.approx((33_762_577 * 16 * 4 * 6 + WORKER_BASE_BYTES) / GIB,
+                                   abs=0.05)
 
 
 def test_check_memory_single_sls_counts_the_largest_table_only():
     kaggle = presets.kaggle()
     largest = 10_131_227 * 16 * 4  # one table, as sls looks up one
-    check_memory([kaggle], ["sls"], int(3.0 * largest / 0.9) + 1)
+    needed = 3.0 * largest + WORKER_BASE_BYTES
+    check_memory([kaggle], ["sls"], int(needed / 0.9) + 1)
     with pytest.raises(SpecError):
-        check_memory([kaggle], ["sls"], int(3.0 * largest / 0.9) - 1000)
+        check_memory([kaggle], ["sls"], int(needed / 0.9) - 1000)
 
 
 def _hinted_rows(error: SpecError) -> int:
@@ -146,7 +149,7 @@ def test_following_the_max_rows_hint_fits(name, ops, available):
 def test_table_free_ops_do_not_change_the_memory_estimate():
     kaggle = presets.kaggle()
     # sls holds the largest table, a copy, and (huge_pages) a copy in huge pages.
-    largest_thrice = 3.0 * 10_131_227 * 16 * 4
+    largest_thrice = 3.0 * 10_131_227 * 16 * 4 + WORKER_BASE_BYTES  # and the worker itself
     assert estimate_bytes(kaggle, ["fc", "interaction", "membw", "gemm_peak"]) == 0.0
     assert estimate_bytes(kaggle, ["sls"]) == largest_thrice
     assert estimate_bytes(kaggle, ["sls", "fc", "interaction"]) == largest_thrice
