@@ -17,7 +17,7 @@ from bench.compare_outputs import whole_model_bound
 from bench.models.dlrm import DLRM, batch_tensors, build_dlrm
 from bench.models.dlrm_reference import reference_train_step
 from bench.ops.common import cycling, rotation_metrics
-from bench.ops.dlrm import LEARNING_RATE, after_step, build_infer
+from bench.ops.dlrm import LEARNING_RATE, after_step, build_infer, dense_only
 from bench.ops.dlrm_batches import model_rotation_plan, rotating_labelled_batches
 from bench.ops.dlrm_costs import embedding_traffic, model_bytes, model_flops, training_bytes
 from bench.registry import BuildContext, Prepared, Unsupported, impl
@@ -247,7 +247,7 @@ def build_graphed_train(context: BuildContext, capture: Callable = capture_cuda,
     )
 
 
-@impl("dlrm_infer", "cuda_graph", INFER_PRECISIONS, devices=("cuda",),
+@impl("dlrm_infer", "cuda_graph", INFER_PRECISIONS, devices=("cuda",), pairs=dense_only,
       description="batched inference captured once into a CUDA graph and replayed (inputs "
                   "copied into static buffers each call)")
 def build_infer_cuda_graph(context: BuildContext) -> Prepared:
@@ -255,7 +255,7 @@ def build_infer_cuda_graph(context: BuildContext) -> Prepared:
     return build_graphed_infer(context)
 
 
-@impl("dlrm_train", "cuda_graph", TRAIN_PRECISIONS, devices=("cuda",),
+@impl("dlrm_train", "cuda_graph", TRAIN_PRECISIONS, devices=("cuda",), pairs=dense_only,
       description="fused_sgd's whole step (forward, backward, SGD in backward) captured once "
                   "into a CUDA graph and replayed (inputs copied into static buffers)")
 def build_train_cuda_graph(context: BuildContext) -> Prepared:
