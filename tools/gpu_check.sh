@@ -151,8 +151,9 @@ say "gpu_check: device $DEVICE, tiny $TINY, budget ${BUDGET_S} s, out $OUT_DIR, 
 # ---------------------------------------------------------------- steps, most important first
 step env 30 bash -c "nvidia-smi || echo 'nvidia-smi: not here'; \"$PY\" -c 'import sys, torch; print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"available\", torch.cuda.is_available(), \"gpus\", torch.cuda.device_count())'"
 
+# The GPU tests of the measuring packages; never tests/tools (this script's own test runs it).
 TESTS=$(ls tests/run/test_cuda.py tests/run/test_gpu_path.py tests/run/test_telemetry.py \
-        tests/*/test_*cuda*.py tests/*/test_*triton*.py tests/*/test_*gpu*.py 2>/dev/null | sort -u)
+        tests/{run,ops,models,distributed,serve}/test_*{cuda,triton,gpu}*.py 2>/dev/null | sort -u)
 # shellcheck disable=SC2086
 step gpu_tests 90 "$PY" -m pytest -p no:cacheprovider -q -rs --junitxml="$RUNS/gpu_tests.xml" $TESTS
 

@@ -279,9 +279,11 @@ def reference_row(spec: WorkloadSpec, mode: str, options, policy: TimingPolicy, 
     }
     if mode == "train":
         params.update({
-            "timing": f"the reference's own per-iteration time (--print-time --print-freq=1, "
-                      f"time.time() from the loaded batch to optimizer.step()), "
-                      f"{options.warmup} warm-up iterations dropped",
+            "timing": "the reference's own per-iteration time (--print-time --print-freq=1, "
+                      "time.time() from the loaded batch to optimizer.step()"
+                      + ("; with --use-gpu it synchronizes before each reading and the time "
+                         "includes its copy of each batch to the GPU" if is_cuda(device) else "")
+                      + f"), {options.warmup} warm-up iterations dropped",
             "optimizer": "SGD", "lr": LEARNING_RATE, "loss": LOSS_FUNCTION,
             "iterations": options.iterations, "warmup_iterations": options.warmup,
             "arguments": reference_arguments(spec, options.warmup + options.iterations,

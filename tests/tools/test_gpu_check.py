@@ -81,6 +81,9 @@ def test_failing_steps_do_not_stop_the_later_ones(tmp_path):
     assert members["gpu_check_summary.tsv"] == (out / "gpu_check_summary.tsv").read_bytes()
     log = (out / "gpu_check.log").read_text()
     assert all(f"step {name}: " in log for name in STEPS)
+    # The GPU tests never include this test (it would run the script inside itself).
+    (tests_line,) = [line for line in log.splitlines() if "step gpu_tests: start" in line]
+    assert "tests/run/test_cuda.py" in tests_line and "tests/tools" not in tests_line
 
 
 @pytest.mark.slow
