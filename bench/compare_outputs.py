@@ -170,6 +170,56 @@ def whole_model_bound(expected, precision: str):
     return scale.broadcast_to(rows.shape).reshape(expected.shape)
 
 
+# Row-wise Adagrad (row -= lr g / (sqrt(s + mean g^2) + eps)) normalises each row's summed
+# gradient g by its own RMS, so its error is the gradient's error relative to g, not to the
+# rows: a row whose gradient is near its own rounding error moves by O(lr) in any direction,
+# which no bound relative to the rows' magnitude admits. The bound below follows from an
+# elementwise bound delta on g's error (|d| <= delta), rigorously, not to first order: with
+# a = sqrt(s + mean g^2) + eps, rms(g + d) is within rms(d) of rms(g) (a norm), so the perturbed
+# denominator a' >= max(a - rms(delta), sqrt(s) + eps) and
+# |f(g + d) - f(g)|_j <= lr (delta_j + |g_j| rms(delta) / a) / a';
+# and never more than both updates' magnitudes, |f(g)_j| + lr min((|g_j| + delta_j) / a',
+# sqrt(D)) (an element of g + d is at most sqrt(D) times its RMS).
+
+
+def summed_gradient_error(bag_error64: torch.Tensor, upstream64: torch.Tensor,
+                          owners: torch.Tensor, positions: torch.Tensor,
+                          num_rows: int) -> torch.Tensor:
+    """Bound [rows, dim] on the error of each row's gradient summed over its lookups (sum
+    pooling): the lookups' bags' errors added, plus fp32 accumulation (L + 2) u sum |terms|."""
+    owners, positions = owners.cpu().long(), positions.cpu().long()
+    zeros = torch.zeros(num_rows, upstream64.shape[1], dtype=torch.float64)
+    error = zeros.index_add(0, positions, bag_error64[owners])
+    magnitude = zeros.index_add(0, positions, upstream64[owners].abs())
+    lookups = torch.bincount(positions, minlength=num_rows).to(torch.float64).unsqueeze(1)
+    return error + (lookups + 2) * ACCUMULATION_ROUNDOFF * magnitude
+
+
+def rowwise_adagrad_bound(rows64: torch.Tensor, grad64: torch.Tensor, state64: torch.Tensor,
+                          gradient_error: torch.Tensor, learning_rate: float,
+                          eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bounds on a row-wise Adagrad step's updated rows [rows, dim] and states [rows] from a
+    bound on its gradient's error (see above), plus the step's own fp32 arithmetic."""
+    dim = grad64.shape[1]
+    magnitude = grad64.abs()
+    new_state = state64 + grad64.pow(2).mean(dim=1)
+    denominator = (new_state.sqrt() + eps).unsqueeze(1)
+    spread = gradient_error.pow(2).mean(dim=1, keepdim=True).sqrt()
+    perturbed = torch.maximum(denominator - spread, (state64.sqrt() + eps).unsqueeze(1))
+    step = learning_rate * (gradient_error + magnitude * spread / denominator) / perturbed
+    largest = learning_rate * torch.minimum((magnitude + gradient_error) / perturbed,
+                                            torch.full_like(magnitude, math.sqrt(dim)))
+    own = learning_rate * magnitude / denominator
+    update = torch.minimum(step, largest + own)
+    # fp32 arithmetic of the step: the mean over dim terms, sqrt, eps, divide, scale, subtract.
+    arithmetic = (dim + 8) * ACCUMULATION_ROUNDOFF
+    rows = update + arithmetic * ((rows64 - learning_rate * grad64 / denominator).abs()
+                                  + largest)
+    state = (2 * magnitude * gradient_error + gradient_error.pow(2)).mean(dim=1)
+    state = state + arithmetic * (new_state + state)
+    return rows, state
+
+
 # ------------------------------------------------------------------ bounds of common kernels
 
 def representation_roundoff(precision: str) -> float:

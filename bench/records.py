@@ -7,6 +7,7 @@ import base64
 import binascii
 import csv
 import dataclasses
+import datetime
 import io
 import json
 import math
@@ -182,6 +183,20 @@ class ResultRow:
     error: str = ""
     samples_s: str = "[]"  # per-repetition seconds: encode_samples form (or a JSON list)
     timestamp: str = ""
+
+
+def utc_timestamp() -> str:
+    """Now in UTC to the second, as rows record it (ISO 8601 with +00:00)."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def record_summary(row: ResultRow, summary: Summary) -> None:
+    """A measurement's sample count, raw samples (all of them) and statistics into the row's
+    timing columns."""
+    row.n_samples, row.calls_per_sample = len(summary.samples_s), summary.calls_per_sample
+    row.samples_s = encode_samples(summary.samples_s)
+    row.median_s, row.mean_s, row.min_s = summary.median_s, summary.mean_s, summary.min_s
+    row.p90_s, row.p99_s, row.iqr_s = summary.p90_s, summary.p99_s, summary.iqr_s
 
 
 COLUMNS = tuple(field.name for field in dataclasses.fields(ResultRow))

@@ -6,8 +6,10 @@ import dataclasses
 import hashlib
 import importlib
 import inspect
+import os
 import pkgutil
-from typing import Any, Callable, Optional
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
 
@@ -135,8 +137,27 @@ def impl(op: str, name: str, precisions: tuple[str, ...], baseline: bool = False
     return register
 
 
+def add_op_directory(directory: Union[str, os.PathLike]) -> None:
+    """Also discover op modules in directory (imported as bench.ops.<name>, as if they were
+    in bench/ops); sweep workers are told of it too. Tests write throw-away ops there."""
+    import bench.ops
+
+    path = str(Path(directory).resolve())
+    if path not in bench.ops.__path__:
+        bench.ops.__path__.append(path)
+
+
+def op_directories() -> list[str]:
+    """The directories added by add_op_directory, in the order they were added."""
+    import bench.ops
+
+    home = str(Path(bench.ops.__file__).resolve().parent)
+    return [path for path in bench.ops.__path__ if str(Path(path).resolve()) != home]
+
+
 def load_all() -> None:
-    """Import every module of the bench.ops package (found by a scan) so its registrations run."""
+    """Import every module of the bench.ops package (found by a scan of its directory and any
+    added by add_op_directory) so its registrations run."""
     import bench.ops
 
     for module in pkgutil.iter_modules(bench.ops.__path__):

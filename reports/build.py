@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import re
+from html import escape
 from pathlib import Path
 from typing import Callable
 
@@ -12,7 +13,9 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from bench.records import write_atomic
-from reports import dist, plots, serving, tables, workingset
+from reports import (canvas, cells, comparison, dist, glance, headline, order, plots, roofline,
+                     roofline_plot, roofs, runs, serving, tables, values, workingset)
+from reports.compare import DEFAULT_ALPHA, DEFAULT_FACTOR
 from reports.html import FigureBlock, NoteBlock, Section, TableBlock, render_page
 
 REPORT_TITLE = "dlrm-bench report"
@@ -43,11 +46,11 @@ def figure_block(name: str, caption: str, draw: Callable[[], Figure]) -> FigureB
     """Draw one figure, or a note saying why it is absent."""
     try:
         figure = draw()
-    except plots.NoData as reason:
+    except canvas.NoData as reason:
         return NoteBlock(f"Figure skipped ({caption}): {reason}.")
     except Exception as failure:  # one broken figure must not cost the whole report
         return NoteBlock(f"Figure failed ({caption}): {type(failure).__name__}: {failure}")
-    return FigureBlock(f"{FIGURE_PREFIX}{name}.png", plots.figure_to_png(figure), caption)
+    return FigureBlock(f"{FIGURE_PREFIX}{name}.png", canvas.figure_to_png(figure), caption)
 
 
 def table_or_note(title: str, table: pd.DataFrame, empty_note: str) -> TableBlock | NoteBlock:
@@ -55,45 +58,75 @@ def table_or_note(title: str, table: pd.DataFrame, empty_note: str) -> TableBloc
     return TableBlock(title, table) if not table.empty else NoteBlock(empty_note)
 
 
-def run_section(runs: list[tables.Run]) -> Section:
-    """Host facts, arguments and row counts of every run."""
-    blocks = [TableBlock(f"Run {run.label}", tables.run_facts_table(run)) for run in runs]
+def glance_section(run: runs.Run, roofline_rows: pd.DataFrame,
+                   op_order: dict[str, float]) -> Section:
+    """What a reader came for: the best whole model against the reference, and the roofline."""
+    blocks = [NoteBlock(glance.run_line(run))]
+    models = glance.best_model_table(run.frame, op_order)
+    if models.empty:
+        models_named = ", ".join(glance.WHOLE_MODEL_OPS)
+        blocks.append(NoteBlock(f"No measured whole-model rows ({models_named}) in this run: "
+                                "see the Summary for the best of each op."))
+    else:
+        blocks += [NoteBlock(glance.model_line(models)), TableBlock(
+            "Best whole-model samples/s per workload; vs_reference = that speed over "
+            f"{headline.HEADLINE_REFERENCE_IMPL} in the same slot (workload, variant, batch, "
+            "device, ISA level, threads), blank where the reference did not run there", models)]
+    placement = glance.placement_table(run.frame, roofline_rows, op_order)
+    if placement.empty:
+        blocks.append(NoteBlock("No op shares a (device, isa) group with measured ceilings "
+                                "(membw, gemm_peak): nothing is placed on the roofline."))
+    else:
+        blocks += [NoteBlock(glance.placement_line(placement)), TableBlock(
+            "Best configuration per op on the roofline: efficiency = share of the roof its "
+            "working set meets; bound = memory below the ridge intensity, compute above it",
+            placement)]
+    return Section("At a glance", "glance", blocks)
+
+
+def run_section(loaded: list[runs.Run]) -> Section:
+    """Host facts, arguments and row counts of every run, folded away."""
+    blocks = [TableBlock(f"Run {run.label}: host facts, arguments and row counts",
+                         tables.run_facts_table(run), folded=True) for run in loaded]
     return Section("Runs", "runs", blocks)
 
 
-def summary_section(frame: pd.DataFrame, roofline: pd.DataFrame) -> Section:
+def summary_section(frame: pd.DataFrame, roofline_rows: pd.DataFrame,
+                    op_order: dict[str, float]) -> Section:
     """Best configuration per op and workload."""
-    summary = tables.summary_table(frame, roofline)
+    summary = tables.summary_table(frame, roofline_rows, op_order)
     return Section("Summary", "summary", [
         table_or_note("Best configuration per op, workload and device (noise = IQR / median; "
                       "efficiency against the roofline)", summary, "No measured op rows."),
     ])
 
 
-def headline_section(runs: list[tables.Run]) -> Section:
+def headline_section(frame: pd.DataFrame, op_order: dict[str, float]) -> Section:
     """Whole models and batched lookups: every impl against the baseline and the reference."""
-    headline = tables.headline_table(runs[0].frame)
+    table = headline.headline_table(frame, op_order)
     return Section("Headline: every impl against the baseline and the public reference",
                    "headline", [
         table_or_note(
-            f"Per workload, every impl of {', '.join(tables.HEADLINE_OPS)} at each precision",
-            headline, "No measured dlrm_train, dlrm_infer or sls_multi rows."),
+            f"Per workload, every impl of {', '.join(headline.HEADLINE_OPS)} at each precision",
+            table, "No measured dlrm_train, dlrm_infer or sls_multi rows."),
         NoteBlock(
             "vs_baseline = median_s of the op's baseline impl (column baseline) at the same "
             "precision / this row's median_s; vs_reference = median_s of "
-            f"{tables.HEADLINE_REFERENCE_IMPL} (the public DLRM reference, "
+            f"{headline.HEADLINE_REFERENCE_IMPL} (the public DLRM reference, "
             "`run_bench.py reference`, fp32 only) / this row's median_s, at every precision; "
             "above 1 is faster. Rows are compared within one workload, variant, batch size, "
             "device, ISA level and thread count; blank where that row is absent."),
     ])
 
 
-def roofline_group_blocks(ceilings: tables.Ceilings, points: pd.DataFrame) -> list:
+def roofline_group_blocks(ceilings: roofs.Ceilings, points: pd.DataFrame,
+                          op_order: dict[str, float]) -> list:
     """The figure of one (device, isa) group and a note on rows it cannot place."""
     name = f"roofline-{slug(ceilings.device)}-{slug(ceilings.isa)}"
     caption = f"Roofline, device {ceilings.device}, isa {ceilings.isa}"
-    blocks = [figure_block(name, caption, lambda: plots.roofline_figure(ceilings, points))]
-    unplaced = int((~tables.positive_mask(points["intensity"])).sum())
+    blocks = [figure_block(name, caption,
+                           lambda: roofline_plot.roofline_figure(ceilings, points, op_order))]
+    unplaced = int((~values.positive_mask(points["intensity"])).sum())
     if unplaced:
         blocks.append(NoteBlock(
             f"{unplaced} row(s) of {ceilings.device}/{ceilings.isa} have no arithmetic "
@@ -101,7 +134,8 @@ def roofline_group_blocks(ceilings: tables.Ceilings, points: pd.DataFrame) -> li
     return blocks
 
 
-def roofline_section(ceilings_by_group: dict, roofline: pd.DataFrame) -> Section:
+def roofline_section(ceilings_by_group: dict, roofline_rows: pd.DataFrame,
+                     op_order: dict[str, float]) -> Section:
     """Ceilings, roofline figures, efficiency and memory/compute classification."""
     section = Section("Roofline", "roofline")
     if not ceilings_by_group:
@@ -109,37 +143,38 @@ def roofline_section(ceilings_by_group: dict, roofline: pd.DataFrame) -> Section
             "No machine-ceiling rows (op membw or gemm_peak) in this run: roofline, "
             "efficiency and memory/compute classification skipped."))
         return section
-    section.blocks.append(TableBlock("Machine ceilings", tables.ceilings_table(ceilings_by_group)))
+    section.blocks.append(TableBlock("Machine ceilings", roofs.ceilings_table(ceilings_by_group)))
     for key, ceilings in ceilings_by_group.items():
-        points = roofline[(roofline["device"] == key[0]) & (roofline["isa"] == key[1])]
+        points = roofline_rows[(roofline_rows["device"] == key[0])
+                               & (roofline_rows["isa"] == key[1])]
         if not points.empty:
-            section.blocks += roofline_group_blocks(ceilings, points)
+            section.blocks += roofline_group_blocks(ceilings, points, op_order)
     section.blocks.append(NoteBlock(
         "Efficiency = achieved GFLOP/s / min(compute peak, memory roof x intensity), or GB/s / "
         "memory roof without flops. Each row is placed under the memory roof its working set "
-        f"meets: '{tables.IN_CACHE_ROOF}' (the best membw stream buffer within the "
+        f"meets: '{roofs.IN_CACHE_ROOF}' (the best membw stream buffer within the "
         "last-level cache) when the working set fits in the LLC of env.json, else "
-        f"'{tables.GATHER_ROOF}' (random rows of the nearest row size from a buffer beyond "
-        f"the LLC) for lookups, else '{tables.DRAM_ROOF}' (the largest membw buffer); a "
+        f"'{roofs.GATHER_ROOF}' (random rows of the nearest row size from a buffer beyond "
+        f"the LLC) for lookups, else '{roofs.DRAM_ROOF}' (the largest membw buffer); a "
         "working set between the LLC and that probe's buffer is partly cached and bounded by "
         "the in-cache roof. limit says whether the compute peak or the memory roof binds. "
         "Working set: the table for lookups (at most what their rotating batches read), the "
         "model for whole-model ops, else the bytes one call moves. The compute peak is the "
         "gemm_peak of the row's precision, else the highest peak measured."))
-    above = roofline[roofline["note"] == tables.ABOVE_ROOF_NOTE]
+    above = roofline_rows[roofline_rows["note"] == roofline.ABOVE_ROOF_NOTE]
     if not above.empty:
         section.blocks.append(NoteBlock(
-            f"{len(above)} row(s) exceed 100% of their roof ({tables.joined_unique(above['op'])}):"
+            f"{len(above)} row(s) exceed 100% of their roof ({values.joined_unique(above['op'])}):"
             " the kernel beats the run's own probe of that roof (gemm_peak for a compute "
             "limit, membw for a memory one; skewed indices also reuse cached rows that a "
             "uniform gather probe does not), so the probe understates the machine there; they "
             "are labelled, not hidden."))
     section.blocks.append(table_or_note(
-        "Efficiency per row", tables.sort_report_rows(roofline[EFFICIENCY_COLUMNS]),
+        "Efficiency per row", order.sort_report_rows(roofline_rows[EFFICIENCY_COLUMNS], op_order),
         "No measured op row shares a (device, isa) group with the ceilings."))
     section.blocks.append(table_or_note(
         "Memory- or compute-bound (intensity against the ridge point)",
-        tables.classification_table(roofline), "Nothing to classify."))
+        roofline.classification_table(roofline_rows, op_order), "Nothing to classify."))
     return section
 
 
@@ -148,29 +183,31 @@ def figure_section(title: str, anchor: str, block: FigureBlock | NoteBlock) -> S
     return Section(title, anchor, [block])
 
 
-def latency_section(frame: pd.DataFrame) -> Section:
+def latency_section(frame: pd.DataFrame, op_order: dict[str, float]) -> Section:
     """Per-sample time distributions, labelled with how many calls each sample averages."""
-    rows = tables.measured_op_rows(frame)
-    rows = rows[tables.positive_mask(rows["median_s"])]
+    rows = runs.measured_op_rows(frame)
+    rows = rows[values.positive_mask(rows["median_s"])]
     table = rows.assign(percentiles_of=rows["calls_per_sample"].map(tables.sample_label))
     return Section("Latency distribution", "latency", [
         figure_block("latency", "Per-sample time distribution per op (CPU samples are block "
-                     "means of N calls, see the table)", lambda: plots.latency_figure(frame)),
+                     "means of N calls, see the table)",
+                     lambda: plots.latency_figure(frame, op_order)),
         NoteBlock("On CPU, torch.utils.benchmark times blocks of calls: each sample, and so "
                   "p90_s and p99_s, is the mean of calls_per_sample calls, which hides the "
                   "spread of single calls. A sample is one call only where calls_per_sample "
                   "is 1 (CUDA rows, slow closures)."),
-        table_or_note("Percentiles per row", tables.sort_report_rows(table[LATENCY_COLUMNS]),
+        table_or_note("Percentiles per row",
+                      order.sort_report_rows(table[LATENCY_COLUMNS], op_order),
                       "No measured op rows with a median time."),
     ])
 
 
-def precision_section(frame: pd.DataFrame) -> Section:
+def precision_section(frame: pd.DataFrame, op_order: dict[str, float]) -> Section:
     """Accuracy cost against speed-up for every lower precision."""
-    tradeoffs = tables.precision_tradeoffs(frame)
+    tradeoffs = tables.precision_tradeoffs(frame, op_order)
     return Section("Precision: error versus speed-up", "precision", [
         figure_block("precision", "Precision error versus speed-up over fp32",
-                     lambda: plots.precision_figure(tradeoffs)),
+                     lambda: plots.precision_figure(tradeoffs, op_order)),
         table_or_note("Lower precisions against the fastest fp32 row of the same configuration",
                       tradeoffs, "No lower-precision row has a matching fp32 row."),
     ])
@@ -203,26 +240,26 @@ def working_set_section(frame: pd.DataFrame, env: dict) -> Section:
         f"{workingset.CLIFF_THRESHOLD:.0%} between neighbouring footprints) against the sysfs "
         "cache sizes; cliff_over_cache = middle of the fall / cache size",
         workingset.cliffs_table(sweep, env), "No cliffs and no cache sizes to compare."))
-    caps = sorted(set(sweep["loop_bytes"][tables.finite_mask(sweep["loop_bytes"])]))
+    caps = sorted(set(sweep["loop_bytes"][values.finite_mask(sweep["loop_bytes"])]))
     if caps:
         section.blocks.append(NoteBlock(
             "The timed loop cycles through distinct batches (rotation_batches in params), which "
-            f"together touch at most {', '.join(tables.format_bytes(cap) for cap in caps)} of "
+            f"together touch at most {', '.join(values.format_bytes(cap) for cap in caps)} of "
             "the table (batch x pooling rows x batches): a table larger than that is never "
             "touched whole, so cliffs beyond it come from the spread of the rows, not from "
             "the table's size."))
     return section
 
 
-def comparison_blocks(first: tables.Run, second: tables.Run) -> list:
+def comparison_blocks(first: runs.Run, second: runs.Run, op_order: dict[str, float]) -> list:
     """Figure, per-op summary and matched rows of one pair of runs (the checker's verdicts)."""
-    matched, only_first, only_second = tables.compare_runs(first, second)
+    matched, only_first, only_second = comparison.compare_runs(first, second, op_order)
     blocks = [NoteBlock(
         f"{second.label} against {first.label}: {len(matched)} matched row(s) (same task key); "
         f"{only_first} only in {first.label}, {only_second} only in {second.label}. "
         f"ratio = median_s({second.label}) / median_s({first.label}); verdicts as "
         f"`run_bench.py check` gives them (Mann-Whitney U on the raw samples, p < "
-        f"{tables.DEFAULT_ALPHA:g}, beyond a {tables.DEFAULT_FACTOR * 100:g}% factor), here "
+        f"{DEFAULT_ALPHA:g}, beyond a {DEFAULT_FACTOR * 100:g}% factor), here "
         "across hosts and code versions.")]
     if first.env.get("fingerprint") != second.env.get("fingerprint"):
         blocks.append(NoteBlock("The runs have different host fingerprints (hardware or "
@@ -235,22 +272,22 @@ def comparison_blocks(first: tables.Run, second: tables.Run) -> list:
     blocks.append(figure_block(f"compare-{slug(second.label)}",
                                f"Median time ratio, {second.label} vs {first.label}",
                                lambda: plots.comparison_figure(matched, first.label,
-                                                               second.label)))
+                                                               second.label, op_order)))
     blocks.append(TableBlock(f"Per op: {second.label} vs {first.label}",
-                             tables.comparison_summary(matched)))
+                             comparison.comparison_summary(matched, op_order)))
     renamed = matched.rename(columns={"median_s_a": f"median_s {first.label}",
                                       "median_s_b": f"median_s {second.label}"})
     blocks.append(TableBlock(f"Matched rows: {second.label} vs {first.label}", renamed))
     return blocks
 
 
-def comparison_section(runs: list[tables.Run]) -> Section:
+def comparison_section(loaded: list[runs.Run], op_order: dict[str, float]) -> Section:
     """Every later run against the first one."""
     section = Section("Comparison across runs", "comparison")
-    if len(runs) < 2:
+    if len(loaded) < 2:
         section.blocks.append(NoteBlock("Only one run given: no comparison."))
-    for other in runs[1:]:
-        section.blocks += comparison_blocks(runs[0], other)
+    for other in loaded[1:]:
+        section.blocks += comparison_blocks(loaded[0], other, op_order)
     return section
 
 
@@ -262,28 +299,33 @@ def problems_section(frame: pd.DataFrame) -> Section:
     ])
 
 
-def build_sections(runs: list[tables.Run]) -> list[Section]:
+def build_sections(loaded: list[runs.Run]) -> list[Section]:
     """All report sections: analysis of the first run, then comparisons with the others."""
-    primary = runs[0]
+    primary = loaded[0]
     frame = primary.frame
-    ceilings_by_group = tables.group_ceilings(frame, primary.env)
-    roofline = tables.roofline_table(frame, ceilings_by_group)
+    # Ops sort as the runs recorded their order (the first run recording an op decides).
+    op_order = runs.merged_op_order(loaded)
+    ceilings_by_group = roofs.group_ceilings(frame, primary.env)
+    roofline_rows = roofline.roofline_table(frame, ceilings_by_group)
     return [
-        run_section(runs),
-        summary_section(frame, roofline),
-        headline_section(runs),
-        roofline_section(ceilings_by_group, roofline),
+        glance_section(primary, roofline_rows, op_order),
+        run_section(loaded),
+        summary_section(frame, roofline_rows, op_order),
+        headline_section(frame, op_order),
+        roofline_section(ceilings_by_group, roofline_rows, op_order),
         figure_section("Throughput by precision", "throughput", figure_block(
             "throughput", "Throughput by precision per op",
-            lambda: plots.throughput_figure(frame))),
+            lambda: plots.throughput_figure(frame, op_order))),
         figure_section("Speed-up by ISA level", "isa", figure_block(
-            "isa-speedup", "Speed-up by ISA level per op", lambda: plots.isa_figure(frame))),
-        latency_section(frame),
+            "isa-speedup", "Speed-up by ISA level per op",
+            lambda: plots.isa_figure(frame, op_order))),
+        latency_section(frame, op_order),
         figure_section("Thread scaling", "threads", figure_block(
-            "thread-scaling", "Thread scaling per op", lambda: plots.thread_figure(frame))),
+            "thread-scaling", "Thread scaling per op",
+            lambda: plots.thread_figure(frame, op_order))),
         working_set_section(frame, primary.env),
-        precision_section(frame),
-        comparison_section(runs),
+        precision_section(frame, op_order),
+        comparison_section(loaded, op_order),
         distributed_section(primary.rows),
         *serving_sections(primary),
         problems_section(frame),
@@ -302,7 +344,7 @@ def distributed_section(rows) -> Section:
     return Section("Distributed (hybrid parallel)", "distributed", blocks)
 
 
-def serving_sections(run: tables.Run) -> list[Section]:
+def serving_sections(run: runs.Run) -> list[Section]:
     """LoadGen's latency percentiles vs offered QPS, for a run of `run_bench.py serve`."""
     if not serving.serving_points(run.rows):
         return []
@@ -331,8 +373,11 @@ def render_markdown(title: str, subtitle: str, sections: list[Section]) -> str:
     for section in sections:
         lines += [f"## {section.title}", ""]
         for block in section.blocks:
-            if isinstance(block, TableBlock):
-                lines += [f"### {block.title}", "", tables.markdown_table(block.table), ""]
+            if isinstance(block, TableBlock) and block.folded:
+                lines += [f"<details><summary>{escape(block.title)}</summary>", "",
+                          cells.markdown_table(block.table), "", "</details>", ""]
+            elif isinstance(block, TableBlock):
+                lines += [f"### {block.title}", "", cells.markdown_table(block.table), ""]
             elif isinstance(block, NoteBlock):
                 lines += [f"> {block.text}", ""]
             elif isinstance(block, FigureBlock):
@@ -366,14 +411,14 @@ def build_report(run_dirs: list[Path], out_dir: Path | None = None) -> Path:
     if not directories:
         raise ValueError("build_report needs at least one run directory")
     report_dir = Path(out_dir) if out_dir is not None else directories[0] / "report"
-    runs = [tables.load_run(directory, label)
-            for directory, label in zip(directories, unique_labels(directories))]
+    loaded = [runs.load_run(directory, label)
+              for directory, label in zip(directories, unique_labels(directories))]
     built = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    subtitle = f"Run {runs[0].label}"
-    if len(runs) > 1:
-        subtitle += " compared with " + ", ".join(run.label for run in runs[1:])
+    subtitle = f"Run {loaded[0].label}"
+    if len(loaded) > 1:
+        subtitle += " compared with " + ", ".join(run.label for run in loaded[1:])
     subtitle += f"; built {built}."
-    write_report(report_dir, REPORT_TITLE, subtitle, build_sections(runs))
+    write_report(report_dir, REPORT_TITLE, subtitle, build_sections(loaded))
     return report_dir
 
 

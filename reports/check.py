@@ -16,6 +16,8 @@ from pathlib import Path
 
 from bench.records import (
     COLUMNS,
+    ENV_FILENAME,
+    RESULTS_FILENAME,
     STATUS_OK,
     STATUSES,
     ResultRow,
@@ -46,7 +48,6 @@ VERDICTS_FILENAME = "verdicts.csv"
 DEFAULT_PROGRAM = "python run_bench.py check"
 # The facts behind each fingerprint: env.json beside a run's results.csv, and
 # <fingerprint>.facts.json beside a stored baseline <fingerprint>.csv.
-ENV_FILENAME = "env.json"
 FACTS_SUFFIX = ".facts.json"
 
 EXIT_OK = 0
@@ -69,7 +70,7 @@ def _one_line(text: object) -> str:
 def results_csv_path(path: str | os.PathLike) -> Path:
     """The results CSV of a run directory, or the path itself when it is a file."""
     path = Path(path)
-    return path / "results.csv" if path.is_dir() else path
+    return path / RESULTS_FILENAME if path.is_dir() else path
 
 
 def _validate_row(csv_path: Path, line_number: int, row: ResultRow) -> None:
@@ -109,7 +110,7 @@ def load_results(path: str | os.PathLike) -> list[ResultRow]:
 def facts_path(path: str | os.PathLike) -> Path:
     """Where the fingerprint facts of a run directory or results CSV are recorded."""
     csv_path = results_csv_path(path)
-    if csv_path.name == "results.csv":
+    if csv_path.name == RESULTS_FILENAME:
         return csv_path.parent / ENV_FILENAME
     return csv_path.with_name(csv_path.stem + FACTS_SUFFIX)
 
@@ -151,19 +152,8 @@ def _summary_reason(verdicts: Sequence[Verdict]) -> str:
 def render_table(verdicts: Iterable[Verdict]) -> str:
     """Fixed-width table of the verdicts; the last line is the geometric-mean summary."""
     verdicts = list(verdicts)
-    body = [
-        (
-            v.op,
-            v.impl,
-            v.workload,
-            v.precision,
-            _format_ratio(v.ratio),
-            _format_p_value(v.p_value),
-            v.verdict,
-            _one_line(v.reason),
-        )
-        for v in verdicts
-    ]
+    body = [(v.op, v.impl, v.workload, v.precision, _format_ratio(v.ratio),
+             _format_p_value(v.p_value), v.verdict, _one_line(v.reason)) for v in verdicts]
     summary = (
         "geomean", "", "", "", _format_ratio(geometric_mean_ratio(verdicts)), "", "",
         _summary_reason(verdicts),

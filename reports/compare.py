@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -17,6 +17,7 @@ from bench.records import (
     samples_from_row,
 )
 from reports.moderated import moderated_p_values
+from reports.values import geometric_mean
 
 VERDICTS = (
     "IMPROVED",
@@ -70,6 +71,25 @@ class Verdict:
     # rounds' log ratios; NaN for instruction counts (decided by the factor alone).
     p_value: float = math.nan
     reason: str = ""
+
+
+@dataclass(frozen=True)
+class Side:
+    """One side of a comparison: its rows and what is known of how they were made."""
+
+    rows: Sequence[ResultRow]
+    # {fingerprint: facts} (env.json's fingerprint_facts), so that a fingerprint mismatch
+    # names the facts that differ.
+    facts: dict[str, dict] | None = None
+    # An A/B run's rounds, each a run's rows; round k of one side pairs with round k of the other.
+    rounds: Sequence[Sequence[ResultRow]] | None = None
+    # How the side was timed or counted: rows of different policies are NOT_COMPARABLE.
+    policy: dict | None = None
+
+
+def as_side(side: Side | Sequence[ResultRow]) -> Side:
+    """A Side, from a Side or from bare rows (nothing else known of them)."""
+    return side if isinstance(side, Side) else Side(rows=side)
 
 
 def _index_by_task_key(rows: Iterable[ResultRow], side: str) -> dict[str, ResultRow]:
@@ -196,18 +216,9 @@ def _status_verdict(baseline: ResultRow, candidate: ResultRow) -> Verdict | None
     return _make(candidate, "NOT_COMPARABLE", reason=f"baseline {_describe_status(baseline)}")
 
 
-def _compare_pair(
-    baseline: ResultRow,
-    candidate: ResultRow,
-    factor: float,
-    alpha: float,
-    check_code_version: bool = True,
-    baseline_facts: dict[str, dict] | None = None,
-    candidate_facts: dict[str, dict] | None = None,
-    across_hosts: bool = False,
-    metric: str = METRIC_TIME,
-    rounds=None,
-) -> Verdict:
+def _compare_pair(baseline: ResultRow, candidate: ResultRow, sides: tuple[Side, Side],
+                  factor: float, check_code_version: bool, across_hosts: bool, metric: str,
+                  rounds) -> Verdict:
     """Verdict for one task_key on both sides (TESTED, decided later, when a test ran)."""
     # Another machine or software stack says nothing about this code, failures included;
     # a report that compares machines (across_hosts) wants the comparison all the same.
@@ -216,7 +227,7 @@ def _compare_pair(
             candidate,
             "NOT_COMPARABLE",
             reason="different host or timing policy: " + describe_fingerprints(
-                baseline.fingerprint, candidate.fingerprint, baseline_facts, candidate_facts),
+                baseline.fingerprint, candidate.fingerprint, sides[0].facts, sides[1].facts),
         )
     # Status changes are reported even when the impl changed: a new crash matters most then.
     status_verdict = _status_verdict(baseline, candidate)
@@ -348,31 +359,23 @@ def _sort_key(verdict: Verdict) -> tuple[str, ...]:
 
 
 def compare_rows(
-    baseline: list[ResultRow],
-    candidate: list[ResultRow],
+    baseline: Side | Sequence[ResultRow],
+    candidate: Side | Sequence[ResultRow],
     factor: float = DEFAULT_FACTOR,
     alpha: float = DEFAULT_ALPHA,
     check_code_version: bool = True,
-    baseline_facts: dict[str, dict] | None = None,
-    candidate_facts: dict[str, dict] | None = None,
     across_hosts: bool = False,
     metric: str = METRIC_TIME,
-    baseline_rounds: list[list[ResultRow]] | None = None,
-    candidate_rounds: list[list[ResultRow]] | None = None,
-    baseline_policy: dict | None = None,
-    candidate_policy: dict | None = None,
     round_test: str = ROUND_TEST_PAIRED,
 ) -> list[Verdict]:
     """One verdict per task_key on either side, sorted; check_code_version=False for A/B runs.
 
-    metric "instructions" compares instructions per call by the factor alone. With the rounds
-    of an A/B run (paired lists, round k of both sides), time rows are tested by a paired
-    t-test on the per-round log ratios instead of a rank test on pooled samples. Either way
-    the p-values are Benjamini-Hochberg adjusted over the rows. baseline_policy /
-    candidate_policy (how each side was timed or counted): rows of different policies are
-    NOT_COMPARABLE, since a policy changes what a row's figure means."""
-    # baseline_facts / candidate_facts: {fingerprint: facts} (env.json's fingerprint_facts), so
-    # that a fingerprint mismatch names the facts that differ.
+    Each side is a Side, or just its rows. metric "instructions" compares instructions per
+    call by the factor alone. With the rounds of an A/B run (on both sides), time rows are
+    tested by a paired t-test on the per-round log ratios instead of a rank test on pooled
+    samples. Either way the p-values are Benjamini-Hochberg adjusted over the rows. Rows of
+    different policies are NOT_COMPARABLE, since a policy changes what a row's figure means."""
+    baseline, candidate = as_side(baseline), as_side(candidate)
     # By default rows whose impl source changed are NOT_COMPARABLE (a stored baseline is stale);
     # an A/B run times both versions now, so there the changed code is what is measured.
     if factor < 0:
@@ -384,17 +387,17 @@ def compare_rows(
     if round_test not in ROUND_TESTS:
         raise ValueError(f"round_test must be one of {', '.join(ROUND_TESTS)}, got "
                          f"{round_test!r}")
-    if (baseline_rounds is None) != (candidate_rounds is None):
+    if (baseline.rounds is None) != (candidate.rounds is None):
         raise ValueError("give the rounds of both sides or of neither")
     rounds = None
-    if baseline_rounds is not None:
+    if baseline.rounds is not None:
         rounds = ([{row.task_key: row.median_s for row in run if row.status == STATUS_OK}
-                   for run in baseline_rounds],
+                   for run in baseline.rounds],
                   [{row.task_key: row.median_s for row in run if row.status == STATUS_OK}
-                   for run in candidate_rounds])
-    policy_difference = _policy_difference(baseline_policy, candidate_policy)
-    baseline_by_key = _index_by_task_key(baseline, "baseline")
-    candidate_by_key = _index_by_task_key(candidate, "candidate")
+                   for run in candidate.rounds])
+    policy_difference = _policy_difference(baseline.policy, candidate.policy)
+    baseline_by_key = _index_by_task_key(baseline.rows, "baseline")
+    candidate_by_key = _index_by_task_key(candidate.rows, "candidate")
     verdicts = []
     for task_key, candidate_row in candidate_by_key.items():
         baseline_row = baseline_by_key.get(task_key)
@@ -406,8 +409,8 @@ def compare_rows(
                                   reason=f"different timing policies: {policy_difference}"))
         else:
             verdicts.append(
-                _compare_pair(baseline_row, candidate_row, factor, alpha, check_code_version,
-                              baseline_facts, candidate_facts, across_hosts, metric, rounds)
+                _compare_pair(baseline_row, candidate_row, (baseline, candidate), factor,
+                              check_code_version, across_hosts, metric, rounds)
             )
     for task_key, baseline_row in baseline_by_key.items():
         if task_key not in candidate_by_key:
@@ -432,10 +435,7 @@ def _policy_difference(baseline_policy: dict | None, candidate_policy: dict | No
 
 def geometric_mean_ratio(verdicts: Iterable[Verdict]) -> float:
     """Geometric mean of the finite, positive ratios; NaN when there are none."""
-    ratios = [v.ratio for v in verdicts if math.isfinite(v.ratio) and v.ratio > 0]
-    if not ratios:
-        return math.nan
-    return float(math.exp(sum(math.log(ratio) for ratio in ratios) / len(ratios)))
+    return geometric_mean(verdict.ratio for verdict in verdicts)
 
 
 def count_verdicts(verdicts: Iterable[Verdict]) -> dict[str, int]:

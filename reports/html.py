@@ -8,7 +8,7 @@ from html import escape
 
 import pandas as pd
 
-from reports.tables import display_frame
+from reports.cells import display_frame
 
 # Longer tables are folded so that the figures stay in view.
 FOLD_ROWS = 30
@@ -38,10 +38,11 @@ class FigureBlock:
 
 @dataclasses.dataclass
 class TableBlock:
-    """A titled table."""
+    """A titled table; a folded one opens only on a click (raw facts a reader rarely wants)."""
 
     title: str
     table: pd.DataFrame
+    folded: bool = False
 
 
 @dataclasses.dataclass
@@ -79,9 +80,9 @@ def render_table(table: pd.DataFrame) -> str:
 
 
 def render_table_block(block: TableBlock) -> str:
-    """A table with its title, folded when long."""
+    """A table with its title, folded when asked to or when long."""
     count = len(block.table)
-    if count > FOLD_ROWS:
+    if block.folded or count > FOLD_ROWS:
         return (f"<details><summary>{escape_text(block.title)} ({count} rows)</summary>"
                 f"{render_table(block.table)}</details>")
     return f"<h3>{escape_text(block.title)}</h3>{render_table(block.table)}"

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.records import (
+    RESULTS_FILENAME,
     STATUS_ERROR,
     STATUS_OK,
     ResultRow,
@@ -135,7 +136,7 @@ def merge_runs(runs: Sequence[Sequence[ResultRow]], run_id: str = "merged") -> l
 
 def write_results(rows: Sequence[ResultRow], directory: str | os.PathLike) -> Path:
     """Write rows as directory/results.csv (replacing it); returns the file's path."""
-    path = Path(directory) / "results.csv"
+    path = Path(directory) / RESULTS_FILENAME
     path.parent.mkdir(parents=True, exist_ok=True)
     path.unlink(missing_ok=True)
     with ResultsWriter(path) as writer:

@@ -1,111 +1,26 @@
-"""Report figures: matplotlib Figure objects (Agg canvas, no pyplot) rendered to PNG bytes."""
+"""Report figures of op rows: throughput, ISA and thread speed-ups, latency, precision,
+comparison, working set and locality (the roofline figure is reports.roofline_plot)."""
 
 from __future__ import annotations
 
-import io
 import math
+from typing import Mapping
 
 import matplotlib
 import numpy as np
 import pandas as pd
-
-# Figure objects draw on the Agg canvas without pyplot: no display, no global figure state.
 from matplotlib.figure import Figure
-from matplotlib.ticker import LogFormatter
 
 from bench.records import decode_samples
-from reports.tables import (
-    CACHE_ROOF_MARGIN,
-    DRAM_ROOF,
-    GATHER_ROOF,
-    IN_CACHE_ROOF,
-    PROBLEM_KEYS,
-    Ceilings,
-    finite_mask,
-    format_bytes,
-    is_positive,
-    isa_sort_key,
-    measured_op_rows,
-    positive_mask,
-    precision_sort_key,
-    sample_label,
-    sorted_ops,
-    throughput_metric,
-)
+from reports.canvas import NoData, log_scale, marker_for, op_colors, panel_grid
+from reports.order import isa_sort_key, precision_sort_key, sorted_ops
+from reports.runs import measured_op_rows
+from reports.tables import sample_label, throughput_metric
+from reports.values import finite_mask, format_bytes, geometric_mean, is_positive, positive_mask
 from reports.workingset import cache_levels
 
-DPI = 100
-# Fixed margins in inches: matplotlib's automatic layouts cost more than all the drawing.
-AXES_WIDTH = 4.3
-AXES_HEIGHT = 2.8
-MARGIN_LEFT = 1.0
-MARGIN_RIGHT = 0.3
-MARGIN_TOP = 0.75
-MARGIN_BOTTOM = 0.95
-GAP_WIDE = 1.25
-GAP_HIGH = 1.25
-MAX_COLUMNS = 3
-# Beyond this many points the labels overlap; the legend still names every op/precision.
-MAX_ANNOTATED_POINTS = 16
-PRECISION_MARKERS = {"fp32": "o", "bf16": "s", "fp16": "D", "int8": "^", "int4": "v"}
-
-
-class NoData(Exception):
-    """A figure has nothing to draw; the message says why, for the report's note."""
-
-
-def figure_to_png(figure: Figure) -> bytes:
-    """Render a figure to PNG bytes without a timestamp or software tag."""
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=DPI, metadata={"Software": None})
-    return buffer.getvalue()
-
-
-def panel_grid(count: int, title: str) -> tuple[Figure, list]:
-    """A figure with one panel per item, at most three across."""
-    columns = min(MAX_COLUMNS, max(count, 1))
-    rows = math.ceil(count / columns)
-    width = MARGIN_LEFT + MARGIN_RIGHT + columns * AXES_WIDTH + (columns - 1) * GAP_WIDE
-    height = MARGIN_TOP + MARGIN_BOTTOM + rows * AXES_HEIGHT + (rows - 1) * GAP_HIGH
-    layout = {
-        "left": MARGIN_LEFT / width, "right": 1 - MARGIN_RIGHT / width,
-        "bottom": MARGIN_BOTTOM / height, "top": 1 - MARGIN_TOP / height,
-        "wspace": GAP_WIDE / AXES_WIDTH, "hspace": GAP_HIGH / AXES_HEIGHT,
-    }
-    figure = Figure(figsize=(width, height))
-    axes = figure.subplots(rows, columns, squeeze=False, gridspec_kw=layout).ravel().tolist()
-    for unused in axes[count:]:
-        unused.set_visible(False)
-    figure.suptitle(title, y=1 - 0.25 / height)
-    return figure, axes[:count]
-
-
-class PlainLogFormatter(LogFormatter):
-    """LogFormatter's choice of which ticks get a label, written as plain '%g' text."""
-
-    def __call__(self, value: float, position: int | None = None) -> str:
-        """Label text of one tick, empty when the tick stays unlabelled."""
-        return f"{value:g}" if super().__call__(value, position) else ""
-
-
-def log_scale(axis, which: str) -> None:
-    """Log scale with plain-text tick labels: mathtext labels are slow to lay out and render."""
-    getattr(axis, f"set_{which}scale")("log")
-    target = axis.xaxis if which == "x" else axis.yaxis
-    target.set_major_formatter(PlainLogFormatter())
-    # Minor ticks get labels only when the axis spans about a decade or less.
-    target.set_minor_formatter(PlainLogFormatter(labelOnlyBase=False))
-
-
-def op_colors(ops: list[str]) -> dict[str, tuple]:
-    """A stable colour per op."""
-    palette = matplotlib.colormaps["tab10"]
-    return {op: palette(index % 10) for index, op in enumerate(ops)}
-
-
-def marker_for(precision: str) -> str:
-    """Marker shape of a precision."""
-    return PRECISION_MARKERS.get(precision, "x")
+# The (workload, params, batch size) that makes one problem of an op.
+PROBLEM_KEYS = ["workload", "params", "batch_size"]
 
 
 def series_label(rows: pd.DataFrame) -> pd.Series:
@@ -177,10 +92,10 @@ def grouped_bars(axis, values: pd.DataFrame, unit: str) -> None:
     axis.legend(fontsize="small")
 
 
-def throughput_figure(frame: pd.DataFrame) -> Figure:
+def throughput_figure(frame: pd.DataFrame, op_order: Mapping[str, float]) -> Figure:
     """Bar chart per op of the best throughput at each precision on a fixed problem."""
     rows = measured_op_rows(frame)
-    ops = sorted_ops(rows["op"])
+    ops = sorted_ops(rows["op"], op_order)
     if not ops:
         raise NoData("no measured op rows")
     figure, axes = panel_grid(len(ops), "Throughput by precision (highest ISA level, most threads)")
@@ -228,12 +143,13 @@ def thread_speedups(rows: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(parts) if parts else rows.iloc[0:0].assign(speedup=[])
 
 
-def sweep_panels(frame: pd.DataFrame, swept: str, fixed: str, speedups) -> list:
+def sweep_panels(frame: pd.DataFrame, op_order: Mapping[str, float], swept: str, fixed: str,
+                 speedups) -> list:
     """Per op with a sweep over `swept`: (op, swept rows, speed-ups); ops without one left out."""
     rows = measured_op_rows(frame)
     rows = rows[positive_mask(rows["median_s"])]
     panels = []
-    for op in sorted_ops(rows["op"]):
+    for op in sorted_ops(rows["op"], op_order):
         problem = reference_problem(rows[rows["op"] == op])
         if problem[swept].nunique() < 2:
             continue
@@ -244,9 +160,9 @@ def sweep_panels(frame: pd.DataFrame, swept: str, fixed: str, speedups) -> list:
     return panels
 
 
-def isa_figure(frame: pd.DataFrame) -> Figure:
+def isa_figure(frame: pd.DataFrame, op_order: Mapping[str, float]) -> Figure:
     """Per op, speed-up by ISA level relative to the lowest level present."""
-    panels = sweep_panels(frame, "isa", "threads", isa_speedups)
+    panels = sweep_panels(frame, op_order, "isa", "threads", isa_speedups)
     if not panels:
         raise NoData("no op was measured at more than one ISA level")
     figure, axes = panel_grid(len(panels), "Speed-up by ISA level (relative to the lowest level)")
@@ -264,9 +180,9 @@ def isa_figure(frame: pd.DataFrame) -> Figure:
     return figure
 
 
-def thread_figure(frame: pd.DataFrame) -> Figure:
+def thread_figure(frame: pd.DataFrame, op_order: Mapping[str, float]) -> Figure:
     """Per op, speed-up against thread count with the ideal linear line."""
-    panels = sweep_panels(frame, "threads", "isa", thread_speedups)
+    panels = sweep_panels(frame, op_order, "threads", "isa", thread_speedups)
     if not panels:
         raise NoData("no op was measured at more than one thread count")
     figure, axes = panel_grid(len(panels), "Thread scaling (speed-up over the fewest threads)")
@@ -326,11 +242,11 @@ def sort_by_precision_and_series(rows: pd.DataFrame) -> pd.DataFrame:
     return rows.iloc[order]
 
 
-def latency_figure(frame: pd.DataFrame) -> Figure:
+def latency_figure(frame: pd.DataFrame, op_order: Mapping[str, float]) -> Figure:
     """Per op, latency boxes per (impl, precision) on a fixed problem and configuration."""
     rows = measured_op_rows(frame)
     rows = rows[positive_mask(rows["median_s"])]
-    ops = sorted_ops(rows["op"])
+    ops = sorted_ops(rows["op"], op_order)
     if not ops:
         raise NoData("no measured op rows with a median time")
     figure, axes = panel_grid(len(ops), "Per-sample time (highest ISA level, most threads; a "
@@ -357,77 +273,7 @@ def latency_figure(frame: pd.DataFrame) -> Figure:
     return figure
 
 
-def roof_range(ceilings: Ceilings, intensities: pd.Series) -> tuple[float, float]:
-    """Intensity axis limits covering the points and every ridge point."""
-    candidates = [value for value in intensities if is_positive(value)]
-    candidates += [ceilings.ridge_point(precision) for precision in ceilings.compute_gflops]
-    for bandwidth in [ceilings.cache_gbps, *ceilings.gather_gbps.values()]:
-        if is_positive(bandwidth):
-            candidates += [peak / bandwidth for peak in ceilings.compute_gflops.values()]
-    candidates = [value for value in candidates if is_positive(value)] or [0.1, 10.0]
-    return min(candidates) / 4, max(candidates) * 4
-
-
-def draw_roofs(axis, ceilings: Ceilings, low: float, high: float) -> None:
-    """Memory diagonals and compute horizontals of one group."""
-    top_peak = max(ceilings.compute_gflops.values(), default=math.nan)
-    bandwidths = [(ceilings.memory_gbps, DRAM_ROOF, "-")]
-    if is_positive(ceilings.cache_gbps) and not (
-            is_positive(ceilings.memory_gbps)
-            and ceilings.cache_gbps <= ceilings.memory_gbps * CACHE_ROOF_MARGIN):
-        bandwidths.append((ceilings.cache_gbps, IN_CACHE_ROOF, "--"))
-    bandwidths += [(bandwidth, f"{GATHER_ROOF} {size} B", ":")
-                   for size, bandwidth in sorted(ceilings.gather_gbps.items())]
-    blues = matplotlib.colormaps["Blues"]
-    gathers = max(len(ceilings.gather_gbps), 1)
-    for index, (bandwidth, name, style) in enumerate(bandwidths):
-        if not is_positive(bandwidth):
-            continue
-        end = top_peak / bandwidth if is_positive(top_peak) else high
-        # Gather roofs in shades of blue, lighter for smaller rows; streams in black.
-        color = (blues(0.4 + 0.6 * (index - len(bandwidths) + gathers + 1) / gathers)
-                 if style == ":" else "black")
-        axis.plot([low, end], [bandwidth * low, bandwidth * end], color=color,
-                  linestyle=style, linewidth=1.2, label=f"{name} roof {bandwidth:.4g} GB/s")
-    palette = matplotlib.colormaps["Greys"]
-    peaks = sorted(ceilings.compute_gflops.items(), key=lambda item: precision_sort_key(item[0]))
-    for index, (precision, peak) in enumerate(peaks):
-        start = peak / ceilings.memory_gbps if is_positive(ceilings.memory_gbps) else low
-        shade = palette(0.5 + 0.4 * index / max(len(peaks), 1))
-        axis.plot([start, high], [peak, peak], color=shade, linewidth=1.2,
-                  label=f"{precision} peak {peak:.4g} GFLOP/s")
-
-
-def roofline_figure(ceilings: Ceilings, points: pd.DataFrame) -> Figure:
-    """Log-log roofline of one (device, isa) group with every placeable op row."""
-    placed = points[positive_mask(points["intensity"])
-                    & positive_mask(points["achieved_gflops"])]
-    figure = Figure(figsize=(10.0, 5.5))
-    axis = figure.subplots(gridspec_kw={"left": 0.09, "right": 0.68, "bottom": 0.11,
-                                        "top": 0.92})
-    low, high = roof_range(ceilings, placed["intensity"])
-    draw_roofs(axis, ceilings, low, high)
-    colors = op_colors(sorted_ops(placed["op"]))
-    for (op, precision), group in placed.groupby(["op", "precision"], sort=False):
-        axis.scatter(group["intensity"], group["achieved_gflops"], color=colors[op],
-                     marker=marker_for(precision), label=f"{op}/{precision}", zorder=3)
-    if len(placed) <= MAX_ANNOTATED_POINTS:
-        for _, row in placed.iterrows():
-            axis.annotate(f"{row['op']}/{row['precision']}",
-                          (row["intensity"], row["achieved_gflops"]), fontsize="x-small",
-                          xytext=(4, 4), textcoords="offset points")
-    log_scale(axis, "x")
-    log_scale(axis, "y")
-    axis.set_xlim(low, high)
-    axis.set_xlabel("Arithmetic intensity (FLOP/byte)")
-    axis.set_ylabel("Performance (GFLOP/s)")
-    axis.set_title(f"Roofline: device {ceilings.device}, isa {ceilings.isa}")
-    axis.grid(True, which="major", linewidth=0.3)
-    axis.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.02, 0.5))
-    return figure
-
-
-def precision_figure(tradeoffs: pd.DataFrame) -> Figure:
+def precision_figure(tradeoffs: pd.DataFrame, op_order: Mapping[str, float]) -> Figure:
     """Relative error (and dlrm_infer AUC delta) against speed-up over fp32."""
     errors = tradeoffs[positive_mask(tradeoffs["speedup_vs_fp32"])
                        & finite_mask(tradeoffs["rel_error"])]
@@ -438,7 +284,7 @@ def precision_figure(tradeoffs: pd.DataFrame) -> Figure:
         raise NoData("no lower-precision row has both an fp32 reference and an error measure")
     panels = [name for name, data in (("error", errors), ("auc", aucs)) if not data.empty]
     figure, axes = panel_grid(len(panels), "Precision: accuracy cost versus speed-up over fp32")
-    colors = op_colors(sorted_ops(tradeoffs["op"]))
+    colors = op_colors(sorted_ops(tradeoffs["op"], op_order))
     for axis, name in zip(axes, panels):
         data = errors if name == "error" else aucs
         column = "rel_error" if name == "error" else "auc_delta"
@@ -460,23 +306,23 @@ def precision_figure(tradeoffs: pd.DataFrame) -> Figure:
     return figure
 
 
-def comparison_figure(matched: pd.DataFrame, first_label: str, second_label: str) -> Figure:
+def comparison_figure(matched: pd.DataFrame, first_label: str, second_label: str,
+                      op_order: Mapping[str, float]) -> Figure:
     """Ratio of median times per matched row, one column of points per op."""
     if matched.empty:
         raise NoData("no rows matched between the runs")
     figure = Figure(figsize=(9.0, 4.8))
     axis = figure.subplots(gridspec_kw={"left": 0.1, "right": 0.97, "bottom": 0.15,
                                         "top": 0.9})
-    ops = sorted_ops(matched["op"])
+    ops = sorted_ops(matched["op"], op_order)
     colors = op_colors(ops)
     generator = np.random.default_rng(0)  # fixed jitter: identical PNGs on rebuild
     for index, op in enumerate(ops):
         ratios = matched.loc[matched["op"] == op, "ratio"]
         jitter = generator.uniform(-0.15, 0.15, len(ratios))
         axis.scatter(index + jitter, ratios, color=colors[op], alpha=0.8)
-        positive = ratios[positive_mask(ratios)]
-        if len(positive):
-            mean = float(np.exp(np.log(positive.astype(float)).mean()))
+        mean = geometric_mean(ratios)
+        if is_positive(mean):
             axis.plot([index - 0.3, index + 0.3], [mean, mean], color="black", linewidth=1.5)
     axis.axhline(1.0, color="grey", linewidth=0.8, linestyle=":")
     log_scale(axis, "y")

@@ -10,7 +10,7 @@ from collections import defaultdict
 from matplotlib.figure import Figure
 
 from bench.records import STATUS_OK, ResultRow
-from reports.plots import figure_to_png, log_scale, panel_grid
+from reports.canvas import log_scale, panel_grid
 
 PERCENTILES = (("p50_s", "p50", ":"), ("p90_s", "p90", "-."), ("p99_s", "p99", "-"),
                ("p999_s", "p99.9", "--"))
@@ -60,9 +60,3 @@ def latency_figure(rows: list[ResultRow]) -> Figure | None:
         axis.set_ylabel("latency (ms)")
         axis.legend(fontsize=7)
     return figure
-
-
-def latency_png(rows: list[ResultRow]) -> bytes | None:
-    """The figure as PNG bytes, or None without Server-scenario rows."""
-    figure = latency_figure(rows)
-    return None if figure is None else figure_to_png(figure)

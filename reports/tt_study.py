@@ -11,7 +11,7 @@ from matplotlib.figure import Figure
 from scipy import stats
 
 from bench.records import write_atomic
-from reports.plots import figure_to_png, log_scale
+from reports.canvas import figure_to_png, log_scale
 
 MARKDOWN_NAME = "tt_study.md"
 FIGURE_NAME = "tt_study.png"

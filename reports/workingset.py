@@ -9,8 +9,9 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from reports.tables import (format_bytes, is_positive, isa_sort_key, measured_op_rows,
-                            parse_json_object, positive_mask, precision_sort_key)
+from reports.order import isa_sort_key, precision_sort_key
+from reports.runs import measured_op_rows, parse_json_object
+from reports.values import format_bytes, is_positive, positive_mask
 
 # sysfs cache levels as env.json records them (bench.run.devices.cache_sizes), smallest first.
 CACHE_LEVELS = (("L1d", "l1d_bytes"), ("L2", "l2_bytes"), ("L3", "l3_bytes"))

@@ -13,8 +13,10 @@ from conftest import tiny_workload
 
 from bench import registry
 from bench.run import worker
+from bench.run.settings import WorkerSettings
 from bench.compare_outputs import (WHOLE_MODEL_ROW_TOLERANCE, compare, quantization_error,
-                                   relative_error, relative_row_bound, whole_model_bound)
+                                   relative_error, relative_row_bound, rowwise_adagrad_bound,
+                                   summed_gradient_error, whole_model_bound)
 from bench.registry import BuildContext, Prepared, Unsupported
 from bench.records import ResultRow
 from bench.run.tasks import Task
@@ -276,7 +278,7 @@ def test_quantization_error_bounds_the_real_dequantization(precision, pack, look
 def test_run_task_records_the_ratio(fast_policy):
     task = Task(op="sls", impl="embedding_bag", workload=SMOKE, variant={"mode": "sum"},
                 precision="int8", device="cpu", isa="native", threads=1, seed=0, options={})
-    row = worker.run_task(task, "r", fast_policy)
+    row = worker.run_task(task, WorkerSettings("r", fast_policy))
     assert row.status == "ok", row.error
     metrics = json.loads(row.metrics)
     assert 0 < metrics["error_bound_ratio"] <= 1
@@ -294,3 +296,71 @@ def test_fp16_subnormal_table_values_pass():
     planted[3] = 0
     assert "error bound exceeded" in worker.check(_with_output(prepared, planted), ResultRow(),
                                                    "fp16")
+
+
+# ---------------------------------------------------------------- row-wise Adagrad
+
+
+def _adagrad(rows, grad, state, learning_rate, eps=1e-8):
+    """Row-wise Adagrad in float64 (FBGEMM's definition): updated rows and states."""
+    new_state = state + grad.pow(2).mean(dim=1)
+    return rows - learning_rate * grad / (new_state.sqrt() + eps).unsqueeze(1), new_state
+
+
+def test_adagrad_bound_holds_for_any_gradient_error_within_delta():
+    """Rows of every kind (near-zero, normal, with and without state), gradients perturbed up
+    to their error bound in random and worst-aligned directions: always within the bound."""
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.randn(400, 16, generator=generator, dtype=torch.float64) * 0.01
+    scale = 10.0 ** torch.randint(-9, -2, (400, 1), generator=generator).double()
+    grad = torch.randn(400, 16, generator=generator, dtype=torch.float64) * scale
+    state = torch.where(torch.arange(400) % 2 == 0, 0.0,
+                        torch.rand(400, generator=generator, dtype=torch.float64) * 1e-6)
+    delta = torch.full_like(grad, 1e-7) * torch.rand(400, 1, generator=generator,
+                                                     dtype=torch.float64)
+    expected = _adagrad(rows, grad, state, 0.1)
+    bound = rowwise_adagrad_bound(rows, grad, state, delta, 0.1, 1e-8)
+    for trial in range(20):
+        signs = (torch.randint(0, 2, grad.shape, generator=generator) * 2 - 1).double()
+        magnitude = delta if trial % 2 else delta * torch.rand(grad.shape, generator=generator,
+                                                               dtype=torch.float64)
+        perturbed = grad + signs * magnitude if trial % 4 else grad - grad.sign() * delta
+        assert compare(_adagrad(rows, perturbed, state, 0.1), expected, bound).passed
+
+
+def test_adagrad_bound_lets_a_near_zero_gradient_row_move_by_order_lr():
+    """A row whose gradient is within its error is moved by about lr either way: tolerated."""
+    rows, state = torch.zeros(1, 8, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+    grad = torch.full((1, 8), 1e-6, dtype=torch.float64)
+    flipped = -grad  # within a gradient error of 3e-6: the kernel's gradient points back
+    expected = _adagrad(rows, grad, state, 0.1)
+    actual = _adagrad(rows, flipped, state, 0.1)
+    assert (actual[0] - expected[0]).abs().min() > 0.19  # 2 lr: the update changed sign
+    bound = rowwise_adagrad_bound(rows, grad, state, torch.full_like(grad, 3e-6), 0.1, 1e-8)
+    assert compare(actual, expected, bound).passed
+
+
+def test_adagrad_bound_fails_a_doubled_rate_dropped_state_and_wrong_eps_on_normal_rows():
+    generator = torch.Generator().manual_seed(1)
+    rows = torch.randn(64, 16, generator=generator, dtype=torch.float64) * 0.01
+    grad = torch.randn(64, 16, generator=generator, dtype=torch.float64) * 1e-4
+    state = torch.full((64,), 1e-8, dtype=torch.float64)
+    expected = _adagrad(rows, grad, state, 0.1)
+    # The gradient's error: 1e-4 of its magnitude, as an fp32 whole-model bound makes it.
+    bound = rowwise_adagrad_bound(rows, grad, state, 1e-4 * grad.abs().max() + 0 * grad, 0.1,
+                                  1e-8)
+    assert compare(_adagrad(rows, grad * (1 + 1e-6), state, 0.1), expected, bound).passed
+    assert not compare(_adagrad(rows, grad, state, 0.2), expected, bound).passed
+    assert not compare(_adagrad(rows, grad, 0 * state, 0.1), expected, bound).passed
+    assert not compare(_adagrad(rows, grad, state, 0.1, eps=1e-3), expected, bound).passed
+
+
+def test_summed_gradient_error_adds_each_lookups_bag_error():
+    bag_error = torch.tensor([[1.0, 2.0], [10.0, 20.0], [100.0, 200.0]], dtype=torch.float64)
+    upstream = torch.zeros(3, 2, dtype=torch.float64)
+    owners, positions = torch.tensor([0, 1, 1, 2]), torch.tensor([0, 1, 0, 0])
+    error = summed_gradient_error(bag_error, upstream, owners, positions, 3)
+    assert error.tolist() == [[111.0, 222.0], [10.0, 20.0], [0.0, 0.0]]
+    upstream = torch.ones(3, 2, dtype=torch.float64)
+    error = summed_gradient_error(0 * bag_error, upstream, owners, positions, 3)
+    assert error[0].tolist() == pytest.approx([5 * 3 * 2.0 ** -24] * 2)  # (L + 2) u sum |g|

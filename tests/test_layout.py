@@ -64,7 +64,7 @@ def import_graph() -> dict[str, set[str]]:
     return graph
 
 
-# The floors of ../shared/notes/architecture.md, top first: a module may import its own floor
+# The floors of the architecture, top first: a module may import its own floor
 # and the floors below it. reports/ sits beside the measuring floors and reads only records.
 FLOORS = (
     ("commands", ("bench.commands",)),
@@ -259,37 +259,53 @@ def build_double(context):
 '''
 
 
+def _with_op_directory(directory, code: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run Python code in a fresh process whose registry also scans directory for ops."""
+    prelude = f"from bench import registry\nregistry.add_op_directory({str(directory)!r})\n"
+    return subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _command(directory, argv: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """run_bench.py's entry point with argv, its registry also scanning directory."""
+    return _with_op_directory(directory, f"""
+        import sys
+        from bench.commands import main
+        sys.exit(main({argv!r}))
+    """, timeout)
+
+
 @pytest.mark.slow
 def test_a_new_op_is_one_file(tmp_path):
     name = f"throwaway_{uuid.uuid4().hex[:8]}"
-    path = ROOT / "bench" / "ops" / f"{name}.py"
-    path.write_text(THROWAWAY_OP.format(name=name), encoding="utf-8")
-    try:
-        listed = subprocess.run([sys.executable, "run_bench.py", "--list"], cwd=ROOT,
-                                capture_output=True, text=True, timeout=300)
-        assert listed.returncode == 0, listed.stderr
-        assert name in listed.stdout and "double*" in listed.stdout
-        # The memory check uses the op's declared factor (123 x the smoke tables' bytes).
-        memory = subprocess.run(
-            [sys.executable, "-c", textwrap.dedent(f"""
-                from bench.run.sweep import estimate_bytes
-                from workloads.presets import preset
-                spec = preset("smoke")
-                table_bytes = sum(table.rows for table in spec.tables) * spec.dim * 4
-                assert estimate_bytes(spec, ["{name}"]) == 123.0 * table_bytes
-            """)], cwd=ROOT, capture_output=True, text=True, timeout=300)
-        assert memory.returncode == 0, memory.stderr
-        # The planner and a worker run it, and the report shows it.
-        out = tmp_path / "out"
-        swept = subprocess.run(
-            [sys.executable, "run_bench.py", "--workload", "smoke", "--ops", name,
-             "--precision", "fp32", "--min-run-time", "0.05", "--out", str(out),
-             "--run-id", "new-op"], cwd=ROOT, capture_output=True, text=True, timeout=600)
-        assert swept.returncode == 0, swept.stderr
-        from bench.records import read_rows
+    # The registry's search path takes an extra directory: the op file stays out of bench/ops.
+    op_directory = tmp_path / "ops"
+    op_directory.mkdir()
+    (op_directory / f"{name}.py").write_text(THROWAWAY_OP.format(name=name), encoding="utf-8")
+    listed = _command(op_directory, ["--list"])
+    assert listed.returncode == 0, listed.stderr
+    assert name in listed.stdout and "double*" in listed.stdout
+    # Without the directory the op does not exist: the search path is what found it.
+    assert name not in subprocess.run([sys.executable, "run_bench.py", "--list"], cwd=ROOT,
+                                      capture_output=True, text=True, timeout=300).stdout
+    # The memory check uses the op's declared factor (123 x the smoke tables' bytes).
+    memory = _with_op_directory(op_directory, f"""
+        from bench.run.sweep import estimate_bytes
+        from workloads.presets import preset
+        spec = preset("smoke")
+        table_bytes = sum(table.rows for table in spec.tables) * spec.dim * 4
+        assert estimate_bytes(spec, ["{name}"]) == 123.0 * table_bytes
+    """)
+    assert memory.returncode == 0, memory.stderr
+    # The planner and a worker (told of the directory) run it, and the report shows it.
+    out = tmp_path / "out"
+    swept = _command(op_directory, ["--workload", "smoke", "--ops", name, "--precision", "fp32",
+                                    "--min-run-time", "0.05", "--out", str(out),
+                                    "--run-id", "new-op"], timeout=600)
+    assert swept.returncode == 0, swept.stderr
+    from bench.records import read_rows
 
-        (row,) = read_rows(out / "new-op" / "results.csv")
-        assert (row.op, row.impl, row.status) == (name, "double", "ok"), row.error
-        assert name in (out / "new-op" / "report" / "summary.md").read_text()
-    finally:
-        path.unlink(missing_ok=True)
+    (row,) = read_rows(out / "new-op" / "results.csv")
+    assert (row.op, row.impl, row.status) == (name, "double", "ok"), row.error
+    assert name in (out / "new-op" / "report" / "summary.md").read_text()
+    assert not list((ROOT / "bench" / "ops").glob("throwaway_*"))

@@ -1,4 +1,4 @@
-"""Result rows: CSV round trip, NaN cells, truncated lines, schema checks, appending."""
+"""Result rows: CSV round trip, NaN cells, truncated lines, schema checks, timing columns."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 from bench.records import (COLUMNS, SCHEMA_VERSION, STATUS_ERROR, STATUS_OK, STATUS_SKIPPED,
                           ResultRow, ResultsWriter, SchemaError, iter_ok, read_rows,
-                          samples_from_row)
+                          record_summary, samples_from_row, summarize, utc_timestamp)
 
 
 def _row(index: int, **changes) -> ResultRow:
@@ -298,3 +298,22 @@ def test_report_and_check_read_a_million_sample_row(tmp_path, capsys):
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "malformed" not in captured.out + captured.err
+
+
+def test_record_summary_fills_every_timing_column():
+    row = ResultRow()
+    record_summary(row, summarize([3e-3, 1e-3, 2.0000004e-3, 4e-3], calls_per_sample=8))
+    assert row.n_samples == 4 and row.calls_per_sample == 8
+    assert samples_from_row(row) == pytest.approx([3e-3, 1e-3, 2.0000004e-3, 4e-3], rel=1e-7)
+    assert (row.min_s, row.median_s, row.mean_s) == pytest.approx((1e-3, 2.5e-3, 2.5e-3))
+    assert row.iqr_s == pytest.approx(1.5e-3) and row.p90_s == pytest.approx(3.7e-3)
+    assert row.p99_s == pytest.approx(3.97e-3)
+
+
+def test_utc_timestamp_is_iso_seconds_in_utc():
+    import datetime
+
+    stamp = utc_timestamp()
+    parsed = datetime.datetime.fromisoformat(stamp)
+    assert stamp.endswith("+00:00") and parsed.microsecond == 0
+    assert abs((datetime.datetime.now(datetime.timezone.utc) - parsed).total_seconds()) < 60

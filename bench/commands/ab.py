@@ -22,7 +22,7 @@ from reports.check import (
     load_results,
     report_verdicts,
 )
-from reports.compare import ROUND_TEST_MODERATED, compare_rows
+from reports.compare import ROUND_TEST_MODERATED, Side, compare_rows
 from reports.merge import MergeError, merge_runs, write_results
 
 # 3 rounds with the moderated t met the issue's targets on a quiet VM (README, "Regression
@@ -119,12 +119,12 @@ def ab_verdicts(a_rows: list, b_rows: list, a_dirs: Sequence[Path], b_dirs: Sequ
     # Each round pairs an A run with a B run: the paired test on their log ratios treats
     # the run, not the sample, as the replicate. The timing policies recorded by both
     # revisions must agree, or their times mean different things.
-    return compare_rows(a_rows, b_rows, factor=factor, alpha=alpha,
-                        check_code_version=False, across_hosts=True,
-                        baseline_rounds=[load_results(path) for path in a_dirs],
-                        candidate_rounds=[load_results(path) for path in b_dirs],
-                        baseline_policy=_timing_policy(a_dirs),
-                        candidate_policy=_timing_policy(b_dirs), round_test=round_test)
+    return compare_rows(Side(a_rows, rounds=[load_results(path) for path in a_dirs],
+                             policy=_timing_policy(a_dirs)),
+                        Side(b_rows, rounds=[load_results(path) for path in b_dirs],
+                             policy=_timing_policy(b_dirs)),
+                        factor=factor, alpha=alpha, check_code_version=False, across_hosts=True,
+                        round_test=round_test)
 
 
 def run_ab(

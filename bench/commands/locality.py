@@ -17,6 +17,7 @@ from bench.commands.common import (OneLineParser, UsageError, check_writable_dir
                                    new_run_directory, non_negative_int, positive_float,
                                    positive_int)
 from bench.records import STATUS_OK, SchemaError, read_recorded_argv, read_rows, write_atomic
+from bench.run import devices
 from workloads import reuse
 from workloads.generators import make_table_batch
 from workloads.presets import synthetic
@@ -143,11 +144,8 @@ def sweep_command(args, distributions: list[IndexDistribution], runs_dir: Path,
 def measure(command: list, run_dir: Path, labels: list[str]) -> dict[str, dict]:
     """Run one sweep; per distribution label, its sls row's speed or why there is none."""
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    environment = dict(os.environ)
     # This checkout must win over an installed copy of another one.
-    environment["PYTHONPATH"] = os.pathsep.join(
-        [str(PROJECT_ROOT)] + [part for part in environment.get("PYTHONPATH", "").split(os.pathsep)
-                               if part])
+    environment = devices.with_import_root(dict(os.environ), PROJECT_ROOT)
     log_path = run_dir.with_suffix(".log")
     with open(log_path, "wb") as log:
         code = subprocess.run(command, env=environment, stdout=log, stderr=subprocess.STDOUT,
@@ -179,14 +177,14 @@ def write_csv(frame: pd.DataFrame, path: Path) -> None:
 
 def write_figure(table: pd.DataFrame, path: Path) -> bool:
     """Draw locality.png; False (and a message) when nothing was measured."""
-    from reports import plots
+    from reports import canvas, plots
 
     try:
         figure = plots.locality_figure(table)
     except plots.NoData as reason:
         print(f"locality: no figure: {reason}", file=sys.stderr)
         return False
-    write_atomic(path, plots.figure_to_png(figure))
+    write_atomic(path, canvas.figure_to_png(figure))
     return True
 
 

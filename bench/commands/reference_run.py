@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import json
 import math
@@ -15,8 +14,8 @@ from pathlib import Path
 
 from bench import PROJECT_ROOT
 from bench.commands.common import UsageError
-from bench.records import (STATUS_ERROR, STATUS_OK, ResultRow, dumps_compact, encode_samples,
-                           summarize)
+from bench.records import (STATUS_ERROR, STATUS_OK, ResultRow, dumps_compact, record_summary,
+                           summarize, utc_timestamp)
 from bench.run import devices
 from bench.run.tasks import Task
 from bench.run.timing import TimingPolicy
@@ -192,17 +191,12 @@ def child_environment(threads: int, project_path: bool = False,
     """Our workers' environment: SIMD knobs uncapped, thread pools sized before torch loads;
     on a GPU that GPU alone visible; with project_path our packages importable (not for the
     reference's own script: its checkout has a top-level `bench` folder of its own)."""
-    environment = devices.isa_environment(REFERENCE_ISA)
-    environment["OMP_NUM_THREADS"] = str(threads)
-    environment["MKL_NUM_THREADS"] = str(threads)
+    environment = devices.worker_environment(REFERENCE_ISA, threads,
+                                             PROJECT_ROOT if project_path else None)
     if is_cuda(device):
         # With several GPUs visible the reference spreads its tables over all of them (its
         # ndevices = the GPU count); ours run on one.
         environment["CUDA_VISIBLE_DEVICES"] = visible_gpu(device, environment)
-    if project_path:
-        environment["PYTHONPATH"] = os.pathsep.join(
-            [str(PROJECT_ROOT)] + [part for part in
-                                   environment.get("PYTHONPATH", "").split(os.pathsep) if part])
     return environment
 
 
@@ -306,7 +300,7 @@ def reference_row(spec: WorkloadSpec, mode: str, options, policy: TimingPolicy, 
         device=device, device_name=devices.device_name(device), isa=REFERENCE_ISA,
         threads=options.threads, precision=REFERENCE_PRECISION, batch_size=spec.batch_size,
         fingerprint=devices.fingerprint(device, REFERENCE_ISA, options.threads, policy),
-        timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+        timestamp=utc_timestamp())
     try:
         if mode == "train":
             samples, calls = time_training(repo, spec, options), 1
@@ -317,10 +311,7 @@ def reference_row(spec: WorkloadSpec, mode: str, options, policy: TimingPolicy, 
     except (ReferenceError, ValueError, KeyError) as error:
         row.status, row.error = STATUS_ERROR, f"{REFERENCE_IMPL}: {error}"[:500]
         return row
-    row.n_samples, row.calls_per_sample = len(summary.samples_s), summary.calls_per_sample
-    row.samples_s = encode_samples(summary.samples_s)
-    row.median_s, row.mean_s, row.min_s = summary.median_s, summary.mean_s, summary.min_s
-    row.p90_s, row.p99_s, row.iqr_s = summary.p90_s, summary.p99_s, summary.iqr_s
+    record_summary(row, summary)
     row.samples_per_s = spec.batch_size / summary.median_s if summary.median_s > 0 else math.nan
     row.metrics = dumps_compact({"noise_iqr_over_median": round(summary.iqr_s / summary.median_s,
                                                                 4) if summary.median_s else None,

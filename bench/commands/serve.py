@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import hashlib
 import json
 import math
@@ -19,8 +18,9 @@ from bench.commands.common import (EXIT_ALL_ERRORED, EXIT_INTERRUPTED, EXIT_OK, 
                                    OneLineParser, UsageError, build_report, choice_list, names,
                                    new_run_directory, non_negative_floats, positive_floats,
                                    whole_numbers)
+from bench.faults import PlantedFault
 from bench.records import (STATUS_ERROR, STATUS_OK, ResultRow, ResultsWriter, dumps_compact,
-                           write_atomic, write_json)
+                           utc_timestamp, write_atomic, write_json)
 from bench.serve.batching import BatchPolicy
 from bench.serve.queries import QUERY_SIZE_HELP, QuerySizeError, parse_query_sizes, query_table
 from bench.serve.search import Probe, search_max_qps
@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="results", help="output directory (default results/)")
     parser.add_argument("--run-id", help="name of the run directory (default: timestamp)")
-    # Tests only: "crash-after:N" makes worker 0 exit after N batches.
+    # Tests only: a bench.faults.PlantedFault for worker 0, e.g. serve.batch:exit:5 (exit
+    # before its sixth batch).
     parser.add_argument("--plant-fault", default="", help=argparse.SUPPRESS)
     return parser
 
@@ -227,8 +228,7 @@ class Session:
             precision=precision, batch_size=policy.max_batch_items if policy.merge else 0,
             fingerprint=devices.fingerprint(device, "native", args.threads),
             rel_error=worker_facts.get("rel_error", math.nan),
-            timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(
-                timespec="seconds"))
+            timestamp=utc_timestamp())
         metrics = dict((extra or {}).get("metrics", {}))
         error = error or (outcome.error if outcome is not None else "")
         if outcome is not None:
@@ -391,7 +391,8 @@ def worker_configs(args, choices: dict, table, precision: str, workers: int) -> 
 
     return [WorkerConfig(index, index * args.threads, args.threads, choices["workload"],
                          args.impl, precision, args.seed, tuple(choices["policies"]), table,
-                         args.plant_fault if index == 0 else "", device=device)
+                         PlantedFault.parse(args.plant_fault)
+                         if args.plant_fault and index == 0 else None, device=device)
             for index, device in enumerate(worker_devices(args.device, workers))]
 
 

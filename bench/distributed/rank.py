@@ -17,10 +17,11 @@ import torch
 import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
 
+from bench import faults
 from bench.distributed import collectives, hybrid, torchrec_dmp
 from bench.distributed.plan import plan_sharding
 from bench.records import (STATUS_ERROR, STATUS_OK, STATUS_SKIPPED, ResultRow, ResultsWriter,
-                           dumps_compact, encode_samples, summarize, write_json)
+                           dumps_compact, record_summary, summarize, utc_timestamp, write_json)
 from bench.registry import Unsupported
 from bench.run import devices
 from workloads.specs import WorkloadSpec
@@ -47,18 +48,6 @@ class Status:
                                "error": error, "time": time.time(), "pid": os.getpid()})
 
 
-def _planted_fault(job: dict, config: int, rank: int, stage: str) -> None:
-    """TEST-ONLY hook (tests/distributed/test_hybrid.py): crash or hang one rank at one stage."""
-    plant = job.get("test_only_planted_fault")
-    key = job["configs"][config]["task_key"]
-    if (not plant or plant["kind"] not in ("crash", "hang") or plant["task_key"] != key
-            or plant["rank"] != rank or plant["stage"] != stage):
-        return
-    if plant["kind"] == "crash":
-        raise RuntimeError("planted crash (test-only hook)")
-    time.sleep(3600)
-
-
 def _pin(local_rank: int, threads: int) -> None:
     """Pin this rank to its own cores (wrapping round when there are fewer cores than ranks)."""
     cores = sorted(os.sched_getaffinity(0))
@@ -73,7 +62,14 @@ def _gather(value):
     return gathered
 
 
+def _planted(job: dict, config: dict, rank: int, site: str) -> float:
+    """The job's planted fault (bench/faults.py) at a site of this configuration and rank."""
+    return faults.trigger(faults.PlantedFault.from_dict(job.get("planted_fault")), site,
+                          task_key=config["task_key"], rank=rank)
+
+
 def base_row(job: dict, config: dict) -> ResultRow:
+    """The identifying columns of a configuration's row (rank 0 writes it)."""
     device = config["device"]
     return ResultRow(
         run_id=job["run_id"], task_key=config["task_key"], op=config["op"], impl=config["impl"],
@@ -84,7 +80,7 @@ def base_row(job: dict, config: dict) -> ResultRow:
         threads=config["threads"], precision=config["precision"],
         batch_size=config["workload"]["batch_size"],
         fingerprint=devices.fingerprint(device, "native", config["threads"]),
-        timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+        timestamp=utc_timestamp())
 
 
 def _slowest(per_rank_steps: list[list[dict]]) -> tuple[list[float], dict, float]:
@@ -103,7 +99,7 @@ def _slowest(per_rank_steps: list[list[dict]]) -> tuple[list[float], dict, float
 
 
 def _check_train(model, config: dict, batch, labels, precision: str) -> tuple:
-    """A first step against the float64 single-process step (rank 0 compares); (ok, error)."""
+    """A first step against the float64 single-process one; rank 0: (failure or '', rel error)."""
     from bench.compare_outputs import compare, whole_model_bound
     from bench.models.dlrm import build_dlrm
     from bench.models.dlrm_reference import reference_train_step
@@ -129,7 +125,7 @@ def _check_train(model, config: dict, batch, labels, precision: str) -> tuple:
 
 
 def _check_infer(model, config: dict, batch, precision: str) -> tuple:
-    """The distributed forward's logits against the float64 single-process model's."""
+    """The forward's logits against the float64 single-process model's; as _check_train."""
     from bench.compare_outputs import compare, whole_model_bound
     from bench.models.dlrm import batch_tensors, build_dlrm
     from bench.models.dlrm_reference import reference_logits
@@ -148,20 +144,13 @@ def _check_infer(model, config: dict, batch, precision: str) -> tuple:
     return "", comparison.rel_error
 
 
-def _planted_lr_scale(job: dict, config: dict) -> float:
-    """TEST-ONLY hook (tests/distributed/test_torchrec_dmp.py): a wrong embedding learning rate."""
-    plant = job.get("test_only_planted_fault")
-    if plant and plant["task_key"] == config["task_key"] and plant["kind"] == "embedding_lr":
-        return float(plant["scale"])
-    return 1.0
-
-
 def _build(job: dict, config: dict, workload: WorkloadSpec, rank: int, device, autocast):
     """The configuration's model and its plan (as a row records it)."""
     world_size = dist.get_world_size()
     if config["impl"] == "torchrec_dmp":
         model = torchrec_dmp.TorchrecDLRM(workload, rank, world_size, config["seed"], device,
-                                          autocast, _planted_lr_scale(job, config))
+                                          autocast, _planted(job, config, rank,
+                                                             "dist.embedding_lr"))
         if rank == 0:
             print(model.describe(), file=sys.stderr, flush=True)
         return model, model.sharding_plan()
@@ -181,7 +170,7 @@ def run_model(job: dict, index: int, config: dict, rank: int, status: Status):
     device = torch.device(config["device"])
     autocast = torch.bfloat16 if config["precision"] == "bf16" else None
     status.mark(index, "building")
-    _planted_fault(job, index, rank, "building")
+    _planted(job, config, rank, "dist.building")
     status.mark(index, "building the model")  # a rank stuck before here lags the others
     try:
         model, plan_record = _build(job, config, workload, rank, device, autocast)
@@ -196,15 +185,16 @@ def run_model(job: dict, index: int, config: dict, rank: int, status: Status):
     inputs = [model.inputs(batch, labels) for batch, labels in batches]
     training = config["op"] == "dlrm_train"
     status.mark(index, "checking")
-    _planted_fault(job, index, rank, "checking")
+    _planted(job, config, rank, "dist.checking")
     error, rel_error = "", math.nan
     if training:
         error, rel_error = _check_train(model, config, *batches[0], config["precision"])
     else:
         error, rel_error = _check_infer(model, config, batches[0][0], config["precision"])
-    if config.get("test_only_dump_state_dir") and hasattr(model, "shard_state"):
-        torch.save(model.shard_state(), Path(config["test_only_dump_state_dir"])
-                   / f"rank{rank}.pt")
+    # Each rank's shards and MLP replica after the checked step, for comparing them with one
+    # process's step (the hybrid's tests do).
+    if config.get("state_dump_dir") and hasattr(model, "shard_state"):
+        torch.save(model.shard_state(), Path(config["state_dump_dir"]) / f"rank{rank}.pt")
     status.mark(index, "timing")
     per_step = []
     for step in range(config["warmup_steps"] + config["steps"]):
@@ -226,10 +216,7 @@ def run_model(job: dict, index: int, config: dict, rank: int, status: Status):
     row = base_row(job, config)
     steps, phases, spread = _slowest([item["steps"] for item in gathered])
     summary = summarize(steps)
-    row.n_samples, row.calls_per_sample = len(steps), 1
-    row.median_s, row.mean_s, row.min_s = summary.median_s, summary.mean_s, summary.min_s
-    row.p90_s, row.p99_s, row.iqr_s = summary.p90_s, summary.p99_s, summary.iqr_s
-    row.samples_s = encode_samples(steps)
+    record_summary(row, summary)
     row.samples_per_s = workload.batch_size / summary.median_s
     row.rel_error = rel_error
     alltoall_bytes = max(item["send_bytes"] for item in gathered) if exchange else 0
@@ -273,10 +260,7 @@ def run_collective(job: dict, index: int, config: dict, rank: int, status: Statu
     slowest = [max(values) for values in zip(*per_rank)]
     summary = summarize(slowest)
     row = base_row(job, config)
-    row.n_samples, row.calls_per_sample = len(slowest), 1
-    row.median_s, row.mean_s, row.min_s = summary.median_s, summary.mean_s, summary.min_s
-    row.p90_s, row.p99_s, row.iqr_s = summary.p90_s, summary.p99_s, summary.iqr_s
-    row.samples_s = encode_samples(slowest)
+    record_summary(row, summary)
     row.bytes_moved = float(size)
     bandwidth = collectives.bandwidths(config["op"], size, summary.median_s, world_size)
     row.gbps = bandwidth["busbw_gbps"]

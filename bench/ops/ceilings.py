@@ -10,10 +10,10 @@ import numpy as np
 import torch
 
 from bench.models.dlrm import top_input_width
-from bench.ops.common import (BYTES_PER_VALUE, FLOAT_DTYPES, INDEX_BYTES, MAX_MEMORY_FRACTION,
+from bench.ops.common import (FLOAT_DTYPES, INDEX_BYTES, MAX_MEMORY_FRACTION,
                               MIN_ROTATION_TARGET_BYTES, ROTATION_LLC_MULTIPLE,
-                              available_memory_bytes, beyond_cache_bytes, cycling,
-                              last_level_cache)
+                              available_memory_bytes, beyond_cache_bytes, cycling, last_level_cache)
+from bench.precisions import BYTES_PER_VALUE
 from bench.registry import BuildContext, Op, Prepared, Unsupported, impl, register_op
 
 # In-cache buffer sizes: one inside L1 (48 KiB here), L2 (2 MiB) and any last-level cache seen;

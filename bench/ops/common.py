@@ -13,13 +13,11 @@ from bench.compare_outputs import pooled_lookup_bound, relative_error  # noqa: F
 from bench.embeddings import clear_weight_cache, huge_page_copy, table_weight  # noqa: F401
 from bench.host import FALLBACK_LLC_BYTES, available_memory_bytes, last_level_cache  # noqa: F401
 from bench.host import transparent_huge_pages
+from bench.precisions import stored_row_bytes
 from bench.registry import Unsupported
 from workloads.generators import TableBatch
 
 FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-BYTES_PER_VALUE = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "int8": 1.0, "int4": 0.5}
-# Row-wise quantized rows carry a scale and a bias: fp32 pairs for int8, fp16 pairs for int4.
-ROW_OVERHEAD_BYTES = {"int8": 8, "int4": 4}
 INDEX_BYTES = 8  # int64 indices and offsets
 
 
@@ -113,8 +111,7 @@ class PooledTable:
     @property
     def bytes_per_row(self) -> float:
         """Bytes read per looked-up row, including row-wise quantization parameters."""
-        return self.dim * BYTES_PER_VALUE[self.precision] + ROW_OVERHEAD_BYTES.get(
-            self.precision, 0)
+        return stored_row_bytes(self.dim, self.precision)
 
 
 def lookup_bytes(lookups: int, bags: int, dim: int, bytes_per_row: float, out_bytes: float,
@@ -223,7 +220,7 @@ def workload_rotation_plan(workload, table_indices, precision: str) -> dict:
     lookups = sum(workload.tables[index].pooling.mean for index in table_indices)
     lookups_per_call = int(lookups * workload.batch_size)
     bags_per_call = len(table_indices) * workload.batch_size
-    row_bytes = workload.dim * BYTES_PER_VALUE[precision] + ROW_OVERHEAD_BYTES.get(precision, 0)
+    row_bytes = stored_row_bytes(workload.dim, precision)
     # Each rotating batch holds int64 indices, fp32 per-sample weights and int64 offsets.
     return rotation_plan(lookups_per_call * row_bytes,
                          lookups_per_call * (INDEX_BYTES + 4) + bags_per_call * INDEX_BYTES)

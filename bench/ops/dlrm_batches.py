@@ -10,7 +10,8 @@ import torch
 from bench.models.dlrm import batch_tensors
 from bench.models.teacher import LabelledBatch, teacher_model
 from bench.ops import common
-from bench.ops.common import BYTES_PER_VALUE, INDEX_BYTES, ROW_OVERHEAD_BYTES, rotation_plan
+from bench.ops.common import INDEX_BYTES, rotation_plan
+from bench.precisions import stored_row_bytes
 from workloads.generators import Batch, TableBatch, label_stream, make_batch
 
 TRAIN_BATCH_INDEX = 0
@@ -23,7 +24,7 @@ LABEL_CHUNK_SAMPLES = 16384  # samples per teacher forward when labelling rotati
 def model_rotation_plan(workload, precision: str) -> dict:
     """How many distinct whole-model batches to cycle through (see common.rotation_plan)."""
     lookups = workload.batch_size * sum(table.pooling.mean for table in workload.tables)
-    row_bytes = workload.dim * BYTES_PER_VALUE[precision] + ROW_OVERHEAD_BYTES.get(precision, 0)
+    row_bytes = stored_row_bytes(workload.dim, precision)
     # A rotating batch holds int64 indices and offsets, fp32 per-sample weights and dense
     # features, and fp32 labels with float64 probabilities.
     batch = workload.batch_size

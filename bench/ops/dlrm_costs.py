@@ -9,7 +9,8 @@ from torch import nn
 
 from bench.models.dlrm import DLRM, TTMixedEmbeddings, flops_per_sample, parameter_bytes
 from bench.models.quantized import QuantizedEmbeddings
-from bench.ops.common import BYTES_PER_VALUE, INDEX_BYTES, ROW_OVERHEAD_BYTES
+from bench.ops.common import INDEX_BYTES
+from bench.precisions import stored_row_bytes
 from bench.ops.fc import input_dtype, stored_weight_bytes
 from bench.ops.ttrec import tt_lookup_cost, tt_unique_counts
 
@@ -36,7 +37,7 @@ def embedding_traffic(model: DLRM, precision: str, batches_tensors) -> dict:
     reconstruction FLOPs, lookups and distinct rows, over the batches the op cycles through."""
     workload = model.workload
     lookups = _mean_lookups_per_table(batches_tensors)
-    row_bytes = workload.dim * BYTES_PER_VALUE[precision] + ROW_OVERHEAD_BYTES.get(precision, 0)
+    row_bytes = stored_row_bytes(workload.dim, precision)
     tt_tables = _tt_tables(model)
     tt_positions = [position for position, _ in tt_tables]
     traffic = {"row_bytes": 0.0, "tt_flops": 0.0, "lookups": float(sum(lookups)),

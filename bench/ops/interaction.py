@@ -9,7 +9,8 @@ import torch
 from bench.compare_outputs import (ACCUMULATION_ROUNDOFF, CONFIDENCE, UNDERFLOW, UNIT_ROUNDOFF,
                                    representation_roundoff, rounding_error)
 from bench.models.dlrm import CatInteraction, DotInteraction
-from bench.ops.common import BYTES_PER_VALUE, float_dtype
+from bench.ops.common import float_dtype
+from bench.precisions import BYTES_PER_VALUE
 from bench.references import cat_interaction64, dot_interaction64
 from bench.registry import BuildContext, Op, Prepared, impl, register_op
 from workloads.generators import stream

@@ -7,9 +7,10 @@ import functools
 import torch
 
 from bench.models.dlrm import flatten_tables, row_start_values
-from bench.ops.common import (BYTES_PER_VALUE, FLOAT_DTYPES, PooledTable, as_tensors, cycling,
-                              lookup_bound, lookup_bytes, mean_lookups, rotation_metrics,
-                              table_weight, workload_rotation_plan)
+from bench.ops.common import (FLOAT_DTYPES, PooledTable, as_tensors, cycling, lookup_bound,
+                              lookup_bytes, mean_lookups, rotation_metrics, table_weight,
+                              workload_rotation_plan)
+from bench.precisions import BYTES_PER_VALUE
 from bench.references import table_lookup64
 from bench.registry import BuildContext, Op, Prepared, impl, register_op
 from workloads.generators import rotating_table_batches
@@ -125,8 +126,9 @@ def _multi_bound(weights, tensors, precision):
                         for weight, (indices, offsets, _) in zip(weights, tensors)])
 
 
-def _multi_prepared(context, calls, weights, rotations, rotation, bytes_per_row,
-                    extra_params) -> Prepared:
+def multi_prepared(context, calls, weights, rotations, rotation, bytes_per_row,
+                   extra_params) -> Prepared:
+    """A Prepared for sls_multi: output [tables, batch, dim] against per-table float64 sums."""
     workload = context.workload
     tensors = rotations[0]
     # Timing cycles through every rotating batch: charge their mean lookup count.
@@ -161,7 +163,7 @@ def build_per_table(context: BuildContext) -> Prepared:
                             in zip(tables, tensors)])
 
     calls = [functools.partial(lookup_all, tensors) for tensors in rotations]
-    return _multi_prepared(context, calls, weights, rotations, rotation,
+    return multi_prepared(context, calls, weights, rotations, rotation,
                            tables[0].bytes_per_row, {})
 
 
@@ -194,6 +196,6 @@ def _build_batched(context: BuildContext, huge_pages: bool) -> Prepared:
         return table(indices, offsets).view(len(tensors), batch_size, -1)
 
     calls = [functools.partial(lookup_all, tensors) for tensors in rotations]
-    return _multi_prepared(context, calls, weights, rotations, rotation, table.bytes_per_row,
+    return multi_prepared(context, calls, weights, rotations, rotation, table.bytes_per_row,
                            {"table_bytes": int(workload.total_rows * table.bytes_per_row),
                             **(_huge_page_params(table) if huge_pages else {})})

@@ -6,9 +6,10 @@ import functools
 
 import torch
 
-from bench.ops.common import (BYTES_PER_VALUE, PooledTable, as_tensors, cycling, float_dtype,
-                              lookup_bound, lookup_bytes, mean_lookups, rotation_metrics,
-                              table_weight, workload_rotation_plan)
+from bench.ops.common import (PooledTable, as_tensors, cycling, float_dtype, lookup_bound,
+                              lookup_bytes, mean_lookups, rotation_metrics, table_weight,
+                              workload_rotation_plan)
+from bench.precisions import BYTES_PER_VALUE
 from bench.compare_outputs import UNDERFLOW, UNIT_ROUNDOFF, pooled_lookup_bound, rounding_error
 from bench.references import table_lookup64, tt_lookup64
 from bench.registry import BuildContext, Op, Prepared, Unsupported, impl, register_op

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import os
 import shutil
 import statistics
 import subprocess
@@ -179,13 +178,6 @@ class Count:
     def calls(self) -> int:
         """Closure calls the figures average over, all dumps together."""
         return self.calls_per_count * len(self.per_dump)
-
-
-def dump_directory_for(log_path: Path, group_index: int) -> Path:
-    """A fresh folder beside the worker log for one worker's dumps."""
-    directory = Path(log_path).parent / f"callgrind-{os.getpid()}-{group_index}"
-    directory.mkdir(parents=True, exist_ok=True)
-    return directory
 
 
 def counting_facts(policy: CountPolicy, version: str) -> dict:

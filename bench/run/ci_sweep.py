@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench import PROJECT_ROOT
+from bench.run import devices
 
 
 # About 36 configurations, 30-60 s on one thread: both a tiny and a Kaggle-shaped workload (capped
@@ -125,11 +126,8 @@ def run_ci_sweep(out_dir: str | os.PathLike, run_id: str, extra_args: Sequence[s
     run_dir.mkdir(parents=True, exist_ok=True)
     log_path = run_dir / LOG_FILENAME
     command = sweep_command(Path(out_dir).resolve(), run_id, extra_args, python, sweep_args)
-    environment = dict(os.environ)
     # The checkout at cwd must win over an editable install of another checkout.
-    environment["PYTHONPATH"] = os.pathsep.join(
-        [str(Path(cwd).resolve())]
-        + [part for part in environment.get("PYTHONPATH", "").split(os.pathsep) if part])
+    environment = devices.with_import_root(dict(os.environ), Path(cwd).resolve())
     started = time.monotonic()
     print(f"{label}: running into {run_dir} (log: {log_path})", file=sys.stderr, flush=True)
     with open(log_path, "wb") as log:

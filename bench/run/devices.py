@@ -23,11 +23,11 @@ class DeviceError(ValueError):
     """A device or ISA level that is not available here; the message lists what is."""
 
 
-# Each level names the environment knob of every library that dispatches on SIMD width
-# (see shared/notes/machine-facts.md): ATen elementwise kernels, FBGEMM's embedding_bag JIT,
-# MKL's fp32 GEMM and oneDNN's bf16/fp16 GEMM. They are read once at library load, so a
-# worker process sets them before importing torch. FBGEMM has no SSE kernels: at sse4 it
-# falls back to its scalar reference path (FBGEMM_NO_ASMJIT=1).
+# Each level names the environment knob of every library that dispatches on SIMD width: ATen
+# elementwise kernels, FBGEMM's embedding_bag JIT, MKL's fp32 GEMM and oneDNN's bf16/fp16 GEMM.
+# They are read once at library load, so a worker process sets them before importing torch.
+# FBGEMM has no SSE kernels: at sse4 it falls back to its scalar reference path
+# (FBGEMM_NO_ASMJIT=1).
 ISA_LEVELS: dict[str, dict[str, str]] = {
     "native": {},
     "sse4": {"ATEN_CPU_CAPABILITY": "default", "FBGEMM_NO_ASMJIT": "1",
@@ -93,6 +93,24 @@ def isa_environment(level: str, base: Optional[dict] = None) -> dict[str, str]:
         environment.pop(knob, None)
     environment.update(ISA_LEVELS[level])
     return environment
+
+
+def with_import_root(environment: dict[str, str], root: os.PathLike | str) -> dict[str, str]:
+    """The environment with root first on PYTHONPATH: that checkout's packages then win over
+    an installed copy of another checkout."""
+    kept = [part for part in environment.get("PYTHONPATH", "").split(os.pathsep) if part]
+    return {**environment, "PYTHONPATH": os.pathsep.join([str(root)] + kept)}
+
+
+def worker_environment(isa: str, threads: int,
+                       import_root: Optional[os.PathLike | str] = PROJECT_ROOT) -> dict[str, str]:
+    """A worker process's environment: exactly this ISA level's knobs, the thread pools sized
+    (they size themselves at load time: set before torch starts) and, unless import_root is
+    None, that checkout's packages importable first."""
+    environment = isa_environment(isa)
+    environment["OMP_NUM_THREADS"] = str(threads)
+    environment["MKL_NUM_THREADS"] = str(threads)
+    return environment if import_root is None else with_import_root(environment, import_root)
 
 
 def cuda_device_count() -> int:

@@ -9,7 +9,8 @@ from pathlib import Path
 from bench import registry
 from bench.records import ResultsWriter, write_json
 from bench.run import devices, sweep
-from bench.run.worker import fingerprint_policy, skipped_row
+from bench.run.settings import WorkerSettings
+from bench.run.worker import skipped_row
 
 
 class RunDirectoryError(Exception):
@@ -51,10 +52,12 @@ def execute(argv, planned, directory: Path, run_id: str, resuming: bool, policy,
 
     count_policy (a callgrind.CountPolicy): count instructions under callgrind instead of
     timing; counting: the facts that then stand for the timing policy in fingerprints."""
+    settings = WorkerSettings(run_id, policy, count_policy, counting,
+                              log_path=directory / "worker.log", task_timeout_s=task_timeout_s)
     results_path = directory / "results.csv"
     done = sweep.completed_keys(results_path) if resuming else set()
     if not resuming:
-        _start_run_directory(directory, argv, run_id, policy, planned, counting)
+        _start_run_directory(directory, argv, settings, planned)
     pending = [item for item in planned if item.task.key() not in done]
     if resuming:
         print(f"resuming {directory}: {len(planned) - len(pending)} of {len(planned)} "
@@ -64,16 +67,12 @@ def execute(argv, planned, directory: Path, run_id: str, resuming: bool, policy,
         try:
             for item in pending:
                 if item.skip_reason:
-                    row = skipped_row(item.task, run_id, item.skip_reason, policy, counting)
+                    row = skipped_row(item.task, settings, item.skip_reason)
                     writer.write(row)
                     progress.advance(row)
             runnable = [item.task for item in pending if not item.skip_reason]
-            # Only an instruction run passes the counting options on.
-            counted = ({"count_policy": count_policy, "counting": counting}
-                       if count_policy is not None else {})
-            sweep.run_tasks(runnable, run_id, policy, writer, directory / "worker.log",
-                            task_timeout_s, progress=progress.advance,
-                            describe=progress.describe, **counted)
+            sweep.run_tasks(runnable, settings, writer, progress=progress.advance,
+                            describe=progress.describe)
         except KeyboardInterrupt:
             progress.close()
             print(f"interrupted: finished rows are in {results_path}; "
@@ -83,8 +82,7 @@ def execute(argv, planned, directory: Path, run_id: str, resuming: bool, policy,
     return 0
 
 
-def _start_run_directory(directory: Path, argv, run_id: str, policy, planned,
-                         counting=None) -> None:
+def _start_run_directory(directory: Path, argv, settings: WorkerSettings, planned) -> None:
     """Create the run directory with args.json and env.json; RunDirectoryError if it cannot."""
     first_created = None  # the outermost folder this call creates, removed on failure
     probe = directory
@@ -95,15 +93,15 @@ def _start_run_directory(directory: Path, argv, run_id: str, policy, planned,
     configurations = {(item.task.device, item.task.isa, item.task.threads) for item in planned}
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        write_json(directory / "args.json", {"argv": argv, "run_id": run_id,
-                                             "timing_policy": policy.__dict__,
-                                             **({"counting": counting} if counting else {}),
+        write_json(directory / "args.json", {"argv": argv, "run_id": settings.run_id,
+                                             "timing_policy": settings.policy.__dict__,
+                                             **({"counting": settings.counting}
+                                                if settings.counting else {}),
                                              "op_facts": registry.facts()})
-        write_json(directory / "env.json", {"run_id": run_id, **devices.host_facts(),
+        write_json(directory / "env.json", {"run_id": settings.run_id, **devices.host_facts(),
                                             "perf_counters": devices.perf_counter_support(),
                                             "fingerprint_facts": devices.fingerprint_records(
-                                                configurations,
-                                                fingerprint_policy(policy, counting))})
+                                                configurations, settings.fingerprint_policy)})
     except OSError as error:
         if first_created is not None:  # leave nothing behind for a run that never started
             shutil.rmtree(first_created, ignore_errors=True)

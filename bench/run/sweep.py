@@ -15,11 +15,11 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
-from bench.run import callgrind, devices
-from bench import PROJECT_ROOT, registry
+from bench import registry
 from bench.records import STATUS_ERROR, ResultRow, ResultsWriter, read_rows
+from bench.run import callgrind, devices
+from bench.run.settings import WorkerSettings
 from bench.run.tasks import Task
-from bench.run.timing import TimingPolicy
 from workloads.specs import SpecError, WorkloadSpec
 
 # Ops that measure the machine rather than a workload run once per worker group, labelled
@@ -141,52 +141,38 @@ class WorkerCrash(Exception):
 class WorkerGroup:
     """One worker process running a list of tasks at one (device, ISA level, thread count)."""
 
-    def __init__(self, tasks: list[Task], run_id: str, policy: TimingPolicy, log_path: Path,
-                 task_timeout_s: float, count_policy: Optional[callgrind.CountPolicy] = None,
-                 counting: Optional[dict] = None):
+    def __init__(self, tasks: list[Task], settings: WorkerSettings):
         self.tasks = tasks
-        self.count_policy = count_policy  # set: the worker runs under callgrind and counts
-        self.counting = counting
-        self.run_id = run_id
-        self.policy = policy
-        self.log_path = log_path
-        self.task_timeout_s = task_timeout_s
+        self.settings = settings
         self.process: Optional[subprocess.Popen] = None
 
     def _environment(self) -> dict[str, str]:
         device, isa, threads = self.tasks[0].group()
-        environment = devices.isa_environment(isa)
-        # Thread pools size themselves at load time: set them before torch starts.
-        environment["OMP_NUM_THREADS"] = str(threads)
-        environment["MKL_NUM_THREADS"] = str(threads)
-        project_root = str(PROJECT_ROOT)
-        environment["PYTHONPATH"] = os.pathsep.join(
-            [project_root] + [part for part in environment.get("PYTHONPATH", "").split(os.pathsep)
-                              if part])
+        environment = devices.worker_environment(isa, threads)
+        if self.settings.count_policy is not None:
+            environment.update(callgrind.WORKER_ENVIRONMENT)
         return environment
 
     def run(self, on_row: Callable[[int, ResultRow], None],
             on_start: Callable[[int], None]) -> None:
         """Run every task; rows go to on_row as they finish. Raises WorkerCrash(index)."""
+        settings = self.settings
         read_end, write_end = os.pipe()
         with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as task_file:
             task_file.write("\n".join(task.to_json() for task in self.tasks))
         command = [sys.executable, "-m", "bench.run.worker", task_file.name,
-                   "--event-fd", str(write_end), "--run-id", self.run_id,
-                   "--policy", json.dumps(dataclasses.asdict(self.policy))]
+                   "--event-fd", str(write_end), "--settings", settings.to_json()]
+        # Ops found outside bench/ops (registry.add_op_directory) must be found there too.
+        for directory in registry.op_directories():
+            command += ["--op-dir", directory]
         dump_directory = None
-        if self.count_policy is not None:
-            dump_directory = Path(tempfile.mkdtemp(prefix="callgrind-", dir=self.log_path.parent))
-            command = (callgrind.worker_prefix(dump_directory, self.count_policy.cache_sim)
-                       + command
-                       + ["--count-policy", json.dumps(dataclasses.asdict(self.count_policy)),
-                          "--dump-dir", str(dump_directory),
-                          "--counting", json.dumps(self.counting or {})])
-        environment = self._environment()
-        if self.count_policy is not None:
-            environment.update(callgrind.WORKER_ENVIRONMENT)
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(command, env=environment, stdout=log,
+        if settings.count_policy is not None:
+            dump_directory = Path(tempfile.mkdtemp(
+                prefix="callgrind-", dir=settings.log_path.parent if settings.log_path else None))
+            command = (callgrind.worker_prefix(dump_directory, settings.count_policy.cache_sim)
+                       + command + ["--dump-dir", str(dump_directory)])
+        with open(settings.log_path or os.devnull, "ab") as log:
+            self.process = subprocess.Popen(command, env=self._environment(), stdout=log,
                                             stderr=log, pass_fds=(write_end,),
                                             start_new_session=True)
         os.close(write_end)
@@ -221,7 +207,7 @@ class WorkerGroup:
                 if event["event"] == "start":
                     current = event["index"]
                     on_start(current)
-                    deadline = time.monotonic() + self.task_timeout_s
+                    deadline = time.monotonic() + self.settings.task_timeout_s
                 elif event["event"] == "row":
                     on_row(event["index"], ResultRow(**event["row"]))
                 elif event["event"] == "done":
@@ -229,8 +215,9 @@ class WorkerGroup:
 
     def _limit(self, current: int) -> float:
         if current >= 0:
-            return self.task_timeout_s
-        return READY_TIMEOUT_S if self.count_policy is None else CALLGRIND_READY_TIMEOUT_S
+            return self.settings.task_timeout_s
+        return (READY_TIMEOUT_S if self.settings.count_policy is None
+                else CALLGRIND_READY_TIMEOUT_S)
 
     def _death_reason(self) -> str:
         code = self.process.wait() if self.process else None
@@ -238,7 +225,8 @@ class WorkerGroup:
             name = signal.Signals(-code).name
             hint = " (killed: out of memory?)" if -code == signal.SIGKILL else ""
             return f"worker died with {name}{hint}"
-        return f"worker exited with code {code}; see {self.log_path}"
+        log_path = self.settings.log_path
+        return f"worker exited with code {code}" + (f"; see {log_path}" if log_path else "")
 
     def stop(self) -> None:
         """Kill the worker's process group if it is still running."""
@@ -250,11 +238,8 @@ class WorkerGroup:
             self.process.wait()
 
 
-def _run_once(batch: list[Task], run_id: str, policy: TimingPolicy, log_path: Path,
-              task_timeout_s: float, on_row: Callable[[ResultRow], None],
-              describe: Optional[Callable[[Task], None]],
-              count_policy: Optional[callgrind.CountPolicy] = None,
-              counting: Optional[dict] = None) -> list[Task]:
+def _run_once(batch: list[Task], settings: WorkerSettings, on_row: Callable[[ResultRow], None],
+              describe: Optional[Callable[[Task], None]]) -> list[Task]:
     """Run batch in one worker; returns the tasks left unrun if the worker crashed."""
     from bench.run.worker import base_row
 
@@ -269,8 +254,7 @@ def _run_once(batch: list[Task], run_id: str, policy: TimingPolicy, log_path: Pa
             describe(batch[index])
 
     try:
-        WorkerGroup(batch, run_id, policy, log_path, task_timeout_s, count_policy,
-                    counting).run(record, started)
+        WorkerGroup(batch, settings).run(record, started)
         return []
     except WorkerCrash as crash:
         index, reason = crash.args
@@ -278,22 +262,19 @@ def _run_once(batch: list[Task], run_id: str, policy: TimingPolicy, log_path: Pa
         # blames the first task not yet finished.
         failed = index if index >= 0 and index not in finished else next(
             position for position in range(len(batch)) if position not in finished)
-        row = base_row(batch[failed], run_id, policy=policy, counting=counting)
+        row = base_row(batch[failed], settings)
         row.status, row.error = STATUS_ERROR, reason
         record(failed, row)
         return [task for position, task in enumerate(batch) if position not in finished]
 
 
-def run_tasks(tasks: list[Task], run_id: str, policy: TimingPolicy, writer: ResultsWriter,
-              log_path: Path, task_timeout_s: float,
+def run_tasks(tasks: list[Task], settings: WorkerSettings, writer: ResultsWriter,
               progress: Optional[Callable[[ResultRow], None]] = None,
-              describe: Optional[Callable[[Task], None]] = None,
-              count_policy: Optional[callgrind.CountPolicy] = None,
-              counting: Optional[dict] = None) -> list[ResultRow]:
+              describe: Optional[Callable[[Task], None]] = None) -> list[ResultRow]:
     """Run tasks grouped by worker; a crash turns its task into an error row and restarts.
 
-    With count_policy, each worker runs under callgrind and counts instructions instead of
-    timing (counting: the facts its rows' fingerprints record)."""
+    With settings.count_policy, each worker runs under callgrind and counts instructions
+    instead of timing."""
     rows: list[ResultRow] = []
 
     def on_row(row: ResultRow) -> None:
@@ -307,6 +288,5 @@ def run_tasks(tasks: list[Task], run_id: str, policy: TimingPolicy, writer: Resu
         groups.setdefault(task.group(), []).append(task)
     for remaining in groups.values():
         while remaining:
-            remaining = _run_once(remaining, run_id, policy, log_path, task_timeout_s, on_row,
-                                  describe, count_policy, counting)
+            remaining = _run_once(remaining, settings, on_row, describe)
     return rows

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
@@ -20,40 +19,29 @@ from bench.ops.common import clear_weight_cache
 from bench.run import callgrind, devices, isa_probe, telemetry, timing
 from bench.registry import BuildContext, Prepared, Unsupported
 from bench.records import (STATUS_ERROR, STATUS_OK, STATUS_SKIPPED, ResultRow, dumps_compact,
-                           encode_samples)
+                           record_summary, utc_timestamp)
+from bench.run.settings import WorkerSettings
 from bench.run.tasks import Task
 
 
-def fingerprint_policy(policy: timing.TimingPolicy | None,
-                       counting: dict | None = None):
-    """What the fingerprint records of how rows were measured: the counting facts or timing."""
-    # Instruction counts and times are never comparable, and neither depends on the other's
-    # policy: an instruction run's fingerprint carries its counting facts instead.
-    return counting if counting is not None else policy
-
-
-def base_row(task: Task, run_id: str, isa_effective: str = "",
-             policy: timing.TimingPolicy | None = None,
-             counting: dict | None = None) -> ResultRow:
+def base_row(task: Task, settings: WorkerSettings, isa_effective: str = "") -> ResultRow:
     """The identifying columns of a task's row, before any measurement."""
     implementation = registry.impls(task.op)[task.impl]
     return ResultRow(
-        run_id=run_id, task_key=task.key(), op=task.op, impl=task.impl,
+        run_id=settings.run_id, task_key=task.key(), op=task.op, impl=task.impl,
         is_baseline=implementation.baseline, code_version=implementation.code_version,
         workload=task.workload.name, params=dumps_compact(task.variant), device=task.device,
         device_name=devices.device_name(task.device), isa=task.isa, isa_effective=isa_effective,
         threads=task.threads, precision=task.precision, batch_size=task.workload.batch_size,
         fingerprint=devices.fingerprint(task.device, task.isa, task.threads,
-                                        fingerprint_policy(policy, counting)),
-        timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                                        settings.fingerprint_policy),
+        timestamp=utc_timestamp(),
     )
 
 
-def skipped_row(task: Task, run_id: str, reason: str,
-                policy: timing.TimingPolicy | None = None,
-                counting: dict | None = None) -> ResultRow:
+def skipped_row(task: Task, settings: WorkerSettings, reason: str) -> ResultRow:
     """A row for a combination that cannot run, with the reason."""
-    row = base_row(task, run_id, policy=policy, counting=counting)
+    row = base_row(task, settings)
     row.status, row.error = STATUS_SKIPPED, reason
     return row
 
@@ -117,11 +105,7 @@ def _record_quality(prepared: Prepared, row: ResultRow, metrics: dict) -> str:
 def _record_timing(row: ResultRow, prepared: Prepared, summary, observed, calls: int,
                    metrics: dict) -> None:
     """Times, rates and telemetry of a measurement into the row."""
-    row.n_samples = len(summary.samples_s)
-    row.calls_per_sample = summary.calls_per_sample
-    row.samples_s = encode_samples(summary.samples_s)
-    row.median_s, row.mean_s, row.min_s = summary.median_s, summary.mean_s, summary.min_s
-    row.p90_s, row.p99_s, row.iqr_s = summary.p90_s, summary.p99_s, summary.iqr_s
+    record_summary(row, summary)
     # Times are per repetition (calls_per_rep calls); rates count the work of every call.
     row.samples_per_s = calls * prepared.samples / summary.median_s
     row.gbps = calls * prepared.bytes_moved / summary.median_s / 1e9
@@ -155,15 +139,13 @@ def _record_count(row: ResultRow, count: callgrind.Count, metrics: dict) -> None
         metrics["simulated_caches"] = count.caches
 
 
-def run_task(task: Task, run_id: str, policy: timing.TimingPolicy,
-             isa_effective: str = "", counter: callgrind.Counter | None = None,
-             count_policy: callgrind.CountPolicy | None = None,
-             counting: dict | None = None) -> ResultRow:
+def run_task(task: Task, settings: WorkerSettings, isa_effective: str = "",
+             counter: callgrind.Counter | None = None) -> ResultRow:
     """Build, check against float64, then time (or count) one task; never raises for its faults.
 
     With a counter (the worker runs under callgrind) the checked closure's instructions are
     counted instead of timed: times under Valgrind are ~50x off and would mislead."""
-    row = base_row(task, run_id, isa_effective, policy, counting)
+    row = base_row(task, settings, isa_effective)
     implementation = registry.impls(task.op)[task.impl]
     device = torch.device(task.device)
     context = BuildContext(workload=task.workload, variant=task.variant, precision=task.precision,
@@ -191,14 +173,14 @@ def run_task(task: Task, run_id: str, policy: timing.TimingPolicy,
     if counter is not None:
         try:
             count = counter.count(repeated(prepared.run, calls),
-                                  count_policy or callgrind.CountPolicy())
+                                  settings.count_policy or callgrind.CountPolicy())
         except Exception as error:
             return _fail(row, f"instruction count failed: {type(error).__name__}: {error}")
         _record_count(row, count, metrics)
         return _finish(row, task, isa_effective, metrics)
     try:
         summary, observed = timing.measure(
-            repeated(prepared.run, calls), device, policy, task.threads,
+            repeated(prepared.run, calls), device, settings.policy, task.threads,
             flush_l2=prepared.flush_between_reps, monitor=telemetry.Monitor(task.device))
     except Exception as error:
         return _fail(row, f"timing failed: {type(error).__name__}: {error}")
@@ -251,23 +233,21 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("tasks", help="file with one Task JSON per line")
     parser.add_argument("--event-fd", type=int, required=True)
-    parser.add_argument("--run-id", required=True)
-    parser.add_argument("--policy", required=True, help="TimingPolicy as JSON")
-    parser.add_argument("--count-policy", help="callgrind.CountPolicy as JSON: count "
-                                               "instructions (the worker runs under callgrind)")
-    parser.add_argument("--dump-dir", help="where callgrind writes this worker's dumps")
-    parser.add_argument("--counting", help="the counting facts of the fingerprint, as JSON")
+    parser.add_argument("--settings", required=True, help="WorkerSettings as JSON")
+    parser.add_argument("--op-dir", action="append", default=[],
+                        help="a directory of op modules beyond bench/ops (repeatable)")
+    parser.add_argument("--dump-dir", help="where callgrind writes this worker's dumps "
+                                           "(with the settings' count policy)")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=".*quantiz.*")
     events = EventStream(args.event_fd)
     with open(args.tasks, encoding="utf-8") as handle:
         tasks = [Task.from_json(line) for line in handle if line.strip()]
-    policy = timing.TimingPolicy(**json.loads(args.policy))
-    count_policy = (callgrind.CountPolicy(**json.loads(args.count_policy))
-                    if args.count_policy else None)
-    counter = callgrind.Counter(args.dump_dir) if count_policy else None
-    counting = json.loads(args.counting) if args.counting else None
+    settings = WorkerSettings.from_json(args.settings)
+    for directory in args.op_dir:
+        registry.add_op_directory(directory)
+    counter = callgrind.Counter(args.dump_dir) if settings.count_policy else None
     if tasks:
         pin_threads(tasks[0].threads, tasks[0].device)
     isa_effective = isa_probe.effective_isa() if tasks and tasks[0].device == "cpu" else ""
@@ -279,10 +259,9 @@ def main(argv=None) -> int:
             current_workload = task.workload
         events.send(event="start", index=index)
         try:
-            row = run_task(task, args.run_id, policy, isa_effective, counter, count_policy,
-                           counting)
+            row = run_task(task, settings, isa_effective, counter)
         except Exception:  # a harness bug: report it as this task's error and go on
-            row = _fail(base_row(task, args.run_id, isa_effective, policy, counting),
+            row = _fail(base_row(task, settings, isa_effective),
                         "worker error: " + traceback.format_exc(limit=3))
         events.send(event="row", index=index, row=row.__dict__)
     events.send(event="done")

@@ -1,13 +1,11 @@
-"""LoadGen's own figures, read from the logs it writes (mlperf_log_detail.txt and _summary.txt)."""
+"""LoadGen's own figures, read from the detail log it writes (mlperf_log_detail.txt)."""
 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 DETAIL_FILENAME = "mlperf_log_detail.txt"
-SUMMARY_FILENAME = "mlperf_log_summary.txt"
 DETAIL_PREFIX = ":::MLLOG "
 # Latency percentiles LoadGen reports, as its detail-log keys name them, and the names used
 # for them in rows (seconds).
@@ -33,19 +31,6 @@ def read_detail(directory: Path) -> dict:
                 continue  # LoadGen's own warnings can be multi-line; skip what is not JSON
             entries[record.get("key")] = record.get("value")
     return entries
-
-
-def read_summary(directory: Path) -> dict[str, str]:
-    """The summary log's `name : value` lines as text."""
-    path = Path(directory) / SUMMARY_FILENAME
-    if not path.is_file():
-        raise LoadGenLogError(f"{path}: LoadGen wrote no summary log")
-    found = {}
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        match = re.match(r"^\s*([^:*=][^:]*?)\s*:\s*(.*?)\s*$", line)
-        if match:
-            found.setdefault(match.group(1), match.group(2))
-    return found
 
 
 def figures(directory: Path) -> dict:

@@ -11,11 +11,12 @@ import traceback
 import warnings
 from typing import Any, Optional
 
+from bench import faults
+from bench.faults import PlantedFault
 from bench.serve.batching import STOP, Batcher, BatchPolicy, Query
 from bench.serve.queries import QueryTable
 
 READY_TIMEOUT_S = 900.0  # building a large model (or torch.compile) can take minutes
-FAULT_EXIT_CODE = 70  # a planted crash's exit status (tests)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +32,7 @@ class WorkerConfig:
     seed: int
     policies: tuple[BatchPolicy, ...]
     table: QueryTable
-    fault: str = ""  # tests only: "crash-after:N" exits after N batches
+    fault: Optional[PlantedFault] = None  # what a test plants (bench/faults.py, serve.batch)
     device: str = "cpu"  # cpu, or the one GPU this worker serves on (cuda:N)
 
 
@@ -119,13 +120,11 @@ def serve_forever(config: WorkerConfig, inbox, outbox) -> None:
                      config.table.sizes[sample_index])
 
     batcher = Batcher(list(config.policies), receive, timing.monotonic_s)
-    crash_after = int(config.fault.partition(":")[2]) if config.fault else -1
     while True:
         pieces = batcher.next_batch()
         if pieces is None:
             break
-        if batches == crash_after:
-            os._exit(FAULT_EXIT_CODE)  # the planted crash: no goodbye, as a segfault would
+        faults.trigger(config.fault, "serve.batch", visit=batches)
         logits = forward(*pool.batch([(piece.start, piece.items) for piece in pieces]))
         items = sum(piece.items for piece in pieces)
         produced = int(logits.shape[0])

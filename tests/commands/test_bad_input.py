@@ -170,9 +170,9 @@ def test_a_run_with_some_error_rows_exits_three_and_writes_every_row(capsys, mon
     import bench.run.sweep
     from bench.run.worker import skipped_row
 
-    def half_failing(tasks, run_id, policy, writer, *args, progress=None, describe=None):
+    def half_failing(tasks, settings, writer, progress=None, describe=None):
         for index, task in enumerate(tasks):
-            row = skipped_row(task, run_id, "")
+            row = skipped_row(task, settings, "")
             row.status, row.error = (STATUS_OK, "") if index == 0 else (STATUS_ERROR, "planted")
             writer.write(row)
         return []

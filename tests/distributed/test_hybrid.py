@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from bench.commands import dist as dist_command
+from bench.faults import CRASH, HANG, PlantedFault
 from bench.distributed.launch import run_job
 from bench.distributed.plan import REPLICATED, ROW_WISE, plan_sharding
 from bench.distributed.rank import base_row
@@ -40,7 +41,7 @@ def _configs(tmp_path, ranks: int, shardings, dump: bool = True) -> list[dict]:
             if dump:
                 folder = tmp_path / f"state-{ranks}-{sharding}"
                 folder.mkdir()
-                config["test_only_dump_state_dir"] = str(folder)
+                config["state_dump_dir"] = str(folder)
             items.append(config)
     return items
 
@@ -107,10 +108,8 @@ def test_two_ranks_equal_single_process(tmp_path):
 def test_three_ranks_uneven_and_a_crashing_rank(tmp_path):
     crash = _configs(tmp_path, 3, ["row"], dump=False)
     items = crash + _configs(tmp_path, 3, ["table", "auto"])
-    rows = _run(tmp_path, 3, items, test_only_planted_fault={"task_key": crash[0]["task_key"],
-                                                             "rank": 1,
-                                                             "stage": "checking",
-                                                             "kind": "crash"})
+    fault = PlantedFault("dist.checking", CRASH, task_key=crash[0]["task_key"], rank=1)
+    rows = _run(tmp_path, 3, items, planted_fault=fault.to_dict())
     by_case = {json.loads(row.params)["test_case"]: row for row in rows}
     assert by_case["row"].status == "error"
     assert "rank 1" in by_case["row"].error and "planted crash" in by_case["row"].error
@@ -122,10 +121,8 @@ def test_three_ranks_uneven_and_a_crashing_rank(tmp_path):
 
 def test_hanging_rank_ends_the_job(tmp_path):
     items = _configs(tmp_path, 2, ["table"], dump=False)
-    rows = _run(tmp_path, 2, items, timeout_s=8.0,
-                test_only_planted_fault={"task_key": items[0]["task_key"], "rank": 0,
-                                         "stage": "building",
-                                         "kind": "hang"})
+    fault = PlantedFault("dist.building", HANG, task_key=items[0]["task_key"], rank=0)
+    rows = _run(tmp_path, 2, items, timeout_s=8.0, planted_fault=fault.to_dict())
     assert rows[0].status == "error" and "rank 0 hung at building" in rows[0].error
     for path in (tmp_path / "status").glob("rank*.json"):  # no rank is left running
         with pytest.raises(ProcessLookupError):

@@ -16,6 +16,7 @@ from bench.commands import dist as dist_command
 from bench.distributed import rank as rank_module
 from bench.distributed import torchrec_dmp
 from bench.distributed.launch import run_job
+from bench.faults import SCALE, PlantedFault
 from bench.records import read_rows
 from workloads.presets import _tables
 from workloads.specs import WorkloadSpec
@@ -43,9 +44,9 @@ def test_dmp_rows_pass_the_float64_check_and_a_planted_rate_fails_it(tmp_path):
               "params": {**items[0]["params"], "test_case": "planted"}}
     job = {"run_id": "test", "results": str(tmp_path / "results.csv"), "device": "cpu",
            "threads": 1, "configs": items + [faulty],
-           # TEST-ONLY: the fused embedding SGD of this one configuration runs at 2x the rate.
-           "test_only_planted_fault": {"task_key": faulty["task_key"], "kind": "embedding_lr",
-                                       "scale": 2.0}}
+           # The fused embedding SGD of this one configuration runs at 2x the rate.
+           "planted_fault": PlantedFault("dist.embedding_lr", SCALE, task_key=faulty["task_key"],
+                                         value=2.0).to_dict()}
     run_job(job, tmp_path, 2, 1, "", 180.0, lambda config: rank_module.base_row(job, config))
     train, infer, planted = read_rows(tmp_path / "results.csv")
     for row, phases in ((train, torchrec_dmp.TRAIN_PHASES), (infer, torchrec_dmp.INFER_PHASES)):

@@ -13,11 +13,13 @@ from conftest import tiny_workload
 
 from bench import registry
 from bench.run import worker
+from bench.run.settings import WorkerSettings
 from bench.host import transparent_huge_pages
 from bench.models.dlrm import flops_per_sample
 from bench.ops.common import PooledTable, relative_error, table_weight
 from bench.ops.dlrm import model_at_precision
 from bench.ops.fc import at_precision
+from bench.ops.sls_triton import CPU_SKIP as TRITON_CPU_SKIP
 from bench.peers import PEERS_INSTALL
 from bench.registry import BuildContext, Impl, Prepared, Unsupported
 from bench.records import STATUS_ERROR, STATUS_OK, STATUS_SKIPPED, ResultRow, samples_from_row
@@ -97,10 +99,11 @@ def test_impl_matches_float64_reference(monkeypatch, op_name, impl_name, variant
         # A peer package (FBGEMM, torchrec) this machine lacks is a skip that says how to
         # install it (bench.peers.require); with the peers installed, their impls must run.
         # So is dlrm_train/tt_fused's dense variant (it trains TT tables only, by design),
-        # and a huge-pages impl on a host whose transparent huge pages are off.
+        # and a huge-pages impl on a host whose transparent huge pages are off, and the
+        # Triton TBE, a cuda kernel (tests/models/test_triton_tbe.py runs it interpreted).
         tt_only = impl_name == "tt_fused" and not variant.get("tt_tables")
         assert (_expected_unsupported(op_name, precision) or tt_only
-                or PEERS_INSTALL in str(reason)
+                or PEERS_INSTALL in str(reason) or str(reason).startswith(TRITON_CPU_SKIP)
                 or (transparent_huge_pages() not in ("always", "madvise")
                     and "transparent_hugepage" in str(reason))), str(reason)
         assert str(reason)  # the message becomes the skip reason
@@ -391,7 +394,7 @@ EXPECTED = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
 
 def test_run_task_ok_row(fast_policy):
     task = _task()
-    row = worker.run_task(task, "run-1", fast_policy, isa_effective="aten=x")
+    row = worker.run_task(task, WorkerSettings("run-1", fast_policy), isa_effective="aten=x")
     assert row.status == STATUS_OK, row.error
     assert row.error == ""
     assert row.task_key == task.key() and row.run_id == "run-1"
@@ -417,7 +420,7 @@ def test_run_task_ok_row(fast_policy):
 def test_run_task_times_the_run_closure(monkeypatch, fast_policy):
     prepared = _prepared(EXPECTED.float(), EXPECTED)
     name = _fake_impl(monkeypatch, lambda context: prepared)
-    row = worker.run_task(_task(impl_name=name), "r", fast_policy)
+    row = worker.run_task(_task(impl_name=name), WorkerSettings("r", fast_policy))
     assert row.status == STATUS_OK, row.error
     assert row.rel_error == 0.0
     # check once, warm up once, then at least n_samples timed calls
@@ -435,7 +438,7 @@ def test_run_task_times_the_run_closure(monkeypatch, fast_policy):
 def test_run_task_bad_output_is_an_error_row(monkeypatch, fast_policy, output, words):
     prepared = _prepared(output, EXPECTED)
     name = _fake_impl(monkeypatch, lambda context: prepared)
-    row = worker.run_task(_task(impl_name=name), "r", fast_policy)
+    row = worker.run_task(_task(impl_name=name), WorkerSettings("r", fast_policy))
     assert row.status == STATUS_ERROR
     assert words in row.error
     assert row.n_samples == 0 and math.isnan(row.median_s)
@@ -447,14 +450,14 @@ def test_run_task_unsupported_is_a_skipped_row(monkeypatch, fast_policy):
         raise Unsupported("no such kernel on this machine")
 
     name = _fake_impl(monkeypatch, build)
-    row = worker.run_task(_task(impl_name=name), "r", fast_policy)
+    row = worker.run_task(_task(impl_name=name), WorkerSettings("r", fast_policy))
     assert row.status == STATUS_SKIPPED
     assert row.error == "no such kernel on this machine"
 
 
 def test_run_task_real_unsupported_is_skipped(fast_policy):
     row = worker.run_task(_task(op="fc", impl_name="torch_linear", variant={"layer": "linear"},
-                                precision="int4"), "r", fast_policy)
+                                precision="int4"), WorkerSettings("r", fast_policy))
     assert row.status == STATUS_SKIPPED and "int4" in row.error
 
 
@@ -463,7 +466,7 @@ def test_run_task_builder_crash_is_an_error_row(monkeypatch, fast_policy):
         raise RuntimeError("kaput\nsecond line")
 
     name = _fake_impl(monkeypatch, build)
-    row = worker.run_task(_task(impl_name=name), "r", fast_policy)
+    row = worker.run_task(_task(impl_name=name), WorkerSettings("r", fast_policy))
     assert row.status == STATUS_ERROR
     assert "build failed" in row.error and "RuntimeError" in row.error
     assert "\n" not in row.error
@@ -475,29 +478,29 @@ def test_run_task_kernel_raising_is_an_error_row(monkeypatch, fast_policy):
 
     name = _fake_impl(monkeypatch, lambda context: Prepared(
         run=run, reference=lambda: EXPECTED, samples=1, flops=1.0, bytes_moved=1.0))
-    row = worker.run_task(_task(impl_name=name), "r", fast_policy)
+    row = worker.run_task(_task(impl_name=name), WorkerSettings("r", fast_policy))
     assert row.status == STATUS_ERROR and "kernel exploded" in row.error
 
 
 def test_run_task_uses_prepared_tolerance(monkeypatch, fast_policy):
     loose = _prepared(EXPECTED.float() * 1.5, EXPECTED, tolerance=0.6)
     name = _fake_impl(monkeypatch, lambda context: loose)
-    row = worker.run_task(_task(impl_name=name), "r", fast_policy)
+    row = worker.run_task(_task(impl_name=name), WorkerSettings("r", fast_policy))
     assert row.status == STATUS_OK and row.rel_error == pytest.approx(0.5)
     # The precision's tolerance applies otherwise: int8 allows 3e-2.
     near = _prepared(EXPECTED.float() * 1.02, EXPECTED)
     monkeypatch.setitem(registry._IMPLS["sls"], name, Impl("sls", name, lambda context: near,
                                                            ("fp32", "int8")))
-    assert worker.run_task(_task(impl_name=name, precision="int8"), "r",
-                           fast_policy).status == STATUS_OK
-    assert worker.run_task(_task(impl_name=name, precision="fp32"), "r",
-                           fast_policy).status == STATUS_ERROR
+    assert worker.run_task(_task(impl_name=name, precision="int8"),
+                           WorkerSettings("r", fast_policy)).status == STATUS_OK
+    assert worker.run_task(_task(impl_name=name, precision="fp32"),
+                           WorkerSettings("r", fast_policy)).status == STATUS_ERROR
 
 
 def test_run_task_zero_tolerance_means_exact(monkeypatch, fast_policy):
     prepared = _prepared(EXPECTED.float() * (1 + 1e-6), EXPECTED, tolerance=0.0)
     name = _fake_impl(monkeypatch, lambda context: prepared)
-    row = worker.run_task(_task(impl_name=name), "r", fast_policy)
+    row = worker.run_task(_task(impl_name=name), WorkerSettings("r", fast_policy))
     assert row.status == STATUS_ERROR
 
 
@@ -507,7 +510,7 @@ def test_run_task_accuracy_failure_is_an_error_row(monkeypatch, fast_policy):
 
     prepared = _prepared(EXPECTED.float(), EXPECTED, accuracy=accuracy)
     name = _fake_impl(monkeypatch, lambda context: prepared)
-    row = worker.run_task(_task(impl_name=name), "r", fast_policy)
+    row = worker.run_task(_task(impl_name=name), WorkerSettings("r", fast_policy))
     assert row.status == STATUS_ERROR and "evaluation set broken" in row.error
 
 
@@ -535,8 +538,8 @@ def _independent_quality() -> tuple[float, float]:
 
 
 def test_run_task_records_accuracy(fast_policy):
-    row = worker.run_task(_task(op="dlrm_infer", impl_name="batched", variant={}), "r",
-                          fast_policy)
+    row = worker.run_task(_task(op="dlrm_infer", impl_name="batched", variant={}),
+                          WorkerSettings("r", fast_policy))
     assert row.status == STATUS_OK, row.error
     auc, logloss = _independent_quality()
     # The fp32 model's figures are the float64 teacher's, up to fp32 rounding of the CTRs.

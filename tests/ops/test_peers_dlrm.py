@@ -133,6 +133,19 @@ def test_planted_adagrad_wrong_eps_fails(precision):
 
 @needs_fbgemm
 @pytest.mark.parametrize("precision", ["fp32"])
+def test_planted_adagrad_doubled_rate_fails(precision):
+    """The bound from the gradient's own error lets rows with a near-zero gradient move by
+    O(lr); it must still catch a rate off by 2x on the rest."""
+    from bench.ops.dlrm_fbgemm import ADAGRAD_LEARNING_RATE, build_tbe_train
+
+    prepared = build_tbe_train(_context(precision), "rowwise_adagrad",
+                               2 * ADAGRAD_LEARNING_RATE,
+                               reference_learning_rate=ADAGRAD_LEARNING_RATE)
+    assert "exceed" in _check(prepared, precision)
+
+
+@needs_fbgemm
+@pytest.mark.parametrize("precision", ["fp32"])
 def test_planted_adagrad_state_not_kept_fails(monkeypatch, precision):
     """A TBE whose row-wise state is lost between steps (zeroed before each lookup): the
     checked step starts from the state a warm-up step left, so the rows and states differ."""

@@ -15,7 +15,8 @@ import pandas as pd
 import pytest
 
 from bench.records import STATUS_ERROR, STATUS_SKIPPED, ResultRow, ResultsWriter, SchemaError
-from reports import plots, tables
+from reports import comparison, headline, plots, roofs, runs, tables
+from reports.roofline import ABOVE_ROOF_NOTE, classification_table, roofline_table
 from reports.build import build_report
 from conftest import FIXTURES_DIR, REPO_ROOT
 
@@ -197,8 +198,8 @@ def test_handmade_report_writes_every_output(handmade_report):
 
 
 def test_handmade_ceilings_pick_largest_buffer_and_cache_roof():
-    run = tables.load_run(FIXTURES / "handmade")
-    ceilings = tables.group_ceilings(run.frame, run.env)[("cpu", "native")]
+    run = runs.load_run(FIXTURES / "handmade")
+    ceilings = roofs.group_ceilings(run.frame, run.env)[("cpu", "native")]
     assert ceilings.memory_gbps == 20.0  # best of copy/read at the 256 MiB buffer
     assert ceilings.memory_buffer_bytes == 268435456
     assert ceilings.cache_gbps == 100.0  # 1 MiB fits the 8 MiB L3
@@ -208,8 +209,8 @@ def test_handmade_ceilings_pick_largest_buffer_and_cache_roof():
 
 
 def test_handmade_efficiency_and_bound():
-    run = tables.load_run(FIXTURES / "handmade")
-    roofline = tables.roofline_table(run.frame, tables.group_ceilings(run.frame, run.env))
+    run = runs.load_run(FIXTURES / "handmade")
+    roofline = roofline_table(run.frame, roofs.group_ceilings(run.frame, run.env))
     by_config = roofline.set_index(["op", "precision"])
     # sls fp32: its 25.6 MB table is beyond the 8 MiB L3 but below the 256 MiB probe buffer:
     # partly cached, bounded by the 100 GB/s in-cache roof (25 GFLOP/s at 0.25 FLOP/B);
@@ -225,28 +226,28 @@ def test_handmade_efficiency_and_bound():
         assert row["attainable_gflops"] == pytest.approx(attainable)
         assert row["efficiency"] == pytest.approx(efficiency)
         assert row["bound"] == bound
-    assert by_config.loc[("sls", "fp32"), "roof"] == tables.PARTLY_CACHED_ROOF
-    assert by_config.loc[("sls", "int8"), "roof"] == tables.IN_CACHE_ROOF
+    assert by_config.loc[("sls", "fp32"), "roof"] == roofs.PARTLY_CACHED_ROOF
+    assert by_config.loc[("sls", "int8"), "roof"] == roofs.IN_CACHE_ROOF
     interaction = by_config.loc[("interaction", "fp32")]
     assert math.isnan(interaction["intensity"])  # no flops by formula: bandwidth only
     # The 8 MB it moves per call is touched again by the next call and fits the 8 MiB L3.
-    assert interaction["roof"] == tables.IN_CACHE_ROOF
+    assert interaction["roof"] == roofs.IN_CACHE_ROOF
     assert interaction["efficiency"] == pytest.approx(8.0 / 100.0)
     assert interaction["bound"] == "memory"
-    classes = tables.classification_table(roofline).set_index(["op", "precision"])["bound"]
+    classes = classification_table(roofline, {}).set_index(["op", "precision"])["bound"]
     assert classes.to_dict() == {("sls", "fp32"): "memory", ("sls", "int8"): "memory",
                                  ("interaction", "fp32"): "memory", ("fc", "fp32"): "compute",
                                  ("fc", "bf16"): "compute", ("fc", "int8"): "compute"}
 
 
 def test_handmade_summary_has_best_rows(handmade_report):
-    run = tables.load_run(FIXTURES / "handmade")
-    roofline = tables.roofline_table(run.frame, tables.group_ceilings(run.frame, run.env))
-    summary = tables.summary_table(run.frame, roofline).set_index("op")
+    run = runs.load_run(FIXTURES / "handmade")
+    roofline = roofline_table(run.frame, roofs.group_ceilings(run.frame, run.env))
+    summary = tables.summary_table(run.frame, roofline, run.op_order).set_index("op")
     assert summary.loc["sls", ["impl", "precision"]].tolist() == ["fbgemm", "int8"]
     assert summary.loc["sls", "throughput"] == pytest.approx(2e6)
     assert summary.loc["sls", "efficiency"] == pytest.approx(0.02)
-    assert summary.loc["sls", "roof"] == tables.IN_CACHE_ROOF
+    assert summary.loc["sls", "roof"] == roofs.IN_CACHE_ROOF
     assert summary.loc["sls", "noise"] == pytest.approx(0.1)
     assert summary.loc["fc", ["impl", "precision", "unit"]].tolist() == [
         "fbgemm", "int8", "samples/s"]
@@ -256,11 +257,11 @@ def test_handmade_summary_has_best_rows(handmade_report):
     assert "2,000,000 | samples/s" in line and "2.0% | in-cache" in line
     assert "50.0%" in markdown_row(markdown, "fc", "mlp", "cpu", "fbgemm", "int8")
     assert "compute" in markdown_row(markdown, "cpu", "native", "fc", "fp32",
-                                     tables.PARTLY_CACHED_ROOF, "20")
+                                     roofs.PARTLY_CACHED_ROOF, "20")
 
 
 def test_skipped_and_error_rows_are_listed_with_reasons(handmade_report):
-    run = tables.load_run(FIXTURES / "handmade")
+    run = runs.load_run(FIXTURES / "handmade")
     problems = tables.problem_rows_table(run.frame)
     reasons = dict(zip(problems["status"], problems["reason"]))
     assert reasons["error"].startswith("RuntimeError: out of memory")
@@ -287,16 +288,16 @@ def test_single_row_run_skips_what_it_cannot_draw(tmp_path):
 
 
 def test_comparison_matches_rows_across_runs(comparison_report, tmp_path):
-    first = tables.load_run(FIXTURES / "compare_a")
-    second = tables.load_run(FIXTURES / "compare_b")
-    matched, only_first, only_second = tables.compare_runs(first, second)
+    first = runs.load_run(FIXTURES / "compare_a")
+    second = runs.load_run(FIXTURES / "compare_b")
+    matched, only_first, only_second = comparison.compare_runs(first, second, {})
     by_op = matched.set_index("op")
     # Matched by task key, so the params' key order does not matter; the checker's verdicts.
     assert by_op["ratio"].to_dict() == pytest.approx({"sls": 2.0, "fc": 0.5})
     assert by_op["verdict"].to_dict() == {"sls": "REGRESSED", "fc": "IMPROVED"}
     assert (only_first, only_second) == (1, 1)
     assert by_op["code_changed"].to_dict() == {"sls": False, "fc": True}
-    summary = tables.comparison_summary(matched).set_index("op")
+    summary = comparison.comparison_summary(matched, {}).set_index("op")
     assert summary.loc["sls", "regressed"] == 1 and summary.loc["fc", "improved"] == 1
     names = {path.name for path in comparison_report.iterdir()}
     assert "fig-compare-compare-b.png" in names
@@ -321,19 +322,19 @@ def test_realistic_report_draws_every_figure(realistic_report):
 
 
 def test_realistic_tables(realistic_run):
-    run = tables.load_run(realistic_run)
-    ceilings = tables.group_ceilings(run.frame, run.env)
+    run = runs.load_run(realistic_run)
+    ceilings = roofs.group_ceilings(run.frame, run.env)
     assert ceilings[("cpu", "avx2")].memory_gbps == 40.0  # borrowed from isa native
     assert ceilings[("cpu", "native")].cache_gbps == 300.0
-    roofline = tables.roofline_table(run.frame, ceilings)
-    bounds = tables.classification_table(roofline).set_index(["device", "isa", "op",
+    roofline = roofline_table(run.frame, ceilings)
+    bounds = classification_table(roofline, {}).set_index(["device", "isa", "op",
                                                               "precision"])["bound"]
     assert bounds[("cpu", "native", "sls", "fp32")] == "memory"
     assert bounds[("cpu", "native", "fc", "fp32")] == "compute"
-    summary = tables.summary_table(run.frame, roofline).set_index(["op", "device"])
+    summary = tables.summary_table(run.frame, roofline, run.op_order).set_index(["op", "device"])
     best = summary.loc[("sls", "cpu")]
     assert (best["precision"], best["isa"], best["threads"]) == ("int4", "native", 4)
-    tradeoffs = tables.precision_tradeoffs(run.frame)
+    tradeoffs = tables.precision_tradeoffs(run.frame, run.op_order)
     infer = tradeoffs[(tradeoffs["op"] == "dlrm_infer") & (tradeoffs["isa"] == "native")
                       & (tradeoffs["threads"] == 4)].set_index("precision")
     assert infer.loc["int8", "speedup_vs_fp32"] == pytest.approx(2.5)
@@ -341,7 +342,7 @@ def test_realistic_tables(realistic_run):
 
 
 def test_isa_speedup_is_relative_to_lowest_level(realistic_run):
-    rows = tables.load_run(realistic_run).frame
+    rows = runs.load_run(realistic_run).frame
     fc = rows[(rows["op"] == "fc") & (rows["threads"] == 4) & (rows["device"] == "cpu")]
     speedups = plots.isa_speedups(plots.add_series_columns(fc))
     fp32 = speedups[speedups["precision"] == "fp32"].set_index("isa")["speedup"]
@@ -349,7 +350,7 @@ def test_isa_speedup_is_relative_to_lowest_level(realistic_run):
 
 
 def test_a_broken_figure_becomes_a_note(tmp_path, monkeypatch):
-    def broken(frame):
+    def broken(frame, op_order):
         raise RuntimeError("drawing exploded")
 
     monkeypatch.setattr(plots, "latency_figure", broken)
@@ -389,7 +390,8 @@ def test_no_reports_module_imports_torch():
     # module) leaves it in sys.modules. reports.check is run as `run_bench.py check`.
     modules = sorted(f"reports.{path.stem}" for path in (REPOSITORY / "reports").glob("*.py")
                      if path.stem != "__init__")
-    assert {"reports.build", "reports.check", "reports.merge", "reports.tables"} <= set(modules)
+    assert {"reports.build", "reports.check", "reports.merge", "reports.tables",
+            "reports.runs", "reports.roofs"} <= set(modules)
     probe = ("import importlib, sys; importlib.import_module(sys.argv[1]); "
              "sys.exit(3 if 'torch' in sys.modules else 0)")
     for module in modules:
@@ -494,9 +496,9 @@ def roof_probes() -> list[ResultRow]:
 
 
 def roofline_of(rows: list[ResultRow], env: dict = ROOF_ENV) -> tuple[dict, pd.DataFrame]:
-    frame = tables.rows_to_frame(rows)
-    ceilings = tables.group_ceilings(frame, env)
-    return ceilings, tables.roofline_table(frame, ceilings)
+    frame = runs.rows_to_frame(rows)
+    ceilings = roofs.group_ceilings(frame, env)
+    return ceilings, roofline_table(frame, ceilings)
 
 
 def test_gather_rows_make_their_own_roofs_not_the_stream_roof():
@@ -510,15 +512,15 @@ def test_gather_rows_make_their_own_roofs_not_the_stream_roof():
 
 @pytest.mark.parametrize("row, roof, roof_gbps", [
     # A small table sits in the LLC: the in-cache roof, not the DRAM one.
-    (lookup_row(20.0, 4 << 20, 16384), tables.IN_CACHE_ROOF, 120.0),
+    (lookup_row(20.0, 4 << 20, 16384), roofs.IN_CACHE_ROOF, 120.0),
     # A 5 GiB table of 256 B rows: random rows, so the 256 B gather roof.
-    (lookup_row(4.0, 5 << 30, 20_000_000), f"{tables.GATHER_ROOF} 256 B rows", 4.5),
+    (lookup_row(4.0, 5 << 30, 20_000_000), f"{roofs.GATHER_ROOF} 256 B rows", 4.5),
     # 72 B int8 rows take the nearest probe row size (64 B).
-    (lookup_row(1.5, 1.44e9, 20_000_000, "int8"), f"{tables.GATHER_ROOF} 64 B rows", 2.0),
+    (lookup_row(1.5, 1.44e9, 20_000_000, "int8"), f"{roofs.GATHER_ROOF} 64 B rows", 2.0),
     # The kaggle interaction case: 1.5 MB per call, touched again by the next call.
-    (dense_row(27.0, 1.5e6), tables.IN_CACHE_ROOF, 120.0),
+    (dense_row(27.0, 1.5e6), roofs.IN_CACHE_ROOF, 120.0),
     # An op whose one call streams 200 MB: beyond the LLC, no random rows: DRAM stream.
-    (dense_row(12.0, 2e8, op="fc"), tables.DRAM_ROOF, 25.0),
+    (dense_row(12.0, 2e8, op="fc"), roofs.DRAM_ROOF, 25.0),
 ])
 def test_each_row_gets_the_roof_its_working_set_meets(row, roof, roof_gbps):
     _, roofline = roofline_of(roof_probes() + [row])
@@ -534,9 +536,9 @@ def test_the_old_single_dram_roof_would_have_shown_above_100_percent():
     _, roofline = roofline_of([probe_row(15.8, 512 << 20), interaction])
     assert roofline.iloc[0]["roof"] == "DRAM stream (no in-cache probe)"
     assert roofline.iloc[0]["efficiency"] > 1.0
-    assert roofline.iloc[0]["note"] == tables.ABOVE_ROOF_NOTE
+    assert roofline.iloc[0]["note"] == ABOVE_ROOF_NOTE
     _, fixed = roofline_of([probe_row(15.8, 512 << 20), probe_row(60.0, 1 << 20), interaction])
-    assert fixed.iloc[0]["roof"] == tables.IN_CACHE_ROOF and fixed.iloc[0]["efficiency"] < 1.0
+    assert fixed.iloc[0]["roof"] == roofs.IN_CACHE_ROOF and fixed.iloc[0]["efficiency"] < 1.0
 
 
 def test_a_lookup_table_touched_only_in_part_is_sized_by_its_batches():
@@ -544,7 +546,7 @@ def test_a_lookup_table_touched_only_in_part_is_sized_by_its_batches():
     # batch touches 17 MB, which the 32 MiB LLC holds: the in-cache roof.
     _, roofline = roofline_of(roof_probes() + [lookup_row(4.0, 5 << 30, 20_000_000,
                                                           rotation_batches=1)])
-    assert roofline.iloc[0]["roof"] == tables.IN_CACHE_ROOF
+    assert roofline.iloc[0]["roof"] == roofs.IN_CACHE_ROOF
 
 
 def test_a_kernel_beating_its_probe_is_labelled_in_the_report(tmp_path):
@@ -552,12 +554,12 @@ def test_a_kernel_beating_its_probe_is_labelled_in_the_report(tmp_path):
     rows[-3] = probe_row(3.5, 4 * LLC, 256)  # a weaker 256 B gather probe than the kernel
     _, roofline = roofline_of(rows)
     assert roofline.iloc[0]["efficiency"] == pytest.approx(4.47 / 3.5)
-    assert roofline.iloc[0]["note"] == tables.ABOVE_ROOF_NOTE
+    assert roofline.iloc[0]["note"] == ABOVE_ROOF_NOTE
     report = build_report([write_run(tmp_path / "run", rows, json.dumps(ROOF_ENV))])
     markdown = (report / "summary.md").read_text(encoding="utf-8")
     assert "1 row(s) exceed 100% of their roof (sls)" in markdown
-    assert tables.ABOVE_ROOF_NOTE in markdown
-    assert f"{tables.GATHER_ROOF} 256 B rows" in markdown
+    assert ABOVE_ROOF_NOTE in markdown
+    assert f"{roofs.GATHER_ROOF} 256 B rows" in markdown
 
 
 def test_gather_probes_within_the_llc_are_no_roof():
@@ -573,8 +575,8 @@ def test_gather_probes_within_the_llc_are_no_roof():
 # ---------------------------------------------------------------- ceilings table, latency label
 
 def test_ceilings_table_shows_each_measured_set_once(realistic_run):
-    run = tables.load_run(realistic_run)
-    table = tables.ceilings_table(tables.group_ceilings(run.frame, run.env))
+    run = runs.load_run(realistic_run)
+    table = roofs.ceilings_table(roofs.group_ceilings(run.frame, run.env))
     cpu = table[table["device"] == "cpu"]
     # membw ran only at native: its numbers appear once, never under avx2 or avx512.
     memory = cpu[cpu["unit"] == "GB/s"]
@@ -604,10 +606,10 @@ def test_a_working_set_between_the_llc_and_the_probe_buffer_is_bounded_by_the_ca
     # 51 MiB of tables (the kaggle sls_multi case) against a 32 MiB LLC and 128 MiB probes:
     # part of it stays cached, so only the in-cache roof bounds it.
     _, roofline = roofline_of(roof_probes() + [lookup_row(8.5, 51 << 20, 800_000)])
-    assert roofline.iloc[0]["roof"] == tables.PARTLY_CACHED_ROOF
+    assert roofline.iloc[0]["roof"] == roofs.PARTLY_CACHED_ROOF
     assert roofline.iloc[0]["roof_gbps"] == 120.0 and roofline.iloc[0]["efficiency"] < 1.0
     _, streaming = roofline_of(roof_probes() + [dense_row(12.0, 64 << 20, op="fc")])
-    assert streaming.iloc[0]["roof"] == tables.PARTLY_CACHED_ROOF
+    assert streaming.iloc[0]["roof"] == roofs.PARTLY_CACHED_ROOF
 
 
 # ---------------------------------------------------------------- the headline table
@@ -639,7 +641,7 @@ def test_headline_table_speedups_over_baseline_and_reference():
         headline_row("sls_multi", "batched", "fp32", 0.004, params={"mode": "mean"}),
         headline_row("fc", "linear", "fp32", 0.001, baseline=True),  # not a headline op
     ]
-    table = tables.headline_table(tables.rows_to_frame(rows))
+    table = headline.headline_table(runs.rows_to_frame(rows), {})
     assert set(table["op"]) == {"dlrm_train", "sls_multi"}
     by_key = {(row.op, row.impl, row.precision, row.variant): row
               for row in table.itertuples()}
@@ -665,13 +667,13 @@ def test_headline_table_keeps_workloads_apart_and_is_empty_without_headline_ops(
             headline_row("dlrm_infer", "dlrm_reference", "fp32", 0.04, workload="smoke"),
             headline_row("dlrm_infer", "per_table", "fp32", 0.001, baseline=True,
                          workload="smoke")]
-    table = tables.headline_table(tables.rows_to_frame(rows))
+    table = headline.headline_table(runs.rows_to_frame(rows), {})
     kaggle = table[table["workload"] == "kaggle"].iloc[0]
     assert math.isnan(kaggle["vs_reference"])  # the smoke reference is another workload
     smoke = table[(table["workload"] == "smoke") & (table["impl"] == "per_table")].iloc[0]
     assert smoke["vs_reference"] == pytest.approx(40.0)
-    empty = tables.headline_table(tables.rows_to_frame([headline_row("fc", "x", "fp32", 1.0)]))
-    assert empty.empty and list(empty.columns) == tables.HEADLINE_COLUMNS
+    empty = headline.headline_table(runs.rows_to_frame([headline_row("fc", "x", "fp32", 1.0)]), {})
+    assert empty.empty and list(empty.columns) == headline.HEADLINE_COLUMNS
 
 
 def test_report_has_the_headline_section(tmp_path):

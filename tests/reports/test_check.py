@@ -20,7 +20,7 @@ from reports.check import (
     update_baseline,
     write_verdicts_csv,
 )
-from reports.compare import VERDICTS, Verdict, compare_rows, geometric_mean_ratio
+from reports.compare import VERDICTS, Side, Verdict, compare_rows, geometric_mean_ratio
 from conftest import FIXTURES_DIR
 
 FIXTURES = FIXTURES_DIR / "check"
@@ -418,8 +418,8 @@ def test_same_fingerprint_is_still_compared(tmp_path):
 def test_per_row_reason_lists_the_facts():
     rows = load_results(CLEAN_RUN)
     other = [ResultRow(**{**row.__dict__, "fingerprint": "fp-b"}) for row in rows]
-    verdicts = compare_rows(rows, other, baseline_facts={"fp-a1b2c3": HOST_FACTS},
-                            candidate_facts={"fp-b": _other_host_facts()})
+    verdicts = compare_rows(Side(rows, facts={"fp-a1b2c3": HOST_FACTS}),
+                            Side(other, facts={"fp-b": _other_host_facts()}))
     assert {v.verdict for v in verdicts} == {"NOT_COMPARABLE"}
     assert "l3: 105 MiB vs 480 MiB" in verdicts[0].reason
 

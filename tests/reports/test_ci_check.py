@@ -17,6 +17,7 @@ import pytest
 from bench import commands
 from bench.commands import ab, sweep as cli
 from bench.run import ci_sweep, worker
+from bench.run.settings import WorkerSettings
 from bench import registry
 from bench.registry import Impl, Prepared
 from bench.records import ResultRow, read_rows, samples_from_row
@@ -178,7 +179,7 @@ def test_run_task_times_calls_per_rep_calls_and_records_it(monkeypatch, calls_pe
     options = {"calls_per_rep": calls_per_rep} if calls_per_rep != 1 else {}
     task = Task(op="sls", impl="counting", workload=presets.smoke(), variant={"mode": "sum"},
                 precision="fp32", device="cpu", isa="native", threads=1, seed=0, options=options)
-    row = worker.run_task(task, "test", FAST_POLICY)
+    row = worker.run_task(task, WorkerSettings("test", FAST_POLICY))
     assert row.status == "ok", row.error
     assert json.loads(row.metrics)["calls_per_rep"] == calls_per_rep
     assert counts["timed"] > 0
@@ -338,7 +339,7 @@ def test_ab_end_to_end_on_a_tiny_sweep(tmp_path, capsys, monkeypatch):
 def test_ab_rounds_are_tested_pairwise():
     """A/B: the rounds' log ratios decide (paired t-test), not a rank test on pooled samples."""
     from bench.records import ResultRow
-    from reports.compare import compare_rows
+    from reports.compare import Side, compare_rows
 
     def rows(median, samples=(1.0, 1.0, 1.0)):
         return [ResultRow(task_key="k", op="sls", median_s=median, fingerprint="f",
@@ -347,10 +348,10 @@ def test_ab_rounds_are_tested_pairwise():
     def verdict(candidate_medians):
         baseline_rounds = [rows(1.0) for _ in candidate_medians]
         candidate_rounds = [rows(median) for median in candidate_medians]
-        (result,) = compare_rows(rows(1.0), rows(float(np.median(candidate_medians))),
-                                 factor=0.1, alpha=0.01, check_code_version=False,
-                                 baseline_rounds=baseline_rounds,
-                                 candidate_rounds=candidate_rounds)
+        (result,) = compare_rows(Side(rows(1.0), rounds=baseline_rounds),
+                                 Side(rows(float(np.median(candidate_medians))),
+                                      rounds=candidate_rounds),
+                                 factor=0.1, alpha=0.01, check_code_version=False)
         return result
 
     agreeing = verdict([1.25, 1.26, 1.24])

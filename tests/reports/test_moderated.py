@@ -9,7 +9,7 @@ import pytest
 from scipy.stats import ttest_1samp
 
 from bench.records import ResultRow
-from reports.compare import ROUND_TEST_MODERATED, ROUND_TEST_PAIRED, compare_rows
+from reports.compare import ROUND_TEST_MODERATED, ROUND_TEST_PAIRED, Side, compare_rows
 from reports.moderated import moderated_p_values, variance_prior
 
 
@@ -81,9 +81,9 @@ def test_check_ab_can_test_rounds_with_the_moderated_t():
                                         for key in keys}))
     verdicts = {}
     for test in (ROUND_TEST_PAIRED, ROUND_TEST_MODERATED):
-        found = compare_rows(baseline_rounds[0], candidate_rounds[0], check_code_version=False,
-                             baseline_rounds=baseline_rounds, candidate_rounds=candidate_rounds,
-                             round_test=test)
+        found = compare_rows(Side(baseline_rounds[0], rounds=baseline_rounds),
+                             Side(candidate_rounds[0], rounds=candidate_rounds),
+                             check_code_version=False, round_test=test)
         verdicts[test] = sum(verdict.verdict == "REGRESSED" for verdict in found)
     assert verdicts[ROUND_TEST_MODERATED] >= 20
     assert verdicts[ROUND_TEST_MODERATED] > verdicts[ROUND_TEST_PAIRED]

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from bench.records import ResultRow, ResultsWriter
-from reports import plots, tables, workingset
+from reports import plots, runs, workingset
 from reports.build import build_report
 from reports.workingset import Cliff, detect_cliffs
 
@@ -108,7 +108,7 @@ def sweep_run_rows() -> list[ResultRow]:
 
 def sweep_frame() -> pd.DataFrame:
     """The sweep rows as the report reads them."""
-    return tables.rows_to_frame(sweep_run_rows())
+    return runs.rows_to_frame(sweep_run_rows())
 
 
 def test_sweep_rows_keep_only_sweeps_at_the_top_configuration():
@@ -117,7 +117,7 @@ def test_sweep_rows_keep_only_sweeps_at_the_top_configuration():
     assert set(sweep["isa"]) == {"native"} and len(sweep) == 2 * len(SIZES)
     # The loop cycles through 8 batches: it touches up to 8 batches' rows, not one batch's.
     assert sweep["loop_bytes"].iloc[0] == pytest.approx(2048 * 32 * 256 * 8)
-    assert workingset.sweep_rows(tables.rows_to_frame([sls_row(8 * KIB)])).empty
+    assert workingset.sweep_rows(runs.rows_to_frame([sls_row(8 * KIB)])).empty
 
 
 def test_cliffs_table_matches_cliffs_to_the_sysfs_sizes():

@@ -10,7 +10,7 @@ import pytest
 
 from bench.records import ResultRow
 from reports import check
-from reports.compare import adjust_p_values, compare_rows
+from reports.compare import Side, adjust_p_values, compare_rows
 
 
 def _counted(task_key="k", instructions=1_000_000.0, code_version="cv", **fields) -> ResultRow:
@@ -75,8 +75,8 @@ def test_p_values_are_adjusted_across_rows():
 def test_different_timing_policies_are_not_comparable():
     row = ResultRow(task_key="k", op="op", impl="impl", fingerprint="fp", code_version="cv",
                     samples_s="[1.0, 1.0, 1.0]")
-    (verdict,) = compare_rows([row], [row], baseline_policy={"min_run_time_s": 0.3},
-                              candidate_policy={"min_run_time_s": 1.0})
+    (verdict,) = compare_rows(Side([row], policy={"min_run_time_s": 0.3}),
+                              Side([row], policy={"min_run_time_s": 1.0}))
     assert verdict.verdict == "NOT_COMPARABLE"
     assert "min_run_time_s: 0.3 vs 1.0" in verdict.reason
 
@@ -235,17 +235,17 @@ def test_a_sweep_under_callgrind_records_counts_and_what_ran(tmp_path):
 
 
 def test_the_report_labels_simulated_misses_as_simulated():
-    from reports import build, tables, workingset
+    from reports import build, runs, values, workingset
 
     counted = _counted(d1_misses_simulated=2000.0, ll_misses_simulated=100.0)
     timed = ResultRow(task_key="t", op="sls", impl="embedding_bag", median_s=1.0)
-    frame = tables.rows_to_frame([counted, timed])
+    frame = runs.rows_to_frame([counted, timed])
     table = workingset.simulated_misses_table(frame)
     assert len(table) == 1 and table.loc[0, "d1_misses_per_kinstr"] == pytest.approx(2.0)
-    assert table.loc[0, "ll_bytes_simulated"] == tables.format_bytes(6400)
+    assert table.loc[0, "ll_bytes_simulated"] == values.format_bytes(6400)
     section = build.working_set_section(frame, {})
     assert section.blocks[0].title.startswith("SIMULATED cache misses")
-    assert workingset.simulated_misses_table(tables.rows_to_frame([timed])).empty
+    assert workingset.simulated_misses_table(runs.rows_to_frame([timed])).empty
 
 
 def test_checker_power_refuses_bad_input_before_any_sweep(tmp_path, capsys, monkeypatch):

@@ -141,7 +141,8 @@ def test_effective_clock_gives_a_reason_where_it_cannot_run(monkeypatch):
 
 def test_report_shows_the_clock_and_which_libraries_are_unverified(tmp_path):
     from bench.records import ResultRow
-    from reports.tables import Run, rows_to_frame, run_facts_table
+    from reports.runs import Run, rows_to_frame
+    from reports.tables import run_facts_table
 
     rows = [ResultRow(task_key="a", op="sls", impl="x", status="ok", isa="avx2",
                       isa_effective="aten=avx2;mkl=avx2(unverified);onednn=not-used;"

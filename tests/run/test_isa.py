@@ -1,6 +1,7 @@
 """ISA levels: the knobs each level sets, refusal of levels this CPU lacks, and verification."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -72,6 +73,18 @@ def test_level_environment_replaces_other_levels_knobs():
     environment = devices.isa_environment("avx2", base=devices.ISA_LEVELS["amx"])
     assert environment["ONEDNN_MAX_CPU_ISA"] == "AVX2"
     assert environment["MKL_ENABLE_INSTRUCTIONS"] == "AVX2"
+
+
+def test_worker_environment_sets_level_threads_and_import_root_first(monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx512")
+    environment = devices.worker_environment("avx2", 3, "/checkout")
+    assert environment["ATEN_CPU_CAPABILITY"] == "avx2"
+    assert environment["OMP_NUM_THREADS"] == environment["MKL_NUM_THREADS"] == "3"
+    assert environment["PYTHONPATH"].split(os.pathsep) == ["/checkout", "/elsewhere"]
+    # Without an import root the inherited path is left as it was.
+    assert devices.worker_environment("native", 1, None)["PYTHONPATH"] == "/elsewhere"
+    assert devices.with_import_root({}, "/checkout") == {"PYTHONPATH": "/checkout"}
 
 
 def test_unknown_level_is_refused_with_the_choices():

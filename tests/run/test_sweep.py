@@ -18,6 +18,7 @@ from bench import registry
 from bench.ops.ceilings import GATHER_ROW_BYTES
 from bench.records import (COLUMNS, STATUS_ERROR, STATUS_OK, STATUS_SKIPPED, ResultsWriter,
                            read_rows, samples_from_row)
+from bench.run.settings import WorkerSettings
 from bench.run.sweep import MACHINE_WORKLOAD, check_memory, estimate_bytes, plan, run_tasks
 from bench.run.tasks import Task
 from bench.run.timing import TimingPolicy
@@ -166,7 +167,7 @@ FAKE_WORKER = textwrap.dedent('''
 
     arguments = sys.argv[1:]
     events = os.fdopen(int(arguments[arguments.index("--event-fd") + 1]), "w", buffering=1)
-    run_id = arguments[arguments.index("--run-id") + 1]
+    run_id = json.loads(arguments[arguments.index("--settings") + 1])["run_id"]
     state = Path(os.environ["FAKE_WORKER_STATE"])
     actions = json.loads(os.environ["FAKE_WORKER_ACTIONS"])
     with open(arguments[0]) as handle:
@@ -230,13 +231,28 @@ def fake_worker(monkeypatch, tmp_path):
                  for n in range(count)]
         results = tmp_path / "results.csv"
         with ResultsWriter(results) as writer:
-            rows = run_tasks(tasks, "fake-run", TimingPolicy(), writer, tmp_path / "worker.log",
-                             task_timeout_s)
+            settings = WorkerSettings("fake-run", TimingPolicy(), log_path=tmp_path / "worker.log",
+                                      task_timeout_s=task_timeout_s)
+            rows = run_tasks(tasks, settings, writer)
         launches = [json.loads(line) for line in
                     (state / "launches.jsonl").read_text().splitlines()]
         return tasks, rows, read_rows(results), launches
 
     return run
+
+
+def test_worker_settings_reach_the_worker_unchanged(tmp_path):
+    from bench.run.callgrind import CountPolicy
+
+    timed = WorkerSettings("r", TimingPolicy(min_run_time_s=0.3), log_path=tmp_path / "w.log",
+                           task_timeout_s=12.5)
+    counted = WorkerSettings("c", TimingPolicy(), CountPolicy(cache_sim=True),
+                             {"metric": "instructions"})
+    for settings in (timed, counted):
+        assert WorkerSettings.from_json(settings.to_json()) == settings
+    # A fingerprint records the counting facts of an instruction run, else the timing policy.
+    assert timed.fingerprint_policy == timed.policy
+    assert counted.fingerprint_policy == {"metric": "instructions"}
 
 
 def _by_key(rows):

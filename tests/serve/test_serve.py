@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from bench.commands import main
+from bench.faults import EXIT_CODE
 from bench.records import STATUS_ERROR, STATUS_OK, read_rows
 from bench.serve.batching import STOP, Batcher, BatchPolicy, Query
 from bench.serve.queries import QuerySizeError, parse_query_sizes, query_table
@@ -76,10 +77,10 @@ def test_server_rows_hold_loadgens_figures_and_an_overload_ends_invalid(tmp_path
 @pytest.mark.slow
 def test_a_worker_crash_ends_the_run_with_an_error_row(tmp_path):
     code = main([*SMOKE_SERVE, "--qps", "300", "--workers", "1", "--plant-fault",
-                 "crash-after:5", "--out", str(tmp_path), "--run-id", "crash"])
+                 "serve.batch:exit:5", "--out", str(tmp_path), "--run-id", "crash"])
     assert code == 1
     (row,) = read_rows(tmp_path / "crash" / "results.csv")
-    assert row.status == STATUS_ERROR and "died (exit code 70)" in row.error
+    assert row.status == STATUS_ERROR and f"died (exit code {EXIT_CODE})" in row.error
 
 
 @pytest.mark.parametrize("argv, message", [
