@@ -60,6 +60,10 @@ class BuildContext:
     device: Any  # torch.device
     seed: int
     options: dict = dataclasses.field(default_factory=dict)  # op-specific CLI options
+    # (fn, count) -> seconds of each of count calls of fn, from the measuring clock (the worker
+    # passes bench.run.timing.time_each_call): builders time one-off phases with it (a
+    # compile), apart from the timed closure. None: the phase is not timed.
+    time_calls: Optional[Callable[[Callable[[], Any], int], list[float]]] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +77,9 @@ class Impl:
     baseline: bool = False
     devices: tuple[str, ...] = ("cpu", "cuda")
     description: str = ""
+    # options -> this impl's own variant params, each crossed with the op's variants (e.g.
+    # torch.compile modes); {} adds nothing. None: the op's variants only.
+    variants: Optional[Callable[[dict], list[dict]]] = None
 
     @property
     def code_version(self) -> str:
@@ -98,6 +105,9 @@ class Op:
     probe: bool = False  # measures the machine, not a workload: run once per worker group
     ci: bool = False  # part of the CI regression sweep (bench/run/ci_sweep.py)
     report_order: int = 100  # position in reports (pipeline order: lookups before models)
+    # Bytes on an accelerator per byte of fp32 tables on a GPU run (what the build moves to
+    # the device; its host copies stay under memory_factor); None: memory_factor.
+    device_memory_factor: Optional[float] = None
 
     def __post_init__(self):
         if self.memory_factor < 0:
@@ -118,7 +128,8 @@ def register_op(op: Op) -> Op:
 
 
 def impl(op: str, name: str, precisions: tuple[str, ...], baseline: bool = False,
-         devices: tuple[str, ...] = ("cpu", "cuda"), description: str = ""):
+         devices: tuple[str, ...] = ("cpu", "cuda"), description: str = "",
+         variants: Optional[Callable[[dict], list[dict]]] = None):
     """Decorator registering a builder as an impl of op."""
     def register(build: Callable[[BuildContext], Prepared]) -> Callable[[BuildContext], Prepared]:
         # The op may be registered by a module imported later (a peer module such as
@@ -132,7 +143,7 @@ def impl(op: str, name: str, precisions: tuple[str, ...], baseline: bool = False
         if baseline and any(other.baseline for other in _IMPLS[op].values()):
             raise ValueError(f"op {op!r} already has a baseline impl")
         _IMPLS[op][name] = Impl(op, name, build, tuple(precisions), baseline, devices,
-                                description or (build.__doc__ or "").strip())
+                                description or (build.__doc__ or "").strip(), variants)
         return build
     return register
 

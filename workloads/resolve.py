@@ -47,6 +47,10 @@ class WorkloadChoices:
     pooling: str = "32"  # synthetic: lookups per bag
     num_tables: int = 8  # synthetic: number of tables
     quick_defaults: bool = False  # cap kaggle at QUICK_MAX_ROWS when max_rows is not given
+    # The devices the workloads run on: when every one is a GPU and batch_sizes is not given,
+    # presets run at their GPU batch (presets.device_batch_size). A mixed list keeps the
+    # presets' batches: one workload list serves every device of a sweep.
+    devices: tuple[str, ...] = ("cpu",)
 
 
 def resolve_workloads(choices: WorkloadChoices) -> list[WorkloadSpec]:
@@ -56,6 +60,8 @@ def resolve_workloads(choices: WorkloadChoices) -> list[WorkloadSpec]:
     distribution = IndexDistribution.parse(choices.dist) if choices.dist else None
     batch_sizes = (whole_numbers(choices.batch_sizes, "--batch-size") if choices.batch_sizes
                    else [None])
+    gpus_only = all(device.startswith("cuda") for device in choices.devices)
+    batch_device = "cuda" if gpus_only and choices.devices else "cpu"
     specs = []
     for name in split(choices.workloads or DEFAULT_WORKLOADS):
         if name == "synthetic":
@@ -74,5 +80,7 @@ def resolve_workloads(choices: WorkloadChoices) -> list[WorkloadSpec]:
             max_rows = QUICK_MAX_ROWS
         for base in bases:
             spec = base.capped(max_rows).with_distribution(distribution)
+            if choices.batch_sizes is None:
+                spec = spec.with_batch_size(presets.device_batch_size(spec, batch_device))
             specs.extend(spec.with_batch_size(batch_size) for batch_size in batch_sizes)
     return specs

@@ -62,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "sweep also runs FC and SLS at avx2, avx512, amx)")
     parser.add_argument("--threads", type=whole_numbers, default="1",
                         help="thread counts, e.g. 1,2")
-    parser.add_argument("--batch-size", help="override the workloads' batch size(s)")
+    parser.add_argument("--batch-size", help="override the workloads' batch size(s) (default: "
+                                             "each preset's; on --device cuda, kaggle 65,536 "
+                                             "and mlperf 55,296)")
     parser.add_argument("--max-rows", type=int, help="cap every table at this many rows")
     parser.add_argument("--dist", help="index distribution for every table: uniform, zipf:ALPHA, "
                                        "trace:PATH, hitrate:RATE@CAPACITY_ROWS or "
@@ -82,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="TT-Rec: compress the K largest tables in dlrm_infer/dlrm_train")
     parser.add_argument("--tt-rank", type=whole_numbers,
                         help="TT-Rec ranks to sweep (tt_sls and TT models), e.g. 8,16")
+    parser.add_argument("--compile-mode", type=names,
+                        help="torch.compile modes of the compiled impls, e.g. "
+                             "default,max-autotune,reduce-overhead (default: default); each "
+                             "mode is its own row, its compile time in metrics compile_s")
     parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--min-run-time", type=positive_float,
                         help="seconds of timing per configuration")
@@ -126,7 +132,7 @@ def workload_choices(args) -> WorkloadChoices:
     return WorkloadChoices(workloads=args.workload or DEFAULT_WORKLOADS, max_rows=args.max_rows,
                            dist=args.dist, batch_sizes=args.batch_size, rows=str(args.rows),
                            dim=args.dim, pooling=args.pooling, num_tables=args.num_tables,
-                           quick_defaults=args.quick_defaults)
+                           quick_defaults=args.quick_defaults, devices=tuple(args.device))
 
 
 def list_choices() -> str:
@@ -171,6 +177,11 @@ def _options(args) -> dict:
         options["tt_ranks"] = args.tt_rank
     if args.membw_sizes:
         options["membw_sizes"] = args.membw_sizes
+    if args.compile_mode:
+        from bench.ops.dlrm_compiled import COMPILE_MODES
+
+        options["compile_modes"] = _choose(args.compile_mode, COMPILE_MODES,
+                                           "--compile-mode value")
     if args.calls_per_rep != 1:
         options["calls_per_rep"] = args.calls_per_rep
     if args.metric != "time":
@@ -262,7 +273,9 @@ def sweep(argv: list[str]) -> int:
             raise UsageError(f"--threads {count}: this machine has {available_cpus} usable CPUs")
     impl_filter = set(args.impls) if args.impls else None
     workloads = resolve_workloads(workload_choices(args))
-    sweeping.check_memory(workloads, ops, devices.available_memory_bytes())
+    for device in device_list:
+        sweeping.check_memory(workloads, ops, devices.available_memory_bytes(), device,
+                              sweeping.device_memory_bytes(device))
     planned = sweeping.plan(ops, workloads, precisions, device_list, isa_levels, thread_counts,
                             args.seed, _options(args), impl_filter)
     if not planned:

@@ -1,6 +1,6 @@
 """torch.compile of our per_table DLRM: the whole training step (`dlrm_train`) and the
-inference forward (`dlrm_infer`), compiled at build time so the timed closure runs compiled
-code. Checked against the same float64 references as per_table."""
+inference forward (`dlrm_infer`), compiled at build time (in a compile mode) so the timed
+closure runs compiled code. Checked against the same float64 references as per_table."""
 
 from __future__ import annotations
 
@@ -28,13 +28,55 @@ PRECISIONS = ("fp32", "bf16")
 # Inputs run once at build: the first compiles, the second (a new index count under variable
 # pooling) makes Dynamo recompile with dynamic shapes, the third confirms it sticks.
 WARM_UP_INPUTS = 3
+# torch.compile's modes (--compile-mode): default; max-autotune (benchmarks GEMM and kernel
+# configurations while compiling, and on CUDA captures CUDA graphs); reduce-overhead (CUDA
+# graphs to cut launch overhead, a GPU mode: on a CPU it compiles as default does).
+COMPILE_MODES = ("default", "max-autotune", "reduce-overhead")
 
 
-@functools.lru_cache(maxsize=1)
-def compiled_train_step():
-    """torch.compile of per_table's train_step, one per process (its code cache is shared by
-    every build, so compiled graphs are reused across builds of the same shapes)."""
-    return torch.compile(train_step)
+def compile_variants(options: dict) -> list[dict]:
+    """One variant per --compile-mode; default adds no key, so its rows keep the task keys
+    they had before modes existed."""
+    return [{} if mode == "default" else {"compile_mode": mode}
+            for mode in options.get("compile_modes") or ["default"]]
+
+
+def compile_mode(context: BuildContext) -> str:
+    """The variant's compile mode (a mode outside COMPILE_MODES is refused)."""
+    mode = context.variant.get("compile_mode", "default")
+    if mode not in COMPILE_MODES:
+        raise Unsupported(f"unknown torch.compile mode {mode!r}; choose from "
+                          f"{', '.join(COMPILE_MODES)}")
+    return mode
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_train_step(mode: str = "default"):
+    """torch.compile of per_table's train_step, one per mode and process (its code cache is
+    shared by every build, so compiled graphs are reused across builds of the same shapes)."""
+    return torch.compile(train_step, mode=mode)
+
+
+def warm_up(context: BuildContext, calls: list) -> dict:
+    """Run the build's warm-up calls (the compile, outside timing); with the context's
+    time_calls, the metrics of how long they took: compile_s, the first call (the compile
+    itself) and each later one (recompiles for new shapes, then compiled runs)."""
+    device = context.device
+
+    def run(call):
+        def finished():
+            call()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # the call's kernels count in its seconds
+        return finished
+
+    if context.time_calls is None:
+        for call in calls:
+            call()
+        return {}
+    seconds = [context.time_calls(run(call), 1)[0] for call in calls]
+    return {"compile_s": round(seconds[0], 4),
+            "warm_up_calls_s": [round(value, 4) for value in seconds]}
 
 
 def _compiled_graphs() -> int:
@@ -75,10 +117,13 @@ def build_compiled_train(context: BuildContext, learning_rate: float = LEARNING_
     dense, indices, offsets, labels = inputs[0]
     traffic = embedding_traffic(initial, "fp32", [item[:3] for item in inputs])
     bytes_parts = training_bytes(initial, traffic)
-    step = compiled_train_step()
+    mode = compile_mode(context)
+    step = compiled_train_step(mode)
     graphs_before = _compiled_graphs()
-    for item in inputs[:WARM_UP_INPUTS]:  # the compile (~20 s or more), outside timing
-        step(student, optimizer, *item, autocast_dtype=autocast_dtype)
+    # The compile (~20 s or more), outside timing.
+    compile_metrics = warm_up(context, [
+        functools.partial(step, student, optimizer, *item, autocast_dtype=autocast_dtype)
+        for item in inputs[:WARM_UP_INPUTS]])
 
     def check():
         # The student itself, reset to the initial weights in place: the same module and
@@ -100,12 +145,13 @@ def build_compiled_train(context: BuildContext, learning_rate: float = LEARNING_
         flops=3.0 * model_flops(workload, traffic),
         bytes_moved=sum(bytes_parts.values()),
         params={"layout": "per_table", "compile": "torch.compile(train_step)",
-                "optimizer": "SGD", "lr": learning_rate,
+                "compile_mode": mode, "optimizer": "SGD", "lr": learning_rate,
                 "autocast": precision if autocast_dtype is not None else "none",
                 "rotation_batches": len(inputs)},
         metrics={"bytes_parts": bytes_parts, **rotation_metrics(rotation),
                  "model_bytes": model_bytes(student),
-                 "compiled_graphs_at_build": _compiled_graphs() - graphs_before},
+                 "compiled_graphs_at_build": _compiled_graphs() - graphs_before,
+                 **compile_metrics},
     )
 
 
@@ -115,7 +161,8 @@ def build_compiled_infer(context: BuildContext) -> Prepared:
     workload, device, precision = context.workload, context.device, context.precision
     fp32_model = teacher_model(workload, context.seed, embeddings="per_table")
     model = model_at_precision(fp32_model, precision, "per_table", device).eval()
-    compiled = torch.compile(model)
+    mode = compile_mode(context)
+    compiled = torch.compile(model, mode=mode)
     rotation = model_rotation_plan(workload, precision)
     batches = rotating_batches(workload, context.seed, rotation["rotation_batches"])
     inputs = []
@@ -130,8 +177,8 @@ def build_compiled_infer(context: BuildContext) -> Prepared:
             return compiled(dense, indices, offsets)
 
     graphs_before = _compiled_graphs()
-    for item in inputs[:WARM_UP_INPUTS]:  # the compile, outside timing
-        infer(*item)
+    compile_metrics = warm_up(context, [functools.partial(infer, *item)  # the compile
+                                        for item in inputs[:WARM_UP_INPUTS]])
     calls = [functools.partial(infer, *item) for item in inputs]
     return Prepared(
         run=cycling(calls), check=calls[0],
@@ -141,15 +188,17 @@ def build_compiled_infer(context: BuildContext) -> Prepared:
         flops=model_flops(workload, traffic),
         bytes_moved=sum(bytes_parts.values()),
         params={"layout": "per_table", "compile": "torch.compile(model)",
-                **precision_params(precision), "rotation_batches": len(inputs)},
+                "compile_mode": mode, **precision_params(precision),
+                "rotation_batches": len(inputs)},
         metrics={"model_bytes": model_bytes(model), "bytes_parts": bytes_parts,
                  **rotation_metrics(rotation),
-                 "compiled_graphs_at_build": _compiled_graphs() - graphs_before},
+                 "compiled_graphs_at_build": _compiled_graphs() - graphs_before,
+                 **compile_metrics},
         error_bound=lambda expected: whole_model_bound(expected, precision),
     )
 
 
-@impl("dlrm_train", "compiled", PRECISIONS,
+@impl("dlrm_train", "compiled", PRECISIONS, variants=compile_variants,
       description="torch.compile of per_table's whole step (forward, backward, sparse SGD), "
                   "compiled at build")
 def build_train_compiled(context: BuildContext) -> Prepared:
@@ -157,7 +206,7 @@ def build_train_compiled(context: BuildContext) -> Prepared:
     return build_compiled_train(context)
 
 
-@impl("dlrm_infer", "compiled", PRECISIONS,
+@impl("dlrm_infer", "compiled", PRECISIONS, variants=compile_variants,
       description="torch.compile of per_table's inference forward, compiled at build")
 def build_infer_compiled(context: BuildContext) -> Prepared:
     """Inference of the per_table model through torch.compile."""

@@ -151,6 +151,11 @@ class RowGradients:
     upstream: torch.Tensor
     owners: torch.Tensor
     positions: torch.Tensor
+    # d logit_b / d pooled_b of each bag [bags, dim], the logits and labels [bags]: for the
+    # share of the loss gradient's own error (adagrad_step_bound).
+    jacobian: torch.Tensor
+    logits: torch.Tensor
+    labels: torch.Tensor
 
 
 def reference_tbe_step(model: DLRM, batch, labels: torch.Tensor, optimizer: str,
@@ -179,6 +184,8 @@ def reference_tbe_step(model: DLRM, batch, labels: torch.Tensor, optimizer: str,
     pooled_leaves = pooled(leaves)
     pooled_leaves.retain_grad()  # each lookup's gradient: its bag's, for the Adagrad bound
     logits = logits64(model, bottom, top, dense, pooled_leaves)
+    # Each logit depends on its own bag only, so the gradient of their sum is per bag.
+    jacobian = torch.autograd.grad(logits.sum(), pooled_leaves, retain_graph=True)[0]
     binary_cross_entropy64(logits, labels).backward()
     updated, updated_states, row_gradients = [], [], []
     for position, leaf in enumerate(leaves):
@@ -193,7 +200,8 @@ def reference_tbe_step(model: DLRM, batch, labels: torch.Tensor, optimizer: str,
         positions = lookups[position][1]
         row_gradients.append(RowGradients(
             rows=leaf.detach(), grad=grad, state=state, upstream=pooled_leaves.grad[:, position],
-            owners=bag_of_lookups(offsets[position], positions.numel()), positions=positions))
+            owners=bag_of_lookups(offsets[position], positions.numel()), positions=positions,
+            jacobian=jacobian[:, position], logits=logits.detach(), labels=as64(labels)))
     with torch.no_grad():
         result = (logits.detach(), (bottom[0][0] - learning_rate * bottom[0][0].grad).detach(),
                   (top[-1][0] - learning_rate * top[-1][0].grad).detach(), pooled(updated),
@@ -211,6 +219,18 @@ def adagrad_step_bound(row_gradients: list[RowGradients], precision: str,
     # tables plus the batch's, so a near-cancelling bag gradient gets the batch's scale.
     upstream = torch.stack([table.upstream for table in row_gradients], dim=1)
     bag_error = whole_model_bound(upstream, precision)
+    # The BCE's logit gradient sigmoid(z) - y is small where the student agrees with its
+    # teacher's soft label, so the logit's own forward error (the logits' bound) and the
+    # rounding of the difference move it by far more than its size: that error reaches every
+    # bag through d logit / d pooled, whatever the bag's gradient magnitude.
+    # (The difference is taken in fp32 at every precision: the loss runs on fp32 logits.)
+    first = row_gradients[0]
+    probability = torch.sigmoid(first.logits)
+    logit_error = whole_model_bound(first.logits, precision).reshape(-1)
+    gradient_error = (probability * (1 - probability) * logit_error + ACCUMULATION_ROUNDOFF
+                      * (probability + first.labels.abs())) / first.logits.shape[0]
+    bag_error = bag_error + torch.stack([table.jacobian.abs() for table in row_gradients],
+                                        dim=1) * gradient_error.reshape(-1, 1, 1)
     pooled, rows, states = [], [], []
     for position, table in enumerate(row_gradients):
         error = summed_gradient_error(bag_error[:, position], table.upstream, table.owners,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import selectors
@@ -70,11 +71,13 @@ def _op_tasks(op, workload, precisions, device, isa, threads, seed, options,
               impl_filter) -> list[PlannedTask]:
     planned = []
     op_precisions = ["fp32"] if op.precision_agnostic else precisions
-    for variant in op.variants(workload, options):
+    for op_variant in op.variants(workload, options):
         for implementation in registry.impls(op.name).values():
             if impl_filter and implementation.name not in impl_filter:
                 continue
-            for precision in op_precisions:
+            own = implementation.variants(options) if implementation.variants else [{}]
+            for variant, precision in itertools.product(
+                    [{**op_variant, **extra} for extra in own], op_precisions):
                 task = Task(op=op.name, impl=implementation.name, workload=workload,
                             variant=variant, precision=precision, device=device, isa=isa,
                             threads=threads, seed=seed, options=options)
@@ -83,7 +86,8 @@ def _op_tasks(op, workload, precisions, device, isa, threads, seed, options,
                     reason = (f"{op.name}/{implementation.name} has no {precision} kernel; "
                               f"it supports {', '.join(implementation.precisions)}")
                 elif device.split(":")[0] not in implementation.devices:
-                    reason = f"{op.name}/{implementation.name} does not run on {device}"
+                    reason = (f"{op.name}/{implementation.name} does not run on {device} "
+                              f"({'/'.join(implementation.devices)} only)")
                 planned.append(PlannedTask(task, reason))
     return planned
 
@@ -96,35 +100,67 @@ def _table_bytes(workload: WorkloadSpec, op: registry.Op, cap: Optional[int] = N
     return float(sum(rows)) * workload.dim * 4
 
 
-def estimate_bytes(workload: WorkloadSpec, ops: Iterable[str], cap: Optional[int] = None) -> float:
-    """Peak memory the worst op needs for this workload's tables (each op's memory_factor)."""
+def estimate_bytes(workload: WorkloadSpec, ops: Iterable[str], cap: Optional[int] = None,
+                   part: str = "all") -> float:
+    """Peak memory the worst op needs for this workload's tables: part "all" (a CPU run: each
+    op's memory_factor), "device" (a GPU run's device: device_memory_factor) or "host" (a GPU
+    run's host: what does not move to the device)."""
     all_ops = registry.ops()
-    return max([all_ops[name].memory_factor * _table_bytes(workload, all_ops[name], cap)
+
+    def factor(op: registry.Op) -> float:
+        on_device = (op.memory_factor if op.device_memory_factor is None
+                     else op.device_memory_factor)
+        return {"all": op.memory_factor, "device": on_device,
+                "host": max(op.memory_factor - on_device, 0.0)}[part]
+
+    return max([factor(all_ops[name]) * _table_bytes(workload, all_ops[name], cap)
                 for name in ops] + [0.0])
 
 
 def check_memory(workloads: Iterable[WorkloadSpec], ops: Iterable[str],
-                 available_bytes: int) -> None:
-    """Refuse, before allocating, a workload whose tables will not fit in available memory."""
+                 available_bytes: int, device: str = "cpu",
+                 device_bytes: Optional[int] = None) -> None:
+    """Refuse, before allocating, a workload whose tables will not fit in available memory:
+    the host's, and on a GPU device (device_bytes given) also the device's, where the tables
+    of a GPU run live."""
     ops = list(ops)
-    budget = 0.9 * available_bytes
+    memories = [("host", available_bytes, "all")]
+    if device_bytes is not None:
+        memories = [("host", available_bytes, "host"), (device, device_bytes, "device")]
     for workload in workloads:
-        needed = estimate_bytes(workload, ops)
-        if needed <= budget:
-            continue
-        # The largest per-table cap that fits (binary search: memory grows with the cap).
-        low, high = 1, max(table.rows for table in workload.tables)
-        while low < high:
-            middle = (low + high + 1) // 2
-            if estimate_bytes(workload, ops, middle) <= budget:
-                low = middle
-            else:
-                high = middle - 1
-        raise SpecError(
-            f"workload {workload.name} needs about {needed / 2**30:.1f} GiB "
-            f"({workload.total_rows:,} rows x dim {workload.dim}, with working copies) but "
-            f"{available_bytes / 2**30:.1f} GiB is available; add --max-rows {low:,} "
-            "(or fewer ops)")
+        for memory, size, part in memories:
+            _check_fits(workload, ops, memory, size, part)
+
+
+def _check_fits(workload: WorkloadSpec, ops: list[str], memory: str, available_bytes: int,
+                part: str) -> None:
+    budget = 0.9 * available_bytes
+    needed = estimate_bytes(workload, ops, part=part)
+    if needed <= budget:
+        return
+    # The largest per-table cap that fits (binary search: memory grows with the cap).
+    low, high = 1, max(table.rows for table in workload.tables)
+    while low < high:
+        middle = (low + high + 1) // 2
+        if estimate_bytes(workload, ops, middle, part) <= budget:
+            low = middle
+        else:
+            high = middle - 1
+    where = "is available" if memory == "host" else f"is free on {memory}"
+    raise SpecError(
+        f"workload {workload.name} needs about {needed / 2**30:.1f} GiB "
+        f"({workload.total_rows:,} rows x dim {workload.dim}, with working copies) but "
+        f"{available_bytes / 2**30:.1f} GiB {where}; add --max-rows {low:,} "
+        "(or fewer ops)")
+
+
+def device_memory_bytes(device: str) -> Optional[int]:
+    """Free bytes on a GPU device (cuda:N); None for the CPU (whose memory is the host's)."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    return int(torch.cuda.mem_get_info(torch.device(device))[0])
 
 
 def completed_keys(results_path: Path) -> set[str]:

@@ -149,7 +149,8 @@ def run_task(task: Task, settings: WorkerSettings, isa_effective: str = "",
     implementation = registry.impls(task.op)[task.impl]
     device = torch.device(task.device)
     context = BuildContext(workload=task.workload, variant=task.variant, precision=task.precision,
-                           device=device, seed=task.seed, options=task.options)
+                           device=device, seed=task.seed, options=task.options,
+                           time_calls=timing.time_each_call)
     try:
         prepared = implementation.build(context)
     except Unsupported as reason:

@@ -1,0 +1,110 @@
+"""GPU-sized work: the batch a GPU is measured at without --batch-size, and the memory planner
+holding a GPU run's tables to the device's memory (faked here: no GPU needed to pick a number)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from bench.commands.sweep import parse_sweep, workload_choices
+from bench.run.sweep import check_memory, device_memory_bytes, estimate_bytes
+from workloads import presets
+from workloads.resolve import WorkloadChoices, resolve_workloads
+from workloads.specs import SpecError
+
+GIB = 2**30
+H200_BYTES = 143_771 * 2**20  # the H200 of ../shared/notes/gpu-facts.md
+
+
+def _batches(**choices) -> dict[str, int]:
+    return {spec.name: spec.batch_size for spec in resolve_workloads(WorkloadChoices(**choices))}
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", "cuda:3"])
+def test_a_gpu_runs_kaggle_at_65536_and_mlperf_at_the_mlperf_global_batch(device):
+    assert presets.device_batch_size(presets.kaggle(), device) == 65_536
+    assert presets.device_batch_size(presets.mlperf(), device) == 55_296
+    # Presets without a GPU batch keep theirs: smoke stays a smoke test.
+    assert presets.device_batch_size(presets.smoke(), device) == presets.smoke().batch_size
+    assert presets.device_batch_size(presets.rm1(), device) == presets.rm1().batch_size
+
+
+def test_the_cpu_keeps_every_preset_batch():
+    for factory in presets.PRESETS.values():
+        spec = factory()
+        assert presets.device_batch_size(spec, "cpu") == spec.batch_size
+
+
+def test_resolve_picks_the_gpu_batch_only_when_every_device_is_a_gpu():
+    gpu = _batches(workloads="smoke,kaggle,mlperf", devices=("cuda:0",), quick_defaults=True)
+    assert gpu == {"smoke": 64, "kaggle": 65_536, "mlperf": 55_296}
+    assert _batches(workloads="kaggle,mlperf", devices=("cuda:0", "cuda:1")) == {
+        "kaggle": 65_536, "mlperf": 55_296}
+    cpu = {"kaggle": 2048, "mlperf": 2048}
+    assert _batches(workloads="kaggle,mlperf") == cpu
+    # One workload list serves every device of a sweep: a mixed list keeps the presets' batch.
+    assert _batches(workloads="kaggle,mlperf", devices=("cpu", "cuda:0")) == cpu
+
+
+def test_batch_size_still_overrides_on_a_gpu():
+    specs = resolve_workloads(WorkloadChoices(workloads="kaggle,mlperf", batch_sizes="4096,8",
+                                              devices=("cuda:0",)))
+    assert sorted((spec.name, spec.batch_size) for spec in specs) == [
+        ("kaggle", 8), ("kaggle", 4096), ("mlperf", 8), ("mlperf", 4096)]
+
+
+def test_the_sweep_flags_reach_the_device_batch():
+    args = parse_sweep(["--device", "cuda", "--workload", "kaggle,mlperf"])
+    assert {spec.name: spec.batch_size for spec in resolve_workloads(workload_choices(args))} == {
+        "kaggle": 65_536, "mlperf": 55_296}
+    args = parse_sweep(["--device", "cuda", "--workload", "kaggle", "--batch-size", "2048"])
+    assert [spec.batch_size for spec in resolve_workloads(workload_choices(args))] == [2048]
+    args = parse_sweep(["--workload", "kaggle"])
+    assert [spec.batch_size for spec in resolve_workloads(workload_choices(args))] == [2048]
+
+
+# ---------------------------------------------------------------- the memory planner on a GPU
+
+def _table_bytes(workload) -> float:
+    return float(workload.total_rows) * workload.dim * 4
+
+
+def test_mlperf_tables_on_the_device_are_held_to_the_device_factor():
+    mlperf = presets.mlperf()
+    tables = _table_bytes(mlperf)
+    assert estimate_bytes(mlperf, ["dlrm_train"]) == 6.0 * tables  # a CPU run: every copy
+    assert estimate_bytes(mlperf, ["dlrm_train"], part="device") == 2.0 * tables
+    assert estimate_bytes(mlperf, ["dlrm_infer"], part="device") == 2.0 * tables
+    # What moves to the device no longer counts on the host.
+    assert estimate_bytes(mlperf, ["dlrm_train"], part="host") == 4.0 * tables
+    assert estimate_bytes(mlperf, ["dlrm_infer"], part="host") == 2.0 * tables
+    # A device with room for two models passes, though a CPU run's factor (6) would not fit.
+    device_bytes = int(2.0 * tables / 0.9) + GIB
+    check_memory([mlperf], ["dlrm_train", "dlrm_infer"], 16 * device_bytes, "cuda:0",
+                 device_bytes)
+    with pytest.raises(SpecError):
+        check_memory([mlperf], ["dlrm_train"], device_bytes, "cpu")
+
+
+def test_a_gpu_run_that_outgrows_the_device_is_refused_with_a_cap_that_fits():
+    mlperf = presets.mlperf()
+    host = int(1e15)  # plenty: only the device can refuse
+    with pytest.raises(SpecError, match=r"is free on cuda:0; add --max-rows") as error:
+        check_memory([mlperf], ["dlrm_train"], host, "cuda:0", H200_BYTES)
+    cap = int(re.search(r"--max-rows ([\d,]+)", str(error.value)).group(1).replace(",", ""))
+    # Full-size mlperf (5 tables of 40M rows, dim 128: 97 GiB fp32) cannot hold the timed model
+    # and the check's copy on one H200; the cap the planner gives fits there.
+    assert 10_000_000 < cap < 40_000_000
+    check_memory([mlperf.capped(cap)], ["dlrm_train"], host, "cuda:0", H200_BYTES)
+
+
+def test_the_host_is_still_checked_on_a_gpu_run():
+    mlperf = presets.mlperf()
+    with pytest.raises(SpecError, match=r"GiB is available; add --max-rows"):
+        check_memory([mlperf], ["dlrm_train"], 125 * GIB, "cuda:0", int(1e15))
+
+
+def test_a_cpu_run_has_no_device_memory():
+    assert device_memory_bytes("cpu") is None
+    check_memory([presets.smoke()], ["dlrm_train"], GIB, "cpu", device_memory_bytes("cpu"))
