@@ -9,6 +9,7 @@ usage() {
     cat <<'EOF'
 usage: tools/gpu_check.sh [--device cuda|cuda:N|cpu] [--tiny] [--out DIR] [--budget SECONDS]
                           [--gpu-batch N] [--loadgen-wheel WHEEL] [--dlrm-repo PATH]
+                          [--tests "FILE ..."]
   --device         where the ops, serve and reference run (default cuda)
   --tiny           smoke-sized workloads and few rows: a quick run of every step (CPU tests)
   --out            where the tarball, log and summary go (default $OUT, else ./gpu-check-out)
@@ -18,6 +19,7 @@ usage: tools/gpu_check.sh [--device cuda|cuda:N|cpu] [--tiny] [--out DIR] [--bud
                    (default $LOADGEN_WHEEL); without one, serve is skipped with the reason
   --dlrm-repo      a facebookresearch/dlrm checkout for the reference step (default
                    $DLRM_REPO); without one, reference is skipped with the reason
+  --tests          the test files of the gpu_tests step (default: the GPU tests, see below)
 exit status: 0 every step ok or skipped; 1 some step failed or timed out; 2 bad input
 EOF
 }
@@ -31,6 +33,7 @@ BUDGET_S=450
 GPU_BATCH=65536
 WHEEL=${LOADGEN_WHEEL:-}
 DLRM=${DLRM_REPO:-}
+TESTS=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --device) [ $# -ge 2 ] || die "--device needs a value"; DEVICE=$2; shift 2 ;;
@@ -40,6 +43,7 @@ while [ $# -gt 0 ]; do
         --gpu-batch) [ $# -ge 2 ] || die "--gpu-batch needs a value"; GPU_BATCH=$2; shift 2 ;;
         --loadgen-wheel) [ $# -ge 2 ] || die "--loadgen-wheel needs a value"; WHEEL=$2; shift 2 ;;
         --dlrm-repo) [ $# -ge 2 ] || die "--dlrm-repo needs a value"; DLRM=$2; shift 2 ;;
+        --tests) [ $# -ge 2 ] || die "--tests needs a value"; TESTS=$2; shift 2 ;;
         -h|--help) usage; exit 0 ;;
         *) die "unknown argument '$1' (see --help)" ;;
     esac
@@ -151,9 +155,12 @@ say "gpu_check: device $DEVICE, tiny $TINY, budget ${BUDGET_S} s, out $OUT_DIR, 
 # ---------------------------------------------------------------- steps, most important first
 step env 30 bash -c "nvidia-smi || echo 'nvidia-smi: not here'; \"$PY\" -c 'import sys, torch; print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"available\", torch.cuda.is_available(), \"gpus\", torch.cuda.device_count())'"
 
-# The GPU tests of the measuring packages; never tests/tools (this script's own test runs it).
-TESTS=$(ls tests/run/test_cuda.py tests/run/test_gpu_path.py tests/run/test_telemetry.py \
-        tests/{run,ops,models,distributed,serve}/test_*{cuda,triton,gpu}*.py 2>/dev/null | sort -u)
+# The GPU tests of the measuring packages (the Triton kernels run on the GPU in the sls and
+# model steps; their tests run Triton's CPU interpreter); never tests/tools (this script's own
+# test runs the script).
+[ -n "$TESTS" ] || TESTS=$(ls tests/run/test_cuda.py tests/run/test_gpu_path.py \
+    tests/run/test_telemetry.py tests/{run,ops,models,distributed,serve}/test_*{cuda,gpu}*.py \
+    2>/dev/null | sort -u)
 # shellcheck disable=SC2086
 step gpu_tests 90 "$PY" -m pytest -p no:cacheprovider -q -rs --junitxml="$RUNS/gpu_tests.xml" $TESTS
 
