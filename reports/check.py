@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
-import io
 import json
 import math
 import os
@@ -37,10 +35,15 @@ from reports.compare import (
     describe_fingerprints,
     differing_facts,
     fingerprint_mismatches,
-    geometric_mean_ratio,
     METRIC_INSTRUCTIONS,
     METRIC_TIME,
     METRICS,
+)
+from reports.spread import DEFAULT_PROCESS_SD
+from reports.verdict_table import (  # noqa: F401 (render_table: part of this module's API)
+    atomic_write_csv,
+    render_table,
+    write_verdicts_csv,
 )
 
 DEFAULT_BASELINES_ROOT = "results/baselines"
@@ -54,8 +57,6 @@ EXIT_OK = 0
 EXIT_REGRESSED = 1
 EXIT_CANNOT_COMPARE = 2
 
-_TABLE_HEADERS = ("op", "impl", "workload", "precision", "ratio", "p-value", "verdict", "reason")
-_VERDICT_COLUMNS = tuple(field.name for field in dataclasses.fields(Verdict))
 
 
 class CheckInputError(Exception):
@@ -130,82 +131,6 @@ def load_fingerprint_facts(path: str | os.PathLike) -> dict[str, dict]:
     return facts
 
 
-def _format_ratio(ratio: float) -> str:
-    """Ratio with three decimals, '-' when there is none."""
-    return f"{ratio:.3f}" if math.isfinite(ratio) else "-"
-
-
-def _format_p_value(p_value: float) -> str:
-    """p-value readable both near 1 and near 0, '-' when there is none."""
-    if not math.isfinite(p_value):
-        return "-"
-    return f"{p_value:.3f}" if p_value >= 0.001 else f"{p_value:.1e}"
-
-
-def _summary_reason(verdicts: Sequence[Verdict]) -> str:
-    """Text of the summary row: how many ratios went in and the verdict counts."""
-    with_ratio = sum(1 for v in verdicts if math.isfinite(v.ratio) and v.ratio > 0)
-    counts = ", ".join(f"{count} {name}" for name, count in count_verdicts(verdicts).items())
-    return f"over {with_ratio} rows with a ratio; " + (counts or "no rows")
-
-
-def render_table(verdicts: Iterable[Verdict]) -> str:
-    """Fixed-width table of the verdicts; the last line is the geometric-mean summary."""
-    verdicts = list(verdicts)
-    body = [(v.op, v.impl, v.workload, v.precision, _format_ratio(v.ratio),
-             _format_p_value(v.p_value), v.verdict, _one_line(v.reason)) for v in verdicts]
-    summary = (
-        "geomean", "", "", "", _format_ratio(geometric_mean_ratio(verdicts)), "", "",
-        _summary_reason(verdicts),
-    )
-    lines_cells = [_TABLE_HEADERS, *body, summary]
-    # The reason column is last and free text, so it is left unpadded.
-    widths = [
-        max(len(cells[column]) for cells in lines_cells) for column in range(len(_TABLE_HEADERS))
-    ]
-    numeric_columns = {4, 5}
-
-    def format_line(cells: Sequence[str]) -> str:
-        parts = []
-        for column, cell in enumerate(cells):
-            if column == len(cells) - 1:
-                parts.append(cell)
-            elif column in numeric_columns:
-                parts.append(cell.rjust(widths[column]))
-            else:
-                parts.append(cell.ljust(widths[column]))
-        return "  ".join(parts).rstrip()
-
-    separator = "  ".join("-" * width for width in widths)
-    lines = [format_line(_TABLE_HEADERS), separator]
-    lines += [format_line(cells) for cells in body]
-    lines += [separator, format_line(summary)]
-    return "\n".join(lines)
-
-
-def _atomic_write_csv(path: Path, fieldnames: Sequence[str], records: Iterable[dict]) -> None:
-    """Write a CSV next to its destination and rename it in, so readers never see half a file."""
-    text = io.StringIO(newline="")
-    writer = csv.DictWriter(text, fieldnames=fieldnames)
-    writer.writeheader()
-    writer.writerows(records)
-    write_atomic(path, text.getvalue())
-
-
-def _verdict_record(verdict: Verdict) -> dict:
-    """Verdict as a CSV record with NaN written as an empty cell."""
-    record = dataclasses.asdict(verdict)
-    for key, value in record.items():
-        if isinstance(value, float) and math.isnan(value):
-            record[key] = ""
-    return record
-
-
-def write_verdicts_csv(verdicts: Iterable[Verdict], path: str | os.PathLike) -> None:
-    """Write the verdicts to path atomically (bench.records.write_atomic)."""
-    _atomic_write_csv(Path(path), _VERDICT_COLUMNS, (_verdict_record(v) for v in verdicts))
-
-
 def baseline_path(fingerprint: str, root: str | os.PathLike = DEFAULT_BASELINES_ROOT) -> Path:
     """Where the baseline for one hardware/software fingerprint lives: <root>/<fingerprint>.csv."""
     # The fingerprint becomes a file name, so anything that could escape root is refused.
@@ -238,7 +163,7 @@ def update_baseline(
     compare_rows([], ok_rows)
     destination = baseline_path(fingerprint, root)
     facts = load_fingerprint_facts(candidate).get(fingerprint)
-    _atomic_write_csv(destination, COLUMNS, (row_to_record(row) for row in ok_rows))
+    atomic_write_csv(destination, COLUMNS, (row_to_record(row) for row in ok_rows))
     sidecar = facts_path(destination)
     if facts is None:
         sidecar.unlink(missing_ok=True)  # never leave another recording's facts beside it
@@ -303,6 +228,7 @@ def report_verdicts(
     failure_advice: str = "",
     stale_advice: str = "",
     metric: str = METRIC_TIME,
+    process_note: bool = False,
 ) -> int:
     """Print the verdict table, write verdicts.csv, print the outcome; returns exit code 0 or 1."""
     print(f"baseline:  {baseline_label}")
@@ -312,7 +238,9 @@ def report_verdicts(
               "(callgrind counts; no significance test: A/A counts agree far closer)")
     else:
         print(f"a change counts when p < {alpha:g} (Benjamini-Hochberg adjusted over the rows) "
-              f"and the median moves by more than {factor * 100:g}%")
+              f"and the median moves by more than {factor * 100:g}%"
+              + ("; a plain check also tests the shift against the spread between worker "
+                 "processes (replicates, or --process-sd)" if process_note else ""))
     print(render_table(verdicts))
     write_verdicts_csv(verdicts, verdicts_path)
     print(f"verdicts written to {verdicts_path}")
@@ -325,6 +253,11 @@ def report_verdicts(
         if failure_advice:
             print(failure_advice)
         return EXIT_REGRESSED
+    if "INCONCLUSIVE" in counts:
+        # Not a failure: the shift may be real, but one process per side cannot show it.
+        print(f"{counts['INCONCLUSIVE']} rows INCONCLUSIVE: moved beyond the factor within "
+              "their runs, but no further than fresh processes of this host differ; to decide, "
+              "measure both sides with run_bench.py --replicates 3")
     if "NOT_COMPARABLE" in counts:
         # Not a failure, but stale baselines hide regressions, so say how to refresh them.
         print(f"{counts['NOT_COMPARABLE']} rows NOT_COMPARABLE" + (
@@ -343,8 +276,12 @@ def run_check(
     baselines_root: str | os.PathLike = DEFAULT_BASELINES_ROOT,
     missing_baseline_ok: bool = False,
     metric: str = METRIC_TIME,
+    process_sd: float | None = None,
 ) -> int:
-    """Compare candidate to baseline (None: the stored one for its fingerprint); 0, 1 or 2."""
+    """Compare candidate to baseline (None: the stored one for its fingerprint); 0, 1 or 2.
+
+    process_sd: the sd of log medians between fresh worker processes on this host, for rows
+    without replicates on both sides (None: DEFAULT_PROCESS_SD)."""
     # missing_baseline_ok: a missing stored baseline is a skip (exit 0), not an error, so a CI
     # job on a machine that has no baseline yet says how to record one and passes.
     hint = rebaseline_hint or default_rebaseline_hint(candidate, root=str(baselines_root))
@@ -370,8 +307,8 @@ def run_check(
         mismatched = fingerprint_mismatches(baseline_rows, candidate_rows)
         if mismatched:
             return _fingerprints_differ(baseline, candidate, mismatched, hint)
-        verdicts = compare_rows(baseline_rows, candidate_rows, factor=factor, alpha=alpha,
-                                metric=metric)
+        verdicts = check_verdicts(baseline_rows, candidate_rows, factor, alpha, metric,
+                                  process_sd)
     except (CheckInputError, ValueError) as error:
         return _cannot_compare(str(error))
 
@@ -388,7 +325,19 @@ def run_check(
         + f"if this change is intended, re-baseline with: {hint}",
         stale_advice=f"to re-baseline: {hint}",
         metric=metric,
+        process_note=True,
     )
+
+
+def check_verdicts(baseline_rows: Sequence[ResultRow], candidate_rows: Sequence[ResultRow],
+                   factor: float = DEFAULT_FACTOR, alpha: float = DEFAULT_ALPHA,
+                   metric: str = METRIC_TIME, process_sd: float | None = None) -> list[Verdict]:
+    """The plain check's verdicts: every time row's shift is tested against the spread
+    between processes (the sides' replicates, else process_sd, else DEFAULT_PROCESS_SD)."""
+    if process_sd is not None and not (math.isfinite(process_sd) and process_sd >= 0):
+        raise CheckInputError(f"--process-sd must be a finite number >= 0, got {process_sd}")
+    return compare_rows(baseline_rows, candidate_rows, factor=factor, alpha=alpha, metric=metric,
+                        process_sd=DEFAULT_PROCESS_SD if process_sd is None else process_sd)
 
 
 def _moved_rows(verdicts: Sequence[Verdict], metric: str) -> str:
@@ -450,6 +399,12 @@ def build_parser(
                         help="compare wall-clock times (default) or instructions per call "
                              "(runs recorded with --metric instructions)")
     parser.add_argument(
+        "--process-sd", type=float, metavar="SD",
+        help="how far fresh worker processes of this host differ: the sd of a configuration's "
+             "log median between processes, e.g. from a --replicates run of this host. Used "
+             "for rows without replicates on both sides (default: the replicates either side "
+             f"has, else {DEFAULT_PROCESS_SD:g}, which proves only changes beyond about 2.5x)")
+    parser.add_argument(
         "--update-baseline",
         action="store_true",
         help="record the candidate's ok rows as the baseline for its fingerprint",
@@ -479,6 +434,7 @@ def execute(arguments: argparse.Namespace, program: str = DEFAULT_PROGRAM,
         baselines_root=arguments.baselines_root,
         missing_baseline_ok=missing_baseline_ok,
         metric=arguments.metric,
+        process_sd=arguments.process_sd,
     )
 
 

@@ -17,6 +17,7 @@ from bench.records import (
     samples_from_row,
 )
 from reports.moderated import moderated_p_values
+from reports.spread import across_processes, pool_replicates
 from reports.values import geometric_mean
 
 VERDICTS = (
@@ -28,6 +29,7 @@ VERDICTS = (
     "NEWLY_FAILING",
     "FIXED",
     "NOT_COMPARABLE",
+    "INCONCLUSIVE",
 )
 
 # Verdicts that make a CI check fail.
@@ -328,11 +330,30 @@ def _compare_counts(baseline: ResultRow, candidate: ResultRow, factor: float,
     return _make(candidate, verdict, ratio, reason=reason + suffix)
 
 
-def _decide(verdict: Verdict, p_adjusted: float, factor: float, alpha: float) -> Verdict:
-    """The verdict of a tested row from its adjusted p-value and its ratio."""
+def _decide(verdict: Verdict, p_adjusted: float, factor: float, alpha: float,
+            process: tuple[float, str] | None = None) -> Verdict:
+    """The verdict of a tested row from its adjusted p-value and its ratio.
+
+    process: (BH-adjusted p, source) of the shift against the between-process spread. A row
+    whose samples moved beyond the factor but whose shift that spread explains is
+    INCONCLUSIVE; the p-value kept is then the larger of the two."""
     ratio, significant = verdict.ratio, p_adjusted < alpha
     test = (f"BH-adjusted p < {alpha:g}" if significant
             else f"not significant (BH-adjusted p >= {alpha:g})")
+    if process is not None and not math.isnan(process[0]):
+        process_p, source = process
+        beyond = ratio > 1 + factor or ratio < 1 / (1 + factor)
+        if significant and beyond and process_p >= alpha:
+            return replace(verdict, verdict="INCONCLUSIVE", p_value=float(process_p), reason=(
+                f"moved by more than {factor * 100:g}% within the run's samples ({test}) but "
+                f"not beyond the spread between processes (BH-adjusted p {process_p:.2g} >= "
+                f"{alpha:g}; {source}); more replicates on both sides (run_bench.py "
+                "--replicates) can settle it"
+                + verdict.reason))
+        p_adjusted = max(p_adjusted, process_p)
+        significant = p_adjusted < alpha
+        test = (f"BH-adjusted p < {alpha:g} within runs and between processes ({source})"
+                if significant else test)
     if significant and ratio > 1 + factor:
         name, reason = "REGRESSED", f"slower by more than {factor * 100:g}% and {test}"
     elif significant and ratio < 1 / (1 + factor):
@@ -367,6 +388,7 @@ def compare_rows(
     across_hosts: bool = False,
     metric: str = METRIC_TIME,
     round_test: str = ROUND_TEST_PAIRED,
+    process_sd: float | None = None,
 ) -> list[Verdict]:
     """One verdict per task_key on either side, sorted; check_code_version=False for A/B runs.
 
@@ -374,7 +396,11 @@ def compare_rows(
     call by the factor alone. With the rounds of an A/B run (on both sides), time rows are
     tested by a paired t-test on the per-round log ratios instead of a rank test on pooled
     samples. Either way the p-values are Benjamini-Hochberg adjusted over the rows. Rows of
-    different policies are NOT_COMPARABLE, since a policy changes what a row's figure means."""
+    different policies are NOT_COMPARABLE, since a policy changes what a row's figure means.
+
+    Without rounds, a time row's shift must also beat the spread between worker processes
+    (reports/spread.py): across the replicates of a --replicates run, or, where a side has
+    one, against process_sd (None and no replicates: the samples alone decide)."""
     baseline, candidate = as_side(baseline), as_side(candidate)
     # By default rows whose impl source changed are NOT_COMPARABLE (a stored baseline is stale);
     # an A/B run times both versions now, so there the changed code is what is measured.
@@ -396,8 +422,13 @@ def compare_rows(
                   [{row.task_key: row.median_s for row in run if row.status == STATUS_OK}
                    for run in candidate.rounds])
     policy_difference = _policy_difference(baseline.policy, candidate.policy)
-    baseline_by_key = _index_by_task_key(baseline.rows, "baseline")
-    candidate_by_key = _index_by_task_key(candidate.rows, "candidate")
+    # A --replicates run holds each task_key once per fresh worker process: pool them.
+    pooled = (pool_replicates(baseline.rows, "baseline"),
+              pool_replicates(candidate.rows, "candidate"))
+    baseline_by_key = _index_by_task_key(
+        pooled[0].rows if pooled[0] else baseline.rows, "baseline")
+    candidate_by_key = _index_by_task_key(
+        pooled[1].rows if pooled[1] else candidate.rows, "candidate")
     verdicts = []
     for task_key, candidate_row in candidate_by_key.items():
         baseline_row = baseline_by_key.get(task_key)
@@ -421,8 +452,16 @@ def compare_rows(
         p_values = moderated_p_values([np.log(_round_ratios(verdicts[index].task_key, rounds))
                                        for index in tested])
     adjusted = adjust_p_values(p_values)
-    for index, p_adjusted in zip(tested, adjusted):
-        verdicts[index] = _decide(verdicts[index], p_adjusted, factor, alpha)
+    processes = [None] * len(tested)
+    if rounds is None and metric == METRIC_TIME and tested:
+        processes = across_processes([verdicts[index].task_key for index in tested], pooled,
+                                     (baseline_by_key, candidate_by_key), process_sd)
+    for index, p_adjusted, process in zip(tested, adjusted, processes):
+        if process is not None and math.isfinite(process[2]):  # replicates' geometric means
+            verdicts[index] = replace(verdicts[index], ratio=process[2])
+        if process is not None:
+            process = process[:2]
+        verdicts[index] = _decide(verdicts[index], p_adjusted, factor, alpha, process)
     return sorted(verdicts, key=_sort_key)
 
 

@@ -60,20 +60,42 @@ def moderated_p_values(samples: Sequence[np.ndarray]) -> list[float]:
         raise ValueError("every row needs at least 2 values for a variance")
     means = np.array([float(np.mean(values)) for values in samples])
     variances = np.array([float(np.var(values, ddof=1)) for values in samples])
-    dofs = counts - 1
+    return moderated_t_p_values(means, variances, counts - 1, 1 / counts)
+
+
+def moderated_t_p_values(effects: np.ndarray, variances: np.ndarray, dofs: np.ndarray,
+                         scales: np.ndarray) -> list[float]:
+    """Two-sided p-values of effect / sqrt(posterior variance * scale), one per row.
+
+    A row with dof 0 (no variance of its own) takes the prior's variance, or, without a
+    fitted prior, the pooled variance of the rows that have one; NaN when no row has any.
+    Two-sample rows give the difference of means, the pooled variance (dof n1 + n2 - 2)
+    and scale 1/n1 + 1/n2; one-sample rows the mean, the variance and 1/n."""
+    effects, variances = np.asarray(effects, float), np.asarray(variances, float)
+    dofs, scales = np.asarray(dofs, float), np.asarray(scales, float)
     prior_dof, prior_variance = variance_prior(variances, dofs)
+    own = (dofs > 0) & np.isfinite(variances)
+    pooled_dof = float(dofs[own].sum())
+    pooled = float((dofs[own] * variances[own]).sum() / pooled_dof) if pooled_dof else math.nan
     p_values = []
-    for mean, variance, dof, count in zip(means, variances, dofs, counts):
-        if prior_dof == 0:
+    for effect, variance, dof, scale in zip(effects, variances, dofs, scales):
+        if prior_dof == 0 and dof > 0:
             posterior, total_dof = variance, dof
+        elif prior_dof == 0:  # no prior and no variance of its own: the rows' pooled one
+            posterior, total_dof = pooled, pooled_dof
         elif math.isinf(prior_dof):
             posterior, total_dof = prior_variance, math.inf
         else:
-            posterior = (prior_dof * prior_variance + dof * variance) / (prior_dof + dof)
+            dof = dof if dof > 0 else 0.0
+            posterior = (prior_dof * prior_variance + dof * (variance if dof else 0.0)) / (
+                prior_dof + dof)
             total_dof = prior_dof + dof
-        if posterior <= 0:  # identical values and no prior: undefined t, decide on the mean
-            p_values.append(1.0 if mean == 0 else 0.0)
+        if not math.isfinite(posterior) or total_dof <= 0:
+            p_values.append(math.nan)
             continue
-        statistic = mean / math.sqrt(posterior / count)
+        if posterior <= 0:  # identical values and no prior: undefined t, decide on the effect
+            p_values.append(1.0 if effect == 0 else 0.0)
+            continue
+        statistic = effect / math.sqrt(posterior * scale)
         p_values.append(float(2 * student_t.sf(abs(statistic), total_dof)))
     return p_values

@@ -7,6 +7,7 @@ import argparse
 import csv
 import datetime
 import itertools
+import json
 import math
 import shlex
 import sys
@@ -19,24 +20,31 @@ if str(PROJECT_ROOT) not in sys.path:  # run as a script from anywhere
 
 from bench.commands import ab  # noqa: E402
 from bench.run import ci_sweep  # noqa: E402
-from reports.check import CheckInputError, load_results  # noqa: E402
+from reports.check import CheckInputError, check_verdicts, load_results  # noqa: E402
 from reports.compare import (DEFAULT_ALPHA, DEFAULT_FACTOR, ROUND_TESTS,  # noqa: E402
                              compare_rows, count_verdicts, geometric_mean_ratio)
+from reports.spread import replicate_index  # noqa: E402
 
 # What is measured: the wall-clock check of two single runs (`check --ci`), the interleaved
 # A/B check (`check --ab`, each pair is one A/B run of --rounds rounds), or the instruction
-# gate (`check --metric instructions`, two instruction-count sweeps).
-MODES = ("ci", "ab", "instructions")
+# gate (`check --metric instructions`, two instruction-count sweeps), or the plain check of
+# two sweeps run with --replicates K, evaluated on their first k replicates for each k
+# (k = 1: the default sweep, one worker process a configuration).
+MODES = ("ci", "ab", "instructions", "replicates")
+# --mode replicates: issue 24's sweep, unless --sweep-args replaces it.
+REPLICATES_SWEEP = ("--ops", "sls,fc,interaction", "--workload", "smoke", "--precision", "fp32",
+                    "--threads", "1", "--no-report")
+DEFAULT_REPLICATES = 3
 
 DEFAULT_PAIRS = 10
 # 5 calls against 4 is exactly 25% more work on every row (bench/commands/sweep.py --calls-per-rep).
 POWER_BASELINE_CALLS = 4
 POWER_CANDIDATE_CALLS = 5
-# Verdicts that come from a rank test; the others (NEW, MISSING, errors) say nothing on noise.
-TESTED_VERDICTS = ("IMPROVED", "REGRESSED", "UNCHANGED")
+# Verdicts of rows that were tested; the others (NEW, MISSING, errors) say nothing on noise.
+TESTED_VERDICTS = ("IMPROVED", "REGRESSED", "UNCHANGED", "INCONCLUSIVE")
 CSV_COLUMNS = ("mode", "experiment", "pair", "setting", "rounds", "factor", "alpha",
                "rows_tested",
-               "regressed", "improved", "unchanged", "other", "geomean_ratio",
+               "regressed", "improved", "unchanged", "inconclusive", "other", "geomean_ratio",
                "largest_change", "baseline_run", "candidate_run")
 
 
@@ -69,6 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"pairs per experiment (default {DEFAULT_PAIRS})")
     parser.add_argument("--rounds", type=int, default=ab.DEFAULT_ROUNDS,
                         help=f"--mode ab: rounds per A/B run (default {ab.DEFAULT_ROUNDS})")
+    parser.add_argument("--replicates", type=int, default=DEFAULT_REPLICATES,
+                        help=f"--mode replicates: K of each sweep's --replicates (default "
+                             f"{DEFAULT_REPLICATES})")
+    parser.add_argument("--evaluate-replicates",
+                        help="--mode replicates: check each pair on its first k replicates, for "
+                             "each k in this comma list (1..--replicates; default 1 and "
+                             "--replicates); replicate k of a sweep runs after replicate k-1 of "
+                             "every configuration, so a prefix is what --replicates k runs")
     parser.add_argument("--evaluate-rounds",
                         help="--mode ab: also check each pair on only its first K rounds, for "
                              "each K in this comma list (2..--rounds; default: --rounds only). "
@@ -115,9 +131,25 @@ def _first_rounds(directory: Path, side: str, count: int) -> list[Path]:
     return sorted(directory.glob(f"{side}-*"), key=_round_number)[:count]
 
 
+def _first_replicates(path: Path, count: int) -> list:
+    """The rows of a --replicates run's first `count` replicates (1: as a plain run)."""
+    rows = [row for row in load_results(path) if (replicate_index(row) or 1) <= count]
+    if count == 1:  # a plain run's rows carry no replicate index
+        for row in rows:
+            metrics = json.loads(row.metrics or "{}")
+            metrics.pop("replicate", None)
+            metrics.pop("replicates", None)
+            row.metrics = json.dumps(metrics)
+    return rows
+
+
 def _verdicts(mode: str, baseline: Path, candidate: Path, setting: Setting,
               rounds: int | None = None) -> list:
     """The check of one pair, as the measured command would decide it."""
+    if mode == "replicates":  # rounds: here the replicates evaluated
+        return check_verdicts(_first_replicates(baseline, rounds),
+                              _first_replicates(candidate, rounds), setting.factor,
+                              setting.alpha)
     if mode == "ab":  # baseline/candidate are the merged A/B sides beside their A-k, B-k rounds
         a_dirs = _first_rounds(baseline.parent, "A", rounds)
         b_dirs = _first_rounds(baseline.parent, "B", rounds)
@@ -127,9 +159,11 @@ def _verdicts(mode: str, baseline: Path, candidate: Path, setting: Setting,
         b_rows = ab.merged_rounds(b_dirs, "B", prefix / "B")
         return ab.ab_verdicts(a_rows, b_rows, a_dirs, b_dirs, setting.factor, setting.alpha,
                               setting.round_test)
+    if mode == "ci":  # the plain check's rule, the spread between processes included
+        return check_verdicts(load_results(baseline), load_results(candidate), setting.factor,
+                              setting.alpha)
     return compare_rows(load_results(baseline), load_results(candidate), factor=setting.factor,
-                        alpha=setting.alpha,
-                        metric="instructions" if mode == "instructions" else "time")
+                        alpha=setting.alpha, metric="instructions")
 
 
 def _check_pair(mode: str, experiment: str, pair: int, baseline: Path, candidate: Path,
@@ -145,7 +179,8 @@ def _check_pair(mode: str, experiment: str, pair: int, baseline: Path, candidate
             "rounds": rounds or "", "factor": setting.factor, "alpha": setting.alpha,
             "rows_tested": tested,
             "regressed": counts.get("REGRESSED", 0), "improved": counts.get("IMPROVED", 0),
-            "unchanged": counts.get("UNCHANGED", 0), "other": len(verdicts) - tested,
+            "unchanged": counts.get("UNCHANGED", 0),
+            "inconclusive": counts.get("INCONCLUSIVE", 0), "other": len(verdicts) - tested,
             "geomean_ratio": round(geometric_mean_ratio(verdicts), 4),
             "largest_change": _largest_change(verdicts),
             "baseline_run": str(baseline), "candidate_run": str(candidate),
@@ -159,7 +194,8 @@ def _run_pair(out: Path, experiment: str, pair: int, calls: tuple[int, int],
 
     --mode ab: an A/B run instead, `rounds` rounds of both sides in alternating order, each
     side's rounds merged as `check --ab` merges them."""
-    extra = ci_sweep.INSTRUCTION_SWEEP_OPTIONS if mode == "instructions" else ()
+    extra = {"instructions": ci_sweep.INSTRUCTION_SWEEP_OPTIONS,
+             "replicates": ("--replicates", str(rounds))}.get(mode, ())
     if mode != "ab":
         sides = [("baseline", calls[0]), ("candidate", calls[1])]
         if pair % 2:
@@ -197,13 +233,14 @@ def summary_table(records: list[dict]) -> str:
     """Markdown table: per experiment and setting, rows and checks flagged, with counts."""
     lines = [
         "| experiment | setting | factor | alpha | pairs | rows REGRESSED | rows IMPROVED | "
-        "checks failing (any REGRESSED) | geomean ratio (median over pairs) | "
-        "largest row change (any pair) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "rows INCONCLUSIVE | checks failing (any REGRESSED) | "
+        "geomean ratio (median over pairs) | largest row change (any pair) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     groups: dict[tuple[str, str], list[dict]] = {}
     for record in records:
-        setting = record["setting"] + (f", {record['rounds']} rounds" if record["rounds"] else "")
+        unit = "replicates" if record["mode"] == "replicates" else "rounds"
+        setting = record["setting"] + (f", {record['rounds']} {unit}" if record["rounds"] else "")
         groups.setdefault((record["experiment"], setting), []).append(record)
     for (experiment, setting), group in groups.items():
         tested = sum(record["rows_tested"] for record in group)
@@ -218,6 +255,7 @@ def summary_table(records: list[dict]) -> str:
             f"| {experiment} | {setting} | {group[0]['factor']:g} | {group[0]['alpha']:g} | "
             f"{len(group)} | {_share(sum(r['regressed'] for r in group), tested)} | "
             f"{_share(sum(r['improved'] for r in group), tested)} | "
+            f"{_share(sum(r['inconclusive'] for r in group), tested)} | "
             f"{_share(failing, len(group))} | {median_ratio} | {largest} |")
     return "\n".join(lines)
 
@@ -233,6 +271,19 @@ def main(argv=None) -> int:
     if args.rounds < 2:
         problems.append(f"--rounds must be >= 2 (the paired test needs two), got {args.rounds}")
     round_counts: list[int | None] = [None]
+    if args.mode == "replicates":
+        try:
+            listed = (f"1,{args.replicates}" if args.evaluate_replicates is None
+                      else args.evaluate_replicates)
+            round_counts = sorted({int(item) for item in listed.split(",")})
+        except ValueError:
+            round_counts = []
+        if args.replicates < 1 or not round_counts or not all(
+                1 <= count <= args.replicates for count in round_counts):
+            problems.append(f"--evaluate-replicates must list integers in 1..{args.replicates} "
+                            f"(--replicates >= 1), got {args.evaluate_replicates!r}")
+    elif args.evaluate_replicates:
+        problems.append("--evaluate-replicates applies to --mode replicates only")
     if args.mode == "ab":
         try:
             listed = str(args.rounds) if args.evaluate_rounds is None else args.evaluate_rounds
@@ -246,7 +297,8 @@ def main(argv=None) -> int:
         problems.append("--evaluate-rounds applies to --mode ab only")
     defaults = {"ci": (ci_sweep.CI_FACTOR, ci_sweep.CI_ALPHA),
                 "ab": (DEFAULT_FACTOR, DEFAULT_ALPHA),
-                "instructions": (ci_sweep.INSTRUCTION_FACTOR, DEFAULT_ALPHA)}[args.mode]
+                "instructions": (ci_sweep.INSTRUCTION_FACTOR, DEFAULT_ALPHA),
+                "replicates": (DEFAULT_FACTOR, DEFAULT_ALPHA)}[args.mode]
     args.factor = defaults[0] if args.factor is None else args.factor
     args.alpha = defaults[1] if args.alpha is None else args.alpha
     if unknown or not experiments:
@@ -261,12 +313,14 @@ def main(argv=None) -> int:
     if problems:
         print(f"checker_power.py: error: {problems[0]}", file=sys.stderr)
         return 2
-    settings = [Setting(args.mode, args.factor, args.alpha)]
+    settings = [Setting("check" if args.mode == "replicates" else args.mode, args.factor,
+                        args.alpha)]
     if args.mode == "ci":
         settings.append(Setting("default", args.default_factor, args.default_alpha))
     if args.mode == "ab":  # both round tests on the same rounds: which one check --ab uses
         settings = [Setting(f"ab {test}", args.factor, args.alpha, test) for test in ROUND_TESTS]
-    sweep_args = shlex.split(args.sweep_args) if args.sweep_args else None
+    sweep_args = shlex.split(args.sweep_args) if args.sweep_args else (
+        list(REPLICATES_SWEEP) if args.mode == "replicates" else None)
     out = args.out or Path("results/checker-power") / (
         f"{args.mode}-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
     plans = {"false_positive": (1, 1), "power": (POWER_BASELINE_CALLS, POWER_CANDIDATE_CALLS)}
@@ -276,8 +330,9 @@ def main(argv=None) -> int:
     try:
         for experiment in experiments:
             for pair in range(1, args.pairs + 1):
-                baseline, candidate = _run_pair(out, experiment, pair, plans[experiment],
-                                                sweep_args, args.mode, args.rounds)
+                baseline, candidate = _run_pair(
+                    out, experiment, pair, plans[experiment], sweep_args, args.mode,
+                    args.replicates if args.mode == "replicates" else args.rounds)
                 records.extend(_check_pair(args.mode, experiment, pair, baseline, candidate,
                                            settings, round_counts))
                 # Rewritten after every pair: an interrupted study keeps what it measured.

@@ -63,7 +63,9 @@ def main(argv: list[str]) -> int:
     if args.ab is not None:
         clashing = [option for option, value in (("--candidate", args.candidate),
                                                  ("--baseline", args.baseline),
-                                                 ("--update-baseline", args.update_baseline))
+                                                 ("--update-baseline", args.update_baseline),
+                                                 # --ab's rounds are its replicates.
+                                                 ("--process-sd", args.process_sd is not None))
                     if value]
         if clashing:
             raise UsageError(f"--ab compares two revisions it runs itself; drop "

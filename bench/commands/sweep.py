@@ -97,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "does exactly 25%% more work per row than one at N=4, with the same "
                              "task keys and code versions. Times are per repetition; "
                              "samples/s, GB/s and GFLOP/s count all N calls")
+    parser.add_argument("--replicates", type=positive_int, default=1, metavar="K",
+                        help="measure every configuration in K fresh worker processes, "
+                             "interleaved (replicate 1 of every group, then replicate 2, ...); "
+                             "rows carry metrics replicate k. `check` then tests a change across "
+                             "processes, not only across one process's samples: a process's "
+                             "shift is shared by all its samples. 3 is what `check` needs to "
+                             "prove a 25%% change (docs/regression-checks.md); default 1")
     parser.add_argument("--metric", choices=("time", "instructions"), default="time",
                         help="what each configuration records: time (wall clock, the default) "
                              "or instructions (per call, counted by Valgrind's callgrind in one "
@@ -297,13 +304,17 @@ def sweep(argv: list[str]) -> int:
 
     try:
         code = execute(argv, planned, directory, run_id, resuming, policy, args.task_timeout,
-                       count_policy, counting)
+                       count_policy, counting, replicates=args.replicates)
     except RunDirectoryError as error:
         raise UsageError(str(error)) from None
     if code != 0:
         return code
     results_path = directory / RESULTS_FILENAME
     rows = read_rows(results_path)
+    if args.replicates > 1:  # one summary line per configuration, its replicates pooled
+        from reports.spread import pool_replicates
+
+        rows = getattr(pool_replicates(rows), "rows", rows)
     print(render_summary(rows))
     counts = {status: sum(row.status == status for row in rows)
               for status in (STATUS_OK, STATUS_SKIPPED, STATUS_ERROR)}

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
 
 from bench import registry
-from bench.records import ResultsWriter, write_json
+from bench.records import ResultsWriter, dumps_compact, read_rows, write_json
 from bench.run import devices, sweep
 from bench.run.settings import WorkerSettings
 from bench.run.worker import skipped_row
@@ -47,32 +48,38 @@ class Progress:
 
 
 def execute(argv, planned, directory: Path, run_id: str, resuming: bool, policy,
-            task_timeout_s: float, count_policy=None, counting=None) -> int:
+            task_timeout_s: float, count_policy=None, counting=None, replicates: int = 1) -> int:
     """Run the planned tasks into directory; 0 when every task has a row, 130 if interrupted.
 
     count_policy (a callgrind.CountPolicy): count instructions under callgrind instead of
-    timing; counting: the facts that then stand for the timing policy in fingerprints."""
+    timing; counting: the facts that then stand for the timing policy in fingerprints.
+    replicates K > 1: every configuration is measured in K fresh worker processes, replicate 1
+    of every group first, then replicate 2, ...; its rows carry metrics replicate k."""
     settings = WorkerSettings(run_id, policy, count_policy, counting,
                               log_path=directory / "worker.log", task_timeout_s=task_timeout_s)
     results_path = directory / "results.csv"
-    done = sweep.completed_keys(results_path) if resuming else set()
+    done = _completed(results_path, replicates) if resuming else set()
     if not resuming:
         _start_run_directory(directory, argv, settings, planned)
-    pending = [item for item in planned if item.task.key() not in done]
+    # (planned item, replicate): skips are written once, as replicate 1.
+    pending = [(item, k) for k in range(1, replicates + 1) for item in planned
+               if (item.task.key(), k) not in done and (k == 1 or not item.skip_reason)]
     if resuming:
-        print(f"resuming {directory}: {len(planned) - len(pending)} of {len(planned)} "
+        total = sum(1 if item.skip_reason else replicates for item in planned)
+        print(f"resuming {directory}: {total - len(pending)} of {total} "
               "configurations already recorded", file=sys.stderr)
     progress = Progress(len(pending))
     with ResultsWriter(results_path) as writer:
         try:
-            for item in pending:
+            for item, k in pending:
                 if item.skip_reason:
                     row = skipped_row(item.task, settings, item.skip_reason)
-                    writer.write(row)
+                    _Replicate(writer, k, replicates).write(row)
                     progress.advance(row)
-            runnable = [item.task for item in pending if not item.skip_reason]
-            sweep.run_tasks(runnable, settings, writer, progress=progress.advance,
-                            describe=progress.describe)
+            for k in range(1, replicates + 1):  # a fresh worker per group for each replicate
+                runnable = [item.task for item, kk in pending if kk == k and not item.skip_reason]
+                sweep.run_tasks(runnable, settings, _Replicate(writer, k, replicates),
+                                progress=progress.advance, describe=progress.describe)
         except KeyboardInterrupt:
             progress.close()
             print(f"interrupted: finished rows are in {results_path}; "
@@ -80,6 +87,32 @@ def execute(argv, planned, directory: Path, run_id: str, resuming: bool, policy,
             return 130
     progress.close()
     return 0
+
+
+class _Replicate:
+    """A results writer that stamps each row with its replicate (when there are several)."""
+
+    def __init__(self, writer: ResultsWriter, index: int, count: int):
+        self.writer, self.index, self.count = writer, index, count
+
+    def write(self, row) -> None:
+        """Write row, its metrics carrying replicate and replicates when count > 1."""
+        if self.count > 1:
+            metrics = json.loads(row.metrics or "{}")
+            metrics.update({"replicate": self.index, "replicates": self.count})
+            row.metrics = dumps_compact(metrics)
+        self.writer.write(row)
+
+
+def _completed(results_path: Path, replicates: int) -> set[tuple[str, int]]:
+    """(task_key, replicate) of the rows already in a results file (for --resume)."""
+    if not results_path.exists():
+        return set()
+    done = set()
+    for row in read_rows(results_path):
+        index = json.loads(row.metrics or "{}").get("replicate", 1) if replicates > 1 else 1
+        done.add((row.task_key, index))
+    return done
 
 
 def _start_run_directory(directory: Path, argv, settings: WorkerSettings, planned) -> None:

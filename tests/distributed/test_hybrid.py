@@ -122,7 +122,9 @@ def test_three_ranks_uneven_and_a_crashing_rank(tmp_path):
 def test_hanging_rank_ends_the_job(tmp_path):
     items = _configs(tmp_path, 2, ["table"], dump=False)
     fault = PlantedFault("dist.building", HANG, task_key=items[0]["task_key"], rank=0)
-    rows = _run(tmp_path, 2, items, timeout_s=8.0, planted_fault=fault.to_dict())
+    # The progress timeout also covers the ranks' start-up (torch import, process group),
+    # which takes well over 8 s on a loaded 2-CPU machine.
+    rows = _run(tmp_path, 2, items, timeout_s=30.0, planted_fault=fault.to_dict())
     assert rows[0].status == "error" and "rank 0 hung at building" in rows[0].error
     for path in (tmp_path / "status").glob("rank*.json"):  # no rank is left running
         with pytest.raises(ProcessLookupError):

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from bench.run.settings import WorkerSettings
 from bench.ops.dlrm_compiled import COMPILE_MODES, compile_mode, compile_variants, warm_up
 from bench.records import STATUS_OK
 from bench.registry import BuildContext, Unsupported
@@ -78,7 +79,7 @@ def test_a_compiled_row_records_its_mode_and_compile_time_apart_from_the_step():
     compiles; the timed median is a compiled step, far shorter."""
     task = Task(op="dlrm_infer", impl="compiled", workload=tiny_workload(), variant={},
                 precision="fp32", device="cpu", isa="native", threads=1, seed=0)
-    row = run_task(task, "compile-modes", FAST_POLICY)
+    row = run_task(task, WorkerSettings("compile-modes", FAST_POLICY))
     assert row.status == STATUS_OK, row.error
     params, metrics = json.loads(row.params), json.loads(row.metrics)
     assert params["compile_mode"] == "default"
@@ -102,7 +103,7 @@ def test_every_mode_compiles_and_checks_on_cuda(mode):
     variant = compile_variants({"compile_modes": [mode]})[0]
     task = Task(op="dlrm_infer", impl="compiled", workload=tiny_workload(), variant=variant,
                 precision="fp32", device="cuda:0", isa="native", threads=1, seed=0)
-    row = run_task(task, "compile-modes", FAST_POLICY)
+    row = run_task(task, WorkerSettings("compile-modes", FAST_POLICY))
     assert row.status == STATUS_OK, row.error
     assert json.loads(row.params)["compile_mode"] == mode
     assert json.loads(row.metrics)["compile_s"] > 0

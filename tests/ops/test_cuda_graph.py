@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from bench.run.settings import WorkerSettings
 from bench.ops import dlrm_cuda_graph
 from bench.ops.dlrm import LEARNING_RATE, build_infer
 from bench.ops.dlrm_cuda_graph import (CPU_SKIP, WARM_UP_CALLS, StaticCall, build_graphed_infer,
@@ -166,6 +167,6 @@ def test_cuda_graph_captures_replays_and_checks_on_cuda(op, precision):
 
     task = Task(op=op, impl="cuda_graph", workload=SMOKE, variant={}, precision=precision,
                 device="cuda:0", isa="native", threads=1, seed=0)
-    row = worker.run_task(task, "cuda-graph", FAST_POLICY)
+    row = worker.run_task(task, WorkerSettings("cuda-graph", FAST_POLICY))
     assert row.status == STATUS_OK, row.error
     assert json.loads(row.metrics)["capture_s"] > 0

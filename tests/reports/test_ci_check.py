@@ -203,6 +203,12 @@ def test_check_exit_codes_on_fixture_runs(tmp_path, capsys):
     code, output, _ = _check(capsys, "--candidate", str(CLEAN_RUN), "--baseline", str(CLEAN_RUN),
                              *out)
     assert code == 0 and "OK: no regression" in output
+    # One process a side: 1.67x is within the default spread between processes...
+    code, output, _ = _check(capsys, "--candidate", str(CLEAN_RUN), "--baseline",
+                             str(BASELINE_FAST), *out)
+    assert code == 0 and "3 rows INCONCLUSIVE" in output
+    # ...and a regression on a host known to be quiet between processes.
+    out += ["--process-sd", "0.02"]
     code, output, _ = _check(capsys, "--candidate", str(CLEAN_RUN), "--baseline",
                              str(BASELINE_FAST), *out)
     assert code == 1 and "FAIL: 3 REGRESSED" in output
@@ -241,7 +247,8 @@ def test_check_without_candidate_runs_the_ci_sweep(tmp_path, capsys, monkeypatch
 
     monkeypatch.setattr(ci_sweep, "run_ci_sweep", fake_sweep)
     ci_out = tmp_path / "ci"
-    code, output, _ = _check(capsys, "--ci-out", str(ci_out), "--baseline", str(BASELINE_FAST))
+    code, output, _ = _check(capsys, "--ci-out", str(ci_out), "--baseline", str(BASELINE_FAST),
+                             "--process-sd", "0.02")
     assert code == 1 and len(swept) == 1 and swept[0].parent == ci_out
     assert (swept[0] / "verdicts.csv").is_file()
     # The hint names the run the sweep just wrote, so it can be pasted as is.
