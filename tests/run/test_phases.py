@@ -163,3 +163,25 @@ def test_older_results_read_with_nan_phases_and_resume_keeps_their_header(tmp_pa
     assert [row.task_key for row in back] == ["old", "new"]
     assert [row.median_s for row in back] == [1.0, 2.0]
     assert all(math.isnan(getattr(row, phase)) for row in back for phase in PHASES)
+
+
+def test_the_report_sums_each_op_s_phases_and_timing_share():
+    from reports.phases import phase_table, timing_share_line
+    from reports.runs import rows_to_frame
+
+    rows = [ResultRow(op="sls", setup_s=1.0, check_s=0.5, reference_s=0.5, warmup_s=1.0,
+                      timing_s=2.0),
+            ResultRow(op="sls", setup_s=1.0, check_s=0.5, reference_s=0.5, warmup_s=0.0,
+                      timing_s=2.0),
+            ResultRow(op="fc", status=STATUS_ERROR, setup_s=3.0, check_s=1.0),
+            ResultRow(op="fc", status=STATUS_SKIPPED)]
+    table = phase_table(rows_to_frame(rows), {"sls": 1, "fc": 2}).set_index("op")
+    assert list(table.index) == ["sls", "fc", "all ops"]
+    assert table.loc["sls", "rows"] == 2 and table.loc["fc", "rows"] == 1
+    assert table.loc["sls", "wall_s"] == pytest.approx(9.0)
+    assert table.loc["sls", "timing_share"] == pytest.approx(4.0 / 9.0, abs=1e-3)
+    assert table.loc["fc", "timing_share"] == 0.0
+    assert table.loc["all ops", "wall_s"] == pytest.approx(13.0)
+    assert "timing took 31% of the 13.0 s" in timing_share_line(rows)
+    assert phase_table(rows_to_frame([ResultRow(op="sls")]), {}).empty  # schema 2 rows
+    assert timing_share_line([ResultRow(op="sls")]) == ""
