@@ -20,8 +20,9 @@ import numpy as np
 
 # Bump when a column is added, removed or changes meaning; readers refuse other versions.
 # 2: samples_s holds base64 float32 (see encode_samples); 1 held a JSON list, still read.
-SCHEMA_VERSION = 2
-READABLE_SCHEMA_VERSIONS = (1, 2)
+# 3: adds the wall-split columns (setup_s ... timing_s); older rows read them as NaN.
+SCHEMA_VERSION = 3
+READABLE_SCHEMA_VERSIONS = (1, 2, 3)
 
 STATUS_OK = "ok"
 STATUS_SKIPPED = "skipped"
@@ -53,6 +54,10 @@ class Summary:
     iqr_s: float
     min_s: float
     calls_per_sample: int = 1  # calls averaged into each sample (CPU blocks; 1 on CUDA)
+    # Wall of the measurement that produced the samples (bench.run.timing.measure): the
+    # untimed warm-up calls, and the rest (repetition count, timed repetitions, telemetry).
+    warmup_wall_s: float = math.nan
+    timed_wall_s: float = math.nan
 
     @property
     def noisy(self) -> bool:
@@ -178,6 +183,16 @@ class ResultRow:
     instruction_calls: int = 0
     d1_misses_simulated: float = math.nan
     ll_misses_simulated: float = math.nan
+    # Where the worker's wall for this row went (seconds, one clock, contiguous phases: they
+    # add up to the task's wall in the worker). setup_s: building inputs and the closure;
+    # check_s: the impl's checked call and model accuracy; reference_s: the float64 reference;
+    # warmup_s: untimed warm-up calls; timing_s: the rest of the measurement (choosing the
+    # repetition count, the timed repetitions; a counted row's whole count). NaN: not reached.
+    setup_s: float = math.nan
+    check_s: float = math.nan
+    reference_s: float = math.nan
+    warmup_s: float = math.nan
+    timing_s: float = math.nan
     metrics: str = "{}"  # JSON: other op-specific measurements
     status: str = STATUS_OK
     error: str = ""
@@ -237,6 +252,12 @@ def _drop_partial_last_line(path: Path) -> None:
             handle.truncate(data.rfind(b"\n") + 1)
 
 
+def _header(path: Path) -> tuple[str, ...]:
+    """The column names of an existing results CSV's first line."""
+    with open(path, newline="", encoding="utf-8") as handle:
+        return tuple(next(csv.reader(handle), ()) or COLUMNS)
+
+
 class ResultsWriter:
     """Appends rows to a results CSV, flushing each row so a later crash never loses it."""
 
@@ -245,8 +266,12 @@ class ResultsWriter:
         if self.path.exists():
             _drop_partial_last_line(self.path)
         new_file = not self.path.exists() or self.path.stat().st_size == 0
+        # Appending (a resume) keeps the file's own header: rows of an older schema version
+        # lack later columns, and a wider row under that header would shift every cell.
+        fieldnames = COLUMNS if new_file else _header(self.path)
         self._handle = open(self.path, "a", newline="", encoding="utf-8")
-        self._writer = csv.DictWriter(self._handle, fieldnames=COLUMNS)
+        self._writer = csv.DictWriter(self._handle, fieldnames=fieldnames,
+                                      extrasaction="ignore")
         if new_file:
             self._writer.writeheader()
             self._flush()

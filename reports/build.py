@@ -13,8 +13,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from bench.records import write_atomic
-from reports import (canvas, cells, comparison, dist, glance, headline, order, plots, roofline,
-                     roofline_plot, roofs, runs, serving, tables, values, workingset)
+from reports import (canvas, cells, comparison, dist, glance, headline, order, phases, plots,
+                     roofline, roofline_plot, roofs, runs, serving, tables, values, workingset)
 from reports.compare import DEFAULT_ALPHA, DEFAULT_FACTOR
 from reports.html import FigureBlock, NoteBlock, Section, TableBlock, render_page
 
@@ -291,6 +291,16 @@ def comparison_section(loaded: list[runs.Run], op_order: dict[str, float]) -> Se
     return section
 
 
+def wall_section(frame: pd.DataFrame, op_order: dict[str, float]) -> Section:
+    """Where the workers' wall went, per op: set-up, checks, warm-up and timing."""
+    return Section("Where the wall went", "wall", [
+        table_or_note("Seconds per phase summed over each op's rows; timing_share = timing_s / "
+                      "wall_s (worker start-up is not in any row)",
+                      phases.phase_table(frame, op_order),
+                      "No row of this run recorded its wall by phase (results before schema 3)."),
+    ])
+
+
 def problems_section(frame: pd.DataFrame, args: dict) -> Section:
     """Skipped and failed configurations with their reasons, and what the plan left out."""
     blocks = [table_or_note("Rows not measured, by reason", tables.problem_rows_table(frame),
@@ -333,6 +343,7 @@ def build_sections(loaded: list[runs.Run]) -> list[Section]:
         comparison_section(loaded, op_order),
         distributed_section(primary.rows),
         *serving_sections(primary),
+        wall_section(frame, op_order),
         problems_section(frame, primary.args),
     ]
 

@@ -330,10 +330,14 @@ def test_planted_bug_fails_the_check(monkeypatch, op, impl_name, variant, precis
                      f"(relative error {row.rel_error:.3g})")
 
 
-# Peer impls (FBGEMM, torchrec, torch.compile) plant their bugs in their own test files.
-PEER_TESTS = {"bench.ops.sls_fbgemm": "test_peers_sls.py", "bench.ops.sls_torchrec":
-              "test_peers_sls.py", "bench.ops.dlrm_fbgemm": "test_peers_dlrm.py",
-              "bench.ops.dlrm_compiled": "test_peers_dlrm.py"}
+# Peer impls (FBGEMM, torchrec, torch.compile) and the GPU impls (Triton, CUDA graphs) plant
+# their bugs in their own test files, named from tests/.
+PEER_TESTS = {"bench.ops.sls_fbgemm": "ops/test_peers_sls.py",
+              "bench.ops.sls_torchrec": "ops/test_peers_sls.py",
+              "bench.ops.dlrm_fbgemm": "ops/test_peers_dlrm.py",
+              "bench.ops.dlrm_compiled": "ops/test_peers_dlrm.py",
+              "bench.ops.sls_triton": "models/test_triton_tbe.py",
+              "bench.ops.dlrm_cuda_graph": "ops/test_cuda_graph.py"}
 
 
 def test_planted_bugs_cover_every_op_and_impl():
@@ -345,7 +349,7 @@ def test_planted_bugs_cover_every_op_and_impl():
                 continue
             peer_tests = PEER_TESTS.get(implementation.build.__module__)
             if peer_tests:
-                text = (Path(__file__).parent / "ops" / peer_tests).read_text(encoding="utf-8")
+                text = (Path(__file__).parent / peer_tests).read_text(encoding="utf-8")
                 assert "planted" in text.lower() and f'"{impl_name}"' in text, (op, impl_name)
             else:
                 assert (op, impl_name) in covered, f"{op}/{impl_name} has no planted bug"

@@ -17,6 +17,7 @@ from bench.commands.reference_run import (MODE_OPS, REFERENCE_IMPL, SCRIPT_NAME,
 from bench.commands.sweep import QUICK_POLICY
 from bench.records import (ARGS_FILENAME, ENV_FILENAME, RESULTS_FILENAME, STATUS_ERROR, STATUS_OK,
                            ResultRow, ResultsWriter, read_json, read_rows, write_json)
+from bench.run import devices
 from bench.run.timing import TimingPolicy
 from workloads.resolve import WorkloadChoices, resolve_workloads
 
@@ -47,6 +48,9 @@ def build_parser() -> OneLineParser:
                         help="override the workloads' batch size")
     parser.add_argument("--threads", type=positive_int, default=1,
                         help="threads, pinned (default 1)")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu (default), cuda or cuda:N: both sides on that device (the "
+                             "reference with its --use-gpu, seeing that GPU alone)")
     parser.add_argument("--mode", type=choice_list(*MODE_OPS), default="train",
                         help="train, infer or train,infer")
     parser.add_argument("--rounds", type=positive_int, default=DEFAULT_ROUNDS,
@@ -108,6 +112,8 @@ def ours_argv(options, ops: list[str], rounds_dir: Path, run_id: str) -> list[st
             str(options.threads), "--precision", ",".join(options.precision), "--min-run-time",
             repr(options.min_run_time), "--seed", str(options.seed), "--out", str(rounds_dir),
             "--run-id", run_id, "--no-report"]
+    if options.device != "cpu":
+        argv += ["--device", options.device]
     if options.max_rows is not None:
         argv += ["--max-rows", str(options.max_rows)]
     if options.batch_size:
@@ -175,6 +181,7 @@ def main(argv: list[str]) -> int:
     """Run the reference and ours interleaved; exit 0, 1 (all errored), 2 bad input, 3 some."""
     options = build_parser().parse_args(argv)
     repo = _repository(options.dlrm_repo)
+    options.device = devices.normalize_device(options.device)  # DeviceError: exit 2
     _check_threads(options.threads)
     modes = options.mode
     workloads = resolve_workloads(WorkloadChoices(

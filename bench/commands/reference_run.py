@@ -40,6 +40,9 @@ RESULT_MARKER = "DLRM_BENCH_RESULT "
 ITERATION_LINE = re.compile(
     r"^Finished (?P<kind>training|inference) it (?P<iteration>\d+)/(?P<total>\d+) of epoch "
     r"(?P<epoch>\d+), (?P<ms>-?\d+(?:\.\d+)?) ms/it,")
+# What its run() prints once it has chosen a device: with --use-gpu but no GPU that torch can
+# use, it falls back to the CPU and says so, and a CPU time must not pass for a GPU one.
+DEVICE_LINE = re.compile(r"^Using (?:(?P<gpus>\d+) GPU\(s\)|CPU)\.\.\.", re.MULTILINE)
 
 
 class ReferenceError(Exception):
@@ -64,7 +67,24 @@ def parse_iteration_times(text: str) -> list[float]:
     return times
 
 
+def check_device_line(text: str, device: str) -> None:
+    """ReferenceError unless the reference says it ran where it was asked to: one GPU on cuda
+    (the child sees that GPU alone), the CPU otherwise."""
+    match = DEVICE_LINE.search(text)
+    if match is None:
+        return  # an older checkout that does not say; its flags asked for the device
+    gpus = int(match["gpus"]) if match["gpus"] else 0
+    wanted = 1 if is_cuda(device) else 0
+    if gpus != wanted:
+        said = f"{gpus} GPU(s)" if gpus else "the CPU"
+        raise ReferenceError(f"the reference ran on {said}, asked for {device}")
+
+
 # ---------------------------------------------------------------- the configuration
+
+def is_cuda(device: str) -> bool:
+    """Whether a (normalized) --device names a GPU."""
+    return device.startswith("cuda")
 
 def _single_pooling(spec: WorkloadSpec) -> int:
     """The one fixed lookups-per-bag count of every table (the reference has a single one)."""
@@ -90,10 +110,12 @@ def check_workload(spec: WorkloadSpec) -> None:
     _single_pooling(spec)
 
 
-def reference_arguments(spec: WorkloadSpec, iterations: int, seed: int) -> list[str]:
-    """dlrm_s_pytorch.py flags for the workload: its random data, our shapes, one epoch."""
+def reference_arguments(spec: WorkloadSpec, iterations: int, seed: int,
+                        device: str = "cpu") -> list[str]:
+    """dlrm_s_pytorch.py flags for the workload: its random data, our shapes, one epoch; on
+    a GPU its --use-gpu (the child sees that one GPU: see child_environment)."""
     dashed = lambda values: "-".join(str(int(value)) for value in values)  # noqa: E731
-    return [
+    return (["--use-gpu"] if is_cuda(device) else []) + [
         "--data-generation=random", "--print-time", "--print-freq=1", "--nepochs=1",
         f"--arch-sparse-feature-size={spec.dim}",
         f"--arch-mlp-bot={dashed((spec.num_dense, *spec.bottom_mlp))}",
@@ -123,11 +145,12 @@ def model_arguments(spec: WorkloadSpec) -> dict:
             "lookups": _single_pooling(spec), "batch_size": spec.batch_size}
 
 
-def reference_task(spec: WorkloadSpec, op: str, threads: int, seed: int) -> Task:
+def reference_task(spec: WorkloadSpec, op: str, threads: int, seed: int,
+                   device: str = "cpu") -> Task:
     """The task whose key the reference's row carries: our rows' identity, impl dlrm_reference."""
     return Task(op=op, impl=REFERENCE_IMPL, workload=spec, variant={},
-                precision=REFERENCE_PRECISION, device="cpu", isa=REFERENCE_ISA, threads=threads,
-                seed=seed)
+                precision=REFERENCE_PRECISION, device=device, isa=REFERENCE_ISA,
+                threads=threads, seed=seed)
 
 
 def code_version(repo: Path) -> str:
@@ -147,26 +170,44 @@ def checkout_commit(repo: Path) -> str:
     return result.stdout.strip() if result.returncode == 0 else ""
 
 
-def pinned_cpus(threads: int) -> list[int]:
-    """The CPUs our workers pin to (bench.run.worker.pin_threads): the first `threads`."""
-    return sorted(os.sched_getaffinity(0))[:threads]
+def pinned_cpus(threads: int, device: str = "cpu") -> list[int]:
+    """The CPUs our workers pin to (bench.run.worker.pin_threads): the first `threads`, or
+    every allowed one for a GPU worker (whose launching thread must not wait for cores)."""
+    allowed = sorted(os.sched_getaffinity(0))
+    return allowed if is_cuda(device) else allowed[:threads]
 
 
-def child_environment(threads: int, project_path: bool = False) -> dict[str, str]:
+def visible_gpu(device: str, environment: dict) -> str:
+    """CUDA_VISIBLE_DEVICES for a child that is to see only GPU N of this process (cuda:N):
+    the N-th of this process's own visible list when it has one."""
+    index = int(device.partition(":")[2] or 0)
+    inherited = [part.strip() for part in environment.get("CUDA_VISIBLE_DEVICES", "").split(",")
+                 if part.strip()]
+    return inherited[index] if index < len(inherited) else str(index)
+
+
+def child_environment(threads: int, project_path: bool = False,
+                      device: str = "cpu") -> dict[str, str]:
     """Our workers' environment: SIMD knobs uncapped, thread pools sized before torch loads;
-    with project_path our packages importable (not for the reference's own script: its
-    checkout has a top-level `bench` folder of its own)."""
-    return devices.worker_environment(REFERENCE_ISA, threads,
-                                      PROJECT_ROOT if project_path else None)
+    on a GPU that GPU alone visible; with project_path our packages importable (not for the
+    reference's own script: its checkout has a top-level `bench` folder of its own)."""
+    environment = devices.worker_environment(REFERENCE_ISA, threads,
+                                             PROJECT_ROOT if project_path else None)
+    if is_cuda(device):
+        # With several GPUs visible the reference spreads its tables over all of them (its
+        # ndevices = the GPU count); ours run on one.
+        environment["CUDA_VISIBLE_DEVICES"] = visible_gpu(device, environment)
+    return environment
 
 
 def _run_child(command: list[str], threads: int, cwd: Path, timeout_s: float,
-               project_path: bool = False) -> str:
+               project_path: bool = False, device: str = "cpu") -> str:
     """Run a child pinned to our workers' CPUs; its stdout, or ReferenceError."""
-    cpus = pinned_cpus(threads)
+    cpus = pinned_cpus(threads, device)
     try:
         # sched_setaffinity in the child before exec: the reference never pins itself.
-        result = subprocess.run(command, cwd=cwd, env=child_environment(threads, project_path),
+        result = subprocess.run(command, cwd=cwd,
+                                env=child_environment(threads, project_path, device),
                                 capture_output=True, text=True, timeout=timeout_s,
                                 stdin=subprocess.DEVNULL,
                                 preexec_fn=lambda: os.sched_setaffinity(0, cpus))
@@ -185,10 +226,12 @@ def time_training(repo: Path, spec: WorkloadSpec, options) -> list[float]:
     """Per-iteration seconds of the reference's own training loop, warm-up dropped."""
     total = options.warmup + options.iterations
     command = [options.python, str(repo / SCRIPT_NAME),
-               *reference_arguments(spec, total, options.seed)]
+               *reference_arguments(spec, total, options.seed, options.device)]
     # A scratch folder: the reference writes TensorBoard files into its working directory.
     with tempfile.TemporaryDirectory(prefix="dlrm-reference-") as scratch:
-        output = _run_child(command, options.threads, Path(scratch), options.child_timeout)
+        output = _run_child(command, options.threads, Path(scratch), options.child_timeout,
+                            device=options.device)
+    check_device_line(output, options.device)
     times = parse_iteration_times(output)
     if len(times) != total:
         raise ReferenceError(f"expected {total} 'Finished training it' lines, found "
@@ -200,14 +243,14 @@ def time_inference(repo: Path, spec: WorkloadSpec, options, policy: TimingPolicy
     """Samples of the reference model's forward, timed by bench.run.timing in a pinned child."""
     config = {"repo": str(repo.resolve()), **model_arguments(spec), "seed": options.seed,
               "threads": options.threads, "batches": options.infer_batches,
-              "policy": policy.__dict__}
+              "policy": policy.__dict__, "cuda": is_cuda(options.device)}
     with tempfile.TemporaryDirectory(prefix="dlrm-reference-") as scratch:
         config_path = Path(scratch) / "config.json"
         config_path.write_text(json.dumps(config), encoding="utf-8")
         command = [options.python, "-m", "bench.commands.reference_run",
                    str(config_path)]
         output = _run_child(command, options.threads, Path(scratch), options.child_timeout,
-                            project_path=True)
+                            project_path=True, device=options.device)
     for line in reversed(output.splitlines()):
         if line.startswith(RESULT_MARKER):
             return json.loads(line[len(RESULT_MARKER):])
@@ -219,8 +262,8 @@ def time_inference(repo: Path, spec: WorkloadSpec, options, policy: TimingPolicy
 def reference_row(spec: WorkloadSpec, mode: str, options, policy: TimingPolicy, run_id: str,
                   repo: Path, commit: str) -> ResultRow:
     """One round's row of the reference for a workload and mode (ok, or error with why)."""
-    op = MODE_OPS[mode]
-    task = reference_task(spec, op, options.threads, options.seed)
+    op, device = MODE_OPS[mode], options.device
+    task = reference_task(spec, op, options.threads, options.seed, device)
     lookups = _single_pooling(spec)
     params = {
         "script": SCRIPT_NAME, "commit": commit, "run_mode": mode,
@@ -230,26 +273,33 @@ def reference_row(spec: WorkloadSpec, mode: str, options, policy: TimingPolicy, 
     }
     if mode == "train":
         params.update({
-            "timing": f"the reference's own per-iteration time (--print-time --print-freq=1, "
-                      f"time.time() from the loaded batch to optimizer.step()), "
-                      f"{options.warmup} warm-up iterations dropped",
+            "timing": "the reference's own per-iteration time (--print-time --print-freq=1, "
+                      "time.time() from the loaded batch to optimizer.step()"
+                      + ("; with --use-gpu it synchronizes before each reading and the time "
+                         "includes its copy of each batch to the GPU" if is_cuda(device) else "")
+                      + f"), {options.warmup} warm-up iterations dropped",
             "optimizer": "SGD", "lr": LEARNING_RATE, "loss": LOSS_FUNCTION,
             "iterations": options.iterations, "warmup_iterations": options.warmup,
             "arguments": reference_arguments(spec, options.warmup + options.iterations,
-                                             options.seed)})
+                                             options.seed, device)})
     else:
         params.update({
             "timing": "its --inference-only prints no time: its DLRM_Net (built from its own "
                       "module with these shapes) forward timed by bench.run.timing "
-                      "(torch.utils.benchmark) in a pinned child, autograd enabled as its "
-                      "inference runs, on batches from its own RandomDataset",
+                      + ("(CUDA events) in a child that sees this GPU alone, model and batches "
+                         "moved to it as its --use-gpu run moves them"
+                         if is_cuda(device) else "(torch.utils.benchmark) in a pinned child")
+                      + ", autograd enabled as its inference runs, on batches from its own "
+                        "RandomDataset",
             "rotation_batches": options.infer_batches})
+    if is_cuda(device):
+        params["visible_gpu"] = visible_gpu(device, dict(os.environ))
     row = ResultRow(
         run_id=run_id, task_key=task.key(), op=op, impl=REFERENCE_IMPL, is_baseline=False,
         code_version=code_version(repo), workload=spec.name, params=dumps_compact(params),
-        device="cpu", device_name=devices.device_name("cpu"), isa=REFERENCE_ISA,
+        device=device, device_name=devices.device_name(device), isa=REFERENCE_ISA,
         threads=options.threads, precision=REFERENCE_PRECISION, batch_size=spec.batch_size,
-        fingerprint=devices.fingerprint("cpu", REFERENCE_ISA, options.threads, policy),
+        fingerprint=devices.fingerprint(device, REFERENCE_ISA, options.threads, policy),
         timestamp=utc_timestamp())
     try:
         if mode == "train":
@@ -271,6 +321,13 @@ def reference_row(spec: WorkloadSpec, mode: str, options, policy: TimingPolicy, 
 
 
 # ---------------------------------------------------------------- the inference child
+
+def _to(tensors, device):
+    """A tensor, or a list of them (its lS_o and lS_i take either form), on device."""
+    if isinstance(tensors, list):
+        return [tensor.to(device) for tensor in tensors]
+    return tensors.to(device)
+
 
 def child_main(argv: list[str]) -> int:
     """`python -m bench.commands.reference_run CONFIG.json`: time the reference model's forward.
@@ -302,19 +359,31 @@ def child_main(argv: list[str]) -> int:
     model = module.DLRM_Net(
         config["m_spa"], ln_emb, ln_bot, ln_top, arch_interaction_op=config["interaction"],
         arch_interaction_itself=False, sigmoid_bot=-1, sigmoid_top=ln_top.size - 2,
-        sync_dense_params=True, loss_threshold=0.0, ndevices=-1, loss_function=LOSS_FUNCTION)
+        sync_dense_params=True, loss_threshold=0.0,
+        # Its run() passes -1 on the CPU and the GPU count (1 here) with --use-gpu.
+        ndevices=1 if config.get("cuda") else -1, loss_function=LOSS_FUNCTION)
     batch_size = int(config["batch_size"])
     dataset = data.RandomDataset(
         int(ln_bot[0]), ln_emb, batch_size * count, count, batch_size, int(config["lookups"]),
         True, 1, False, "random", "", False, reset_seed_on_access=True, rand_seed=seed)
+    # On a GPU as its run() does with --use-gpu and one visible GPU: the model moved to
+    # cuda:0, the batches moved before the forward (outside the timing, as ours are).
+    device = torch.device("cuda", 0) if config.get("cuda") else torch.device("cpu")
+    model = model.to(device)
     calls = []
     for index in range(count):
         dense, offsets, indices, _targets = data.collate_wrapper_random_offset([dataset[index]])
-        calls.append(functools.partial(model, dense, offsets, indices))
+        calls.append(functools.partial(model, dense.to(device), _to(offsets, device),
+                                       _to(indices, device)))
     # Autograd stays on: the reference's inference() calls the model without no_grad.
-    samples = timing.time_cpu(cycling(calls), TimingPolicy(**config["policy"]), threads)
+    policy = TimingPolicy(**config["policy"])
+    if device.type == "cuda":
+        samples, calls_per_sample = timing.time_cuda(cycling(calls), policy, device, False), 1
+    else:
+        samples = timing.time_cpu(cycling(calls), policy, threads)
+        calls_per_sample = samples.calls_per_sample
     print(RESULT_MARKER + json.dumps({"samples_s": [float(value) for value in samples],
-                                      "calls_per_sample": samples.calls_per_sample}),
+                                      "calls_per_sample": calls_per_sample}),
           flush=True)
     return 0
 

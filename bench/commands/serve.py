@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=whole_numbers, default="1",
                         help="co-located workers, e.g. 1,2")
     parser.add_argument("--threads", type=int, default=1, help="threads (cores) per worker")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu (default), cuda or cuda:N: on cuda each worker serves on its "
+                             "own GPU (worker i on GPU N+i), batching there; LoadGen stays in "
+                             "this process")
     parser.add_argument("--batching", type=choice_list("off", "on"), default="off",
                         help="off,on")
     parser.add_argument("--max-batch", type=whole_numbers, default="2048",
@@ -102,6 +106,22 @@ def _policies(args) -> list[BatchPolicy]:
     return policies
 
 
+def worker_devices(device: str, workers: int) -> list[str]:
+    """The device of each of `workers` workers: all cpu, or one GPU each, from --device's
+    GPU on; DeviceError or UsageError where the GPUs are not there."""
+    from bench.run import devices
+
+    first = devices.normalize_device(device)
+    if first == "cpu":
+        return ["cpu"] * workers
+    start, count = int(first.partition(":")[2]), devices.cuda_device_count()
+    if start + workers > count:
+        # One worker per GPU: two workers on one GPU would time each other's kernels.
+        raise UsageError(f"--workers {workers} on --device {device}: a GPU per worker needs "
+                         f"GPUs {start}..{start + workers - 1}, {count} visible")
+    return [f"cuda:{start + index}" for index in range(workers)]
+
+
 def validate(args) -> dict:
     """Everything refused before work starts (exit 2); the resolved choices."""
     try:
@@ -121,8 +141,10 @@ def validate(args) -> dict:
             raise UsageError(f"--precision {precision}: dlrm_infer {args.impl} runs "
                              f"{','.join(impls[args.impl].precisions)}")
     workers = args.workers
+    device = worker_devices(args.device, max(workers))[0]
     cpus = len(os.sched_getaffinity(0))
-    if args.threads < 1 or max(workers) * args.threads > cpus:
+    # GPU workers are not pinned (bench.run.worker.pin_threads): only CPU workers need cores.
+    if args.threads < 1 or (device == "cpu" and max(workers) * args.threads > cpus):
         raise UsageError(f"--workers {max(workers)} x --threads {args.threads} needs "
                          f"{max(workers) * args.threads} CPUs, this process may use {cpus}")
     try:
@@ -147,7 +169,7 @@ def validate(args) -> dict:
     if args.seed < 0:
         raise UsageError(f"--seed must be >= 0, got {args.seed}")
     return {"workload": workloads[0], "precisions": precisions, "workers": workers,
-            "sizes": sizes, "policies": _policies(args), "qps": qps, "slas": slas}
+            "device": device, "sizes": sizes, "policies": _policies(args), "qps": qps, "slas": slas}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,9 +209,12 @@ class Session:
         """One row: LoadGen's figures of a run (or the error that ended it)."""
         from bench.run import devices
 
-        args = self.args
+        args, device = self.args, self.choices["device"]
+        # On cpu the params (and task keys) stay as they were before --device existed.
+        placement = ({} if device == "cpu" else
+                     {"worker_devices": worker_devices(args.device, workers)})
         params = {"scenario": args.scenario, "workers": workers, "threads_per_worker":
-                  args.threads, **policy.to_dict(), "batching_label": policy.label,
+                  args.threads, **placement, **policy.to_dict(), "batching_label": policy.label,
                   "query_size": self.choices["sizes"].to_dict(), "queries": args.queries,
                   "pool_rows": self.table.pool_rows, "seed": args.seed,
                   **(settings.to_dict() if settings else {}), **(extra or {}).get("params", {})}
@@ -198,10 +223,10 @@ class Session:
         row = ResultRow(
             run_id=self.run_id, task_key=hashlib.sha256(key_text.encode()).hexdigest()[:16],
             op="serve", impl=args.impl, code_version=worker_facts.get("code_version", ""),
-            workload=self.choices["workload"].name, params=dumps_compact(params), device="cpu",
-            device_name=devices.device_name("cpu"), isa="native", threads=args.threads,
+            workload=self.choices["workload"].name, params=dumps_compact(params), device=device,
+            device_name=devices.device_name(device), isa="native", threads=args.threads,
             precision=precision, batch_size=policy.max_batch_items if policy.merge else 0,
-            fingerprint=devices.fingerprint("cpu", "native", args.threads),
+            fingerprint=devices.fingerprint(device, "native", args.threads),
             rel_error=worker_facts.get("rel_error", math.nan),
             timestamp=utc_timestamp())
         metrics = dict((extra or {}).get("metrics", {}))
@@ -360,13 +385,24 @@ def _bare_metrics(pool, outcome) -> dict:
             "serving_overhead": overhead}
 
 
+def worker_configs(args, choices: dict, table, precision: str, workers: int) -> list:
+    """The WorkerConfig of each worker of one pool: its cores, or its GPU."""
+    from bench.serve.workers import WorkerConfig
+
+    return [WorkerConfig(index, index * args.threads, args.threads, choices["workload"],
+                         args.impl, precision, args.seed, tuple(choices["policies"]), table,
+                         PlantedFault.parse(args.plant_fault)
+                         if args.plant_fault and index == 0 else None, device=device)
+            for index, device in enumerate(worker_devices(args.device, workers))]
+
+
 def main(argv: list[str]) -> int:
     """Entry point of `run_bench.py serve`."""
     args = build_parser().parse_args(argv)
     choices = validate(args)
     directory, run_id = new_run_directory(args.out, args.run_id, label="serve")
     from bench.run import devices
-    from bench.serve.workers import WorkerConfig, WorkerPool
+    from bench.serve.workers import WorkerPool
 
     write_json(directory / "args.json", {"argv": ["serve", *argv], "run_id": run_id,
                                          "op_facts": {}})
@@ -377,16 +413,10 @@ def main(argv: list[str]) -> int:
         try:
             for precision in choices["precisions"]:
                 for workers in choices["workers"]:
-                    configs = [WorkerConfig(index, index * args.threads, args.threads,
-                                            choices["workload"], args.impl, precision,
-                                            args.seed, tuple(choices["policies"]),
-                                            session.table,
-                                            PlantedFault.parse(args.plant_fault)
-                                            if args.plant_fault and index == 0 else None)
-                               for index in range(workers)]
+                    configs = worker_configs(args, choices, session.table, precision, workers)
                     pool = WorkerPool(configs)
-                    print(f"starting {workers} worker(s): {args.impl} {precision} "
-                          f"{choices['workload'].name} (build + float64 check)",
+                    print(f"starting {workers} worker(s) on {choices['device']}: {args.impl} "
+                          f"{precision} {choices['workload'].name} (build + float64 check)",
                           file=sys.stderr, flush=True)
                     try:
                         pool.start()

@@ -18,6 +18,7 @@ from bench.commands.common import (EXIT_ALL_ERRORED, EXIT_INTERRUPTED, EXIT_OK,
 from bench.records import (RESULTS_FILENAME, STATUS_ERROR, STATUS_OK, STATUS_SKIPPED, SchemaError,
                            read_recorded_argv, read_rows)
 from bench.run.timing import TimingPolicy
+from reports.phases import timing_share_line
 from reports.summary import render_summary
 from workloads.resolve import DEFAULT_WORKLOADS, WorkloadChoices, resolve_workloads
 
@@ -347,6 +348,9 @@ def sweep(argv: list[str]) -> int:
               for status in (STATUS_OK, STATUS_SKIPPED, STATUS_ERROR)}
     print(f"\n{counts[STATUS_OK]} measured, {counts[STATUS_SKIPPED]} skipped, "
           f"{counts[STATUS_ERROR]} errors -> {results_path}")
+    share = timing_share_line(rows)
+    if share:
+        print(share)
     if not args.no_report:
         build_report(directory)
     code = exit_code(counts[STATUS_OK], counts[STATUS_ERROR])

@@ -5,6 +5,10 @@
 
 from __future__ import annotations
 
+import collections
+import hashlib
+from typing import Any, Callable, Hashable
+
 import torch
 from torch import nn
 
@@ -13,6 +17,77 @@ from bench.models.dlrm import (DLRM, BatchedEmbeddings, FusedSGDEmbeddings, PerT
 from bench.references import (as64, binary_cross_entropy64, cat_interaction64,
                               cross_interaction64, dot_interaction64, linear_stack64, pool_rows64,
                               sgd_update, tt_rows64)
+
+
+class WorkloadMemo:
+    """A bounded memo of values computed for one workload; a value of another workload clears
+    it (a worker runs one workload's tasks together, and memory stays one workload's)."""
+
+    def __init__(self, max_entries: int):
+        self.max_entries = max_entries
+        self.workload: Any = None
+        self.entries: collections.OrderedDict = collections.OrderedDict()
+        self.hits = 0
+
+    def get(self, workload, key: Hashable, compute: Callable[[], Any]) -> Any:
+        """The value of key for workload, computed at most once while it stays in the memo."""
+        if workload != self.workload:
+            self.clear()
+            self.workload = workload
+        if key in self.entries:
+            self.entries.move_to_end(key)
+            self.hits += 1
+            return self.entries[key]
+        value = compute()
+        self.entries[key] = value
+        while len(self.entries) > self.max_entries:
+            self.entries.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        """Forget every value."""
+        self.entries.clear()
+        self.workload = None
+
+
+# Every impl and precision of a whole-model op checks against the same float64 output of the
+# same batch: computed once per worker, keyed by the content it is computed from (so a model
+# whose parameters differ, a planted fault's included, never gets another model's reference).
+# Callers must treat the returned tensors as read-only.
+REFERENCE_MEMO = WorkloadMemo(max_entries=8)
+
+
+def _update(digest, tensor: torch.Tensor) -> None:
+    tensor = tensor.detach().to("cpu").contiguous()
+    digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+    digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def reference_key(model: DLRM, tensors, *extra) -> str:
+    """A digest of what a float64 reference of model reads: the MLP and interaction
+    parameters, each table's looked-up rows (TT: its cores and cache slots), the inputs."""
+    digest = hashlib.blake2b(digest_size=20)
+    digest.update(repr(extra).encode())
+    indices = tensors[1]
+    for (kind, source), table_indices in zip(reference_tables(model), indices):
+        digest.update(kind.encode())
+        if kind == "tt":
+            for core in source.cores:
+                _update(digest, core)
+            cache = getattr(source, "cache", None)
+            if cache is not None:
+                _update(digest, cache.row_to_slot)
+        else:
+            rows = torch.unique(table_indices.cpu().long())
+            _update(digest, rows)
+            _update(digest, source[rows.to(source.device)])
+    for part in (model.bottom, model.interaction, model.top):
+        for parameter in part.parameters():
+            _update(digest, parameter)
+    for tensor in tensors:
+        for item in (tensor if isinstance(tensor, (list, tuple)) else [tensor]):
+            _update(digest, item)
+    return digest.hexdigest()
 
 
 def linear_parameters64(module: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -78,7 +153,14 @@ def logits64(model: DLRM, bottom_layers, top_layers, dense, pooled) -> torch.Ten
 
 def reference_logits(model: DLRM, dense, indices, offsets) -> torch.Tensor:
     """Float64 logits of an fp32 DLRM, widening only the embedding rows the batch uses;
-    TT rows come from the cores (what a freshly populated cache holds too)."""
+    TT rows come from the cores (what a freshly populated cache holds too). Memoized per
+    worker (REFERENCE_MEMO): treat the result as read-only."""
+    key = reference_key(model, (dense, indices, offsets), "logits")
+    return REFERENCE_MEMO.get(model.workload, key,
+                              lambda: _reference_logits(model, dense, indices, offsets))
+
+
+def _reference_logits(model: DLRM, dense, indices, offsets) -> torch.Tensor:
     pooled = []
     for (kind, source), table_indices, table_offsets in zip(reference_tables(model), indices,
                                                             offsets):
@@ -129,8 +211,16 @@ def reference_train_step(initial: DLRM, batch, labels: torch.Tensor,
                          learning_rate: float) -> tuple:
     """Float64 SGD step of an fp32 DLRM by definition: logits, BCE, autograd of the float64
     formulation, p - lr * grad; returns (logits, first bottom weight, last top weight, pooled
-    rows after the update), the parts a training check reads back from the trained model."""
+    rows after the update), the parts a training check reads back from the trained model.
+    Memoized per worker (REFERENCE_MEMO): treat the result as read-only."""
     dense, indices, offsets = batch_tensors(batch, torch.device("cpu"))
+    key = reference_key(initial, (dense, indices, offsets, labels), "train", learning_rate)
+    return REFERENCE_MEMO.get(initial.workload, key, lambda: _reference_train_step(
+        initial, dense, indices, offsets, labels, learning_rate))
+
+
+def _reference_train_step(initial: DLRM, dense, indices, offsets, labels: torch.Tensor,
+                          learning_rate: float) -> tuple:
     bottom = [(weight.requires_grad_(), bias.requires_grad_())
               for weight, bias in linear_parameters64(initial.bottom)]
     top = [(weight.requires_grad_(), bias.requires_grad_())

@@ -15,7 +15,7 @@ from torch import nn
 from bench.compare_outputs import whole_model_bound
 from bench.models import quality
 from bench.models.dlrm import DLRM, TTMixedEmbeddings, batch_tensors, build_dlrm, row_start_values
-from bench.models.dlrm_reference import reference_logits, reference_train_step
+from bench.models.dlrm_reference import WorkloadMemo, reference_logits, reference_train_step
 from bench.models.quantized import QuantizedEmbeddings
 from bench.models.teacher import calibrate, evaluation_set, teacher_model
 from bench.ops.common import FLOAT_DTYPES, PooledTable, cycling, float_dtype, rotation_metrics
@@ -119,6 +119,24 @@ def predict(model: nn.Module, labelled, precision: str, device: torch.device) ->
     return np.concatenate(outputs)
 
 
+# The fp32 model's predictions on the evaluation set are the same for every impl and precision
+# that runs it: predicted once per worker. Keyed by the model object, which the entry keeps
+# alive so that its id is not reused while the entry stands.
+FP32_PREDICTIONS_MEMO = WorkloadMemo(max_entries=4)
+
+
+def fp32_predictions(fp32_model: nn.Module, labelled, eval_key, device: torch.device) -> np.ndarray:
+    """predict(fp32_model, labelled, "fp32", device), memoized per worker (read-only)."""
+    def compute():
+        return fp32_model, predict(fp32_model.to(device), labelled, "fp32", device)
+
+    key = (id(fp32_model), eval_key, str(device))
+    model, predictions = FP32_PREDICTIONS_MEMO.get(fp32_model.workload, key, compute)
+    if model is not fp32_model:  # cannot happen while the entry holds the model; be sure
+        return compute()[1]
+    return predictions
+
+
 def serving_forward(infer, precision: str):
     """infer taking fp32 dense features (as batch_tensors makes them) at any precision."""
     dtype = input_dtype(precision)
@@ -162,7 +180,8 @@ def build_infer(context: BuildContext, layout: str,
         labelled = evaluation_set(workload, context.seed, EVAL_BATCHES)
         labels = np.concatenate([item.labels for item in labelled])
         predicted = predict(model, labelled, precision, device)
-        fp32_predicted = predict(fp32_model.to(device), labelled, "fp32", device)
+        fp32_predicted = fp32_predictions(fp32_model, labelled, (context.seed, EVAL_BATCHES),
+                                          device)
         return {"auc": quality.auc(labels, predicted),
                 "logloss": quality.logloss(labels, predicted),
                 "ctr_abs_diff": float(np.mean(np.abs(predicted - fp32_predicted))),

@@ -47,11 +47,25 @@ def rotation_batch_indices(parts: int, workload=None) -> list[int]:
     return [TRAIN_BATCH_INDEX] + list(range(ROTATION_FIRST_BATCH, ROTATION_FIRST_BATCH + parts - 1))
 
 
-@functools.lru_cache(maxsize=2)
+class _Rotation:
+    """The longest rotation built so far for one (workload, seed): precisions plan rotations
+    of different lengths, and a shorter rotation is a prefix of a longer one."""
+
+    key = None
+    batches: tuple = ()
+
+
 def rotating_batches(workload, seed: int, parts: int) -> tuple:
-    """The distinct batches whole-model inference cycles through (cached per worker)."""
-    return tuple(make_batch(workload, seed, index)
-                 for index in rotation_batch_indices(parts, workload))
+    """The distinct batches whole-model inference cycles through (cached per worker, one
+    workload at a time; each batch is generated once, whatever rotation length asks for it)."""
+    if _Rotation.key != (workload, seed):
+        _Rotation.key, _Rotation.batches = (workload, seed), ()
+    built = _Rotation.batches
+    if len(built) < parts:
+        missing = rotation_batch_indices(parts, workload)[len(built):]
+        built = built + tuple(make_batch(workload, seed, index) for index in missing)
+        _Rotation.batches = built
+    return built[:parts]
 
 
 def concatenate_batches(batches) -> Batch:

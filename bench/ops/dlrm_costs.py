@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 
 import torch
 from torch import nn
 
 from bench.models.dlrm import DLRM, TTMixedEmbeddings, flops_per_sample, parameter_bytes
+from bench.models.dlrm_reference import WorkloadMemo
 from bench.models.quantized import QuantizedEmbeddings
 from bench.ops.common import INDEX_BYTES
 from bench.precisions import stored_row_bytes
@@ -32,6 +34,24 @@ def _mean_lookups_per_table(batches_tensors) -> list[float]:
     return [total / len(batches_tensors) for total in totals]
 
 
+# Distinct rows per batch of each table's rotation: every impl and precision of a workload
+# cycles through the same batches, and counting them took longer than building the model.
+DISTINCT_ROWS_MEMO = WorkloadMemo(max_entries=16)
+
+
+def _mean_distinct_rows(workload, position: int, batches_tensors) -> float:
+    """Mean distinct rows of one table over the batches (memoized on the indices' content)."""
+    digest = hashlib.blake2b(digest_size=20)
+    for _, indices, _ in batches_tensors:
+        table_indices = indices[position].detach().to("cpu").contiguous()
+        digest.update(str(table_indices.numel()).encode())
+        digest.update(table_indices.view(torch.uint8).numpy().tobytes())
+    return DISTINCT_ROWS_MEMO.get(
+        workload, digest.hexdigest(),
+        lambda: sum(torch.unique(indices[position]).numel()
+                    for _, indices, _ in batches_tensors) / len(batches_tensors))
+
+
 def embedding_traffic(model: DLRM, precision: str, batches_tensors) -> dict:
     """Mean per batch: looked-up rows' bytes (TT tables: what tt_lookup_cost counts), TT
     reconstruction FLOPs, lookups and distinct rows, over the batches the op cycles through."""
@@ -53,8 +73,7 @@ def embedding_traffic(model: DLRM, precision: str, batches_tensors) -> dict:
         if position in tt_positions:
             continue
         traffic["row_bytes"] += lookups[position] * row_bytes
-        traffic["unique_rows"] += sum(torch.unique(indices[position]).numel()
-                                      for _, indices, _ in batches_tensors) / len(batches_tensors)
+        traffic["unique_rows"] += _mean_distinct_rows(workload, position, batches_tensors)
     return traffic
 
 

@@ -22,7 +22,8 @@ from bench.models import quality
 from bench.ops.common import cycling, lookup_bound, rotation_metrics
 from bench.models.dlrm_reference import linear_parameters64, logits64, reference_logits
 from bench.ops.dlrm import (EVAL_BATCHES, LEARNING_RATE, TRAIN_PRECISIONS,
-                            WHOLE_MODEL_TOLERANCE, after_step, dense_only, predict, train_step)
+                            WHOLE_MODEL_TOLERANCE, after_step, dense_only, fp32_predictions,
+                            predict, train_step)
 from bench.ops.sls_fbgemm import FBGEMM_PEER
 from bench.ops.dlrm_batches import (model_rotation_plan, rotating_batches,
                                     rotating_labelled_batches)
@@ -456,7 +457,8 @@ def build_tbe_infer(context: BuildContext) -> Prepared:
         labelled = evaluation_set(workload, context.seed, EVAL_BATCHES)
         labels = np.concatenate([item.labels for item in labelled])
         predicted = predict(model, labelled, "fp32", CPU)
-        fp32_predicted = predict(fp32_model, labelled, "fp32", CPU)
+        fp32_predicted = fp32_predictions(fp32_model, labelled, (context.seed, EVAL_BATCHES),
+                                          CPU)
         return {"auc": quality.auc(labels, predicted),
                 "logloss": quality.logloss(labels, predicted),
                 "ctr_abs_diff": float(np.mean(np.abs(predicted - fp32_predicted))),

@@ -23,16 +23,21 @@ class TimingPolicy:
 
 
 class BlockTimes(list):
-    """Per-sample seconds, each the mean of calls_per_sample back-to-back calls."""
+    """Per-sample seconds, each the mean of calls_per_sample back-to-back calls, and the wall
+    the untimed warm-up calls before them took."""
 
     calls_per_sample: int = 1
+    warmup_wall_s: float = 0.0
 
 
 def time_cpu(fn: Callable[[], Any], policy: TimingPolicy, threads: int,
              clock: Callable[[], float] = timeit.default_timer) -> list[float]:
-    """Per-repetition seconds of fn via torch.utils.benchmark (blocks of calls for short fns)."""
+    """Per-repetition seconds of fn via torch.utils.benchmark (blocks of calls for short fns);
+    the warm-up's wall is read from monotonic_s, as measure reads its own."""
+    warmup_started = monotonic_s()
     for _ in range(policy.warmup_calls):
         fn()
+    warmup_wall_s = monotonic_s() - warmup_started
     timer = torch_benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads,
                                   timer=clock)
     measurement = timer.blocked_autorange(min_run_time=policy.min_run_time_s)
@@ -46,6 +51,7 @@ def time_cpu(fn: Callable[[], Any], policy: TimingPolicy, threads: int,
         spent += sum(extra.times) * measurement.number_per_run
     blocks = BlockTimes(samples)
     blocks.calls_per_sample = int(measurement.number_per_run)
+    blocks.warmup_wall_s = warmup_wall_s
     return blocks
 
 
@@ -95,9 +101,11 @@ def time_cuda(fn: Callable[[], Any], policy: TimingPolicy, device: torch.device,
     region (a telemetry.Monitor) is told when the timed repetitions begin and end, so that
     energy is read over them only, not over warm-up or the probe."""
     with torch.cuda.device(device):
+        warmup_started = monotonic_s()
         for _ in range(policy.warmup_calls):
             fn()
         torch.cuda.synchronize()
+        warmup_wall_s = monotonic_s() - warmup_started
         flush: Optional[_L2Flusher] = _L2Flusher(device) if flush_l2 else None
         # Estimate the per-call time (and the flush's) to choose a repetition count.
         probe_start, probe_middle, probe_end = (torch.cuda.Event(True) for _ in range(3))
@@ -115,7 +123,7 @@ def time_cuda(fn: Callable[[], Any], policy: TimingPolicy, device: torch.device,
         torch.cuda.synchronize()
         if region is not None:
             region.begin_timed()
-        started = timeit.default_timer()
+        started = monotonic_s()
         for start, end in events:
             if flush is not None:
                 flush()  # outside the event pair: its time is not counted
@@ -124,25 +132,32 @@ def time_cuda(fn: Callable[[], Any], policy: TimingPolicy, device: torch.device,
             end.record()
         torch.cuda.synchronize()
         if region is not None:
-            region.end_timed(timeit.default_timer() - started)
-        return [start.elapsed_time(end) / 1e3 for start, end in events]
+            region.end_timed(monotonic_s() - started)
+        samples = BlockTimes(start.elapsed_time(end) / 1e3 for start, end in events)
+        samples.warmup_wall_s = warmup_wall_s
+        return samples
 
 
 def measure(fn: Callable[[], Any], device: torch.device, policy: TimingPolicy, threads: int,
             flush_l2: bool = False, monitor=None) -> tuple[Summary, Any]:
-    """Time fn on its device; returns the summary and the monitor's telemetry (or None)."""
+    """Time fn on its device; returns the summary and the monitor's telemetry (or None). The
+    summary's warmup_wall_s and timed_wall_s split the wall of this call: the untimed warm-up
+    calls, and the rest of the timed window (choosing a repetition count, the repetitions)."""
     if monitor is not None:
         monitor.start()
-    started = timeit.default_timer()
+    started = monotonic_s()
     if device.type == "cuda":
         samples = time_cuda(fn, policy, device, flush_l2, region=monitor)
     else:
         samples = time_cpu(fn, policy, threads)
-    telemetry = monitor.stop(timeit.default_timer() - started) if monitor is not None else None
+    elapsed_s = monotonic_s() - started
+    telemetry = monitor.stop(elapsed_s) if monitor is not None else None
     summary = summarize(samples, getattr(samples, "calls_per_sample", 1))
     if not math.isfinite(summary.median_s):
         raise ValueError("timing produced a non-finite median")
-    return summary, telemetry
+    warmup_wall_s = float(getattr(samples, "warmup_wall_s", 0.0))
+    return dataclasses.replace(summary, warmup_wall_s=warmup_wall_s,
+                               timed_wall_s=elapsed_s - warmup_wall_s), telemetry
 
 
 class PhaseTimer:

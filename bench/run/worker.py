@@ -11,7 +11,7 @@ import signal
 import sys
 import traceback
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -66,18 +66,28 @@ def repeated(run: Callable[[], Any], calls: int) -> Callable[[], Any]:
     return run_repeatedly
 
 
-def check(prepared: Prepared, row: ResultRow, precision: str) -> str:
-    """Compare the impl with its float64 reference, row by row; the failure message, or ''."""
+def check(prepared: Prepared, row: ResultRow, precision: str,
+          phases: Optional["_PhaseClock"] = None) -> str:
+    """Compare the impl with its float64 reference, row by row; the failure message, or ''.
+    phases (if given) is told where the checked call ends and the reference ends."""
     tolerance = (prepared.tolerance if prepared.tolerance is not None
                  else registry.TOLERANCE[precision])
+    lap = phases.lap if phases is not None else (lambda column: 0.0)
+    stage = "check_s"
     try:
         output = (prepared.check or prepared.run)()
+        lap(stage)
+        stage = "reference_s"
         expected = prepared.reference()
+        lap(stage)
+        stage = "check_s"  # the comparison counts as checking
         bound = (prepared.error_bound(expected) if prepared.error_bound is not None
                  else relative_row_bound(expected, tolerance))
         comparison = compare(output, expected, bound)
     except Exception as error:  # NaN, wrong shape, or a kernel that raised
         return f"check against float64 reference failed: {error}"
+    finally:
+        lap(stage)
     row.rel_error = comparison.rel_error
     # Kept in the row's metrics, error rows included: how close a correct kernel comes.
     row.metrics = dumps_compact({"error_bound_ratio": float(f"{comparison.ratio:.4g}"),
@@ -88,6 +98,22 @@ def check(prepared: Prepared, row: ResultRow, precision: str) -> str:
         return (f"relative error {row.rel_error:.3g} exceeds the {precision} tolerance "
                 f"{tolerance:g}" + (f"; {worst}" if worst else ""))
     return worst
+
+
+class _PhaseClock:
+    """Contiguous phases of one row's wall: each lap adds the time since the previous lap to a
+    row column, so the columns add up to the wall from the first reading to the last."""
+
+    def __init__(self, row: ResultRow, started_s: float):
+        self.row, self.last = row, started_s
+
+    def lap(self, column: str) -> float:
+        """Add the seconds since the previous lap to column; returns them."""
+        now = timing.monotonic_s()
+        elapsed, self.last = now - self.last, now
+        current = getattr(self.row, column)
+        setattr(self.row, column, elapsed if math.isnan(current) else current + elapsed)
+        return elapsed
 
 
 def _record_quality(prepared: Prepared, row: ResultRow, metrics: dict) -> str:
@@ -147,7 +173,9 @@ def run_task(task: Task, settings: WorkerSettings, isa_effective: str = "",
 
     With a counter (the worker runs under callgrind) the checked closure's instructions are
     counted instead of timed: times under Valgrind are ~50x off and would mislead."""
+    started_s = timing.monotonic_s()  # the row's wall starts here
     row = base_row(task, settings, isa_effective)
+    phases = _PhaseClock(row, started_s)
     implementation = registry.impls(task.op)[task.impl]
     device = torch.device(task.device)
     context = BuildContext(workload=task.workload, variant=task.variant, precision=task.precision,
@@ -159,15 +187,19 @@ def run_task(task: Task, settings: WorkerSettings, isa_effective: str = "",
         row.status, row.error = STATUS_SKIPPED, str(reason)
         return row
     except (MemoryError, torch.OutOfMemoryError) as error:
+        phases.lap("setup_s")
         return _fail(row, f"out of memory while building inputs ({error}); use --max-rows "
                           "or a smaller --batch-size")
     except Exception as error:  # a builder bug must not stop the sweep: record it
+        phases.lap("setup_s")
         return _fail(row, f"build failed: {type(error).__name__}: {error}")
     row.params = dumps_compact({**task.variant, **prepared.params})
     row.flops, row.bytes_moved = float(prepared.flops), float(prepared.bytes_moved)
-    problem = check(prepared, row, task.precision)
+    phases.lap("setup_s")
+    problem = check(prepared, row, task.precision, phases)
     metrics = {**prepared.metrics, **json.loads(row.metrics or "{}")}
     problem = problem or _record_quality(prepared, row, metrics)
+    phases.lap("check_s")  # model accuracy is part of checking
     if problem:
         return _fail(row, problem)
     # --calls-per-rep: a known amount of extra work per repetition, to validate the checker.
@@ -178,16 +210,24 @@ def run_task(task: Task, settings: WorkerSettings, isa_effective: str = "",
             count = counter.count(repeated(prepared.run, calls),
                                   settings.count_policy or callgrind.CountPolicy())
         except Exception as error:
+            phases.lap("timing_s")
             return _fail(row, f"instruction count failed: {type(error).__name__}: {error}")
         _record_count(row, count, metrics)
+        row.warmup_s = 0.0  # callgrind's count holds its own warm-up: all of it is timing_s
+        phases.lap("timing_s")
         return _finish(row, task, isa_effective, metrics)
     try:
         summary, observed = timing.measure(
             repeated(prepared.run, calls), device, settings.policy, task.threads,
             flush_l2=prepared.flush_between_reps, monitor=telemetry.Monitor(task.device))
     except Exception as error:
+        phases.lap("timing_s")
         return _fail(row, f"timing failed: {type(error).__name__}: {error}")
     _record_timing(row, prepared, summary, observed, calls, metrics)
+    # measure splits its own wall; what it cannot see (making the Monitor, recording the row)
+    # is timing overhead too, so the phases still add up to the task's wall.
+    row.warmup_s = summary.warmup_wall_s
+    row.timing_s = phases.lap("timing_s") - summary.warmup_wall_s
     return _finish(row, task, isa_effective, metrics)
 
 

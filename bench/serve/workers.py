@@ -35,6 +35,7 @@ class WorkerConfig:
     policies: tuple[BatchPolicy, ...]
     table: QueryTable
     fault: Optional[PlantedFault] = None  # what a test plants (bench/faults.py, serve.batch)
+    device: str = "cpu"  # cpu, or the one GPU this worker serves on (cuda:N)
 
 
 def _message(error: BaseException) -> str:
@@ -53,7 +54,7 @@ def build_checked(config: WorkerConfig):
     implementation = registry.impls("dlrm_infer")[config.impl]
     prepared = implementation.build(BuildContext(
         workload=config.workload, variant={}, precision=config.precision,
-        device=torch.device("cpu"), seed=config.seed))
+        device=torch.device(config.device), seed=config.seed))
     if prepared.forward is None:
         raise RuntimeError(f"dlrm_infer impl {config.impl!r} has no forward to serve")
     scratch = ResultRow()
@@ -87,9 +88,9 @@ def serve_forever(config: WorkerConfig, inbox, outbox) -> None:
         from bench.run.worker import pin_threads
         from bench.serve.pool import SamplePool
 
-        cpus = pin_threads(config.threads, "cpu", config.first_cpu)
+        cpus = pin_threads(config.threads, config.device, config.first_cpu)
         prepared, facts = build_checked(config)
-        pool = SamplePool(config.workload, config.seed, config.table.pool_rows)
+        pool = SamplePool(config.workload, config.seed, config.table.pool_rows, config.device)
         forward = prepared.forward
         # Warm-up outside LoadGen's clock: the largest merged batch and a small one (a
         # compiled impl compiles again for a new batch size, then runs with dynamic shapes).
@@ -100,7 +101,8 @@ def serve_forever(config: WorkerConfig, inbox, outbox) -> None:
     except Exception as error:
         outbox.put(("failed", config.index, _message(error), traceback.format_exc(limit=4)))
         return
-    outbox.put(("ready", config.index, {**facts, "cpus": cpus, "pid": os.getpid()}))
+    outbox.put(("ready", config.index, {**facts, "cpus": cpus, "pid": os.getpid(),
+                                        "device": config.device}))
     batches = 0
     answered_items: dict[int, int] = {}
 
@@ -114,7 +116,7 @@ def serve_forever(config: WorkerConfig, inbox, outbox) -> None:
         if message[0] == "bare":
             # The op's own timed closure (the bare dlrm_infer batch), by the project's timing.
             policy = timing.TimingPolicy(min_run_time_s=float(message[1]), min_samples=10)
-            summary, _ = timing.measure(prepared.run, torch.device("cpu"), policy,
+            summary, _ = timing.measure(prepared.run, torch.device(config.device), policy,
                                         config.threads)
             outbox.put(("bare", config.index, {"median_s": summary.median_s,
                                                "iqr_s": summary.iqr_s,

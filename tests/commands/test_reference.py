@@ -7,6 +7,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from bench.commands import main as run_bench
 from bench.commands import reference, reference_run
@@ -151,3 +152,102 @@ def test_the_stand_in_inference_is_timed_through_its_model(tmp_path):
     assert row.status == STATUS_OK, row.error
     # The stand-in's forward sleeps 1 ms and raises on inputs of the wrong shapes.
     assert 0.0009 < row.median_s < 0.5
+
+
+# ---------------------------------------------------------------- --device
+
+@pytest.fixture
+def gpus(monkeypatch):
+    """Fake the visible GPUs (count and name): validation and the row's identity pass here."""
+    def fake(count: int) -> None:
+        monkeypatch.setattr(devices, "cuda_device_count", lambda: count)
+        real_name = devices.device_name
+        monkeypatch.setattr(devices, "device_name", lambda device: "Stand-in GPU"
+                            if device.startswith("cuda") else real_name(device))
+
+    return fake
+
+
+@pytest.fixture
+def recorded(monkeypatch, tmp_path):
+    """The stand-in's runs: argv and CUDA_VISIBLE_DEVICES of each, read back after the run."""
+    path = tmp_path / "stand-in-runs.jsonl"
+    monkeypatch.setenv("STAND_IN_RECORD", str(path))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    return lambda: [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _train_row(options):
+    return reference_run.reference_row(presets.smoke(), "train", options,
+                                       reference.timing_policy(0.02), "r", STAND_IN, "")
+
+
+def test_the_reference_gets_use_gpu_on_cuda_only(gpus, recorded, monkeypatch):
+    gpus(2)
+    monkeypatch.setenv("STAND_IN_FAKE_GPU", "1")  # the stand-in says it found the GPU
+    row = _train_row(_options(device="cuda:1"))
+    assert row.status == STATUS_OK, row.error
+    assert (row.device, row.device_name) == ("cuda:1", "Stand-in GPU")
+    assert row.task_key == reference_run.reference_task(presets.smoke(), "dlrm_train", 1, 0,
+                                                        "cuda:1").key()
+    assert row.fingerprint == devices.fingerprint("cuda:1", "native", 1,
+                                                  reference.timing_policy(0.02))
+    assert "--use-gpu" in json.loads(row.params)["arguments"]
+    cpu_row = _train_row(_options())
+    assert cpu_row.status == STATUS_OK and cpu_row.device == "cpu"
+    assert "--use-gpu" not in json.loads(cpu_row.params)["arguments"]
+    on_gpu, on_cpu = recorded()
+    # It sees the one GPU it was given alone: with several it would spread its tables.
+    assert "--use-gpu" in on_gpu["argv"] and on_gpu["cuda_visible_devices"] == "1"
+    assert "--use-gpu" not in on_cpu["argv"] and on_cpu["cuda_visible_devices"] is None
+
+
+def test_the_gpu_is_picked_from_the_inherited_visible_list():
+    assert reference_run.visible_gpu("cuda:1", {"CUDA_VISIBLE_DEVICES": "4,5"}) == "5"
+    assert reference_run.visible_gpu("cuda:0", {"CUDA_VISIBLE_DEVICES": "GPU-ab12"}) == "GPU-ab12"
+    assert reference_run.visible_gpu("cuda:2", {}) == "2"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the stand-in would find the GPU")
+def test_a_reference_that_fell_back_to_the_cpu_is_an_error_row(gpus, recorded, monkeypatch):
+    # Its run() quietly uses the CPU when torch sees no GPU; that time is not a GPU time.
+    gpus(1)
+    monkeypatch.setenv("STAND_IN_FAKE_GPU", "0")
+    row = _train_row(_options(device="cuda:0"))
+    assert row.status == STATUS_ERROR and "ran on the CPU, asked for cuda:0" in row.error
+
+
+def test_our_side_runs_on_the_same_device(gpus, tmp_path, monkeypatch):
+    gpus(1)
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def first_round(workloads, modes, options, *rest):
+        seen.append(options.device)
+        raise Stop
+
+    monkeypatch.setattr(reference, "run_reference_round", first_round)
+    with pytest.raises(Stop):
+        run_bench(["reference", "--dlrm-repo", str(STAND_IN), "--workload", "smoke",
+                   "--device", "cuda", "--out", str(tmp_path), "--no-report"])
+    assert seen == ["cuda:0"]  # normalized, as our sweep's rows name it
+    options = _options(device="cuda:0")
+    argv = reference.ours_argv(options, ["dlrm_train"], tmp_path, "ours-1")
+    assert argv[argv.index("--device") + 1] == "cuda:0"
+    assert "--device" not in reference.ours_argv(_options(), ["dlrm_train"], tmp_path, "o")
+
+
+@pytest.mark.parametrize("count, device, message", [
+    (0, "cuda", "no CUDA GPU is visible"),
+    (1, "cuda:3", "only 1 GPU"),
+    (2, "gpu", "unknown device"),
+])
+def test_bad_devices_are_one_line_and_exit_2(gpus, count, device, message, capsys, tmp_path):
+    gpus(count)
+    code = run_bench(["reference", "--dlrm-repo", str(STAND_IN), "--device", device,
+                      "--out", str(tmp_path)])
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and len(error.splitlines()) == 1 and message in error
+    assert not list(tmp_path.iterdir())

@@ -36,6 +36,7 @@ from bench.records import ResultRow  # noqa: E402
 from bench.references import table_lookup64  # noqa: E402
 from bench.registry import BuildContext, Unsupported  # noqa: E402
 from bench.run import worker  # noqa: E402
+from bench.run.settings import WorkerSettings  # noqa: E402
 from bench.run.tasks import Task  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -262,7 +263,7 @@ IMPL_CASES = ([("sls", precision, "sum") for precision in PRECISIONS]
 def test_impl_passes_the_worker_check_and_planted_faults_fail(op, precision, mode):
     prepared = registry.impls(op)["triton_tbe"].build(_context(precision, mode))
     row = ResultRow()
-    assert worker._check(prepared, row, precision) == ""
+    assert worker.check(prepared, row, precision) == ""
     assert prepared.params["triton_interpreter"] is True
     output = prepared.check()
     zero, swap = ((0, 1), (0, 2)) if op == "sls_multi" else ((1,), (2,))
@@ -276,7 +277,7 @@ def test_impl_passes_the_worker_check_and_planted_faults_fail(op, precision, mod
         else:
             planted.view(-1)[planted.numel() // 2] = float("nan")
         faulty = dataclasses.replace(prepared, check=lambda planted=planted: planted)
-        message = worker._check(faulty, ResultRow(), precision)
+        message = worker.check(faulty, ResultRow(), precision)
         assert message, f"{kind} passed the check"
         assert ("NaN" in message) if kind == "one_nan" else ("error bound exceeded" in message)
 
@@ -285,7 +286,7 @@ def test_impl_runs_timed_through_run_task():
     task = Task(op="sls_multi", impl="triton_tbe", workload=tiny_workload(),
                 variant={"mode": "sum"}, precision="bf16", device="cpu", isa="native",
                 threads=1, seed=0, options={})
-    row = worker.run_task(task, "r", FAST_POLICY)
+    row = worker.run_task(task, WorkerSettings("r", FAST_POLICY))
     assert row.status == "ok", row.error
     assert json.loads(row.params)["launches_per_call"] == 1
 
@@ -294,7 +295,7 @@ def test_cpu_without_the_interpreter_is_a_skip_row_with_the_reason(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
     task = Task(op="sls", impl="triton_tbe", workload=tiny_workload(), variant={"mode": "sum"},
                 precision="fp32", device="cpu", isa="native", threads=1, seed=0, options={})
-    row = worker.run_task(task, "r", FAST_POLICY)
+    row = worker.run_task(task, WorkerSettings("r", FAST_POLICY))
     assert (row.status, row.error) == ("skipped", sls_triton.CPU_SKIP)
 
 
