@@ -17,6 +17,8 @@ from bench.run.sweep import LeftOut, Named, plan
 from conftest import run_cli
 from reports.compare import FAILING_VERDICTS, compare_rows
 from reports.check import report_verdicts
+from reports.build import problems_section
+from reports.runs import rows_to_frame
 from reports.tables import left_out_table
 from workloads import presets
 
@@ -190,6 +192,11 @@ def test_the_summary_prints_one_line_per_reason_and_the_report_shows_it(capsys):
     assert list(table["configurations"]) == [record["configurations"]
                                              for record in left_out.records()]
     assert left_out_table({"left_out": "garbage"}).empty
+    section = problems_section(rows_to_frame([]), args)
+    titles = [getattr(block, "title", "") for block in section.blocks]
+    assert any(title.startswith("Left out of the plan") for title in titles)
+    assert not any(getattr(block, "title", "").startswith("Left out")
+                   for block in problems_section(rows_to_frame([]), {}).blocks)
 
 
 def _row(task_key: str, status: str) -> ResultRow:
