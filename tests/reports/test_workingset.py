@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from bench.records import ResultRow, ResultsWriter
-from reports import plots, runs, workingset
+from reports import canvas, plots, runs, workingset
 from reports.build import build_report
 from reports.workingset import Cliff, detect_cliffs
 
@@ -175,7 +175,7 @@ def test_report_without_a_sweep_says_so(tmp_path):
 def test_working_set_figure_without_cache_sizes_still_draws():
     sweep = workingset.sweep_rows(sweep_frame())
     figure = plots.working_set_figure(sweep, {}, workingset.series_cliffs(sweep))
-    assert plots.figure_to_png(figure).startswith(b"\x89PNG")
+    assert canvas.figure_to_png(figure).startswith(b"\x89PNG")
     with pytest.raises(plots.NoData):
         plots.working_set_figure(sweep.iloc[0:0], ENV, {})
 
@@ -184,6 +184,6 @@ def test_locality_figure_renders_and_needs_a_measurement():
     table = pd.DataFrame({"level": ["0", "0.5", "0.9"],
                           "predicted_hit_rate_llc": [0.0, 0.5, 0.9],
                           "steady_hit_rate_llc": [0.0, 0.7, 1.0], "gbps": [5.0, 9.0, 20.0]})
-    assert plots.figure_to_png(plots.locality_figure(table)).startswith(b"\x89PNG")
+    assert canvas.figure_to_png(plots.locality_figure(table)).startswith(b"\x89PNG")
     with pytest.raises(plots.NoData):
         plots.locality_figure(table.assign(gbps=math.nan))
