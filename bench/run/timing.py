@@ -40,11 +40,13 @@ def time_cpu(fn: Callable[[], Any], policy: TimingPolicy, threads: int,
     warmup_wall_s = monotonic_s() - warmup_started
     timer = torch_benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads,
                                   timer=clock)
-    measurement = timer.blocked_autorange(min_run_time=policy.min_run_time_s)
+    measurement = timer.blocked_autorange(
+        min_run_time=autorange_run_time(policy, warmup_wall_s))
     samples = list(measurement.times)
     spent = sum(samples) * measurement.number_per_run
-    # A slow closure yields few blocks in min_run_time: add blocks until there are enough
-    # repetitions for percentiles, within the time cap.
+    # Only when the warm-up misjudged the call (or there was none): add blocks until there are
+    # enough repetitions for percentiles, within the time cap. Timer.timeit runs two untimed
+    # calls before each block, so this path costs three calls a sample.
     while len(samples) < policy.min_samples and spent < policy.max_run_time_s:
         extra = timer.timeit(number=measurement.number_per_run)
         samples.extend(extra.times)
@@ -53,6 +55,14 @@ def time_cpu(fn: Callable[[], Any], policy: TimingPolicy, threads: int,
     blocks.calls_per_sample = int(measurement.number_per_run)
     blocks.warmup_wall_s = warmup_wall_s
     return blocks
+
+
+def autorange_run_time(policy: TimingPolicy, warmup_wall_s: float) -> float:
+    """blocked_autorange's min_run_time: long enough for min_samples calls at the warm-up's
+    pace, within [min_run_time, max_run_time], so one autorange yields the samples."""
+    call_s = warmup_wall_s / policy.warmup_calls if policy.warmup_calls else 0.0
+    wanted = max(policy.min_run_time_s, policy.min_samples * call_s)
+    return min(wanted, max(policy.max_run_time_s, policy.min_run_time_s))
 
 
 def monotonic_s() -> float:

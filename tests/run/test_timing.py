@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from bench.run import timing
-from bench.run.timing import Summary, TimingPolicy, summarize, time_cpu
+from bench.run import timing
+from bench.run.timing import Summary, TimingPolicy, autorange_run_time, summarize, time_cpu
 
 
 # ---------------------------------------------------------------- summarize
@@ -193,3 +194,30 @@ def test_measure_on_cpu_times_the_given_closure():
     assert len(summary.samples_s) >= 4
     # Warm-up plus at least one call per sample: the closure given is the one timed.
     assert calls["n"] >= policy.warmup_calls + len(summary.samples_s)
+
+
+def test_autorange_run_time_covers_min_samples_within_the_cap():
+    policy = TimingPolicy(min_run_time_s=0.2, min_samples=10, max_run_time_s=5.0,
+                          warmup_calls=2)
+    assert autorange_run_time(policy, warmup_wall_s=0.0) == pytest.approx(0.2)
+    assert autorange_run_time(policy, warmup_wall_s=2 * 0.1) == pytest.approx(1.0)
+    assert autorange_run_time(policy, warmup_wall_s=2 * 1.6) == pytest.approx(5.0)
+    no_warmup = TimingPolicy(min_run_time_s=0.2, min_samples=10, max_run_time_s=5.0,
+                             warmup_calls=0)
+    assert autorange_run_time(no_warmup, warmup_wall_s=1.0) == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("cost_s", [0.05, 0.5, 1.6])
+def test_a_slow_closure_pays_no_untimed_calls_beyond_warm_up_and_the_estimate(
+        monkeypatch, cost_s):
+    # The warm-up's wall (read from monotonic_s) sets the autorange's run time, so the samples
+    # come from one autorange: the calls are the warm-up, the block-size estimate and the
+    # samples, not three calls a sample (Timer.timeit's own two warm-up calls each).
+    work = FakeWork(cost_s)
+    monkeypatch.setattr(timing, "monotonic_s", work.clock)
+    policy = TimingPolicy(min_run_time_s=0.2, min_samples=10, max_run_time_s=5.0,
+                          warmup_calls=2)
+    samples = time_cpu(work, policy, threads=1, clock=work.clock)
+    assert samples == pytest.approx([cost_s] * len(samples))
+    assert work.calls == 2 + 1 + len(samples)
+    assert len(samples) >= min(10, int(5.0 / cost_s))
