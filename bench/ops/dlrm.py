@@ -144,9 +144,11 @@ def serving_forward(infer, precision: str):
 
 
 def build_infer(context: BuildContext, layout: str,
-                prepare: Optional[Callable[[DLRM], DLRM]] = None) -> Prepared:
+                prepare: Optional[Callable[[DLRM], DLRM]] = None,
+                at_precision: Callable[..., DLRM] = model_at_precision) -> Prepared:
     """Inference of the calibrated teacher DLRM at a precision, plus its accuracy effects;
-    prepare (if given) transforms the model that runs (e.g. swaps its Linear kernels)."""
+    prepare (if given) transforms the model that runs (e.g. swaps its Linear kernels);
+    at_precision makes that model from the fp32 teacher (model_at_precision's arguments)."""
     workload, device, precision = context.workload, context.device, context.precision
     tt = _tt_settings(context)
     if tt:
@@ -156,7 +158,7 @@ def build_infer(context: BuildContext, layout: str,
         fp32_model = calibrate(fp32_model, workload, context.seed)
     else:
         fp32_model = teacher_model(workload, context.seed, embeddings=layout)
-    model = model_at_precision(fp32_model, precision, layout, device).eval()
+    model = at_precision(fp32_model, precision, layout, device).eval()
     if prepare is not None:
         model = prepare(model)
     rotation = model_rotation_plan(workload, precision)

@@ -23,7 +23,7 @@ TRITON_INSTALL = "pip install -e '.[gpu]'"
 CPU_SKIP = "triton_tbe runs on cuda; on CPU it is tested through TRITON_INTERPRET=1"
 
 
-def _triton_tbe(device: torch.device) -> ModuleType:
+def triton_tbe_module(device: torch.device) -> ModuleType:
     """bench.models.triton_tbe where its kernels can run on this device, else Unsupported:
     compiled kernels need cuda; on the CPU only Triton's interpreter runs them, and only when
     TRITON_INTERPRET=1 was set before triton was imported."""
@@ -47,7 +47,7 @@ def _triton_tbe(device: torch.device) -> ModuleType:
 
 def _make_tables(context: BuildContext, weights, mode: str):
     """The weights in one Triton TBE at the context's precision (ValueError -> Unsupported)."""
-    triton_tbe = _triton_tbe(context.device)
+    triton_tbe = triton_tbe_module(context.device)
     try:
         return triton_tbe.TritonTableBatchedEmbeddingBag(weights, context.precision, mode,
                                                          device=context.device)
@@ -60,12 +60,12 @@ def _kernel_params(tables) -> dict:
             "triton_interpreter": tables.interpreted}
 
 
-def _runs_here(device: str, options: dict) -> str:
+def runs_here(device: str, options: dict) -> str:
     """Plan-time: on the CPU only Triton's interpreter runs the kernels ('' where they run)."""
     return CPU_SKIP if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1" else ""
 
 
-@impl("sls", "triton_tbe", ALL_PRECISIONS, available=_runs_here,
+@impl("sls", "triton_tbe", ALL_PRECISIONS, available=runs_here,
       requires={"triton": TRITON_INSTALL},
       description="our Triton table-batched embedding bag (one launch; fp32 accumulation; "
                   "row-wise int8/int4 as PooledTable stores them)")
@@ -110,7 +110,7 @@ def build_sls_triton(context: BuildContext) -> Prepared:
     )
 
 
-@impl("sls_multi", "triton_tbe", ALL_PRECISIONS, available=_runs_here,
+@impl("sls_multi", "triton_tbe", ALL_PRECISIONS, available=runs_here,
       requires={"triton": TRITON_INSTALL},
       description="every table in our Triton table-batched embedding bag: one launch a batch")
 def build_multi_triton(context: BuildContext) -> Prepared:
