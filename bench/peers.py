@@ -19,7 +19,7 @@ PEERS_INSTALL = ("pip install -e '.[peers]' && pip install --no-deps torchrec==1
 FBGEMM_RELEASES = "https://docs.pytorch.org/FBGEMM/general/Releases.html"
 # fbgemm_gpu's build variants whose TBE kernels run on a torch "cuda" device (ROCm's torch
 # names its GPUs cuda too); "cpu" builds register CPU kernels only.
-GPU_BUILDS = ("cuda", "rocm", "genai")
+GPU_BUILDS = ("cuda", "rocm")
 
 
 def require(module: str) -> ModuleType:
@@ -64,8 +64,8 @@ def cuda_peers_install(torch_version: str, cuda_version: Optional[str]) -> str:
     release = fbgemm_release(torch_version)
     channel = f"cu{cuda_version.replace('.', '')}" if cuda_version else "cu<your CUDA>"
     if release is None:
-        return (f"pip install fbgemm-gpu --index-url https://download.pytorch.org/whl/{channel} "
-                f"at the release {FBGEMM_RELEASES} pairs with torch {torch_version}")
+        return (f"pip install fbgemm-gpu==<the release {FBGEMM_RELEASES} pairs with torch "
+                f"{torch_version}> --index-url https://download.pytorch.org/whl/{channel}")
     return (f"pip uninstall -y fbgemm-gpu-cpu; pip install --no-deps fbgemm-gpu=={release} "
             f"--index-url https://download.pytorch.org/whl/{channel} && "
             f"pip install --no-deps torchrec=={release} (torchrec also needs tensordict, "
