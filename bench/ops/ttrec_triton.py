@@ -25,10 +25,10 @@ def _runs_here(device: str, options: dict) -> str:
     return CPU_SKIP if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1" else ""
 
 
-def _triton_tt(device: torch.device, tables, rank: int) -> ModuleType:
-    """bench.models.ttrec.triton_tt where its kernels run on this device and take these
-    (rows, dim) tables at this rank; else Unsupported with the reason (triton missing, imported
-    with the other interpreter setting than this device needs, or a chain too large)."""
+def _triton_tt(device: torch.device) -> ModuleType:
+    """bench.models.ttrec.triton_tt where its kernels run on this device, else Unsupported with
+    the reason (triton missing, or imported with the other interpreter setting than this
+    device needs)."""
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise Unsupported(CPU_SKIP)
     try:
@@ -36,18 +36,25 @@ def _triton_tt(device: torch.device, tables, rank: int) -> ModuleType:
     except ImportError as error:
         raise Unsupported(f"triton is not available ({error}); install it with: "
                           f"{TRITON_INSTALL}") from None
-    problems = [triton_tt.device_problem(device)] + [
-        triton_tt.table_problem(table.rows, table.dim, rank) for table in tables]
-    problem = next((problem for problem in problems if problem), "")
+    problem = triton_tt.device_problem(device)
     if problem:
         raise Unsupported(problem)
     return triton_tt
 
 
+def _check_tables(triton_tt: ModuleType, tables, rank: int) -> None:
+    """Unsupported if a TT table of these (rows, dim) at this rank has no on-chip chain."""
+    for table in tables:
+        problem = triton_tt.table_problem(table.rows, table.dim, rank)
+        if problem:
+            raise Unsupported(problem)
+
+
 def _build_tt_sls(context: BuildContext, cache_policy: str) -> Prepared:
     workload = context.workload
-    triton_tt = _triton_tt(context.device, [workload.tables[workload.largest_table()]],
-                           context.variant["rank"])
+    triton_tt = _triton_tt(context.device)
+    _check_tables(triton_tt, [workload.tables[workload.largest_table()]],
+                  context.variant["rank"])
     prepared = build_tt(context, cache_policy, kernel="triton")
     return dataclasses.replace(prepared, params={
         **prepared.params, "launches_per_call": 1,
@@ -72,7 +79,7 @@ def build_tt_triton_uncached(context: BuildContext) -> Prepared:
 
 
 def _runs_tt_variants_here(device: str, options: dict) -> str:
-    """Plan-time: needs --tt-tables, and on the CPU Triton's interpreter."""
+    """Plan-time: on the CPU Triton's interpreter, and --tt-tables."""
     return _runs_here(device, options) or ("" if options.get("tt_tables") else TT_TRITON_NEEDS)
 
 
@@ -82,12 +89,12 @@ def _runs_tt_variants_here(device: str, options: dict) -> str:
                   "backward one launch each per table), the rest one batched table")
 def build_train_tt_triton(context: BuildContext) -> Prepared:
     """Training step with TT tables on the Triton kernel."""
+    triton_tt = _triton_tt(context.device)
     if not context.variant.get("tt_tables"):
         raise Unsupported(TT_TRITON_NEEDS)
-    workload = context.workload
-    largest = sorted(workload.tables, key=lambda table: -table.rows)
-    triton_tt = _triton_tt(context.device, largest[:context.variant["tt_tables"]],
-                           context.variant["tt_rank"])
+    # The TT tables are the workload's largest, as TTMixedEmbeddings picks them.
+    largest = sorted(context.workload.tables, key=lambda table: -table.rows)
+    _check_tables(triton_tt, largest[:context.variant["tt_tables"]], context.variant["tt_rank"])
     variant = {**context.variant, "tt_kernel": "triton"}
     prepared = build_train(dataclasses.replace(context, variant=variant), "batched")
     return dataclasses.replace(prepared, params={
