@@ -31,7 +31,7 @@ from conftest import tiny_workload  # noqa: E402
 from bench import registry  # noqa: E402
 from bench.compare_outputs import UNDERFLOW, UNIT_ROUNDOFF, compare  # noqa: E402
 from bench.models.ttrec import TTEmbeddingBag  # noqa: E402
-from bench.ops import ttrec_triton  # noqa: E402
+from bench.ops import common, ttrec_triton  # noqa: E402
 from bench.records import ResultRow  # noqa: E402
 from bench.references import pool_rows64, tt_rows64  # noqa: E402
 from bench.registry import BuildContext, Unsupported  # noqa: E402
@@ -302,6 +302,13 @@ def test_module_equals_the_reference_kernel_forward_backward_and_counters(policy
     assert (mine.hits > 0) == (policy != "none")
 
 
+@pytest.fixture
+def few_rotating_batches(monkeypatch):
+    """Two rotating batches: a build looks every one up once, and interpreted that is slow."""
+    monkeypatch.setattr(common, "MAX_ROTATION_BATCHES", 2)
+    monkeypatch.setattr(common, "MAX_ROTATION_MODEL_BATCHES", 2)
+
+
 def _context(variant, precision="fp32", workload=None):
     return BuildContext(workload=workload or tiny_workload(), variant=variant,
                         precision=precision, device=CPU, seed=0, options={})
@@ -313,8 +320,8 @@ IMPL_CASES = [("tt_sls", "tt_triton", {"rank": 4}, "fp32"),
 
 
 @pytest.mark.parametrize("op, impl_name, variant, precision", IMPL_CASES)
-def test_impl_passes_the_worker_check_and_a_planted_digit_bug_fails(monkeypatch, op, impl_name,
-                                                                    variant, precision):
+def test_impl_passes_the_worker_check_and_a_planted_digit_bug_fails(
+        monkeypatch, few_rotating_batches, op, impl_name, variant, precision):
     prepared = registry.impls(op)[impl_name].build(_context(variant, precision))
     assert worker.check(prepared, ResultRow(), precision) == ""
     assert prepared.params["kernel"] == "triton" and prepared.params["triton_interpreter"]
@@ -324,8 +331,9 @@ def test_impl_passes_the_worker_check_and_a_planted_digit_bug_fails(monkeypatch,
     assert "error bound exceeded" in worker.check(prepared, ResultRow(), precision)
 
 
-def test_dlrm_train_impl_passes_the_check_and_planted_backward_bug_fails(monkeypatch):
-    context = BuildContext(workload=presets.smoke(), variant={"tt_tables": 2, "tt_rank": 4},
+def test_dlrm_train_impl_passes_the_check_and_planted_backward_bug_fails(monkeypatch,
+                                                                       few_rotating_batches):
+    context = BuildContext(workload=presets.smoke(), variant={"tt_tables": 1, "tt_rank": 4},
                            precision="fp32", device=CPU, seed=0, options={})
     prepared = registry.impls("dlrm_train")["tt_triton"].build(context)
     assert worker.check(prepared, ResultRow(), "fp32") == ""
@@ -342,7 +350,8 @@ def test_dlrm_train_impl_passes_the_check_and_planted_backward_bug_fails(monkeyp
     assert "error bound exceeded" in worker.check(prepared, ResultRow(), "fp32")
 
 
-def test_ranks_too_large_and_cpu_without_the_interpreter_are_unsupported(monkeypatch):
+def test_ranks_too_large_and_cpu_without_the_interpreter_are_unsupported(monkeypatch,
+                                                                        few_rotating_batches):
     build = registry.impls("tt_sls")["tt_triton"].build
     with pytest.raises(Unsupported, match="use a lower rank"):
         build(_context({"rank": 64}, workload=tiny_workload(dim=128)))
@@ -355,3 +364,63 @@ def test_ranks_too_large_and_cpu_without_the_interpreter_are_unsupported(monkeyp
     assert train.available("cuda", {"tt_tables": 2}) == ""
     with pytest.raises(Unsupported, match="--tt-tables"):
         train.build(_context({}))
+
+
+# ---------------------------------------------------------------- compiled for the GPU
+
+# Compiles the kernels (not interpreted) for an H200's sm_90 through Triton's own ptxas, with
+# no GPU: what the interpreter accepts but a compiled kernel refuses (types across a branch,
+# shapes of a reduction) fails here. Printed: the kernel name and its registers and spills.
+COMPILE_SCRIPT = """
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from bench.models.ttrec import triton_tt_kernels as kernels
+from bench.models.ttrec.triton_tt import ChainShape
+
+assert not kernels.INTERPRETED
+POINTERS = {"indices_ptr": "*i64", "offsets_ptr": "*i64", "slots_ptr": "*i32",
+            "hits_ptr": "*i64"}
+for row_factors, dims, ranks in ((200, 220, 250), (2, 2, 4), (16, 16)), \\
+        ((100, 200, 200), (4, 4, 8), (32, 32)):
+    shape = ChainShape.checked(row_factors, dims, ranks)
+    for kernel, blocks in ((kernels.tt_bag_forward_kernel, shape.forward_blocks()),
+                           (kernels.tt_bag_backward_kernel, shape.backward_blocks())):
+        for storage, cached, weighted, mean in (("fp32", True, False, False),
+                                                ("bf16", False, True, False),
+                                                ("fp16", True, False, True)):
+            constants = dict(zip(("D1", "D2", "D3", "R1", "R2"), dims + ranks), **blocks,
+                             HAS_CACHE=cached, WEIGHTED=weighted, MEAN=mean)
+            if "BF16" in kernel.arg_names:
+                constants["BF16"] = storage == "bf16"
+            signature = {}
+            for name in kernel.arg_names:
+                if name in constants:
+                    signature[name] = "constexpr"
+                elif name.endswith("_ptr"):
+                    core = name.startswith("core") or name in ("cache_ptr", "out_ptr",
+                                                               "grad_out_ptr")
+                    signature[name] = POINTERS.get(name, "*" + storage if core else "*fp32")
+                else:
+                    signature[name] = "i32"
+            source = triton.compiler.ASTSource(kernel, signature, constexprs=constants)
+            compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
+            assert compiled.asm["cubin"]
+            print(kernel.__name__, dims, ranks, storage, compiled.n_regs, compiled.n_spills)
+"""
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90_without_a_gpu(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    environment = {key: value for key, value in os.environ.items()
+                   if key != "TRITON_INTERPRET"}
+    environment.update(PYTHONPATH=str(REPO_ROOT), TRITON_CACHE_DIR=str(tmp_path))
+    result = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], cwd=REPO_ROOT,
+                            env=environment, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("tt_bag_") == 12
