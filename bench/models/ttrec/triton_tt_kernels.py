@@ -9,6 +9,9 @@ import triton.language as tl
 # the chain spills out of registers (a launch would still run, slowly), so such shapes are
 # refused instead (see bench.models.ttrec.triton_tt.chain_blocks).
 MAX_CHAIN_ELEMENTS = 16384
+# The forward runs at most this many programs, each over a run of bags: enough to fill a GPU,
+# few enough that the hit counter's one atomic per program is not a queue on one address.
+MAX_FORWARD_PROGRAMS = 8192
 
 
 @triton.jit
@@ -60,49 +63,53 @@ def _tt_row(core1_ptr, core2_ptr, core3_ptr, row, stride_1, stride_2, n_1, n_2, 
 @triton.jit
 def tt_bag_forward_kernel(core1_ptr, core2_ptr, core3_ptr, indices_ptr, offsets_ptr,
                           weights_ptr, slots_ptr, cache_ptr, hits_ptr, out_ptr,
-                          stride_1, stride_2, n_1, n_2, n_3,
+                          bags, bags_per_program, stride_1, stride_2, n_1, n_2, n_3,
                           D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr,
                           R1: tl.constexpr, R2: tl.constexpr, HAS_CACHE: tl.constexpr,
                           WEIGHTED: tl.constexpr, MEAN: tl.constexpr, BF16: tl.constexpr,
                           BLOCK_C12: tl.constexpr, BLOCK_R1: tl.constexpr,
                           BLOCK_R2: tl.constexpr, BLOCK_D3: tl.constexpr):
-    """One program per bag: out[bag] = pooled rows of its lookups, accumulated in fp32. With a
-    cache, a lookup reads its row's slot first: a hit reads the cached row instead of the chain,
-    a miss costs that one int load. Hits are counted into hits_ptr (one atomic per bag)."""
-    bag = tl.program_id(0)
-    begin = tl.load(offsets_ptr + bag)
-    end = tl.load(offsets_ptr + bag + 1)
+    """One program per run of bags_per_program bags: out[bag] = pooled rows of its lookups,
+    accumulated in fp32. With a cache, a lookup reads its row's slot first: a hit reads the
+    cached row instead of the chain, a miss costs that one int load. Hits are counted into
+    hits_ptr, one atomic per program (not per bag: one address takes every program's add)."""
+    first_bag = tl.program_id(0) * bags_per_program
+    last_bag = tl.minimum(first_bag + bags_per_program, bags)
     pairs = tl.arange(0, BLOCK_C12)
     columns = tl.arange(0, BLOCK_D3)
     positions = pairs[:, None] * D3 + columns[None, :]
     row_mask = (pairs < D1 * D2)[:, None] & (columns < D3)[None, :]
-    total = tl.zeros([BLOCK_C12, BLOCK_D3], dtype=tl.float32)
-    hits = end - end
-    for lookup in range(begin, end):
-        row = tl.load(indices_ptr + lookup)
-        if HAS_CACHE:
-            slot = tl.load(slots_ptr + row).to(tl.int64)
-            hits += (slot >= 0).to(tl.int64)
-            if slot >= 0:
-                values = tl.load(cache_ptr + slot * (D1 * D2 * D3) + positions, mask=row_mask,
-                                 other=0.0).to(tl.float32)
+    hits = tl.full([], 0, tl.int64)
+    for bag in range(first_bag, last_bag):
+        begin = tl.load(offsets_ptr + bag)
+        end = tl.load(offsets_ptr + bag + 1)
+        total = tl.zeros([BLOCK_C12, BLOCK_D3], dtype=tl.float32)
+        for lookup in range(begin, end):
+            row = tl.load(indices_ptr + lookup)
+            if HAS_CACHE:
+                slot = tl.load(slots_ptr + row).to(tl.int64)
+                hits += (slot >= 0).to(tl.int64)
+                if slot >= 0:
+                    values = tl.load(cache_ptr + slot * (D1 * D2 * D3) + positions,
+                                     mask=row_mask, other=0.0).to(tl.float32)
+                else:
+                    values = _tt_row(core1_ptr, core2_ptr, core3_ptr, row, stride_1,
+                                     stride_2, n_1, n_2, n_3, D1, D2, D3, R1, R2, BLOCK_C12,
+                                     BLOCK_R1, BLOCK_R2, BLOCK_D3)
             else:
                 values = _tt_row(core1_ptr, core2_ptr, core3_ptr, row, stride_1, stride_2,
                                  n_1, n_2, n_3, D1, D2, D3, R1, R2, BLOCK_C12, BLOCK_R1,
                                  BLOCK_R2, BLOCK_D3)
-        else:
-            values = _tt_row(core1_ptr, core2_ptr, core3_ptr, row, stride_1, stride_2,
-                             n_1, n_2, n_3, D1, D2, D3, R1, R2, BLOCK_C12, BLOCK_R1,
-                             BLOCK_R2, BLOCK_D3)
-        if WEIGHTED:
-            values = values * tl.load(weights_ptr + lookup).to(tl.float32)
-        total += values
-    if MEAN:
-        total = total / tl.maximum(end - begin, 1).to(tl.float32)
+            if WEIGHTED:
+                values = values * tl.load(weights_ptr + lookup).to(tl.float32)
+            total += values
+        if MEAN:
+            total = total / tl.maximum(end - begin, 1).to(tl.float32)
+        tl.store(out_ptr + bag.to(tl.int64) * (D1 * D2 * D3) + positions,
+                 _stored(total, BF16).to(out_ptr.dtype.element_ty), mask=row_mask)
     if HAS_CACHE:
-        tl.atomic_add(hits_ptr, hits, sem="relaxed")
-    tl.store(out_ptr + bag * (D1 * D2 * D3) + positions,
-             _stored(total, BF16).to(out_ptr.dtype.element_ty), mask=row_mask)
+        if hits > 0:
+            tl.atomic_add(hits_ptr, hits, sem="relaxed")
 
 
 @triton.jit
@@ -206,10 +213,13 @@ def launch_forward(cores, shape, indices, offsets, weights, slots, cache, hits, 
     if bags == 0:
         return
     has_cache = slots is not None
-    tt_bag_forward_kernel[(bags,)](
+    # Runs of bags bound the programs (and so the hit counter's atomics) at a GPU batch.
+    bags_per_program = triton.cdiv(bags, MAX_FORWARD_PROGRAMS)
+    tt_bag_forward_kernel[(triton.cdiv(bags, bags_per_program),)](
         *cores, indices, offsets, weights if weights is not None else offsets,
         slots if has_cache else offsets, cache if has_cache else out,
-        hits if has_cache else offsets, out, *shape.digit_arguments(), *shape.dims,
+        hits if has_cache else offsets, out, bags, bags_per_program,
+        *shape.digit_arguments(), *shape.dims,
         *shape.ranks, HAS_CACHE=has_cache, WEIGHTED=weights is not None, MEAN=mean,
         BF16=str(out.dtype) == "torch.bfloat16", **shape.forward_blocks())
 
