@@ -105,7 +105,7 @@ def tt_bag_forward_kernel(core1_ptr, core2_ptr, core3_ptr, indices_ptr, offsets_
             total += values
         if MEAN:
             total = total / tl.maximum(end - begin, 1).to(tl.float32)
-        tl.store(out_ptr + bag.to(tl.int64) * (D1 * D2 * D3) + positions,
+        tl.store(out_ptr + bag * (D1 * D2 * D3) + positions,
                  _stored(total, BF16).to(out_ptr.dtype.element_ty), mask=row_mask)
     if HAS_CACHE:
         if hits > 0:
@@ -221,7 +221,8 @@ def launch_forward(cores, shape, indices, offsets, weights, slots, cache, hits, 
         hits if has_cache else offsets, out, bags, bags_per_program,
         *shape.digit_arguments(), *shape.dims,
         *shape.ranks, HAS_CACHE=has_cache, WEIGHTED=weights is not None, MEAN=mean,
-        BF16=str(out.dtype) == "torch.bfloat16", **shape.forward_blocks())
+        BF16=str(out.dtype) == "torch.bfloat16", **shape.forward_blocks(),
+        num_warps=shape.forward_warps())
 
 
 def launch_backward(cores, shape, indices, offsets, weights, slots, grad_out, core_grads,
@@ -237,4 +238,4 @@ def launch_backward(cores, shape, indices, offsets, weights, slots, grad_out, co
         slots if has_cache else offsets, grad_out, grad_out.stride(0), *core_grads,
         cache_grad if has_cache else grad_out, *shape.digit_arguments(), *shape.dims,
         *shape.ranks, HAS_CACHE=has_cache, WEIGHTED=weights is not None, MEAN=mean,
-        **shape.backward_blocks())
+        **shape.backward_blocks(), num_warps=shape.backward_warps())
