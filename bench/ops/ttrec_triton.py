@@ -1,5 +1,4 @@
-"""The fused Triton TT-Rec lookup (bench/models/ttrec/triton_tt.py) on `tt_sls` and `dlrm_train`:
-one launch a batch with the cache read in the kernel, on cuda."""
+"""The fused Triton TT-Rec lookup (bench/models/ttrec/triton_tt.py) on tt_sls and dlrm_train."""
 
 from __future__ import annotations
 
