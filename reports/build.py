@@ -155,8 +155,8 @@ def roofline_section(ceilings_by_group: dict, roofline_rows: pd.DataFrame,
             "No machine-ceiling rows (op membw or gemm_peak) in this run: roofline, "
             "efficiency and memory/compute classification skipped."))
         return section
-    ceilings = roofs.ceilings_table(ceilings_by_group)
-    for device, table in ceilings.groupby("device", sort=False):
+    # One table per device: a CPU's and a GPU's roofs are never one group.
+    for device, table in roofs.ceilings_table(ceilings_by_group).groupby("device", sort=False):
         section.blocks.append(TableBlock(f"Machine ceilings, device {device}", table))
     gpus = {device: (group.cache_bytes, group.cache_source)
             for (device, _), group in ceilings_by_group.items() if device_roofs.is_gpu(device)}

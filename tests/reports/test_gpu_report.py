@@ -14,6 +14,7 @@ from reports import cells, device_roofs, device_runs, glance, headline, roofline
 from reports.build import build_report
 from reports.energy import NOT_MEASURED
 from reports.roofline import roofline_table
+from reports.summary import render_summary
 from conftest import run_cli
 
 GPU = "cuda:0"
@@ -194,9 +195,9 @@ def test_gpu_roofs_come_from_the_gpu_rows_and_its_l2_not_the_host_llc():
 
 def test_the_env_l2_size_wins_and_an_unknown_l2_never_borrows_the_host_llc():
     env = json.loads(json.dumps(HOST_ENV))
-    env["gpu"]["gpus"][0]["l2_cache_bytes"] = 50 << 20
+    env["gpu"]["gpus"][0]["l2_cache_bytes"] = 40 << 20
     recorded = roofs.group_ceilings(mixed_frame(), env)[(GPU, "native")]
-    assert (recorded.cache_bytes, recorded.cache_source) == (50 << 20, "env.json gpu facts")
+    assert (recorded.cache_bytes, recorded.cache_source) == (40 << 20, "env.json gpu facts")
     assert recorded.cache_gbps == 7000.0  # the 48 MiB buffer no longer fits
     # No gather probe and no env entry: the L2 is unknown, and the host's LLC is not used.
     streams = [row for row in gpu_probes() if "row_bytes" not in row.params]
@@ -363,3 +364,15 @@ def test_a_run_of_one_cpu_gets_no_device_line():
     assert device_runs.device_line(frame, []) == ""
     assert device_roofs.is_gpu("cuda") and device_roofs.is_gpu(GPU)
     assert not device_roofs.is_gpu("cpu") and device_roofs.gpu_index("cuda:3") == 3
+
+
+def test_the_sweep_summary_names_devices_and_prints_j_per_sample_where_measured():
+    text = render_summary(gpu_op_rows() + cpu_op_rows())
+    header, *lines = text.splitlines()
+    assert "device" in header and "J/sample" in header
+    gpu_batched = [line for line in lines if "batched*" in line and GPU in line]
+    assert len(gpu_batched) == 1 and f"{350.0 * 3.93e-3 / 2048:.4g}" in gpu_batched[0]
+    assert NOT_MEASURED in [line for line in lines if "fused_sgd" in line][0]
+    # A run without any energy figure, on one device, prints as before: neither column.
+    cpu_only = render_summary(cpu_op_rows()).splitlines()[0]
+    assert "J/sample" not in cpu_only and "device" not in cpu_only
