@@ -117,10 +117,11 @@ def headline_section(frame: pd.DataFrame, op_order: dict[str, float]) -> Section
             f"Per workload, every impl of {', '.join(headline.HEADLINE_OPS)} at each precision",
             table, "No measured dlrm_train, dlrm_infer or sls_multi rows."),
         NoteBlock(
-            "joules_per_sample = the row's average power over its timed repetitions x median_s "
-            "/ samples per call (avg_power_w): NVML's energy counter on a GPU (the whole board),"
-            " RAPL package energy on a CPU where readable (the whole package, other processes "
-            "included); 'not measured' where the row has no energy figure."),
+            "joules_per_sample = avg_power_w (the row's average power over its timed "
+            "repetitions) x median_s / samples per call; the power is NVML's energy counter on "
+            "a GPU (the whole board) and RAPL package energy on a CPU where readable (the whole "
+            "package, other processes included); 'not measured' where the row has no energy "
+            "figure."),
         NoteBlock(
             "vs_baseline = median_s of the op's baseline impl (column baseline) at the same "
             "precision / this row's median_s; vs_reference = median_s of "

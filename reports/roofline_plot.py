@@ -69,7 +69,7 @@ def draw_nominal_peaks(axis, ceilings: Ceilings, low: float, high: float) -> Non
             nominal, key=lambda item: precision_sort_key(item[0]))):
         axis.plot([low, high], [peak, peak], color=palette(0.5 + 0.4 * index / len(nominal)),
                   linestyle=":", linewidth=1.0,
-                  label=f"{precision} nominal {peak:.4g} GFLOP/s (not measured)")
+                  label=f"{precision} nominal {peak:.4g} GFLOP/s")
 
 
 def roofline_figure(ceilings: Ceilings, points: pd.DataFrame,

@@ -36,6 +36,7 @@ class Ceilings:
     cache_detail: str = ""
     # Random-row gathers from a buffer beyond the last-level cache, GB/s by row size in bytes.
     gather_gbps: dict[int, float] = dataclasses.field(default_factory=dict)
+    gather_rows_per_call: dict[int, float] = dataclasses.field(default_factory=dict)
     gather_buffer_bytes: float = math.nan
     cache_bytes: float = math.nan  # the last-level cache (env.json) that decides the roof
     compute_gflops: dict[str, float] = dataclasses.field(default_factory=dict)
@@ -178,7 +179,12 @@ def gather_roofs(gather_rows: pd.DataFrame, cache_bytes: float, ceilings: Ceilin
         return
     row_sizes = beyond["params"].map(row_bytes_of)
     for size, rows in beyond.groupby(row_sizes, sort=True):
-        ceilings.gather_gbps[int(size)] = float(rows["gbps"].max())
+        best = rows.loc[rows["gbps"].idxmax()]
+        ceilings.gather_gbps[int(size)] = float(best["gbps"])
+        # Rows in flight decide whether a gather measures memory or the call (a GPU's launch).
+        per_call = parse_json_object(best["params"]).get("rows_per_call")
+        ceilings.gather_rows_per_call[int(size)] = (float(per_call) if is_positive(per_call)
+                                                    else math.nan)
     ceilings.gather_buffer_bytes = float(beyond["params"].map(buffer_bytes).max())
 
 
@@ -301,10 +307,15 @@ def _memory_records(ceilings: Ceilings, base: dict) -> list[dict]:
     for size in sorted(ceilings.gather_gbps):
         records.append({**base, "roof": f"{GATHER_ROOF} {size} B rows",
                         "value": ceilings.gather_gbps[size], "unit": "GB/s",
-                        "detail": f"random {size} B rows from a "
+                        "detail": f"random {size} B rows{_per_call(ceilings, size)} from a "
                                   f"{format_bytes(ceilings.gather_buffer_bytes)} buffer "
                                   "(rows + indices read)"})
     return records
+
+
+def _per_call(ceilings: Ceilings, size: int) -> str:
+    per_call = ceilings.gather_rows_per_call.get(size, math.nan)
+    return f", {per_call:,.0f} a call," if is_positive(per_call) else ""
 
 
 def _compute_records(ceilings: Ceilings, base: dict) -> list[dict]:
