@@ -1,5 +1,4 @@
-"""Runs of several devices as one analysis: a later run's rows on devices no earlier run has
-join the first run's, so a CPU run and a GPU run read side by side in one report."""
+"""Runs of several devices as one analysis: a CPU run and a GPU run side by side in a report."""
 
 from __future__ import annotations
 
