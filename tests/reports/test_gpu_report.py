@@ -1,5 +1,4 @@
-"""A GPU run's report: the device's own roofline (HBM, L2, gathers, tensor-core peaks beside the
-nominal ones), energy per sample beside time, and the GPU rows in the headline table."""
+"""A GPU run's report: its own roofline and nominal peaks, J/sample beside time, GPU headline rows."""
 
 from __future__ import annotations
 
