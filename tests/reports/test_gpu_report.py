@@ -1,4 +1,4 @@
-"""A GPU run's report: its own roofline and nominal peaks, J/sample beside time, GPU headline rows."""
+"""A GPU run's report: its own roofline and nominal peaks, J/sample beside time, GPU rows."""
 
 from __future__ import annotations
 
