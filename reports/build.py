@@ -13,8 +13,9 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from bench.records import write_atomic
-from reports import (canvas, cells, comparison, dist, glance, headline, order, phases, plots,
-                     roofline, roofline_plot, roofs, runs, serving, tables, values, workingset)
+from reports import (canvas, cells, comparison, device_roofs, device_runs, dist, glance,
+                     headline, order, phases, plots, roofline, roofline_plot, roofs, runs,
+                     serving, tables, values, workingset)
 from reports.compare import DEFAULT_ALPHA, DEFAULT_FACTOR
 from reports.html import FigureBlock, NoteBlock, Section, TableBlock, render_page
 
@@ -58,21 +59,25 @@ def table_or_note(title: str, table: pd.DataFrame, empty_note: str) -> TableBloc
     return TableBlock(title, table) if not table.empty else NoteBlock(empty_note)
 
 
-def glance_section(run: runs.Run, roofline_rows: pd.DataFrame,
+def glance_section(run: runs.Run, analysis: device_runs.Analysis, roofline_rows: pd.DataFrame,
                    op_order: dict[str, float]) -> Section:
     """What a reader came for: the best whole model against the reference, and the roofline."""
+    frame = analysis.frame
     blocks = [NoteBlock(glance.run_line(run))]
-    models = glance.best_model_table(run.frame, op_order)
+    devices = device_runs.device_line(frame, analysis.added)
+    if devices:
+        blocks.append(NoteBlock(devices))
+    models = glance.best_model_table(frame, op_order)
     if models.empty:
         models_named = ", ".join(glance.WHOLE_MODEL_OPS)
         blocks.append(NoteBlock(f"No measured whole-model rows ({models_named}) in this run: "
                                 "see the Summary for the best of each op."))
     else:
         blocks += [NoteBlock(glance.model_line(models)), TableBlock(
-            "Best whole-model samples/s per workload; vs_reference = that speed over "
+            "Best whole-model samples/s per workload and device; vs_reference = that speed over "
             f"{headline.HEADLINE_REFERENCE_IMPL} in the same slot (workload, variant, batch, "
             "device, ISA level, threads), blank where the reference did not run there", models)]
-    placement = glance.placement_table(run.frame, roofline_rows, op_order)
+    placement = glance.placement_table(frame, roofline_rows, op_order)
     if placement.empty:
         blocks.append(NoteBlock("No op shares a (device, isa) group with measured ceilings "
                                 "(membw, gemm_peak): nothing is placed on the roofline."))
@@ -97,7 +102,9 @@ def summary_section(frame: pd.DataFrame, roofline_rows: pd.DataFrame,
     summary = tables.summary_table(frame, roofline_rows, op_order)
     return Section("Summary", "summary", [
         table_or_note("Best configuration per op, workload and device (noise = IQR / median; "
-                      "efficiency against the roofline)", summary, "No measured op rows."),
+                      "efficiency against the roofline; joules_per_sample and avg_power_w from "
+                      "NVML or RAPL, 'not measured' where the row has none)", summary,
+                      "No measured op rows."),
     ])
 
 
@@ -109,6 +116,12 @@ def headline_section(frame: pd.DataFrame, op_order: dict[str, float]) -> Section
         table_or_note(
             f"Per workload, every impl of {', '.join(headline.HEADLINE_OPS)} at each precision",
             table, "No measured dlrm_train, dlrm_infer or sls_multi rows."),
+        NoteBlock(
+            "joules_per_sample = avg_power_w (the row's average power over its timed "
+            "repetitions) x median_s / samples per call; the power is NVML's energy counter on "
+            "a GPU (the whole board) and RAPL package energy on a CPU where readable (the whole "
+            "package, other processes included); 'not measured' where the row has no energy "
+            "figure."),
         NoteBlock(
             "vs_baseline = median_s of the op's baseline impl (column baseline) at the same "
             "precision / this row's median_s; vs_reference = median_s of "
@@ -143,7 +156,13 @@ def roofline_section(ceilings_by_group: dict, roofline_rows: pd.DataFrame,
             "No machine-ceiling rows (op membw or gemm_peak) in this run: roofline, "
             "efficiency and memory/compute classification skipped."))
         return section
-    section.blocks.append(TableBlock("Machine ceilings", roofs.ceilings_table(ceilings_by_group)))
+    # One table per device: a CPU's and a GPU's roofs are never one group.
+    for device, table in roofs.ceilings_table(ceilings_by_group).groupby("device", sort=False):
+        section.blocks.append(TableBlock(f"Machine ceilings, device {device}", table))
+    gpus = {device: (group.cache_bytes, group.cache_source)
+            for (device, _), group in ceilings_by_group.items() if device_roofs.is_gpu(device)}
+    if gpus:
+        section.blocks.append(NoteBlock(device_roofs.gpu_roofline_note(list(gpus), gpus)))
     for key, ceilings in ceilings_by_group.items():
         points = roofline_rows[(roofline_rows["device"] == key[0])
                                & (roofline_rows["isa"] == key[1])]
@@ -315,15 +334,17 @@ def problems_section(frame: pd.DataFrame, args: dict) -> Section:
 
 
 def build_sections(loaded: list[runs.Run]) -> list[Section]:
-    """All report sections: analysis of the first run, then comparisons with the others."""
+    """All report sections: analysis of the first run (with the later runs' rows on devices
+    it lacks), then comparisons with the others."""
     primary = loaded[0]
-    frame = primary.frame
+    analysis = device_runs.analysed_rows(loaded)
+    frame = analysis.frame
     # Ops sort as the runs recorded their order (the first run recording an op decides).
     op_order = runs.merged_op_order(loaded)
-    ceilings_by_group = roofs.group_ceilings(frame, primary.env)
+    ceilings_by_group = roofs.group_ceilings(frame, primary.env, analysis.device_envs)
     roofline_rows = roofline.roofline_table(frame, ceilings_by_group)
     return [
-        glance_section(primary, roofline_rows, op_order),
+        glance_section(primary, analysis, roofline_rows, op_order),
         run_section(loaded),
         summary_section(frame, roofline_rows, op_order),
         headline_section(frame, op_order),

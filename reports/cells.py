@@ -8,6 +8,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from reports.energy import ENERGY_COLUMNS, NOT_MEASURED
+
 PERCENT_COLUMNS = ("efficiency", "noise", "drop")
 
 
@@ -19,6 +21,8 @@ def format_cell(value: Any, column: str) -> str:
         return str(int(value))
     if isinstance(value, (float, np.floating)):
         number = float(value)
+        if column in ENERGY_COLUMNS and not (math.isfinite(number) and number > 0):
+            return NOT_MEASURED  # a missing energy figure is never shown as 0 or blank
         if not math.isfinite(number):
             return ""
         if column in PERCENT_COLUMNS:
@@ -26,6 +30,8 @@ def format_cell(value: Any, column: str) -> str:
         if abs(number) >= 1e4:
             return f"{number:,.0f}"
         return f"{number:.4g}"
+    if value is None and column in ENERGY_COLUMNS:
+        return NOT_MEASURED
     return str(value)
 
 

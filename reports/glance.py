@@ -16,8 +16,9 @@ from reports.tables import best_rows
 from reports.values import is_positive, positive_mask
 
 WHOLE_MODEL_OPS = ("dlrm_train", "dlrm_infer")
-MODEL_COLUMNS = ["workload", "op", "impl", "precision", "samples_per_s", "vs_reference",
-                 "reference_samples_per_s", "batch_size", "device", "isa", "threads"]
+MODEL_COLUMNS = ["workload", "op", "device", "impl", "precision", "samples_per_s",
+                 "joules_per_sample", "vs_reference", "reference_samples_per_s", "batch_size",
+                 "isa", "threads"]
 # What bounds the op first; the configuration that got there after.
 PLACEMENT_COLUMNS = ["op", "workload", "device", "bound", "efficiency", "roof", "intensity",
                      "ridge", "impl", "precision", "isa", "threads"]
@@ -36,16 +37,19 @@ def run_line(run: Run) -> str:
 
 
 def best_model_table(frame: pd.DataFrame, op_order: Mapping[str, float]) -> pd.DataFrame:
-    """Per workload and whole-model op, the fastest impl other than the reference (samples/s)
-    and its speed-up over dlrm_reference in the same slot (blank where none ran there)."""
+    """Per workload, whole-model op and device, the fastest impl other than the reference
+    (samples/s) and its speed-up over dlrm_reference in the same slot (blank where none ran
+    there)."""
     table = headline_table(frame, op_order)
     table = table[table["op"].isin(WHOLE_MODEL_OPS)
                   & (table["impl"] != HEADLINE_REFERENCE_IMPL)
                   & positive_mask(table["samples_per_s"])]
     if table.empty:
         return pd.DataFrame(columns=MODEL_COLUMNS)
-    # Groups in headline order (workload, then op); a tie goes to the row listed first.
-    best = table.loc[table.groupby(["workload", "op"], sort=False)["samples_per_s"].idxmax()]
+    # Groups in headline order (workload, then op); a tie goes to the row listed first. Each
+    # device keeps its own best: a GPU's rows never hide the CPU's.
+    best = table.loc[table.groupby(["workload", "op", "device"],
+                                   sort=False)["samples_per_s"].idxmax()]
     # In one slot the batch is the same, so the reference's samples/s is ours / the speed-up.
     reference = best["samples_per_s"] / best["vs_reference"]
     return best.assign(reference_samples_per_s=reference)[MODEL_COLUMNS].reset_index(drop=True)
@@ -87,10 +91,18 @@ def placement_line(placement: pd.DataFrame) -> str:
 
 
 def model_line(models: pd.DataFrame) -> str:
-    """One sentence on the fastest whole-model configuration and its ratio to the reference."""
-    top = models.loc[models["samples_per_s"].idxmax()]
-    ratio = top["vs_reference"]
-    against = (f", {ratio:.3g}x the public reference (dlrm_reference) in the same slot"
-               if math.isfinite(ratio) else ", no dlrm_reference row in the same slot")
-    return (f"Fastest whole model: {top['op']} on {top['workload']}, {top['impl']} "
-            f"{top['precision']}, {top['samples_per_s']:,.0f} samples/s{against}.")
+    """One sentence per device on its fastest whole-model configuration and its ratio to the
+    reference (the device named where the table holds several)."""
+    sentences = []
+    for device, rows in models.groupby("device", sort=False):
+        top = rows.loc[rows["samples_per_s"].idxmax()]
+        ratio = top["vs_reference"]
+        against = (f", {ratio:.3g}x the public reference (dlrm_reference) in the same slot"
+                   if math.isfinite(ratio) else ", no dlrm_reference row in the same slot")
+        where = f" on {device}" if models["device"].nunique() > 1 else ""
+        energy = (f" ({top['joules_per_sample']:.3g} J/sample)"
+                  if is_positive(top["joules_per_sample"]) else "")
+        sentences.append(f"Fastest whole model{where}: {top['op']} on {top['workload']}, "
+                         f"{top['impl']} {top['precision']}, {top['samples_per_s']:,.0f} "
+                         f"samples/s{energy}{against}.")
+    return " ".join(sentences)

@@ -8,6 +8,7 @@ from typing import Mapping
 import pandas as pd
 
 from bench.records import dumps_compact
+from reports.energy import with_energy
 from reports.order import op_sort_key, precision_sort_key
 from reports.runs import measured_op_rows, parse_json_object
 from reports.values import positive_mask
@@ -21,9 +22,11 @@ HEADLINE_VARIANT_KEYS = ("mode", "tt_tables", "tt_rank")
 HEADLINE_SLOT = ["workload", "op", "variant", "batch_size", "device", "isa", "threads"]
 
 
-HEADLINE_COLUMNS = ["workload", "op", "variant", "precision", "impl", "median_s", "noise",
-                    "samples_per_s", "vs_baseline", "vs_reference", "baseline", "device", "isa",
-                    "threads", "batch_size"]
+# The device beside the impl, so a GPU row and a CPU row of one op read side by side; energy
+# per sample and power beside samples/s.
+HEADLINE_COLUMNS = ["workload", "op", "variant", "precision", "device", "impl", "median_s",
+                    "noise", "samples_per_s", "joules_per_sample", "avg_power_w", "vs_baseline",
+                    "vs_reference", "baseline", "isa", "threads", "batch_size"]
 
 
 def headline_variant(params: str) -> str:
@@ -40,7 +43,7 @@ def headline_table(frame: pd.DataFrame, op_order: Mapping[str, float]) -> pd.Dat
     rows = rows[rows["op"].isin(HEADLINE_OPS) & positive_mask(rows["median_s"])]
     if rows.empty:
         return pd.DataFrame(columns=HEADLINE_COLUMNS)
-    rows = rows.assign(variant=rows["params"].map(headline_variant))
+    rows = with_energy(rows).assign(variant=rows["params"].map(headline_variant))
     # Several rows of one slot (an impl at two layouts, a resumed key): the fastest speaks.
     baseline = (rows[rows["is_baseline"].astype(bool)].sort_values("median_s")
                 .drop_duplicates(HEADLINE_SLOT + ["precision"])

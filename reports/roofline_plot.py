@@ -11,7 +11,7 @@ from matplotlib.figure import Figure
 
 from reports.canvas import log_scale, marker_for, op_colors
 from reports.order import precision_sort_key, sorted_ops
-from reports.roofs import CACHE_ROOF_MARGIN, DRAM_ROOF, GATHER_ROOF, IN_CACHE_ROOF, Ceilings
+from reports.roofs import CACHE_ROOF_MARGIN, GATHER_ROOF, Ceilings
 from reports.values import is_positive, positive_mask
 
 # Beyond this many points the labels overlap; the legend still names every op/precision.
@@ -32,11 +32,11 @@ def roof_range(ceilings: Ceilings, intensities: pd.Series) -> tuple[float, float
 def draw_roofs(axis, ceilings: Ceilings, low: float, high: float) -> None:
     """Memory diagonals and compute horizontals of one group."""
     top_peak = max(ceilings.compute_gflops.values(), default=math.nan)
-    bandwidths = [(ceilings.memory_gbps, DRAM_ROOF, "-")]
+    bandwidths = [(ceilings.memory_gbps, ceilings.stream_roof, "-")]
     if is_positive(ceilings.cache_gbps) and not (
             is_positive(ceilings.memory_gbps)
             and ceilings.cache_gbps <= ceilings.memory_gbps * CACHE_ROOF_MARGIN):
-        bandwidths.append((ceilings.cache_gbps, IN_CACHE_ROOF, "--"))
+        bandwidths.append((ceilings.cache_gbps, ceilings.cache_roof, "--"))
     bandwidths += [(bandwidth, f"{GATHER_ROOF} {size} B", ":")
                    for size, bandwidth in sorted(ceilings.gather_gbps.items())]
     blues = matplotlib.colormaps["Blues"]
@@ -57,6 +57,19 @@ def draw_roofs(axis, ceilings: Ceilings, low: float, high: float) -> None:
         shade = palette(0.5 + 0.4 * index / max(len(peaks), 1))
         axis.plot([start, high], [peak, peak], color=shade, linewidth=1.2,
                   label=f"{precision} peak {peak:.4g} GFLOP/s")
+    draw_nominal_peaks(axis, ceilings, low, high)
+
+
+def draw_nominal_peaks(axis, ceilings: Ceilings, low: float, high: float) -> None:
+    """The derived peaks a GPU records, dotted and labelled nominal: beside the roofs, not one."""
+    nominal = [(precision, peak) for precision, peak in ceilings.nominal_gflops.items()
+               if is_positive(peak)]
+    palette = matplotlib.colormaps["Oranges"]
+    for index, (precision, peak) in enumerate(sorted(
+            nominal, key=lambda item: precision_sort_key(item[0]))):
+        axis.plot([low, high], [peak, peak], color=palette(0.5 + 0.4 * index / len(nominal)),
+                  linestyle=":", linewidth=1.0,
+                  label=f"{precision} nominal {peak:.4g} GFLOP/s")
 
 
 def roofline_figure(ceilings: Ceilings, points: pd.DataFrame,

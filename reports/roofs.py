@@ -9,6 +9,7 @@ from typing import Any
 import pandas as pd
 
 from bench.records import STATUS_OK
+from reports import device_roofs
 from reports.order import precision_sort_key
 from reports.runs import parse_json_object
 from reports.values import format_bytes, is_positive, joined_unique, positive_mask
@@ -20,6 +21,7 @@ IN_CACHE_ROOF = "in-cache"
 DRAM_ROOF = "DRAM stream"
 GATHER_ROOF = "random gather"
 PARTLY_CACHED_ROOF = "in-cache (partly cached: working set between the LLC and the probe buffer)"
+CPU_CACHE_NAME = "last-level cache"
 
 
 @dataclasses.dataclass
@@ -34,12 +36,30 @@ class Ceilings:
     cache_detail: str = ""
     # Random-row gathers from a buffer beyond the last-level cache, GB/s by row size in bytes.
     gather_gbps: dict[int, float] = dataclasses.field(default_factory=dict)
+    gather_rows_per_call: dict[int, float] = dataclasses.field(default_factory=dict)
     gather_buffer_bytes: float = math.nan
     cache_bytes: float = math.nan  # the last-level cache (env.json) that decides the roof
     compute_gflops: dict[str, float] = dataclasses.field(default_factory=dict)
     notes: list[str] = dataclasses.field(default_factory=list)
     memory_isa: str = ""  # the ISA level(s) whose membw rows gave the memory roofs
     compute_isa: str = ""  # the ISA level(s) whose gemm_peak rows gave the compute roofs
+    # The device's names for its roofs and its last cache level (a GPU: HBM stream, L2).
+    stream_roof: str = DRAM_ROOF
+    cache_roof: str = IN_CACHE_ROOF
+    cache_name: str = CPU_CACHE_NAME
+    cache_source: str = ""  # where cache_bytes came from
+    compute_detail: dict[str, str] = dataclasses.field(default_factory=dict)  # best shape
+    # Derived peaks a GPU records beside its measured ones (never a roof), and their words.
+    nominal_gflops: dict[str, float] = dataclasses.field(default_factory=dict)
+    nominal_detail: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    @property
+    def partly_cached_roof(self) -> str:
+        """The roof name of a working set between the cache and the probe buffer."""
+        if self.cache_roof == IN_CACHE_ROOF:
+            return PARTLY_CACHED_ROOF
+        return (f"{self.cache_roof} (partly cached: working set between the "
+                f"{self.cache_roof} and the probe buffer)")
 
     @property
     def has_any(self) -> bool:
@@ -80,26 +100,26 @@ class Ceilings:
         as large as that probe's own buffer; in between, partly cached, the in-cache roof bounds
         it (a mix of hits and misses is never faster than all hits)."""
         if not (is_positive(self.cache_bytes) and is_positive(working_set_bytes)):
-            return "DRAM stream (working set or cache size unknown)", self.memory_gbps
+            return f"{self.stream_roof} (working set or cache size unknown)", self.memory_gbps
         in_cache = (max(self.cache_gbps, self.memory_gbps if is_positive(self.memory_gbps)
                         else 0.0) if is_positive(self.cache_gbps) else math.nan)
         if working_set_bytes <= self.cache_bytes:
             if is_positive(in_cache):
                 # Never below the DRAM roof: a noisy in-cache probe must not lower the roof.
-                return IN_CACHE_ROOF, in_cache
-            return "DRAM stream (no in-cache probe)", self.memory_gbps
+                return self.cache_roof, in_cache
+            return f"{self.stream_roof} (no in-cache probe)", self.memory_gbps
         if random_rows and self.gather_gbps:
             probe_buffer, size = self.gather_buffer_bytes, nearest_row_size(
                 row_bytes, list(self.gather_gbps))
             roof = (f"{GATHER_ROOF} {size} B rows", self.gather_gbps[size])
         elif random_rows:
             probe_buffer, roof = self.memory_buffer_bytes, (
-                "DRAM stream (no random-gather probe)", self.memory_gbps)
+                f"{self.stream_roof} (no random-gather probe)", self.memory_gbps)
         else:
-            probe_buffer, roof = self.memory_buffer_bytes, (DRAM_ROOF, self.memory_gbps)
+            probe_buffer, roof = self.memory_buffer_bytes, (self.stream_roof, self.memory_gbps)
         if is_positive(probe_buffer) and working_set_bytes < probe_buffer and is_positive(
                 in_cache):
-            return PARTLY_CACHED_ROOF, in_cache
+            return self.partly_cached_roof, in_cache
         return roof
 
 
@@ -148,17 +168,23 @@ def gather_roofs(gather_rows: pd.DataFrame, cache_bytes: float, ceilings: Ceilin
         return
     sizes = gather_rows["params"].map(buffer_bytes)
     if not is_positive(cache_bytes):
-        ceilings.notes.append("random-gather probes not used: the last-level cache size is "
-                              "unknown, so their buffer may sit in it")
+        ceilings.notes.append(f"random-gather probes not used: the {ceilings.cache_name} size "
+                              "is unknown, so their buffer may sit in it")
         return
     beyond = gather_rows[sizes > cache_bytes]
     if beyond.empty:
         ceilings.notes.append(f"random-gather buffer ({format_bytes(float(sizes.max()))}) fits "
-                              f"in the {format_bytes(cache_bytes)} last-level cache: not a roof")
+                              f"in the {format_bytes(cache_bytes)} {ceilings.cache_name}: not a "
+                              "roof")
         return
     row_sizes = beyond["params"].map(row_bytes_of)
     for size, rows in beyond.groupby(row_sizes, sort=True):
-        ceilings.gather_gbps[int(size)] = float(rows["gbps"].max())
+        best = rows.loc[rows["gbps"].idxmax()]
+        ceilings.gather_gbps[int(size)] = float(best["gbps"])
+        # Rows in flight decide whether a gather measures memory or the call (a GPU's launch).
+        per_call = parse_json_object(best["params"]).get("rows_per_call")
+        ceilings.gather_rows_per_call[int(size)] = (float(per_call) if is_positive(per_call)
+                                                    else math.nan)
     ceilings.gather_buffer_bytes = float(beyond["params"].map(buffer_bytes).max())
 
 
@@ -182,12 +208,16 @@ def memory_roofs(membw_rows: pd.DataFrame, cache_bytes: float, ceilings: Ceiling
     ceilings.memory_buffer_bytes = largest
     if is_positive(cache_bytes):
         in_cache = membw_rows[sizes <= cache_bytes]
-        detail = f"best buffer within the {format_bytes(cache_bytes)} last-level cache"
+        detail = f"best buffer within the {format_bytes(cache_bytes)} {ceilings.cache_name}"
         if largest <= cache_bytes:
             ceilings.notes.append(
-                f"largest membw buffer ({format_bytes(largest)}) fits in the last-level "
-                f"cache ({format_bytes(cache_bytes)}): the memory roof may be optimistic"
+                f"largest membw buffer ({format_bytes(largest)}) fits in the "
+                f"{ceilings.cache_name} ({format_bytes(cache_bytes)}): the memory roof may be "
+                "optimistic"
             )
+        elif in_cache.empty:
+            ceilings.notes.append(f"no membw stream buffer fits the {format_bytes(cache_bytes)} "
+                                  f"{ceilings.cache_name}: no {ceilings.cache_roof} roof")
     else:
         in_cache = membw_rows[sizes < largest]
         detail = "best smaller buffer (cache sizes unknown)"
@@ -195,23 +225,63 @@ def memory_roofs(membw_rows: pd.DataFrame, cache_bytes: float, ceilings: Ceiling
     if is_positive(best_in_cache):
         ceilings.cache_gbps = best_in_cache
         ceilings.cache_detail = detail
+        if is_positive(ceilings.memory_gbps) and best_in_cache < ceilings.memory_gbps:
+            # Small buffers on a GPU time the launch, not the cache: no cache roof below memory.
+            ceilings.notes.append(
+                f"the best stream buffer within the {ceilings.cache_name} ran below the "
+                f"{ceilings.stream_roof} ({best_in_cache:.4g} < {ceilings.memory_gbps:.4g} GB/s):"
+                " no cache roof (a buffer that small times the call, not the cache), so rows "
+                f"that fit are held to the {ceilings.stream_roof} figure")
 
 
 def compute_roofs(gemm_rows: pd.DataFrame, ceilings: Ceilings) -> None:
-    """Set the compute roof of each precision from gemm_peak rows."""
+    """Set the compute roof of each precision (the best of its size sweep: the plateau) from
+    gemm_peak rows, the shape that gave it, and the nominal peak the rows recorded."""
     for precision, rows in gemm_rows.groupby("precision", sort=False):
-        ceilings.compute_gflops[str(precision)] = float(rows["gflops"].max())
+        precision = str(precision)
+        best = rows.loc[rows["gflops"].idxmax()]
+        ceilings.compute_gflops[precision] = float(best["gflops"])
+        ceilings.compute_detail[precision] = (
+            f"best of {len(rows)} gemm_peak shape(s), at {device_roofs.shape_of(best['params'])}")
+        note = device_roofs.plateau_note(rows, precision)
+        if note:
+            ceilings.notes.append(note)
+    for precision, rows in gemm_rows.groupby("precision", sort=False):
+        nominal, derivation = device_roofs.nominal_peak(rows)
+        if derivation:
+            ceilings.nominal_gflops[str(precision)] = nominal
+            ceilings.nominal_detail[str(precision)] = derivation
 
 
-def group_ceilings(frame: pd.DataFrame, env: dict[str, Any]) -> dict[tuple[str, str], Ceilings]:
+def device_cache(env: dict[str, Any], device: str, membw_rows: pd.DataFrame,
+                 ceilings: Ceilings) -> float:
+    """The cache size that decides the device's in-cache roof (a GPU's L2, else the host's
+    LLC), with the device's roof names and the size's source set on its ceilings."""
+    if not device_roofs.is_gpu(device):
+        cache = last_level_cache_bytes(env, device)
+        ceilings.cache_source = "env.json host caches" if is_positive(cache) else ""
+        return cache
+    ceilings.stream_roof, ceilings.cache_roof = (device_roofs.GPU_STREAM_ROOF,
+                                                 device_roofs.GPU_CACHE_ROOF)
+    ceilings.cache_name = device_roofs.GPU_CACHE_NAME
+    cache, ceilings.cache_source = device_roofs.gpu_l2_bytes(env, device, membw_rows)
+    return cache
+
+
+def group_ceilings(frame: pd.DataFrame, env: dict[str, Any],
+                   device_envs: dict[str, dict[str, Any]] | None = None,
+                   ) -> dict[tuple[str, str], Ceilings]:
     """Ceilings of every (device, isa) group that has at least one measured roof; a group
-    without probes of its own borrows those of its device's other ISA levels."""
+    without probes of its own borrows those of its device's other ISA levels. A device's
+    cache sizes come from device_envs[device] where given (its own run's env.json), else env."""
     ok_rows = frame[frame["status"] == STATUS_OK]
     result = {}
     for device, isa in sorted(set(zip(ok_rows["device"], ok_rows["isa"]))):
         ceilings = Ceilings(device=device, isa=isa)
         membw, ceilings.memory_isa = probe_rows(ok_rows, "membw", "gbps", device, isa)
-        memory_roofs(membw, last_level_cache_bytes(env, device), ceilings)
+        device_env = (device_envs or {}).get(device, env)
+        all_membw = ok_rows[(ok_rows["op"] == "membw") & (ok_rows["device"] == device)]
+        memory_roofs(membw, device_cache(device_env, device, all_membw, ceilings), ceilings)
         gemm, ceilings.compute_isa = probe_rows(ok_rows, "gemm_peak", "gflops", device, isa)
         compute_roofs(gemm, ceilings)
         if ceilings.has_any:
@@ -227,25 +297,56 @@ def _memory_records(ceilings: Ceilings, base: dict) -> list[dict]:
     if is_positive(ceilings.memory_gbps):
         detail = ("largest buffer" if not is_positive(ceilings.memory_buffer_bytes)
                   else f"stream, buffer {format_bytes(ceilings.memory_buffer_bytes)}")
-        records.append({**base, "roof": DRAM_ROOF, "value": ceilings.memory_gbps,
+        records.append({**base, "roof": ceilings.stream_roof, "value": ceilings.memory_gbps,
                         "unit": "GB/s", "detail": detail})
     if is_positive(ceilings.cache_gbps):
-        records.append({**base, "roof": IN_CACHE_ROOF, "value": ceilings.cache_gbps,
-                        "unit": "GB/s", "detail": ceilings.cache_detail})
+        records.append({**base, "roof": ceilings.cache_roof, "value": ceilings.cache_gbps,
+                        "unit": "GB/s", "detail": ceilings.cache_detail + (
+                            f" (size from {ceilings.cache_source})"
+                            if device_roofs.is_gpu(ceilings.device) else "")})
     for size in sorted(ceilings.gather_gbps):
         records.append({**base, "roof": f"{GATHER_ROOF} {size} B rows",
                         "value": ceilings.gather_gbps[size], "unit": "GB/s",
-                        "detail": f"random {size} B rows from a "
+                        "detail": f"random {size} B rows{_per_call(ceilings, size)} from a "
                                   f"{format_bytes(ceilings.gather_buffer_bytes)} buffer "
                                   "(rows + indices read)"})
     return records
 
 
+def _per_call(ceilings: Ceilings, size: int) -> str:
+    per_call = ceilings.gather_rows_per_call.get(size, math.nan)
+    return f", {per_call:,.0f} a call," if is_positive(per_call) else ""
+
+
 def _compute_records(ceilings: Ceilings, base: dict) -> list[dict]:
-    return [{**base, "roof": f"compute {precision}",
-             "value": ceilings.compute_gflops[precision], "unit": "GFLOP/s",
-             "detail": f"ridge {ceilings.ridge_point(precision):.3g} FLOP/B (DRAM stream)"}
-            for precision in sorted(ceilings.compute_gflops, key=precision_sort_key)]
+    records = []
+    for precision in sorted(ceilings.compute_gflops, key=precision_sort_key):
+        shape = ceilings.compute_detail.get(precision)
+        records.append({**base, "roof": f"compute {precision}",
+                        "value": ceilings.compute_gflops[precision], "unit": "GFLOP/s",
+                        "detail": (f"{shape}; " if shape else "") + f"ridge "
+                                  f"{ceilings.ridge_point(precision):.3g} FLOP/B "
+                                  f"({ceilings.stream_roof})"})
+    return records + _nominal_records(ceilings, base)
+
+
+def _nominal_records(ceilings: Ceilings, base: dict) -> list[dict]:
+    """The nominal peaks beside the measured ones, labelled nominal; a note where none."""
+    records = []
+    for precision in sorted(ceilings.nominal_detail, key=precision_sort_key):
+        nominal = ceilings.nominal_gflops[precision]
+        derivation = ceilings.nominal_detail[precision]
+        if not is_positive(nominal):
+            records.append({**base, "roof": "note", "value": math.nan, "unit": "",
+                            "detail": f"{device_roofs.NOMINAL_ROOF_PREFIX} {precision}: "
+                                      f"{derivation}"})
+            continue
+        records.append({**base, "roof": f"{device_roofs.NOMINAL_ROOF_PREFIX} {precision}",
+                        "value": nominal, "unit": "GFLOP/s",
+                        "detail": device_roofs.nominal_detail(
+                            precision, derivation,
+                            ceilings.compute_gflops.get(precision, math.nan), nominal)})
+    return records
 
 
 def ceilings_table(ceilings_by_group: dict[tuple[str, str], Ceilings]) -> pd.DataFrame:

@@ -9,6 +9,7 @@ from typing import Any, Mapping
 import pandas as pd
 
 from bench.records import STATUS_OK
+from reports.energy import row_energy
 from reports.order import sort_report_rows
 from reports.runs import Run, measured_op_rows
 from reports.values import is_positive, joined_unique, positive_mask
@@ -33,8 +34,8 @@ def throughput_metric(rows: pd.DataFrame) -> tuple[str, str]:
 
 
 SUMMARY_COLUMNS = ["op", "workload", "device", "impl", "precision", "isa", "threads",
-                   "batch_size", "throughput", "unit", "median_s", "efficiency", "roof",
-                   "noise", "configs"]
+                   "batch_size", "throughput", "unit", "joules_per_sample", "avg_power_w",
+                   "median_s", "efficiency", "roof", "noise", "configs"]
 
 
 def best_rows(frame: pd.DataFrame) -> list[tuple[pd.Series, str, str, int]]:
@@ -51,17 +52,20 @@ def best_rows(frame: pd.DataFrame) -> list[tuple[pd.Series, str, str, int]]:
 
 def summary_table(frame: pd.DataFrame, roofline: pd.DataFrame,
                   op_order: Mapping[str, float]) -> pd.DataFrame:
-    """Best configuration per (op, workload, device): throughput, efficiency and noise."""
+    """Best configuration per (op, workload, device): throughput, energy, efficiency, noise."""
     efficiency = roofline.set_index("row_id")["efficiency"] if not roofline.empty else {}
     roofs = roofline.set_index("row_id")["roof"] if not roofline.empty else {}
     records = []
     for best, column, unit, configs in best_rows(frame):
         noise = best["iqr_s"] / best["median_s"] if is_positive(best["median_s"]) else math.nan
+        energy = row_energy(best)
         records.append({
             "op": best["op"], "workload": best["workload"], "device": best["device"],
             "impl": best["impl"], "precision": best["precision"], "isa": best["isa"],
             "threads": best["threads"], "batch_size": best["batch_size"],
-            "throughput": best[column], "unit": unit, "median_s": best["median_s"],
+            "throughput": best[column], "unit": unit,
+            "joules_per_sample": energy["joules_per_sample"],
+            "avg_power_w": energy["avg_power_w"], "median_s": best["median_s"],
             "efficiency": float(efficiency.get(best["row_id"], math.nan)),
             "roof": roofs.get(best["row_id"], ""),
             "noise": noise, "configs": configs,

@@ -338,6 +338,7 @@ PEER_TESTS = {"bench.ops.sls_fbgemm": "ops/test_peers_sls.py",
               "bench.ops.dlrm_compiled": "ops/test_peers_dlrm.py",
               "bench.ops.sls_triton": "models/test_triton_tbe.py",
               "bench.ops.dlrm_triton": "ops/test_dlrm_triton.py",
+              "bench.ops.ttrec_triton": "models/test_tt_triton.py",
               "bench.ops.dlrm_cuda_graph": "ops/test_cuda_graph.py"}
 
 

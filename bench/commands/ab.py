@@ -5,16 +5,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from bench.records import ARGS_FILENAME, SchemaError, read_json
-from bench.run import ci_sweep
+from bench.run import ci_sweep, lifeline
 from reports.check import (
     EXIT_CANNOT_COMPARE,
     VERDICTS_FILENAME,
@@ -54,23 +52,6 @@ def resolve_revision(revision: str, root: Path = ci_sweep.PROJECT_ROOT) -> str:
     if result.returncode != 0 or not result.stdout.strip():
         raise AbError(f"unknown revision {revision!r} (git rev-parse found no commit)")
     return result.stdout.strip()
-
-
-@contextlib.contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
-    """Treat SIGTERM like Ctrl-C, so a cancelled CI job still removes the worktree."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager
@@ -150,7 +131,7 @@ def run_ab(
             DEFAULT_AB_ROOT / ci_sweep.new_run_id(f"{commit[:8]}-"))
         a_dirs: list[Path] = []
         b_dirs: list[Path] = []
-        with _terminate_as_interrupt(), base_worktree(commit, root) as worktree:
+        with lifeline.terminate_as_interrupt(), base_worktree(commit, root) as worktree:
             for round_number in range(1, rounds + 1):
                 # The base runs its own run_bench.py and bench package from the worktree.
                 run_a = functools.partial(

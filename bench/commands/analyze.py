@@ -33,7 +33,7 @@ def build_parser() -> OneLineParser:
     parser.add_argument("--batches", type=positive_int, default=DEFAULT_BATCHES,
                         help=f"batches of the workload to trace (default {DEFAULT_BATCHES})")
     parser.add_argument("--batch-size", help="bags per batch (default: the workload's)")
-    parser.add_argument("--max-rows", type=int)
+    parser.add_argument("--max-rows", type=positive_int)
     parser.add_argument("--dist", help="index distribution for every table: uniform, zipf:ALPHA, "
                              "trace:PATH, hitrate:RATE@CAPACITY_ROWS or reuse:COLD_PROB,MEAN")
     parser.add_argument("--rows", type=positive_int, default=1_000_000)

@@ -178,3 +178,20 @@ def non_negative_int(text: str) -> int:
 def positive_float(text: str) -> float:
     """One finite number > 0."""
     return _numbers(text, float, 0, True, "2.5", single=True)[0]
+
+
+# The longest timing a configuration may ask for, and the longest a configuration may run.
+MAX_MIN_RUN_TIME_S = 3600.0
+MAX_TASK_TIMEOUT_S = 86400.0
+
+
+def seconds_up_to(maximum: float) -> Callable[[str], float]:
+    """One finite number of seconds > 0 and at most maximum (an absurd bound is refused)."""
+    def convert(text: str) -> float:
+        value = positive_float(text)
+        if value > maximum:
+            raise argparse.ArgumentTypeError(f"{value:g}: give at most {maximum:g} seconds")
+        return value
+
+    convert.__name__ = "seconds"
+    return convert

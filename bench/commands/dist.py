@@ -6,8 +6,9 @@ import os
 import sys
 from pathlib import Path
 
-from bench.commands.common import (OneLineParser, UsageError, choice_list, exit_code, names,
-                                   new_run_directory, positive_floats, whole_numbers)
+from bench.commands.common import (MAX_TASK_TIMEOUT_S, OneLineParser, UsageError, choice_list,
+                                   exit_code, names, new_run_directory, non_negative_int,
+                                   positive_floats, positive_int, seconds_up_to, whole_numbers)
 from bench.records import (RESULTS_FILENAME, STATUS_ERROR, STATUS_OK, dumps_compact, read_rows,
                            write_json)
 from workloads.resolve import WorkloadChoices, resolve_workloads
@@ -35,19 +36,19 @@ def build_parser() -> OneLineParser:
                         help="hybrid, torchrec_dmp (torchrec's DistributedModelParallel, "
                              "table-wise)")
     parser.add_argument("--workload", default="smoke", help="preset names (run_bench.py --list)")
-    parser.add_argument("--max-rows", type=int, help="cap every table at this many rows")
+    parser.add_argument("--max-rows", type=positive_int, help="cap every table at this many rows")
     parser.add_argument("--batch-size", help="global batch size(s), split evenly over ranks")
     parser.add_argument("--precision", type=choice_list(*PRECISIONS), default="fp32",
                         help="fp32, bf16 (MLPs autocast)")
     parser.add_argument("--sharding", default="auto", choices=("table", "row", "auto"))
     parser.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (NCCL)")
-    parser.add_argument("--threads", type=int, default=1, help="threads per rank")
+    parser.add_argument("--threads", type=positive_int, default=1, help="threads per rank")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
     parser.add_argument("--warmup-steps", type=int, default=2)
     parser.add_argument("--sizes", type=whole_numbers,
                         help="collective message sizes in bytes per rank")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--task-timeout", type=float, default=300.0,
+    parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument("--task-timeout", type=seconds_up_to(MAX_TASK_TIMEOUT_S), default=300.0,
                         help="seconds without progress on any rank before the job is ended")
     parser.add_argument("--predict", type=names, metavar="RUN_DIR[,RUN_DIR...]",
                         help="scaling model: read the dist rows of the run directories (e.g. a "
@@ -138,7 +139,6 @@ def main(argv: list[str]) -> int:
     write_json(directory / "env.json", {"run_id": run_id, **devices.host_facts()})
     job = {"run_id": run_id, "results": str(directory / RESULTS_FILENAME),
            "device": args.device, "threads": args.threads, "configs": planned}
-    job.update(getattr(args, "test_only_job", {}))
     run_job(job, directory, args.nproc, args.nnodes, args.rdzv_endpoint, args.task_timeout,
             lambda config: base_row(job, config))
     rows = read_rows(directory / RESULTS_FILENAME)

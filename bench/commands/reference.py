@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 
 from bench import PROJECT_ROOT
-from bench.commands.common import (OneLineParser, UsageError, build_report, choice_list,
-                                   exit_code, names, new_run_directory, non_negative_int,
-                                   positive_float, positive_int)
+from bench.commands.common import (MAX_MIN_RUN_TIME_S, MAX_TASK_TIMEOUT_S, OneLineParser,
+                                   UsageError, build_report, choice_list, exit_code, names,
+                                   new_run_directory, non_negative_int, positive_int,
+                                   seconds_up_to)
 from bench.commands.reference_run import (MODE_OPS, REFERENCE_IMPL, SCRIPT_NAME, check_workload,
                                           checkout_commit, reference_row)
 from bench.commands.sweep import QUICK_POLICY
@@ -43,7 +44,7 @@ def build_parser() -> OneLineParser:
     parser.add_argument("--workload", default=DEFAULT_WORKLOADS,
                         help=f"preset names (default {DEFAULT_WORKLOADS}, capped at 100,000 "
                              "rows per table unless --max-rows)")
-    parser.add_argument("--max-rows", type=int, help="cap every table at this many rows")
+    parser.add_argument("--max-rows", type=positive_int, help="cap every table at this many rows")
     parser.add_argument("--batch-size", type=positive_int,
                         help="override the workloads' batch size")
     parser.add_argument("--threads", type=positive_int, default=1,
@@ -65,15 +66,16 @@ def build_parser() -> OneLineParser:
                         help="our impls to run (default: every impl of the op)")
     parser.add_argument("--precision", type=names, default=DEFAULT_PRECISIONS,
                         help=f"our precisions (default {DEFAULT_PRECISIONS})")
-    parser.add_argument("--min-run-time", type=positive_float,
+    parser.add_argument("--min-run-time", type=seconds_up_to(MAX_MIN_RUN_TIME_S),
                         default=QUICK_POLICY.min_run_time_s,
                         help="seconds of timing per configuration of ours and per reference "
-                             "inference")
+                             f"inference (at most {MAX_MIN_RUN_TIME_S:g})")
     parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--python", default=sys.executable,
                         help="interpreter for the reference (it imports scikit-learn and "
                              "tensorboard; default: this one)")
-    parser.add_argument("--child-timeout", type=positive_float, default=DEFAULT_CHILD_TIMEOUT_S,
+    parser.add_argument("--child-timeout", type=seconds_up_to(MAX_TASK_TIMEOUT_S),
+                        default=DEFAULT_CHILD_TIMEOUT_S,
                         help="seconds before one reference run counts as hung")
     parser.add_argument("--out", default="results", help="output directory (default results/)")
     parser.add_argument("--run-id", help="name of the run directory (default: timestamp)")

@@ -17,7 +17,7 @@ from bench import registry
 from bench.commands.common import (EXIT_ALL_ERRORED, EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_ERRORED,
                                    OneLineParser, UsageError, build_report, choice_list, names,
                                    new_run_directory, non_negative_floats, positive_floats,
-                                   whole_numbers)
+                                   positive_int, whole_numbers)
 from bench.faults import PlantedFault
 from bench.records import (STATUS_ERROR, STATUS_OK, ResultRow, ResultsWriter, dumps_compact,
                            utc_timestamp, write_atomic, write_json)
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                "check is an error row; the other rows are kept)")
     parser.add_argument("--scenario", default="server", choices=SCENARIOS)
     parser.add_argument("--workload", default="kaggle", help="one preset (default kaggle)")
-    parser.add_argument("--max-rows", type=int, help="cap every table at this many rows")
+    parser.add_argument("--max-rows", type=positive_int, help="cap every table at this many rows")
     parser.add_argument("--impl", default="per_table", help="a dlrm_infer impl (see --list)")
     parser.add_argument("--precision", type=names, default="fp32",
                         help="precisions, e.g. fp32,bf16")

@@ -1,6 +1,7 @@
 """The DLRM on FBGEMM's table-batched embeddings (TBE): `dlrm_train` with the TBE's fused
 backward + optimizer step (exact SGD, or row-wise Adagrad), and `dlrm_infer` on the inference
-TBE's fp16 / int8 / int4 tables. MLPs and interaction are our per_table model's."""
+TBE's fp16 / int8 / int4 tables, on the CPU or (FBGEMM's CUDA build) cuda. MLPs and
+interaction are our per_table model's."""
 
 from __future__ import annotations
 
@@ -21,10 +22,11 @@ from bench.models.teacher import evaluation_set, teacher_model
 from bench.models import quality
 from bench.ops.common import cycling, lookup_bound, rotation_metrics
 from bench.models.dlrm_reference import linear_parameters64, logits64, reference_logits
-from bench.ops.dlrm import (EVAL_BATCHES, LEARNING_RATE, TRAIN_PRECISIONS,
+from bench.ops.dlrm import (CUDA_TRAIN, EVAL_BATCHES, LEARNING_RATE, TRAIN_PRECISIONS,
                             WHOLE_MODEL_TOLERANCE, after_step, dense_only, fp32_predictions,
                             predict, train_step)
-from bench.ops.sls_fbgemm import FBGEMM_PEER
+from bench.ops.fbgemm_placement import Placement, placed, placement
+from bench.ops.sls_fbgemm import FBGEMM_ON, FBGEMM_PEER
 from bench.ops.dlrm_batches import (model_rotation_plan, rotating_batches,
                                     rotating_labelled_batches)
 from bench.ops.dlrm_costs import (embedding_traffic, inference_bytes, model_bytes, model_flops,
@@ -67,15 +69,15 @@ def _fbgemm():
     return training, inference, common, configs, quantize
 
 
-def _check_shapes(context: BuildContext) -> None:
+def _check_shapes(context: BuildContext) -> Placement:
     if context.variant.get("tt_tables"):
         raise Unsupported("the FBGEMM TBE impls have no TT-Rec tables; use per_table or "
                           "batched with --tt-tables")
-    if context.device.type != "cpu":
-        raise Unsupported("this FBGEMM build (fbgemm-gpu-cpu) runs its TBE on CPU only")
+    where = placed(context.device, "fbgemm_gpu")
     if context.workload.dim % 4:
         raise Unsupported(f"FBGEMM TBE needs an embedding dim divisible by 4, not "
                           f"{context.workload.dim}")
+    return where
 
 
 def _tbe_inputs(indices, offsets) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,25 +89,24 @@ def _tbe_inputs(indices, offsets) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class TBEEmbeddings(nn.Module):
-    """All tables in one training TBE (HOST / CPU, fp32 rows); backward updates the rows it
+    """All tables in one training TBE (fp32 rows, where placed); backward updates the rows it
     looked up with the TBE's optimizer. Same interface as the other embedding modules."""
 
     def __init__(self, weights: list[torch.Tensor], optimizer: str, learning_rate: float,
-                 eps: float = ADAGRAD_EPS):
+                 eps: float = ADAGRAD_EPS, where: Placement = placement(CPU)):
         super().__init__()
         training, _, common, configs, _ = _fbgemm()
         optimizers = {"sgd": configs.EmbOptimType.EXACT_SGD,
                       "rowwise_adagrad": configs.EmbOptimType.EXACT_ROWWISE_ADAGRAD}
-        specs = [(weight.shape[0], weight.shape[1], common.EmbeddingLocation.HOST,
-                  common.ComputeDevice.CPU) for weight in weights]
+        specs = [(weight.shape[0], weight.shape[1], *where.enums(common)) for weight in weights]
         self.optimizer = optimizer
         self.tbe = training.SplitTableBatchedEmbeddingBagsCodegen(
             specs, optimizer=optimizers[optimizer], learning_rate=learning_rate, eps=eps,
-            pooling_mode=common.PoolingMode.SUM, device=CPU,
+            pooling_mode=common.PoolingMode.SUM, device=where.device,
             weights_precision=configs.SparseType.FP32, output_dtype=configs.SparseType.FP32)
         with torch.no_grad():
             for target, weight in zip(self.tbe.split_embedding_weights(), weights, strict=True):
-                target.copy_(weight)
+                target.copy_(weight)  # onto the device where placed there
         self.num_tables, self.dim = len(weights), weights[0].shape[1]
 
     def forward(self, indices: list[torch.Tensor], offsets: list[torch.Tensor]) -> torch.Tensor:
@@ -122,13 +123,15 @@ class TBEEmbeddings(nn.Module):
         return [states[0].detach() for states in self.tbe.split_optimizer_states()]
 
 
-def tbe_model(initial: DLRM, optimizer: str, learning_rate: float,
-              eps: float = ADAGRAD_EPS) -> DLRM:
-    """A copy of an fp32 DLRM whose embeddings are one TBE holding the same weights."""
-    return DLRM(initial.workload, bottom=copy.deepcopy(initial.bottom),
+def tbe_model(initial: DLRM, optimizer: str, learning_rate: float, eps: float = ADAGRAD_EPS,
+              where: Placement = placement(CPU)) -> DLRM:
+    """A copy of an fp32 DLRM whose embeddings are one TBE holding the same weights, all of it
+    on the placement's device."""
+    bottom, interaction, top = (copy.deepcopy(module).to(where.device) for module
+                                in (initial.bottom, initial.interaction, initial.top))
+    return DLRM(initial.workload, bottom=bottom, interaction=interaction, top=top,
                 embeddings=TBEEmbeddings(initial.embeddings.table_weights(), optimizer,
-                                         learning_rate, eps),
-                interaction=copy.deepcopy(initial.interaction), top=copy.deepcopy(initial.top))
+                                         learning_rate, eps, where))
 
 
 def dense_parameters(model: DLRM) -> list[nn.Parameter]:
@@ -182,7 +185,7 @@ def reference_tbe_step(model: DLRM, batch, labels: torch.Tensor, optimizer: str,
            for weight, bias in linear_parameters64(model.top)]
     lookups = [torch.unique(table_indices.long(), return_inverse=True)
                for table_indices in indices]
-    leaves = [as64(weight[rows]).requires_grad_()
+    leaves = [as64(weight[rows.to(weight.device)]).requires_grad_()
               for weight, (rows, _) in zip(model.embeddings.table_weights(), lookups)]
 
     def pooled(tables):
@@ -201,7 +204,7 @@ def reference_tbe_step(model: DLRM, batch, labels: torch.Tensor, optimizer: str,
         if optimizer == "sgd":
             updated.append((leaf - learning_rate * grad).detach())
             continue
-        state = as64(states[position][lookups[position][0]])
+        state = as64(states[position][lookups[position][0].to(states[position].device)])
         rows, new_state = rowwise_adagrad64(leaf.detach(), grad, state, learning_rate, eps)
         updated.append(rows)
         updated_states.append(new_state)
@@ -276,8 +279,8 @@ def build_tbe_train(context: BuildContext, optimizer: str, learning_rate: float,
                     reference_eps: float | None = None) -> Prepared:
     """One training step of a student DLRM on teacher labels, its embeddings in one TBE.
     reference_* default to the impl's own settings (tests plant a mismatch with them)."""
-    _check_shapes(context)
-    workload, precision = context.workload, context.precision
+    where = _check_shapes(context)
+    workload, precision, device = context.workload, context.precision, where.device
     reference_learning_rate = (learning_rate if reference_learning_rate is None
                                else reference_learning_rate)
     reference_eps = eps if reference_eps is None else reference_eps
@@ -288,23 +291,23 @@ def build_tbe_train(context: BuildContext, optimizer: str, learning_rate: float,
     # The same student as per_table's: seed + 1, per-table weights, then into one TBE.
     initial = build_dlrm(workload, context.seed + 1, embeddings="per_table", sparse=True,
                          learning_rate=learning_rate)
-    student = tbe_model(initial, optimizer, learning_rate, eps)
+    student = tbe_model(initial, optimizer, learning_rate, eps, where)
     sgd = torch.optim.SGD(dense_parameters(student), lr=learning_rate)
-    inputs = [(*batch_tensors(item.batch, CPU), torch.from_numpy(item.labels))
+    inputs = [(*batch_tensors(item.batch, device), torch.from_numpy(item.labels).to(device))
               for item in rotating]
     dense, indices, offsets, labels = inputs[0]
     traffic = embedding_traffic(initial, "fp32", [item[:3] for item in inputs])
     bytes_parts = training_bytes(initial, traffic)
-    start = tbe_model(initial, optimizer, learning_rate, eps)
+    start = tbe_model(initial, optimizer, learning_rate, eps, where)
     if optimizer == "rowwise_adagrad":
         # The row-wise state: read and written once per distinct row.
         bytes_parts["row_state_updates"] = 2.0 * traffic["unique_rows"] * 4
         warm_up = (rotating[ADAGRAD_WARM_UP_BATCH] if len(rotating) > ADAGRAD_WARM_UP_BATCH
                    else rotating_labelled_batches(workload, context.seed,
                                                   ADAGRAD_WARM_UP_BATCH + 1)[-1])
-        dense_w, indices_w, offsets_w = batch_tensors(warm_up.batch, CPU)
+        dense_w, indices_w, offsets_w = batch_tensors(warm_up.batch, device)
         train_step(start, torch.optim.SGD(dense_parameters(start), lr=learning_rate),
-                   dense_w, indices_w, offsets_w, torch.from_numpy(warm_up.labels),
+                   dense_w, indices_w, offsets_w, torch.from_numpy(warm_up.labels).to(device),
                    autocast_dtype)
 
     def check():
@@ -352,19 +355,20 @@ def build_tbe_train(context: BuildContext, optimizer: str, learning_rate: float,
     )
 
 
-@impl("dlrm_train", "fbgemm_tbe", TRAIN_PRECISIONS, devices=("cpu",), requires=FBGEMM_PEER,
-      pairs=dense_only,
-      description="all tables in one FBGEMM training TBE (CPU), EXACT_SGD fused into its "
-                  "backward; MLPs as per_table's")
+# On cuda without fp16, as per_table (bench/ops/dlrm.py build_train: loss scaling).
+@impl("dlrm_train", "fbgemm_tbe", TRAIN_PRECISIONS, device_precisions=CUDA_TRAIN,
+      available=FBGEMM_ON, requires=FBGEMM_PEER, pairs=dense_only,
+      description="all tables in one FBGEMM training TBE (CPU, or cuda with FBGEMM's CUDA "
+                  "build), EXACT_SGD fused into its backward; MLPs as per_table's")
 def build_train_fbgemm_tbe(context: BuildContext) -> Prepared:
     """Training step with the embeddings in one FBGEMM TBE (exact SGD)."""
     return build_tbe_train(context, "sgd", LEARNING_RATE)
 
 
-@impl("dlrm_train", "fbgemm_tbe_adagrad", ADAGRAD_PRECISIONS, devices=("cpu",),
+@impl("dlrm_train", "fbgemm_tbe_adagrad", ADAGRAD_PRECISIONS, available=FBGEMM_ON,
       requires=FBGEMM_PEER, pairs=dense_only,
-      description="all tables in one FBGEMM training TBE (CPU), EXACT_ROWWISE_ADAGRAD fused "
-                  "into its backward; MLPs by SGD")
+      description="all tables in one FBGEMM training TBE (CPU, or cuda with FBGEMM's CUDA "
+                  "build), EXACT_ROWWISE_ADAGRAD fused into its backward; MLPs by SGD")
 def build_train_fbgemm_tbe_adagrad(context: BuildContext) -> Prepared:
     """Training step with the embeddings in one FBGEMM TBE (row-wise Adagrad)."""
     return build_tbe_train(context, "rowwise_adagrad", ADAGRAD_LEARNING_RATE)
@@ -381,17 +385,18 @@ def _quantized(quantize, weight: torch.Tensor, kind):
 
 class TBEInferenceEmbeddings(nn.Module):
     """All tables in one inference TBE (IntNBitTableBatchedEmbeddingBagsCodegen) at fp16,
-    int8 or int4 (row-wise, fp16 scale and bias), pooled to fp32."""
+    int8 or int4 (row-wise, fp16 scale and bias), pooled to fp32, where placed."""
 
-    def __init__(self, weights: list[torch.Tensor], precision: str):
+    def __init__(self, weights: list[torch.Tensor], precision: str,
+                 where: Placement = placement(CPU)):
         super().__init__()
         _, inference, common, configs, quantize = _fbgemm()
         kind = {"fp16": configs.SparseType.FP16, "int8": configs.SparseType.INT8,
                 "int4": configs.SparseType.INT4}[precision]
-        specs = [("", weight.shape[0], weight.shape[1], kind, common.EmbeddingLocation.HOST)
+        specs = [("", weight.shape[0], weight.shape[1], kind, where.enums(common)[0])
                  for weight in weights]
         self.tbe = inference.IntNBitTableBatchedEmbeddingBagsCodegen(
-            specs, pooling_mode=common.PoolingMode.SUM, device=CPU,
+            specs, pooling_mode=common.PoolingMode.SUM, device=where.device,
             output_dtype=configs.SparseType.FP32, indices_dtype=torch.int64,
             weight_lists=[_quantized(quantize, weight, kind) for weight in weights])
         # What the kernel reads per looked-up row (scale and bias included, no padding).
@@ -411,17 +416,17 @@ class TBEInferenceEmbeddings(nn.Module):
 
 def build_tbe_infer(context: BuildContext) -> Prepared:
     """Inference of the calibrated teacher with its tables in an inference TBE, fp32 MLPs."""
-    _check_shapes(context)
-    workload, precision = context.workload, context.precision
+    where = _check_shapes(context)
+    workload, precision, device = context.workload, context.precision, where.device
     fp32_model = teacher_model(workload, context.seed, embeddings="per_table")
-    model = DLRM(workload, bottom=copy.deepcopy(fp32_model.bottom),
+    model = DLRM(workload, bottom=copy.deepcopy(fp32_model.bottom).to(device),
                  embeddings=TBEInferenceEmbeddings(fp32_model.embeddings.table_weights(),
-                                                   precision),
-                 interaction=copy.deepcopy(fp32_model.interaction),
-                 top=copy.deepcopy(fp32_model.top)).eval()
+                                                   precision, where),
+                 interaction=copy.deepcopy(fp32_model.interaction).to(device),
+                 top=copy.deepcopy(fp32_model.top).to(device)).eval()
     rotation = model_rotation_plan(workload, precision)
     batches = rotating_batches(workload, context.seed, rotation["rotation_batches"])
-    inputs = [batch_tensors(item, CPU) for item in batches]
+    inputs = [batch_tensors(item, device) for item in batches]
     traffic = embedding_traffic(fp32_model, "fp32", inputs)
     traffic["row_bytes"] = traffic["lookups"] * model.embeddings.row_bytes
     bytes_parts = inference_bytes(fp32_model, "fp32", traffic)
@@ -456,9 +461,9 @@ def build_tbe_infer(context: BuildContext) -> Prepared:
     def accuracy() -> dict:
         labelled = evaluation_set(workload, context.seed, EVAL_BATCHES)
         labels = np.concatenate([item.labels for item in labelled])
-        predicted = predict(model, labelled, "fp32", CPU)
+        predicted = predict(model, labelled, "fp32", device)
         fp32_predicted = fp32_predictions(fp32_model, labelled, (context.seed, EVAL_BATCHES),
-                                          CPU)
+                                          device)
         return {"auc": quality.auc(labels, predicted),
                 "logloss": quality.logloss(labels, predicted),
                 "ctr_abs_diff": float(np.mean(np.abs(predicted - fp32_predicted))),
@@ -484,9 +489,10 @@ def build_tbe_infer(context: BuildContext) -> Prepared:
     )
 
 
-@impl("dlrm_infer", "fbgemm_tbe", INFER_PRECISIONS, devices=("cpu",), requires=FBGEMM_PEER,
+@impl("dlrm_infer", "fbgemm_tbe", INFER_PRECISIONS, available=FBGEMM_ON, requires=FBGEMM_PEER,
       pairs=dense_only,
-      description="all tables in one FBGEMM inference TBE (fp16 / int8 / int4 rows), fp32 MLPs")
+      description="all tables in one FBGEMM inference TBE (fp16 / int8 / int4 rows; CPU, or "
+                  "cuda with FBGEMM's CUDA build), fp32 MLPs")
 def build_infer_fbgemm_tbe(context: BuildContext) -> Prepared:
     """Inference with the tables in one FBGEMM inference TBE."""
     return build_tbe_infer(context)

@@ -1,5 +1,6 @@
 """FBGEMM's table-batched embedding ops (TBE) on the lookup ops: the training TBE's forward and
-the inference TBE at fp16/int8/int4, over `sls`'s largest table and over all of `sls_multi`'s."""
+the inference TBE at fp16/int8/int4, over `sls`'s largest table and over all of `sls_multi`'s;
+on the CPU, or on cuda with FBGEMM's CUDA build."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 from bench import peers
 from bench.compare_outputs import (QUANTIZED_BITS, UNDERFLOW, UNIT_ROUNDOFF,
                                    pooled_lookup_bound)
+from bench.ops.fbgemm_placement import Placement, peers_on, placed
 from bench.ops.common import (FLOAT_DTYPES, Unsupported, as_tensors, cycling, lookup_bound,
                               lookup_bytes, mean_lookups, rotation_metrics, table_weight,
                               workload_rotation_plan)
@@ -24,6 +26,7 @@ from workloads.generators import rotating_table_batches
 TRAINING_PRECISIONS = ("fp32", "fp16")
 INFERENCE_PRECISIONS = ("fp16", "int8", "int4")
 FBGEMM_PEER = {"fbgemm_gpu": peers.PEERS_INSTALL}  # plan-time: what the TBE impls need
+FBGEMM_ON = peers_on("fbgemm_gpu")  # plan-time: on cuda, FBGEMM's CUDA build
 # FloatToFused8BitRowwiseQuantized quantizes with 255 / (range + 1e-8): a value moves by at
 # most 1e-8 from where the exact inverse scale puts it.
 INT8_QUANTIZE_EPSILON = 1e-8
@@ -54,25 +57,25 @@ def _pooling(fbgemm, mode: str):
 
 
 class TrainingTables:
-    """Tables in one training TBE (SplitTableBatchedEmbeddingBagsCodegen) on the host CPU,
-    answering its forward; weights copied from the fp32 tables."""
+    """Tables in one training TBE (SplitTableBatchedEmbeddingBagsCodegen) where the placement
+    puts them, answering its forward; weights copied from the fp32 tables."""
 
-    kind = "SplitTableBatchedEmbeddingBagsCodegen (HOST, CPU)"
-
-    def __init__(self, fbgemm, weights: list[torch.Tensor], precision: str, mode: str):
+    def __init__(self, fbgemm, weights: list[torch.Tensor], precision: str, mode: str,
+                 where: Placement):
         if precision not in TRAINING_PRECISIONS:
-            raise Unsupported(f"the training TBE stores tables at {TRAINING_PRECISIONS} on CPU")
-        location, compute = fbgemm.common.EmbeddingLocation.HOST, fbgemm.training.ComputeDevice.CPU
+            raise Unsupported(f"the training TBE impl stores tables at {TRAINING_PRECISIONS}")
+        location, compute = where.enums(fbgemm.common)
+        self.kind = f"SplitTableBatchedEmbeddingBagsCodegen ({where.label()})"
         self.module = fbgemm.training.SplitTableBatchedEmbeddingBagsCodegen(
             [(weight.shape[0], weight.shape[1], location, compute) for weight in weights],
             weights_precision=_sparse_type(fbgemm, precision),
             output_dtype=_output_type(fbgemm, precision),
-            pooling_mode=_pooling(fbgemm, mode))
+            pooling_mode=_pooling(fbgemm, mode), device=where.device)
+        stored_tables = self.module.split_embedding_weights()
         with torch.no_grad():
-            for stored, weight in zip(self.module.split_embedding_weights(), weights,
-                                      strict=True):
-                stored.copy_(weight)  # round to nearest into fp16
-        self.bytes_per_row = weights[0].shape[1] * self.module.weights_host.element_size()
+            for stored, weight in zip(stored_tables, weights, strict=True):
+                stored.copy_(weight)  # round to nearest into fp16 (and onto the device)
+        self.bytes_per_row = weights[0].shape[1] * stored_tables[0].element_size()
         self.bounds_check = fbgemm.common.BoundsCheckMode(self.module.bounds_check_mode_int).name
 
     def __call__(self, indices, offsets, weights=None):
@@ -82,30 +85,32 @@ class TrainingTables:
 
 
 class InferenceTables:
-    """Tables in one inference TBE (IntNBitTableBatchedEmbeddingBagsCodegen) on the CPU, filled
-    with FBGEMM's own quantization of the fp32 tables (fp16, or row-wise int8/int4 rows that
-    carry an fp16 scale and bias)."""
+    """Tables in one inference TBE (IntNBitTableBatchedEmbeddingBagsCodegen) where the
+    placement puts them, filled with FBGEMM's own quantization of the fp32 tables (fp16, or
+    row-wise int8/int4 rows that carry an fp16 scale and bias)."""
 
-    kind = "IntNBitTableBatchedEmbeddingBagsCodegen (HOST, CPU)"
-
-    def __init__(self, fbgemm, weights: list[torch.Tensor], precision: str, mode: str):
+    def __init__(self, fbgemm, weights: list[torch.Tensor], precision: str, mode: str,
+                 where: Placement):
         if precision not in INFERENCE_PRECISIONS:
             raise Unsupported(f"the inference TBE impl runs at {INFERENCE_PRECISIONS}")
         dim = weights[0].shape[1]
         if precision == "int4" and dim % 2:
             raise Unsupported("int4 TBE rows need an even embedding dim")
         sparse_type = _sparse_type(fbgemm, precision)
+        location, _ = where.enums(fbgemm.common)  # the compute device follows `device`
+        self.kind = f"IntNBitTableBatchedEmbeddingBagsCodegen ({where.label()})"
         self.module = fbgemm.inference.IntNBitTableBatchedEmbeddingBagsCodegen(
-            [(f"table_{index}", weight.shape[0], weight.shape[1], sparse_type,
-              fbgemm.common.EmbeddingLocation.HOST) for index, weight in enumerate(weights)],
-            device=torch.device("cpu"), pooling_mode=_pooling(fbgemm, mode),
+            [(f"table_{index}", weight.shape[0], weight.shape[1], sparse_type, location)
+             for index, weight in enumerate(weights)],
+            device=where.device, pooling_mode=_pooling(fbgemm, mode),
             output_dtype=_output_type(fbgemm, precision))
         self.module.initialize_weights()
         with warnings.catch_warnings():  # quantize_embs copy-constructs with torch.tensor()
             warnings.simplefilter("ignore", UserWarning)
             self.module.assign_embedding_weights(
                 [fbgemm.quantize.quantize_embs(weight, sparse_type) for weight in weights])
-        # What one stored row takes, its scale/bias and alignment padding included.
+        # What one stored row takes, its scale/bias and alignment padding included (rows are
+        # 16-byte aligned on cuda, unpadded on the CPU).
         self.bytes_per_row = fbgemm.inference.rounded_row_size_in_bytes(
             dim, sparse_type, self.module.row_alignment, self.module.scale_bias_size_in_bytes)
         self.bounds_check = fbgemm.common.BoundsCheckMode(self.module.bounds_check_mode_int).name
@@ -186,6 +191,7 @@ def concatenate_tables(indices: list[torch.Tensor], offsets: list[torch.Tensor],
 # ------------------------------------------------------------------ sls (one table)
 
 def _build_single(context: BuildContext, impl_name: str) -> Prepared:
+    where = placed(context.device, "fbgemm_gpu")
     fbgemm = _fbgemm()
     workload, device = context.workload, context.device
     table_index = workload.largest_table()
@@ -194,7 +200,7 @@ def _build_single(context: BuildContext, impl_name: str) -> Prepared:
     weighted = mode == "weighted"
     pool_mode = "sum" if weighted else mode
     weight = table_weight(table, context.seed, table_index)
-    tables = TABLES[impl_name](fbgemm, [weight], context.precision, mode)
+    tables = TABLES[impl_name](fbgemm, [weight], context.precision, mode, where)
     rotation = workload_rotation_plan(workload, [table_index], context.precision)
     parts = rotation["rotation_batches"]
     # Per-sample weights stay fp32: the TBE takes fp32 weights for every table type.
@@ -227,15 +233,18 @@ def _build_single(context: BuildContext, impl_name: str) -> Prepared:
     )
 
 
-@impl("sls", "fbgemm_tbe", TRAINING_PRECISIONS, devices=("cpu",), requires=FBGEMM_PEER,
-      description="FBGEMM training TBE forward (SplitTableBatchedEmbeddingBagsCodegen, CPU)")
+@impl("sls", "fbgemm_tbe", TRAINING_PRECISIONS, available=FBGEMM_ON, requires=FBGEMM_PEER,
+      description="FBGEMM training TBE forward (SplitTableBatchedEmbeddingBagsCodegen; CPU, "
+                  "or cuda with FBGEMM's CUDA build)")
 def build_sls_tbe(context: BuildContext) -> Prepared:
     """The largest table in a one-table training TBE; sum, mean, or weighted sum."""
     return _build_single(context, "fbgemm_tbe")
 
 
-@impl("sls", "fbgemm_tbe_infer", INFERENCE_PRECISIONS, devices=("cpu",), requires=FBGEMM_PEER,
-      description="FBGEMM inference TBE (IntNBitTableBatchedEmbeddingBagsCodegen, CPU)")
+@impl("sls", "fbgemm_tbe_infer", INFERENCE_PRECISIONS, available=FBGEMM_ON,
+      requires=FBGEMM_PEER,
+      description="FBGEMM inference TBE (IntNBitTableBatchedEmbeddingBagsCodegen; CPU, or cuda "
+                  "with FBGEMM's CUDA build)")
 def build_sls_tbe_infer(context: BuildContext) -> Prepared:
     """The largest table in a one-table inference TBE, fp16 or row-wise int8/int4."""
     return _build_single(context, "fbgemm_tbe_infer")
@@ -275,9 +284,10 @@ def multi_prepared(context: BuildContext, calls, weights, rotations, rotation,
 
 
 def _build_multi(context: BuildContext, impl_name: str) -> Prepared:
+    where = placed(context.device, "fbgemm_gpu")
     fbgemm = _fbgemm()
     weights, rotations, rotation = all_tables(context)
-    tables = TABLES[impl_name](fbgemm, weights, context.precision, "sum")
+    tables = TABLES[impl_name](fbgemm, weights, context.precision, "sum", where)
     num_tables, batch_size = len(weights), context.workload.batch_size
 
     def lookup_all(indices, offsets, lookup_starts, end):
@@ -293,16 +303,19 @@ def _build_multi(context: BuildContext, impl_name: str) -> Prepared:
                           {"tbe": tables.kind, "bounds_check": tables.bounds_check})
 
 
-@impl("sls_multi", "fbgemm_tbe", TRAINING_PRECISIONS, devices=("cpu",), requires=FBGEMM_PEER,
-      description="every table in one FBGEMM training TBE, forward (CPU)")
+@impl("sls_multi", "fbgemm_tbe", TRAINING_PRECISIONS, available=FBGEMM_ON,
+      requires=FBGEMM_PEER,
+      description="every table in one FBGEMM training TBE, forward (CPU, or cuda with "
+                  "FBGEMM's CUDA build)")
 def build_multi_tbe(context: BuildContext) -> Prepared:
     """All tables in one training TBE: one call per batch, sum pooling."""
     return _build_multi(context, "fbgemm_tbe")
 
 
-@impl("sls_multi", "fbgemm_tbe_infer", INFERENCE_PRECISIONS, devices=("cpu",),
+@impl("sls_multi", "fbgemm_tbe_infer", INFERENCE_PRECISIONS, available=FBGEMM_ON,
       requires=FBGEMM_PEER,
-      description="every table in one FBGEMM inference TBE, fp16 or row-wise int8/int4 (CPU)")
+      description="every table in one FBGEMM inference TBE, fp16 or row-wise int8/int4 (CPU, "
+                  "or cuda with FBGEMM's CUDA build)")
 def build_multi_tbe_infer(context: BuildContext) -> Prepared:
     """All tables in one inference TBE: one call per batch, sum pooling."""
     return _build_multi(context, "fbgemm_tbe_infer")

@@ -1,4 +1,5 @@
-"""torchrec's EmbeddingBagCollection over a KeyedJaggedTensor on `sls_multi` (fp32, sum)."""
+"""torchrec's EmbeddingBagCollection over a KeyedJaggedTensor on `sls_multi` (fp32, sum), on the
+CPU or, with FBGEMM's CUDA build, on cuda."""
 
 from __future__ import annotations
 
@@ -8,16 +9,20 @@ import torch
 
 from bench import peers
 from bench.ops.common import Unsupported
+from bench.ops.fbgemm_placement import peers_on, placed
 from bench.ops.sls import all_tables
 from bench.ops.sls_fbgemm import concatenate_tables, multi_prepared, table_major_inputs
 from bench.registry import BuildContext, Prepared, impl
 
 
-@impl("sls_multi", "torchrec_ebc", ("fp32",), devices=("cpu",),
+# torchrec's jagged-tensor ops are FBGEMM's: on cuda they need its CUDA build too.
+@impl("sls_multi", "torchrec_ebc", ("fp32",), available=peers_on("fbgemm_gpu", "torchrec"),
       requires={"torchrec": peers.PEERS_INSTALL},
-      description="torchrec EmbeddingBagCollection over a KeyedJaggedTensor (unsharded, CPU)")
+      description="torchrec EmbeddingBagCollection over a KeyedJaggedTensor (unsharded; CPU, or "
+                  "cuda with FBGEMM's CUDA build)")
 def build_torchrec_ebc(context: BuildContext) -> Prepared:
     """Every table in one EmbeddingBagCollection, one feature per table, sum pooling."""
+    placed(context.device, "fbgemm_gpu", "torchrec")
     torchrec = peers.require("torchrec")
     if context.precision != "fp32":
         raise Unsupported("the unsharded EmbeddingBagCollection impl runs at fp32 only")
@@ -29,10 +34,10 @@ def build_torchrec_ebc(context: BuildContext) -> Prepared:
                                             num_embeddings=weight.shape[0], feature_names=[key],
                                             pooling=torchrec.PoolingType.SUM)
                 for name, key, weight in zip(names, keys, weights, strict=True)],
-        device=torch.device("cpu"))
+        device=context.device)
     with torch.no_grad():
         for name, weight in zip(names, weights, strict=True):
-            collection.embedding_bags[name].weight.copy_(weight)
+            collection.embedding_bags[name].weight.copy_(weight)  # onto the device
     num_tables, batch_size = len(weights), context.workload.batch_size
 
     def lookup_all(indices, offsets, lookup_starts, end):

@@ -109,7 +109,20 @@ def tt_lookup_cost(module: TTEmbeddingBag, counts: dict) -> dict:
                       + cached * module.dim * module.element_bytes + cache_map_bytes)}
 
 
-def _build_tt(context: BuildContext, cache_policy: str, kernel: str = "reference") -> Prepared:
+def tt_per_lookup_cost(module: TTEmbeddingBag, counts: dict) -> dict:
+    """FLOPs and bytes of the TT rows of one batch for a kernel that does not deduplicate (the
+    Triton one): a chain per missed lookup, a cached row read per hit, a slot read per lookup."""
+    misses = counts["lookups"] - counts["cache_hits"]
+    cache_map_bytes = counts["lookups"] * 4 if module.cache is not None else 0.0  # int32
+    return {"flops": misses * tt_row_flops(module),
+            "bytes": (misses * tt_slice_bytes(module)
+                      + counts["cache_hits"] * module.dim * module.element_bytes
+                      + cache_map_bytes)}
+
+
+def build_tt(context: BuildContext, cache_policy: str, kernel: str = "reference") -> Prepared:
+    """A tt_sls impl: the workload's largest table as a TTEmbeddingBag with this cache policy
+    and kernel, cycling through the rotating batches, checked against float64."""
     workload, device = context.workload, context.device
     table_index = workload.largest_table()
     table = workload.tables[table_index]
@@ -143,7 +156,7 @@ def _build_tt(context: BuildContext, cache_policy: str, kernel: str = "reference
     counts = tt_unique_counts(module, [pair[0] for pair in inputs])
     lookups, bags = counts["lookups"], offsets.numel()
     hit_rate = counts["cache_hits"] / lookups if lookups else 0.0
-    rows = tt_lookup_cost(module, counts)
+    rows = (tt_per_lookup_cost if kernel == "triton" else tt_lookup_cost)(module, counts)
     ranks = module.ranks
 
     def lookup(indices, offsets):
@@ -186,14 +199,14 @@ def _build_tt(context: BuildContext, cache_policy: str, kernel: str = "reference
       description="TT cores + 10% LFU hot-row cache (warm-up counts, then populate)")
 def build_tt_cached(context: BuildContext) -> Prepared:
     """TT embedding bag with the hot-row cache."""
-    return _build_tt(context, "lfu")
+    return build_tt(context, "lfu")
 
 
 @impl("tt_sls", "tt_cached_lru", ("fp32", "fp16", "bf16"),
       description="TT cores + 10% LRU hot-row cache (rows admitted as they are looked up)")
 def build_tt_cached_lru(context: BuildContext) -> Prepared:
     """TT embedding bag with an LRU hot-row cache."""
-    return _build_tt(context, "lru")
+    return build_tt(context, "lru")
 
 
 @impl("tt_sls", "tt_fused", ("fp32", "fp16", "bf16"),
@@ -201,14 +214,14 @@ def build_tt_cached_lru(context: BuildContext) -> Prepared:
                   "rebuilt by one bmm chain (no torch.unique)")
 def build_tt_fused(context: BuildContext) -> Prepared:
     """TT embedding bag with the LFU cache and the fused TT kernel."""
-    return _build_tt(context, "lfu", kernel="fused")
+    return build_tt(context, "lfu", kernel="fused")
 
 
 @impl("tt_sls", "tt_uncached", ("fp32", "fp16", "bf16"),
       description="TT cores only: every distinct row reconstructed per batch")
 def build_tt_uncached(context: BuildContext) -> Prepared:
     """TT embedding bag without a cache."""
-    return _build_tt(context, "none")
+    return build_tt(context, "none")
 
 
 @impl("tt_sls", "dense", ("fp32", "fp16", "bf16"), baseline=True,

@@ -236,11 +236,32 @@ def gpu_facts() -> dict:
                 "max_memory_clock_mhz": pynvml.nvmlDeviceGetMaxClockInfo(handle,
                                                                          pynvml.NVML_CLOCK_MEM),
             })
+        for gpu, l2_bytes in zip(gpus, torch_l2_bytes([gpu["name"] for gpu in gpus])):
+            if l2_bytes:
+                gpu["l2_cache_bytes"] = l2_bytes
         driver = pynvml.nvmlSystemGetDriverVersion()
         return {"available": True, "driver": driver if isinstance(driver, str) else driver.decode(),
                 "gpus": gpus}
     finally:
         pynvml.nvmlShutdown()
+
+
+def torch_l2_bytes(nvml_names: list[str]) -> list[int]:
+    """Each NVML GPU's L2 bytes as torch reports it (the report's device roofs need it), 0
+    where torch's device of that index is another GPU (its order can differ from NVML's)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return [0] * len(nvml_names)
+    sizes = []
+    for index, name in enumerate(nvml_names):
+        if index >= torch.cuda.device_count():
+            sizes.append(0)
+            continue
+        properties = torch.cuda.get_device_properties(index)
+        same = properties.name == name
+        sizes.append(int(getattr(properties, "L2_cache_size", 0)) if same else 0)
+    return sizes
 
 
 def effective_clock() -> dict:

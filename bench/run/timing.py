@@ -34,14 +34,17 @@ def time_cpu(fn: Callable[[], Any], policy: TimingPolicy, threads: int,
              clock: Callable[[], float] = timeit.default_timer) -> list[float]:
     """Per-repetition seconds of fn via torch.utils.benchmark (blocks of calls for short fns);
     the warm-up's wall is read from monotonic_s, as measure reads its own."""
-    warmup_started = monotonic_s()
+    warmup_started = last_call_started = monotonic_s()
     for _ in range(policy.warmup_calls):
+        last_call_started = monotonic_s()
         fn()
-    warmup_wall_s = monotonic_s() - warmup_started
+    warmup_ended = monotonic_s()
+    warmup_wall_s = warmup_ended - warmup_started
     timer = torch_benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads,
                                   timer=clock)
-    measurement = timer.blocked_autorange(
-        min_run_time=autorange_run_time(policy, warmup_wall_s))
+    # The last warm-up call sets the pace (the first is the cold one).
+    last_call_s = warmup_ended - last_call_started if policy.warmup_calls else 0.0
+    measurement = timer.blocked_autorange(min_run_time=autorange_run_time(policy, last_call_s))
     samples = list(measurement.times)
     spent = sum(samples) * measurement.number_per_run
     # Only when the warm-up misjudged the call (or there was none): add blocks until there are
@@ -57,10 +60,9 @@ def time_cpu(fn: Callable[[], Any], policy: TimingPolicy, threads: int,
     return blocks
 
 
-def autorange_run_time(policy: TimingPolicy, warmup_wall_s: float) -> float:
-    """blocked_autorange's min_run_time: long enough for min_samples calls at the warm-up's
-    pace, within [min_run_time, max_run_time], so one autorange yields the samples."""
-    call_s = warmup_wall_s / policy.warmup_calls if policy.warmup_calls else 0.0
+def autorange_run_time(policy: TimingPolicy, call_s: float) -> float:
+    """blocked_autorange's min_run_time: long enough for min_samples calls of call_s seconds,
+    within [min_run_time, max_run_time], so one autorange yields the samples."""
     wanted = max(policy.min_run_time_s, policy.min_samples * call_s)
     return min(wanted, max(policy.max_run_time_s, policy.min_run_time_s))
 

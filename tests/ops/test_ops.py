@@ -20,6 +20,7 @@ from bench.ops.common import PooledTable, relative_error, table_weight
 from bench.ops.dlrm import model_at_precision
 from bench.ops.fc import at_precision
 from bench.ops.sls_triton import CPU_SKIP as TRITON_CPU_SKIP
+from bench.ops.ttrec_triton import CPU_SKIP as TT_TRITON_CPU_SKIP
 from bench.peers import PEERS_INSTALL
 from bench.registry import BuildContext, Impl, Prepared, Unsupported
 from bench.records import STATUS_ERROR, STATUS_OK, STATUS_SKIPPED, ResultRow, samples_from_row
@@ -102,10 +103,12 @@ def test_impl_matches_float64_reference(monkeypatch, op_name, impl_name, variant
         # install it (bench.peers.require); with the peers installed, their impls must run.
         # So is dlrm_train/tt_fused's dense variant (it trains TT tables only, by design),
         # and a huge-pages impl on a host whose transparent huge pages are off, and the
-        # Triton TBE, a cuda kernel (tests/models/test_triton_tbe.py runs it interpreted).
+        # Triton TBE and TT kernels, cuda kernels (tests/models/test_triton_tbe.py and
+        # test_tt_triton.py run them interpreted).
         tt_only = impl_name == "tt_fused" and not variant.get("tt_tables")
         assert (_expected_unsupported(op_name, precision) or tt_only
-                or PEERS_INSTALL in str(reason) or str(reason).startswith(TRITON_CPU_SKIP)
+                or PEERS_INSTALL in str(reason)
+                or str(reason).startswith((TRITON_CPU_SKIP, TT_TRITON_CPU_SKIP))
                 or (transparent_huge_pages() not in ("always", "madvise")
                     and "transparent_hugepage" in str(reason))), str(reason)
         assert str(reason)  # the message becomes the skip reason

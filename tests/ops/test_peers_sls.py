@@ -12,6 +12,7 @@ import torch
 import bench.ops.sls_fbgemm as sls_fbgemm
 from bench import peers, registry
 from bench.ops.common import lookup_bound
+from bench.ops.fbgemm_placement import placement
 from bench.records import ResultRow
 from bench.registry import BuildContext, Unsupported
 from bench.run import worker
@@ -68,7 +69,8 @@ def _verdict(prepared, precision) -> str:
 def test_peer_impl_passes_the_worker_check(workload, op, impl_name, precision, mode):
     prepared = _build(op, impl_name, precision, mode, workload)
     assert _verdict(prepared, precision) == ""
-    assert registry.impls(op)[impl_name].devices == ("cpu",)
+    assert registry.refusal(registry.impls(op)[impl_name], {"mode": mode}, precision, "cpu",
+                            {}) is None
     assert prepared.params["rotation_batches"] > 1
     # Timing cycles through distinct batches: the next call looks up other rows.
     first, second = prepared.run(), prepared.run()
@@ -175,13 +177,13 @@ def test_tables_in_the_wrong_order_fail(monkeypatch, op):
     """The TBE's split weights filled in reverse table order (sls: a row-reversed table)."""
     real = sls_fbgemm.TrainingTables.__init__
 
-    def reversed_tables(self, fbgemm, weights, precision, mode):
+    def reversed_tables(self, fbgemm, weights, precision, mode, where):
         flipped = [weight.flip(0) for weight in weights] if len(weights) == 1 else weights[::-1]
         if len(weights) > 1:  # same shapes needed: pad or cut to each slot's rows
             flipped = [source[: target.shape[0]] if source.shape[0] >= target.shape[0] else
                        torch.cat([source, target[source.shape[0]:]])
                        for source, target in zip(flipped, weights)]
-        real(self, fbgemm, flipped, precision, mode)
+        real(self, fbgemm, flipped, precision, mode, where)
 
     monkeypatch.setattr(sls_fbgemm.TrainingTables, "__init__", reversed_tables)
     message = _verdict(_build(op, "fbgemm_tbe", "fp32"), "fp32")
@@ -210,7 +212,8 @@ def test_tbe_quantization_error_holds_and_is_tight(precision, scale):
     Small tables' int8 scales are fp16 subnormals: the error then grows far past half a step."""
     generator = torch.Generator().manual_seed(0)
     table = (torch.rand(2000, 64, generator=generator) - 0.5) * scale
-    tables = sls_fbgemm.InferenceTables(sls_fbgemm._fbgemm(), [table], precision, "sum")
+    tables = sls_fbgemm.InferenceTables(sls_fbgemm._fbgemm(), [table], precision, "sum",
+                                        placement(CPU))
     error = (tables(torch.arange(2000), torch.arange(2001)).double()
              - table.double()).abs().amax(dim=1, keepdim=True)
     allowed = sls_fbgemm.tbe_quantization_error(table.double(), precision)
@@ -236,6 +239,7 @@ def test_tbe_bytes_follow_the_stored_row(impl_name, precision, row_bytes, mode):
     output_bytes = {"fp32": 4, "fp16": 2}.get(precision, 4)
     weight_bytes = 4 if mode == "weighted" else 0
     assert prepared.params["row_bytes"] == row_bytes
+    assert prepared.params["tbe"].endswith("(HOST, CPU)")  # tables in host memory, CPU kernels
     assert prepared.bytes_moved == pytest.approx(
         lookups * (row_bytes + 8 + weight_bytes)
         + SMOKE.batch_size * (8 + table.dim * output_bytes))

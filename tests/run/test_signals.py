@@ -118,9 +118,9 @@ def test_a_worker_whose_sweep_is_killed_stops_by_itself(tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--min-run-time", "1e9"], "--min-run-time 1e+09: give at most 3600"),
-    (["--min-run-time", "3601"], "--min-run-time 3601: give at most 3600"),
-    (["--task-timeout", "1e9"], "--task-timeout 1e+09: give at most 86400"),
+    (["--min-run-time", "1e9"], "--min-run-time: 1e+09: give at most 3600 seconds"),
+    (["--min-run-time", "3601"], "--min-run-time: 3601: give at most 3600 seconds"),
+    (["--task-timeout", "1e9"], "--task-timeout: 1e+09: give at most 86400 seconds"),
 ])
 def test_absurd_time_flags_are_refused_before_any_work(tmp_path, capsys, flags, message):
     out = tmp_path / "out"

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from bench.run import timing
-from bench.run import timing
 from bench.run.timing import Summary, TimingPolicy, autorange_run_time, summarize, time_cpu
 
 
@@ -199,18 +198,15 @@ def test_measure_on_cpu_times_the_given_closure():
 def test_autorange_run_time_covers_min_samples_within_the_cap():
     policy = TimingPolicy(min_run_time_s=0.2, min_samples=10, max_run_time_s=5.0,
                           warmup_calls=2)
-    assert autorange_run_time(policy, warmup_wall_s=0.0) == pytest.approx(0.2)
-    assert autorange_run_time(policy, warmup_wall_s=2 * 0.1) == pytest.approx(1.0)
-    assert autorange_run_time(policy, warmup_wall_s=2 * 1.6) == pytest.approx(5.0)
-    no_warmup = TimingPolicy(min_run_time_s=0.2, min_samples=10, max_run_time_s=5.0,
-                             warmup_calls=0)
-    assert autorange_run_time(no_warmup, warmup_wall_s=1.0) == pytest.approx(0.2)
+    assert autorange_run_time(policy, call_s=0.0) == pytest.approx(0.2)
+    assert autorange_run_time(policy, call_s=0.1) == pytest.approx(1.0)
+    assert autorange_run_time(policy, call_s=1.6) == pytest.approx(5.0)
 
 
 @pytest.mark.parametrize("cost_s", [0.05, 0.5, 1.6])
 def test_a_slow_closure_pays_no_untimed_calls_beyond_warm_up_and_the_estimate(
         monkeypatch, cost_s):
-    # The warm-up's wall (read from monotonic_s) sets the autorange's run time, so the samples
+    # The last warm-up call (read from monotonic_s) sets the autorange's run time, so the samples
     # come from one autorange: the calls are the warm-up, the block-size estimate and the
     # samples, not three calls a sample (Timer.timeit's own two warm-up calls each).
     work = FakeWork(cost_s)
@@ -221,3 +217,25 @@ def test_a_slow_closure_pays_no_untimed_calls_beyond_warm_up_and_the_estimate(
     assert samples == pytest.approx([cost_s] * len(samples))
     assert work.calls == 2 + 1 + len(samples)
     assert len(samples) >= min(10, int(5.0 / cost_s))
+
+
+class ColdFirstCall(FakeWork):
+    """FakeWork whose first call is a cold one costing cold_s."""
+
+    def __init__(self, cost_s: float, cold_s: float):
+        super().__init__(cost_s)
+        self.cold_s = cold_s
+
+    def clock(self) -> float:
+        return super().clock() + (self.cold_s - self.cost_s if self.calls else 0.0)
+
+
+def test_a_cold_first_warm_up_call_does_not_stretch_the_timing(monkeypatch):
+    work = ColdFirstCall(cost_s=0.001, cold_s=10.0)
+    monkeypatch.setattr(timing, "monotonic_s", work.clock)
+    policy = TimingPolicy(min_run_time_s=0.2, min_samples=10, max_run_time_s=5.0,
+                          warmup_calls=2)
+    samples = time_cpu(work, policy, threads=1, clock=work.clock)
+    assert samples == pytest.approx([0.001] * len(samples))
+    # 0.2 s of timing at 1 ms a call, not the 5 s cap a 10 s first call would ask for.
+    assert sum(samples) * samples.calls_per_sample < 1.0

@@ -18,9 +18,11 @@ from bench.models.ttrec.factorize import (
     tt_parameter_count,
 )
 
-# How rows are reconstructed from the cores: "reference" (per-op autograd graph) or "fused"
-# (one autograd node with a hand-written bmm backward, bench.models.ttrec.fused).
-TT_KERNELS = ("reference", "fused")
+# How rows are reconstructed from the cores: "reference" (per-op autograd graph), "fused"
+# (one autograd node with a hand-written bmm backward, bench.models.ttrec.fused) or "triton"
+# (one Triton launch a batch, cache read in the kernel, bench.models.ttrec.triton_tt).
+TT_KERNELS = ("reference", "fused", "triton")
+PER_LOOKUP_KERNELS = ("fused", "triton")
 # full_weight() reconstructs in chunks so a medium table does not need a huge bmm intermediate.
 RECONSTRUCT_CHUNK_ROWS = 65536
 
@@ -268,9 +270,23 @@ class TTEmbeddingBag(nn.Module):
     def reconstruct_rows(self, row_ids: torch.Tensor) -> torch.Tensor:
         """Return the TT (uncached) rows [len(row_ids), dim]; differentiable w.r.t. the cores."""
         row_ids = row_ids.to(self.cores[0].device)
-        if self.kernel == "fused":
+        if self._triton_runs(row_ids.device):
+            from bench.models.ttrec.triton_tt import tt_rows
+
+            return tt_rows(list(self.cores), row_ids)
+        if self.kernel in PER_LOOKUP_KERNELS:
             return fused_tt_rows(list(self.cores), stacked_digits(row_ids, self.row_factors))
         return reconstruct_tt_rows(list(self.cores), row_ids, self.row_factors)
+
+    def _triton_runs(self, device: torch.device) -> bool:
+        """kernel="triton" where its kernels run here; elsewhere (the CPU copy a GPU run builds
+        and warms its cache on) the fused bmm chain computes the same rows."""
+        if self.kernel != "triton":
+            return False
+        # Imported here: triton is optional, and its import fixes the interpreter choice.
+        from bench.models.ttrec.triton_tt import runs_on
+
+        return runs_on(device)
 
     def full_weight(self) -> torch.Tensor:
         """Return the dense [num_rows, dim] TT reconstruction (cache ignored; small tables)."""
@@ -337,8 +353,9 @@ class TTEmbeddingBag(nn.Module):
                                         per_sample_weights=per_sample_weights)
 
     def _per_lookup_path(self) -> bool:
-        """The fused kernel skips deduplication unless LRU admission or LFU warm-up needs it."""
-        if self.kernel != "fused" or self.validate_indices:
+        """The fused and Triton kernels skip deduplication unless LRU admission or LFU warm-up
+        needs it."""
+        if self.kernel not in PER_LOOKUP_KERNELS or self.validate_indices:
             return False
         if self.cache_policy == "lru":
             return False
@@ -355,6 +372,15 @@ class TTEmbeddingBag(nn.Module):
         """
         self._lookups += indices.numel()
         self._forward_calls += 1
+        if self._triton_runs(indices.device):
+            from bench.models.ttrec.triton_tt import tt_bag
+
+            cache = self.cache
+            # The kernel reads each lookup's slot and counts the hits itself.
+            return tt_bag(list(self.cores), indices, offsets, per_sample_weights,
+                          slot_map=None if cache is None else cache.row_to_slot,
+                          cache_weight=None if cache is None else cache.weight,
+                          hits=self._hits, sparse_cache_gradient=self.sparse_cache_gradient)
         lookups = torch.arange(indices.numel(), device=indices.device)
         if self.cache is None:
             rows = self.reconstruct_rows(indices)
