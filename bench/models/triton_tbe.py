@@ -136,6 +136,8 @@ class TritonTableBatchedEmbeddingBag(torch.nn.Module):
         under grad mode. No gradient flows to per_sample_weights."""
         if self.learning_rate is None or not torch.is_grad_enabled():
             return self.pooled(indices, offsets, per_sample_weights)
+        if self._anchor.device != self.weights.device:  # .to() moves buffers, not this leaf
+            self._anchor = torch.zeros(0, device=self.weights.device, requires_grad=True)
         return _FusedSGDLookup.apply(self._anchor, self, indices, offsets, per_sample_weights)
 
     def fused_sgd_step(self, indices: torch.Tensor, offsets: torch.Tensor,
