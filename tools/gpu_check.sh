@@ -134,6 +134,8 @@ if [ "$TINY" = 1 ]; then
     SERVE=(--workload smoke --query-size uniform:1,24 --queries 128 --min-queries 300
            --min-duration 0.2 --max-batch 64)
     REFERENCE=(--workload smoke --iterations 3 --warmup 1 --impls per_table --min-run-time 0.02)
+    MODEL_IMPLS=per_table,batched,fused_sgd
+    TABLES=(--workload smoke --batch-size 64 --precision fp32)
 else
     MIN_RUN=0.2
     ROOFS=(--precision fp32,bf16)
@@ -146,6 +148,9 @@ else
            --min-duration 5 --max-batch 16384)
     REFERENCE=(--workload kaggle --iterations 10 --warmup 3 --impls per_table,batched
                --min-run-time 0.2)
+    # Issue 23's targets: our Triton TBE and the graphed step beside stock PyTorch.
+    MODEL_IMPLS=per_table,batched,fused_sgd,triton_tbe,cuda_graph
+    TABLES=(--workload kaggle --max-rows 1000000000 --batch-size "$GPU_BATCH" --precision fp32,bf16)
 fi
 DIST_DEVICE=$DEVICE
 [ "$DEVICE" = cpu ] || DIST_DEVICE=cuda  # each rank takes the GPU of its local rank
@@ -170,9 +175,14 @@ step roofs 60 "${BENCH[@]}" --ops membw,gemm_peak --device "$DEVICE" "${ROOFS[@]
 step sls 60 "${BENCH[@]}" --ops sls --workload synthetic --dim 64 --pooling 32 --num-tables 1 --sls-modes sum \
     "${SLS[@]}" --device "$DEVICE" --min-run-time "$MIN_RUN" --out "$RUNS" --run-id sls --no-report
 
-step kaggle_models 100 "${BENCH[@]}" --ops dlrm_infer,dlrm_train --impls per_table,batched,fused_sgd \
+step kaggle_models 100 "${BENCH[@]}" --ops dlrm_infer,dlrm_train --impls "$MODEL_IMPLS" \
     "${MODEL[@]}" --device "$DEVICE" --min-run-time "$MIN_RUN" --out "$RUNS" --run-id kaggle_models \
     --no-report
+
+# All 26 tables in one lookup (every impl, Triton's one launch included) and TT-Rec's lookup
+# against the dense one (the Triton TT kernel with and without its cache).
+step tables 60 "${BENCH[@]}" --ops sls_multi,tt_sls "${TABLES[@]}" --device "$DEVICE" \
+    --min-run-time "$MIN_RUN" --out "$RUNS" --run-id tables --no-report
 
 step dist 45 "${BENCH[@]}" dist --device "$DIST_DEVICE" --nproc 1 "${DIST[@]}" --out "$RUNS" --run-id dist
 
