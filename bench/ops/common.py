@@ -354,6 +354,12 @@ class CheckedBags:
             return pooled
         return pooled.index_select(dim, self.bag_ids.to(pooled.device))
 
+    def checked_call(self, call: Callable[[], torch.Tensor], dim: int = 0) -> Callable:
+        """The closure the check runs: call itself, or call with its output sampled."""
+        if self.bag_ids is None:
+            return call
+        return lambda: self.output(call(), dim)
+
     def batch(self, indices, offsets, weights=None) -> tuple:
         """(indices, offsets, weights) of the checked bags only."""
         if self.bag_ids is None:

@@ -94,7 +94,7 @@ def _build_sls(context: BuildContext, huge_pages: bool) -> Prepared:
     check_indices, check_offsets, check_weights = checked.batch(indices, offsets, weights)
     return Prepared(
         run=cycling(calls),
-        check=lambda: checked.output(calls[0]()),
+        check=checked.checked_call(calls[0]),
         reference=lambda: table_lookup64(weight, check_indices, check_offsets, pool_mode,
                                          check_weights),
         error_bound=lambda expected: lookup_bound(weight, check_indices, check_offsets,
@@ -152,7 +152,7 @@ def multi_prepared(context, calls, weights, rotations, rotation, bytes_per_row,
     check_tensors = [checked.batch(*entry) for entry in tensors]
     return Prepared(
         run=cycling(calls),
-        check=lambda: checked.output(calls[0](), dim=1),
+        check=checked.checked_call(calls[0], dim=1),
         reference=lambda: multi_reference(weights, check_tensors),
         error_bound=lambda expected: _multi_bound(weights, check_tensors, context.precision),
         samples=workload.batch_size,

@@ -199,7 +199,7 @@ def _build_tt(context: BuildContext, cache_policy: str, kernel: str = "reference
     calls = [functools.partial(lookup, *pair) for pair in inputs]
     return Prepared(
         run=cycling(calls),
-        check=lambda: checked.output(calls[0]()),
+        check=checked.checked_call(calls[0]),
         reference=lambda: tt_reference(module, check_indices, check_offsets, None),
         error_bound=lambda expected: tt_bound(module, check_indices, check_offsets,
                                               context.precision),
@@ -277,7 +277,7 @@ def build_dense(context: BuildContext) -> Prepared:
     check_indices, check_offsets, _ = checked.batch(indices, offsets)
     return Prepared(
         run=cycling(calls),
-        check=lambda: checked.output(calls[0]()),
+        check=checked.checked_call(calls[0]),
         reference=lambda: table_lookup64(weight, check_indices, check_offsets, "sum", None),
         error_bound=lambda expected: lookup_bound(weight, check_indices, check_offsets, "sum",
                                                   None, context.precision),

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from bench.run import timing
-from bench.run import timing
 from bench.run.timing import Summary, TimingPolicy, autorange_run_time, summarize, time_cpu
 
 
