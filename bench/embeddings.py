@@ -19,6 +19,12 @@ def table_weight(table: TableSpec, seed: int, table_index: int) -> torch.Tensor:
     return _cached_weight(table.rows, table.dim, seed, table_index).clone()
 
 
+def shared_table_weight(table: TableSpec, seed: int, table_index: int) -> torch.Tensor:
+    """The worker's cached fp32 weights of a table, not a copy: read them, never write them
+    (an impl that updates its tables takes table_weight's clone)."""
+    return _cached_weight(table.rows, table.dim, seed, table_index)
+
+
 @functools.lru_cache(maxsize=64)
 def _cached_weight(rows: int, dim: int, seed: int, table_index: int) -> torch.Tensor:
     # Kept once per worker: every op and precision on a workload reuses the same tables.

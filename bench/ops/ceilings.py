@@ -11,7 +11,7 @@ import torch
 
 from bench.models.dlrm import top_input_width
 from bench.ops.common import (FLOAT_DTYPES, INDEX_BYTES, MAX_MEMORY_FRACTION,
-                              MIN_ROTATION_TARGET_BYTES, ROTATION_LLC_MULTIPLE,
+                              MIN_ROTATION_TARGET_BYTES, ROTATION_LLC_MULTIPLE, InputMemo,
                               available_memory_bytes, beyond_cache_bytes, cycling, last_level_cache)
 from bench.precisions import BYTES_PER_VALUE
 from bench.registry import BuildContext, Op, Prepared, Unsupported, impl, register_op
@@ -198,10 +198,23 @@ register_op(Op("gemm_peak", "matmul throughput probe per precision: the best of 
                _gemm_variants, probe=True, report_order=1))
 
 
+# The copy and read probes of a size, and every random-row gather (all from the largest
+# buffer), read the same seeded buffer: drawn once per worker, the latest size only (a GiB
+# buffer costs about a second to draw). No probe writes to it: copy writes its destination.
+PROBE_BUFFERS = InputMemo(max_entries=1)
+# Gathers of one row size (copy, then read) draw the same random rows.
+GATHER_INDICES = InputMemo(max_entries=1)
+
+
 def _buffer(context: BuildContext, size: int = 0) -> torch.Tensor:
+    """The seeded fp32 probe buffer of a size on the device, shared per worker: read-only."""
     count = max(1, (size or context.variant["bytes"]) // 4)
-    generator = torch.Generator().manual_seed(context.seed)
-    return torch.rand(count, generator=generator).to(context.device)
+
+    def draw() -> torch.Tensor:
+        generator = torch.Generator().manual_seed(context.seed)
+        return torch.rand(count, generator=generator).to(context.device)
+
+    return PROBE_BUFFERS.get(context.workload, (count, context.seed, str(context.device)), draw)
 
 
 def _sample_stride(count: int) -> int:
@@ -235,9 +248,16 @@ class _Gather:
         # rows of a block are gone from the cache when the rotation comes back to it.
         draws = min(rows, MAX_GATHER_INDEX_BYTES // INDEX_BYTES)
         blocks = max(1, draws // self.block_rows)
-        generator = torch.Generator().manual_seed(context.seed + 1)
-        indices = torch.randint(rows, (blocks * self.block_rows,), generator=generator)
-        self.blocks = list(indices.to(context.device).split(self.block_rows))
+
+
+        def draw() -> torch.Tensor:
+            generator = torch.Generator().manual_seed(context.seed + 1)
+            indices = torch.randint(rows, (blocks * self.block_rows,), generator=generator)
+            return indices.to(context.device)
+
+        key = (rows, blocks * self.block_rows, context.seed, str(context.device))
+        indices = GATHER_INDICES.get(context.workload, key, draw)
+        self.blocks = list(indices.split(self.block_rows))
 
     def reference(self) -> torch.Tensor:
         """The first block's first rows in float64."""

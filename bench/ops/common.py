@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from typing import Callable, Optional
@@ -11,11 +12,13 @@ import torch.nn.functional as functional
 
 from bench.compare_outputs import pooled_lookup_bound, relative_error  # noqa: F401
 from bench.embeddings import clear_weight_cache, huge_page_copy, table_weight  # noqa: F401
+from bench.embeddings import shared_table_weight  # noqa: F401
 from bench.host import FALLBACK_LLC_BYTES, available_memory_bytes, last_level_cache  # noqa: F401
 from bench.host import transparent_huge_pages
+from bench.models.dlrm_reference import WorkloadMemo
 from bench.precisions import stored_row_bytes
 from bench.registry import Unsupported
-from workloads.generators import TableBatch
+from workloads.generators import TableBatch, rotating_table_batches
 
 FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 INDEX_BYTES = 8  # int64 indices and offsets
@@ -233,3 +236,154 @@ def cycling(calls: list[Callable[[], object]]) -> Callable[[], object]:
         return calls[0]
     upcoming = itertools.cycle(calls)
     return lambda: next(upcoming)()
+
+
+def tensor_bytes(value) -> int:
+    """Bytes of the tensors in a value (nested tuples and lists of tensors)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sum(tensor_bytes(item) for item in value)
+    return 0
+
+
+class InputMemo(WorkloadMemo):
+    """A WorkloadMemo of a workload's inputs that a worker shares across configurations; with
+    max_bytes, it also drops its oldest entries while they hold more tensor bytes than that
+    together (the newest always stays). clear_shared_inputs clears every one."""
+
+    def __init__(self, max_entries: int, max_bytes: Optional[int] = None):
+        super().__init__(max_entries)
+        self.max_bytes = max_bytes
+        _INPUT_MEMOS.append(self)
+
+    def get(self, workload, key, compute):
+        """As WorkloadMemo.get, then bounded by bytes."""
+        value = super().get(workload, key, compute)
+        while (self.max_bytes is not None and len(self.entries) > 1
+               and sum(tensor_bytes(item) for item in self.entries.values()) > self.max_bytes):
+            self.entries.popitem(last=False)
+        return value
+
+
+_INPUT_MEMOS: list[InputMemo] = []
+
+
+# Every impl and precision of a workload's lookup ops cycles through the same rotating batches:
+# built once per worker (on the device that runs) and shared. The budget is the worker's
+# allowance for rotating inputs (sweep.WORKER_BASE_BYTES): precisions that plan rotations of
+# different lengths each keep theirs while it fits. Read-only: an impl that changes its inputs
+# must copy them.
+SHARED_ROTATIONS = InputMemo(max_entries=8, max_bytes=MAX_ROTATION_INDEX_BYTES)
+
+
+def shared_rotation(workload, table_index: int, seed: int, parts: int,
+                    device: torch.device) -> tuple[tuple[torch.Tensor, ...], ...]:
+    """(indices, offsets, weights) on device of each of the parts rotating batches of one table
+    (workloads.generators.rotating_table_batches), built once per worker: read-only."""
+    key = ("rotation", table_index, seed, parts, str(device))
+    return SHARED_ROTATIONS.get(workload, key, lambda: tuple(
+        as_tensors(batch, device)
+        for batch in rotating_table_batches(workload, table_index, seed, parts)))
+
+
+def shared_rotations(workload, table_indices, seed: int, parts: int,
+                     device: torch.device) -> tuple[tuple[tuple[torch.Tensor, ...], ...], ...]:
+    """Per rotating batch, every listed table's (indices, offsets, weights): shared_rotation
+    regrouped batch-major, kept as one entry (read-only)."""
+    table_indices = tuple(table_indices)
+    key = ("rotations", table_indices, seed, parts, str(device))
+
+    def build():
+        per_table = [tuple(as_tensors(batch, device) for batch in
+                           rotating_table_batches(workload, index, seed, parts))
+                     for index in table_indices]
+        return tuple(tuple(batches[part] for batches in per_table) for part in range(parts))
+
+    return SHARED_ROTATIONS.get(workload, key, build)
+
+
+def clear_shared_inputs() -> None:
+    """Drop the worker's shared tables and inputs (between workloads, to bound memory)."""
+    clear_weight_cache()
+    for memo in _INPUT_MEMOS:
+        memo.clear()
+
+
+# The float64 check of a lookup widens the distinct rows its batch touches (never more than the
+# table holds) and compares float64 [bags, dim] arrays: output, reference, bound, error, ratio.
+# Above this many bytes (a large batch over a large table) it checks a deterministic sample of
+# bags instead. A fixed figure, not a share of this host's free memory: the same configuration
+# then checks the same bags on every host.
+CHECK_FLOAT64_BYTES = 1 << 30
+CHECK_OUTPUT_COPIES = 6  # float64 [bags, dim] arrays a comparison holds at once
+
+
+def check_float64_bytes(lookups: float, table_rows: int, bags: int, dim: int) -> float:
+    """Float64 bytes the check of one batch holds: its distinct rows and the compared bags
+    (bags: output rows of dim values, every table's counted)."""
+    return (min(lookups, table_rows) + CHECK_OUTPUT_COPIES * bags) * dim * 8.0
+
+
+def bag_subset(indices: torch.Tensor, offsets: torch.Tensor, weights: Optional[torch.Tensor],
+               bag_ids: torch.Tensor) -> tuple:
+    """The lookups of some bags only, as a batch of their own (offsets re-based, order kept)."""
+    device = indices.device
+    ends = torch.cat([offsets[1:], offsets.new_tensor([indices.numel()])])
+    bag_ids = bag_ids.to(offsets.device)
+    starts, lengths = offsets[bag_ids], ends[bag_ids] - offsets[bag_ids]
+    new_offsets = torch.cumsum(lengths, 0) - lengths
+    total = int(lengths.sum())
+    positions = (torch.repeat_interleave(starts - new_offsets, lengths)
+                 + torch.arange(total, device=offsets.device))
+    positions = positions.to(device)
+    return (indices[positions], new_offsets.to(offsets.device),
+            None if weights is None else weights[positions])
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckedBags:
+    """Which bags of a batch the float64 check compares: all (bag_ids None) or a sample."""
+
+    bags: int
+    bag_ids: Optional[torch.Tensor] = None
+
+    def output(self, pooled: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """The checked bags of an output whose bags run along dimension dim."""
+        if self.bag_ids is None:
+            return pooled
+        return pooled.index_select(dim, self.bag_ids.to(pooled.device))
+
+    def checked_call(self, call: Callable[[], torch.Tensor], dim: int = 0) -> Callable:
+        """The closure the check runs: call itself, or call with its output sampled."""
+        if self.bag_ids is None:
+            return call
+        return lambda: self.output(call(), dim)
+
+    def batch(self, indices, offsets, weights=None) -> tuple:
+        """(indices, offsets, weights) of the checked bags only."""
+        if self.bag_ids is None:
+            return indices, offsets, weights
+        return bag_subset(indices, offsets, weights, self.bag_ids)
+
+    def metrics(self) -> dict:
+        """What the row records: nothing for a full check, else how many bags of how many."""
+        if self.bag_ids is None:
+            return {}
+        return {"checked_bags": int(self.bag_ids.numel()), "bags": self.bags,
+                "check_sample": f"float64 check above {CHECK_FLOAT64_BYTES / 2**30:g} GiB: "
+                                "bags spread evenly, first and last included"}
+
+
+def checked_bags(bags: int, lookups: float, table_rows: int, dim: int,
+                 outputs_per_bag: int = 1) -> CheckedBags:
+    """All bags when the check's float64 arrays fit CHECK_FLOAT64_BYTES; otherwise as many bags
+    as fit, spread evenly over the batch with the first and the last included (outputs_per_bag:
+    tables pooled per bag position). A fault confined to bags the sample misses goes unseen:
+    an accepted limit of checking a sample."""
+    needed = check_float64_bytes(lookups, table_rows, bags * outputs_per_bag, dim)
+    if needed <= CHECK_FLOAT64_BYTES or bags <= 2:
+        return CheckedBags(bags)
+    count = max(2, int(bags * CHECK_FLOAT64_BYTES / needed))
+    positions = torch.linspace(0, bags - 1, count, dtype=torch.float64).round().long()
+    return CheckedBags(bags, torch.unique(positions))

@@ -7,13 +7,13 @@ import functools
 import torch
 
 from bench.models.dlrm import flatten_tables, row_start_values
-from bench.ops.common import (FLOAT_DTYPES, PooledTable, as_tensors, cycling, lookup_bound,
+from bench.ops.common import (FLOAT_DTYPES, PooledTable, checked_bags, cycling, lookup_bound,
                               lookup_bytes, mean_lookups, require_huge_pages, rotation_metrics,
-                              table_weight, workload_rotation_plan)
+                              shared_rotation, shared_rotations, shared_table_weight,
+                              workload_rotation_plan)
 from bench.precisions import BYTES_PER_VALUE
 from bench.references import table_lookup64
 from bench.registry import BuildContext, Op, Prepared, impl, reason_of, register_op
-from workloads.generators import rotating_table_batches
 
 ALL_PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
 SLS_MODES = ("sum", "mean", "weighted")
@@ -73,14 +73,16 @@ def _build_sls(context: BuildContext, huge_pages: bool) -> Prepared:
     mode = context.variant["mode"]
     weighted = mode == "weighted"
     pool_mode = "sum" if weighted else mode
-    weight = table_weight(table, context.seed, table_index)
+    # The worker's shared fp32 table, not a copy: nothing here writes to it (PooledTable
+    # casts, quantizes or copies into huge pages; an fp32 table on the CPU is read in place).
+    weight = shared_table_weight(table, context.seed, table_index)
     pooled = PooledTable(weight, context.precision, device, huge_pages=huge_pages)
     rotation = workload_rotation_plan(workload, [table_index], context.precision)
     parts = rotation["rotation_batches"]
     # Per-sample weights take the table's dtype here, at build: a cast inside the timed
     # closure would add a kernel (and, for a GPU, traffic) that a real input pipeline avoids.
-    inputs = [pooled.with_sample_weights(*as_tensors(batch, device)) for batch in
-              rotating_table_batches(workload, table_index, context.seed, parts)]
+    inputs = [pooled.with_sample_weights(*batch) for batch in
+              shared_rotation(workload, table_index, context.seed, parts, device)]
     calls = [functools.partial(pooled, indices, offsets, pool_mode,
                                weights if weighted else None)
              for indices, offsets, weights in inputs]
@@ -88,12 +90,15 @@ def _build_sls(context: BuildContext, huge_pages: bool) -> Prepared:
     weights = weights if weighted else None
     # Timing cycles through every rotating batch: charge their mean lookup count.
     lookups, bags = mean_lookups(indices for indices, _, _ in inputs), offsets.numel()
+    checked = checked_bags(bags, indices.numel(), table.rows, table.dim)
+    check_indices, check_offsets, check_weights = checked.batch(indices, offsets, weights)
     return Prepared(
         run=cycling(calls),
-        check=calls[0],
-        reference=lambda: table_lookup64(weight, indices, offsets, pool_mode, weights),
-        error_bound=lambda expected: lookup_bound(weight, indices, offsets, pool_mode, weights,
-                                                  context.precision),
+        check=checked.checked_call(calls[0]),
+        reference=lambda: table_lookup64(weight, check_indices, check_offsets, pool_mode,
+                                         check_weights),
+        error_bound=lambda expected: lookup_bound(weight, check_indices, check_offsets,
+                                                  pool_mode, check_weights, context.precision),
         samples=bags,
         flops=lookups * table.dim * (2 if weighted else 1),
         bytes_moved=lookup_bytes(lookups, bags, table.dim, pooled.bytes_per_row,
@@ -103,7 +108,7 @@ def _build_sls(context: BuildContext, huge_pages: bool) -> Prepared:
                 "pooling": table.pooling.label(), "distribution": table.distribution.label(),
                 "mode": mode, "table_bytes": int(table.rows * pooled.bytes_per_row),
                 "rotation_batches": parts, **(_huge_page_params(pooled) if huge_pages else {})},
-        metrics=rotation_metrics(rotation),
+        metrics={**rotation_metrics(rotation), **checked.metrics()},
         flush_between_reps=True,
     )
 
@@ -114,12 +119,10 @@ def all_tables(context: BuildContext):
     table_indices = range(len(workload.tables))
     rotation = workload_rotation_plan(workload, table_indices, context.precision)
     parts = rotation["rotation_batches"]
-    weights = [table_weight(table, context.seed, index)
+    # The worker's shared fp32 tables (read, never written: a build copies what it changes).
+    weights = [shared_table_weight(table, context.seed, index)
                for index, table in enumerate(workload.tables)]
-    per_table = [rotating_table_batches(workload, index, context.seed, parts)
-                 for index in table_indices]
-    rotations = [[as_tensors(batches[part], context.device) for batches in per_table]
-                 for part in range(parts)]
+    rotations = shared_rotations(workload, table_indices, context.seed, parts, context.device)
     return weights, rotations, rotation
 
 
@@ -143,11 +146,15 @@ def multi_prepared(context, calls, weights, rotations, rotation, bytes_per_row,
     # Timing cycles through every rotating batch: charge their mean lookup count.
     lookups = sum(indices.numel() for part in rotations for indices, _, _ in part) / len(rotations)
     bags = sum(offsets.numel() for _, offsets, _ in tensors)
+    # A sample checks the same bag positions of every table (outputs [tables, batch, dim]).
+    checked = checked_bags(workload.batch_size, sum(entry[0].numel() for entry in tensors),
+                           workload.total_rows, workload.dim, outputs_per_bag=len(tensors))
+    check_tensors = [checked.batch(*entry) for entry in tensors]
     return Prepared(
         run=cycling(calls),
-        check=calls[0],
-        reference=lambda: multi_reference(weights, tensors),
-        error_bound=lambda expected: _multi_bound(weights, tensors, context.precision),
+        check=checked.checked_call(calls[0], dim=1),
+        reference=lambda: multi_reference(weights, check_tensors),
+        error_bound=lambda expected: _multi_bound(weights, check_tensors, context.precision),
         samples=workload.batch_size,
         flops=lookups * workload.dim,
         bytes_moved=lookup_bytes(lookups, bags, workload.dim, bytes_per_row,
@@ -155,7 +162,7 @@ def multi_prepared(context, calls, weights, rotations, rotation, bytes_per_row,
         params={"num_tables": len(workload.tables), "total_rows": workload.total_rows,
                 "dim": workload.dim, "lookups": lookups, "rotation_batches": len(rotations),
                 **extra_params},
-        metrics=rotation_metrics(rotation),
+        metrics={**rotation_metrics(rotation), **checked.metrics()},
         flush_between_reps=True,
     )
 

@@ -20,7 +20,7 @@ from bench import registry
 from bench.records import STATUS_ERROR, ResultRow, ResultsWriter, read_rows
 from bench.run import callgrind, devices
 from bench.run.settings import WorkerSettings
-from bench.run.tasks import Task
+from bench.run.tasks import Task, worker_order
 from workloads.specs import SpecError, WorkloadSpec
 
 # Ops that measure the machine rather than a workload run once per worker group, labelled
@@ -99,7 +99,8 @@ def plan(ops: Iterable[str], workloads: Iterable[WorkloadSpec], precisions: Iter
          seed: int, options: Optional[dict] = None,
          impl_filter: Optional[set[str]] = None, named: Optional[Named] = None,
          left_out: Optional[LeftOut] = None) -> list[PlannedTask]:
-    """The cross product of the choices, ordered so one worker serves each group.
+    """The cross product of the choices, ordered so one worker serves each group and runs
+    each workload's configurations back to back (tasks.worker_order).
 
     named: what the user asked for by name (see Named); None plans every configuration that
     cannot run as a skip row. What is left out is counted into left_out when given."""
@@ -120,7 +121,7 @@ def plan(ops: Iterable[str], workloads: Iterable[WorkloadSpec], precisions: Iter
                         candidates = _op_tasks(op, workload, precisions, device, isa, threads,
                                                seed, options, impl_filter)
                         planned.extend(_prune(op.name, candidates, named, left_out))
-    return planned
+    return worker_order(planned, lambda item: item.task)
 
 
 def _machine_workload(workload: WorkloadSpec) -> WorkloadSpec:
@@ -412,7 +413,7 @@ def run_tasks(tasks: list[Task], settings: WorkerSettings, writer: ResultsWriter
             progress(row)
 
     groups: dict[tuple, list[Task]] = {}
-    for task in tasks:
+    for task in worker_order(tasks):
         groups.setdefault(task.group(), []).append(task)
     for remaining in groups.values():
         while remaining:

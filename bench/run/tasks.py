@@ -5,9 +5,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from typing import Callable, TypeVar
 
 from bench.records import dumps_compact
 from workloads.specs import WorkloadSpec
+
+Item = TypeVar("Item")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,3 +52,17 @@ class Task:
         data = json.loads(text)
         data["workload"] = WorkloadSpec.from_dict(data["workload"])
         return cls(**data)
+
+
+def worker_order(items: list[Item], task_of: Callable[[Item], Task] = lambda item: item
+                 ) -> list[Item]:
+    """Items in the order the workers run them: one worker group after another, and within a
+    group one workload after another (each in order of first appearance), the order within a
+    workload kept. A worker builds a workload's tables and inputs once for all the
+    configurations on it, and drops them when the workload changes."""
+    groups: dict[tuple, dict[WorkloadSpec, list[Item]]] = {}
+    for item in items:
+        task = task_of(item)
+        groups.setdefault(task.group(), {}).setdefault(task.workload, []).append(item)
+    return [item for workloads in groups.values() for batch in workloads.values()
+            for item in batch]

@@ -17,7 +17,7 @@ import torch
 
 from bench import registry
 from bench.compare_outputs import compare, relative_row_bound
-from bench.ops.common import clear_weight_cache
+from bench.ops.common import clear_shared_inputs
 from bench.run import callgrind, devices, isa_probe, lifeline, telemetry, timing
 from bench.registry import BuildContext, Prepared, Unsupported
 from bench.records import (STATUS_ERROR, STATUS_OK, STATUS_SKIPPED, ResultRow, dumps_compact,
@@ -341,7 +341,7 @@ def main(argv=None) -> int:
     current_workload = None
     for index, task in enumerate(tasks):
         if task.workload != current_workload:
-            clear_weight_cache()  # bound memory: one workload's tables at a time
+            clear_shared_inputs()  # bound memory: one workload's tables and inputs at a time
             release_task_memory(workload_done=True)
             current_workload = task.workload
         events.send(event="start", index=index)

@@ -4,20 +4,28 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 
 import numpy as np
+import pytest
 import torch
 
-from bench import registry
+from bench import embeddings, registry
 from bench.embeddings import table_weight
 from bench.models import dlrm_reference
 from bench.models.dlrm import batch_tensors
 from bench.models.dlrm_reference import REFERENCE_MEMO, WorkloadMemo, reference_logits
 from bench.models.teacher import teacher_model
-from bench.ops import dlrm_batches, dlrm_costs
+from bench.models.ttrec import TTEmbeddingBag
+from bench.ops import ceilings, common, dlrm_batches, dlrm_costs, sls, ttrec
+from bench.records import STATUS_OK
+from bench.references import table_lookup64
 from bench.registry import BuildContext
 from bench.run import worker
-from workloads import presets
+from bench.run.settings import WorkerSettings
+from bench.run.tasks import Task
+from conftest import FAST_POLICY
+from workloads import generators, presets
 from workloads.generators import make_batch
 
 SMOKE = presets.smoke()
@@ -107,3 +115,219 @@ def test_memoized_distinct_rows_equal_a_fresh_count():
         fresh = sum(torch.unique(indices[position]).numel() for _, indices, _ in inputs) / 4
         assert dlrm_costs._mean_distinct_rows(SMOKE, position, inputs) == fresh
         assert dlrm_costs._mean_distinct_rows(SMOKE, position, inputs) == fresh
+
+
+# ---------------------------------------------------------------- lookup ops' shared inputs
+
+def _lookup_context(precision="fp32", variant=None, workload=SMOKE):
+    return BuildContext(workload=workload, variant=variant or {}, precision=precision,
+                        device=CPU, seed=0, options={})
+
+
+def _build_lookup(op, impl_name, precision="fp32", variant=None, workload=SMOKE):
+    return registry.impls(op)[impl_name].build(_lookup_context(precision, variant, workload))
+
+
+@pytest.fixture
+def fresh_inputs():
+    """A worker's state at a workload change: no shared tables, inputs or cache states."""
+    common.clear_shared_inputs()
+    yield
+    common.clear_shared_inputs()
+
+
+def test_a_second_impl_of_a_workload_reuses_the_shared_table_and_rotation(fresh_inputs,
+                                                                          monkeypatch):
+    draws = []
+
+    def counted(*args, **kwargs):
+        draws.append(args[1])
+        return generators.rotating_table_batches(*args, **kwargs)
+
+    monkeypatch.setattr(common, "rotating_table_batches", counted)
+    largest = SMOKE.largest_table()
+    first = _build_lookup("sls", "embedding_bag", variant={"mode": "sum"})
+    misses = embeddings._cached_weight.cache_info().misses
+    second = _build_lookup("tt_sls", "dense", variant={"rank": 16})
+    third = _build_lookup("sls", "embedding_bag", variant={"mode": "weighted"})
+    assert draws == [largest]  # one rotation drawn for the three builds
+    assert embeddings._cached_weight.cache_info().misses == misses  # no table rebuilt
+    shared = common.shared_table_weight(SMOKE.tables[largest], 0, largest)
+    for prepared in (first, second, third):
+        assert worker.check(prepared, worker.ResultRow(), "fp32") == ""
+    assert shared.data_ptr() == common.shared_table_weight(SMOKE.tables[largest], 0,
+                                                           largest).data_ptr()
+
+
+def test_no_lookup_impl_changes_the_shared_tables_or_inputs(fresh_inputs):
+    largest = SMOKE.largest_table()
+    builds = [("sls", name, {"mode": mode}) for name in ("embedding_bag",)
+              for mode in ("sum", "mean", "weighted")]
+    builds += [("sls_multi", name, {"mode": "sum"}) for name in ("per_table", "batched")]
+    builds += [("tt_sls", name, {"rank": 16}) for name in ("dense", "tt_cached", "tt_uncached")]
+    _build_lookup(*builds[0][:2], variant=builds[0][2])
+    tables = [common.shared_table_weight(table, 0, index).clone()
+              for index, table in enumerate(SMOKE.tables)]
+    for op, name, variant in builds:
+        prepared = _build_lookup(op, name, variant=variant)
+        for _ in range(3):
+            prepared.run()
+        assert worker.check(prepared, worker.ResultRow(), "fp32") == "", (op, name)
+    parts = common.workload_rotation_plan(SMOKE, [largest], "fp32")["rotation_batches"]
+    rotation = common.shared_rotation(SMOKE, largest, 0, parts, CPU)
+    fresh = generators.rotating_table_batches(SMOKE, largest, 0, parts)
+    for (indices, offsets, weights), batch in zip(rotation, fresh):
+        assert np.array_equal(indices.numpy(), batch.indices)
+        assert np.array_equal(offsets.numpy(), batch.offsets)
+        assert np.array_equal(weights.numpy(), batch.weights)
+    for index, table in enumerate(SMOKE.tables):
+        assert torch.equal(common.shared_table_weight(table, 0, index), tables[index])
+
+
+@pytest.mark.parametrize("policy_impl", ["tt_cached", "tt_cached_lru", "tt_uncached"])
+def test_a_tt_cache_state_loaded_from_the_worker_equals_a_fresh_one(fresh_inputs, monkeypatch,
+                                                                    policy_impl):
+    settled = []
+    original = ttrec._settle_cache
+
+    def counted(*args):
+        settled.append(args[1].cache_policy)
+        return original(*args)
+
+    monkeypatch.setattr(ttrec, "_settle_cache", counted)
+    variant = {"rank": 4}
+    _build_lookup("tt_sls", policy_impl, "fp32", variant)  # settles the cache: the passes
+    loaded = _build_lookup("tt_sls", policy_impl, "bf16", variant)  # loads what they left
+    assert len(settled) == 1
+    common.clear_shared_inputs()
+    fresh = _build_lookup("tt_sls", policy_impl, "bf16", variant)  # runs the passes itself
+    assert len(settled) == 2
+    assert loaded.metrics == fresh.metrics and loaded.params == fresh.params
+    loaded_module, fresh_module = (_tt_module(prepared) for prepared in (loaded, fresh))
+    if fresh_module.cache is not None:  # the state itself: the row map and the cached values
+        for name in ttrec.CACHE_STATE:
+            assert torch.equal(getattr(loaded_module.cache, name),
+                               getattr(fresh_module.cache, name)), name
+        assert torch.equal(loaded_module.cache.weight, fresh_module.cache.weight)
+    assert worker.check(loaded, worker.ResultRow(), "bf16") == ""
+    assert torch.equal(loaded.run(), fresh.run())  # same state, same timed call
+
+
+def _tt_module(prepared) -> TTEmbeddingBag:
+    """The TTEmbeddingBag a tt_sls Prepared's reference reads (found in its closure)."""
+    for cell in prepared.reference.__closure__:
+        if isinstance(cell.cell_contents, TTEmbeddingBag):
+            return cell.cell_contents
+    raise AssertionError("the reference reads no TT module")
+
+
+def test_the_fused_kernel_shares_the_lfu_state_of_the_reference_kernel(fresh_inputs,
+                                                                       monkeypatch):
+    settled = []
+    original = ttrec._settle_cache
+    monkeypatch.setattr(ttrec, "_settle_cache",
+                        lambda *args: settled.append(1) or original(*args))
+    cached = _build_lookup("tt_sls", "tt_cached", "fp32", {"rank": 4})
+    fused = _build_lookup("tt_sls", "tt_fused", "fp32", {"rank": 4})
+    assert len(settled) == 1
+    assert cached.metrics == fused.metrics
+    assert worker.check(fused, worker.ResultRow(), "fp32") == ""
+
+
+def test_membw_probes_of_a_size_draw_their_buffer_once(fresh_inputs, monkeypatch):
+    draws = []
+    original = torch.rand
+
+    def counted(*args, **kwargs):
+        draws.append(args[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ceilings.torch, "rand", counted)
+    machine = dataclasses.replace(SMOKE, name="machine", batch_size=1)
+    size = 1 << 16
+    for name, variant in (("copy", {"bytes": size}), ("read", {"bytes": size}),
+                          ("copy", {"bytes": size, "row_bytes": 64}),
+                          ("read", {"bytes": size, "row_bytes": 64})):
+        prepared = _build_lookup("membw", name, variant=variant, workload=machine)
+        prepared.run()
+        assert worker.check(prepared, worker.ResultRow(), "fp32") == "", (name, variant)
+    assert draws == [size // 4]
+    common.clear_shared_inputs()
+    assert not ceilings.PROBE_BUFFERS.entries and not ceilings.GATHER_INDICES.entries
+
+
+# ---------------------------------------------------------------- the sampled check
+
+@pytest.fixture
+def small_check_budget(monkeypatch):
+    """A float64 check budget that the smoke workload's largest table exceeds."""
+    monkeypatch.setattr(common, "CHECK_FLOAT64_BYTES", 20_000)
+    return 20_000
+
+
+def test_a_check_below_the_budget_compares_every_bag(fresh_inputs):
+    prepared = _build_lookup("sls", "embedding_bag", variant={"mode": "sum"})
+    assert "checked_bags" not in prepared.metrics
+    assert prepared.reference().shape[0] == SMOKE.batch_size
+
+
+@pytest.mark.parametrize("op, impl_name, variant", [
+    ("sls", "embedding_bag", {"mode": "weighted"}), ("sls", "embedding_bag", {"mode": "mean"}),
+    ("sls_multi", "batched", {"mode": "sum"}), ("tt_sls", "dense", {"rank": 4}),
+    ("tt_sls", "tt_cached", {"rank": 4})])
+def test_above_the_budget_a_sample_of_bags_is_checked_and_stated(fresh_inputs,
+                                                                  small_check_budget, op,
+                                                                  impl_name, variant):
+    prepared = _build_lookup(op, impl_name, variant=variant)
+    checked, bags = prepared.metrics["checked_bags"], prepared.metrics["bags"]
+    assert bags == SMOKE.batch_size and 2 <= checked < bags
+    expected = prepared.reference()
+    assert expected.shape[1 if op == "sls_multi" else 0] == checked
+    assert worker.check(prepared, worker.ResultRow(), "fp32") == ""
+
+
+def test_the_sample_spreads_over_the_batch_with_the_first_and_last_bags():
+    sample = common.checked_bags(1000, 1e9, 10**8, 64)
+    ids = sample.bag_ids.tolist()
+    assert ids[0] == 0 and ids[-1] == 999 and ids == sorted(set(ids))
+    gaps = np.diff(ids)
+    assert gaps.max() - gaps.min() <= 1  # evenly spread
+    assert sample.metrics()["checked_bags"] == len(ids) and sample.metrics()["bags"] == 1000
+    assert common.checked_bags(1000, 100, 10**8, 64).bag_ids is None  # small: every bag
+
+
+def test_a_sampled_reference_is_the_full_reference_at_the_sampled_bags(fresh_inputs):
+    largest = SMOKE.largest_table()
+    weight = common.shared_table_weight(SMOKE.tables[largest], 0, largest)
+    indices, offsets, weights = common.shared_rotation(SMOKE, largest, 0, 1, CPU)[0]
+    sample = common.CheckedBags(SMOKE.batch_size, torch.tensor([0, 5, 6, 40, 63]))
+    full = table_lookup64(weight, indices, offsets, "sum", weights)
+    part = table_lookup64(weight, *sample.batch(indices, offsets, weights)[:2], "sum",
+                          sample.batch(indices, offsets, weights)[2])
+    assert torch.equal(part, full[sample.bag_ids])
+
+
+@pytest.mark.parametrize("bag", ["first", "last"])
+def test_a_planted_fault_in_a_sampled_bag_fails_the_sampled_check(fresh_inputs,
+                                                                  small_check_budget,
+                                                                  monkeypatch, bag):
+    class ZeroedBag(common.PooledTable):
+        def __call__(self, *args, **kwargs):
+            pooled = super().__call__(*args, **kwargs).clone()
+            pooled[0 if bag == "first" else -1] = 0.0  # a bag whose lookups were dropped
+            return pooled
+
+    monkeypatch.setattr(sls, "PooledTable", ZeroedBag)
+    prepared = _build_lookup("sls", "embedding_bag", variant={"mode": "sum"})
+    assert prepared.metrics["checked_bags"] < prepared.metrics["bags"]
+    assert "exceed" in worker.check(prepared, worker.ResultRow(), "fp32")
+
+
+def test_the_row_of_a_sampled_check_states_how_many_bags_it_checked(fresh_inputs,
+                                                                     small_check_budget):
+    task = Task(op="sls", impl="embedding_bag", workload=SMOKE, variant={"mode": "sum"},
+                precision="fp32", device="cpu", isa="native", threads=1, seed=0)
+    row = worker.run_task(task, WorkerSettings("sampled", FAST_POLICY))
+    assert row.status == STATUS_OK, row.error
+    metrics = json.loads(row.metrics)
+    assert metrics["bags"] == SMOKE.batch_size and 2 <= metrics["checked_bags"] < 64
