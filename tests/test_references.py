@@ -13,6 +13,7 @@ import bench.models.dlrm
 import bench.models.quantized
 import bench.ops.dlrm
 import bench.ops.fc
+import bench.ops.gemm_linear
 import bench.ops.interaction
 import bench.ops.sls
 import bench.models.onednn
@@ -225,6 +226,24 @@ def _matmul_operands_swapped(monkeypatch):
     monkeypatch.setattr(torch, "_int_mm", lambda left, right: real_int_mm(right, left))
 
 
+def _linear_outputs_rolled(monkeypatch):
+    """The Linear probe's outputs come out one column off (every precision's kernel)."""
+    real_at_precision = bench.ops.gemm_linear.at_precision
+
+    class Rolled(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, inputs):
+            return torch.roll(self.inner(inputs), 1, dims=1)
+
+    def rolled(module, precision, device):
+        return Rolled(real_at_precision(module, precision, device))
+
+    monkeypatch.setattr(bench.ops.gemm_linear, "at_precision", rolled)
+
+
 # (op, impl, variant, precisions, bug): each bug must fail the suite's check at each precision.
 DENSE_PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
 FLOAT_PRECISIONS = ("fp32", "fp16", "bf16")
@@ -278,6 +297,8 @@ PLANTED = [
     ("dlrm_train", "tt_fused", TT_VARIANT, ("fp32",), _fused_backward_first_core_dropped),
     ("gemm_peak", "matmul", {"size": 64}, ("fp32", "fp16", "bf16", "int8"),
      _matmul_operands_swapped),
+    ("gemm_peak", "linear", {"size": 64}, ("fp32", "fp16", "bf16", "int8"),
+     _linear_outputs_rolled),
 ]
 
 

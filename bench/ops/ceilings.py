@@ -377,7 +377,7 @@ def build_read(context: BuildContext) -> Prepared:
     )
 
 
-def _square_fits(variant: dict, device: str, options: dict) -> str:
+def square_fits(variant: dict, device: str, options: dict) -> str:
     """Plan-time: a square above the device's sweep is sized for another device's plateau
     (probe_sizing takes the sizes by device kind); '' when it fits or --gemm-size chose it."""
     sizes = GPU_GEMM_SIZES if device.startswith("cuda") else CPU_GEMM_SIZES
@@ -388,7 +388,7 @@ def _square_fits(variant: dict, device: str, options: dict) -> str:
             "layer shapes)")
 
 
-@impl("gemm_peak", "matmul", ("fp32", "fp16", "bf16", "int8"), baseline=True, pairs=_square_fits,
+@impl("gemm_peak", "matmul", ("fp32", "fp16", "bf16", "int8"), baseline=True, pairs=square_fits,
       description="torch.mm (MKL fp32, oneDNN/AMX bf16 and fp16) and torch._int_mm for int8; "
                   "model shapes in nn.Linear's layout (input @ weight.T)")
 def build_matmul(context: BuildContext) -> Prepared:
@@ -396,7 +396,7 @@ def build_matmul(context: BuildContext) -> Prepared:
     variant = context.variant
     if "size" in variant:
         size = int(variant["size"])
-        reason = _square_fits(variant, str(context.device), context.options)
+        reason = square_fits(variant, str(context.device), context.options)
         if reason:
             raise Unsupported(reason)
         rows, inner, columns, linear = size, size, size, False

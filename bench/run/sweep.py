@@ -117,9 +117,12 @@ def plan(ops: Iterable[str], workloads: Iterable[WorkloadSpec], precisions: Iter
                     op = all_ops[op_name]
                     targets = ([_machine_workload(workloads[0])] if op.probe
                                else workloads)
+                    # A probe runs once, with the variants every workload asks of it (the
+                    # compute roof includes each model's own GEMM shapes).
+                    variants = _probe_variants(op, workloads, options) if op.probe else None
                     for workload in targets:
                         candidates = _op_tasks(op, workload, precisions, device, isa, threads,
-                                               seed, options, impl_filter)
+                                               seed, options, impl_filter, variants)
                         planned.extend(_prune(op.name, candidates, named, left_out))
     return worker_order(planned, lambda item: item.task)
 
@@ -128,12 +131,25 @@ def _machine_workload(workload: WorkloadSpec) -> WorkloadSpec:
     return dataclasses.replace(workload, name=MACHINE_WORKLOAD, batch_size=1)
 
 
-def _op_tasks(op, workload, precisions, device, isa, threads, seed, options,
-              impl_filter) -> list[tuple[PlannedTask, Optional[registry.Refusal]]]:
-    """Every configuration of one op, each with the registry's refusal (None: may run)."""
+def _probe_variants(op, workloads, options) -> list[dict]:
+    """The union of a probe's variants over the sweep's workloads, in first-seen order."""
+    seen, variants = set(), []
+    for workload in workloads:
+        for variant in op.variants(workload, options):
+            key = json.dumps(variant, sort_keys=True)
+            if key not in seen:
+                seen.add(key)
+                variants.append(variant)
+    return variants
+
+
+def _op_tasks(op, workload, precisions, device, isa, threads, seed, options, impl_filter,
+              variants=None) -> list[tuple[PlannedTask, Optional[registry.Refusal]]]:
+    """Every configuration of one op, each with the registry's refusal (None: may run);
+    variants (if given) replace the op's own for this workload."""
     candidates = []
     op_precisions = ["fp32"] if op.precision_agnostic else precisions
-    for op_variant in op.variants(workload, options):
+    for op_variant in (op.variants(workload, options) if variants is None else variants):
         for implementation in registry.impls(op.name).values():
             if impl_filter and implementation.name not in impl_filter:
                 continue
