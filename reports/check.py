@@ -257,7 +257,7 @@ def report_verdicts(
         # Not a failure: the shift may be real, but one process per side cannot show it.
         print(f"{counts['INCONCLUSIVE']} rows INCONCLUSIVE: moved beyond the factor within "
               "their runs, but no further than fresh processes of this host differ; to decide, "
-              "measure both sides with run_bench.py --replicates 3")
+              "measure both sides with run_bench.py --replicates 5")
     if "NOT_COMPARABLE" in counts:
         # Not a failure, but stale baselines hide regressions, so say how to refresh them.
         print(f"{counts['NOT_COMPARABLE']} rows NOT_COMPARABLE" + (

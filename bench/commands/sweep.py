@@ -108,8 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "interleaved (replicate 1 of every group, then replicate 2, ...); "
                              "rows carry metrics replicate k. `check` then tests a change across "
                              "processes, not only across one process's samples: a process's "
-                             "shift is shared by all its samples. 3 is what `check` needs to "
-                             "prove a 25%% change (docs/regression-checks.md); default 1")
+                             "shift is shared by all its samples. 5 found 98%% of a 25%% change "
+                             "(3: 92%%; docs/regression-checks.md); default 1")
     parser.add_argument("--metric", choices=("time", "instructions"), default="time",
                         help="what each configuration records: time (wall clock, the default) "
                              "or instructions (per call, counted by Valgrind's callgrind in one "

@@ -80,7 +80,7 @@ def test_single_replicate_shift_inside_the_spread_is_inconclusive_and_exits_zero
                  "--out-dir", str(tmp_path)])
     assert code == 0
     output = capsys.readouterr().out
-    assert "1 rows INCONCLUSIVE" in output and "--replicates 3" in output
+    assert "1 rows INCONCLUSIVE" in output and "--replicates 5" in output
     verdicts = pd.read_csv(tmp_path / "verdicts.csv").set_index("task_key")
     assert verdicts.loc["k1", "verdict"] == "INCONCLUSIVE"
     assert verdicts.loc["k1", "ratio"] == pytest.approx(1.4)
