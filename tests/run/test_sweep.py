@@ -73,8 +73,25 @@ def test_plan_machine_ops_once_and_precision_agnostic_membw():
     gathers = [task for task in membw if "row_bytes" in task.variant]
     assert {task.variant["bytes"] for task in gathers} == {8192}
     assert len(membw) == (2 + len(GATHER_ROW_BYTES)) * len(registry.impls("membw"))
-    assert sorted(task.precision for task in gemm) == ["bf16", "fp32"]
+    # One square per precision for each gemm_peak impl (torch.mm and nn.Linear).
+    assert sorted(task.precision for task in gemm) == (
+        ["bf16"] * len(registry.impls("gemm_peak")) + ["fp32"] * len(registry.impls("gemm_peak")))
     assert all(task.workload.batch_size == 1 for task in membw + gemm)
+
+
+def test_a_probe_runs_once_with_every_workloads_variants():
+    # gemm_peak runs on the machine workload, yet the compute roof must include each model's
+    # own layer shapes: kaggle's, although smoke (narrow layers) comes first.
+    from bench.ops.ceilings import model_gemm_shapes
+
+    kaggle = presets.kaggle()
+    planned = plan(["gemm_peak"], [SMOKE, kaggle], ["fp32"], ["cpu"], ["native"], [1], seed=0,
+                   options={})
+    shapes = {(task.variant["m"], task.variant["k"], task.variant["n"])
+              for task in (item.task for item in planned) if "m" in task.variant}
+    assert model_gemm_shapes(kaggle) and shapes == set(model_gemm_shapes(kaggle))
+    keys = [item.task.task_key for item in planned]
+    assert len(keys) == len(set(keys))  # each configuration once, not once per workload
 
 
 def test_plan_groups_isa_levels_threads_and_filters_impls():
