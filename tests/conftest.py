@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import subprocess
 import sys
 from pathlib import Path
@@ -43,3 +46,19 @@ def run_cli(*args: str, timeout: float = 300.0) -> subprocess.CompletedProcess:
 def fast_policy() -> TimingPolicy:
     """The timing policy tests give run_task."""
     return FAST_POLICY
+
+
+@contextlib.contextmanager
+def triton_interpreter():
+    """TRITON_INTERPRET=1 within the block (Triton reads it when a kernel module is imported,
+    so the kernels run on the CPU), the previous value restored after."""
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+

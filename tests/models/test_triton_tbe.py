@@ -4,23 +4,16 @@ explicit float64 update (duplicate ids included), and the sls / sls_multi impls 
 
 from __future__ import annotations
 
-import os
 
 import pytest
+from conftest import triton_interpreter
 
 # triton.jit picks the interpreter when it decorates, so the variable must be set before the
 # kernel module is imported; it is put back afterwards, and set per test by the fixture below,
 # so that CLI subprocesses of other test modules never inherit it.
-_PREVIOUS = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
-try:
+with triton_interpreter():
     pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[gpu]')")
     from bench.models import triton_tbe, triton_tbe_kernels  # noqa: E402
-finally:
-    if _PREVIOUS is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = _PREVIOUS
 
 import dataclasses  # noqa: E402
 import json  # noqa: E402

@@ -5,23 +5,16 @@ rows, and a CPU sweep without the interpreter leaves both impls out of its plan.
 
 from __future__ import annotations
 
-import os
 
 import pytest
+from conftest import triton_interpreter
 
 # As tests/models/test_triton_tbe.py: triton.jit picks the interpreter when it decorates, so
 # the variable is on while the kernel module is imported, then put back (the fixture below
 # sets it per test, so CLI subprocesses of other test modules never inherit it).
-_PREVIOUS = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
-try:
+with triton_interpreter():
     pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[gpu]')")
     from bench.models import triton_tbe, triton_tbe_kernels  # noqa: E402
-finally:
-    if _PREVIOUS is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = _PREVIOUS
 
 import json  # noqa: E402
 import math  # noqa: E402
