@@ -13,7 +13,7 @@ LOOKUP_BLOCK = 16  # lookups of one bag (or one row's segment) gathered per step
 
 
 @triton.jit
-def _rounded(values, BF16: tl.constexpr):
+def rounded_for_store(values, BF16: tl.constexpr):
     """fp32 values ready to store: for bf16, rounded to nearest even by hand (the interpreter's
     fp32 -> bf16 cast truncates, compiled kernels round: this way both round alike); other
     dtypes round in the cast at the store."""
@@ -81,7 +81,8 @@ def pooled_forward_kernel(weights_ptr, scale_bias_ptr, indices_ptr, offsets_ptr,
     if MEAN:
         total = total / tl.maximum(end - begin, 1).to(tl.float32)
     destination = out_ptr + sample * out_stride + table * dim + columns
-    tl.store(destination, _rounded(total, BF16).to(out_ptr.dtype.element_ty), mask=column_mask)
+    tl.store(destination, rounded_for_store(total, BF16).to(out_ptr.dtype.element_ty),
+             mask=column_mask)
 
 
 @triton.jit
@@ -116,7 +117,8 @@ def sgd_update_kernel(weights_ptr, grad_ptr, sorted_rows_ptr, segment_starts_ptr
     pointers = weights_ptr + row * row_stride + columns
     old = tl.load(pointers, mask=column_mask, other=0.0).to(tl.float32)
     new = old - learning_rate * gradient
-    tl.store(pointers, _rounded(new, BF16).to(weights_ptr.dtype.element_ty), mask=column_mask)
+    tl.store(pointers, rounded_for_store(new, BF16).to(weights_ptr.dtype.element_ty),
+             mask=column_mask)
 
 
 # triton.jit reads TRITON_INTERPRET when it decorates: these kernels run on CPU tensors (through

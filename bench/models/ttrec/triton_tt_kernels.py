@@ -5,6 +5,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+# fp32 values ready to store (bf16 rounded to nearest even alike interpreted and compiled).
+from bench.models.triton_tbe_kernels import rounded_for_store
+
 # Elements of the largest register tensor a kernel may hold for one lookup's chain: beyond it
 # the chain spills out of registers (a launch would still run, slowly), so such shapes are
 # refused instead (see bench.models.ttrec.triton_tt.chain_blocks).
@@ -12,18 +15,6 @@ MAX_CHAIN_ELEMENTS = 16384
 # The forward runs at most this many programs, each over a run of bags: enough to fill a GPU,
 # few enough that the hit counter's one atomic per program is not a queue on one address.
 MAX_FORWARD_PROGRAMS = 8192
-
-
-@triton.jit
-def _stored(values, BF16: tl.constexpr):
-    """fp32 values ready to store: bf16 rounded to nearest even here, because the interpreter's
-    fp32 -> bf16 cast truncates while compiled kernels round; other dtypes round in the store."""
-    if BF16:
-        bits = values.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return values
 
 
 @triton.jit
@@ -106,7 +97,7 @@ def tt_bag_forward_kernel(core1_ptr, core2_ptr, core3_ptr, indices_ptr, offsets_
         if MEAN:
             total = total / tl.maximum(end - begin, 1).to(tl.float32)
         tl.store(out_ptr + bag * (D1 * D2 * D3) + positions,
-                 _stored(total, BF16).to(out_ptr.dtype.element_ty), mask=row_mask)
+                 rounded_for_store(total, BF16).to(out_ptr.dtype.element_ty), mask=row_mask)
     if HAS_CACHE:
         if hits > 0:
             tl.atomic_add(hits_ptr, hits, sem="relaxed")
