@@ -90,7 +90,7 @@ def test_a_probe_runs_once_with_every_workloads_variants():
     shapes = {(task.variant["m"], task.variant["k"], task.variant["n"])
               for task in (item.task for item in planned) if "m" in task.variant}
     assert model_gemm_shapes(kaggle) and shapes == set(model_gemm_shapes(kaggle))
-    keys = [item.task.task_key for item in planned]
+    keys = [item.task.key() for item in planned]
     assert len(keys) == len(set(keys))  # each configuration once, not once per workload
 
 
