@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import mmap
+from typing import Optional, Sequence
 
 import torch
 
@@ -12,11 +13,66 @@ from bench.host import huge_page_bytes
 from workloads.specs import TableSpec
 
 HUGE_PAGE_BYTES = 2 << 20  # x86-64 transparent huge pages
+CPU = torch.device("cpu")
 
 
-def table_weight(table: TableSpec, seed: int, table_index: int) -> torch.Tensor:
-    """A table's fp32 weights, initialised as the DLRM reference does: U(-sqrt(1/n), sqrt(1/n))."""
-    return _cached_weight(table.rows, table.dim, seed, table_index).clone()
+def table_weight(table: TableSpec, seed: int, table_index: int,
+                 device: torch.device = CPU) -> torch.Tensor:
+    """A table's fp32 weights on a device, initialised as the DLRM reference does:
+    U(-sqrt(1/n), sqrt(1/n)). See fill_table_weight for where they are drawn."""
+    if device.type == "cpu":
+        return _cached_weight(table.rows, table.dim, seed, table_index).clone()
+    return fill_table_weight(torch.empty(table.rows, table.dim, device=device), table, seed,
+                             table_index)
+
+
+def fill_table_weight(out: torch.Tensor, table: TableSpec, seed: int,
+                      table_index: int) -> torch.Tensor:
+    """Write a table's weights into out [rows, dim] (a view is fine) and return out.
+
+    On the CPU they are the worker's cached weights (bit-identical on every CPU). On a GPU
+    they are drawn there by the device's own generator from the same seed: a 97 GiB table set
+    (mlperf) never passes through the host, but the values are not the CPU's (checks read
+    each model's own parameters, so this changes no verdict)."""
+    if out.device.type == "cpu":
+        return out.copy_(_cached_weight(table.rows, table.dim, seed, table_index))
+    generator = torch.Generator(device=out.device).manual_seed(_table_seed(seed, table_index))
+    bound = math.sqrt(1.0 / table.rows)
+    return out.uniform_(-bound, bound, generator=generator)
+
+
+def concatenated_table_weights(tables: Sequence[TableSpec], seed: int,
+                               device: torch.device = CPU) -> list[torch.Tensor]:
+    """Each table's weights as consecutive row blocks of one [total rows, dim] tensor, written
+    in place (see concatenated_view): a concatenated layout costs one copy, not two."""
+    total = torch.empty(sum(table.rows for table in tables), tables[0].dim, device=device)
+    weights = list(total.split([table.rows for table in tables]))
+    for index, (table, weight) in enumerate(zip(tables, weights)):
+        fill_table_weight(weight, table, seed, index)
+    return weights
+
+
+def concatenated_view(weights: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The one [total rows, dim] tensor whose consecutive row blocks the weights are (as
+    concatenated_table_weights makes them), as a view without copying; None otherwise."""
+    first = weights[0]
+    offset = first.storage_offset()
+    for weight in weights:
+        if (not weight.is_contiguous() or weight.dim() != 2 or weight.shape[1] != first.shape[1]
+                or weight.dtype != first.dtype
+                or weight.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+                or weight.storage_offset() != offset):
+            return None
+        offset += weight.numel()
+    rows = sum(weight.shape[0] for weight in weights)
+    return first.as_strided((rows, first.shape[1]), first.stride(), first.storage_offset())
+
+
+def concatenated(weights: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The tables as one [total rows, dim] tensor: a view when they already are one
+    (concatenated_view), else a concatenated copy."""
+    view = concatenated_view(weights)
+    return view if view is not None else torch.cat(list(weights))
 
 
 def shared_table_weight(table: TableSpec, seed: int, table_index: int) -> torch.Tensor:
@@ -28,9 +84,13 @@ def shared_table_weight(table: TableSpec, seed: int, table_index: int) -> torch.
 @functools.lru_cache(maxsize=64)
 def _cached_weight(rows: int, dim: int, seed: int, table_index: int) -> torch.Tensor:
     # Kept once per worker: every op and precision on a workload reuses the same tables.
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + table_index)
+    generator = torch.Generator().manual_seed(_table_seed(seed, table_index))
     bound = math.sqrt(1.0 / rows)
     return torch.empty(rows, dim).uniform_(-bound, bound, generator=generator)
+
+
+def _table_seed(seed: int, table_index: int) -> int:
+    return seed * 1_000_003 + table_index
 
 
 def clear_weight_cache() -> None:

@@ -91,6 +91,9 @@ class Impl:
     pairs: Optional[Callable[[dict, str, dict], str]] = None
     # device type -> the precisions it runs there, where fewer than `precisions`
     device_precisions: dict = dataclasses.field(default_factory=dict)
+    # A GPU run's (device, host) bytes per byte of fp32 tables where this impl holds more or
+    # less than its op says (Op.gpu_memory_factors); None: the op's.
+    gpu_memory_factors: Optional[tuple[float, float]] = None
 
     @property
     def code_version(self) -> str:
@@ -119,9 +122,10 @@ class Op:
     probe: bool = False  # measures the machine, not a workload: run once per worker group
     ci: bool = False  # part of the CI regression sweep (bench/run/ci_sweep.py)
     report_order: int = 100  # position in reports (pipeline order: lookups before models)
-    # Bytes on an accelerator per byte of fp32 tables on a GPU run (what the build moves to
-    # the device; its host copies stay under memory_factor); None: memory_factor.
-    device_memory_factor: Optional[float] = None
+    # A GPU run's (device, host) bytes per byte of fp32 tables: what the build makes on the
+    # device, and what it still holds on the host; None: (memory_factor, 0). An impl may
+    # differ (Impl.gpu_memory_factors).
+    gpu_memory_factors: Optional[tuple[float, float]] = None
 
     def __post_init__(self):
         if self.memory_factor < 0:
@@ -147,7 +151,8 @@ def impl(op: str, name: str, precisions: tuple[str, ...], baseline: bool = False
          requires: Optional[dict] = None,
          available: Optional[Callable[[str, dict], str]] = None,
          pairs: Optional[Callable[[dict, str, dict], str]] = None,
-         device_precisions: Optional[dict] = None):
+         device_precisions: Optional[dict] = None,
+         gpu_memory_factors: Optional[tuple[float, float]] = None):
     """Decorator registering a builder as an impl of op (plan-time facts: see Impl)."""
     def register(build: Callable[[BuildContext], Prepared]) -> Callable[[BuildContext], Prepared]:
         # The op may be registered by a module imported later (a peer module such as
@@ -163,7 +168,7 @@ def impl(op: str, name: str, precisions: tuple[str, ...], baseline: bool = False
         _IMPLS[op][name] = Impl(op, name, build, tuple(precisions), baseline, devices,
                                 description or (build.__doc__ or "").strip(), variants,
                                 dict(requires or {}), available, pairs,
-                                dict(device_precisions or {}))
+                                dict(device_precisions or {}), gpu_memory_factors)
         return build
     return register
 

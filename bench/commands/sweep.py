@@ -287,16 +287,20 @@ def sweep(argv: list[str]) -> int:
             raise UsageError(f"--threads {count}: this machine has {available_cpus} usable CPUs")
     impl_filter = set(args.impls) if args.impls else None
     workloads = resolve_workloads(workload_choices(args))
+    budgets = {}
     for device in device_list:
-        sweeping.check_memory(workloads, ops, devices.available_memory_bytes(), device,
-                              sweeping.device_memory_bytes(device))
+        sizes = sweeping.memories(devices.available_memory_bytes(), device,
+                                  sweeping.device_memory_bytes(device))
+        sweeping.check_memory(workloads, ops, sizes[0][1], device,
+                              sizes[1][1] if len(sizes) > 1 else None, impl_filter)
+        budgets[device] = sweeping.MemoryBudget(device, tuple(sizes))
     # What the user named decides which configurations that cannot run are skip rows and which
     # are left out of the plan (sweeping.Named).
     named = sweeping.Named(frozenset(args.ops or ()), frozenset(args.impls or ()),
                            frozenset(args.precision or ()))
     left_out = sweeping.LeftOut()
     planned = sweeping.plan(ops, workloads, precisions, device_list, isa_levels, thread_counts,
-                            args.seed, _options(args), impl_filter, named, left_out)
+                            args.seed, _options(args), impl_filter, named, left_out, budgets)
     if not planned:
         why = "; ".join(f"{record['reason']} ({', '.join(record['impls'])})"
                         for record in left_out.records()[:3])

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bench.embeddings import table_weight
+from bench.embeddings import concatenated, concatenated_table_weights, table_weight
 from workloads.generators import Batch
 from workloads.specs import WorkloadSpec
 
@@ -152,8 +152,8 @@ class BatchedEmbeddings(nn.Module):
 
     def __init__(self, weights: list[torch.Tensor], sparse: bool):
         super().__init__()
-        self.bag = nn.EmbeddingBag.from_pretrained(torch.cat(weights), freeze=False, mode="sum",
-                                                   sparse=sparse)
+        self.bag = nn.EmbeddingBag.from_pretrained(concatenated(weights), freeze=False,
+                                                   mode="sum", sparse=sparse)
         self.register_buffer("row_starts", row_starts_of(weights), persistent=False)
         self.row_start_values = row_start_values(weights)
         self.num_tables = len(weights)
@@ -202,7 +202,7 @@ class FusedSGDEmbeddings(nn.Module):
     def __init__(self, weights: list[torch.Tensor], learning_rate: float):
         super().__init__()
         # A buffer, not a Parameter: the optimizer never sees it; backward updates it.
-        self.register_buffer("weight", torch.cat(weights))
+        self.register_buffer("weight", concatenated(weights))
         self.register_buffer("row_starts", row_starts_of(weights), persistent=False)
         self.row_start_values = row_start_values(weights)
         # Autograd only calls backward for inputs that require grad: an empty anchor does.
@@ -231,23 +231,30 @@ class FusedSGDEmbeddings(nn.Module):
 class TTMixedEmbeddings(nn.Module):
     """TT-Rec: the largest tables as tensor-train bags with a hot-row cache, the rest dense."""
 
-    def __init__(self, workload: WorkloadSpec, weights: list[torch.Tensor], tt_tables: int,
-                 rank: int, layout: str, sparse: bool, seed: int, cache_fraction: float = 0.1,
-                 cache_policy: str = "lfu", kernel: str = "reference"):
+    def __init__(self, workload: WorkloadSpec, dense_weights: dict[int, torch.Tensor],
+                 tt_tables: int, rank: int, layout: str, sparse: bool, seed: int,
+                 cache_fraction: float = 0.1, cache_policy: str = "lfu",
+                 kernel: str = "reference"):
+        """dense_weights: the weights of the tables that stay dense, by workload position
+        (tt_positions(workload, tt_tables) are the others)."""
         super().__init__()
         from bench.models.ttrec import TTEmbeddingBag
 
-        order = sorted(range(len(weights)), key=lambda index: -weights[index].shape[0])
-        self.tt_positions = sorted(order[:tt_tables])
-        self.dense_positions = [index for index in range(len(weights))
+        self.tt_positions = tt_positions(workload, tt_tables)
+        self.dense_positions = [index for index in range(len(workload.tables))
                                 if index not in self.tt_positions]
+        if sorted(dense_weights) != self.dense_positions:
+            raise ValueError(f"dense weights for tables {sorted(dense_weights)}, expected "
+                             f"{self.dense_positions}")
+        tables = workload.tables
         self.tt = nn.ModuleList(
-            TTEmbeddingBag(weights[index].shape[0], weights[index].shape[1], rank=rank,
+            TTEmbeddingBag(tables[index].rows, tables[index].dim, rank=rank,
                            cache_fraction=cache_fraction, cache_policy=cache_policy,
                            seed=seed * 1_000_003 + index, validate_indices=False,
                            sparse_cache_gradient=sparse, kernel=kernel)
             for index in self.tt_positions)
-        self.dense = (EMBEDDINGS[layout]([weights[index] for index in self.dense_positions], sparse)
+        self.dense = (EMBEDDINGS[layout]([dense_weights[index] for index in self.dense_positions],
+                                         sparse)
                       if self.dense_positions else None)
 
     def warm_up(self, indices: list[torch.Tensor]) -> None:
@@ -325,32 +332,47 @@ def top_input_width(workload: WorkloadSpec) -> int:
     return workload.dim * workload.num_features
 
 
+def tt_positions(workload: WorkloadSpec, tt_tables: int) -> list[int]:
+    """Workload positions of the tt_tables largest tables (ties: the earlier table)."""
+    order = sorted(range(len(workload.tables)), key=lambda index: -workload.tables[index].rows)
+    return sorted(order[:tt_tables])
+
+
 def build_dlrm(workload: WorkloadSpec, seed: int, embeddings: str = "batched",
                sparse: bool = True, tt_tables: int = 0, tt_rank: int = 16,
                learning_rate: float = 0.1, tt_cache: str = "lfu",
-               tt_kernel: str = "reference") -> DLRM:
-    """A seeded fp32 DLRM; with tt_tables > 0 the largest tables are TT-Rec compressed
-    (tt_cache: the hot-row cache policy of the TT tables, lfu, lru or none; tt_kernel:
-    reference or fused, see bench.models.ttrec.tt_embedding.TT_KERNELS).
+               tt_kernel: str = "reference", device: torch.device = torch.device("cpu")) -> DLRM:
+    """A seeded fp32 DLRM on device; with tt_tables > 0 the largest tables are TT-Rec
+    compressed (tt_cache: the hot-row cache policy of the TT tables, lfu, lru or none;
+    tt_kernel: reference or fused, see bench.models.ttrec.tt_embedding.TT_KERNELS).
 
     embeddings: per_table, batched, or fused_sgd (batched, updated by SGD inside backward
-    at learning_rate)."""
-    weights = [table_weight(table, seed, index) for index, table in enumerate(workload.tables)]
+    at learning_rate). Tables are made on the device, once each (bench.embeddings): a model
+    whose tables fill most of a GPU is built there without a host copy."""
     if embeddings == "fused_sgd":
-        embedding_module = FusedSGDEmbeddings(weights, learning_rate)
+        embedding_module: nn.Module = FusedSGDEmbeddings(
+            concatenated_table_weights(workload.tables, seed, device), learning_rate)
     elif tt_tables > 0:
-        embedding_module = TTMixedEmbeddings(workload, weights, tt_tables, tt_rank, embeddings,
+        dense = {index: table_weight(workload.tables[index], seed, index, device)
+                 for index in range(len(workload.tables))
+                 if index not in tt_positions(workload, tt_tables)}
+        embedding_module = TTMixedEmbeddings(workload, dense, tt_tables, tt_rank, embeddings,
                                              sparse, seed, cache_policy=tt_cache,
                                              kernel=tt_kernel)
+    elif embeddings == "per_table":
+        embedding_module = PerTableEmbeddings(
+            [table_weight(table, seed, index, device)
+             for index, table in enumerate(workload.tables)], sparse)
     else:
-        embedding_module = EMBEDDINGS[embeddings](weights, sparse)
+        embedding_module = EMBEDDINGS[embeddings](
+            concatenated_table_weights(workload.tables, seed, device), sparse)
     return DLRM(
         workload,
         bottom=mlp(workload.num_dense, workload.bottom_mlp, final_relu=True, seed=seed),
         embeddings=embedding_module,
         interaction=interaction_module(workload, seed),
         top=mlp(top_input_width(workload), workload.top_mlp, final_relu=False, seed=seed + 1),
-    )
+    ).to(device)
 
 
 def batch_tensors(batch: Batch, device: torch.device) -> tuple:

@@ -26,7 +26,7 @@ def calibrate(model: DLRM, workload: WorkloadSpec, seed: int) -> DLRM:
     """Rescale the last top-MLP layer so logits have the target mean and spread."""
     batch = make_batch(workload, seed, CALIBRATION_BATCH, batch_size=EVAL_BATCH_SIZE)
     with torch.no_grad():
-        logits = model(*batch_tensors(batch, torch.device("cpu"))).double()
+        logits = model(*batch_tensors(batch, model.top[-1].weight.device)).double()
         scale = TARGET_LOGIT_STD / max(float(logits.std()), 1e-12)
         shift = TARGET_LOGIT_MEAN - scale * float(logits.mean())
         last = model.top[-1]
@@ -36,9 +36,11 @@ def calibrate(model: DLRM, workload: WorkloadSpec, seed: int) -> DLRM:
 
 
 def teacher_model(workload: WorkloadSpec, seed: int, embeddings: str = "batched",
-                  sparse: bool = False) -> DLRM:
-    """The calibrated teacher DLRM in fp32 (any embedding layout gives the same function)."""
-    model = build_dlrm(workload, seed + TEACHER_SEED_OFFSET, embeddings=embeddings, sparse=sparse)
+                  sparse: bool = False, device: torch.device = torch.device("cpu")) -> DLRM:
+    """The calibrated teacher DLRM in fp32 on device (any embedding layout gives the same
+    function; its tables are the device's, see bench.embeddings.fill_table_weight)."""
+    model = build_dlrm(workload, seed + TEACHER_SEED_OFFSET, embeddings=embeddings, sparse=sparse,
+                       device=device)
     return calibrate(model, workload, seed)
 
 

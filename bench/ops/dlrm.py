@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import itertools
 from dataclasses import replace
 from typing import Callable, Optional
 
@@ -15,7 +16,8 @@ from torch import nn
 from bench.compare_outputs import whole_model_bound
 from bench.models import quality
 from bench.models.dlrm import DLRM, TTMixedEmbeddings, batch_tensors, build_dlrm, row_start_values
-from bench.models.dlrm_reference import WorkloadMemo, reference_logits, reference_train_step
+from bench.models.dlrm_reference import (WorkloadMemo, reference_logits, reference_tables,
+                                         reference_train_step)
 from bench.models.quantized import QuantizedEmbeddings
 from bench.models.teacher import calibrate, evaluation_set, teacher_model
 from bench.ops.common import FLOAT_DTYPES, PooledTable, cycling, float_dtype, rotation_metrics
@@ -51,13 +53,19 @@ def _model_variants(workload, options) -> list[dict]:
                    for rank in options.get("tt_ranks") or [16]]
 
 
-# Memory: fp32 tables, a precision or fused copy, and the float64 reference copies. On a GPU
-# two models live there: the timed one, and the check's fresh copy (training) or the fp32
-# model the accuracy check moves there (inference).
+# Memory (bytes per byte of fp32 tables). On the CPU: the worker's cached tables, the model's,
+# a precision or fused copy, and the float64 reference's rows. On a GPU, inference holds two
+# models there (the timed one, and the fp32 model the accuracy check moves there) and builds
+# the teacher on the host; training builds teacher and student on the device, one after the
+# other, and the check shares the student's tables (table_sharing_copy): the student, its
+# sparse gradients (up to a quarter of mlperf's tables at the GPU batch) and the checked rows.
 register_op(Op("dlrm_infer", "whole-model inference: logits for one batch", _model_variants,
-               memory_factor=4.0, ci=True, report_order=60, device_memory_factor=2.0))
+               memory_factor=4.0, ci=True, report_order=60, gpu_memory_factors=(2.0, 2.0)))
 register_op(Op("dlrm_train", "one training step: forward, BCE loss, backward and SGD update",
-               _model_variants, memory_factor=6.0, report_order=70, device_memory_factor=2.0))
+               _model_variants, memory_factor=6.0, report_order=70,
+               gpu_memory_factors=(1.25, 0.05)))
+# Training impls that build the student on the host and move copies to the device.
+HOST_BUILT_TRAINING = (2.0, 4.0)
 
 
 def model_at_precision(model: DLRM, precision: str, layout: str, device: torch.device) -> DLRM:
@@ -255,6 +263,36 @@ def after_step(model: DLRM, indices, offsets) -> tuple:
             pooled)
 
 
+def table_sharing_copy(model: DLRM) -> DLRM:
+    """A deep copy of model whose dense tables are model's own tensors, not copies: one step
+    of it writes the looked-up rows of model's tables (restored_tables puts them back)."""
+    storages = {source.untyped_storage().data_ptr()
+                for kind, source in reference_tables(model) if kind == "dense"}
+    shared = {id(tensor): tensor for tensor in itertools.chain(model.parameters(), model.buffers())
+              if tensor.numel() and tensor.untyped_storage().data_ptr() in storages}
+    return copy.deepcopy(model, shared)
+
+
+@contextlib.contextmanager
+def restored_tables(model: DLRM, indices: list[torch.Tensor]):
+    """Keep the rows of model's dense tables that indices look up, and write them back on
+    exit (with the tables' gradients dropped): what a step of table_sharing_copy(model)
+    changed in model is undone, at the cost of the batch's rows, not of a table copy."""
+    saved = []
+    for (kind, source), table_indices in zip(reference_tables(model), indices):
+        if kind == "dense":
+            rows = torch.unique(table_indices.to(source.device).long())
+            saved.append((source, rows, source.index_select(0, rows)))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for source, rows, values in saved:
+                source.index_copy_(0, rows, values)
+        for parameter in model.embeddings.parameters():
+            parameter.grad = None
+
+
 def build_train(context: BuildContext, layout: str,
                 prepare: Optional[Callable[[DLRM], DLRM]] = None) -> Prepared:
     """One SGD step of a student DLRM on teacher labels; prepare (if given) transforms the
@@ -267,34 +305,41 @@ def build_train(context: BuildContext, layout: str,
     # float_dtype refuses a precision outside TRAIN_PRECISIONS (the planner never asks for one).
     autocast_dtype = None if precision == "fp32" else float_dtype(precision)
     rotation = model_rotation_plan(workload, "fp32")
-    rotating = rotating_labelled_batches(workload, context.seed, rotation["rotation_batches"])
+    rotating = rotating_labelled_batches(workload, context.seed, rotation["rotation_batches"],
+                                         device)
     labelled = rotating[0]
     tt = _tt_settings(context)
     if tt and layout == "fused_sgd":
         raise Unsupported("fused_sgd has no TT-Rec tables; use per_table or batched with TT")
-    initial = build_dlrm(workload, context.seed + 1, embeddings=layout, sparse=True,
-                         learning_rate=LEARNING_RATE, **tt)
+    # The student is built once, on the device: the check trains a copy that shares its tables
+    # (table_sharing_copy) and puts back the rows it wrote, so a model whose tables fill most
+    # of a GPU (mlperf: 97 GiB) is never held twice.
+    student = build_dlrm(workload, context.seed + 1, embeddings=layout, sparse=True,
+                         learning_rate=LEARNING_RATE, device=device, **tt)
     if prepare is not None:
-        initial = prepare(initial)
-    warm_up_tt(initial, workload, context.seed)
-    student = copy.deepcopy(initial).to(device)
+        student = prepare(student)
+    warm_up_tt(student, workload, context.seed)
     # Each timed step trains on the next distinct batch: refitting one batch would keep its
     # rows cached and measure a step no training run takes.
     inputs = [(*batch_tensors(item.batch, device), torch.from_numpy(item.labels).to(device))
               for item in rotating]
     dense, indices, offsets, labels = inputs[0]
     optimizer = torch.optim.SGD(student.parameters(), lr=LEARNING_RATE)
-    traffic = embedding_traffic(initial, "fp32", [item[:3] for item in inputs])
-    bytes_parts = training_bytes(initial, traffic)
+    traffic = embedding_traffic(student, "fp32", [item[:3] for item in inputs])
+    bytes_parts = training_bytes(student, traffic)
+    tt_metrics = tt_metrics_after_lookup(student, indices, offsets)
 
     def check():
-        model = copy.deepcopy(initial).to(device)
-        logits = train_step(model, torch.optim.SGD(model.parameters(), lr=LEARNING_RATE),
-                            dense, indices, offsets, labels, autocast_dtype)
-        return (logits.detach(),) + after_step(model, indices, offsets)
+        with restored_tables(student, indices):
+            model = table_sharing_copy(student)
+            logits = train_step(model, torch.optim.SGD(model.parameters(), lr=LEARNING_RATE),
+                                dense, indices, offsets, labels, autocast_dtype)
+            return (logits.detach(),) + after_step(model, indices, offsets)
 
     def reference():
-        return reference_train_step(initial, labelled.batch, labels, LEARNING_RATE)
+        # Before any timed step (the worker checks first): the student is still the initial
+        # model, the check's rows put back.
+        return reference_train_step(student, labelled.batch, labels, LEARNING_RATE)
 
     batch_size = workload.batch_size
     calls = [functools.partial(train_step, student, optimizer, *item,
@@ -310,8 +355,7 @@ def build_train(context: BuildContext, layout: str,
                 "autocast": precision if autocast_dtype is not None else "none", **tt,
                 "rotation_batches": len(inputs)},
         metrics={"bytes_parts": bytes_parts, **rotation_metrics(rotation),
-                 "model_bytes": model_bytes(student),
-                 **tt_metrics_after_lookup(initial, indices, offsets)},
+                 "model_bytes": model_bytes(student), **tt_metrics},
     )
 
 

@@ -82,21 +82,28 @@ def concatenate_batches(batches) -> Batch:
 
 
 @functools.lru_cache(maxsize=1)
-def rotating_labelled_batches(workload, seed: int, parts: int) -> tuple[LabelledBatch, ...]:
+def rotating_labelled_batches(workload, seed: int, parts: int,
+                              device: torch.device = torch.device("cpu")
+                              ) -> tuple[LabelledBatch, ...]:
     """The distinct teacher-labelled batches training cycles through (cached per worker).
 
-    Labels are drawn as teacher.label_batches draws them, but the teacher's forward runs over
-    several batches at once: one forward per batch made building a rotation slow."""
-    teacher = teacher_model(workload, seed)
+    The teacher runs on the device the training runs on (a GPU run's tables never pass
+    through the host) and is freed before this returns, so that the student's tables can
+    take its place. Labels are drawn as teacher.label_batches draws them, but the teacher's
+    forward runs over several batches at once: one forward per batch made building a
+    rotation slow."""
+    teacher = teacher_model(workload, seed, device=device)
     batches = rotating_batches(workload, seed, parts)
     per_forward = max(1, LABEL_CHUNK_SAMPLES // workload.batch_size)
     probabilities = []
     for start in range(0, len(batches), per_forward):
         chunk = batches[start:start + per_forward]
         with torch.no_grad():
-            logits = teacher(*batch_tensors(concatenate_batches(chunk),
-                                            torch.device("cpu"))).double()
-        probabilities.extend(np.split(torch.sigmoid(logits).numpy(), len(chunk)))
+            logits = teacher(*batch_tensors(concatenate_batches(chunk), device)).double()
+        probabilities.extend(np.split(torch.sigmoid(logits).cpu().numpy(), len(chunk)))
+    del teacher
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the teacher's tables: the student's need the room
     labelled = []
     indices = rotation_batch_indices(parts, workload)
     for batch_index, batch, batch_probabilities in zip(indices, batches, probabilities):

@@ -14,8 +14,8 @@ from bench.models.dlrm import batch_tensors, build_dlrm
 from bench.models.dlrm_reference import reference_logits, reference_train_step
 from bench.models.teacher import teacher_model
 from bench.ops.common import cycling, rotation_metrics
-from bench.ops.dlrm import (LEARNING_RATE, after_step, dense_only, model_at_precision,
-                            precision_params, serving_forward, train_step)
+from bench.ops.dlrm import (HOST_BUILT_TRAINING, LEARNING_RATE, after_step, dense_only,
+                            model_at_precision, precision_params, serving_forward, train_step)
 from bench.ops.dlrm_batches import (model_rotation_plan, rotating_batches,
                                     rotating_labelled_batches)
 from bench.ops.dlrm_costs import (embedding_traffic, inference_bytes, model_bytes, model_flops,
@@ -115,7 +115,8 @@ def build_compiled_train(context: BuildContext, learning_rate: float = LEARNING_
                                else reference_learning_rate)
     autocast_dtype = None if precision == "fp32" else torch.bfloat16
     rotation = model_rotation_plan(workload, "fp32")
-    rotating = rotating_labelled_batches(workload, context.seed, rotation["rotation_batches"])
+    rotating = rotating_labelled_batches(workload, context.seed, rotation["rotation_batches"],
+                                         device)
     initial = build_dlrm(workload, context.seed + 1, embeddings="per_table", sparse=True,
                          learning_rate=learning_rate)
     student = copy.deepcopy(initial).to(device)
@@ -207,7 +208,7 @@ def build_compiled_infer(context: BuildContext) -> Prepared:
 
 
 @impl("dlrm_train", "compiled", PRECISIONS, variants=compile_variants,
-      pairs=dense_only, available=under_valgrind,
+      pairs=dense_only, available=under_valgrind, gpu_memory_factors=HOST_BUILT_TRAINING,
       description="torch.compile of per_table's whole step (forward, backward, sparse SGD), "
                   "compiled at build")
 def build_train_compiled(context: BuildContext) -> Prepared:

@@ -17,7 +17,8 @@ from bench.compare_outputs import whole_model_bound
 from bench.models.dlrm import DLRM, batch_tensors, build_dlrm
 from bench.models.dlrm_reference import reference_train_step
 from bench.ops.common import cycling, rotation_metrics
-from bench.ops.dlrm import LEARNING_RATE, after_step, build_infer, dense_only
+from bench.ops.dlrm import (HOST_BUILT_TRAINING, LEARNING_RATE, after_step, build_infer,
+                            dense_only)
 from bench.ops.dlrm_batches import model_rotation_plan, rotating_labelled_batches
 from bench.ops.dlrm_costs import embedding_traffic, model_bytes, model_flops, training_bytes
 from bench.registry import BuildContext, Prepared, Unsupported, impl
@@ -204,7 +205,8 @@ def build_graphed_train(context: BuildContext, capture: Callable = capture_cuda,
                                else reference_learning_rate)
     autocast_dtype = None if precision == "fp32" else torch.bfloat16
     rotation = model_rotation_plan(workload, "fp32")
-    rotating = rotating_labelled_batches(workload, context.seed, rotation["rotation_batches"])
+    rotating = rotating_labelled_batches(workload, context.seed, rotation["rotation_batches"],
+                                         device)
     inputs = [(*batch_tensors(item.batch, device), torch.from_numpy(item.labels).to(device))
               for item in rotating]
     initial = build_dlrm(workload, context.seed + 1, embeddings="fused_sgd", sparse=True,
@@ -256,6 +258,7 @@ def build_infer_cuda_graph(context: BuildContext) -> Prepared:
 
 
 @impl("dlrm_train", "cuda_graph", TRAIN_PRECISIONS, devices=("cuda",), pairs=dense_only,
+      gpu_memory_factors=HOST_BUILT_TRAINING,
       description="fused_sgd's whole step (forward, backward, SGD in backward) captured once "
                   "into a CUDA graph and replayed (inputs copied into static buffers)")
 def build_train_cuda_graph(context: BuildContext) -> Prepared:

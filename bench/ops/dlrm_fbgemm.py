@@ -22,9 +22,9 @@ from bench.models.teacher import evaluation_set, teacher_model
 from bench.models import quality
 from bench.ops.common import cycling, lookup_bound, rotation_metrics
 from bench.models.dlrm_reference import linear_parameters64, logits64, reference_logits
-from bench.ops.dlrm import (CUDA_TRAIN, EVAL_BATCHES, LEARNING_RATE, TRAIN_PRECISIONS,
-                            WHOLE_MODEL_TOLERANCE, after_step, dense_only, fp32_predictions,
-                            predict, train_step)
+from bench.ops.dlrm import (CUDA_TRAIN, EVAL_BATCHES, HOST_BUILT_TRAINING, LEARNING_RATE,
+                            TRAIN_PRECISIONS, WHOLE_MODEL_TOLERANCE, after_step, dense_only,
+                            fp32_predictions, predict, train_step)
 from bench.ops.fbgemm_placement import Placement, placed, placement
 from bench.ops.sls_fbgemm import FBGEMM_ON, FBGEMM_PEER
 from bench.ops.dlrm_batches import (model_rotation_plan, rotating_batches,
@@ -287,7 +287,8 @@ def build_tbe_train(context: BuildContext, optimizer: str, learning_rate: float,
     autocast_dtype = None if precision == "fp32" else {"fp16": torch.float16,
                                                        "bf16": torch.bfloat16}[precision]
     rotation = model_rotation_plan(workload, "fp32")
-    rotating = rotating_labelled_batches(workload, context.seed, rotation["rotation_batches"])
+    rotating = rotating_labelled_batches(workload, context.seed, rotation["rotation_batches"],
+                                         device)
     # The same student as per_table's: seed + 1, per-table weights, then into one TBE.
     initial = build_dlrm(workload, context.seed + 1, embeddings="per_table", sparse=True,
                          learning_rate=learning_rate)
@@ -304,7 +305,7 @@ def build_tbe_train(context: BuildContext, optimizer: str, learning_rate: float,
         bytes_parts["row_state_updates"] = 2.0 * traffic["unique_rows"] * 4
         warm_up = (rotating[ADAGRAD_WARM_UP_BATCH] if len(rotating) > ADAGRAD_WARM_UP_BATCH
                    else rotating_labelled_batches(workload, context.seed,
-                                                  ADAGRAD_WARM_UP_BATCH + 1)[-1])
+                                                  ADAGRAD_WARM_UP_BATCH + 1, device)[-1])
         dense_w, indices_w, offsets_w = batch_tensors(warm_up.batch, device)
         train_step(start, torch.optim.SGD(dense_parameters(start), lr=learning_rate),
                    dense_w, indices_w, offsets_w, torch.from_numpy(warm_up.labels).to(device),
@@ -358,6 +359,7 @@ def build_tbe_train(context: BuildContext, optimizer: str, learning_rate: float,
 # On cuda without fp16, as per_table (bench/ops/dlrm.py build_train: loss scaling).
 @impl("dlrm_train", "fbgemm_tbe", TRAIN_PRECISIONS, device_precisions=CUDA_TRAIN,
       available=FBGEMM_ON, requires=FBGEMM_PEER, pairs=dense_only,
+      gpu_memory_factors=HOST_BUILT_TRAINING,
       description="all tables in one FBGEMM training TBE (CPU, or cuda with FBGEMM's CUDA "
                   "build), EXACT_SGD fused into its backward; MLPs as per_table's")
 def build_train_fbgemm_tbe(context: BuildContext) -> Prepared:
@@ -366,7 +368,7 @@ def build_train_fbgemm_tbe(context: BuildContext) -> Prepared:
 
 
 @impl("dlrm_train", "fbgemm_tbe_adagrad", ADAGRAD_PRECISIONS, available=FBGEMM_ON,
-      requires=FBGEMM_PEER, pairs=dense_only,
+      requires=FBGEMM_PEER, pairs=dense_only, gpu_memory_factors=HOST_BUILT_TRAINING,
       description="all tables in one FBGEMM training TBE (CPU, or cuda with FBGEMM's CUDA "
                   "build), EXACT_ROWWISE_ADAGRAD fused into its backward; MLPs by SGD")
 def build_train_fbgemm_tbe_adagrad(context: BuildContext) -> Prepared:

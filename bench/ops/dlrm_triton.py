@@ -159,16 +159,16 @@ def build_triton_train(context: BuildContext,
     models = {}
 
     def to_triton(initial: DLRM) -> DLRM:
-        # Built on the host: the reference reads it there, and build_train moves the copies
-        # it trains to the device.
-        models["initial"] = triton_model(triton_tbe, initial, "fp32", CPU, table_learning_rate)
+        # The model build_train times; the check below trains a copy of it, and the
+        # reference reads it before any timed step.
+        models["initial"] = triton_model(triton_tbe, initial, "fp32", device, table_learning_rate)
         return models["initial"]
 
     prepared = build_train(context, "per_table", prepare=to_triton)
     initial = models["initial"]
     # The batch build_train checks: the first of its rotation (cached, not relabelled).
     labelled = rotating_labelled_batches(workload, context.seed,
-                                         prepared.params["rotation_batches"])[0]
+                                         prepared.params["rotation_batches"], device)[0]
     dense, indices, offsets = batch_tensors(labelled.batch, device)
     labels = torch.from_numpy(labelled.labels)
     autocast_dtype = None if precision == "fp32" else float_dtype(precision)
@@ -202,6 +202,9 @@ def build_infer_triton(context: BuildContext) -> Prepared:
 
 @impl("dlrm_train", "triton_tbe", TRAIN_PRECISIONS, device_precisions=CUDA_TRAIN,
       available=runs_here, requires={"triton": TRITON_INSTALL}, pairs=dense_only,
+      # On the device: per_table's student while its TBE is made, then the TBE and the
+      # check's copy of it.
+      gpu_memory_factors=(2.25, 0.05),
       description="every table in one fp32 Triton TBE, exact SGD fused into its backward; "
                   "MLPs by SGD as per_table's")
 def build_train_triton(context: BuildContext) -> Prepared:

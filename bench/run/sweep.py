@@ -98,12 +98,14 @@ def plan(ops: Iterable[str], workloads: Iterable[WorkloadSpec], precisions: Iter
          device_list: Iterable[str], isa_levels: Iterable[str], thread_counts: Iterable[int],
          seed: int, options: Optional[dict] = None,
          impl_filter: Optional[set[str]] = None, named: Optional[Named] = None,
-         left_out: Optional[LeftOut] = None) -> list[PlannedTask]:
+         left_out: Optional[LeftOut] = None,
+         budgets: Optional[dict[str, "MemoryBudget"]] = None) -> list[PlannedTask]:
     """The cross product of the choices, ordered so one worker serves each group and runs
     each workload's configurations back to back (tasks.worker_order).
 
     named: what the user asked for by name (see Named); None plans every configuration that
-    cannot run as a skip row. What is left out is counted into left_out when given."""
+    cannot run as a skip row. What is left out is counted into left_out when given. budgets
+    (device -> MemoryBudget, if given) refuse an impl whose configuration would not fit."""
     options = options or {}
     workloads, precisions = list(workloads), list(precisions)
     all_ops = registry.ops()
@@ -122,7 +124,8 @@ def plan(ops: Iterable[str], workloads: Iterable[WorkloadSpec], precisions: Iter
                     variants = _probe_variants(op, workloads, options) if op.probe else None
                     for workload in targets:
                         candidates = _op_tasks(op, workload, precisions, device, isa, threads,
-                                               seed, options, impl_filter, variants)
+                                               seed, options, impl_filter, variants,
+                                               (budgets or {}).get(device))
                         planned.extend(_prune(op.name, candidates, named, left_out))
     return worker_order(planned, lambda item: item.task)
 
@@ -144,10 +147,12 @@ def _probe_variants(op, workloads, options) -> list[dict]:
 
 
 def _op_tasks(op, workload, precisions, device, isa, threads, seed, options, impl_filter,
-              variants=None) -> list[tuple[PlannedTask, Optional[registry.Refusal]]]:
-    """Every configuration of one op, each with the registry's refusal (None: may run);
-    variants (if given) replace the op's own for this workload."""
+              variants=None, budget: Optional["MemoryBudget"] = None
+              ) -> list[tuple[PlannedTask, Optional[registry.Refusal]]]:
+    """Every configuration of one op, each with the registry's refusal or the memory
+    budget's (None: may run); variants (if given) replace the op's own for this workload."""
     candidates = []
+    memory_refusals: dict[str, Optional[registry.Refusal]] = {}
     op_precisions = ["fp32"] if op.precision_agnostic else precisions
     for op_variant in (op.variants(workload, options) if variants is None else variants):
         for implementation in registry.impls(op.name).values():
@@ -160,6 +165,11 @@ def _op_tasks(op, workload, precisions, device, isa, threads, seed, options, imp
                             variant=variant, precision=precision, device=device, isa=isa,
                             threads=threads, seed=seed, options=options)
                 refusal = registry.refusal(implementation, variant, precision, device, options)
+                if refusal is None and budget is not None:
+                    if implementation.name not in memory_refusals:
+                        memory_refusals[implementation.name] = budget.refusal(workload,
+                                                                              implementation)
+                    refusal = memory_refusals[implementation.name]
                 candidates.append((PlannedTask(task, refusal.reason if refusal else ""),
                                    refusal))
     return candidates
@@ -197,69 +207,128 @@ def _table_bytes(workload: WorkloadSpec, op: registry.Op, cap: Optional[int] = N
 # resident, measured on the 2-vCPU dev VM) and its rotating inputs (at most
 # bench.ops.common.MAX_ROTATION_INDEX_BYTES, 256 MiB).
 WORKER_BASE_BYTES = float((512 + 256) << 20)
+MEMORY_BUDGET_FRACTION = 0.9  # of what is available: the rest for fragmentation and the OS
 
 
-def estimate_bytes(workload: WorkloadSpec, ops: Iterable[str], cap: Optional[int] = None,
-                   part: str = "all") -> float:
-    """Peak memory of the worker running the worst op on this workload's tables: part "all"
-    (a CPU run: each op's memory_factor), "device" (a GPU run's device: device_memory_factor)
-    or "host" (a GPU run's host: what does not move to the device); the host parts add the
-    worker's own WORKER_BASE_BYTES; 0 without tables."""
-    all_ops = registry.ops()
+def memory_factor(op: registry.Op, implementation: Optional[registry.Impl], part: str) -> float:
+    """Bytes a configuration holds per byte of the workload's fp32 tables: part "all" (a CPU
+    run: the op's memory_factor), "device" or "host" (a GPU run's: the impl's
+    gpu_memory_factors, else the op's, else all of memory_factor on the device)."""
+    if part == "all":
+        return op.memory_factor
+    factors = ((implementation.gpu_memory_factors if implementation is not None else None)
+               or op.gpu_memory_factors or (op.memory_factor, 0.0))
+    return {"device": factors[0], "host": factors[1]}[part]
 
-    def factor(op: registry.Op) -> float:
-        on_device = (op.memory_factor if op.device_memory_factor is None
-                     else op.device_memory_factor)
-        return {"all": op.memory_factor, "device": on_device,
-                "host": max(op.memory_factor - on_device, 0.0)}[part]
 
-    tables = max([factor(all_ops[name]) * _table_bytes(workload, all_ops[name], cap)
-                  for name in ops] + [0.0])
-    # One configuration at a time: the worker frees a finished one's copies before the next
-    # build (worker.release_task_memory), so the worst single op is the peak, not their sum.
+def configuration_bytes(workload: WorkloadSpec, op: registry.Op,
+                        implementation: Optional[registry.Impl], cap: Optional[int] = None,
+                        part: str = "all") -> float:
+    """Peak memory of a worker running one impl of op on this workload's tables (see
+    memory_factor for part); the host parts add the worker's own WORKER_BASE_BYTES; 0 without
+    tables."""
+    tables = memory_factor(op, implementation, part) * _table_bytes(workload, op, cap)
     base = WORKER_BASE_BYTES if part != "device" else 0.0
     return tables + base if tables else 0.0
 
 
+def estimate_bytes(workload: WorkloadSpec, ops: Iterable[str], cap: Optional[int] = None,
+                   part: str = "all", impl_filter: Optional[set[str]] = None) -> float:
+    """Peak memory of the worker running the worst op's leanest impl (of impl_filter, if
+    given) on this workload (see configuration_bytes); what an impl needs beyond it is left
+    out at plan time (MemoryBudget)."""
+    all_ops = registry.ops()
+    # One configuration at a time: the worker frees a finished one's copies before the next
+    # build (worker.release_task_memory), so the worst single op is the peak, not their sum.
+    needed = [0.0]
+    for name in ops:
+        impls = [entry for entry in registry.impls(name).values()
+                 if not impl_filter or entry.name in impl_filter] or [None]
+        needed.append(min(configuration_bytes(workload, all_ops[name], entry, cap, part)
+                          for entry in impls))
+    return max(needed)
+
+
+def memories(available_bytes: int, device: str = "cpu",
+             device_bytes: Optional[int] = None) -> list[tuple[str, int, str]]:
+    """(memory, bytes available, estimate part) of each memory a run on device fills: the
+    host's, and on a GPU device (device_bytes given) also the device's."""
+    if device_bytes is None:
+        return [("host", available_bytes, "all")]
+    return [("host", available_bytes, "host"), (device, device_bytes, "device")]
+
+
 def check_memory(workloads: Iterable[WorkloadSpec], ops: Iterable[str],
                  available_bytes: int, device: str = "cpu",
-                 device_bytes: Optional[int] = None) -> None:
-    """Refuse, before allocating, a workload whose tables will not fit in available memory:
-    the host's, and on a GPU device (device_bytes given) also the device's, where the tables
-    of a GPU run live."""
+                 device_bytes: Optional[int] = None,
+                 impl_filter: Optional[set[str]] = None) -> None:
+    """Refuse, before allocating, a workload whose tables will not fit in available memory
+    (see memories) under some op's every impl; single impls that do not fit are left out at
+    plan time (MemoryBudget)."""
     ops = list(ops)
-    memories = [("host", available_bytes, "all")]
-    if device_bytes is not None:
-        memories = [("host", available_bytes, "host"), (device, device_bytes, "device")]
     for workload in workloads:
-        for memory, size, part in memories:
-            _check_fits(workload, ops, memory, size, part)
+        for memory, size, part in memories(available_bytes, device, device_bytes):
+            _check_fits(workload, ops, memory, size, part, impl_filter)
 
 
 def _check_fits(workload: WorkloadSpec, ops: list[str], memory: str, available_bytes: int,
-                part: str) -> None:
-    budget = 0.9 * available_bytes
-    needed = estimate_bytes(workload, ops, part=part)
+                part: str, impl_filter: Optional[set[str]]) -> None:
+    budget = MEMORY_BUDGET_FRACTION * available_bytes
+    needed = estimate_bytes(workload, ops, part=part, impl_filter=impl_filter)
     if needed <= budget:
         return
-    if estimate_bytes(workload, ops, 1, part) > budget:  # not even a one-row table fits
+    if estimate_bytes(workload, ops, 1, part, impl_filter) > budget:  # not even one row fits
         raise SpecError(f"workload {workload.name}: a worker needs about "
                         f"{WORKER_BASE_BYTES / 2**30:.2f} GiB before any table, but "
                         f"{available_bytes / 2**30:.2f} GiB is available")
-    # The largest per-table cap that fits (binary search: memory grows with the cap).
-    low, high = 1, max(table.rows for table in workload.tables)
-    while low < high:
-        middle = (low + high + 1) // 2
-        if estimate_bytes(workload, ops, middle, part) <= budget:
-            low = middle
-        else:
-            high = middle - 1
+    low = _largest_cap(lambda cap: estimate_bytes(workload, ops, cap, part, impl_filter),
+                       workload, budget)
     where = "is available" if memory == "host" else f"is free on {memory}"
     raise SpecError(
         f"workload {workload.name} needs about {needed / 2**30:.1f} GiB "
         f"({workload.total_rows:,} rows x dim {workload.dim}, with working copies) but "
         f"{available_bytes / 2**30:.1f} GiB {where}; add --max-rows {low:,} "
         "(or fewer ops)")
+
+
+def _largest_cap(needed: Callable[[int], float], workload: WorkloadSpec, budget: float) -> int:
+    """The largest per-table row cap whose needed bytes fit the budget (binary search: memory
+    grows with the cap); 1 if none does."""
+    low, high = 1, max(table.rows for table in workload.tables)
+    while low < high:
+        middle = (low + high + 1) // 2
+        if needed(middle) <= budget:
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryBudget:
+    """The memories of one device's run (see memories): an impl whose configuration will not
+    fit (configuration_bytes) is refused at plan time, naming what it needs."""
+
+    device: str
+    sizes: tuple  # (memory, bytes available, estimate part) as memories() gives them
+
+    def refusal(self, workload: WorkloadSpec, implementation: registry.Impl
+                ) -> Optional[registry.Refusal]:
+        """Why this impl's configurations on workload do not fit; None if they do."""
+        op = registry.ops()[implementation.op]
+        for memory, size, part in self.sizes:
+            budget = MEMORY_BUDGET_FRACTION * size
+            needed = configuration_bytes(workload, op, implementation, part=part)
+            if needed <= budget:
+                continue
+            cap = _largest_cap(lambda rows, part=part: configuration_bytes(
+                workload, op, implementation, rows, part), workload, budget)
+            where = "available" if memory == "host" else f"free on {memory}"
+            short = (f"needs about {needed / 2**30:.1f} GiB of {memory} memory for "
+                     f"{workload.name}, {size / 2**30:.1f} GiB {where} (--max-rows {cap:,} fits)")
+            return registry.Refusal(registry.ABOUT_IMPL,
+                                    f"{implementation.op}/{implementation.name} {short}", short)
+        return None
 
 
 def device_memory_bytes(device: str) -> Optional[int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -12,12 +13,14 @@ import torch
 
 from bench import embeddings, registry
 from bench.embeddings import table_weight
+from bench.models import dlrm as dlrm_model
 from bench.models import dlrm_reference
 from bench.models.dlrm import batch_tensors
 from bench.models.dlrm_reference import REFERENCE_MEMO, WorkloadMemo, reference_logits
 from bench.models.teacher import teacher_model
 from bench.models.ttrec import TTEmbeddingBag
 from bench.ops import ceilings, common, dlrm_batches, dlrm_costs, sls, ttrec
+from bench.ops import dlrm as dlrm_ops
 from bench.records import STATUS_OK
 from bench.references import table_lookup64
 from bench.registry import BuildContext
@@ -331,3 +334,55 @@ def test_the_row_of_a_sampled_check_states_how_many_bags_it_checked(fresh_inputs
     assert row.status == STATUS_OK, row.error
     metrics = json.loads(row.metrics)
     assert metrics["bags"] == SMOKE.batch_size and 2 <= metrics["checked_bags"] < 64
+
+
+# ---------------------------------- one copy of a training model's tables (mlperf on a GPU)
+
+def _table_storages(model) -> set[int]:
+    return {source.untyped_storage().data_ptr()
+            for kind, source in dlrm_reference.reference_tables(model) if kind == "dense"}
+
+
+def test_concatenated_tables_are_built_in_place_and_not_copied_again():
+    weights = embeddings.concatenated_table_weights(SMOKE.tables, 3, CPU)
+    for index, (table, weight) in enumerate(zip(SMOKE.tables, weights)):
+        assert torch.equal(weight, table_weight(table, 3, index))
+    whole = embeddings.concatenated_view(weights)
+    assert whole is not None and whole.data_ptr() == weights[0].data_ptr()
+    assert torch.equal(whole, torch.cat([weight.clone() for weight in weights]))
+    module = dlrm_model.BatchedEmbeddings(weights, sparse=True)
+    assert module.bag.weight.data_ptr() == weights[0].data_ptr()  # the same memory
+    # Separate tensors (or out of order) are concatenated by copying, as before.
+    separate = [table_weight(table, 3, index) for index, table in enumerate(SMOKE.tables)]
+    assert embeddings.concatenated_view(separate) is None
+    assert embeddings.concatenated_view(weights[::-1]) is None
+    assert torch.equal(embeddings.concatenated(separate), whole)
+
+
+def test_a_training_check_shares_the_students_tables_and_puts_their_rows_back():
+    for layout in ("per_table", "batched", "fused_sgd"):
+        student = dlrm_model.build_dlrm(SMOKE, 1, embeddings=layout, sparse=True)
+        tables = [weight.clone() for weight in student.embeddings.table_weights()]
+        shared = dlrm_ops.table_sharing_copy(student)
+        assert _table_storages(shared) == _table_storages(student)  # no table copied
+        assert shared.top[0].weight.data_ptr() != student.top[0].weight.data_ptr()
+        dense, indices, offsets = batch_tensors(make_batch(SMOKE, 0, 0), CPU)
+        labels = torch.ones(SMOKE.batch_size)
+        with dlrm_ops.restored_tables(student, indices):
+            dlrm_ops.train_step(shared, torch.optim.SGD(shared.parameters(), lr=0.1), dense,
+                                indices, offsets, labels)
+            changed = [not torch.equal(now, before) for now, before
+                       in zip(student.embeddings.table_weights(), tables)]
+            assert all(changed), layout  # the step wrote the student's own rows...
+        for now, before in zip(student.embeddings.table_weights(), tables):
+            assert torch.equal(now, before), layout  # ...and they are back, bit for bit
+        assert all(parameter.grad is None for parameter in student.parameters())
+
+
+def test_a_training_check_without_the_rows_put_back_fails(monkeypatch):
+    # The reference reads the student after the check: rows left stepped are a wrong start.
+    monkeypatch.setattr(dlrm_ops, "restored_tables",
+                        lambda model, indices: contextlib.nullcontext())
+    REFERENCE_MEMO.clear()
+    prepared = _build("dlrm_train", "per_table")
+    assert "exceed" in worker.check(prepared, worker.ResultRow(), "fp32")

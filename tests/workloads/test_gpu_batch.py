@@ -8,7 +8,8 @@ import re
 import pytest
 
 from bench.commands.sweep import parse_sweep, workload_choices
-from bench.run.sweep import WORKER_BASE_BYTES, check_memory, device_memory_bytes, estimate_bytes
+from bench.run.sweep import (WORKER_BASE_BYTES, LeftOut, MemoryBudget, Named, check_memory,
+                             device_memory_bytes, estimate_bytes, memories, plan)
 from workloads import presets
 from workloads.resolve import WorkloadChoices, resolve_workloads
 from workloads.specs import SpecError
@@ -75,12 +76,19 @@ def test_mlperf_tables_on_the_device_are_held_to_the_device_factor():
     tables = _table_bytes(mlperf)
     # A CPU run: every copy, plus the worker's own base (host memory only).
     assert estimate_bytes(mlperf, ["dlrm_train"]) == 6.0 * tables + WORKER_BASE_BYTES
-    assert estimate_bytes(mlperf, ["dlrm_train"], part="device") == 2.0 * tables
+    # A GPU run's training builds the student on the device and checks it without a copy of
+    # its tables; its leanest impls hold them once (plus gradients), and next to nothing on
+    # the host.
+    assert estimate_bytes(mlperf, ["dlrm_train"], part="device") == 1.25 * tables
+    assert estimate_bytes(mlperf, ["dlrm_train"], part="host") == (0.05 * tables
+                                                                   + WORKER_BASE_BYTES)
+    # Inference still holds two models there and builds its teacher on the host.
     assert estimate_bytes(mlperf, ["dlrm_infer"], part="device") == 2.0 * tables
-    # What moves to the device no longer counts on the host.
-    assert estimate_bytes(mlperf, ["dlrm_train"], part="host") == 4.0 * tables + WORKER_BASE_BYTES
     assert estimate_bytes(mlperf, ["dlrm_infer"], part="host") == 2.0 * tables + WORKER_BASE_BYTES
-    # A device with room for two models passes, though a CPU run's factor (6) would not fit.
+    # An impl that builds on the host and copies is held to its own factors.
+    heavy = {"fbgemm_tbe"}
+    assert estimate_bytes(mlperf, ["dlrm_train"], part="device", impl_filter=heavy) == (
+        2.0 * tables)
     device_bytes = int(2.0 * tables / 0.9) + GIB
     check_memory([mlperf], ["dlrm_train", "dlrm_infer"], 16 * device_bytes, "cuda:0",
                  device_bytes)
@@ -88,22 +96,45 @@ def test_mlperf_tables_on_the_device_are_held_to_the_device_factor():
         check_memory([mlperf], ["dlrm_train"], device_bytes, "cpu")
 
 
+def test_mlperf_training_fits_one_h200_and_the_impls_that_copy_are_left_out():
+    # 97 GiB of fp32 tables on a 140 GiB H200, 128 GiB of host memory (the GPU machine's).
+    mlperf = presets.mlperf()
+    host = 128 * GIB
+    check_memory([mlperf], ["dlrm_train"], host, "cuda:0", H200_BYTES)
+    budget = MemoryBudget("cuda:0", tuple(memories(host, "cuda:0", H200_BYTES)))
+    left_out = LeftOut()
+    planned = plan(["dlrm_train"], [mlperf], ["fp32"], ["cuda:0"], ["native"], [1], seed=0,
+                   named=Named(), left_out=left_out, budgets={"cuda:0": budget})
+    runs = {item.task.impl for item in planned}
+    assert {"per_table", "batched", "fused_sgd"} <= runs
+    assert not runs & {"compiled", "cuda_graph", "triton_tbe"}
+    reasons = " ".join(record["reason"] for record in left_out.records())
+    assert "GiB of cuda:0 memory for mlperf" in reasons and "--max-rows" in reasons
+    # Named by --impls, an impl that does not fit is a skip row saying why.
+    named = plan(["dlrm_train"], [mlperf], ["fp32"], ["cuda:0"], ["native"], [1], seed=0,
+                 impl_filter={"cuda_graph"}, named=Named(impls=frozenset({"cuda_graph"})),
+                 budgets={"cuda:0": budget})
+    assert [item.skip_reason.split(" needs about ")[0] for item in named] == [
+        "dlrm_train/cuda_graph"]
+
+
 def test_a_gpu_run_that_outgrows_the_device_is_refused_with_a_cap_that_fits():
     mlperf = presets.mlperf()
     host = int(1e15)  # plenty: only the device can refuse
+    small_gpu = 80 * GIB
     with pytest.raises(SpecError, match=r"is free on cuda:0; add --max-rows") as error:
-        check_memory([mlperf], ["dlrm_train"], host, "cuda:0", H200_BYTES)
+        check_memory([mlperf], ["dlrm_train"], host, "cuda:0", small_gpu)
     cap = int(re.search(r"--max-rows ([\d,]+)", str(error.value)).group(1).replace(",", ""))
-    # Full-size mlperf (5 tables of 40M rows, dim 128: 97 GiB fp32) cannot hold the timed model
-    # and the check's copy on one H200; the cap the planner gives fits there.
+    # Full-size mlperf (5 tables of 40M rows, dim 128: 97 GiB fp32) cannot train on an 80 GiB
+    # GPU; the cap the planner gives fits there.
     assert 10_000_000 < cap < 40_000_000
-    check_memory([mlperf.capped(cap)], ["dlrm_train"], host, "cuda:0", H200_BYTES)
+    check_memory([mlperf.capped(cap)], ["dlrm_train"], host, "cuda:0", small_gpu)
 
 
 def test_the_host_is_still_checked_on_a_gpu_run():
     mlperf = presets.mlperf()
     with pytest.raises(SpecError, match=r"GiB is available; add --max-rows"):
-        check_memory([mlperf], ["dlrm_train"], 125 * GIB, "cuda:0", int(1e15))
+        check_memory([mlperf], ["dlrm_infer"], 125 * GIB, "cuda:0", int(1e15))
 
 
 def test_a_cpu_run_has_no_device_memory():
