@@ -136,6 +136,7 @@ if [ "$TINY" = 1 ]; then
     REFERENCE=(--workload smoke --iterations 3 --warmup 1 --impls per_table --min-run-time 0.02)
     MODEL_IMPLS=per_table,batched,fused_sgd
     TABLES=(--workload smoke --batch-size 64 --precision fp32)
+    MLPERF=(--workload mlperf --max-rows 1000 --batch-size 64)
 else
     MIN_RUN=0.2
     ROOFS=(--precision fp32,bf16)
@@ -151,6 +152,9 @@ else
     # Issue 23's targets: our Triton TBE and the graphed step beside stock PyTorch.
     MODEL_IMPLS=per_table,batched,fused_sgd,triton_tbe,cuda_graph
     TABLES=(--workload kaggle --max-rows 1000000000 --batch-size "$GPU_BATCH" --precision fp32,bf16)
+    # The whole DLRMv2 model (97 GiB of tables, built on the device) at its GPU batch (the
+    # MLPerf global batch, 55,296): one training step beside MLPerf's 1.88M samples/s a GPU.
+    MLPERF=(--workload mlperf --max-rows 1000000000)
 fi
 DIST_DEVICE=$DEVICE
 [ "$DEVICE" = cpu ] || DIST_DEVICE=cuda  # each rank takes the GPU of its local rank
@@ -183,6 +187,10 @@ step kaggle_models 100 "${BENCH[@]}" --ops dlrm_infer,dlrm_train --impls "$MODEL
 # against the dense one (the Triton TT kernel with and without its cache).
 step tables 60 "${BENCH[@]}" --ops sls_multi,tt_sls "${TABLES[@]}" --device "$DEVICE" \
     --min-run-time "$MIN_RUN" --out "$RUNS" --run-id tables --no-report
+
+step mlperf 120 "${BENCH[@]}" --ops dlrm_train --impls fused_sgd,per_table --precision fp32 \
+    "${MLPERF[@]}" --device "$DEVICE" --min-run-time "$MIN_RUN" --out "$RUNS" --run-id mlperf \
+    --no-report
 
 step dist 45 "${BENCH[@]}" dist --device "$DIST_DEVICE" --nproc 1 "${DIST[@]}" --out "$RUNS" --run-id dist
 

@@ -17,9 +17,9 @@ from bench.records import read_rows
 from conftest import FIXTURES_DIR, REPO_ROOT
 
 SCRIPT = REPO_ROOT / "tools" / "gpu_check.sh"
-STEPS = ["env", "gpu_tests", "roofs", "sls", "kaggle_models", "tables", "dist", "serve",
+STEPS = ["env", "gpu_tests", "roofs", "sls", "kaggle_models", "tables", "mlperf", "dist", "serve",
          "reference", "readback"]
-RUN_STEPS = {"roofs", "sls", "kaggle_models", "tables", "dist", "serve", "reference"}
+RUN_STEPS = {"roofs", "sls", "kaggle_models", "tables", "mlperf", "dist", "serve", "reference"}
 STATUSES = {"ok", "partial", "failed", "timeout", "skipped", "not_run"}
 
 
