@@ -36,8 +36,14 @@ def fill_table_weight(out: torch.Tensor, table: TableSpec, seed: int,
     each model's own parameters, so this changes no verdict)."""
     if out.device.type == "cpu":
         return out.copy_(_cached_weight(table.rows, table.dim, seed, table_index))
+    return drawn_table_weight(out, table.rows, seed, table_index)
+
+
+def drawn_table_weight(out: torch.Tensor, rows: int, seed: int, table_index: int) -> torch.Tensor:
+    """Draw a table's weights into out with out's device's generator: on the CPU these are the
+    cached weights' values, elsewhere that device's draw from the same seed and bounds."""
     generator = torch.Generator(device=out.device).manual_seed(_table_seed(seed, table_index))
-    bound = math.sqrt(1.0 / table.rows)
+    bound = math.sqrt(1.0 / rows)
     return out.uniform_(-bound, bound, generator=generator)
 
 
@@ -84,9 +90,7 @@ def shared_table_weight(table: TableSpec, seed: int, table_index: int) -> torch.
 @functools.lru_cache(maxsize=64)
 def _cached_weight(rows: int, dim: int, seed: int, table_index: int) -> torch.Tensor:
     # Kept once per worker: every op and precision on a workload reuses the same tables.
-    generator = torch.Generator().manual_seed(_table_seed(seed, table_index))
-    bound = math.sqrt(1.0 / rows)
-    return torch.empty(rows, dim).uniform_(-bound, bound, generator=generator)
+    return drawn_table_weight(torch.empty(rows, dim), rows, seed, table_index)
 
 
 def _table_seed(seed: int, table_index: int) -> int:

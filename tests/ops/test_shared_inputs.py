@@ -386,3 +386,12 @@ def test_a_training_check_without_the_rows_put_back_fails(monkeypatch):
     REFERENCE_MEMO.clear()
     prepared = _build("dlrm_train", "per_table")
     assert "exceed" in worker.check(prepared, worker.ResultRow(), "fp32")
+
+
+def test_a_gpus_tables_are_drawn_from_the_same_seed_and_bounds_as_the_cpus():
+    # The device path draws with the device's own generator (not the CPU's stream on a GPU);
+    # the draw itself, run on the CPU, is the cached weights bit for bit.
+    table = SMOKE.tables[1]
+    drawn = embeddings.drawn_table_weight(torch.empty(table.rows, table.dim), table.rows, 4, 1)
+    assert torch.equal(drawn, table_weight(table, 4, 1))
+    assert float(drawn.abs().max()) <= (1.0 / table.rows) ** 0.5
