@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 
 import subprocess
@@ -10,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FIXTURES_DIR = REPO_ROOT / "tests" / "fixtures"
@@ -61,4 +63,14 @@ def triton_interpreter():
             del os.environ["TRITON_INTERPRET"]
         else:
             os.environ["TRITON_INTERPRET"] = previous
+
+
+# Triton's own language helpers (the combine functions of tl.sum, ...) are jit functions made
+# when triton is first imported: interpreted or compiled by TRITON_INTERPRET at that moment. Some
+# torch modules import triton (torch.utils.flop_counter does), so without a GPU triton is
+# imported here, under the interpreter, before any test module can: otherwise the interpreter
+# tests fail whenever such a module happens to be collected first.
+if importlib.util.find_spec("triton") is not None and not torch.cuda.is_available():
+    with triton_interpreter():
+        import triton  # noqa: E402, F401
 

@@ -137,6 +137,16 @@ def flatten_tables(indices: list[torch.Tensor], offsets: list[torch.Tensor],
     return torch.cat(shifted), torch.cat(bag_starts)
 
 
+def tbe_inputs(indices: list[torch.Tensor],
+               offsets: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-table inputs as a table-batched embedding bag (FBGEMM's, ours) takes them: each
+    table's own ids, table after table, and tables x batch + 1 bag offsets (the total last,
+    made on the device: no host sync)."""
+    flat, bag_starts = flatten_tables(indices, offsets, [0] * len(indices))
+    end = torch.full((1,), flat.numel(), dtype=bag_starts.dtype, device=bag_starts.device)
+    return flat, torch.cat([bag_starts, end])
+
+
 def row_starts_of(weights: list[torch.Tensor]) -> torch.Tensor:
     starts = np.concatenate(([0], np.cumsum([weight.shape[0] for weight in weights])[:-1]))
     return torch.as_tensor(starts, dtype=torch.int64)

@@ -17,7 +17,7 @@ from torch import nn
 from bench import peers
 from bench.compare_outputs import (ACCUMULATION_ROUNDOFF, rowwise_adagrad_bound,
                                    summed_gradient_error, whole_model_bound)
-from bench.models.dlrm import DLRM, batch_tensors, build_dlrm, flatten_tables
+from bench.models.dlrm import DLRM, batch_tensors, build_dlrm, tbe_inputs
 from bench.models.teacher import evaluation_set, teacher_model
 from bench.models import quality
 from bench.ops.common import cycling, lookup_bound, rotation_metrics
@@ -80,14 +80,6 @@ def _check_shapes(context: BuildContext) -> Placement:
     return where
 
 
-def _tbe_inputs(indices, offsets) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-table inputs in the TBE's layout: table-major ids (each table's own row numbers)
-    and T x B + 1 bag offsets (the total last)."""
-    flat, bag_starts = flatten_tables(indices, offsets, [0] * len(indices))
-    end = torch.full((1,), flat.numel(), dtype=bag_starts.dtype, device=bag_starts.device)
-    return flat, torch.cat([bag_starts, end])
-
-
 class TBEEmbeddings(nn.Module):
     """All tables in one training TBE (fp32 rows, where placed); backward updates the rows it
     looked up with the TBE's optimizer. Same interface as the other embedding modules."""
@@ -111,7 +103,7 @@ class TBEEmbeddings(nn.Module):
 
     def forward(self, indices: list[torch.Tensor], offsets: list[torch.Tensor]) -> torch.Tensor:
         """Per-table inputs -> [B, T, D]; under autograd, backward updates the rows."""
-        pooled = self.tbe(*_tbe_inputs(indices, offsets))  # [B, T * D]
+        pooled = self.tbe(*tbe_inputs(indices, offsets))  # [B, T * D]
         return pooled.view(pooled.shape[0], self.num_tables, self.dim)
 
     def table_weights(self) -> list[torch.Tensor]:
@@ -407,7 +399,7 @@ class TBEInferenceEmbeddings(nn.Module):
 
     def forward(self, indices: list[torch.Tensor], offsets: list[torch.Tensor]) -> torch.Tensor:
         """Per-table inputs -> [B, T, D] (fp32)."""
-        pooled = self.tbe(*_tbe_inputs(indices, offsets))
+        pooled = self.tbe(*tbe_inputs(indices, offsets))
         return pooled.view(pooled.shape[0], self.num_tables, self.dim)
 
     def stored_bytes(self) -> int:

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from bench.models.dlrm import DLRM, batch_tensors, flatten_tables
+from bench.models.dlrm import DLRM, batch_tensors, tbe_inputs
 from bench.ops.common import FLOAT_DTYPES, float_dtype, lookup_bound
 from bench.ops.dlrm import (CUDA_TRAIN, LEARNING_RATE, TRAIN_PRECISIONS, after_step,
                             build_infer, build_train, dense_only, train_step)
@@ -25,15 +25,6 @@ from bench.registry import BuildContext, Prepared, Unsupported, impl
 CPU = torch.device("cpu")
 POOLING = "sum"  # the DLRM's pooling (a module constant so a test can plant another)
 NO_TT = ("triton_tbe has no TT-Rec tables; use per_table or batched with --tt-tables")
-
-
-def table_major(indices: list[torch.Tensor],
-                offsets: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-table inputs as the TBE takes them: each table's own ids, table after table, and
-    tables x batch + 1 bag offsets (the total last, made on the device: no host sync)."""
-    flat, bag_starts = flatten_tables(indices, offsets, [0] * len(indices))
-    end = torch.full((1,), flat.numel(), dtype=bag_starts.dtype, device=bag_starts.device)
-    return flat, torch.cat([bag_starts, end])
 
 
 class TritonEmbeddings(nn.Module):
@@ -53,7 +44,7 @@ class TritonEmbeddings(nn.Module):
 
     def forward(self, indices: list[torch.Tensor], offsets: list[torch.Tensor]) -> torch.Tensor:
         """Per-table inputs -> [B, T, D]; under autograd, backward updates the rows."""
-        pooled = self.tbe(*table_major(indices, offsets))  # [B, T * D]
+        pooled = self.tbe(*tbe_inputs(indices, offsets))  # [B, T * D]
         return pooled.view(pooled.shape[0], self.num_tables, self.dim)
 
     def table_weights(self) -> list[torch.Tensor]:

@@ -96,7 +96,7 @@ def test_infer_tables_are_at_the_precision_and_int_tables_beside_fp32_mlps():
 
 def _drop_table(monkeypatch, position: int = 1) -> None:
     """A planted fault: one table's lookups never reach the kernel (its bags come out 0)."""
-    real = dlrm_triton.table_major
+    real = dlrm_triton.tbe_inputs
 
     def dropped(indices, offsets):
         indices, offsets = list(indices), list(offsets)
@@ -104,7 +104,7 @@ def _drop_table(monkeypatch, position: int = 1) -> None:
         offsets[position] = torch.zeros_like(offsets[position])
         return real(indices, offsets)
 
-    monkeypatch.setattr(dlrm_triton, "table_major", dropped)
+    monkeypatch.setattr(dlrm_triton, "tbe_inputs", dropped)
 
 
 @pytest.mark.parametrize("op, precision", [("dlrm_infer", "fp32"), ("dlrm_infer", "bf16"),

@@ -169,14 +169,14 @@ def test_planted_adagrad_state_not_kept_fails(monkeypatch, precision):
 def test_planted_tbe_infer_row_off_by_one_fails(monkeypatch, precision):
     from bench.ops import dlrm_fbgemm
 
-    layout = dlrm_fbgemm._tbe_inputs
+    layout = dlrm_fbgemm.tbe_inputs
 
     def shifted(indices, offsets):
         flat, bag_offsets = layout(indices, offsets)
         return (flat + 1).clamp(max=min(table.rows for table in SMOKE.tables) - 1), bag_offsets
 
     prepared = _build("dlrm_infer", "fbgemm_tbe", precision)
-    monkeypatch.setattr(dlrm_fbgemm, "_tbe_inputs", shifted)
+    monkeypatch.setattr(dlrm_fbgemm, "tbe_inputs", shifted)
     assert "exceed" in _check(prepared, precision)
 
 
