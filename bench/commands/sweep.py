@@ -287,13 +287,11 @@ def sweep(argv: list[str]) -> int:
             raise UsageError(f"--threads {count}: this machine has {available_cpus} usable CPUs")
     impl_filter = set(args.impls) if args.impls else None
     workloads = resolve_workloads(workload_choices(args))
-    budgets = {}
-    for device in device_list:
-        sizes = sweeping.memories(devices.available_memory_bytes(), device,
-                                  sweeping.device_memory_bytes(device))
-        sweeping.check_memory(workloads, ops, sizes[0][1], device,
-                              sizes[1][1] if len(sizes) > 1 else None, impl_filter)
-        budgets[device] = sweeping.MemoryBudget(device, tuple(sizes))
+    budgets = {device: sweeping.MemoryBudget(device, tuple(sweeping.memories(
+        devices.available_memory_bytes(), device, sweeping.device_memory_bytes(device))))
+        for device in device_list}
+    for budget in budgets.values():
+        budget.check(workloads, ops, impl_filter)
     # What the user named decides which configurations that cannot run are skip rows and which
     # are left out of the plan (sweeping.Named).
     named = sweeping.Named(frozenset(args.ops or ()), frozenset(args.impls or ()),

@@ -262,33 +262,9 @@ def check_memory(workloads: Iterable[WorkloadSpec], ops: Iterable[str],
                  available_bytes: int, device: str = "cpu",
                  device_bytes: Optional[int] = None,
                  impl_filter: Optional[set[str]] = None) -> None:
-    """Refuse, before allocating, a workload whose tables will not fit in available memory
-    (see memories) under some op's every impl; single impls that do not fit are left out at
-    plan time (MemoryBudget)."""
-    ops = list(ops)
-    for workload in workloads:
-        for memory, size, part in memories(available_bytes, device, device_bytes):
-            _check_fits(workload, ops, memory, size, part, impl_filter)
-
-
-def _check_fits(workload: WorkloadSpec, ops: list[str], memory: str, available_bytes: int,
-                part: str, impl_filter: Optional[set[str]]) -> None:
-    budget = MEMORY_BUDGET_FRACTION * available_bytes
-    needed = estimate_bytes(workload, ops, part=part, impl_filter=impl_filter)
-    if needed <= budget:
-        return
-    if estimate_bytes(workload, ops, 1, part, impl_filter) > budget:  # not even one row fits
-        raise SpecError(f"workload {workload.name}: a worker needs about "
-                        f"{WORKER_BASE_BYTES / 2**30:.2f} GiB before any table, but "
-                        f"{available_bytes / 2**30:.2f} GiB is available")
-    low = _largest_cap(lambda cap: estimate_bytes(workload, ops, cap, part, impl_filter),
-                       workload, budget)
-    where = "is available" if memory == "host" else f"is free on {memory}"
-    raise SpecError(
-        f"workload {workload.name} needs about {needed / 2**30:.1f} GiB "
-        f"({workload.total_rows:,} rows x dim {workload.dim}, with working copies) but "
-        f"{available_bytes / 2**30:.1f} GiB {where}; add --max-rows {low:,} "
-        "(or fewer ops)")
+    """MemoryBudget.check for a run on device with these memories (see memories)."""
+    MemoryBudget(device, tuple(memories(available_bytes, device, device_bytes))).check(
+        workloads, ops, impl_filter)
 
 
 def _largest_cap(needed: Callable[[int], float], workload: WorkloadSpec, budget: float) -> int:
@@ -306,11 +282,36 @@ def _largest_cap(needed: Callable[[int], float], workload: WorkloadSpec, budget:
 
 @dataclasses.dataclass(frozen=True)
 class MemoryBudget:
-    """The memories of one device's run (see memories): an impl whose configuration will not
-    fit (configuration_bytes) is refused at plan time, naming what it needs."""
+    """The memories one device's run fills (memories()): check refuses, before anything is
+    allocated, a workload that no impl of some op fits; refusal refuses at plan time one impl
+    that does not fit, naming what it needs."""
 
     device: str
     sizes: tuple  # (memory, bytes available, estimate part) as memories() gives them
+
+    def check(self, workloads: Iterable[WorkloadSpec], ops: Iterable[str],
+              impl_filter: Optional[set[str]] = None) -> None:
+        """Raise SpecError (with the --max-rows that fits) for a workload whose tables will
+        not fit under some op's every impl (of impl_filter, if given)."""
+        ops = list(ops)
+        for workload in workloads:
+            for memory, size, part in self.sizes:
+                budget = MEMORY_BUDGET_FRACTION * size
+                needed = estimate_bytes(workload, ops, part=part, impl_filter=impl_filter)
+                if needed <= budget:
+                    continue
+                if estimate_bytes(workload, ops, 1, part, impl_filter) > budget:
+                    raise SpecError(f"workload {workload.name}: a worker needs about "
+                                    f"{WORKER_BASE_BYTES / 2**30:.2f} GiB before any table, "
+                                    f"but {size / 2**30:.2f} GiB is available")
+                cap = _largest_cap(lambda rows, workload=workload, part=part: estimate_bytes(
+                    workload, ops, rows, part, impl_filter), workload, budget)
+                where = "is available" if memory == "host" else f"is free on {memory}"
+                raise SpecError(
+                    f"workload {workload.name} needs about {needed / 2**30:.1f} GiB "
+                    f"({workload.total_rows:,} rows x dim {workload.dim}, with working copies) "
+                    f"but {size / 2**30:.1f} GiB {where}; add --max-rows {cap:,} "
+                    "(or fewer ops)")
 
     def refusal(self, workload: WorkloadSpec, implementation: registry.Impl
                 ) -> Optional[registry.Refusal]:
