@@ -280,6 +280,11 @@ def release_task_memory(workload_done: bool = False) -> None:
     if workload_done:
         gc.unfreeze()  # entries of the caches just cleared may now be cyclic garbage
     gc.collect()
+    if torch.cuda.is_initialized():
+        # Hand the freed blocks back to the device: the next build's tensors have other shapes
+        # (mlperf's one 97 GiB concatenated table after per_table's 26), and blocks cached
+        # for the last ones would leave it no room.
+        torch.cuda.empty_cache()
     # What survives is the worker's lasting state (imports, the workload's caches): frozen,
     # it is not scanned again, and the next collection costs what one configuration made
     # (a full one took 0.4-0.5 s with torch, fbgemm and inductor loaded).

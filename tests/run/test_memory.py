@@ -94,3 +94,20 @@ def test_garbage_made_after_a_release_is_still_collected(tracked):
         assert payload() is None
     finally:
         gc.enable()
+
+
+def test_a_gpu_workers_release_hands_cached_blocks_back(monkeypatch):
+    emptied = []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
+    try:
+        worker.release_task_memory()
+    finally:
+        gc.unfreeze()
+    assert emptied == [True]
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    try:
+        worker.release_task_memory()  # a CPU worker never touches CUDA
+    finally:
+        gc.unfreeze()
+    assert emptied == [True]
