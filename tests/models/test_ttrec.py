@@ -447,14 +447,3 @@ def test_cuda_matches_cpu(policy: str) -> None:
     torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
     for cpu_gradient, cuda_gradient in zip(*gradients):
         torch.testing.assert_close(cpu_gradient, cuda_gradient, rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.parametrize("count", [1, 7, 250, 1000])
-def test_lru_victims_are_the_stable_sorts_oldest_slots(count):
-    from bench.models.ttrec.cache import oldest_slots
-
-    generator = torch.Generator().manual_seed(count)
-    # Few distinct stamps (never-used -1 included): many ties, which go to the lower slot.
-    last_used = torch.randint(-1, 5, (1000,), generator=generator)
-    expected = torch.sort(last_used, stable=True).indices[:count]
-    assert torch.equal(oldest_slots(last_used, count), expected)

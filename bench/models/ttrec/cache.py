@@ -16,17 +16,6 @@ POPULATE_CHUNK_ROWS = 16384
 RowSource = Callable[[torch.Tensor], torch.Tensor]
 
 
-def oldest_slots(last_used: torch.Tensor, count: int) -> torch.Tensor:
-    """The count slots with the oldest time stamps, oldest first, ties to the lower slot: what
-    a stable ascending sort of last_used puts first, found by a top-k of a unique key (the
-    full sort of every slot took most of an LRU step)."""
-    slots = torch.arange(last_used.numel(), device=last_used.device)
-    # Time stamps start at -1 (never used): shifted by one they are >= 0, and the slot number
-    # in the low digits makes each key unique, so the top-k order is the stable sort's.
-    keys = (last_used + 1) * last_used.numel() + slots
-    return torch.topk(keys, count, largest=False, sorted=True).indices
-
-
 class RowCache(nn.Module):
     """Cache of `capacity` uncompressed rows: weight [capacity, dim] plus a dense row->slot map.
 
@@ -145,7 +134,7 @@ class RowCache(nn.Module):
         admitted = min(eligible, int(missed_rows.numel()))
         if admitted == 0:
             return
-        victims = oldest_slots(self.last_used, admitted)
+        victims = torch.sort(self.last_used, stable=True).indices[:admitted]
         # When misses outnumber free slots, keep the rows this batch looked up most often.
         preferred = torch.sort(missed_counts, descending=True, stable=True).indices[:admitted]
         new_rows = missed_rows.index_select(0, preferred)
