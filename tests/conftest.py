@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -18,6 +20,7 @@ FIXTURES_DIR = REPO_ROOT / "tests" / "fixtures"
 if str(REPO_ROOT) not in sys.path:  # the bare `pytest` script does not put the root on the path
     sys.path.insert(0, str(REPO_ROOT))
 
+from bench.records import ResultsWriter  # noqa: E402
 from bench.run.timing import TimingPolicy  # noqa: E402
 from workloads.specs import (IndexDistribution, PoolingDistribution, TableSpec,  # noqa: E402
                              WorkloadSpec)
@@ -25,6 +28,18 @@ from workloads.specs import (IndexDistribution, PoolingDistribution, TableSpec, 
 # Short enough that run_task finishes in a fraction of a second; tests never check speed.
 FAST_POLICY = TimingPolicy(min_run_time_s=0.01, min_samples=3, max_run_time_s=1.0,
                            warmup_calls=1)
+
+
+def write_run(directory: Path, rows, env: Optional[dict] = None,
+              args: Optional[dict] = None) -> Path:
+    """A run directory as run_bench.py writes it: results.csv, env.json and args.json."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with ResultsWriter(directory / "results.csv") as writer:
+        for row in rows:
+            writer.write(row)
+    (directory / "env.json").write_text(json.dumps(env or {}), encoding="utf-8")
+    (directory / "args.json").write_text(json.dumps(args or {}), encoding="utf-8")
+    return directory
 
 
 def tiny_workload(name: str = "tiny", rows=(300, 120, 500), dim: int = 8,

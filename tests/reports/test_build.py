@@ -18,7 +18,7 @@ from bench.records import STATUS_ERROR, STATUS_SKIPPED, ResultRow, ResultsWriter
 from reports import comparison, headline, plots, roofs, runs, tables
 from reports.roofline import ABOVE_ROOF_NOTE, classification_table, roofline_table
 from reports.build import build_report
-from conftest import FIXTURES_DIR, REPO_ROOT
+from conftest import FIXTURES_DIR, REPO_ROOT, write_run
 
 FIXTURES = FIXTURES_DIR / "reports"
 REPOSITORY = REPO_ROOT
@@ -119,15 +119,7 @@ def realistic_rows() -> list[ResultRow]:
     return rows
 
 
-def write_run(directory: Path, rows: list[ResultRow], env: str = "{}") -> Path:
-    """A run directory with results.csv, env.json and args.json."""
-    directory.mkdir(parents=True, exist_ok=True)
-    with ResultsWriter(directory / "results.csv") as writer:
-        for row in rows:
-            writer.write(row)
-    (directory / "env.json").write_text(env, encoding="utf-8")
-    (directory / "args.json").write_text('{"ops": "all"}', encoding="utf-8")
-    return directory
+ALL_OPS = {"ops": "all"}  # the args.json of a run of every op
 
 
 def copy_fixture(name: str, destination: Path) -> Path:
@@ -145,8 +137,9 @@ def handmade_report(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def realistic_run(tmp_path_factory) -> Path:
     """The generated realistic run directory."""
-    env = '{"cpu_model": "Test CPU", "l3_bytes": 33554432, "fingerprint": "realistic"}'
-    return write_run(tmp_path_factory.mktemp("realistic") / "run", realistic_rows(), env)
+    env = {"cpu_model": "Test CPU", "l3_bytes": 33554432, "fingerprint": "realistic"}
+    return write_run(tmp_path_factory.mktemp("realistic") / "run", realistic_rows(), env,
+                     ALL_OPS)
 
 
 @pytest.fixture(scope="module")
@@ -371,7 +364,7 @@ def test_rebuild_removes_stale_figures(realistic_report, tmp_path):
 
 
 def test_run_without_rows_gives_notes_not_a_crash(tmp_path):
-    report = build_report([write_run(tmp_path / "empty", [])])
+    report = build_report([write_run(tmp_path / "empty", [], args=ALL_OPS)])
     assert sorted(path.name for path in report.iterdir()) == ["index.html", "summary.md"]
     page = (report / "index.html").read_text(encoding="utf-8")
     assert page.count("Figure skipped") == 5
@@ -555,7 +548,7 @@ def test_a_kernel_beating_its_probe_is_labelled_in_the_report(tmp_path):
     _, roofline = roofline_of(rows)
     assert roofline.iloc[0]["efficiency"] == pytest.approx(4.47 / 3.5)
     assert roofline.iloc[0]["note"] == ABOVE_ROOF_NOTE
-    report = build_report([write_run(tmp_path / "run", rows, json.dumps(ROOF_ENV))])
+    report = build_report([write_run(tmp_path / "run", rows, ROOF_ENV, ALL_OPS)])
     markdown = (report / "summary.md").read_text(encoding="utf-8")
     assert "1 row(s) exceed 100% of their roof (sls)" in markdown
     assert ABOVE_ROOF_NOTE in markdown
@@ -595,7 +588,7 @@ def test_latency_table_says_what_a_sample_is(tmp_path):
     rows = [dense_row(10.0, 1e6), dense_row(10.0, 2e8, op="fc")]
     rows[0].calls_per_sample, rows[1].calls_per_sample = 64, 1
     rows[0].p99_s = rows[1].p99_s = 1e-3
-    report = build_report([write_run(tmp_path / "run", rows)])
+    report = build_report([write_run(tmp_path / "run", rows, args=ALL_OPS)])
     markdown = (report / "summary.md").read_text(encoding="utf-8")
     assert "64-call block means" in markdown_row(markdown, "interaction", "dot", "fp32")
     assert "single calls" in markdown_row(markdown, "fc", "dot", "fp32")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import shutil
@@ -10,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from bench.records import ResultRow, ResultsWriter
+from bench.records import ResultRow
 from reports import glance, roofline, roofs, runs
 from reports.build import build_report
-from conftest import FIXTURES_DIR
+from conftest import FIXTURES_DIR, write_run
 
 FIXTURES = FIXTURES_DIR / "reports"
 ENV = {"cpu_model": "Hand CPU", "torch_version": "2.13.0", "l3_bytes": 8 << 20}
@@ -27,17 +26,6 @@ def model_row(op: str, impl: str, precision: str, median_s: float, batch_size: i
                      device="cpu", isa="native", threads=threads, batch_size=batch_size,
                      samples_per_s=batch_size / median_s, status="ok",
                      task_key=f"{op}-{impl}-{precision}-{threads}-{batch_size}")
-
-
-def write_run(directory: Path, rows: list[ResultRow], args: dict) -> Path:
-    """A run directory with results.csv, env.json and args.json."""
-    directory.mkdir(parents=True)
-    with ResultsWriter(directory / "results.csv") as writer:
-        for row in rows:
-            writer.write(row)
-    (directory / "env.json").write_text(json.dumps(ENV), encoding="utf-8")
-    (directory / "args.json").write_text(json.dumps(args), encoding="utf-8")
-    return directory
 
 
 def test_best_whole_model_is_the_fastest_non_reference_row_with_its_same_slot_ratio():
@@ -85,7 +73,7 @@ def test_the_report_opens_with_the_glance_and_folds_the_run_facts(tmp_path):
     op_facts = {"dlrm_train": {"report_order": 1, "probe": False, "single_table": False}}
     rows = [model_row("dlrm_train", "per_table", "fp32", 0.08, baseline=True),
             model_row("dlrm_train", "dlrm_reference", "fp32", 0.10)]
-    report = build_report([write_run(tmp_path / "run", rows, {"op_facts": op_facts})])
+    report = build_report([write_run(tmp_path / "run", rows, ENV, {"op_facts": op_facts})])
     page = (report / "index.html").read_text(encoding="utf-8")
     sections = re.findall(r'<section id="([^"]+)">', page)
     assert sections[:2] == ["glance", "runs"]

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from bench.records import ResultRow, ResultsWriter
+from bench.records import ResultRow
 from reports import cells, device_roofs, device_runs, glance, headline, roofline_plot, roofs, runs
 from reports.build import build_report
 from reports.energy import NOT_MEASURED
 from reports.roofline import roofline_table
 from reports.summary import render_summary
-from conftest import run_cli
+from conftest import run_cli, write_run
 
 GPU = "cuda:0"
 GPU_NAME = "NVIDIA H200"
@@ -147,15 +147,9 @@ def cpu_op_rows() -> list[ResultRow]:
             train("cpu", "batched", 0.08, baseline=True)]
 
 
-def write_run(directory: Path, rows: list[ResultRow], env: dict) -> Path:
-    """A run directory as run_bench.py writes it: results.csv, env.json, args.json."""
-    directory.mkdir(parents=True)
-    with ResultsWriter(directory / "results.csv") as writer:
-        for row in rows:
-            writer.write(row)
-    (directory / "env.json").write_text(json.dumps(env), encoding="utf-8")
-    (directory / "args.json").write_text(json.dumps({"device": ["cpu", GPU]}), encoding="utf-8")
-    return directory
+def sweep_run(directory: Path, rows: list[ResultRow], env: dict) -> Path:
+    """A run directory of a sweep over the host and the GPU."""
+    return write_run(directory, rows, env, {"device": ["cpu", GPU]})
 
 
 def mixed_frame():
@@ -309,7 +303,7 @@ def test_headline_has_the_gpu_rows_beside_the_cpu_rows_with_energy():
 
 
 def test_report_of_a_fabricated_gpu_run_end_to_end(tmp_path):
-    run = write_run(tmp_path / "gpu-run", cpu_probes() + gpu_probes() + cpu_op_rows()
+    run = sweep_run(tmp_path / "gpu-run", cpu_probes() + gpu_probes() + cpu_op_rows()
                     + gpu_op_rows(), HOST_ENV)
     result = run_cli("report", str(run))
     assert result.returncode == 0, result.stderr[-2000:]
@@ -340,11 +334,11 @@ def test_report_of_a_fabricated_gpu_run_end_to_end(tmp_path):
 
 def test_a_cpu_run_and_a_gpu_run_read_side_by_side(tmp_path):
     env = json.loads(json.dumps(HOST_ENV))
-    cpu_run = write_run(tmp_path / "cpu", cpu_probes() + cpu_op_rows(),
+    cpu_run = sweep_run(tmp_path / "cpu", cpu_probes() + cpu_op_rows(),
                         {**env, "l3_bytes": HOST_LLC})
     gpu_env = {**env, "cpu_model": "GPU host CPU", "l3_bytes": 256 << 20}
     gpu_env["gpu"]["gpus"][0]["l2_cache_bytes"] = GPU_L2
-    gpu_run = write_run(tmp_path / "gpu", gpu_probes() + gpu_op_rows(), gpu_env)
+    gpu_run = sweep_run(tmp_path / "gpu", gpu_probes() + gpu_op_rows(), gpu_env)
     loaded = [runs.load_run(cpu_run), runs.load_run(gpu_run)]
     analysis = device_runs.analysed_rows(loaded)
     assert sorted(set(analysis.frame["device"])) == ["cpu", GPU]

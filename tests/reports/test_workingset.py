@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from bench.records import ResultRow, ResultsWriter
+from bench.records import ResultRow
+from conftest import write_run
 from reports import canvas, plots, runs, workingset
 from reports.build import build_report
 from reports.workingset import Cliff, detect_cliffs
@@ -141,17 +141,6 @@ def test_cliffs_table_lists_levels_without_a_cliff_and_cliffs_without_a_level():
 
 
 # ---------------------------------------------------------------- figures and the report
-
-def write_run(directory: Path, rows: list[ResultRow], env: dict) -> Path:
-    """A run directory with results.csv, env.json and args.json."""
-    directory.mkdir(parents=True)
-    with ResultsWriter(directory / "results.csv") as writer:
-        for row in rows:
-            writer.write(row)
-    (directory / "env.json").write_text(json.dumps(env))
-    (directory / "args.json").write_text("{}")
-    return directory
-
 
 def test_report_renders_the_working_set_section(tmp_path):
     report = build_report([write_run(tmp_path / "run", sweep_run_rows(), ENV)])
