@@ -9,7 +9,7 @@ import pandas as pd
 
 from reports.footprint import working_set
 from reports.order import sort_report_rows
-from reports.roofs import Ceilings
+from reports.roofs import Ceilings, compute_key
 from reports.runs import measured_op_rows
 from reports.values import format_bytes, is_positive
 
@@ -40,7 +40,17 @@ def classify(intensity: float, ridge: float, bytes_moved: float) -> str:
     return "unknown"
 
 
-ABOVE_ROOF_NOTE = "above its roof: this kernel beats the run's probe"
+ABOVE_ROOF_NOTE = "above its roof: this kernel beats the run's probe beyond the probe's spread"
+# Above the probe's median but not its fastest sample: the roof's own noise, not a faster kernel.
+WITHIN_SPREAD_NOTE = "at its roof: above the probe's median, within the probe's own spread"
+
+
+def roof_note(efficiency: float, spread: float) -> str:
+    """How a row stands against its roof: above it only beyond the probe's own spread (its
+    fastest sample over its median; unknown spread counts as none)."""
+    if not (is_positive(efficiency) and efficiency > 1.0):
+        return ""
+    return WITHIN_SPREAD_NOTE if is_positive(spread) and efficiency <= spread else ABOVE_ROOF_NOTE
 
 
 def roofline_record(row: pd.Series, ceilings: Ceilings) -> dict[str, Any]:
@@ -49,7 +59,7 @@ def roofline_record(row: pd.Series, ceilings: Ceilings) -> dict[str, Any]:
     gflops, gbps = achieved_rates(row)
     _, roof_precision = ceilings.peak_gflops(row["precision"])
     footprint, row_size, random_rows = working_set(row)
-    roof, roof_gbps = ceilings.roof_for(footprint, row_size, random_rows)
+    roof, roof_gbps, memory_spread = ceilings.roof_for(footprint, row_size, random_rows)
     attainable = (ceilings.attainable_gflops(intensity, row["precision"], roof_gbps)
                   if math.isfinite(intensity) else math.nan)
     if is_positive(attainable):
@@ -59,6 +69,10 @@ def roofline_record(row: pd.Series, ceilings: Ceilings) -> dict[str, Any]:
     else:
         efficiency = math.nan
     ridge = ceilings.ridge_point(row["precision"], roof_gbps)
+    limit = ("compute" if is_positive(attainable) and attainable < roof_gbps * intensity
+             else "memory" if is_positive(efficiency) else "")
+    spread = (ceilings.spreads.get(compute_key(roof_precision), math.nan) if limit == "compute"
+              else memory_spread)
     return {
         "row_id": row["row_id"], "device": row["device"], "isa": row["isa"], "op": row["op"],
         "impl": row["impl"], "workload": row["workload"], "precision": row["precision"],
@@ -67,17 +81,17 @@ def roofline_record(row: pd.Series, ceilings: Ceilings) -> dict[str, Any]:
         "roof_precision": roof_precision, "working_set_bytes": footprint,
         "working_set": format_bytes(footprint) if is_positive(footprint) else "",
         "roof": roof, "roof_gbps": roof_gbps, "efficiency": efficiency, "ridge": ridge,
-        "limit": ("compute" if is_positive(attainable) and attainable < roof_gbps * intensity
-                  else "memory" if is_positive(efficiency) else ""),
+        "probe_spread": spread, "limit": limit,
         "bound": classify(intensity, ridge, row["bytes_moved"]),
-        "note": ABOVE_ROOF_NOTE if is_positive(efficiency) and efficiency > 1.0 else "",
+        "note": roof_note(efficiency, spread),
     }
 
 
 ROOFLINE_COLUMNS = ["row_id", "device", "isa", "op", "impl", "workload", "precision", "threads",
                     "batch_size", "intensity", "achieved_gflops", "achieved_gbps",
                     "attainable_gflops", "roof_precision", "working_set_bytes", "working_set",
-                    "roof", "roof_gbps", "efficiency", "ridge", "limit", "bound", "note"]
+                    "roof", "roof_gbps", "efficiency", "probe_spread", "ridge", "limit", "bound",
+                    "note"]
 
 
 def roofline_table(frame: pd.DataFrame,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import pandas as pd
 
@@ -22,6 +22,36 @@ DRAM_ROOF = "DRAM stream"
 GATHER_ROOF = "random gather"
 PARTLY_CACHED_ROOF = "in-cache (partly cached: working set between the LLC and the probe buffer)"
 CPU_CACHE_NAME = "last-level cache"
+# Keys of Ceilings.spreads: which probe row gave a roof.
+STREAM_KEY = "stream"
+CACHE_KEY = "cache"
+
+
+def gather_key(row_bytes: int) -> str:
+    """The spreads key of a random-gather roof of one row size."""
+    return f"gather {row_bytes}"
+
+
+def compute_key(precision: str) -> str:
+    """The spreads key of a precision's compute roof."""
+    return f"compute {precision}"
+
+
+def probe_spread(row: pd.Series) -> float:
+    """How much faster than its median the probe row ran at its fastest sample (median / min,
+    >= 1): the probe's own spread, within which a kernel above the roof is not beating it."""
+    median, fastest = row.get("median_s"), row.get("min_s")
+    if is_positive(median) and is_positive(fastest):
+        return max(1.0, float(median) / float(fastest))
+    return math.nan
+
+
+class MemoryRoof(NamedTuple):
+    """The memory roof a working set meets: its name, GB/s and its probe's spread."""
+
+    name: str
+    gbps: float
+    spread: float
 
 
 @dataclasses.dataclass
@@ -52,6 +82,9 @@ class Ceilings:
     # Derived peaks a GPU records beside its measured ones (never a roof), and their words.
     nominal_gflops: dict[str, float] = dataclasses.field(default_factory=dict)
     nominal_detail: dict[str, str] = dataclasses.field(default_factory=dict)
+    # The probe's own spread (probe_spread) of the row behind each roof, by STREAM_KEY,
+    # CACHE_KEY, gather_key(size) and compute_key(precision).
+    spreads: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
     def partly_cached_roof(self) -> str:
@@ -94,32 +127,36 @@ class Ceilings:
         return peak / bandwidth
 
     def roof_for(self, working_set_bytes: float, row_bytes: float,
-                 random_rows: bool) -> tuple[str, float]:
-        """(name, GB/s) of the memory roof a working set meets: in-cache when it fits in the
-        last-level cache; a random-row gather (lookups) or the DRAM stream when it is at least
-        as large as that probe's own buffer; in between, partly cached, the in-cache roof bounds
-        it (a mix of hits and misses is never faster than all hits)."""
+                 random_rows: bool) -> MemoryRoof:
+        """The memory roof a working set meets: in-cache when it fits in the last-level cache;
+        a random-row gather (lookups) or the DRAM stream when it is at least as large as that
+        probe's own buffer; in between, partly cached, the in-cache roof bounds it (a mix of
+        hits and misses is never faster than all hits)."""
+        stream = MemoryRoof(self.stream_roof, self.memory_gbps,
+                            self.spreads.get(STREAM_KEY, math.nan))
         if not (is_positive(self.cache_bytes) and is_positive(working_set_bytes)):
-            return f"{self.stream_roof} (working set or cache size unknown)", self.memory_gbps
-        in_cache = (max(self.cache_gbps, self.memory_gbps if is_positive(self.memory_gbps)
-                        else 0.0) if is_positive(self.cache_gbps) else math.nan)
+            return stream._replace(name=f"{self.stream_roof} (working set or cache size unknown)")
+        in_cache = None
+        if is_positive(self.cache_gbps):
+            # Never below the DRAM roof: a noisy in-cache probe must not lower the roof.
+            in_cache = (MemoryRoof(self.cache_roof, self.cache_gbps,
+                                   self.spreads.get(CACHE_KEY, math.nan))
+                        if not self.memory_gbps > self.cache_gbps
+                        else stream._replace(name=self.cache_roof))
         if working_set_bytes <= self.cache_bytes:
-            if is_positive(in_cache):
-                # Never below the DRAM roof: a noisy in-cache probe must not lower the roof.
-                return self.cache_roof, in_cache
-            return f"{self.stream_roof} (no in-cache probe)", self.memory_gbps
+            return in_cache or stream._replace(name=f"{self.stream_roof} (no in-cache probe)")
         if random_rows and self.gather_gbps:
-            probe_buffer, size = self.gather_buffer_bytes, nearest_row_size(
-                row_bytes, list(self.gather_gbps))
-            roof = (f"{GATHER_ROOF} {size} B rows", self.gather_gbps[size])
+            probe_buffer = self.gather_buffer_bytes
+            size = nearest_row_size(row_bytes, list(self.gather_gbps))
+            roof = MemoryRoof(f"{GATHER_ROOF} {size} B rows", self.gather_gbps[size],
+                              self.spreads.get(gather_key(size), math.nan))
         elif random_rows:
-            probe_buffer, roof = self.memory_buffer_bytes, (
-                f"{self.stream_roof} (no random-gather probe)", self.memory_gbps)
+            probe_buffer = self.memory_buffer_bytes
+            roof = stream._replace(name=f"{self.stream_roof} (no random-gather probe)")
         else:
-            probe_buffer, roof = self.memory_buffer_bytes, (self.stream_roof, self.memory_gbps)
-        if is_positive(probe_buffer) and working_set_bytes < probe_buffer and is_positive(
-                in_cache):
-            return self.partly_cached_roof, in_cache
+            probe_buffer, roof = self.memory_buffer_bytes, stream
+        if is_positive(probe_buffer) and working_set_bytes < probe_buffer and in_cache:
+            return in_cache._replace(name=self.partly_cached_roof)
         return roof
 
 
@@ -181,6 +218,7 @@ def gather_roofs(gather_rows: pd.DataFrame, cache_bytes: float, ceilings: Ceilin
     for size, rows in beyond.groupby(row_sizes, sort=True):
         best = rows.loc[rows["gbps"].idxmax()]
         ceilings.gather_gbps[int(size)] = float(best["gbps"])
+        ceilings.spreads[gather_key(int(size))] = probe_spread(best)
         # Rows in flight decide whether a gather measures memory or the call (a GPU's launch).
         per_call = parse_json_object(best["params"]).get("rows_per_call")
         ceilings.gather_rows_per_call[int(size)] = (float(per_call) if is_positive(per_call)
@@ -200,11 +238,16 @@ def memory_roofs(membw_rows: pd.DataFrame, cache_bytes: float, ceilings: Ceiling
         return
     sizes = membw_rows["params"].map(buffer_bytes)
     if not positive_mask(sizes).any():
-        ceilings.memory_gbps = float(membw_rows["gbps"].max())
+        best = membw_rows.loc[membw_rows["gbps"].idxmax()]
+        ceilings.memory_gbps = float(best["gbps"])
+        ceilings.spreads[STREAM_KEY] = probe_spread(best)
         ceilings.notes.append("membw buffer sizes unknown: memory roof is the best bandwidth")
         return
     largest = float(sizes.max())
-    ceilings.memory_gbps = float(membw_rows.loc[sizes == largest, "gbps"].max())
+    at_largest = membw_rows[sizes == largest]
+    best = at_largest.loc[at_largest["gbps"].idxmax()]
+    ceilings.memory_gbps = float(best["gbps"])
+    ceilings.spreads[STREAM_KEY] = probe_spread(best)
     ceilings.memory_buffer_bytes = largest
     if is_positive(cache_bytes):
         in_cache = membw_rows[sizes <= cache_bytes]
@@ -221,10 +264,12 @@ def memory_roofs(membw_rows: pd.DataFrame, cache_bytes: float, ceilings: Ceiling
     else:
         in_cache = membw_rows[sizes < largest]
         detail = "best smaller buffer (cache sizes unknown)"
-    best_in_cache = float(in_cache["gbps"].max()) if not in_cache.empty else math.nan
+    best_row = in_cache.loc[in_cache["gbps"].idxmax()] if not in_cache.empty else None
+    best_in_cache = float(best_row["gbps"]) if best_row is not None else math.nan
     if is_positive(best_in_cache):
         ceilings.cache_gbps = best_in_cache
-        ceilings.cache_detail = detail
+        ceilings.spreads[CACHE_KEY] = probe_spread(best_row)
+        ceilings.cache_detail = detail + f" ({format_bytes(buffer_bytes(best_row['params']))})"
         if is_positive(ceilings.memory_gbps) and best_in_cache < ceilings.memory_gbps:
             # Small buffers on a GPU time the launch, not the cache: no cache roof below memory.
             ceilings.notes.append(
@@ -241,6 +286,7 @@ def compute_roofs(gemm_rows: pd.DataFrame, ceilings: Ceilings) -> None:
         precision = str(precision)
         best = rows.loc[rows["gflops"].idxmax()]
         ceilings.compute_gflops[precision] = float(best["gflops"])
+        ceilings.spreads[compute_key(precision)] = probe_spread(best)
         ceilings.compute_detail[precision] = (
             f"best of {len(rows)} gemm_peak shape(s), at {device_roofs.shape_of(best['params'])}")
         note = device_roofs.plateau_note(rows, precision)
@@ -298,19 +344,27 @@ def _memory_records(ceilings: Ceilings, base: dict) -> list[dict]:
         detail = ("largest buffer" if not is_positive(ceilings.memory_buffer_bytes)
                   else f"stream, buffer {format_bytes(ceilings.memory_buffer_bytes)}")
         records.append({**base, "roof": ceilings.stream_roof, "value": ceilings.memory_gbps,
-                        "unit": "GB/s", "detail": detail})
+                        "unit": "GB/s", "detail": detail + _spread_text(ceilings, STREAM_KEY)})
     if is_positive(ceilings.cache_gbps):
         records.append({**base, "roof": ceilings.cache_roof, "value": ceilings.cache_gbps,
                         "unit": "GB/s", "detail": ceilings.cache_detail + (
                             f" (size from {ceilings.cache_source})"
-                            if device_roofs.is_gpu(ceilings.device) else "")})
+                            if device_roofs.is_gpu(ceilings.device) else "")
+                                  + _spread_text(ceilings, CACHE_KEY)})
     for size in sorted(ceilings.gather_gbps):
         records.append({**base, "roof": f"{GATHER_ROOF} {size} B rows",
                         "value": ceilings.gather_gbps[size], "unit": "GB/s",
                         "detail": f"random {size} B rows{_per_call(ceilings, size)} from a "
                                   f"{format_bytes(ceilings.gather_buffer_bytes)} buffer "
-                                  "(rows + indices read)"})
+                                  "(rows + indices read)"
+                                  + _spread_text(ceilings, gather_key(size))})
     return records
+
+
+def _spread_text(ceilings: Ceilings, key: str) -> str:
+    """The probe's own spread, as the roof's detail states it ('' when unknown)."""
+    spread = ceilings.spreads.get(key, math.nan)
+    return f"; probe's fastest sample {spread:.3f}x its median" if is_positive(spread) else ""
 
 
 def _per_call(ceilings: Ceilings, size: int) -> str:
@@ -326,7 +380,8 @@ def _compute_records(ceilings: Ceilings, base: dict) -> list[dict]:
                         "value": ceilings.compute_gflops[precision], "unit": "GFLOP/s",
                         "detail": (f"{shape}; " if shape else "") + f"ridge "
                                   f"{ceilings.ridge_point(precision):.3g} FLOP/B "
-                                  f"({ceilings.stream_roof})"})
+                                  f"({ceilings.stream_roof})"
+                                  + _spread_text(ceilings, compute_key(precision))})
     return records + _nominal_records(ceilings, base)
 
 

@@ -16,10 +16,12 @@ from bench.ops.common import (FLOAT_DTYPES, INDEX_BYTES, MAX_MEMORY_FRACTION,
 from bench.precisions import BYTES_PER_VALUE
 from bench.registry import BuildContext, Op, Prepared, Unsupported, impl, register_op
 
-# In-cache buffer sizes: one inside L1 (48 KiB here), L2 (2 MiB) and any last-level cache seen;
-# the DRAM size comes from this host's LLC (common.beyond_cache_bytes: at least 4x it), since a
+# In-cache buffer sizes, 4x apart from inside L1 to a last-level cache: the in-cache roof is the
+# plateau of this sweep, not one size (with 16 KiB, 1 MiB and 16 MiB only, a Zen 3's roof read
+# 52 GB/s while a 4 MiB read reached 71 and kaggle's interaction ran at 107% of the "roof").
+# The DRAM size comes from this host's LLC (common.beyond_cache_bytes: at least 4x it), since a
 # fixed 512 MiB was only 1.07x a 480 MiB L3.
-MEMBW_CACHE_SIZES = (16 << 10, 1 << 20, 16 << 20)
+MEMBW_CACHE_SIZES = (16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20)
 # Random-row gathers: row sizes spanning the lookups' rows (dim 16..128 fp32 is 64..512 B).
 GATHER_ROW_BYTES = (64, 128, 256, 512)
 # Rows gathered per call: 1 MiB of them, so `read`'s destination block stays in L2 and only

@@ -16,7 +16,8 @@ import pytest
 
 from bench.records import STATUS_ERROR, STATUS_SKIPPED, ResultRow, ResultsWriter, SchemaError
 from reports import comparison, headline, plots, roofs, runs, tables
-from reports.roofline import ABOVE_ROOF_NOTE, classification_table, roofline_table
+from reports.roofline import (ABOVE_ROOF_NOTE, WITHIN_SPREAD_NOTE, classification_table,
+                              roofline_table)
 from reports.build import build_report
 from conftest import FIXTURES_DIR, REPO_ROOT, write_run
 
@@ -550,9 +551,50 @@ def test_a_kernel_beating_its_probe_is_labelled_in_the_report(tmp_path):
     assert roofline.iloc[0]["note"] == ABOVE_ROOF_NOTE
     report = build_report([write_run(tmp_path / "run", rows, ROOF_ENV, ALL_OPS)])
     markdown = (report / "summary.md").read_text(encoding="utf-8")
-    assert "1 row(s) exceed 100% of their roof (sls)" in markdown
+    assert "1 row(s) exceed their roof by more than the probe's own spread (sls)" in markdown
     assert ABOVE_ROOF_NOTE in markdown
     assert f"{roofs.GATHER_ROOF} 256 B rows" in markdown
+
+
+def test_a_row_above_the_probes_median_but_not_its_fastest_sample_is_at_its_roof(tmp_path):
+    rows = roof_probes() + [lookup_row(4.7, 5 << 30, 20_000_000), dense_row(130.0, 1.5e6),
+                            dense_row(140.0, 1.5e6, op="fc")]
+    rows[6].min_s = rows[6].median_s / 1.1  # the 256 B gather probe's fastest sample: +10%
+    rows[0].min_s = rows[0].median_s / 1.1  # the in-cache probe (120 GB/s): +10%
+    ceilings, roofline = roofline_of(rows)
+    native = ceilings[("cpu", "native")]
+    assert native.spreads[roofs.gather_key(256)] == pytest.approx(1.1)
+    assert native.spreads[roofs.CACHE_KEY] == pytest.approx(1.1)
+    assert math.isnan(native.spreads[roofs.STREAM_KEY])  # no min_s recorded: unknown
+    notes = roofline.set_index("op")["note"]
+    # 4.7 / 4.5 = 104% and 130 / 120 = 108%: inside the probes' 10%; 140 / 120 = 117% is not.
+    assert notes["sls"] == notes["interaction"] == WITHIN_SPREAD_NOTE
+    assert notes["fc"] == ABOVE_ROOF_NOTE
+    assert roofline.set_index("op")["probe_spread"]["sls"] == pytest.approx(1.1)
+    report = build_report([write_run(tmp_path / "run", rows, ROOF_ENV, ALL_OPS)])
+    markdown = (report / "summary.md").read_text(encoding="utf-8")
+    assert "2 row(s) sit above their roof's median but within the probe's own spread" in markdown
+    assert "1 row(s) exceed their roof by more than the probe's own spread (fc)" in markdown
+    assert "probe's fastest sample 1.100x its median" in markdown
+
+
+def test_a_compute_limited_row_is_held_to_the_gemm_probes_spread():
+    gemm = ResultRow(op="gemm_peak", impl="matmul", workload="machine", params='{"size": 1024}',
+                     device="cpu", isa="native", threads=1, precision="fp32", median_s=1e-2,
+                     min_s=1e-2 / 1.05, flops=2 * 1024 ** 3, gflops=100.0,
+                     timestamp="2025-03-01T00:00:03")
+    fc = ResultRow(op="fc", impl="linear", workload="kaggle", params='{"dim": 16}',
+                   device="cpu", isa="native", threads=1, precision="fp32", batch_size=2048,
+                   median_s=1e-3, flops=1.03e8, bytes_moved=1e6, gflops=103.0, gbps=1.0,
+                   timestamp="2025-03-01T00:00:04")
+    _, roofline = roofline_of(roof_probes() + [gemm, fc])
+    placed = roofline.set_index("op").loc["fc"]
+    assert placed["limit"] == "compute" and placed["efficiency"] == pytest.approx(1.03)
+    assert placed["probe_spread"] == pytest.approx(1.05)
+    assert placed["note"] == WITHIN_SPREAD_NOTE
+    fc.gflops = 106.0
+    _, roofline = roofline_of(roof_probes() + [gemm, fc])
+    assert roofline.set_index("op").loc["fc"]["note"] == ABOVE_ROOF_NOTE
 
 
 def test_gather_probes_within_the_llc_are_no_roof():
