@@ -194,7 +194,9 @@ def roofline_section(ceilings_by_group: dict, roofline_rows: pd.DataFrame,
             f"({values.joined_unique(above['op'])}): the kernel beats the run's own probe of "
             "that roof (gemm_peak for a compute limit, membw for a memory one; skewed indices "
             "also reuse cached rows that a uniform gather probe does not), so the probe "
-            "understates the machine there; they are labelled, not hidden."))
+            "understates the machine there, or, on a shared host, the probe's process ran "
+            "slower than the kernel's (--replicates K takes each roof as the best of K "
+            "processes); they are labelled, not hidden."))
     section.blocks.append(table_or_note(
         "Efficiency per row", order.sort_report_rows(roofline_rows[EFFICIENCY_COLUMNS], op_order),
         "No measured op row shares a (device, isa) group with the ceilings."))
