@@ -37,3 +37,14 @@ class Batch:
     def batch_size(self) -> int:
         """Samples in the batch."""
         return self.dense.shape[0]
+
+    def head(self, samples: int) -> "Batch":
+        """The first samples as a batch of their own (views of this batch's arrays)."""
+        tables = []
+        for table in self.tables:
+            end = (int(table.offsets[samples]) if samples < len(table.offsets)
+                   else len(table.indices))
+            tables.append(TableBatch(indices=table.indices[:end],
+                                     offsets=table.offsets[:samples],
+                                     weights=table.weights[:end]))
+        return Batch(dense=self.dense[:samples], tables=tables)

@@ -52,6 +52,11 @@ class LabelledBatch:
     probabilities: np.ndarray  # float64 [B]
     labels: np.ndarray  # float32 [B], 0 or 1
 
+    def head(self, samples: int) -> "LabelledBatch":
+        """The first samples with their labels, as a labelled batch of their own."""
+        return LabelledBatch(self.batch.head(samples), self.probabilities[:samples],
+                             self.labels[:samples])
+
 
 def label_batches(teacher: DLRM, workload: WorkloadSpec, seed: int, batch_indices,
                   batch_size: int) -> list[LabelledBatch]:

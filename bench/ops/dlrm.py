@@ -21,7 +21,8 @@ from bench.models.dlrm_reference import (WorkloadMemo, reference_logits, referen
 from bench.models.quantized import QuantizedEmbeddings
 from bench.models.teacher import calibrate, evaluation_set, teacher_model
 from bench.ops.common import FLOAT_DTYPES, PooledTable, cycling, float_dtype, rotation_metrics
-from bench.ops.dlrm_batches import (model_rotation_plan, rotating_batches,
+from bench.ops.dlrm_batches import (check_metrics, checked_samples, model_rotation_plan,
+                                    rotating_batches,
                                     rotating_labelled_batches)
 from bench.ops.dlrm_costs import (embedding_traffic, inference_bytes, model_bytes, model_flops,
                                   training_bytes, tt_metrics_after_lookup)
@@ -185,6 +186,13 @@ def build_infer(context: BuildContext, layout: str,
             return model(dense, indices, offsets)
 
     calls = [functools.partial(infer, *item) for item in inputs]
+    check_batch, check = batch, calls[0]
+    checked = checked_samples(workload)
+    if checked < workload.batch_size:
+        check_batch = batch.head(checked)
+        check_dense, check_indices, check_offsets = batch_tensors(check_batch, device)
+        check = functools.partial(infer, check_dense.to(input_dtype(precision)), check_indices,
+                                  check_offsets)
 
     def accuracy() -> dict:
         labelled = evaluation_set(workload, context.seed, EVAL_BATCHES)
@@ -201,16 +209,17 @@ def build_infer(context: BuildContext, layout: str,
     batch_size = workload.batch_size
     return Prepared(
         run=cycling(calls),
-        check=calls[0],
+        check=check,
         forward=serving_forward(infer, precision),
-        reference=lambda: reference_logits(fp32_model, *batch_tensors(batch, torch.device("cpu"))),
+        reference=lambda: reference_logits(fp32_model,
+                                           *batch_tensors(check_batch, torch.device("cpu"))),
         samples=batch_size,
         flops=model_flops(workload, traffic),
         bytes_moved=sum(bytes_parts.values()),
         params={"layout": layout, **precision_params(precision), **tt,
                 "rotation_batches": len(inputs)},
         metrics={"model_bytes": model_bytes(model), "bytes_parts": bytes_parts,
-                 **rotation_metrics(rotation),
+                 **rotation_metrics(rotation), **check_metrics(workload, checked),
                  **tt_metrics_after_lookup(model, indices, offsets)},
         tolerance=WHOLE_MODEL_TOLERANCE.get(precision),
         error_bound=lambda expected: whole_model_bound(expected, precision),
@@ -328,18 +337,27 @@ def build_train(context: BuildContext, layout: str,
     traffic = embedding_traffic(student, "fp32", [item[:3] for item in inputs])
     bytes_parts = training_bytes(student, traffic)
     tt_metrics = tt_metrics_after_lookup(student, indices, offsets)
+    # A batch too large to widen to float64 on the host is checked on its first samples.
+    check_batch, check_inputs = labelled, inputs[0]
+    checked = checked_samples(workload)
+    if checked < workload.batch_size:
+        check_batch = labelled.head(checked)
+        check_inputs = (*batch_tensors(check_batch.batch, device),
+                        torch.from_numpy(check_batch.labels).to(device))
+    check_dense, check_indices, check_offsets, check_labels = check_inputs
 
     def check():
-        with restored_tables(student, indices):
+        with restored_tables(student, check_indices):
             model = table_sharing_copy(student)
             logits = train_step(model, torch.optim.SGD(model.parameters(), lr=LEARNING_RATE),
-                                dense, indices, offsets, labels, autocast_dtype)
-            return (logits.detach(),) + after_step(model, indices, offsets)
+                                check_dense, check_indices, check_offsets, check_labels,
+                                autocast_dtype)
+            return (logits.detach(),) + after_step(model, check_indices, check_offsets)
 
     def reference():
         # Before any timed step (the worker checks first): the student is still the initial
         # model, the check's rows put back.
-        return reference_train_step(student, labelled.batch, labels, LEARNING_RATE)
+        return reference_train_step(student, check_batch.batch, check_labels, LEARNING_RATE)
 
     batch_size = workload.batch_size
     calls = [functools.partial(train_step, student, optimizer, *item,
@@ -355,7 +373,8 @@ def build_train(context: BuildContext, layout: str,
                 "autocast": precision if autocast_dtype is not None else "none", **tt,
                 "rotation_batches": len(inputs)},
         metrics={"bytes_parts": bytes_parts, **rotation_metrics(rotation),
-                 "model_bytes": model_bytes(student), **tt_metrics},
+                 "model_bytes": model_bytes(student), **tt_metrics,
+                 **check_metrics(workload, checked)},
     )
 
 

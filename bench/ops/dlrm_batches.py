@@ -39,6 +39,30 @@ def model_rotation_plan(workload, precision: str) -> dict:
     return rotation_plan(lookups * row_bytes, memory, maximum)
 
 
+def checked_samples(workload) -> int:
+    """Samples of the checked batch the whole-model float64 check runs: all of them while the
+    check's float64 arrays (the batch's distinct rows and every table's pooled bags) fit
+    common.CHECK_FLOAT64_BYTES, else the first ones that fit (at least two). A GPU batch of
+    MLPerf DLRMv2 (55,296 samples x 214 lookups of 128 values) would widen 11.8M rows, ~12 GB
+    of float64 before its gradients, on the host."""
+    batch = workload.batch_size
+    lookups = batch * sum(table.pooling.mean for table in workload.tables)
+    needed = common.check_float64_bytes(lookups, workload.total_rows,
+                                        batch * len(workload.tables), workload.dim)
+    if needed <= common.CHECK_FLOAT64_BYTES:
+        return batch
+    return max(2, int(batch * common.CHECK_FLOAT64_BYTES / needed))
+
+
+def check_metrics(workload, samples: int) -> dict:
+    """What a whole-model row records of its check: nothing for a full batch, else the sample."""
+    if samples >= workload.batch_size:
+        return {}
+    return {"checked_samples": samples, "check_sample": (
+        f"float64 check above {common.CHECK_FLOAT64_BYTES / 2**30:g} GiB: the first {samples} "
+        f"of the batch's {workload.batch_size} samples, as a batch of their own")}
+
+
 def rotation_batch_indices(parts: int, workload=None) -> list[int]:
     """batch_index of each rotating batch: the checked batch first. A data file's batch k is
     its samples from k x batch_size on, wrapping: consecutive ones are the distinct ones."""

@@ -395,3 +395,62 @@ def test_a_gpus_tables_are_drawn_from_the_same_seed_and_bounds_as_the_cpus():
     drawn = embeddings.drawn_table_weight(torch.empty(table.rows, table.dim), table.rows, 4, 1)
     assert torch.equal(drawn, table_weight(table, 4, 1))
     assert float(drawn.abs().max()) <= (1.0 / table.rows) ** 0.5
+
+
+# ------------------------------------------- the whole-model check of a batch too large for it
+
+def test_a_batchs_head_is_a_batch_of_its_first_samples():
+    batch = make_batch(SMOKE, 0, 0)
+    head = batch.head(5)
+    assert head.batch_size == 5 and len(head.tables) == len(batch.tables)
+    (dense, indices, offsets), (head_dense, head_indices, head_offsets) = (
+        batch_tensors(batch, CPU), batch_tensors(head, CPU))
+    assert torch.equal(head_dense, dense[:5])
+    for index, table in enumerate(SMOKE.tables):
+        weight = table_weight(table, 0, index)
+        full = table_lookup64(weight, indices[index], offsets[index], "sum", None)
+        part = table_lookup64(weight, head_indices[index], head_offsets[index], "sum", None)
+        assert torch.equal(part, full[:5])
+    assert batch.head(SMOKE.batch_size).tables[0].indices.size == batch.tables[0].indices.size
+
+
+def test_only_a_batch_beyond_the_float64_budget_is_checked_on_its_first_samples():
+    assert dlrm_batches.checked_samples(presets.kaggle()) == presets.kaggle().batch_size
+    assert dlrm_batches.checked_samples(presets.mlperf()) == 2048  # the CPU's batch: all of it
+    gpu_batch = dataclasses.replace(presets.mlperf(), batch_size=55_296)
+    samples = dlrm_batches.checked_samples(gpu_batch)
+    lookups = samples * sum(table.pooling.mean for table in gpu_batch.tables)
+    assert 2 <= samples < 55_296
+    assert common.check_float64_bytes(lookups, gpu_batch.total_rows, samples * 26,
+                                      128) <= common.CHECK_FLOAT64_BYTES
+    assert dlrm_batches.check_metrics(gpu_batch, samples)["checked_samples"] == samples
+    assert dlrm_batches.check_metrics(presets.kaggle(), 2048) == {}
+
+
+@pytest.mark.parametrize("op, impl_name", [("dlrm_train", "per_table"),
+                                           ("dlrm_train", "fused_sgd"),
+                                           ("dlrm_infer", "batched")])
+def test_above_the_budget_the_model_check_runs_on_the_first_samples(small_check_budget, op,
+                                                                      impl_name):
+    REFERENCE_MEMO.clear()
+    prepared = _build(op, impl_name)
+    samples = prepared.metrics["checked_samples"]
+    assert 2 <= samples < SMOKE.batch_size
+    expected = prepared.reference()
+    logits = expected[0] if op == "dlrm_train" else expected
+    assert logits.shape == (samples,)
+    assert worker.check(prepared, worker.ResultRow(), "fp32") == ""
+
+
+def test_a_planted_fault_fails_a_sampled_training_check(small_check_budget):
+    REFERENCE_MEMO.clear()
+    prepared = _build("dlrm_train", "per_table")
+    assert prepared.metrics["checked_samples"] < SMOKE.batch_size
+    right = prepared.check
+
+    def check_with_a_doubled_step():
+        logits, bottom, top, pooled = right()
+        return logits, bottom, top, pooled * 2.0
+
+    prepared.check = check_with_a_doubled_step
+    assert "exceed" in worker.check(prepared, worker.ResultRow(), "fp32")
