@@ -11,7 +11,9 @@ from bench import peers
 from bench.ops.common import Unsupported
 from bench.ops.fbgemm_placement import peers_on, placed
 from bench.ops.sls import all_tables
-from bench.ops.sls_fbgemm import concatenate_tables, multi_prepared, table_major_inputs
+from bench.ops.sls import multi_prepared
+from bench.ops.sls_fbgemm import (concatenate_tables, table_major_inputs, tbe_lookup_bound,
+                                  tbe_multi_params)
 from bench.registry import BuildContext, Prepared, impl
 
 
@@ -51,6 +53,8 @@ def build_torchrec_ebc(context: BuildContext) -> Prepared:
 
     calls = [functools.partial(lookup_all, *table_major_inputs(tensors))
              for tensors in rotations]
-    return multi_prepared(context, calls, weights, rotations, rotation,
-                          weights[0].shape[1] * weights[0].element_size(),
-                          {"collection": "torchrec.EmbeddingBagCollection (unsharded)"})
+    bytes_per_row = weights[0].shape[1] * weights[0].element_size()
+    return multi_prepared(context, calls, weights, rotations, rotation, bytes_per_row,
+                          tbe_multi_params(context.workload, bytes_per_row, {
+                              "collection": "torchrec.EmbeddingBagCollection (unsharded)"}),
+                          bound=tbe_lookup_bound)
