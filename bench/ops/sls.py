@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import torch
 
-from bench.models.dlrm import flatten_tables, row_start_values
+from bench.models.dlrm import flatten_tables, row_start_values, tbe_inputs
 from bench.ops.common import (FLOAT_DTYPES, PooledTable, checked_bags, cycling, lookup_bound,
                               lookup_bytes, mean_lookups, require_huge_pages, rotation_metrics,
                               shared_rotation, shared_rotations, shared_table_weight,
@@ -208,6 +208,18 @@ def multi_prepared(context, calls, weights, rotations, rotation, bytes_per_row,
         metrics={**rotation_metrics(rotation), **checked.metrics()},
         flush_between_reps=True,
     )
+
+
+def table_major_calls(pool: Callable, rotations, batch_size: int) -> list:
+    """The timed calls of a table-batched sls_multi impl, one per rotating batch: the per-table
+    inputs (as a data loader gives them) joined into the table-major input pool takes (per-batch
+    work, so timed), pooled [batch, tables * dim], returned as a [tables, batch, dim] view."""
+    def lookup_all(indices, offsets):
+        pooled = pool(*tbe_inputs(indices, offsets))
+        return pooled.view(batch_size, len(indices), -1).transpose(0, 1)
+
+    return [functools.partial(lookup_all, [entry[0] for entry in tensors],
+                              [entry[1] for entry in tensors]) for tensors in rotations]
 
 
 @impl("sls_multi", "per_table", ALL_PRECISIONS, baseline=True, device_precisions=CUDA_FLOATS,

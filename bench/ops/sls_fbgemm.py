@@ -17,7 +17,8 @@ from bench.compare_outputs import (QUANTIZED_BITS, UNDERFLOW, UNIT_ROUNDOFF,
 from bench.ops.fbgemm_placement import Placement, peers_on, placed
 from bench.ops.common import (FLOAT_DTYPES, Unsupported, as_tensors, lookup_bound,
                               table_weight)
-from bench.ops.sls import all_tables, multi_prepared, one_table, one_table_prepared
+from bench.ops.sls import (all_tables, multi_prepared, one_table, one_table_prepared,
+                           table_major_calls)
 from bench.registry import BuildContext, Prepared, impl
 from workloads.generators import rotating_table_batches
 
@@ -165,27 +166,6 @@ def with_last_offset(indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tens
     return torch.cat([offsets, offsets.new_tensor([indices.numel()])])
 
 
-def table_major_inputs(tensors) -> tuple[list[torch.Tensor], list[torch.Tensor], list[int],
-                                         torch.Tensor]:
-    """Per-table (indices, offsets, _) as the parts one TBE call needs: each table's indices,
-    its bag starts and the lookups before it (to re-base the starts), and the end offset."""
-    lookup_starts, start = [], 0
-    for indices, _, _ in tensors:
-        lookup_starts.append(start)
-        start += indices.numel()
-    end = tensors[0][1].new_tensor([start])
-    return [entry[0] for entry in tensors], [entry[1] for entry in tensors], lookup_starts, end
-
-
-def concatenate_tables(indices: list[torch.Tensor], offsets: list[torch.Tensor],
-                       lookup_starts: list[int], end: torch.Tensor):
-    """Per-table inputs as one table-major TBE input: indices end to end (the TBE knows each
-    table's rows; no shift), bag starts re-based, and the end of the last bag."""
-    starts = [table_offsets + lookup_start
-              for table_offsets, lookup_start in zip(offsets, lookup_starts, strict=True)]
-    return torch.cat(indices), torch.cat([*starts, end])
-
-
 # ------------------------------------------------------------------ sls (one table)
 
 def _build_single(context: BuildContext, impl_name: str) -> Prepared:
@@ -230,17 +210,7 @@ def _build_multi(context: BuildContext, impl_name: str) -> Prepared:
     fbgemm = _fbgemm()
     weights, rotations, rotation = all_tables(context)
     tables = TABLES[impl_name](fbgemm, weights, context.precision, "sum", where)
-    num_tables, batch_size = len(weights), context.workload.batch_size
-
-    def lookup_all(indices, offsets, lookup_starts, end):
-        # Inputs arrive per table, as a data loader gives them (and as `batched` takes them):
-        # joining them into the TBE's table-major input is per-batch work, so it is timed.
-        pooled = tables(*concatenate_tables(indices, offsets, lookup_starts, end))
-        # [batch, tables * dim] -> [tables, batch, dim], a view
-        return pooled.view(batch_size, num_tables, -1).transpose(0, 1)
-
-    calls = [functools.partial(lookup_all, *table_major_inputs(tensors))
-             for tensors in rotations]
+    calls = table_major_calls(tables, rotations, context.workload.batch_size)
     return multi_prepared(context, calls, weights, rotations, rotation, tables.bytes_per_row,
                           tbe_multi_params(context.workload, tables.bytes_per_row,
                                            {"tbe": tables.kind,

@@ -12,9 +12,8 @@ import torch
 
 from bench.ops.common import (as_tensors, table_weight)
 from bench.ops.sls import (ALL_PRECISIONS, all_tables, multi_prepared, one_table,
-                           one_table_prepared)
-from bench.ops.sls_fbgemm import (concatenate_tables, table_major_inputs, tbe_multi_params,
-                                  with_last_offset)
+                           one_table_prepared, table_major_calls)
+from bench.ops.sls_fbgemm import tbe_multi_params, with_last_offset
 from bench.registry import BuildContext, Prepared, Unsupported, impl
 from workloads.generators import rotating_table_batches
 
@@ -90,17 +89,7 @@ def build_multi_triton(context: BuildContext) -> Prepared:
     """All tables in one Triton TBE buffer: one launch per batch, sum pooling."""
     weights, rotations, rotation = all_tables(context)
     tables = _make_tables(context, weights, "sum")
-    num_tables, batch_size = len(weights), context.workload.batch_size
-
-    def lookup_all(indices, offsets, lookup_starts, end):
-        # Inputs arrive per table, as a data loader gives them (and as `batched` takes them):
-        # joining them into the table-major input is per-batch work, so it is timed.
-        pooled = tables.pooled(*concatenate_tables(indices, offsets, lookup_starts, end))
-        # [batch, tables * dim] -> [tables, batch, dim], a view
-        return pooled.view(batch_size, num_tables, -1).transpose(0, 1)
-
-    calls = [functools.partial(lookup_all, *table_major_inputs(tensors))
-             for tensors in rotations]
+    calls = table_major_calls(tables.pooled, rotations, context.workload.batch_size)
     return multi_prepared(context, calls, weights, rotations, rotation, tables.bytes_per_row,
                           tbe_multi_params(context.workload, tables.bytes_per_row,
                                            _kernel_params(tables)))
