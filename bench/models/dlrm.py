@@ -131,7 +131,7 @@ def flatten_tables(indices: list[torch.Tensor], offsets: list[torch.Tensor],
     shifted, bag_starts, lookup_start = [], [], 0
     for table_indices, table_offsets, row_start in zip(indices, offsets, row_starts,
                                                        strict=True):
-        shifted.append(table_indices + row_start)
+        shifted.append(table_indices + row_start if row_start else table_indices)
         bag_starts.append(table_offsets + lookup_start)
         lookup_start += table_indices.numel()
     return torch.cat(shifted), torch.cat(bag_starts)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Any, Callable
 
 import torch
 
-from bench.models.dlrm import flatten_tables, row_start_values
+from bench.models.dlrm import flatten_tables, row_start_values, tbe_inputs
 from bench.ops.common import (FLOAT_DTYPES, PooledTable, checked_bags, cycling, lookup_bound,
                               lookup_bytes, mean_lookups, require_huge_pages, rotation_metrics,
                               shared_rotation, shared_rotations, shared_table_weight,
@@ -66,28 +68,49 @@ def build_sls_huge_pages(context: BuildContext) -> Prepared:
     return _build_sls(context, huge_pages=True)
 
 
-def _build_sls(context: BuildContext, huge_pages: bool) -> Prepared:
-    workload, device = context.workload, context.device
-    table_index = workload.largest_table()
-    table = workload.tables[table_index]
-    mode = context.variant["mode"]
-    weighted = mode == "weighted"
-    pool_mode = "sum" if weighted else mode
-    # The worker's shared fp32 table, not a copy: nothing here writes to it (PooledTable
-    # casts, quantizes or copies into huge pages; an fp32 table on the CPU is read in place).
-    weight = shared_table_weight(table, context.seed, table_index)
-    pooled = PooledTable(weight, context.precision, device, huge_pages=huge_pages)
-    rotation = workload_rotation_plan(workload, [table_index], context.precision)
-    parts = rotation["rotation_batches"]
-    # Per-sample weights take the table's dtype here, at build: a cast inside the timed
-    # closure would add a kernel (and, for a GPU, traffic) that a real input pipeline avoids.
-    inputs = [pooled.with_sample_weights(*batch) for batch in
-              shared_rotation(workload, table_index, context.seed, parts, device)]
-    calls = [functools.partial(pooled, indices, offsets, pool_mode,
-                               weights if weighted else None)
-             for indices, offsets, weights in inputs]
+@dataclasses.dataclass(frozen=True)
+class OneTable:
+    """What every sls impl looks up: the workload's largest table, in the variant's mode, over
+    its rotation of distinct batches."""
+
+    index: int
+    table: Any  # workloads.specs.TableSpec
+    mode: str
+    rotation: dict
+
+    @property
+    def weighted(self) -> bool:
+        """Whether bags are weighted sums."""
+        return self.mode == "weighted"
+
+    @property
+    def pool_mode(self) -> str:
+        """The pooling a lookup call takes (a weighted bag is a sum with per-sample weights)."""
+        return "sum" if self.weighted else self.mode
+
+    @property
+    def parts(self) -> int:
+        """Rotating batches timing cycles through."""
+        return self.rotation["rotation_batches"]
+
+
+def one_table(context: BuildContext) -> OneTable:
+    """The sls configuration of a build: the largest table, the mode, the rotation plan."""
+    workload = context.workload
+    index = workload.largest_table()
+    return OneTable(index, workload.tables[index], context.variant["mode"],
+                    workload_rotation_plan(workload, [index], context.precision))
+
+
+def one_table_prepared(context: BuildContext, lookup: OneTable, weight: torch.Tensor, calls,
+                       inputs, bytes_per_row: float, sample_weight_bytes: float,
+                       extra_params: dict, bound: Callable = lookup_bound) -> Prepared:
+    """A Prepared for sls: calls cycle over the rotation's inputs [(indices, offsets, weights)],
+    and the first batch (a sample of its bags when it is large) is checked against float64
+    pooling of weight, within bound (lookup_bound's arguments)."""
+    table, pool_mode, precision = lookup.table, lookup.pool_mode, context.precision
     indices, offsets, weights = inputs[0]
-    weights = weights if weighted else None
+    weights = weights if lookup.weighted else None
     # Timing cycles through every rotating batch: charge their mean lookup count.
     lookups, bags = mean_lookups(indices for indices, _, _ in inputs), offsets.numel()
     checked = checked_bags(bags, indices.numel(), table.rows, table.dim)
@@ -97,20 +120,38 @@ def _build_sls(context: BuildContext, huge_pages: bool) -> Prepared:
         check=checked.checked_call(calls[0]),
         reference=lambda: table_lookup64(weight, check_indices, check_offsets, pool_mode,
                                          check_weights),
-        error_bound=lambda expected: lookup_bound(weight, check_indices, check_offsets,
-                                                  pool_mode, check_weights, context.precision),
+        error_bound=lambda expected: bound(weight, check_indices, check_offsets, pool_mode,
+                                           check_weights, precision),
         samples=bags,
-        flops=lookups * table.dim * (2 if weighted else 1),
-        bytes_moved=lookup_bytes(lookups, bags, table.dim, pooled.bytes_per_row,
-                                 output_bytes(context.precision),
-                                 pooled.sample_weight_dtype.itemsize if weighted else 0),
-        params={"table": table_index, "rows": table.rows, "dim": table.dim,
+        flops=lookups * table.dim * (2 if lookup.weighted else 1),
+        bytes_moved=lookup_bytes(lookups, bags, table.dim, bytes_per_row,
+                                 output_bytes(precision),
+                                 sample_weight_bytes if lookup.weighted else 0),
+        params={"table": lookup.index, "rows": table.rows, "dim": table.dim,
                 "pooling": table.pooling.label(), "distribution": table.distribution.label(),
-                "mode": mode, "table_bytes": int(table.rows * pooled.bytes_per_row),
-                "rotation_batches": parts, **(_huge_page_params(pooled) if huge_pages else {})},
-        metrics={**rotation_metrics(rotation), **checked.metrics()},
+                "mode": lookup.mode, "table_bytes": int(table.rows * bytes_per_row),
+                "rotation_batches": lookup.parts, **extra_params},
+        metrics={**rotation_metrics(lookup.rotation), **checked.metrics()},
         flush_between_reps=True,
     )
+
+
+def _build_sls(context: BuildContext, huge_pages: bool) -> Prepared:
+    workload, device, lookup = context.workload, context.device, one_table(context)
+    # The worker's shared fp32 table, not a copy: nothing here writes to it (PooledTable
+    # casts, quantizes or copies into huge pages; an fp32 table on the CPU is read in place).
+    weight = shared_table_weight(lookup.table, context.seed, lookup.index)
+    pooled = PooledTable(weight, context.precision, device, huge_pages=huge_pages)
+    # Per-sample weights take the table's dtype here, at build: a cast inside the timed
+    # closure would add a kernel (and, for a GPU, traffic) that a real input pipeline avoids.
+    inputs = [pooled.with_sample_weights(*batch) for batch in
+              shared_rotation(workload, lookup.index, context.seed, lookup.parts, device)]
+    calls = [functools.partial(pooled, indices, offsets, lookup.pool_mode,
+                               weights if lookup.weighted else None)
+             for indices, offsets, weights in inputs]
+    return one_table_prepared(context, lookup, weight, calls, inputs, pooled.bytes_per_row,
+                              pooled.sample_weight_dtype.itemsize,
+                              _huge_page_params(pooled) if huge_pages else {})
 
 
 def all_tables(context: BuildContext):
@@ -133,14 +174,15 @@ def multi_reference(weights, tensors):
                         for weight, (indices, offsets, _) in zip(weights, tensors)])
 
 
-def _multi_bound(weights, tensors, precision):
-    return torch.stack([lookup_bound(weight, indices, offsets, "sum", None, precision)
+def _multi_bound(weights, tensors, precision, bound: Callable):
+    return torch.stack([bound(weight, indices, offsets, "sum", None, precision)
                         for weight, (indices, offsets, _) in zip(weights, tensors)])
 
 
 def multi_prepared(context, calls, weights, rotations, rotation, bytes_per_row,
-                   extra_params) -> Prepared:
-    """A Prepared for sls_multi: output [tables, batch, dim] against per-table float64 sums."""
+                   extra_params, bound: Callable = lookup_bound) -> Prepared:
+    """A Prepared for sls_multi: output [tables, batch, dim] against per-table float64 sums,
+    within bound per table (lookup_bound's arguments)."""
     workload = context.workload
     tensors = rotations[0]
     # Timing cycles through every rotating batch: charge their mean lookup count.
@@ -154,7 +196,8 @@ def multi_prepared(context, calls, weights, rotations, rotation, bytes_per_row,
         run=cycling(calls),
         check=checked.checked_call(calls[0], dim=1),
         reference=lambda: multi_reference(weights, check_tensors),
-        error_bound=lambda expected: _multi_bound(weights, check_tensors, context.precision),
+        error_bound=lambda expected: _multi_bound(weights, check_tensors, context.precision,
+                                                  bound),
         samples=workload.batch_size,
         flops=lookups * workload.dim,
         bytes_moved=lookup_bytes(lookups, bags, workload.dim, bytes_per_row,
@@ -165,6 +208,18 @@ def multi_prepared(context, calls, weights, rotations, rotation, bytes_per_row,
         metrics={**rotation_metrics(rotation), **checked.metrics()},
         flush_between_reps=True,
     )
+
+
+def table_major_calls(pool: Callable, rotations, batch_size: int) -> list:
+    """The timed calls of a table-batched sls_multi impl, one per rotating batch: the per-table
+    inputs (as a data loader gives them) joined into the table-major input pool takes (per-batch
+    work, so timed), pooled [batch, tables * dim], returned as a [tables, batch, dim] view."""
+    def lookup_all(indices, offsets):
+        pooled = pool(*tbe_inputs(indices, offsets))
+        return pooled.view(batch_size, len(indices), -1).transpose(0, 1)
+
+    return [functools.partial(lookup_all, [entry[0] for entry in tensors],
+                              [entry[1] for entry in tensors]) for tensors in rotations]
 
 
 @impl("sls_multi", "per_table", ALL_PRECISIONS, baseline=True, device_precisions=CUDA_FLOATS,

@@ -15,11 +15,10 @@ from bench import peers
 from bench.compare_outputs import (QUANTIZED_BITS, UNDERFLOW, UNIT_ROUNDOFF,
                                    pooled_lookup_bound)
 from bench.ops.fbgemm_placement import Placement, peers_on, placed
-from bench.ops.common import (FLOAT_DTYPES, Unsupported, as_tensors, cycling, lookup_bound,
-                              lookup_bytes, mean_lookups, rotation_metrics, table_weight,
-                              workload_rotation_plan)
-from bench.ops.sls import all_tables, multi_reference, output_bytes
-from bench.references import table_lookup64
+from bench.ops.common import (FLOAT_DTYPES, Unsupported, as_tensors, lookup_bound,
+                              table_weight)
+from bench.ops.sls import (all_tables, multi_prepared, one_table, one_table_prepared,
+                           table_major_calls)
 from bench.registry import BuildContext, Prepared, impl
 from workloads.generators import rotating_table_batches
 
@@ -167,70 +166,24 @@ def with_last_offset(indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tens
     return torch.cat([offsets, offsets.new_tensor([indices.numel()])])
 
 
-def table_major_inputs(tensors) -> tuple[list[torch.Tensor], list[torch.Tensor], list[int],
-                                         torch.Tensor]:
-    """Per-table (indices, offsets, _) as the parts one TBE call needs: each table's indices,
-    its bag starts and the lookups before it (to re-base the starts), and the end offset."""
-    lookup_starts, start = [], 0
-    for indices, _, _ in tensors:
-        lookup_starts.append(start)
-        start += indices.numel()
-    end = tensors[0][1].new_tensor([start])
-    return [entry[0] for entry in tensors], [entry[1] for entry in tensors], lookup_starts, end
-
-
-def concatenate_tables(indices: list[torch.Tensor], offsets: list[torch.Tensor],
-                       lookup_starts: list[int], end: torch.Tensor):
-    """Per-table inputs as one table-major TBE input: indices end to end (the TBE knows each
-    table's rows; no shift), bag starts re-based, and the end of the last bag."""
-    starts = [table_offsets + lookup_start
-              for table_offsets, lookup_start in zip(offsets, lookup_starts, strict=True)]
-    return torch.cat(indices), torch.cat([*starts, end])
-
-
 # ------------------------------------------------------------------ sls (one table)
 
 def _build_single(context: BuildContext, impl_name: str) -> Prepared:
     where = placed(context.device, "fbgemm_gpu")
     fbgemm = _fbgemm()
-    workload, device = context.workload, context.device
-    table_index = workload.largest_table()
-    table = workload.tables[table_index]
-    mode = context.variant["mode"]
-    weighted = mode == "weighted"
-    pool_mode = "sum" if weighted else mode
-    weight = table_weight(table, context.seed, table_index)
-    tables = TABLES[impl_name](fbgemm, [weight], context.precision, mode, where)
-    rotation = workload_rotation_plan(workload, [table_index], context.precision)
-    parts = rotation["rotation_batches"]
+    workload, device, lookup = context.workload, context.device, one_table(context)
+    weight = table_weight(lookup.table, context.seed, lookup.index)
+    tables = TABLES[impl_name](fbgemm, [weight], context.precision, lookup.mode, where)
     # Per-sample weights stay fp32: the TBE takes fp32 weights for every table type.
-    inputs = [as_tensors(batch, device)
-              for batch in rotating_table_batches(workload, table_index, context.seed, parts)]
+    inputs = [as_tensors(batch, device) for batch in
+              rotating_table_batches(workload, lookup.index, context.seed, lookup.parts)]
     calls = [functools.partial(tables, indices, with_last_offset(indices, offsets),
-                               weights if weighted else None)
+                               weights if lookup.weighted else None)
              for indices, offsets, weights in inputs]
-    indices, offsets, weights = inputs[0]
-    weights = weights if weighted else None
-    lookups, bags = mean_lookups(indices for indices, _, _ in inputs), offsets.numel()
-    return Prepared(
-        run=cycling(calls),
-        check=calls[0],
-        reference=lambda: table_lookup64(weight, indices, offsets, pool_mode, weights),
-        error_bound=lambda expected: tbe_lookup_bound(weight, indices, offsets, pool_mode,
-                                                      weights, context.precision),
-        samples=bags,
-        flops=lookups * table.dim * (2 if weighted else 1),
-        bytes_moved=lookup_bytes(lookups, bags, table.dim, tables.bytes_per_row,
-                                 output_bytes(context.precision),
-                                 weights.element_size() if weighted else 0),
-        params={"table": table_index, "rows": table.rows, "dim": table.dim,
-                "pooling": table.pooling.label(), "distribution": table.distribution.label(),
-                "mode": mode, "table_bytes": int(table.rows * tables.bytes_per_row),
-                "rotation_batches": parts, "tbe": tables.kind,
-                "row_bytes": tables.bytes_per_row, "bounds_check": tables.bounds_check},
-        metrics=rotation_metrics(rotation),
-        flush_between_reps=True,
-    )
+    return one_table_prepared(context, lookup, weight, calls, inputs, tables.bytes_per_row,
+                              inputs[0][2].element_size(),
+                              {"tbe": tables.kind, "row_bytes": tables.bytes_per_row,
+                               "bounds_check": tables.bounds_check}, bound=tbe_lookup_bound)
 
 
 @impl("sls", "fbgemm_tbe", TRAINING_PRECISIONS, available=FBGEMM_ON, requires=FBGEMM_PEER,
@@ -252,55 +205,23 @@ def build_sls_tbe_infer(context: BuildContext) -> Prepared:
 
 # ------------------------------------------------------------------ sls_multi (every table)
 
-def multi_prepared(context: BuildContext, calls, weights, rotations, rotation,
-                   bytes_per_row: float, extra_params: dict) -> Prepared:
-    """A Prepared for sls_multi: output [tables, batch, dim] against the per-table float64
-    lookups; bound per table from tbe_lookup_bound (the TBE's own row format)."""
-    workload, tensors = context.workload, rotations[0]
-    lookups = sum(indices.numel() for part in rotations for indices, _, _ in part) / len(rotations)
-    bags = sum(offsets.numel() for _, offsets, _ in tensors)
-
-    def bound(expected):
-        return torch.stack([tbe_lookup_bound(weight, indices, offsets, "sum", None,
-                                             context.precision)
-                            for weight, (indices, offsets, _) in zip(weights, tensors)])
-
-    return Prepared(
-        run=cycling(calls),
-        check=calls[0],
-        reference=lambda: multi_reference(weights, tensors),
-        error_bound=bound,
-        samples=workload.batch_size,
-        flops=lookups * workload.dim,
-        bytes_moved=lookup_bytes(lookups, bags, workload.dim, bytes_per_row,
-                                 output_bytes(context.precision)),
-        params={"num_tables": len(workload.tables), "total_rows": workload.total_rows,
-                "dim": workload.dim, "lookups": lookups, "rotation_batches": len(rotations),
-                "table_bytes": int(workload.total_rows * bytes_per_row),
-                "row_bytes": bytes_per_row, **extra_params},
-        metrics=rotation_metrics(rotation),
-        flush_between_reps=True,
-    )
-
-
 def _build_multi(context: BuildContext, impl_name: str) -> Prepared:
     where = placed(context.device, "fbgemm_gpu")
     fbgemm = _fbgemm()
     weights, rotations, rotation = all_tables(context)
     tables = TABLES[impl_name](fbgemm, weights, context.precision, "sum", where)
-    num_tables, batch_size = len(weights), context.workload.batch_size
-
-    def lookup_all(indices, offsets, lookup_starts, end):
-        # Inputs arrive per table, as a data loader gives them (and as `batched` takes them):
-        # joining them into the TBE's table-major input is per-batch work, so it is timed.
-        pooled = tables(*concatenate_tables(indices, offsets, lookup_starts, end))
-        # [batch, tables * dim] -> [tables, batch, dim], a view
-        return pooled.view(batch_size, num_tables, -1).transpose(0, 1)
-
-    calls = [functools.partial(lookup_all, *table_major_inputs(tensors))
-             for tensors in rotations]
+    calls = table_major_calls(tables, rotations, context.workload.batch_size)
     return multi_prepared(context, calls, weights, rotations, rotation, tables.bytes_per_row,
-                          {"tbe": tables.kind, "bounds_check": tables.bounds_check})
+                          tbe_multi_params(context.workload, tables.bytes_per_row,
+                                           {"tbe": tables.kind,
+                                            "bounds_check": tables.bounds_check}),
+                          bound=tbe_lookup_bound)
+
+
+def tbe_multi_params(workload, bytes_per_row: float, extra_params: dict) -> dict:
+    """sls_multi params of a table-batched impl: its row size and the tables' bytes in it."""
+    return {"table_bytes": int(workload.total_rows * bytes_per_row), "row_bytes": bytes_per_row,
+            **extra_params}
 
 
 @impl("sls_multi", "fbgemm_tbe", TRAINING_PRECISIONS, available=FBGEMM_ON,

@@ -3,7 +3,6 @@ CPU or, with FBGEMM's CUDA build, on cuda."""
 
 from __future__ import annotations
 
-import functools
 
 import torch
 
@@ -11,7 +10,8 @@ from bench import peers
 from bench.ops.common import Unsupported
 from bench.ops.fbgemm_placement import peers_on, placed
 from bench.ops.sls import all_tables
-from bench.ops.sls_fbgemm import concatenate_tables, multi_prepared, table_major_inputs
+from bench.ops.sls import multi_prepared, table_major_calls
+from bench.ops.sls_fbgemm import tbe_lookup_bound, tbe_multi_params
 from bench.registry import BuildContext, Prepared, impl
 
 
@@ -38,19 +38,17 @@ def build_torchrec_ebc(context: BuildContext) -> Prepared:
     with torch.no_grad():
         for name, weight in zip(names, weights, strict=True):
             collection.embedding_bags[name].weight.copy_(weight)  # onto the device
-    num_tables, batch_size = len(weights), context.workload.batch_size
 
-    def lookup_all(indices, offsets, lookup_starts, end):
+    def pool(values, jagged_offsets):
         # As the other sls_multi impls, inputs arrive per table; the jagged tensor that a
         # torchrec input pipeline would hand over is built here, in the timed call.
-        values, jagged_offsets = concatenate_tables(indices, offsets, lookup_starts, end)
         features = torchrec.KeyedJaggedTensor(keys=keys, values=values, offsets=jagged_offsets)
         with torch.no_grad():
-            pooled = collection(features).values()  # [batch, tables * dim], keys in order
-        return pooled.view(batch_size, num_tables, -1).transpose(0, 1)
+            return collection(features).values()  # [batch, tables * dim], keys in order
 
-    calls = [functools.partial(lookup_all, *table_major_inputs(tensors))
-             for tensors in rotations]
-    return multi_prepared(context, calls, weights, rotations, rotation,
-                          weights[0].shape[1] * weights[0].element_size(),
-                          {"collection": "torchrec.EmbeddingBagCollection (unsharded)"})
+    calls = table_major_calls(pool, rotations, context.workload.batch_size)
+    bytes_per_row = weights[0].shape[1] * weights[0].element_size()
+    return multi_prepared(context, calls, weights, rotations, rotation, bytes_per_row,
+                          tbe_multi_params(context.workload, bytes_per_row, {
+                              "collection": "torchrec.EmbeddingBagCollection (unsharded)"}),
+                          bound=tbe_lookup_bound)

@@ -10,12 +10,10 @@ from types import ModuleType
 
 import torch
 
-from bench.ops.common import (as_tensors, cycling, lookup_bound, lookup_bytes,
-                              mean_lookups, rotation_metrics, table_weight,
-                              workload_rotation_plan)
-from bench.ops.sls import ALL_PRECISIONS, all_tables, multi_prepared, output_bytes
-from bench.ops.sls_fbgemm import concatenate_tables, table_major_inputs, with_last_offset
-from bench.references import table_lookup64
+from bench.ops.common import (as_tensors, table_weight)
+from bench.ops.sls import (ALL_PRECISIONS, all_tables, multi_prepared, one_table,
+                           one_table_prepared, table_major_calls)
+from bench.ops.sls_fbgemm import tbe_multi_params, with_last_offset
 from bench.registry import BuildContext, Prepared, Unsupported, impl
 from workloads.generators import rotating_table_batches
 
@@ -71,43 +69,17 @@ def runs_here(device: str, options: dict) -> str:
                   "row-wise int8/int4 as PooledTable stores them)")
 def build_sls_triton(context: BuildContext) -> Prepared:
     """The largest table in a one-table Triton TBE; sum, mean, or weighted sum."""
-    workload, device = context.workload, context.device
-    table_index = workload.largest_table()
-    table = workload.tables[table_index]
-    mode = context.variant["mode"]
-    weighted = mode == "weighted"
-    pool_mode = "sum" if weighted else mode
-    weight = table_weight(table, context.seed, table_index)
-    tables = _make_tables(context, [weight], pool_mode)
-    rotation = workload_rotation_plan(workload, [table_index], context.precision)
-    parts = rotation["rotation_batches"]
+    workload, device, lookup = context.workload, context.device, one_table(context)
+    weight = table_weight(lookup.table, context.seed, lookup.index)
+    tables = _make_tables(context, [weight], lookup.pool_mode)
     # Per-sample weights stay fp32: the kernel multiplies in fp32 for every storage.
-    inputs = [as_tensors(batch, device)
-              for batch in rotating_table_batches(workload, table_index, context.seed, parts)]
+    inputs = [as_tensors(batch, device) for batch in
+              rotating_table_batches(workload, lookup.index, context.seed, lookup.parts)]
     calls = [functools.partial(tables.pooled, indices, with_last_offset(indices, offsets),
-                               weights if weighted else None)
+                               weights if lookup.weighted else None)
              for indices, offsets, weights in inputs]
-    indices, offsets, weights = inputs[0]
-    weights = weights if weighted else None
-    lookups, bags = mean_lookups(indices for indices, _, _ in inputs), offsets.numel()
-    return Prepared(
-        run=cycling(calls),
-        check=calls[0],
-        reference=lambda: table_lookup64(weight, indices, offsets, pool_mode, weights),
-        error_bound=lambda expected: lookup_bound(weight, indices, offsets, pool_mode, weights,
-                                                  context.precision),
-        samples=bags,
-        flops=lookups * table.dim * (2 if weighted else 1),
-        bytes_moved=lookup_bytes(lookups, bags, table.dim, tables.bytes_per_row,
-                                 output_bytes(context.precision),
-                                 weights.element_size() if weighted else 0),
-        params={"table": table_index, "rows": table.rows, "dim": table.dim,
-                "pooling": table.pooling.label(), "distribution": table.distribution.label(),
-                "mode": mode, "table_bytes": int(table.rows * tables.bytes_per_row),
-                "rotation_batches": parts, **_kernel_params(tables)},
-        metrics=rotation_metrics(rotation),
-        flush_between_reps=True,
-    )
+    return one_table_prepared(context, lookup, weight, calls, inputs, tables.bytes_per_row,
+                              inputs[0][2].element_size(), _kernel_params(tables))
 
 
 @impl("sls_multi", "triton_tbe", ALL_PRECISIONS, available=runs_here,
@@ -117,19 +89,8 @@ def build_multi_triton(context: BuildContext) -> Prepared:
     """All tables in one Triton TBE buffer: one launch per batch, sum pooling."""
     weights, rotations, rotation = all_tables(context)
     tables = _make_tables(context, weights, "sum")
-    num_tables, batch_size = len(weights), context.workload.batch_size
-
-    def lookup_all(indices, offsets, lookup_starts, end):
-        # Inputs arrive per table, as a data loader gives them (and as `batched` takes them):
-        # joining them into the table-major input is per-batch work, so it is timed.
-        pooled = tables.pooled(*concatenate_tables(indices, offsets, lookup_starts, end))
-        # [batch, tables * dim] -> [tables, batch, dim], a view
-        return pooled.view(batch_size, num_tables, -1).transpose(0, 1)
-
-    calls = [functools.partial(lookup_all, *table_major_inputs(tensors))
-             for tensors in rotations]
+    calls = table_major_calls(tables.pooled, rotations, context.workload.batch_size)
     return multi_prepared(context, calls, weights, rotations, rotation, tables.bytes_per_row,
-                           {"table_bytes": int(context.workload.total_rows
-                                               * tables.bytes_per_row),
-                            **_kernel_params(tables)})
+                          tbe_multi_params(context.workload, tables.bytes_per_row,
+                                           _kernel_params(tables)))
 
