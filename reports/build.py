@@ -180,23 +180,22 @@ def roofline_section(ceilings_by_group: dict, roofline_rows: pd.DataFrame,
         "Working set: the table for lookups (at most what their rotating batches read), the "
         "model for whole-model ops, else the bytes one call moves. The compute peak is the "
         "gemm_peak of the row's precision, else the highest peak measured."))
-    within = roofline_rows[roofline_rows["note"] == roofline.WITHIN_SPREAD_NOTE]
-    if not within.empty:
-        section.blocks.append(NoteBlock(
-            f"{len(within)} row(s) sit above their roof's median but within the probe's own "
-            f"spread ({values.joined_unique(within['op'])}): probe_spread is how much faster "
-            "than its median the probe's fastest sample ran, so these rows are at the roof, "
-            "not beyond it."))
-    above = roofline_rows[roofline_rows["note"] == roofline.ABOVE_ROOF_NOTE]
-    if not above.empty:
-        section.blocks.append(NoteBlock(
-            f"{len(above)} row(s) exceed their roof by more than the probe's own spread "
-            f"({values.joined_unique(above['op'])}): the kernel beats the run's own probe of "
-            "that roof (gemm_peak for a compute limit, membw for a memory one; skewed indices "
-            "also reuse cached rows that a uniform gather probe does not), so the probe "
-            "understates the machine there, or, on a shared host, the probe's process ran "
-            "slower than the kernel's (--replicates K takes each roof as the best of K "
-            "processes); they are labelled, not hidden."))
+    for note, text in (
+            (roofline.WITHIN_SPREAD_NOTE,
+             "sit above their roof's median but within the probe's own spread ({ops}): "
+             "probe_spread is how much faster than its median the probe's fastest sample ran, "
+             "so these rows are at the roof, not beyond it."),
+            (roofline.ABOVE_ROOF_NOTE,
+             "exceed their roof by more than the probe's own spread ({ops}): the kernel beats "
+             "the run's own probe of that roof (gemm_peak for a compute limit, membw for a "
+             "memory one; skewed indices also reuse cached rows that a uniform gather probe "
+             "does not), so the probe understates the machine there, or, on a shared host, the "
+             "probe's process ran slower than the kernel's (--replicates K takes each roof as "
+             "the best of K processes); they are labelled, not hidden.")):
+        labelled = roofline_rows[roofline_rows["note"] == note]
+        if not labelled.empty:
+            section.blocks.append(NoteBlock(
+                f"{len(labelled)} row(s) " + text.format(ops=values.joined_unique(labelled["op"]))))
     section.blocks.append(table_or_note(
         "Efficiency per row", order.sort_report_rows(roofline_rows[EFFICIENCY_COLUMNS], op_order),
         "No measured op row shares a (device, isa) group with the ceilings."))
