@@ -77,16 +77,21 @@ def test_a_changed_model_never_gets_the_cached_reference():
                        dlrm_reference._reference_logits(planted, *batch))
 
 
-def test_a_training_check_still_fails_a_planted_fault_after_a_cached_reference():
-    prepared = _build("dlrm_train", "per_table")
-    assert worker.check(prepared, worker.ResultRow(), "fp32") == ""  # caches the reference
-    wrong = prepared.check
+def plant_a_doubled_step(prepared) -> None:
+    """The planted fault of a training check: the step's pooled rows moved twice as far."""
+    right = prepared.check
 
     def check_with_a_doubled_step():
-        logits, bottom, top, pooled = wrong()
+        logits, bottom, top, pooled = right()
         return logits, bottom, top, pooled * 2.0
 
     prepared.check = check_with_a_doubled_step
+
+
+def test_a_training_check_still_fails_a_planted_fault_after_a_cached_reference():
+    prepared = _build("dlrm_train", "per_table")
+    assert worker.check(prepared, worker.ResultRow(), "fp32") == ""  # caches the reference
+    plant_a_doubled_step(prepared)
     assert "exceeds" in worker.check(prepared, worker.ResultRow(), "fp32")
 
 
@@ -446,11 +451,5 @@ def test_a_planted_fault_fails_a_sampled_training_check(small_check_budget):
     REFERENCE_MEMO.clear()
     prepared = _build("dlrm_train", "per_table")
     assert prepared.metrics["checked_samples"] < SMOKE.batch_size
-    right = prepared.check
-
-    def check_with_a_doubled_step():
-        logits, bottom, top, pooled = right()
-        return logits, bottom, top, pooled * 2.0
-
-    prepared.check = check_with_a_doubled_step
+    plant_a_doubled_step(prepared)
     assert "exceed" in worker.check(prepared, worker.ResultRow(), "fp32")
