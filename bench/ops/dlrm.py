@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import itertools
 from dataclasses import replace
@@ -146,6 +147,21 @@ def fp32_predictions(fp32_model: nn.Module, labelled, eval_key, device: torch.de
     return predictions
 
 
+def inference_accuracy(model: nn.Module, fp32_model: DLRM, seed: int, precision: str,
+                       device: torch.device) -> dict:
+    """AUC and log loss of model's CTRs on the teacher-labelled evaluation set, and how far
+    they move from the fp32 model's (what a precision costs in accuracy)."""
+    labelled = evaluation_set(fp32_model.workload, seed, EVAL_BATCHES)
+    labels = np.concatenate([item.labels for item in labelled])
+    predicted = predict(model, labelled, precision, device)
+    fp32_predicted = fp32_predictions(fp32_model, labelled, (seed, EVAL_BATCHES), device)
+    return {"auc": quality.auc(labels, predicted),
+            "logloss": quality.logloss(labels, predicted),
+            "ctr_abs_diff": float(np.mean(np.abs(predicted - fp32_predicted))),
+            "metrics": {"fp32_auc": quality.auc(labels, fp32_predicted),
+                        "eval_samples": int(len(labels))}}
+
+
 def serving_forward(infer, precision: str):
     """infer taking fp32 dense features (as batch_tensors makes them) at any precision."""
     dtype = input_dtype(precision)
@@ -194,18 +210,6 @@ def build_infer(context: BuildContext, layout: str,
         check = functools.partial(infer, check_dense.to(input_dtype(precision)), check_indices,
                                   check_offsets)
 
-    def accuracy() -> dict:
-        labelled = evaluation_set(workload, context.seed, EVAL_BATCHES)
-        labels = np.concatenate([item.labels for item in labelled])
-        predicted = predict(model, labelled, precision, device)
-        fp32_predicted = fp32_predictions(fp32_model, labelled, (context.seed, EVAL_BATCHES),
-                                          device)
-        return {"auc": quality.auc(labels, predicted),
-                "logloss": quality.logloss(labels, predicted),
-                "ctr_abs_diff": float(np.mean(np.abs(predicted - fp32_predicted))),
-                "metrics": {"fp32_auc": quality.auc(labels, fp32_predicted),
-                            "eval_samples": int(len(labels))}}
-
     batch_size = workload.batch_size
     return Prepared(
         run=cycling(calls),
@@ -225,7 +229,8 @@ def build_infer(context: BuildContext, layout: str,
         error_bound=lambda expected: whole_model_bound(expected, precision),
         # A TT model is not the teacher, so its accuracy is measured after training
         # (the TT-Rec study), not here.
-        accuracy=None if tt else accuracy,
+        accuracy=None if tt else functools.partial(inference_accuracy, model, fp32_model,
+                                                   context.seed, precision, device),
     )
 
 
@@ -300,6 +305,41 @@ def restored_tables(model: DLRM, indices: list[torch.Tensor]):
                 source.index_copy_(0, rows, values)
         for parameter in model.embeddings.parameters():
             parameter.grad = None
+
+
+@dataclasses.dataclass
+class HostBuiltTraining:
+    """A training set-up whose initial student is built on the host and copied to the device
+    (the compiled and graphed impls: their check resets the student in place from initial,
+    keeping the module objects their compiled code or graph holds)."""
+
+    rotation: dict
+    rotating: tuple  # LabelledBatch per rotating batch, the checked one first
+    inputs: list  # (dense, indices, offsets, labels) per rotating batch, on the device
+    initial: DLRM
+    student: DLRM
+    optimizer: torch.optim.Optimizer
+    traffic: dict
+    bytes_parts: dict
+
+
+def host_built_training(context: BuildContext, layout: str,
+                        learning_rate: float) -> HostBuiltTraining:
+    """The teacher-labelled rotation, the initial student of a layout on the host, its device
+    copy with an SGD optimizer, and the step's embedding traffic and bytes."""
+    workload, device = context.workload, context.device
+    rotation = model_rotation_plan(workload, "fp32")
+    rotating = rotating_labelled_batches(workload, context.seed, rotation["rotation_batches"],
+                                         device)
+    inputs = [(*batch_tensors(item.batch, device), torch.from_numpy(item.labels).to(device))
+              for item in rotating]
+    initial = build_dlrm(workload, context.seed + 1, embeddings=layout, sparse=True,
+                         learning_rate=learning_rate)
+    student = copy.deepcopy(initial).to(device)
+    traffic = embedding_traffic(initial, "fp32", [item[:3] for item in inputs])
+    return HostBuiltTraining(rotation, rotating, inputs, initial, student,
+                             torch.optim.SGD(student.parameters(), lr=learning_rate), traffic,
+                             training_bytes(initial, traffic))
 
 
 def build_train(context: BuildContext, layout: str,

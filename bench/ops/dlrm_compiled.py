@@ -4,22 +4,20 @@ closure runs compiled code. Checked against the same float64 references as per_t
 
 from __future__ import annotations
 
-import copy
 import functools
 
 import torch
 
 from bench.compare_outputs import whole_model_bound
-from bench.models.dlrm import batch_tensors, build_dlrm
+from bench.models.dlrm import batch_tensors
 from bench.models.dlrm_reference import reference_logits, reference_train_step
 from bench.models.teacher import teacher_model
 from bench.ops.common import cycling, rotation_metrics
 from bench.ops.dlrm import (HOST_BUILT_TRAINING, LEARNING_RATE, after_step, dense_only,
-                            model_at_precision, precision_params, serving_forward, train_step)
-from bench.ops.dlrm_batches import (model_rotation_plan, rotating_batches,
-                                    rotating_labelled_batches)
-from bench.ops.dlrm_costs import (embedding_traffic, inference_bytes, model_bytes, model_flops,
-                                  training_bytes)
+                            host_built_training, model_at_precision, precision_params,
+                            serving_forward, train_step)
+from bench.ops.dlrm_batches import model_rotation_plan, rotating_batches
+from bench.ops.dlrm_costs import embedding_traffic, inference_bytes, model_bytes, model_flops
 from bench.ops.fc import input_dtype
 from bench.registry import BuildContext, Prepared, Unsupported, impl
 
@@ -110,22 +108,15 @@ def build_compiled_train(context: BuildContext, learning_rate: float = LEARNING_
     """per_table's SGD step (forward, BCE, backward, sparse SGD) through torch.compile.
     reference_learning_rate defaults to learning_rate (tests plant a mismatch with it)."""
     _check_context(context)
-    workload, device, precision = context.workload, context.device, context.precision
+    workload, precision = context.workload, context.precision
     reference_learning_rate = (learning_rate if reference_learning_rate is None
                                else reference_learning_rate)
     autocast_dtype = None if precision == "fp32" else torch.bfloat16
-    rotation = model_rotation_plan(workload, "fp32")
-    rotating = rotating_labelled_batches(workload, context.seed, rotation["rotation_batches"],
-                                         device)
-    initial = build_dlrm(workload, context.seed + 1, embeddings="per_table", sparse=True,
-                         learning_rate=learning_rate)
-    student = copy.deepcopy(initial).to(device)
-    optimizer = torch.optim.SGD(student.parameters(), lr=learning_rate)
-    inputs = [(*batch_tensors(item.batch, device), torch.from_numpy(item.labels).to(device))
-              for item in rotating]
+    setup = host_built_training(context, "per_table", learning_rate)
+    rotation, rotating, inputs = setup.rotation, setup.rotating, setup.inputs
+    initial, student, optimizer = setup.initial, setup.student, setup.optimizer
+    traffic, bytes_parts = setup.traffic, setup.bytes_parts
     dense, indices, offsets, labels = inputs[0]
-    traffic = embedding_traffic(initial, "fp32", [item[:3] for item in inputs])
-    bytes_parts = training_bytes(initial, traffic)
     mode = compile_mode(context)
     step = compiled_train_step(mode)
     graphs_before = _compiled_graphs()

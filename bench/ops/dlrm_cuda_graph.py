@@ -5,7 +5,6 @@ same float64 references as the eager impls."""
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import functools
 from typing import Any, Callable
@@ -14,13 +13,12 @@ import torch
 from torch import nn
 
 from bench.compare_outputs import whole_model_bound
-from bench.models.dlrm import DLRM, batch_tensors, build_dlrm
+from bench.models.dlrm import DLRM
 from bench.models.dlrm_reference import reference_train_step
 from bench.ops.common import cycling, rotation_metrics
 from bench.ops.dlrm import (HOST_BUILT_TRAINING, LEARNING_RATE, after_step, build_infer,
-                            dense_only)
-from bench.ops.dlrm_batches import model_rotation_plan, rotating_labelled_batches
-from bench.ops.dlrm_costs import embedding_traffic, model_bytes, model_flops, training_bytes
+                            dense_only, host_built_training)
+from bench.ops.dlrm_costs import model_bytes, model_flops
 from bench.registry import BuildContext, Prepared, Unsupported, impl
 
 INFER_PRECISIONS = ("fp32", "fp16", "bf16")
@@ -200,22 +198,15 @@ def build_graphed_train(context: BuildContext, capture: Callable = capture_cuda,
     sync) captured whole into a graph; reference_learning_rate (default learning_rate) lets
     tests plant a wrong update."""
     _check_context(context, TRAIN_PRECISIONS, capture)
-    workload, device, precision = context.workload, context.device, context.precision
+    workload, precision = context.workload, context.precision
     reference_learning_rate = (learning_rate if reference_learning_rate is None
                                else reference_learning_rate)
     autocast_dtype = None if precision == "fp32" else torch.bfloat16
-    rotation = model_rotation_plan(workload, "fp32")
-    rotating = rotating_labelled_batches(workload, context.seed, rotation["rotation_batches"],
-                                         device)
-    inputs = [(*batch_tensors(item.batch, device), torch.from_numpy(item.labels).to(device))
-              for item in rotating]
-    initial = build_dlrm(workload, context.seed + 1, embeddings="fused_sgd", sparse=True,
-                         learning_rate=learning_rate)
-    student = copy.deepcopy(initial).to(device)
-    optimizer = torch.optim.SGD(student.parameters(), lr=learning_rate)
+    setup = host_built_training(context, "fused_sgd", learning_rate)
+    rotation, rotating, inputs = setup.rotation, setup.rotating, setup.inputs
+    initial, student, optimizer = setup.initial, setup.student, setup.optimizer
+    traffic, bytes_parts = setup.traffic, setup.bytes_parts
     dense, indices, offsets, labels = inputs[0]
-    traffic = embedding_traffic(initial, "fp32", [item[:3] for item in inputs])
-    bytes_parts = training_bytes(initial, traffic)
     steps: list[StaticCall] = []
     metrics = _timed_once(context, lambda: steps.append(StaticCall(
         functools.partial(graph_train_step, student, optimizer, autocast_dtype=autocast_dtype),

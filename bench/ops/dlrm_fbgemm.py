@@ -10,7 +10,6 @@ import dataclasses
 import functools
 import warnings
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -18,13 +17,12 @@ from bench import peers
 from bench.compare_outputs import (ACCUMULATION_ROUNDOFF, rowwise_adagrad_bound,
                                    summed_gradient_error, whole_model_bound)
 from bench.models.dlrm import DLRM, batch_tensors, build_dlrm, tbe_inputs
-from bench.models.teacher import evaluation_set, teacher_model
-from bench.models import quality
+from bench.models.teacher import teacher_model
 from bench.ops.common import cycling, lookup_bound, rotation_metrics
 from bench.models.dlrm_reference import linear_parameters64, logits64, reference_logits
-from bench.ops.dlrm import (CUDA_TRAIN, EVAL_BATCHES, HOST_BUILT_TRAINING, LEARNING_RATE,
+from bench.ops.dlrm import (CUDA_TRAIN, HOST_BUILT_TRAINING, LEARNING_RATE,
                             TRAIN_PRECISIONS, WHOLE_MODEL_TOLERANCE, after_step, dense_only,
-                            fp32_predictions, predict, train_step)
+                            inference_accuracy, train_step)
 from bench.ops.fbgemm_placement import Placement, placed, placement
 from bench.ops.sls_fbgemm import FBGEMM_ON, FBGEMM_PEER
 from bench.ops.dlrm_batches import (model_rotation_plan, rotating_batches,
@@ -452,18 +450,6 @@ def build_tbe_infer(context: BuildContext) -> Prepared:
                                           precision) for weight, table_indices, table_offsets
                              in zip(weights, indices, offsets)], dim=1))
 
-    def accuracy() -> dict:
-        labelled = evaluation_set(workload, context.seed, EVAL_BATCHES)
-        labels = np.concatenate([item.labels for item in labelled])
-        predicted = predict(model, labelled, "fp32", device)
-        fp32_predicted = fp32_predictions(fp32_model, labelled, (context.seed, EVAL_BATCHES),
-                                          device)
-        return {"auc": quality.auc(labels, predicted),
-                "logloss": quality.logloss(labels, predicted),
-                "ctr_abs_diff": float(np.mean(np.abs(predicted - fp32_predicted))),
-                "metrics": {"fp32_auc": quality.auc(labels, fp32_predicted),
-                            "eval_samples": int(len(labels))}}
-
     return Prepared(
         run=cycling(calls), check=check, reference=reference, samples=workload.batch_size,
         forward=infer,
@@ -479,7 +465,8 @@ def build_tbe_infer(context: BuildContext) -> Prepared:
                  "bytes_parts": bytes_parts, **rotation_metrics(rotation)},
         tolerance=WHOLE_MODEL_TOLERANCE.get(precision),
         error_bound=error_bound,
-        accuracy=accuracy,
+        accuracy=functools.partial(inference_accuracy, model, fp32_model, context.seed,
+                                   "fp32", device),
     )
 
 
