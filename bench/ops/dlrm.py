@@ -22,7 +22,7 @@ from bench.models.dlrm_reference import (WorkloadMemo, reference_logits, referen
 from bench.models.quantized import QuantizedEmbeddings
 from bench.models.teacher import calibrate, evaluation_set, teacher_model
 from bench.ops.common import FLOAT_DTYPES, PooledTable, cycling, float_dtype, rotation_metrics
-from bench.ops.dlrm_batches import (check_metrics, checked_samples, model_rotation_plan,
+from bench.ops.dlrm_batches import (check_metrics, checked_part, model_rotation_plan,
                                     rotating_batches,
                                     rotating_labelled_batches)
 from bench.ops.dlrm_costs import (embedding_traffic, inference_bytes, model_bytes, model_flops,
@@ -202,10 +202,8 @@ def build_infer(context: BuildContext, layout: str,
             return model(dense, indices, offsets)
 
     calls = [functools.partial(infer, *item) for item in inputs]
-    check_batch, check = batch, calls[0]
-    checked = checked_samples(workload)
-    if checked < workload.batch_size:
-        check_batch = batch.head(checked)
+    check_batch, check = checked_part(batch, workload), calls[0]
+    if check_batch is not batch:
         check_dense, check_indices, check_offsets = batch_tensors(check_batch, device)
         check = functools.partial(infer, check_dense.to(input_dtype(precision)), check_indices,
                                   check_offsets)
@@ -223,7 +221,7 @@ def build_infer(context: BuildContext, layout: str,
         params={"layout": layout, **precision_params(precision), **tt,
                 "rotation_batches": len(inputs)},
         metrics={"model_bytes": model_bytes(model), "bytes_parts": bytes_parts,
-                 **rotation_metrics(rotation), **check_metrics(workload, checked),
+                 **rotation_metrics(rotation), **check_metrics(workload),
                  **tt_metrics_after_lookup(model, indices, offsets)},
         tolerance=WHOLE_MODEL_TOLERANCE.get(precision),
         error_bound=lambda expected: whole_model_bound(expected, precision),
@@ -378,10 +376,8 @@ def build_train(context: BuildContext, layout: str,
     bytes_parts = training_bytes(student, traffic)
     tt_metrics = tt_metrics_after_lookup(student, indices, offsets)
     # A batch too large to widen to float64 on the host is checked on its first samples.
-    check_batch, check_inputs = labelled, inputs[0]
-    checked = checked_samples(workload)
-    if checked < workload.batch_size:
-        check_batch = labelled.head(checked)
+    check_batch, check_inputs = checked_part(labelled, workload), inputs[0]
+    if check_batch is not labelled:
         check_inputs = (*batch_tensors(check_batch.batch, device),
                         torch.from_numpy(check_batch.labels).to(device))
     check_dense, check_indices, check_offsets, check_labels = check_inputs
@@ -414,7 +410,7 @@ def build_train(context: BuildContext, layout: str,
                 "rotation_batches": len(inputs)},
         metrics={"bytes_parts": bytes_parts, **rotation_metrics(rotation),
                  "model_bytes": model_bytes(student), **tt_metrics,
-                 **check_metrics(workload, checked)},
+                 **check_metrics(workload)},
     )
 
 

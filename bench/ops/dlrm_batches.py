@@ -54,8 +54,16 @@ def checked_samples(workload) -> int:
     return max(2, int(batch * common.CHECK_FLOAT64_BYTES / needed))
 
 
-def check_metrics(workload, samples: int) -> dict:
-    """What a whole-model row records of its check: nothing for a full batch, else the sample."""
+def checked_part(batch, workload):
+    """What of a rotation's first batch (a Batch or a LabelledBatch) the float64 check runs:
+    the whole batch, or its first checked_samples samples as a batch of their own."""
+    samples = checked_samples(workload)
+    return batch.head(samples) if samples < workload.batch_size else batch
+
+
+def check_metrics(workload) -> dict:
+    """What a whole-model row records of its check: nothing for a whole batch, else the part."""
+    samples = checked_samples(workload)
     if samples >= workload.batch_size:
         return {}
     return {"checked_samples": samples, "check_sample": (

@@ -15,7 +15,7 @@ from bench.models.dlrm import DLRM, batch_tensors, tbe_inputs
 from bench.ops.common import FLOAT_DTYPES, float_dtype, lookup_bound
 from bench.ops.dlrm import (CUDA_TRAIN, LEARNING_RATE, TRAIN_PRECISIONS, after_step,
                             build_infer, build_train, dense_only, train_step)
-from bench.ops.dlrm_batches import rotating_batches, rotating_labelled_batches
+from bench.ops.dlrm_batches import checked_part, rotating_batches, rotating_labelled_batches
 from bench.ops.dlrm_fbgemm import reference_tbe_step
 from bench.ops.sls import ALL_PRECISIONS
 from bench.ops.sls_triton import TRITON_INSTALL, runs_here, triton_tbe_module
@@ -104,8 +104,9 @@ def build_triton_infer(context: BuildContext) -> Prepared:
     prepared = build_infer(context, "per_table", at_precision=at_precision)
     embeddings = models["run"].embeddings
     weights = models["fp32"].embeddings.table_weights()
-    # The batch build_infer checks: the first of its rotation (a cached prefix, not rebuilt).
-    batch = rotating_batches(workload, context.seed, 1)[0]
+    # The batch build_infer checks: the first of its rotation (a cached prefix, not rebuilt),
+    # or its first samples where the whole would not fit the float64 check.
+    batch = checked_part(rotating_batches(workload, context.seed, 1)[0], workload)
     _, indices, offsets = batch_tensors(batch, CPU)
     _, device_indices, device_offsets = batch_tensors(batch, device)
     logits_check, logits_reference, logits_bound = (prepared.check, prepared.reference,
@@ -157,9 +158,10 @@ def build_triton_train(context: BuildContext,
 
     prepared = build_train(context, "per_table", prepare=to_triton)
     initial = models["initial"]
-    # The batch build_train checks: the first of its rotation (cached, not relabelled).
-    labelled = rotating_labelled_batches(workload, context.seed,
-                                         prepared.params["rotation_batches"], device)[0]
+    # The batch build_train checks: the first of its rotation (cached, not relabelled), or
+    # its first samples where the whole would not fit the float64 check.
+    labelled = checked_part(rotating_labelled_batches(
+        workload, context.seed, prepared.params["rotation_batches"], device)[0], workload)
     dense, indices, offsets = batch_tensors(labelled.batch, device)
     labels = torch.from_numpy(labelled.labels)
     autocast_dtype = None if precision == "fp32" else float_dtype(precision)

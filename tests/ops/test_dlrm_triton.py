@@ -194,3 +194,19 @@ def test_infer_runs_timed_through_run_task_with_its_accuracy(monkeypatch):
     assert math.isfinite(row.auc) and math.isfinite(row.ctr_abs_diff)
     assert json.loads(row.params)["embedding_launches_per_call"] == 1
     teacher.evaluation_set.cache_clear()  # nor is one of this size left for later tests
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_a_sampled_check_reads_the_same_first_samples_as_the_logits(monkeypatch, op):
+    # Above the float64 budget the whole-model check runs on the batch's first samples; the
+    # pooled rows (inference) and updated rows (training) it reads beside the logits must be
+    # those samples' too, or the row would claim a sample it did not check.
+    monkeypatch.setattr(common, "CHECK_FLOAT64_BYTES", 2_000)
+    prepared = _build(op, "fp32")
+    samples = prepared.metrics["checked_samples"]
+    assert 2 <= samples < WORKLOAD.batch_size
+    expected = prepared.reference()
+    assert expected[0].shape == (samples,)
+    if op == "dlrm_infer":
+        assert expected[1].shape[0] == samples  # pooled rows [samples, tables, dim]
+    assert _check(prepared, "fp32") == ""

@@ -428,8 +428,10 @@ def test_only_a_batch_beyond_the_float64_budget_is_checked_on_its_first_samples(
     assert 2 <= samples < 55_296
     assert common.check_float64_bytes(lookups, gpu_batch.total_rows, samples * 26,
                                       128) <= common.CHECK_FLOAT64_BYTES
-    assert dlrm_batches.check_metrics(gpu_batch, samples)["checked_samples"] == samples
-    assert dlrm_batches.check_metrics(presets.kaggle(), 2048) == {}
+    assert dlrm_batches.check_metrics(gpu_batch)["checked_samples"] == samples
+    assert dlrm_batches.check_metrics(presets.kaggle()) == {}
+    assert dlrm_batches.checked_part(make_batch(gpu_batch, 0, 0, batch_size=samples + 10),
+                                     gpu_batch).batch_size == samples
 
 
 @pytest.mark.parametrize("op, impl_name", [("dlrm_train", "per_table"),
