@@ -21,6 +21,20 @@ PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
 # bound (Prepared.error_bound, else this tolerance per row; see bench/compare_outputs.py).
 TOLERANCE = {"fp32": 1e-4, "fp16": 5e-3, "bf16": 3e-2, "int8": 3e-2, "int4": 0.25}
 
+# A GPU run's (device, host) bytes per byte of fp32 tables: one pair for every precision, or
+# pairs by precision with "*" for the others.
+GpuMemoryFactors = Union[tuple[float, float], dict[str, tuple[float, float]]]
+
+
+def factors_at(factors: GpuMemoryFactors, precision: Optional[str]) -> tuple[float, float]:
+    """The (device, host) pair of factors at a precision; without one, the leanest pair (a
+    workload fits some configuration of the impl if it fits that)."""
+    if isinstance(factors, tuple):
+        return factors
+    if precision is None:
+        return min(factors.values())
+    return factors.get(precision, factors["*"])
+
 
 class Unsupported(Exception):
     """Raised by a builder for a combination it cannot run; the message becomes the skip reason."""
@@ -92,8 +106,8 @@ class Impl:
     # device type -> the precisions it runs there, where fewer than `precisions`
     device_precisions: dict = dataclasses.field(default_factory=dict)
     # A GPU run's (device, host) bytes per byte of fp32 tables where this impl holds more or
-    # less than its op says (Op.gpu_memory_factors); None: the op's.
-    gpu_memory_factors: Optional[tuple[float, float]] = None
+    # less than its op says (Op.gpu_memory_factors, same forms); None: the op's.
+    gpu_memory_factors: Optional["GpuMemoryFactors"] = None
 
     @property
     def code_version(self) -> str:
@@ -123,9 +137,10 @@ class Op:
     ci: bool = False  # part of the CI regression sweep (bench/run/ci_sweep.py)
     report_order: int = 100  # position in reports (pipeline order: lookups before models)
     # A GPU run's (device, host) bytes per byte of fp32 tables: what the build makes on the
-    # device, and what it still holds on the host; None: (memory_factor, 0). An impl may
-    # differ (Impl.gpu_memory_factors).
-    gpu_memory_factors: Optional[tuple[float, float]] = None
+    # device, and what it still holds on the host; one pair, or pairs by precision with "*"
+    # for the rest (factors_at); None: (memory_factor, 0). An impl may differ
+    # (Impl.gpu_memory_factors).
+    gpu_memory_factors: Optional["GpuMemoryFactors"] = None
 
     def __post_init__(self):
         if self.memory_factor < 0:
@@ -152,7 +167,7 @@ def impl(op: str, name: str, precisions: tuple[str, ...], baseline: bool = False
          available: Optional[Callable[[str, dict], str]] = None,
          pairs: Optional[Callable[[dict, str, dict], str]] = None,
          device_precisions: Optional[dict] = None,
-         gpu_memory_factors: Optional[tuple[float, float]] = None):
+         gpu_memory_factors: Optional["GpuMemoryFactors"] = None):
     """Decorator registering a builder as an impl of op (plan-time facts: see Impl)."""
     def register(build: Callable[[BuildContext], Prepared]) -> Callable[[BuildContext], Prepared]:
         # The op may be registered by a module imported later (a peer module such as

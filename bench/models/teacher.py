@@ -62,20 +62,26 @@ def label_batches(teacher: DLRM, workload: WorkloadSpec, seed: int, batch_indice
                   batch_size: int) -> list[LabelledBatch]:
     """Batches labelled by Bernoulli draws from the teacher's predicted CTR."""
     labelled = []
+    device = teacher.top[-1].weight.device
     for batch_index in batch_indices:
         batch = make_batch(workload, seed, batch_index, batch_size=batch_size)
         with torch.no_grad():
-            logits = teacher(*batch_tensors(batch, torch.device("cpu"))).double()
-        probabilities = torch.sigmoid(logits).numpy()
+            logits = teacher(*batch_tensors(batch, device)).double()
+        probabilities = torch.sigmoid(logits).cpu().numpy()
         draws = label_stream(seed, batch_index).random(len(probabilities))
         labelled.append(LabelledBatch(batch, probabilities,
                                       (draws < probabilities).astype(np.float32)))
     return labelled
 
 
-@functools.lru_cache(maxsize=4)
-def evaluation_set(workload: WorkloadSpec, seed: int, num_batches: int) -> tuple:
-    """The teacher-labelled evaluation batches of a workload (cached per worker)."""
-    teacher = teacher_model(workload, seed)
+def evaluation_batches(teacher: DLRM, workload: WorkloadSpec, seed: int,
+                       num_batches: int) -> tuple:
+    """The evaluation batches of a workload labelled by this teacher, on its device."""
     batches = range(EVAL_FIRST_BATCH, EVAL_FIRST_BATCH + num_batches)
     return tuple(label_batches(teacher, workload, seed, batches, EVAL_BATCH_SIZE))
+
+
+@functools.lru_cache(maxsize=4)
+def evaluation_set(workload: WorkloadSpec, seed: int, num_batches: int) -> tuple:
+    """The evaluation batches labelled by a teacher built on the host (cached per worker)."""
+    return evaluation_batches(teacher_model(workload, seed), workload, seed, num_batches)

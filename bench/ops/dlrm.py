@@ -20,7 +20,7 @@ from bench.models.dlrm import DLRM, TTMixedEmbeddings, batch_tensors, build_dlrm
 from bench.models.dlrm_reference import (WorkloadMemo, reference_logits, reference_tables,
                                          reference_train_step)
 from bench.models.quantized import QuantizedEmbeddings
-from bench.models.teacher import calibrate, evaluation_set, teacher_model
+from bench.models.teacher import calibrate, evaluation_batches, evaluation_set, teacher_model
 from bench.ops.common import FLOAT_DTYPES, PooledTable, cycling, float_dtype, rotation_metrics
 from bench.ops.dlrm_batches import (check_metrics, checked_part, model_rotation_plan,
                                     rotating_batches,
@@ -56,22 +56,33 @@ def _model_variants(workload, options) -> list[dict]:
 
 
 # Memory (bytes per byte of fp32 tables). On the CPU: the worker's cached tables, the model's,
-# a precision or fused copy, and the float64 reference's rows. On a GPU, inference holds two
-# models there (the timed one, and the fp32 model the accuracy check moves there) and builds
-# the teacher on the host; training builds teacher and student on the device, one after the
-# other, and the check shares the student's tables (table_sharing_copy): the student, its
-# sparse gradients (up to a quarter of mlperf's tables at the GPU batch) and the checked rows.
+# a precision or fused copy, and the float64 reference's rows. On a GPU, inference builds the
+# teacher on the device and times it there at fp32 (no copy), or a half-precision copy beside
+# it; training builds teacher and student on the device, one after the other, and the check
+# shares the student's tables (table_sharing_copy): the student, its sparse gradients (up to a
+# quarter of mlperf's tables at the GPU batch) and the checked rows. The host holds inputs.
 register_op(Op("dlrm_infer", "whole-model inference: logits for one batch", _model_variants,
-               memory_factor=4.0, ci=True, report_order=60, gpu_memory_factors=(2.0, 2.0)))
+               memory_factor=4.0, ci=True, report_order=60,
+               gpu_memory_factors={"fp32": (1.05, 0.05), "*": (1.55, 0.05)}))
 register_op(Op("dlrm_train", "one training step: forward, BCE loss, backward and SGD update",
                _model_variants, memory_factor=6.0, report_order=70,
                gpu_memory_factors=(1.25, 0.05)))
+# Inference impls that build the teacher on the host and copy it to the device, where the
+# accuracy check moves the fp32 teacher too.
+HOST_BUILT_INFERENCE = (2.0, 2.0)
+# Inference impls that time a second model beside the device-built teacher (a converted or
+# wrapped copy of it).
+COPIED_INFERENCE = (2.0, 0.05)
 # Training impls that build the student on the host and move copies to the device.
 HOST_BUILT_TRAINING = (2.0, 4.0)
 
 
 def model_at_precision(model: DLRM, precision: str, layout: str, device: torch.device) -> DLRM:
-    """An inference copy of an fp32 DLRM: float casts, or int8 MLPs with int8/int4 tables."""
+    """The fp32 DLRM itself where it already is at fp32 on device (inference never writes
+    it: a second copy would not fit where the tables fill a GPU), else an inference copy:
+    float casts, or int8 MLPs with int8/int4 tables."""
+    if precision == "fp32" and model.top[-1].weight.device == device:
+        return model
     if precision in FLOAT_DTYPES:
         return copy.deepcopy(model).to(device=device, dtype=FLOAT_DTYPES[precision])
     if device.type != "cpu":
@@ -151,7 +162,10 @@ def inference_accuracy(model: nn.Module, fp32_model: DLRM, seed: int, precision:
                        device: torch.device) -> dict:
     """AUC and log loss of model's CTRs on the teacher-labelled evaluation set, and how far
     they move from the fp32 model's (what a precision costs in accuracy)."""
-    labelled = evaluation_set(fp32_model.workload, seed, EVAL_BATCHES)
+    # A GPU run labels with the teacher it holds (the same calibrated function): a host
+    # teacher would pass a second copy of its tables through the host.
+    labelled = (evaluation_set(fp32_model.workload, seed, EVAL_BATCHES) if device.type == "cpu"
+                else evaluation_batches(fp32_model, fp32_model.workload, seed, EVAL_BATCHES))
     labels = np.concatenate([item.labels for item in labelled])
     predicted = predict(model, labelled, precision, device)
     fp32_predicted = fp32_predictions(fp32_model, labelled, (seed, EVAL_BATCHES), device)
@@ -182,10 +196,12 @@ def build_infer(context: BuildContext, layout: str,
         warm_up_tt(fp32_model, workload, context.seed)
         fp32_model = calibrate(fp32_model, workload, context.seed)
     else:
-        fp32_model = teacher_model(workload, context.seed, embeddings=layout)
+        # Built where it runs: a GPU run's tables never pass through the host.
+        fp32_model = teacher_model(workload, context.seed, embeddings=layout, device=device)
     model = at_precision(fp32_model, precision, layout, device).eval()
     if prepare is not None:
-        model = prepare(model)
+        # prepare may change its model in place; the fp32 model is the reference's.
+        model = prepare(copy.deepcopy(model) if model is fp32_model else model)
     rotation = model_rotation_plan(workload, precision)
     batches = rotating_batches(workload, context.seed, rotation["rotation_batches"])
     batch = batches[0]

@@ -13,8 +13,8 @@ from bench.models.dlrm import batch_tensors
 from bench.models.dlrm_reference import reference_logits, reference_train_step
 from bench.models.teacher import teacher_model
 from bench.ops.common import cycling, rotation_metrics
-from bench.ops.dlrm import (HOST_BUILT_TRAINING, LEARNING_RATE, after_step, dense_only,
-                            host_built_training, model_at_precision, precision_params,
+from bench.ops.dlrm import (HOST_BUILT_INFERENCE, HOST_BUILT_TRAINING, LEARNING_RATE, after_step,
+                            dense_only, host_built_training, model_at_precision, precision_params,
                             serving_forward, train_step)
 from bench.ops.dlrm_batches import model_rotation_plan, rotating_batches
 from bench.ops.dlrm_costs import embedding_traffic, inference_bytes, model_bytes, model_flops
@@ -208,6 +208,7 @@ def build_train_compiled(context: BuildContext) -> Prepared:
 
 
 @impl("dlrm_infer", "compiled", PRECISIONS, variants=compile_variants,
+      gpu_memory_factors=HOST_BUILT_INFERENCE,
       pairs=dense_only, available=under_valgrind,
       description="torch.compile of per_table's inference forward, compiled at build")
 def build_infer_compiled(context: BuildContext) -> Prepared:

@@ -16,8 +16,8 @@ from bench.compare_outputs import whole_model_bound
 from bench.models.dlrm import DLRM
 from bench.models.dlrm_reference import reference_train_step
 from bench.ops.common import cycling, rotation_metrics
-from bench.ops.dlrm import (HOST_BUILT_TRAINING, LEARNING_RATE, after_step, build_infer,
-                            dense_only, host_built_training)
+from bench.ops.dlrm import (COPIED_INFERENCE, HOST_BUILT_TRAINING, LEARNING_RATE, after_step,
+                            build_infer, dense_only, host_built_training)
 from bench.ops.dlrm_costs import model_bytes, model_flops
 from bench.registry import BuildContext, Prepared, Unsupported, impl
 
@@ -241,6 +241,7 @@ def build_graphed_train(context: BuildContext, capture: Callable = capture_cuda,
 
 
 @impl("dlrm_infer", "cuda_graph", INFER_PRECISIONS, devices=("cuda",), pairs=dense_only,
+      gpu_memory_factors=COPIED_INFERENCE,
       description="batched inference captured once into a CUDA graph and replayed (inputs "
                   "copied into static buffers each call)")
 def build_infer_cuda_graph(context: BuildContext) -> Prepared:

@@ -20,7 +20,7 @@ from bench.models.dlrm import DLRM, batch_tensors, build_dlrm, tbe_inputs
 from bench.models.teacher import teacher_model
 from bench.ops.common import cycling, lookup_bound, rotation_metrics
 from bench.models.dlrm_reference import linear_parameters64, logits64, reference_logits
-from bench.ops.dlrm import (CUDA_TRAIN, HOST_BUILT_TRAINING, LEARNING_RATE,
+from bench.ops.dlrm import (CUDA_TRAIN, HOST_BUILT_INFERENCE, HOST_BUILT_TRAINING, LEARNING_RATE,
                             TRAIN_PRECISIONS, WHOLE_MODEL_TOLERANCE, after_step, dense_only,
                             inference_accuracy, train_step)
 from bench.ops.fbgemm_placement import Placement, placed, placement
@@ -471,6 +471,7 @@ def build_tbe_infer(context: BuildContext) -> Prepared:
 
 
 @impl("dlrm_infer", "fbgemm_tbe", INFER_PRECISIONS, available=FBGEMM_ON, requires=FBGEMM_PEER,
+      gpu_memory_factors=HOST_BUILT_INFERENCE,
       pairs=dense_only,
       description="all tables in one FBGEMM inference TBE (fp16 / int8 / int4 rows; CPU, or "
                   "cuda with FBGEMM's CUDA build), fp32 MLPs")

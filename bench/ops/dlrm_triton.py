@@ -13,8 +13,8 @@ from torch import nn
 
 from bench.models.dlrm import DLRM, batch_tensors, tbe_inputs
 from bench.ops.common import FLOAT_DTYPES, float_dtype, lookup_bound
-from bench.ops.dlrm import (CUDA_TRAIN, LEARNING_RATE, TRAIN_PRECISIONS, after_step,
-                            build_infer, build_train, dense_only, train_step)
+from bench.ops.dlrm import (COPIED_INFERENCE, CUDA_TRAIN, LEARNING_RATE, TRAIN_PRECISIONS,
+                            after_step, build_infer, build_train, dense_only, train_step)
 from bench.ops.dlrm_batches import checked_part, rotating_batches, rotating_labelled_batches
 from bench.ops.dlrm_fbgemm import reference_tbe_step
 from bench.ops.sls import ALL_PRECISIONS
@@ -185,6 +185,7 @@ def build_triton_train(context: BuildContext,
 
 
 @impl("dlrm_infer", "triton_tbe", ALL_PRECISIONS, available=runs_here,
+      gpu_memory_factors=COPIED_INFERENCE,
       requires={"triton": TRITON_INSTALL}, pairs=dense_only,
       description="every table in our Triton table-batched embedding bag (one launch; "
                   "row-wise int8/int4 tables beside fp32 MLPs), MLPs as per_table's")

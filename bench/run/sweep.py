@@ -152,7 +152,7 @@ def _op_tasks(op, workload, precisions, device, isa, threads, seed, options, imp
     """Every configuration of one op, each with the registry's refusal or the memory
     budget's (None: may run); variants (if given) replace the op's own for this workload."""
     candidates = []
-    memory_refusals: dict[str, Optional[registry.Refusal]] = {}
+    memory_refusals: dict[tuple[str, str], Optional[registry.Refusal]] = {}
     op_precisions = ["fp32"] if op.precision_agnostic else precisions
     for op_variant in (op.variants(workload, options) if variants is None else variants):
         for implementation in registry.impls(op.name).values():
@@ -166,10 +166,11 @@ def _op_tasks(op, workload, precisions, device, isa, threads, seed, options, imp
                             threads=threads, seed=seed, options=options)
                 refusal = registry.refusal(implementation, variant, precision, device, options)
                 if refusal is None and budget is not None:
-                    if implementation.name not in memory_refusals:
-                        memory_refusals[implementation.name] = budget.refusal(workload,
-                                                                              implementation)
-                    refusal = memory_refusals[implementation.name]
+                    key = (implementation.name, precision)
+                    if key not in memory_refusals:
+                        memory_refusals[key] = budget.refusal(workload, implementation,
+                                                              precision)
+                    refusal = memory_refusals[key]
                 candidates.append((PlannedTask(task, refusal.reason if refusal else ""),
                                    refusal))
     return candidates
@@ -210,24 +211,28 @@ WORKER_BASE_BYTES = float((512 + 256) << 20)
 MEMORY_BUDGET_FRACTION = 0.9  # of what is available: the rest for fragmentation and the OS
 
 
-def memory_factor(op: registry.Op, implementation: Optional[registry.Impl], part: str) -> float:
+def memory_factor(op: registry.Op, implementation: Optional[registry.Impl], part: str,
+                  precision: Optional[str] = None) -> float:
     """Bytes a configuration holds per byte of the workload's fp32 tables: part "all" (a CPU
     run: the op's memory_factor), "device" or "host" (a GPU run's: the impl's
-    gpu_memory_factors, else the op's, else all of memory_factor on the device)."""
+    gpu_memory_factors, else the op's, else all of memory_factor on the device; at a
+    precision, or the leanest of them: registry.factors_at)."""
     if part == "all":
         return op.memory_factor
     factors = ((implementation.gpu_memory_factors if implementation is not None else None)
                or op.gpu_memory_factors or (op.memory_factor, 0.0))
-    return {"device": factors[0], "host": factors[1]}[part]
+    device, host = registry.factors_at(factors, precision)
+    return {"device": device, "host": host}[part]
 
 
 def configuration_bytes(workload: WorkloadSpec, op: registry.Op,
                         implementation: Optional[registry.Impl], cap: Optional[int] = None,
-                        part: str = "all") -> float:
+                        part: str = "all", precision: Optional[str] = None) -> float:
     """Peak memory of a worker running one impl of op on this workload's tables (see
-    memory_factor for part); the host parts add the worker's own WORKER_BASE_BYTES; 0 without
-    tables."""
-    tables = memory_factor(op, implementation, part) * _table_bytes(workload, op, cap)
+    memory_factor for part and precision); the host parts add the worker's own
+    WORKER_BASE_BYTES; 0 without tables."""
+    tables = memory_factor(op, implementation, part, precision) * _table_bytes(workload, op,
+                                                                               cap)
     base = WORKER_BASE_BYTES if part != "device" else 0.0
     return tables + base if tables else 0.0
 
@@ -313,20 +318,24 @@ class MemoryBudget:
                     f"but {size / 2**30:.1f} GiB {where}; add --max-rows {cap:,} "
                     "(or fewer ops)")
 
-    def refusal(self, workload: WorkloadSpec, implementation: registry.Impl
-                ) -> Optional[registry.Refusal]:
-        """Why this impl's configurations on workload do not fit; None if they do."""
+    def refusal(self, workload: WorkloadSpec, implementation: registry.Impl,
+                precision: Optional[str] = None) -> Optional[registry.Refusal]:
+        """Why this impl's configurations (at a precision) on workload do not fit; None if
+        they do."""
         op = registry.ops()[implementation.op]
         for memory, size, part in self.sizes:
             budget = MEMORY_BUDGET_FRACTION * size
-            needed = configuration_bytes(workload, op, implementation, part=part)
+            needed = configuration_bytes(workload, op, implementation, part=part,
+                                         precision=precision)
             if needed <= budget:
                 continue
             cap = _largest_cap(lambda rows, part=part: configuration_bytes(
-                workload, op, implementation, rows, part), workload, budget)
+                workload, op, implementation, rows, part, precision), workload, budget)
             where = "available" if memory == "host" else f"free on {memory}"
+            at = f" at {precision}" if precision else ""
             short = (f"needs about {needed / 2**30:.1f} GiB of {memory} memory for "
-                     f"{workload.name}, {size / 2**30:.1f} GiB {where} (--max-rows {cap:,} fits)")
+                     f"{workload.name}{at}, {size / 2**30:.1f} GiB {where} (--max-rows {cap:,} "
+                     "fits)")
             return registry.Refusal(registry.ABOUT_IMPL,
                                     f"{implementation.op}/{implementation.name} {short}", short)
         return None

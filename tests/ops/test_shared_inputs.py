@@ -455,3 +455,43 @@ def test_a_planted_fault_fails_a_sampled_training_check(small_check_budget):
     assert prepared.metrics["checked_samples"] < SMOKE.batch_size
     plant_a_doubled_step(prepared)
     assert "exceed" in worker.check(prepared, worker.ResultRow(), "fp32")
+
+
+# ------------------------------------------- one copy of an inference model's tables (a GPU)
+
+def test_fp32_inference_times_the_teacher_itself_and_other_precisions_a_copy():
+    model = teacher_model(SMOKE, 0)
+    assert dlrm_ops.model_at_precision(model, "fp32", "batched", CPU) is model
+    half = dlrm_ops.model_at_precision(model, "bf16", "batched", CPU)
+    assert half is not model and half.top[0].weight.dtype == torch.bfloat16
+    # Another device gets a copy (meta: a device without data, as a GPU is to the host).
+    moved = dlrm_ops.model_at_precision(model, "fp32", "batched", torch.device("meta"))
+    assert moved is not model and moved.top[0].weight.device.type == "meta"
+
+
+def test_a_prepare_that_changes_its_model_gets_a_copy_of_the_teacher():
+    seen = {}
+
+    def at_precision(fp32_model, precision, layout, device):
+        seen["fp32"] = fp32_model
+        return dlrm_ops.model_at_precision(fp32_model, precision, layout, device)
+
+    def prepare(model):
+        seen["prepared"] = model
+        return model
+
+    prepared = dlrm_ops.build_infer(
+        BuildContext(workload=SMOKE, variant={}, precision="fp32", device=CPU, seed=0,
+                     options={}), "per_table", prepare=prepare, at_precision=at_precision)
+    assert seen["prepared"] is not seen["fp32"]
+    assert _table_storages(seen["prepared"]).isdisjoint(_table_storages(seen["fp32"]))
+    assert worker.check(prepared, worker.ResultRow(), "fp32") == ""
+
+
+def test_evaluation_labels_come_from_the_given_teacher_as_from_the_hosts():
+    from bench.models.teacher import evaluation_batches, evaluation_set
+
+    given = evaluation_batches(teacher_model(SMOKE, 0, embeddings="per_table"), SMOKE, 0, 2)
+    for mine, cached in zip(given, evaluation_set(SMOKE, 0, 2), strict=True):
+        np.testing.assert_array_equal(mine.labels, cached.labels)
+        np.testing.assert_allclose(mine.probabilities, cached.probabilities, rtol=1e-12)

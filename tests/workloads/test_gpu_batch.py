@@ -82,9 +82,11 @@ def test_mlperf_tables_on_the_device_are_held_to_the_device_factor():
     assert estimate_bytes(mlperf, ["dlrm_train"], part="device") == 1.25 * tables
     assert estimate_bytes(mlperf, ["dlrm_train"], part="host") == (0.05 * tables
                                                                    + WORKER_BASE_BYTES)
-    # Inference still holds two models there and builds its teacher on the host.
-    assert estimate_bytes(mlperf, ["dlrm_infer"], part="device") == 2.0 * tables
-    assert estimate_bytes(mlperf, ["dlrm_infer"], part="host") == 2.0 * tables + WORKER_BASE_BYTES
+    # Inference builds its teacher on the device and times it there at fp32 (the leanest
+    # precision); a half-precision copy beside it is held to its own factor at plan time.
+    assert estimate_bytes(mlperf, ["dlrm_infer"], part="device") == 1.05 * tables
+    assert estimate_bytes(mlperf, ["dlrm_infer"], part="host") == (0.05 * tables
+                                                                   + WORKER_BASE_BYTES)
     # An impl that builds on the host and copies is held to its own factors.
     heavy = {"fbgemm_tbe"}
     assert estimate_bytes(mlperf, ["dlrm_train"], part="device", impl_filter=heavy) == (
@@ -118,6 +120,22 @@ def test_mlperf_training_fits_one_h200_and_the_impls_that_copy_are_left_out():
         "dlrm_train/cuda_graph"]
 
 
+def test_mlperf_inference_fits_one_h200_at_fp32_and_not_beside_a_half_copy():
+    mlperf = presets.mlperf()
+    budget = MemoryBudget("cuda:0", tuple(memories(128 * GIB, "cuda:0", H200_BYTES)))
+    left_out = LeftOut()
+    planned = plan(["dlrm_infer"], [mlperf], ["fp32", "bf16"], ["cuda:0"], ["native"], [1],
+                   seed=0, named=Named(), left_out=left_out, budgets={"cuda:0": budget})
+    runs = {(item.task.impl, item.task.precision) for item in planned}
+    assert {("per_table", "fp32"), ("batched", "fp32")} <= runs
+    # bf16 holds the fp32 teacher and its bf16 copy (146 GiB); the impls that build on the
+    # host or time a second model do not fit at either precision.
+    assert not {impl for impl, precision in runs if precision == "bf16"}
+    assert not {impl for impl, _ in runs} & {"compiled", "cuda_graph", "triton_tbe"}
+    reasons = " ".join(record["reason"] for record in left_out.records())
+    assert "memory for mlperf at bf16" in reasons and "--max-rows" in reasons
+
+
 def test_a_gpu_run_that_outgrows_the_device_is_refused_with_a_cap_that_fits():
     mlperf = presets.mlperf()
     host = int(1e15)  # plenty: only the device can refuse
@@ -132,9 +150,11 @@ def test_a_gpu_run_that_outgrows_the_device_is_refused_with_a_cap_that_fits():
 
 
 def test_the_host_is_still_checked_on_a_gpu_run():
+    # The compiled impl builds the teacher on the host (HOST_BUILT_INFERENCE: 2 x 97 GiB).
     mlperf = presets.mlperf()
     with pytest.raises(SpecError, match=r"GiB is available; add --max-rows"):
-        check_memory([mlperf], ["dlrm_infer"], 125 * GIB, "cuda:0", int(1e15))
+        check_memory([mlperf], ["dlrm_infer"], 125 * GIB, "cuda:0", int(1e15),
+                     impl_filter={"compiled"})
 
 
 def test_a_cpu_run_has_no_device_memory():
