@@ -7,7 +7,6 @@ import copy
 import dataclasses
 import functools
 import itertools
-from dataclasses import replace
 from typing import Callable, Optional
 
 import numpy as np
@@ -23,8 +22,7 @@ from bench.models.quantized import QuantizedEmbeddings
 from bench.models.teacher import calibrate, evaluation_batches, evaluation_set, teacher_model
 from bench.ops.common import FLOAT_DTYPES, PooledTable, cycling, float_dtype, rotation_metrics
 from bench.ops.dlrm_batches import (check_metrics, checked_part, model_rotation_plan,
-                                    rotating_batches,
-                                    rotating_labelled_batches)
+                                    rotating_batches, rotating_labelled_batches)
 from bench.ops.dlrm_costs import (embedding_traffic, inference_bytes, model_bytes, model_flops,
                                   training_bytes, tt_metrics_after_lookup)
 from bench.ops.fc import at_precision, input_dtype
@@ -140,28 +138,25 @@ def predict(model: nn.Module, labelled, precision: str, device: torch.device) ->
     return np.concatenate(outputs)
 
 
-# The fp32 model's predictions on the evaluation set are the same for every impl and precision
-# that runs it: predicted once per worker. Keyed by the model object, which the entry keeps
-# alive so that its id is not reused while the entry stands.
+# The teacher's predictions on the evaluation set are the same for every impl and precision
+# whose fp32 model is the teacher in one embedding layout: predicted once per worker. Keyed by
+# what the teacher is a function of, so that no entry keeps a model (and its tables) alive.
 FP32_PREDICTIONS_MEMO = WorkloadMemo(max_entries=4)
 
 
-def fp32_predictions(fp32_model: nn.Module, labelled, eval_key, device: torch.device) -> np.ndarray:
-    """predict(fp32_model, labelled, "fp32", device), memoized per worker (read-only)."""
-    def compute():
-        return fp32_model, predict(fp32_model.to(device), labelled, "fp32", device)
-
-    key = (id(fp32_model), eval_key, str(device))
-    model, predictions = FP32_PREDICTIONS_MEMO.get(fp32_model.workload, key, compute)
-    if model is not fp32_model:  # cannot happen while the entry holds the model; be sure
-        return compute()[1]
-    return predictions
+def fp32_predictions(teacher: DLRM, labelled, eval_key, device: torch.device) -> np.ndarray:
+    """predict(teacher, labelled, "fp32", device), memoized per worker (read-only); teacher is
+    teacher_model(workload, seed, ...) of the seed that eval_key starts with."""
+    key = (eval_key, type(teacher.embeddings).__name__, str(device))
+    return FP32_PREDICTIONS_MEMO.get(
+        teacher.workload, key, lambda: predict(teacher.to(device), labelled, "fp32", device))
 
 
 def inference_accuracy(model: nn.Module, fp32_model: DLRM, seed: int, precision: str,
                        device: torch.device) -> dict:
     """AUC and log loss of model's CTRs on the teacher-labelled evaluation set, and how far
-    they move from the fp32 model's (what a precision costs in accuracy)."""
+    they move from the fp32 model's (what a precision costs in accuracy); fp32_model is the
+    teacher (teacher_model of this seed)."""
     # A GPU run labels with the teacher it holds (the same calibrated function): a host
     # teacher would pass a second copy of its tables through the host.
     labelled = (evaluation_set(fp32_model.workload, seed, EVAL_BATCHES) if device.type == "cpu"
@@ -386,7 +381,7 @@ def build_train(context: BuildContext, layout: str,
     # rows cached and measure a step no training run takes.
     inputs = [(*batch_tensors(item.batch, device), torch.from_numpy(item.labels).to(device))
               for item in rotating]
-    dense, indices, offsets, labels = inputs[0]
+    _, indices, offsets, _ = inputs[0]
     optimizer = torch.optim.SGD(student.parameters(), lr=LEARNING_RATE)
     traffic = embedding_traffic(student, "fp32", [item[:3] for item in inputs])
     bytes_parts = training_bytes(student, traffic)
@@ -467,8 +462,8 @@ def build_train_tt_fused(context: BuildContext) -> Prepared:
     """Training step with TT tables on the fused kernel."""
     if not context.variant.get("tt_tables"):
         raise Unsupported(TT_FUSED_NEEDS)
-    return build_train(replace(context, variant={**context.variant, "tt_kernel": "fused"}),
-                       "batched")
+    fused = dataclasses.replace(context, variant={**context.variant, "tt_kernel": "fused"})
+    return build_train(fused, "batched")
 
 
 @impl("dlrm_train", "fused_sgd", TRAIN_PRECISIONS, device_precisions=CUDA_TRAIN, pairs=dense_only,

@@ -495,3 +495,13 @@ def test_evaluation_labels_come_from_the_given_teacher_as_from_the_hosts():
     for mine, cached in zip(given, evaluation_set(SMOKE, 0, 2), strict=True):
         np.testing.assert_array_equal(mine.labels, cached.labels)
         np.testing.assert_allclose(mine.probabilities, cached.probabilities, rtol=1e-12)
+
+
+def test_the_teachers_predictions_are_shared_across_precisions_and_keep_no_model_alive():
+    dlrm_ops.FP32_PREDICTIONS_MEMO.clear()
+    hits = dlrm_ops.FP32_PREDICTIONS_MEMO.hits
+    for precision in ("fp32", "bf16"):
+        _build("dlrm_infer", "per_table", precision).accuracy()
+    assert dlrm_ops.FP32_PREDICTIONS_MEMO.hits == hits + 1  # bf16's fp32 predictions: fp32's
+    entries = list(dlrm_ops.FP32_PREDICTIONS_MEMO.entries.values())
+    assert entries and all(isinstance(entry, np.ndarray) for entry in entries)
